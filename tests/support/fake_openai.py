@@ -555,6 +555,11 @@ class FakeOpenAI:
         thread.name = f"{self._name}-conn"
         with self._lock:
             self._connections[conn] = thread
+        if self._stopping.is_set():  # accepted while shutting down: don't serve it
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _unregister_connection(self, conn: socket.socket) -> None:
         with self._lock:
