@@ -1,0 +1,82 @@
+"""What a remote call is, independent of where it runs (a warm pool or an ephemeral Pod)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+
+from pool.errors import SerializationError
+from worker import codec
+from worker.execution import WIRE_CONFIG_KEYS
+
+log = logging.getLogger("runnable_k8s.client")
+
+
+@dataclass(frozen=True)
+class RemoteCall:
+    """One call of a runnable: the encoded runnable (with its digest), the encoded input and kwargs,
+    and the part of the config that crosses the wire."""
+
+    runnable: bytes
+    digest: str
+    input: bytes
+    config: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+    retries: int = 0
+
+
+def encode_runnable(runnable: Any) -> tuple[bytes, str]:
+    try:
+        blob = codec.dumps(runnable)
+    except codec.CodecError as exc:
+        raise SerializationError(f"the runnable cannot be sent to a worker: {exc}") from exc
+    return blob, codec.digest(blob)
+
+
+def encode_input(value: Any, kwargs: dict[str, Any]) -> bytes:
+    try:
+        return codec.dumps((value, kwargs))
+    except codec.CodecError as exc:
+        raise SerializationError(f"the input cannot be sent to a worker: {exc}") from exc
+
+
+def decode_output(data: bytes) -> Any:
+    try:
+        return codec.loads(data)
+    except codec.CodecError as exc:
+        raise SerializationError(f"the worker's output cannot be decoded here: {exc}") from exc
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def wire_config(config: RunnableConfig | None) -> dict[str, Any]:
+    """The JSON-safe part of a config (DESIGN §4): tags, metadata, configurable, recursion_limit,
+    max_concurrency. Callbacks, run ids and run names belong to the local run and stay here; live
+    objects in metadata or configurable (LangGraph puts some there) are left out, one by one."""
+    if not config:
+        return {}
+    result: dict[str, Any] = {}
+    for key in WIRE_CONFIG_KEYS:
+        value = config.get(key)  # type: ignore[misc]
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            kept = {k: v for k, v in value.items() if isinstance(k, str) and _json_safe(v)}
+            dropped = sorted(set(value) - set(kept), key=str)
+            if dropped:
+                log.debug("config %s keys not sent to the worker (not JSON-safe): %s", key, dropped)
+            value = kept
+        elif not _json_safe(value):
+            continue
+        result[key] = value
+    return result

@@ -1,0 +1,185 @@
+"""The ``runnable-k8s`` command: run a broker or a local pool, inspect it, make keys, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from worker import protocol as P
+
+
+def _watch_parent(pid: int, stop: Any) -> None:
+    """Stop when the process that started us is gone (so a killed test leaves no broker behind)."""
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(0.5)
+        stop()
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from pool.broker import Broker, BrokerConfigError
+    from pool.keys import load_broker_keys
+
+    try:
+        keys = load_broker_keys(args.keys) if args.keys else None
+        broker = Broker(args.bind, keys=keys, insecure=args.insecure, max_message_bytes=args.max_message_bytes,
+                        queue_size=args.queue_size, queue_timeout=args.queue_timeout)
+    except (BrokerConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"runnable-k8s broker: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+    signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    if args.exit_with_parent:
+        _watch_parent(args.exit_with_parent, broker.stop)
+    if args.announce:
+        print(f"READY {broker.endpoint}", flush=True)
+    else:
+        print(f"runnable-k8s broker listening on {broker.endpoint}" + (" (CurveZMQ)" if keys else ""),
+              file=sys.stderr, flush=True)
+    try:
+        broker.serve_forever()
+    finally:
+        broker.close()
+    return 0
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from pool.local import LocalPool
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with LocalPool(workers=args.workers, concurrency=args.concurrency, port=args.port,
+                   log_level=args.log_level) as pool:
+        print(f"local pool with {args.workers} workers at {pool.address}", flush=True)
+        print(f"  use it:  RunnableK8s(bound=..., pool={pool.address!r})  or  export RUNNABLE_K8S_POOL={pool.address}",
+              flush=True)
+        print("  stop it: Ctrl-C", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pool.client import Connection
+    from pool.errors import RunnableK8sError
+    from worker.curve import load_peer_keys
+
+    address = args.pool or os.environ.get("RUNNABLE_K8S_POOL")
+    if not address:
+        print("runnable-k8s status: pass --pool ADDRESS or set RUNNABLE_K8S_POOL", file=sys.stderr)
+        return 2
+    keys = load_peer_keys(args.keys, "client") if args.keys else None
+    try:
+        status = Connection(address, keys, args.connect_timeout).status()
+    except RunnableK8sError as exc:
+        print(f"runnable-k8s status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    counters = status.get("counters", {})
+    lines = [
+        f"broker   {status.get('endpoint')}  up {status.get('uptime_s')}s  clients {status.get('clients')}",
+        f"workers  {len(status.get('workers', []))}   slots busy {status.get('busy')}/{status.get('slots')}   "
+        f"queued {status.get('queued')}",
+        "tasks    " + "  ".join(f"{k} {v}" for k, v in counters.items()),
+        f"{'worker':10} {'pid':>8} {'host':20} {'busy':>9} {'cached':>7} state",
+    ]
+    for w in status.get("workers", []):
+        lines.append(f"{w['id']:10} {w['pid']!s:>8} {str(w['host'])[:20]:20} {w['busy']:>4}/{w['slots']:<4} "
+                     f"{w['cached_runnables']:>7} {'draining' if w['draining'] else 'ready'}")
+    return "\n".join(lines)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pool.keys import create_key_directory
+
+    try:
+        directory = create_key_directory(args.directory)
+    except FileExistsError as exc:
+        print(f"runnable-k8s keys: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote CurveZMQ keys to {directory}:")
+    print(f"  broker:  runnable-k8s broker --bind tcp://0.0.0.0:5555 --keys {directory}")
+    print(f"  workers: python -m worker --connect tcp://BROKER:5555 --keys {directory}  (needs worker.key_secret, broker.key)")
+    print(f"  clients: RunnableK8s(..., keys={str(directory)!r})  or  RUNNABLE_K8S_KEYS={directory}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pool.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runnable-k8s", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=os.environ.get("RUNNABLE_K8S_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, parents=[common])
+
+    broker = add("broker", help="run a broker in the foreground")
+    broker.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint to listen on")
+    broker.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
+                        help="CurveZMQ key directory from `runnable-k8s keys`")
+    broker.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback bind without keys (only on a private network)")
+    broker.add_argument("--max-message-bytes", type=int, default=P.DEFAULT_MAX_MESSAGE_BYTES)
+    broker.add_argument("--queue-size", type=int, default=10_000)
+    broker.add_argument("--queue-timeout", type=float, default=120.0,
+                        help="seconds a task may wait for a free worker slot")
+    broker.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
+    broker.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
+    broker.set_defaults(func=cmd_broker)
+
+    local = add("local", help="run a local pool (broker + workers) in the foreground")
+    local.add_argument("--workers", type=int, default=2)
+    local.add_argument("--concurrency", type=int, default=4)
+    local.add_argument("--port", type=int, default=5555)
+    local.set_defaults(func=cmd_local)
+
+    status = add("status", help="workers, busy slots, queue depth and task counters of a pool")
+    status.add_argument("--pool", help="broker address (default: RUNNABLE_K8S_POOL)")
+    status.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"))
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--connect-timeout", type=float, default=5.0)
+    status.set_defaults(func=cmd_status)
+
+    keys = add("keys", help="write CurveZMQ key pairs for a broker, a client and workers")
+    keys.add_argument("directory")
+    keys.set_defaults(func=cmd_keys)
+
+    bench = add("bench", help="measure warm calls against in-process and bare ZeroMQ")
+    bench.add_argument("--calls", type=int, default=2000, help="sequential calls per latency figure")
+    bench.add_argument("--throughput-tasks", type=int, default=20000)
+    bench.add_argument("--in-flight", type=int, default=64)
+    bench.add_argument("--workers", type=int, default=2)
+    bench.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)

@@ -1,0 +1,115 @@
+"""Every error a runnable-k8s user can catch, under one base class.
+
+Each message says what happened and what to do next. The broker and workers send error *codes*
+(``worker.protocol.E_*``); :func:`error_from_wire` turns a code into one of these classes, so the
+wire never carries client-side classes.
+"""
+
+from __future__ import annotations
+
+from worker import protocol
+from worker.codec import load_exception
+
+
+class RunnableK8sError(Exception):
+    """Base class of every runnable-k8s error."""
+
+
+class PoolUnavailable(RunnableK8sError):
+    """No broker answered, or the connection to it was lost."""
+
+
+class PoolOverloaded(PoolUnavailable):
+    """The broker's queue is full; retry later or add workers (``runnable-k8s scale``)."""
+
+
+class AuthenticationFailed(PoolUnavailable):
+    """The broker refused this client's CurveZMQ key (or this client has none and it needs one)."""
+
+
+class WorkerLost(RunnableK8sError):
+    """The worker running the task died or went silent before the task finished."""
+
+
+class TaskTimeout(RunnableK8sError, TimeoutError):
+    """The call's ``timeout`` passed; the task was cancelled on the worker."""
+
+
+class QueueTimeout(TaskTimeout):
+    """The task waited in the broker's queue longer than its queue timeout: no slot freed up."""
+
+
+class TaskCancelled(RunnableK8sError):
+    """The task was cancelled before it finished."""
+
+
+class RemoteError(RunnableK8sError):
+    """The runnable raised an exception whose type cannot be rebuilt on this side.
+
+    ``remote_type`` is the qualified type name and ``remote_traceback`` the traceback text from
+    the worker.
+    """
+
+    def __init__(self, remote_type: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.remote_traceback:
+            text += "\n\nRemote traceback (on the worker):\n" + self.remote_traceback.rstrip()
+        return text
+
+
+class IncompatibleWorker(RunnableK8sError):
+    """Client and worker (or broker) cannot exchange objects safely; the message says which
+    versions differ. Build the worker image with the client's Python, langchain-core and
+    cloudpickle versions."""
+
+
+class PayloadTooLarge(RunnableK8sError):
+    """A runnable, input or output is larger than the broker's message limit."""
+
+
+class SerializationError(RunnableK8sError):
+    """An object could not be encoded or decoded for the trip to or from the worker."""
+
+
+class ProtocolError(RunnableK8sError):
+    """A peer sent something this version does not understand."""
+
+
+class PodFailed(RunnableK8sError):
+    """An ephemeral Pod could not start or run; ``reason`` is Kubernetes' own (ImagePullBackOff...)."""
+
+    def __init__(self, message: str, reason: str | None = None, pod_name: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.pod_name = pod_name
+
+
+_BY_CODE: dict[bytes, type[RunnableK8sError]] = {
+    protocol.E_WORKER_LOST: WorkerLost,
+    protocol.E_TIMEOUT: TaskTimeout,
+    protocol.E_QUEUE_TIMEOUT: QueueTimeout,
+    protocol.E_QUEUE_FULL: PoolOverloaded,
+    protocol.E_INCOMPATIBLE: IncompatibleWorker,
+    protocol.E_PAYLOAD_TOO_LARGE: PayloadTooLarge,
+    protocol.E_SERIALIZATION: SerializationError,
+    protocol.E_CANCELLED: TaskCancelled,
+    protocol.E_BAD_REQUEST: ProtocolError,
+    protocol.E_UNAUTHORIZED: AuthenticationFailed,
+    protocol.E_POOL_UNAVAILABLE: PoolUnavailable,
+}
+
+
+def error_from_wire(code: bytes, message: str, detail: bytes) -> BaseException:
+    """The exception a caller should see for an ERROR message."""
+    if code == protocol.E_REMOTE:
+        info = load_exception(detail)
+        if info.exception is not None:
+            return info.exception
+        return RemoteError(info.type_name, info.message, info.traceback)
+    return _BY_CODE.get(code, RunnableK8sError)(message)

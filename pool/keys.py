@@ -1,0 +1,64 @@
+"""CurveZMQ key files: how ``runnable-k8s keys`` lays them out and how each role loads them.
+
+Layout of a key directory (``runnable-k8s keys DIR``)::
+
+    DIR/broker.key  DIR/broker.key_secret     the broker's pair (clients and workers need broker.key)
+    DIR/client.key  DIR/client.key_secret     a client's pair
+    DIR/worker.key  DIR/worker.key_secret     a worker's pair
+    DIR/authorized/client.key                 public keys the broker accepts; files named
+    DIR/authorized/worker.key                 worker*.key may also register as workers
+
+More clients are allowed by dropping their public ``.key`` files into ``authorized/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq.auth
+
+from worker.curve import PeerKeys, load_peer_keys, require
+
+__all__ = ["AUTHORIZED_DIR", "BrokerKeys", "PeerKeys", "create_key_directory", "load_broker_keys", "load_peer_keys"]
+
+AUTHORIZED_DIR = "authorized"
+WORKER_KEY_PREFIX = "worker"
+
+
+@dataclass(frozen=True)
+class BrokerKeys:
+    public: bytes
+    secret: bytes
+    authorized_dir: Path
+    worker_keys: frozenset[bytes]
+
+
+def load_broker_keys(directory: str | Path) -> BrokerKeys:
+    directory = Path(directory)
+    public, secret = zmq.auth.load_certificate(require(directory / "broker.key_secret", "the broker secret key"))
+    authorized = require(directory / AUTHORIZED_DIR, "the authorized-keys directory")
+    worker_keys = frozenset(
+        zmq.auth.load_certificate(path)[0]
+        for path in authorized.glob(f"{WORKER_KEY_PREFIX}*.key")
+    )
+    if secret is None:
+        raise ValueError(f"{directory / 'broker.key_secret'} holds no secret key")
+    return BrokerKeys(public=public, secret=secret, authorized_dir=authorized, worker_keys=worker_keys)
+
+
+def create_key_directory(directory: str | Path) -> Path:
+    """Write broker, client and worker key pairs and the broker's allow-list; refuse to overwrite."""
+    directory = Path(directory)
+    if (directory / "broker.key_secret").exists():
+        raise FileExistsError(f"{directory} already holds keys; remove it or pick another directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    authorized = directory / AUTHORIZED_DIR
+    authorized.mkdir(exist_ok=True)
+    for role in ("broker", "client", "worker"):
+        public_file, secret_file = zmq.auth.create_certificates(str(directory), role)
+        Path(secret_file).chmod(0o600)
+        if role != "broker":
+            shutil.copy(public_file, authorized / f"{role}.key")
+    return directory

@@ -1,0 +1,214 @@
+"""``LocalPool``: the same broker and worker programs as on a cluster, as local processes.
+
+    with LocalPool(workers=2) as pool:
+        RunnableK8s(bound=chain, pool=pool.address).invoke(...)
+
+It is the embedded default for laptops, tests and CI. Every process it starts is stopped when the
+block ends, even when the block raises; the children also watch this process and leave by
+themselves if it dies without cleaning up.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pool.client import Connection
+from pool.errors import PoolUnavailable
+from pool.keys import create_key_directory
+from worker.curve import load_peer_keys
+from worker.warm import DEFAULT_CONCURRENCY
+
+STOP_TIMEOUT = 10.0
+
+
+class LocalPool:
+    """A broker and ``workers`` worker processes on 127.0.0.1.
+
+    Args:
+        workers: worker processes to start (``scale`` changes it later).
+        concurrency: tasks each worker runs at once.
+        secure: generate CurveZMQ keys in a temporary directory and require them (``keys_dir``
+            is then what clients pass as ``keys=``).
+        env: extra environment for the workers (API keys, for instance).
+        broker_args: extra ``runnable-k8s broker`` options, e.g. ``["--queue-timeout", "5"]``.
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        port: int = 0,
+        secure: bool = False,
+        env: dict[str, str] | None = None,
+        broker_args: list[str] | None = None,
+        worker_args: list[str] | None = None,
+        log_level: str = "WARNING",
+        start_timeout: float = 30.0,
+    ) -> None:
+        if workers < 0:
+            raise ValueError("workers must be 0 or more")
+        self.initial_workers = workers
+        self.concurrency = concurrency
+        self.port = port
+        self.secure = secure
+        self.env = {**os.environ, **(env or {})}
+        self.broker_args = broker_args or []
+        self.worker_args = worker_args or []
+        self.log_level = log_level
+        self.start_timeout = start_timeout
+        self.address = ""
+        self.keys_dir: str | None = None
+        self._temp_dir: str | None = None
+        self._broker: subprocess.Popen[bytes] | None = None
+        self._workers: list[subprocess.Popen[bytes]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> LocalPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def start(self) -> LocalPool:
+        try:
+            if self.secure:
+                self._temp_dir = tempfile.mkdtemp(prefix="runnable-k8s-keys-")
+                self.keys_dir = str(create_key_directory(Path(self._temp_dir) / "keys"))
+            self._start_broker()
+            self.scale(self.initial_workers)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Stop every process (workers drain first), then the broker; idempotent."""
+        if self.address:
+            Connection.close_all(self.address)
+        _stop_all(self._workers)
+        self._workers = []
+        if self._broker is not None:
+            _stop_all([self._broker])
+            if self._broker.stdout is not None:
+                self._broker.stdout.close()
+            self._broker = None
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
+
+    @property
+    def pids(self) -> list[int]:
+        """PIDs of the broker and the workers (for tests and troubleshooting)."""
+        procs = ([self._broker] if self._broker else []) + self._workers
+        return [p.pid for p in procs]
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    # ------------------------------------------------------------------ scaling
+
+    def scale(self, workers: int, wait: bool = True) -> None:
+        """Run ``workers`` worker processes. Removed workers drain: they finish their tasks first."""
+        if workers < 0:
+            raise ValueError("workers must be 0 or more")
+        while len(self._workers) > workers:
+            proc = self._workers.pop()
+            proc.send_signal(signal.SIGTERM)
+            if wait:
+                _wait_or_kill(proc, STOP_TIMEOUT * 3)
+        while len(self._workers) < workers:
+            self._workers.append(self._spawn_worker())
+        if wait:
+            self.wait_for_workers(workers)
+
+    def wait_for_workers(self, count: int, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.start_timeout)
+        while True:
+            for proc in self._workers:
+                if proc.poll() is not None:
+                    raise PoolUnavailable(f"a local worker exited with code {proc.returncode} while starting; see its log above")
+            ready = [w for w in self.status()["workers"] if not w["draining"]]
+            if len(ready) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise PoolUnavailable(f"only {len(ready)} of {count} local workers registered in time")
+            time.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        return self.connection().status()
+
+    def connection(self) -> Connection:
+        keys = load_peer_keys(self.keys_dir, "client") if self.keys_dir else None
+        return Connection.shared(self.address, keys)
+
+    # ------------------------------------------------------------------ processes
+
+    def _start_broker(self) -> None:
+        command = [
+            sys.executable, "-m", "pool", "broker",
+            "--bind", f"tcp://127.0.0.1:{self.port or '*'}",
+            "--announce", "--exit-with-parent", str(os.getpid()), "--log-level", self.log_level,
+            *(["--keys", self.keys_dir] if self.keys_dir else []),
+            *self.broker_args,
+        ]
+        self._broker = subprocess.Popen(command, stdout=subprocess.PIPE, env=self.env)
+        line = _read_line(self._broker, self.start_timeout)
+        if not line.startswith("READY "):
+            raise PoolUnavailable(f"the local broker did not start (it said {line!r}); see its log above")
+        self.address = line.split(" ", 1)[1].strip()
+
+    def _spawn_worker(self) -> subprocess.Popen[bytes]:
+        command = [
+            sys.executable, "-m", "worker", "--connect", self.address,
+            "--concurrency", str(self.concurrency), "--exit-with-parent", str(os.getpid()),
+            "--log-level", self.log_level,
+            *(["--keys", self.keys_dir] if self.keys_dir else []),
+            *self.worker_args,
+        ]
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=self.env)
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or proc.poll() is not None and not select.select([proc.stdout], [], [], 0)[0]:
+            break
+        if select.select([proc.stdout], [], [], min(remaining, 0.1))[0]:
+            byte = os.read(proc.stdout.fileno(), 1)
+            if not byte:
+                break
+            data += byte
+    return data.decode(errors="replace")
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for proc in procs:
+        _wait_or_kill(proc, max(0.1, deadline - time.monotonic()))

@@ -1,0 +1,212 @@
+"""``RunnableK8s``: run this part of a chain on a worker pool (or in a fresh Pod per call).
+
+    chain = prompt | RunnableK8s(bound=ChatOpenAI(model="gpt-4o-mini"), pool="tcp://...") | parser
+
+It is a Runnable like any other: the client-side run is traced through LangChain's
+``_call_with_config`` / ``_batch_with_config`` / ``_transform_stream_with_config`` helpers, it
+streams inside a ``RunnableSequence`` (which calls ``transform``), and ``with_retry`` /
+``with_fallbacks`` work because ``batch`` honours ``return_exceptions``. The runnable is encoded
+once per instance; its digest lets workers reuse what they already deserialized.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+from langchain_core.runnables.config import get_config_list
+from langchain_core.runnables.graph import Graph
+from langchain_core.runnables.utils import ConfigurableFieldSpec, Input, Output
+from pydantic import BaseModel, ConfigDict, PrivateAttr
+
+from pool import modes
+from pool.calls import RemoteCall, encode_input, encode_runnable, wire_config
+
+DEFAULT_IMAGE = "runnable-k8s-worker:latest"
+
+_UNSET = object()
+
+
+class RunnableK8s(RunnableSerializable[Input, Output]):
+    """Runs ``bound`` elsewhere: on a warm worker pool, or in a fresh Pod per call.
+
+    Args:
+        bound: the runnable to run remotely (a chat model, a whole chain, a lambda).
+        pool: ``tcp://host:5555``, ``k8s://NAMESPACE/RELEASE``, or None for the
+            ``RUNNABLE_K8S_POOL`` environment variable (then ephemeral mode).
+        mode: ``"warm"`` (pool only), ``"ephemeral"`` (a Pod per call), or ``"auto"`` (warm when
+            the pool answers, else ephemeral, saying so in the log).
+        timeout: seconds a call may take; past it the task is cancelled and ``TaskTimeout`` raised.
+        retries: times the pool re-runs a task whose worker died before it streamed anything.
+        keys: CurveZMQ key directory (``runnable-k8s keys``); default ``RUNNABLE_K8S_KEYS``.
+        launcher: for ephemeral mode, ``"kubernetes"`` (a Pod) or ``"local"`` (a subprocess).
+        k8s_*: the original RunnableK8s keyword arguments, used by ephemeral mode.
+    """
+
+    bound: Runnable[Input, Output]
+    pool: str | None = None
+    mode: Literal["auto", "warm", "ephemeral"] = "auto"
+    timeout: float | None = None
+    retries: int = 0
+    keys: str | None = None
+    connect_timeout: float = 5.0
+    launcher: Literal["kubernetes", "local"] = "kubernetes"
+    # The original project's keyword arguments (kaitoy/runnable-k8s), kept so users switch by
+    # changing one import.
+    k8s_config: Any = None
+    k8s_namespace: str = "default"
+    k8s_container_image: str = DEFAULT_IMAGE
+    k8s_image_pull_policy: str | None = None
+    k8s_secret_name: str | None = "runnable-k8s-ee"
+    k8s_delete_runner_pod: bool = True
+    k8s_pod_overrides: dict[str, Any] | None = None
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    _encoded: tuple[bytes, str] | None = PrivateAttr(default=None)
+
+    def __init__(self, *, bound: Runnable[Input, Output], **kwargs: Any) -> None:
+        super().__init__(bound=bound, **kwargs)  # type: ignore[call-arg]
+
+    # ------------------------------------------------------------------ delegation to bound
+
+    def get_name(self, suffix: str | None = None, *, name: str | None = None) -> str:
+        return super().get_name(suffix, name=name or self.name or self.bound.get_name())
+
+    @property
+    def InputType(self) -> type[Input]:  # noqa: N802 - LangChain's name
+        return self.bound.InputType
+
+    @property
+    def OutputType(self) -> type[Output]:  # noqa: N802 - LangChain's name
+        return self.bound.OutputType
+
+    def get_input_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+        return self.bound.get_input_schema(config)
+
+    def get_output_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+        return self.bound.get_output_schema(config)
+
+    @property
+    def config_specs(self) -> list[ConfigurableFieldSpec]:
+        return self.bound.config_specs
+
+    def get_graph(self, config: RunnableConfig | None = None) -> Graph:
+        return self.bound.get_graph(config)
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> RunnableK8s:
+        """``bound.bind_tools(...)``, still run remotely (never silently a local model)."""
+        return self.with_bound(self.bound.bind_tools(tools, **kwargs))  # type: ignore[attr-defined]
+
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> RunnableK8s:  # type: ignore[override]
+        """``bound.with_structured_output(...)``, still run remotely."""
+        return self.with_bound(self.bound.with_structured_output(schema, **kwargs))  # type: ignore[attr-defined]
+
+    def with_bound(self, bound: Runnable) -> RunnableK8s:
+        """A copy running ``bound`` instead, with the same pool and settings."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self)(**{**fields, "bound": bound})
+
+    # ------------------------------------------------------------------ building calls
+
+    def _call(self, value: Any, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RemoteCall:
+        if self._encoded is None:
+            self._encoded = encode_runnable(self.bound)
+        blob, digest = self._encoded
+        return RemoteCall(blob, digest, encode_input(value, kwargs), wire_config(config), self.timeout, self.retries)
+
+    def _backend(self) -> modes.Backend:
+        return modes.choose_backend(self)
+
+    # ------------------------------------------------------------------ invoke
+
+    def invoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Output:
+        return self._call_with_config(self._invoke, input, config, **kwargs)
+
+    def _invoke(self, value: Input, config: RunnableConfig, **kwargs: Any) -> Output:
+        return self._backend().invoke(self._call(value, config, kwargs))
+
+    async def ainvoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Output:
+        return await self._acall_with_config(self._ainvoke, input, config, **kwargs)
+
+    async def _ainvoke(self, value: Input, config: RunnableConfig, **kwargs: Any) -> Output:
+        backend = await modes.achoose_backend(self)
+        return await backend.ainvoke(self._call(value, config, kwargs))
+
+    # ------------------------------------------------------------------ batch
+
+    def batch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None,
+              *, return_exceptions: bool = False, **kwargs: Any) -> list[Output]:
+        if not inputs:
+            return []
+        limit = get_config_list(config, len(inputs))[0].get("max_concurrency")
+        return self._batch_with_config(functools.partial(self._batch, limit=limit), inputs, config,
+                                       return_exceptions=return_exceptions, **kwargs)
+
+    def _batch(self, values: list[Input], config: list[RunnableConfig], limit: int | None,
+               **kwargs: Any) -> list[Any]:
+        calls = [self._call(v, c, kwargs) for v, c in zip(values, config)]
+        return self._backend().batch(calls, limit, return_exceptions=True)
+
+    async def abatch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None,
+                     *, return_exceptions: bool = False, **kwargs: Any) -> list[Output]:
+        if not inputs:
+            return []
+        limit = get_config_list(config, len(inputs))[0].get("max_concurrency")
+        return await self._abatch_with_config(functools.partial(self._abatch, limit=limit), inputs, config,
+                                              return_exceptions=return_exceptions, **kwargs)
+
+    async def _abatch(self, values: list[Input], config: list[RunnableConfig], limit: int | None,
+                      **kwargs: Any) -> list[Any]:
+        calls = [self._call(v, c, kwargs) for v, c in zip(values, config)]
+        backend = await modes.achoose_backend(self)
+        return await backend.abatch(calls, limit, return_exceptions=True)
+
+    # ------------------------------------------------------------------ stream
+
+    def stream(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Output]:
+        yield from self.transform(iter([input]), config, **kwargs)
+
+    def transform(self, input: Iterator[Input], config: RunnableConfig | None = None,
+                  **kwargs: Any) -> Iterator[Output]:
+        yield from self._transform_stream_with_config(input, self._transform, config, **kwargs)
+
+    def _transform(self, values: Iterator[Input], run_manager: CallbackManagerForChainRun,
+                   config: RunnableConfig, **kwargs: Any) -> Iterator[Output]:
+        value = _UNSET
+        for chunk in values:  # like Runnable.transform: the remote side needs the whole input
+            value = chunk if value is _UNSET else _add(value, chunk)
+        yield from self._backend().stream(self._call(value, config, kwargs))
+
+    async def astream(self, input: Input, config: RunnableConfig | None = None,
+                      **kwargs: Any) -> AsyncIterator[Output]:
+        async def single() -> AsyncIterator[Input]:
+            yield input
+
+        async for chunk in self.atransform(single(), config, **kwargs):
+            yield chunk
+
+    async def atransform(self, input: AsyncIterator[Input], config: RunnableConfig | None = None,
+                         **kwargs: Any) -> AsyncIterator[Output]:
+        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, **kwargs):
+            yield chunk
+
+    async def _atransform(self, values: AsyncIterator[Input], run_manager: AsyncCallbackManagerForChainRun,
+                          config: RunnableConfig, **kwargs: Any) -> AsyncIterator[Output]:
+        value = _UNSET
+        async for chunk in values:
+            value = chunk if value is _UNSET else _add(value, chunk)
+        backend = await modes.achoose_backend(self)
+        async for chunk in backend.astream(self._call(value, config, kwargs)):
+            yield chunk
+
+
+def _add(total: Any, chunk: Any) -> Any:
+    try:
+        return total + chunk
+    except TypeError:
+        return chunk
+

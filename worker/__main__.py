@@ -1,0 +1,65 @@
+"""``python -m worker``: the program every worker Pod (and every local-pool worker) runs.
+
+    python -m worker --connect tcp://broker:5555 --concurrency 8    # warm: pull tasks from a broker
+    python -m worker --stdio                                         # one task on stdin/stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from worker.warm import DEFAULT_CACHE_SIZE, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, WarmWorker
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--connect", metavar="ADDRESS", default=os.environ.get("RUNNABLE_K8S_BROKER"),
+                      help="broker address, e.g. tcp://127.0.0.1:5555 (env RUNNABLE_K8S_BROKER)")
+    mode.add_argument("--stdio", action="store_true", help="run one task read from stdin (ephemeral mode)")
+    parser.add_argument("--concurrency", type=int, default=_env_int("RUNNABLE_K8S_CONCURRENCY", DEFAULT_CONCURRENCY),
+                        help="tasks run at once (LLM calls mostly wait on the network, so more than cores)")
+    parser.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,
+                        help="deserialized runnables kept warm")
+    parser.add_argument("--grace-period", type=float, default=DEFAULT_GRACE_PERIOD,
+                        help="seconds to finish running tasks after SIGTERM")
+    parser.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
+                        help="CurveZMQ key directory (needs worker.key_secret and broker.key)")
+    parser.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default=os.environ.get("RUNNABLE_K8S_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    if not args.stdio and not args.connect:
+        parser.error("pass --connect ADDRESS (or set RUNNABLE_K8S_BROKER) for a warm worker, or --stdio")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Logs go to stderr always: in --stdio mode stdout is the data channel.
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    if args.stdio:
+        from worker.stdio import run_stdio
+
+        return run_stdio()
+    keys = None
+    if args.keys:
+        from worker.curve import load_peer_keys
+
+        keys = load_peer_keys(args.keys, "worker")
+    worker = WarmWorker(args.connect, concurrency=args.concurrency, cache_size=args.cache_size,
+                        grace_period=args.grace_period, keys=keys, exit_with_parent=args.exit_with_parent)
+    return asyncio.run(worker.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The runnable-k8s wire protocol, defined in exactly one place.
+
+Clients and workers both talk to the broker over one ZeroMQ ROUTER socket (one port, so a single
+``kubectl port-forward`` reaches everything). Every message a peer sends is a multipart message::
+
+    [PROTOCOL, COMMAND, *body]
+
+(the broker's ROUTER prepends the peer's identity frame on receipt and strips it on send).
+``PROTOCOL`` carries the protocol version, so a peer from another release is recognised and
+refused with a clear ``incompatible`` error instead of being misread.
+
+The model is the zguide's Majordomo protocol (7/MDP) with the PARTIAL/FINAL replies of 18/MDP
+(here CHUNK/RESULT) and Paranoid Pirate heartbeating, reduced to what a task pool needs.
+
+Client -> broker
+    HELLO      [json environment]                      -> WELCOME [json broker info] or ERROR
+    SUBMIT     [task id, json header, runnable, input]  runnable may be b"" when sent before
+    CANCEL     [task id]
+    STATUS     []                                       -> STATUS  [json counters]
+    HEARTBEAT  []                                       -> HEARTBEAT
+    BYE        []
+
+Worker -> broker
+    READY      [json environment]                      -> WELCOME or ERROR (then the worker exits)
+    CHUNK      [task id, encoded chunk]                 forwarded to the client as is
+    RESULT     [task id, encoded output]                forwarded; frees the slot
+    ERROR      [task id, code, message, detail]         forwarded (unless the broker handles code)
+    DRAINING   []                                       stop sending me tasks (SIGTERM)
+    HEARTBEAT  []
+    BYE        []
+
+Broker -> worker
+    TASK       [task id, json header, runnable, input]  runnable is b"" if the worker holds it
+    CANCEL     [task id]
+    HEARTBEAT  []
+    RECONNECT  []                                       "I do not know you": send READY again
+
+A task id is 16 random bytes chosen by the client. The JSON header of SUBMIT/TASK is
+:class:`TaskHeader`. Runnables are identified by the digest of their encoded bytes, so a repeated
+call sends only the digest and the worker reuses the runnable it already deserialized.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+PROTOCOL = b"RK8S/%d" % PROTOCOL_VERSION
+PROTOCOL_FAMILY = b"RK8S/"
+
+# Commands: one byte each.
+HELLO = b"H"
+WELCOME = b"W"
+SUBMIT = b"S"
+TASK = b"T"
+CHUNK = b"C"
+RESULT = b"R"
+ERROR = b"E"
+CANCEL = b"X"
+STATUS = b"?"
+READY = b"Y"
+DRAINING = b"D"
+HEARTBEAT = b"."
+RECONNECT = b"!"
+BYE = b"B"
+
+COMMAND_NAMES = {
+    HELLO: "HELLO", WELCOME: "WELCOME", SUBMIT: "SUBMIT", TASK: "TASK", CHUNK: "CHUNK",
+    RESULT: "RESULT", ERROR: "ERROR", CANCEL: "CANCEL", STATUS: "STATUS", READY: "READY",
+    DRAINING: "DRAINING", HEARTBEAT: "HEARTBEAT", RECONNECT: "RECONNECT", BYE: "BYE",
+}
+
+TASK_ID_BYTES = 16
+
+# Heartbeating (Paranoid Pirate): every peer sends something at least every interval; a peer
+# silent for LIVENESS intervals is dead. 3 misses at 1 s notices a dead worker in ~3 s without
+# flagging one that is merely slow to be scheduled on a busy 2-core machine.
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_LIVENESS = 3
+HEARTBEAT_EXPIRY = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+
+# Refuse messages above this by default: a runnable or an input this large is almost always a
+# mistake (a captured DataFrame, a model's weights), and unbounded sizes let one client starve
+# the broker's memory. Brokers can raise it (--max-message-bytes).
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Error codes carried by ERROR. The client maps each to one exception class (pool.errors).
+E_REMOTE = b"remote"  # the runnable raised; detail is the encoded exception
+E_WORKER_LOST = b"worker-lost"
+E_TIMEOUT = b"timeout"  # the call's deadline passed on the worker
+E_QUEUE_TIMEOUT = b"queue-timeout"  # no worker slot freed up in time
+E_QUEUE_FULL = b"queue-full"
+E_INCOMPATIBLE = b"incompatible"
+E_PAYLOAD_TOO_LARGE = b"payload-too-large"
+E_SERIALIZATION = b"serialization"
+E_CANCELLED = b"cancelled"
+E_BAD_REQUEST = b"bad-request"
+E_UNAUTHORIZED = b"unauthorized"
+# Made up by the client itself when it loses the broker; never sent.
+E_POOL_UNAVAILABLE = b"pool-unavailable"
+# Internal codes, handled by the peer that receives them and never surfaced to users.
+E_NEED_RUNNABLE = b"need-runnable"  # "send this task again with the runnable's bytes"
+E_REQUEUE = b"requeue"  # worker is draining: give this task to another worker
+E_HELLO_REQUIRED = b"hello-required"  # broker does not know this client (it restarted)
+
+
+@dataclass
+class TaskHeader:
+    """The JSON header of SUBMIT and TASK.
+
+    ``timeout`` is relative (seconds left when sent) so that no two machines' clocks need agree.
+    ``config`` holds only the JSON-safe part of a RunnableConfig (see DESIGN §4).
+    """
+
+    kind: str  # "invoke" or "stream"
+    digest: str
+    timeout: float | None = None
+    retries: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TaskHeader:
+        raw = json.loads(data)
+        if not isinstance(raw, dict) or raw.get("kind") not in ("invoke", "stream"):
+            raise ValueError("task header must be an object with kind 'invoke' or 'stream'")
+        if not isinstance(raw.get("digest"), str):
+            raise ValueError("task header needs a string digest")
+        timeout = raw.get("timeout")
+        if timeout is not None and not isinstance(timeout, (int, float)):
+            raise ValueError("task header timeout must be a number or null")
+        config = raw.get("config") or {}
+        if not isinstance(config, dict):
+            raise ValueError("task header config must be an object")
+        return cls(
+            kind=raw["kind"],
+            digest=raw["digest"],
+            timeout=timeout,
+            retries=int(raw.get("retries") or 0),
+            config=config,
+        )
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def environment() -> dict[str, Any]:
+    """What a peer must share with another for objects to cross safely (DESIGN §4).
+
+    Pickled code refers to Python internals that change between minor versions, and LangChain's
+    serialized form and cloudpickle's format can change between their minor releases.
+    """
+    import cloudpickle
+    import langchain_core
+
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "python": "%d.%d" % sys.version_info[:2],
+        "langchain_core": _major_minor(langchain_core.__version__),
+        "cloudpickle": _major_minor(cloudpickle.__version__),
+        "host": platform.node(),
+    }
+
+
+COMPATIBILITY_KEYS = ("protocol", "python", "langchain_core", "cloudpickle")
+
+
+def incompatibility(client: dict[str, Any], worker: dict[str, Any]) -> str | None:
+    """Why two environments cannot exchange objects, or None when they can."""
+    problems = [
+        f"{key} {client.get(key)} on the client but {worker.get(key)} on the worker"
+        for key in COMPATIBILITY_KEYS
+        if client.get(key) != worker.get(key)
+    ]
+    return "; ".join(problems) or None
+
+
+def encode_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), default=str).encode()
+
+
+def decode_json_object(data: bytes) -> dict[str, Any]:
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+def error_frames(task_id: bytes, code: bytes, message: str, detail: bytes = b"") -> list[bytes]:
+    return [PROTOCOL, ERROR, task_id, code, message.encode("utf-8", "replace"), detail]
