@@ -1,0 +1,3 @@
+module runnablek8s.test/pause
+
+go 1.21
