@@ -549,7 +549,8 @@ class Broker:
             return
         if why != "said goodbye":
             self.counters["workers_lost"] += 1
-        log.warning("worker %s removed: %s (%d tasks running)", identity.hex()[-8:], why, len(worker.running))
+        log.log(logging.INFO if why == "said goodbye" else logging.WARNING, "worker %s removed: %s (%d tasks running)",
+                identity.hex()[-8:], why, len(worker.running))
         for task_id in list(worker.running):
             task = self.tasks.get(task_id)
             if task is None:

@@ -58,8 +58,23 @@ def main(argv: list[str] | None = None) -> int:
         keys = load_peer_keys(args.keys, "worker")
     worker = WarmWorker(args.connect, concurrency=args.concurrency, cache_size=args.cache_size,
                         grace_period=args.grace_period, keys=keys, exit_with_parent=args.exit_with_parent)
-    return asyncio.run(worker.run())
+    # Not asyncio.run(): its shutdown joins the task threads, and one stuck in a call that could
+    # not be interrupted must not keep the worker alive past its grace period.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(worker.run())
+    finally:
+        loop.close()
+
+
+def exit_now(code: int) -> None:
+    """Exit without joining task threads: one still stuck in a call that could not be interrupted
+    (its grace period passed, or it was cancelled) must not keep the worker alive."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
