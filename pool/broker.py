@@ -319,6 +319,12 @@ class Broker:
         self.counters["submitted"] += 1
         self._dispatch()
 
+    def _fail(self, client: bytes, task_id: bytes, code: bytes, message: str) -> None:
+        """Refuse a submitted task: tell its client why (a bad request also counts as malformed)."""
+        self.counters["malformed" if code == P.E_BAD_REQUEST else "refused"] += 1
+        log.info("refused task %s: %s", task_id.hex()[:8], message)
+        self._send(client, P.error_frames(task_id, code, message))
+
     def _incompatible_with_all(self, client: ClientState) -> str | None:
         """A reason to refuse at once: workers exist but none can run this client's objects."""
         if not self.workers or any(w.env_key == client.env_key for w in self.workers.values()):
