@@ -140,7 +140,9 @@ class LocalPool:
             for proc in self._workers:
                 if proc.poll() is not None:
                     raise PoolUnavailable(f"a local worker exited with code {proc.returncode} while starting; see its log above")
-            ready = [w for w in self.status()["workers"] if not w["draining"]]
+            # Only this pool's own processes count: a worker connected from elsewhere is not one.
+            own = {proc.pid for proc in self._workers}
+            ready = [w for w in self.status()["workers"] if not w["draining"] and w["pid"] in own]
             if len(ready) >= count:
                 return
             if time.monotonic() > deadline:
