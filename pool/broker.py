@@ -84,6 +84,7 @@ class Task:
     task_id: bytes
     client: bytes
     header: P.TaskHeader
+    header_bytes: bytes
     input_blob: bytes
     env_key: tuple[Any, ...]
     queued_at: float
@@ -205,7 +206,7 @@ class Broker:
                 # Drain what is there before ticking, so a busy broker still ticks on time.
                 for _ in range(1000):
                     try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = self._recv()
                     except zmq.Again:
                         break
                     self._handle_safely(frames)
@@ -214,6 +215,16 @@ class Broker:
                 self._tick(now)
                 next_tick = now + P.HEARTBEAT_INTERVAL
         log.info("broker stopped")
+
+    def _recv(self) -> list[Any]:
+        """One message as bytes, except the protocol frame, kept as a Frame for its CURVE User-Id."""
+        recv = self.socket.recv
+        frames: list[Any] = [recv(zmq.NOBLOCK)]
+        if self.socket.rcvmore:
+            frames.append(recv(copy=False))
+            while self.socket.rcvmore:
+                frames.append(recv())
+        return frames
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler)."""
@@ -225,20 +236,19 @@ class Broker:
             self._authenticator.stop()
         self._context.term()
 
-    def _handle_safely(self, raw: list[zmq.Frame]) -> None:
+    def _handle_safely(self, raw: list[Any]) -> None:
         try:
             self._handle(raw)
         except Exception:  # noqa: BLE001 - one bad message must not stop the pool
             self.counters["malformed"] += 1
             log.warning("dropped a message that could not be handled", exc_info=True)
 
-    def _handle(self, raw: list[zmq.Frame]) -> None:
+    def _handle(self, raw: list[Any]) -> None:
         if len(raw) < 3:
             self.counters["malformed"] += 1
             log.warning("dropped a message of %d frames (too short)", len(raw))
             return
-        identity, header, command = raw[0].bytes, raw[1].bytes, raw[2].bytes
-        body = [frame.bytes for frame in raw[3:]]
+        identity, header, command, body = raw[0], raw[1].bytes, raw[2], raw[3:]
         if header != P.PROTOCOL:
             self.counters["malformed"] += 1
             if header.startswith(P.PROTOCOL_FAMILY):
@@ -312,7 +322,7 @@ class Broker:
             return
         now = time.monotonic()
         queue_timeout = self.queue_timeout if header.timeout is None else min(self.queue_timeout, header.timeout)
-        task = Task(task_id, client, header, input_blob, state.env_key, now, now + queue_timeout,
+        task = Task(task_id, client, header, header_bytes, input_blob, state.env_key, now, now + queue_timeout,
                     retries_left=header.retries)
         self.tasks[task_id] = task
         self.queue.append(task)
@@ -422,10 +432,10 @@ class Broker:
         task = self._task_of(worker, body)
         if task is None:
             return
-        self._finish(task)
-        if not task.cancelled:
+        if not task.cancelled:  # reply first, then refill the slot
             self.counters["done"] += 1
             self._send(task.client, [P.PROTOCOL, P.RESULT, task.task_id, body[1]])
+        self._finish(task)
 
     def _on_error(self, worker: bytes, body: list[bytes], frame: zmq.Frame) -> None:
         state = self._from_known_worker(worker)
@@ -498,14 +508,15 @@ class Broker:
                     return
 
     def _send_task(self, worker: WorkerState, task: Task, blob: bytes) -> None:
-        header = task.header
-        if header.timeout is not None:  # the worker gets the time that is left, not the original
-            waited = time.monotonic() - task.queued_at
-            header = P.TaskHeader(header.kind, header.digest, max(0.001, header.timeout - waited),
-                                  header.retries, header.config)
+        header_bytes = task.header_bytes
+        waited = time.monotonic() - task.queued_at
+        if task.header.timeout is not None and waited > 0.01:  # the worker gets the time that is left
+            header = task.header
+            header_bytes = P.TaskHeader(header.kind, header.digest, max(0.001, header.timeout - waited),
+                                        header.retries, header.config).to_bytes()
         if blob:
             worker.remember(task.header.digest)
-        self._send(worker.identity, [P.PROTOCOL, P.TASK, task.task_id, header.to_bytes(), blob, task.input_blob])
+        self._send(worker.identity, [P.PROTOCOL, P.TASK, task.task_id, header_bytes, blob, task.input_blob])
 
     def _finish(self, task: Task) -> None:
         self.tasks.pop(task.task_id, None)
@@ -587,7 +598,7 @@ class Broker:
 
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
         try:
-            self.socket.send_multipart([identity, *frames], zmq.NOBLOCK)
+            P.send_frames(self.socket, [identity, *frames])
         except zmq.ZMQError as exc:
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise

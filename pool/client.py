@@ -300,7 +300,7 @@ class Connection:
 
     def _send(self, frames: list[bytes]) -> None:
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+            P.send_frames(self._sock, frames)
         except zmq.Again:
             log.debug("could not send %s: not connected", P.COMMAND_NAMES.get(frames[1]))
 

@@ -45,8 +45,10 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+import zmq
 
 PROTOCOL_VERSION = 1
 PROTOCOL = b"RK8S/%d" % PROTOCOL_VERSION
@@ -123,7 +125,12 @@ class TaskHeader:
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        # Built by hand: dataclasses.asdict deep-copies, and this runs once per task.
+        return json.dumps(
+            {"kind": self.kind, "digest": self.digest, "timeout": self.timeout, "retries": self.retries,
+             "config": self.config},
+            separators=(",", ":"),
+        ).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TaskHeader:
@@ -191,6 +198,20 @@ def decode_json_object(data: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
     return value
+
+
+# Plain ints: pyzmq's flag enums cost more to combine than a small send itself.
+SEND_MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+SEND_LAST = int(zmq.NOBLOCK)
+COPY_THRESHOLD = 65536  # below this a copy is cheaper than tracking a zero-copy frame
+
+
+def send_frames(socket: zmq.Socket, frames: list[bytes]) -> None:
+    """Send a multipart message without blocking (raises zmq.Again when it cannot go now)."""
+    send = socket.send
+    for frame in frames[:-1]:
+        send(frame, SEND_MORE, copy=len(frame) < COPY_THRESHOLD)
+    send(frames[-1], SEND_LAST, copy=len(frames[-1]) < COPY_THRESHOLD)
 
 
 def error_frames(task_id: bytes, code: bytes, message: str, detail: bytes = b"") -> list[bytes]:

@@ -1,0 +1,66 @@
+"""The floor for this design: a bare pyzmq DEALER -> ROUTER broker -> DEALER worker round trip.
+
+No protocol, no heartbeats, no LangChain: a broker that forwards cloudpickled payloads to the
+least-recently-ready worker and a worker that unpickles, calls a function and pickles the result.
+``runnable-k8s bench`` runs it in the same session as the real pool so every figure can be read
+as a ratio of this one.
+
+    python -m pool.bench_floor broker ENDPOINT      # prints READY tcp://127.0.0.1:PORT
+    python -m pool.bench_floor worker ADDRESS SLOTS
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+
+import cloudpickle
+import zmq
+
+
+def run_broker(endpoint: str) -> None:
+    context = zmq.Context()
+    frontend = context.socket(zmq.ROUTER)  # clients
+    backend = context.socket(zmq.ROUTER)  # workers
+    for sock in (frontend, backend):
+        sock.linger = 0
+    frontend.bind(endpoint)
+    backend.bind("tcp://127.0.0.1:*")
+    print("READY", frontend.getsockopt_string(zmq.LAST_ENDPOINT), backend.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+    free: deque[bytes] = deque()  # one entry per free worker slot
+    waiting: deque[list[bytes]] = deque()
+    poller = zmq.Poller()
+    poller.register(frontend, zmq.POLLIN)
+    poller.register(backend, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll())
+        if backend in events:
+            worker, *rest = backend.recv_multipart()
+            if rest[0] == b"READY":
+                free.extend([worker] * int(rest[1]))
+            else:  # [client, task id, result]
+                free.append(worker)
+                frontend.send_multipart(rest)
+        if frontend in events:
+            waiting.append(frontend.recv_multipart())  # [client, task id, payload]
+        while waiting and free:
+            backend.send_multipart([free.popleft(), *waiting.popleft()])
+
+
+def run_worker(address: str, slots: int) -> None:
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(address)
+    sock.send_multipart([b"READY", str(slots).encode()])
+    while True:
+        client, task_id, payload = sock.recv_multipart()
+        function, value = cloudpickle.loads(payload)
+        sock.send_multipart([client, task_id, cloudpickle.dumps(function(value))])
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "broker":
+        run_broker(sys.argv[2])
+    else:
+        run_worker(sys.argv[2], int(sys.argv[3]))
