@@ -700,7 +700,7 @@ def down_node(state: dict) -> list[str]:
         shutil.rmtree("/var/lib/cni", ignore_errors=True)
     if not host.get("run_containerd_existed", True):
         with contextlib.suppress(OSError):
-            for sub in ("s", "runc/k8s.io", "runc", ""):
+            for sub in ("s", "fifo", "runc/k8s.io", "runc", ""):
                 os.rmdir(Path("/run/containerd") / sub)
     return problems
 
