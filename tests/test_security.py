@@ -29,7 +29,7 @@ from worker.curve import load_peer_keys
 
 # Refusals are noticed by the client's socket monitor within milliseconds; these bounds are generous.
 QUICK_CONNECT_TIMEOUT = 1.5  # for tests that only check which error a refused client gets
-CONNECT_TIMEOUT = 5.0  # for the test that checks the refusal does not wait for the connect timeout
+CONNECT_TIMEOUT = 4.0  # for the test that checks the refusal does not wait for the connect timeout
 PROMPTLY = 2.0
 
 
