@@ -136,6 +136,8 @@ class Connection:
         self.closed = False
         self.broker_info: dict[str, Any] = {}
         self._ready = threading.Event()
+        # Set when a connection attempt has an outcome: WELCOME, or a refusal in _failure.
+        self._settled = threading.Event()
         self._failure: BaseException | None = None
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._context = zmq.Context()
@@ -157,7 +159,7 @@ class Connection:
             return
         if self.closed:
             raise PoolUnavailable(f"the connection to {self.address} is closed")
-        self._ready.wait(self.connect_timeout)
+        self._settled.wait(self.connect_timeout)
         if self._ready.is_set():
             return
         if self._failure is not None:
@@ -325,12 +327,14 @@ class Connection:
                     "also refuses clients without them."
                 )
                 self._fail_all(AuthenticationFailed, str(self._failure))
+                self._settled.set()
             elif event == zmq.EVENT_DISCONNECTED and self._ready.is_set():
                 self._lost(f"the connection to the broker at {self.address} dropped")
 
     def _lost(self, why: str) -> None:
         log.warning("%s; calls in flight fail with PoolUnavailable", why)
         self._ready.clear()
+        self._settled.clear()
         self._sent_digests.clear()
         self._fail_all(PoolUnavailable, why + "; retry the call once the broker is back")
 
@@ -366,6 +370,7 @@ class Connection:
             self.broker_info = P.decode_json_object(body[0])
             self._failure = None
             self._ready.set()
+            self._settled.set()
             for submission in self._pending.values():
                 if submission.awaiting_hello:
                     submission.awaiting_hello = False
@@ -375,6 +380,7 @@ class Connection:
                 self._status_waiters.popleft().deliver(P.decode_json_object(body[0]))
         elif command == P.RECONNECT:
             self._ready.clear()
+            self._settled.clear()
             self._sent_digests.clear()
             self._hello()
         elif command != P.HEARTBEAT:
@@ -386,6 +392,7 @@ class Connection:
                 from pool.errors import IncompatibleWorker
 
                 self._failure = IncompatibleWorker(f"the broker at {self.address} refused this client: {message}")
+                self._settled.set()
             log.error("broker: %s", message)
             return
         submission = self._pending.get(task_id)
@@ -396,6 +403,7 @@ class Connection:
         elif code == P.E_HELLO_REQUIRED:
             submission.awaiting_hello = True
             self._ready.clear()
+            self._settled.clear()
             self._sent_digests.clear()
             self._hello()
         else:
