@@ -145,6 +145,9 @@ def stop_pid(name: str, info: dict, timeout: float = 15) -> None:
         time.sleep(0.2)
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
+    took = time.time() - (deadline - timeout)
+    if took > 2:
+        log(f"{name} took {took:.1f}s to stop")
 
 
 def tail(path: Path, n: int = 25) -> str:
@@ -627,15 +630,23 @@ def down_node(state: dict) -> list[str]:
     pids = state.get("pids", {})
     if "kubelet" in pids:
         stop_pid("kubelet", pids["kubelet"])
+    before = set(state.get("host", {}).get("cgroups_before", []))
+    # Every container process (pause included) sits in the kubelet's /kubepods cgroups: kill them.
+    t0 = time.time()
+    while time.time() - t0 < 10:
+        procs = set()
+        for kp in CGROUP_ROOT.glob("*/kubepods"):
+            if str(kp) not in before:
+                procs |= _cgroup_procs(kp)
+        if not procs:
+            break
+        for pid in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
     if "containerd" in pids and pid_alive(pids["containerd"]["pid"]):
-        # Kill every task (container) this containerd runs, then the daemon itself.
-        tasks = ctr(state, "tasks", "ls", "-q", check=False).stdout.split()
-        for t in tasks:
-            ctr(state, "tasks", "kill", "-a", "-s", "SIGKILL", t, check=False)
-        deadline = time.time() + 10
-        for t in tasks:
-            while time.time() < deadline and ctr(state, "tasks", "delete", t, check=False).returncode != 0:
-                time.sleep(0.2)
+        for t in ctr(state, "tasks", "ls", "-q", check=False).stdout.split():
+            ctr(state, "tasks", "delete", "--force", t, check=False)
         stop_pid("containerd", pids["containerd"])
     sock = state.get("containerd_sock", str(d / "containerd" / "containerd.sock"))
     # Shims (containerd-shim-runc-v2 -namespace k8s.io -address OUR_SOCKET ...) outlive the daemon.
@@ -647,15 +658,7 @@ def down_node(state: dict) -> list[str]:
             if cmd and cmd[0].endswith(b"containerd-shim-runc-v2") and sock.encode() in cmd:
                 log(f"killing leftover shim pid {proc.name}")
                 os.kill(int(proc.name), signal.SIGKILL)
-    # Container processes still in the pods' cgroups (kubelet made /kubepods).
-    before = set(state.get("host", {}).get("cgroups_before", []))
-    for kp in CGROUP_ROOT.glob("*/kubepods"):
-        if str(kp) in before:
-            continue
-        for pid in _cgroup_procs(kp):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    time.sleep(0.3)
+    log(f"containers and containerd stopped in {time.time() - t0:.1f}s")
     runc_root = d / "containerd" / "runc"
     if runc_root.exists():
         for ns_dir in runc_root.iterdir():
@@ -699,9 +702,13 @@ def down_node(state: dict) -> list[str]:
     if not host.get("var_lib_cni_existed", True):
         shutil.rmtree("/var/lib/cni", ignore_errors=True)
     if not host.get("run_containerd_existed", True):
-        with contextlib.suppress(OSError):
+        # containerd's fixed shim-socket folder; the shims remove their sockets as they exit.
+        deadline = time.time() + 5
+        while Path("/run/containerd").exists() and time.time() < deadline:
             for sub in ("s", "fifo", "runc/k8s.io", "runc", ""):
-                os.rmdir(Path("/run/containerd") / sub)
+                with contextlib.suppress(OSError):
+                    os.rmdir(Path("/run/containerd") / sub)
+            time.sleep(0.1)
     return problems
 
 
