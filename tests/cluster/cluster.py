@@ -373,6 +373,8 @@ def setup_host_network(state: dict) -> None:
     host["iptables_chains"] = {c: _iptables_chains(c) for c in ("iptables", "ip6tables") if shutil.which(c)}
     host["cgroups_before"] = sorted(str(p) for p in CGROUP_ROOT.glob("*/kubepods"))
     host["var_lib_cni_existed"] = Path("/var/lib/cni").exists()
+    # The kubelet's device-plugin socket path is fixed: /var/lib/kubelet/device-plugins/kubelet.sock
+    host["var_lib_kubelet_existed"] = Path("/var/lib/kubelet").exists()
     host["var_log_containers_existed"] = Path("/var/log/containers").exists()
     host["var_log_pods_existed"] = Path("/var/log/pods").exists()
     host["run_containerd_existed"] = Path("/run/containerd").exists()
@@ -701,6 +703,8 @@ def down_node(state: dict) -> list[str]:
             f.unlink()
     if not host.get("var_lib_cni_existed", True):
         shutil.rmtree("/var/lib/cni", ignore_errors=True)
+    if not host.get("var_lib_kubelet_existed", True):
+        shutil.rmtree("/var/lib/kubelet", ignore_errors=True)
     if not host.get("run_containerd_existed", True):
         # containerd's fixed shim-socket folder; the shims remove their sockets as they exit.
         deadline = time.time() + 5

@@ -342,3 +342,25 @@ def test_pod_network_stays_on_this_machine(k8s_node, k8s_namespace):
         assert all(r[1] != "00000000" for r in routes), f"pod has a default route:\n{out}"
     finally:
         core.delete_namespaced_pod("netcheck", k8s_namespace, grace_period_seconds=0)
+
+
+def test_missing_image_fails_fast_without_network(k8s_node, k8s_namespace):
+    """Images are never pulled: a Pod naming an image the node lacks gets ErrImagePull /
+    ImagePullBackOff within seconds (containerd's proxy is a dead 127.0.0.1 port), which is what
+    issue 4's PodFailed relies on."""
+    core = k8s_node.control_plane.core()
+    pod = _pod("nopull", ["true"], image="runnable-k8s-does-not-exist:0.0")
+    pod.spec.containers[0].image_pull_policy = "IfNotPresent"
+    core.create_namespaced_pod(k8s_namespace, pod)
+    try:
+        deadline = time.time() + 30
+        reason = None
+        while time.time() < deadline and reason not in ("ErrImagePull", "ImagePullBackOff"):
+            st = core.read_namespaced_pod("nopull", k8s_namespace).status
+            for cs in st.container_statuses or []:
+                if cs.state and cs.state.waiting:
+                    reason = cs.state.waiting.reason
+            time.sleep(0.3)
+        assert reason in ("ErrImagePull", "ImagePullBackOff"), st
+    finally:
+        core.delete_namespaced_pod("nopull", k8s_namespace, grace_period_seconds=0)
