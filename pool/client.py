@@ -153,19 +153,21 @@ class Connection:
 
     # ------------------------------------------------------------------ caller side (any thread)
 
-    def ensure_ready(self) -> None:
-        """Return once the broker has said WELCOME; raise ``PoolUnavailable`` if it does not."""
+    def ensure_ready(self, timeout: float | None = None) -> None:
+        """Return once the broker has said WELCOME; raise ``PoolUnavailable`` if it does not
+        within ``timeout`` (default: the connection's connect timeout)."""
         if self._ready.is_set():
             return
         if self.closed:
             raise PoolUnavailable(f"the connection to {self.address} is closed")
-        self._settled.wait(self.connect_timeout)
+        timeout = self.connect_timeout if timeout is None else timeout
+        self._settled.wait(timeout)
         if self._ready.is_set():
             return
         if self._failure is not None:
             raise self._failure
         raise PoolUnavailable(
-            f"no runnable-k8s broker answered at {self.address} within {self.connect_timeout:.0f}s. "
+            f"no runnable-k8s broker answered at {self.address} within {timeout:g}s. "
             "Start one (`runnable-k8s local`, or the Helm chart), check the address, or use "
             "mode='auto' to fall back to ephemeral Pods."
         )
@@ -186,8 +188,8 @@ class Connection:
     def cancel(self, task_id: bytes) -> None:
         self._command(("cancel", task_id))
 
-    def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        self.ensure_ready()
+    def status(self, timeout: float = 5.0, connect_timeout: float | None = None) -> dict[str, Any]:
+        self.ensure_ready(connect_timeout)
         sink = ThreadSink()
         self._command(("status", sink))
         try:

@@ -7,15 +7,19 @@ in the log once per address.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pool.calls import RemoteCall
 from pool.client import Connection
-from pool.errors import PoolUnavailable
+from pool.ephemeral import EphemeralBackend
+from pool.errors import PoolUnavailable, RunnableK8sError
 from pool.warm import WarmBackend
 from worker.curve import PeerKeys, load_peer_keys
 
@@ -60,20 +64,75 @@ def choose_backend(runnable: RunnableK8s) -> Backend:
                 "set RUNNABLE_K8S_POOL, or use mode='auto' to fall back to ephemeral Pods"
             )
         return WarmBackend(connection_for(runnable, address))
+    reason = "no pool is configured (pool=... or RUNNABLE_K8S_POOL)"
     if address is not None:
-        return WarmBackend(connection_for(runnable, address))
+        usable, reason = probe(runnable, address)
+        if usable:
+            _log_choice(address, "warm", f"the pool at {address} answers")
+            return WarmBackend(connection_for(runnable, address))
+    _log_choice(address, "ephemeral", reason)
     return ephemeral_backend(runnable)
 
 
 async def achoose_backend(runnable: RunnableK8s) -> Backend:
-    return choose_backend(runnable)
+    """choose_backend, without blocking the event loop when auto mode has to probe the pool."""
+    address = pool_address(runnable)
+    if runnable.mode != "auto" or address is None or _cached_probe(address) is not None:
+        return choose_backend(runnable)
+    return await asyncio.get_running_loop().run_in_executor(None, choose_backend, runnable)
+
+
+# Auto mode asks the pool at most this often (per address), so a call does not pay for a probe.
+PROBE_TTL = 2.0
+PROBE_TIMEOUT = 1.0
+_probes: dict[str, tuple[float, bool, str]] = {}
+_choices: dict[str | None, str] = {}
+_probe_lock = threading.Lock()
+
+
+def _cached_probe(address: str) -> tuple[bool, str] | None:
+    entry = _probes.get(address)
+    if entry is None or entry[0] < time.monotonic():
+        return None
+    return entry[1], entry[2]
+
+
+def probe(runnable: RunnableK8s, address: str) -> tuple[bool, str]:
+    """Whether the pool answers and has a worker to run a task now (cached for PROBE_TTL)."""
+    cached = _cached_probe(address)
+    if cached is not None:
+        return cached
+    try:
+        status = connection_for(runnable, address).status(timeout=PROBE_TIMEOUT, connect_timeout=PROBE_TIMEOUT)
+        ready = [w for w in status.get("workers", []) if not w.get("draining")]
+        result = (True, "") if ready else (False, f"the pool at {address} has no workers (scaled to zero)")
+    except RunnableK8sError as exc:
+        result = (False, f"the pool at {address} did not answer ({exc})")
+    with _probe_lock:
+        _probes[address] = (time.monotonic() + PROBE_TTL, *result)
+    return result
+
+
+def _log_choice(address: str | None, choice: str, reason: str) -> None:
+    """Say which mode auto chose, once per address and change of mind."""
+    with _probe_lock:
+        if _choices.get(address) == choice:
+            return
+        _choices[address] = choice
+    if choice == "warm":
+        log.info("RunnableK8s mode='auto': using the warm pool: %s", reason)
+    else:
+        log.warning("RunnableK8s mode='auto': using ephemeral mode (a fresh worker per call): %s", reason)
 
 
 def ephemeral_backend(runnable: RunnableK8s) -> Backend:
-    raise PoolUnavailable(
-        "no pool is configured (pool=... or RUNNABLE_K8S_POOL) and ephemeral mode is not available "
-        "in this build; start a pool with `runnable-k8s local` or LocalPool()"
-    )
+    if runnable.launcher == "local":
+        from pool.local_launcher import LocalLauncher
+
+        return EphemeralBackend(LocalLauncher())
+    from pool.k8s_launcher import KubernetesLauncher
+
+    return EphemeralBackend(KubernetesLauncher.for_runnable(runnable))
 
 
 __all__ = ["Backend", "achoose_backend", "choose_backend", "connection_for", "pool_address"]

@@ -35,6 +35,16 @@ Broker -> worker
     HEARTBEAT  []
     RECONNECT  []                                       "I do not know you": send READY again
 
+Over stdin/stdout (ephemeral mode: ``python -m worker --stdio``, one task per process or Pod) the
+same messages travel as text lines, ``RK8S/1 COMMAND base64 base64 ...``, so that they survive any
+byte stream (the Kubernetes attach API included); lines without that prefix are not ours and are
+skipped. The worker writes nothing until it has read the client's HELLO, so nothing is lost
+before the reader has attached::
+
+    client: HELLO [json environment]        worker: READY [json environment] (or ERROR incompatible)
+    client: TASK  [json header, runnable, input]
+                                            worker: CHUNK [chunk] ... then RESULT [output] or ERROR
+
 A task id is 16 random bytes chosen by the client. The JSON header of SUBMIT/TASK is
 :class:`TaskHeader`. Runnables are identified by the digest of their encoded bytes, so a repeated
 call sends only the digest and the worker reuses the runnable it already deserialized.
@@ -42,6 +52,7 @@ call sends only the digest and the worker reuses the runnable it already deseria
 
 from __future__ import annotations
 
+import base64
 import json
 import platform
 import sys
@@ -212,6 +223,25 @@ def send_frames(socket: zmq.Socket, frames: list[bytes]) -> None:
     for frame in frames[:-1]:
         send(frame, SEND_MORE, copy=len(frame) < COPY_THRESHOLD)
     send(frames[-1], SEND_LAST, copy=len(frames[-1]) < COPY_THRESHOLD)
+
+
+def stdio_line(command: bytes, *fields: bytes) -> bytes:
+    """One message as a text line for the stdio transport."""
+    return b" ".join([PROTOCOL, COMMAND_NAMES[command].encode(), *map(base64.b64encode, fields)]) + b"\n"
+
+
+_COMMANDS_BY_NAME = {name.encode(): command for command, name in COMMAND_NAMES.items()}
+
+
+def parse_stdio_line(line: bytes) -> tuple[bytes, list[bytes]] | None:
+    """``(command, fields)`` of a stdio line, or None for a line that is not ours."""
+    parts = line.strip().split(b" ")
+    if len(parts) < 2 or parts[0] != PROTOCOL or parts[1] not in _COMMANDS_BY_NAME:
+        return None
+    try:
+        return _COMMANDS_BY_NAME[parts[1]], [base64.b64decode(p, validate=True) for p in parts[2:]]
+    except ValueError:
+        return None
 
 
 def error_frames(task_id: bytes, code: bytes, message: str, detail: bytes = b"") -> list[bytes]:

@@ -1,0 +1,224 @@
+"""Ephemeral mode: each call runs in a fresh one-shot worker (a Pod, or a local subprocess).
+
+The session is the same whatever carries it: start a worker through a *launcher*, say HELLO over
+its stdin, wait for READY, send the TASK, read CHUNK lines until RESULT or ERROR, and stop the
+worker — in every outcome, including a timeout, an exception in the caller, a stream closed early
+and a cancelled asyncio task (``Session.abort`` may be called from any thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from pool.calls import RemoteCall, decode_output
+from pool.errors import TaskTimeout, WorkerLost, error_from_wire
+from worker import protocol as P
+
+
+class Channel(Protocol):
+    """A started one-shot worker's stdin and stdout."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def read_line(self, timeout: float | None) -> bytes:
+        """The next line (b"" once the worker's output ended); raises ``TimeoutError``."""
+        ...
+
+    def failure(self) -> BaseException:
+        """Why the worker ended without a result (exit code, Pod reason, log tail)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the worker and release it (kill the process, delete the Pod); idempotent."""
+        ...
+
+
+class Launcher(Protocol):
+    def launch(self, deadline: float | None) -> Channel: ...
+
+
+class Session:
+    """One call on one fresh worker."""
+
+    def __init__(self, launcher: Launcher, call: RemoteCall, kind: str) -> None:
+        self.launcher = launcher
+        self.call = call
+        self.kind = kind
+        self.deadline = time.monotonic() + call.timeout if call.timeout is not None else None
+        self._channel: Channel | None = None
+        self._aborted = False
+        self._lock = threading.Lock()
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            channel = self._channel
+        if channel is not None:
+            channel.close()
+
+    def events(self) -> Iterator[tuple[bytes, bytes]]:
+        """``(CHUNK, data)`` ... then ``(RESULT, data)``; errors are raised."""
+        channel = self.launcher.launch(self.deadline)
+        with self._lock:
+            self._channel = channel
+            aborted = self._aborted
+        try:
+            if aborted:
+                raise asyncio.CancelledError()
+            channel.write(P.stdio_line(P.HELLO, P.encode_json(P.environment())))
+            command, _ = self._next(channel)
+            if command != P.READY:
+                raise WorkerLost(f"the one-shot worker answered HELLO with {P.COMMAND_NAMES.get(command)}")
+            header = P.TaskHeader(self.kind, self.call.digest, self.call.timeout, 0, self.call.config)
+            channel.write(P.stdio_line(P.TASK, header.to_bytes(), self.call.runnable, self.call.input))
+            while True:
+                command, fields = self._next(channel)
+                if command == P.CHUNK and fields:
+                    yield command, fields[0]
+                elif command == P.RESULT:
+                    yield command, fields[0] if fields else b""
+                    return
+        finally:
+            self.abort()
+
+    def _next(self, channel: Channel) -> tuple[bytes, list[bytes]]:
+        while True:
+            timeout = None if self.deadline is None else self.deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise self._timeout()
+            try:
+                line = channel.read_line(timeout)
+            except TimeoutError:
+                raise self._timeout() from None
+            if not line:
+                raise channel.failure()
+            message = P.parse_stdio_line(line)
+            if message is None:
+                continue
+            command, fields = message
+            if command == P.ERROR:
+                code, text, detail = (fields + [b"", b"", b"", b""])[1:4]
+                raise error_from_wire(code, text.decode("utf-8", "replace"), detail)
+            return command, fields
+
+    def _timeout(self) -> TaskTimeout:
+        return TaskTimeout(
+            f"the call did not finish within its timeout of {self.call.timeout:g}s; its one-shot "
+            "worker was stopped. Raise timeout= on RunnableK8s (a Pod per call needs seconds to start)"
+        )
+
+    # ------------------------------------------------------------------ shapes of a call
+
+    def invoke(self) -> Any:
+        for command, data in self.events():
+            if command == P.RESULT:
+                return decode_output(data)
+        raise WorkerLost("the one-shot worker ended without a result")
+
+    def stream(self) -> Iterator[Any]:
+        for command, data in self.events():
+            if command == P.CHUNK:
+                yield decode_output(data)
+
+
+class EphemeralBackend:
+    """Runs each :class:`RemoteCall` in a fresh worker started by ``launcher``."""
+
+    def __init__(self, launcher: Launcher) -> None:
+        self.launcher = launcher
+
+    def invoke(self, call: RemoteCall) -> Any:
+        return Session(self.launcher, call, "invoke").invoke()
+
+    def stream(self, call: RemoteCall) -> Iterator[Any]:
+        yield from Session(self.launcher, call, "stream").stream()
+
+    def batch(self, calls: Sequence[RemoteCall], max_concurrency: int | None, return_exceptions: bool) -> list[Any]:
+        """One worker per item, in parallel, at most ``max_concurrency`` at once."""
+        sessions = [Session(self.launcher, call, "invoke") for call in calls]
+
+        def run(session: Session) -> Any:
+            try:
+                return session.invoke()
+            except Exception as exc:  # noqa: BLE001 - returned in place, like Runnable.batch
+                return exc
+
+        executor = ThreadPoolExecutor(max_workers=max(1, max_concurrency or len(calls)),
+                                      thread_name_prefix="runnable-k8s-ephemeral")
+        try:
+            results = list(executor.map(run, sessions))
+        except BaseException:
+            for session in sessions:  # KeyboardInterrupt: stop every worker still running
+                session.abort()
+            raise
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return results
+
+    async def ainvoke(self, call: RemoteCall) -> Any:
+        session = Session(self.launcher, call, "invoke")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, session.invoke)
+        except asyncio.CancelledError:
+            session.abort()
+            raise
+
+    async def abatch(self, calls: Sequence[RemoteCall], max_concurrency: int | None,
+                     return_exceptions: bool) -> list[Any]:
+        limit = asyncio.Semaphore(max(1, max_concurrency or len(calls)))
+
+        async def one(call: RemoteCall) -> Any:
+            async with limit:
+                try:
+                    return await self.ainvoke(call)
+                except Exception as exc:  # noqa: BLE001
+                    return exc
+
+        results = await asyncio.gather(*(one(call) for call in calls))
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return list(results)
+
+    async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
+        """Chunks from a thread driving the session, handed over as they come."""
+        session = Session(self.launcher, call, "stream")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def hand_over(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:
+                pass  # the consumer's loop is closed: nobody is listening
+
+        def pump() -> None:
+            try:
+                for chunk in session.stream():
+                    hand_over("chunk", chunk)
+                hand_over("end", None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                hand_over("error", exc)
+
+        loop.run_in_executor(None, pump)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "chunk":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            session.abort()  # the pump thread ends as soon as its worker is gone

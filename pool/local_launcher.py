@@ -1,0 +1,125 @@
+"""The local launcher: the one-shot worker as a subprocess (``launcher="local"``).
+
+Same program and protocol as an ephemeral Pod, no cluster: what tests, the demo and laptops use.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+from pool.errors import WorkerLost
+
+STDERR_TAIL_BYTES = 4096
+
+
+class ProcessChannel:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self._buffer = bytearray()
+        self._stderr_tail: deque[bytes] = deque()
+        self._stderr_size = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True,
+                                               name=f"runnable-k8s-stderr-{proc.pid}")
+        self._stderr_thread.start()
+
+    def _drain_stderr(self) -> None:
+        """Keep the pipe from filling up (which would block the worker) and keep a tail for errors."""
+        assert self.proc.stderr is not None
+        show = bool(os.environ.get("RUNNABLE_K8S_SHOW_WORKER_LOGS"))
+        for line in iter(self.proc.stderr.readline, b""):
+            if show:
+                sys.stderr.buffer.write(line)
+            self._stderr_tail.append(line)
+            self._stderr_size += len(line)
+            while self._stderr_size > STDERR_TAIL_BYTES and len(self._stderr_tail) > 1:
+                self._stderr_size -= len(self._stderr_tail.popleft())
+
+    def write(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # the worker is gone; reading will report why
+
+    def read_line(self, timeout: float | None) -> bytes:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buffer[: newline + 1])
+                del self._buffer[: newline + 1]
+                return line
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError()
+            try:
+                ready, _, _ = select.select([fd], [], [], remaining)
+            except (OSError, ValueError):
+                return b""  # closed by abort() from another thread
+            if not ready:
+                raise TimeoutError()
+            try:
+                data = os.read(fd, 1 << 20)
+            except OSError:
+                return b""
+            if not data:
+                line = bytes(self._buffer)
+                self._buffer.clear()
+                return line
+            self._buffer += data
+
+    def failure(self) -> BaseException:
+        try:
+            code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._stderr_thread.join(1)
+        tail = b"".join(self._stderr_tail).decode("utf-8", "replace").strip()
+        return WorkerLost(
+            f"the one-shot worker (pid {self.proc.pid}) exited with code {code} before sending a result"
+            + (f"; its last log lines:\n{tail}" if tail else "")
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        self._stderr_thread.join(2)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+class LocalLauncher:
+    """Starts ``python -m worker --stdio`` with this interpreter (and this environment, plus ``env``)."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = {**os.environ, **(env or {})}
+
+    def launch(self, deadline: float | None) -> ProcessChannel:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--stdio", "--log-level", "WARNING"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+        )
+        return ProcessChannel(proc)
