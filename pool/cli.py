@@ -124,6 +124,23 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.rest import ApiException
+
+    from pool.k8s_launcher import api_client, api_error, delete_leftover_runners
+
+    try:
+        deleted = delete_leftover_runners(CoreV1Api(api_client(args.kubeconfig)), args.namespace, args.older_than)
+    except ApiException as exc:
+        print(f"runnable-k8s gc: {api_error(exc, 'list or delete', 'pods', args.namespace)}", file=sys.stderr)
+        return 1
+    for name in deleted:
+        print(f"deleted {args.namespace}/{name}")
+    print(f"{len(deleted)} leftover runner Pods deleted (older than {args.older_than:g}s)", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pool.bench import run_bench
 
@@ -167,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys = add("keys", help="write CurveZMQ key pairs for a broker, a client and workers")
     keys.add_argument("directory")
     keys.set_defaults(func=cmd_keys)
+
+    gc = add("gc", help="delete leftover ephemeral runner Pods of this project")
+    gc.add_argument("--namespace", "-n", default="default")
+    gc.add_argument("--older-than", type=float, default=600.0, metavar="SECONDS",
+                    help="only Pods at least this old (a running call's Pod is younger than its timeout)")
+    gc.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    gc.set_defaults(func=cmd_gc)
 
     bench = add("bench", help="measure warm calls against in-process and bare ZeroMQ")
     bench.add_argument("--calls", type=int, default=2000, help="sequential calls per latency figure")
