@@ -58,9 +58,13 @@ if ! "$PY" -m pip wheel --quiet --no-deps "$REPO_ROOT" -w "$proj" >"$IMG/wheel.l
   "$PY" -m pip wheel --quiet --no-deps "$src" -w "$proj" >&2
 fi
 whl="$(ls "$proj"/*.whl | head -1)"
+# The image carries the project's optional "openai" extra too (langchain-openai), as a user's
+# image extended with `pip install langchain-openai` would: the seed's ChatOpenAI chain runs in it.
+extras="${RUNNABLE_K8S_IMAGE_EXTRAS:-openai}"
+spec="$whl${extras:+[$extras]}"
 # Dependencies as wheels: offline from the wheelhouse when it already has them, else from PyPI.
-"$PY" -m pip wheel --quiet --no-index --find-links "$wh" -w "$wh" "$whl" >/dev/null 2>&1 \
-  || "$PY" -m pip wheel --quiet --find-links "$wh" -w "$wh" "$whl" >&2
+"$PY" -m pip wheel --quiet --no-index --find-links "$wh" -w "$wh" "$spec" >/dev/null 2>&1 \
+  || "$PY" -m pip wheel --quiet --find-links "$wh" -w "$wh" "$spec" >&2
 rm -f "$wh"/runnable_k8s-*.whl
 app_id="$("$PY" "$CLUSTER_DIR/wheelhash.py" "$whl" "$wh" "$base_id")"
 app="$IMG/app-$app_id"
@@ -73,7 +77,7 @@ else
   tar -C "$r" -xf "$base/layer.tar"
   mkdir -p "$r/tmp/wheels"; cp "$wh"/*.whl "$r/tmp/wheels/" 2>/dev/null || true; cp "$whl" "$r/tmp/wheels/"
   in_root "$r" /opt/venv/bin/python -m pip install --quiet --no-index --find-links /tmp/wheels \
-    --disable-pip-version-check --no-warn-script-location "/tmp/wheels/$(basename "$whl")" >&2
+    --disable-pip-version-check --no-warn-script-location "/tmp/wheels/$(basename "$whl")${extras:+[$extras]}" >&2
   rm -rf "$r/tmp/wheels" "$r/root/.cache"
   in_root "$r" /opt/venv/bin/python -c 'import importlib.util as u; print("worker package:", "present" if u.find_spec("worker") else "MISSING")' >&2
   tar --numeric-owner -C "$r" -cf "$app.tmp/layer.tar" ./opt/venv
