@@ -502,6 +502,8 @@ class Broker:
             state.running.add(task.task_id)
             state.last_assigned = time.monotonic()
             self._send_task(state, task, blob)
+            if chosen not in self.workers:  # it vanished; removing it dispatched the queue again
+                return
             if len(state.running) >= state.slots:
                 free.remove(state)
                 if not free:
@@ -516,7 +518,20 @@ class Broker:
                                         header.retries, header.config).to_bytes()
         if blob:
             worker.remember(task.header.digest)
-        self._send(worker.identity, [P.PROTOCOL, P.TASK, task.task_id, header_bytes, blob, task.input_blob])
+        try:
+            P.send_frames(self.socket, [worker.identity, P.PROTOCOL, P.TASK, task.task_id, header_bytes, blob,
+                                        task.input_blob])
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            # The worker vanished (without a BYE) before the task reached it: the task never
+            # started, so it goes back to the front of the queue for another worker.
+            log.info("worker %s is gone; task %s goes back to the queue", worker.identity.hex()[-8:],
+                     task.task_id.hex()[:8])
+            worker.running.discard(task.task_id)
+            task.worker = None
+            self.queue.appendleft(task)
+            self._remove_worker(worker.identity, "disconnected")
 
     def _finish(self, task: Task) -> None:
         self.tasks.pop(task.task_id, None)
