@@ -306,6 +306,31 @@ def test_a_worker_from_another_python_makes_calls_fail_with_incompatible_worker_
         assert fake.tasks_received == 0
 
 
+def add(n: int) -> Any:
+    def adder(x: int) -> int:
+        return x + n
+
+    return adder
+
+
+@pytest.mark.timeout(30)
+def test_a_task_for_a_worker_that_vanished_without_a_goodbye_goes_to_another_worker(strict_pool):
+    # A worker whose BYE was lost (killed, or its last message dropped) is still listed until its
+    # heartbeats expire. A task the broker cannot even deliver to it never started: it must go to
+    # another worker, not fail with WorkerLost.
+    strict_pool.scale(1)
+    assert remote(strict_pool).invoke(1) == 2  # the real worker has now been assigned a task
+    same_environment = {**P.environment(), "pid": 1, "concurrency": 4}
+    for n in range(3):  # a heartbeat tick may notice the vanished worker first; three tries make that moot
+        with raw_dealer(strict_pool.address) as sock:
+            sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(same_environment)])
+            assert reply(sock)[:2] == [P.PROTOCOL, P.WELCOME]
+        time.sleep(0.2)  # closed without BYE: the broker's ZeroMQ notices the disconnect
+        # A runnable nobody holds yet: the never-used impostor wins the tie and is tried first.
+        assert remote(strict_pool, add(100 + n)).invoke(1) == 101 + n
+    assert strict_pool.status()["counters"]["workers_lost"] >= 1
+
+
 # ---------------------------------------------------------------------------- nobody there
 
 
