@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -58,13 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = load_peer_keys(args.keys, "worker")
     worker = WarmWorker(args.connect, concurrency=args.concurrency, cache_size=args.cache_size,
                         grace_period=args.grace_period, keys=keys, exit_with_parent=args.exit_with_parent)
-    # Not asyncio.run(): its shutdown joins the task threads, and one stuck in a call that could
-    # not be interrupted must not keep the worker alive past its grace period.
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(worker.run())
-    finally:
-        loop.close()
+    # Task threads are daemons and are not joined: see exit_now.
+    return worker.run()
 
 
 def exit_now(code: int) -> None:

@@ -1,16 +1,22 @@
 """Running one task's runnable, for the warm worker and the one-shot (stdio) worker alike.
 
-Sync runnables run in threads and async-only ones on the event loop (DESIGN §4). The choice is
-made per runnable, not per call: LangChain's async methods on a sync runnable either re-dispatch
-to a thread anyway or refuse to stream a sync generator, and its sync methods on an async-only
-runnable refuse outright.
+Sync runnables run on the calling thread and async-only ones on an event loop (DESIGN §4). The
+choice is made per runnable, not per call: LangChain's async methods on a sync runnable either
+re-dispatch to a thread anyway or refuse to stream a sync generator, and its sync methods on an
+async-only runnable refuse outright.
+
+Entry points, all taking and returning encoded bytes (``codec``):
+
+* :func:`run_invoke` / :func:`iterate_stream`: blocking, for a plain thread or script; an
+  async-only runnable is driven on a private event loop.
+* :func:`arun_invoke` / :func:`aiterate_stream`: coroutines, for an event loop that is already
+  running (the warm worker's loop for async-only runnables).
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator, RunnableLambda
@@ -72,73 +78,64 @@ def encode_output(value: Any) -> bytes:
         raise StageError(f"the runnable's output ({type(value).__name__}) could not be encoded", exc) from exc
 
 
-async def invoke(
-    runnable: Runnable, async_only: bool, input_blob: bytes, config: RunnableConfig, executor: Any
-) -> bytes:
-    """Run ``runnable.invoke`` (or ``ainvoke``) and return the encoded output."""
+# ---------------------------------------------------------------------- blocking
+
+
+def run_invoke(runnable: Runnable, async_only: bool, input_blob: bytes, config: RunnableConfig) -> bytes:
+    """``runnable.invoke`` (``ainvoke`` on a private loop if async-only); the encoded output."""
     if async_only:
-        value, kwargs = decode_input(input_blob)
-        return encode_output(await runnable.ainvoke(value, config, **kwargs))
-
-    def run() -> bytes:
-        value, kwargs = decode_input(input_blob)
-        return encode_output(runnable.invoke(value, config, **kwargs))
-
-    return await asyncio.get_running_loop().run_in_executor(executor, run)
+        return asyncio.run(arun_invoke(runnable, input_blob, config))
+    value, kwargs = decode_input(input_blob)
+    return encode_output(runnable.invoke(value, config, **kwargs))
 
 
-async def stream(
-    runnable: Runnable, async_only: bool, input_blob: bytes, config: RunnableConfig, executor: Any
-) -> AsyncIterator[bytes]:
-    """Yield each encoded chunk as soon as the runnable produces it."""
+def iterate_stream(runnable: Runnable, async_only: bool, input_blob: bytes, config: RunnableConfig) -> Iterator[bytes]:
+    """Each encoded chunk as soon as the runnable yields it. Closing this iterator (or stopping
+    between chunks) closes the runnable's stream."""
     if async_only:
-        value, kwargs = decode_input(input_blob)
-        async for chunk in runnable.astream(value, config, **kwargs):
-            yield encode_output(chunk)
+        yield from _drive(aiterate_stream(runnable, input_blob, config))
         return
-    async for chunk in _stream_in_thread(runnable, input_blob, config, executor):
-        yield chunk
+    value, kwargs = decode_input(input_blob)
+    chunks = runnable.stream(value, config, **kwargs)
+    try:
+        for chunk in chunks:
+            yield encode_output(chunk)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
-_DONE = object()
-
-
-async def _stream_in_thread(
-    runnable: Runnable, input_blob: bytes, config: RunnableConfig, executor: Any
-) -> AsyncIterator[bytes]:
-    """Iterate a sync stream in a thread; stopping between chunks when the consumer goes away."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    stop = threading.Event()
-    put: Callable[[Any], None] = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
-
-    def produce() -> None:
-        try:
-            value, kwargs = decode_input(input_blob)
-            iterator = runnable.stream(value, config, **kwargs)
-            try:
-                for chunk in iterator:
-                    if stop.is_set():
-                        break
-                    put(encode_output(chunk))
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-            put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
-            put(exc)
-
-    future = loop.run_in_executor(executor, produce)
+def _drive(chunks: AsyncIterator[bytes]) -> Iterator[bytes]:
+    """An async iterator as a blocking one, on a private event loop."""
+    loop = asyncio.new_event_loop()
     try:
         while True:
-            item = await queue.get()
-            if item is _DONE:
+            try:
+                yield loop.run_until_complete(chunks.__anext__())
+            except StopAsyncIteration:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
     finally:
-        stop.set()
-        if future.done():
-            future.exception()  # mark retrieved
+        try:
+            loop.run_until_complete(chunks.aclose())  # type: ignore[attr-defined]
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
+# ---------------------------------------------------------------------- on a running loop
+
+
+async def arun_invoke(runnable: Runnable, input_blob: bytes, config: RunnableConfig) -> bytes:
+    value, kwargs = decode_input(input_blob)
+    return encode_output(await runnable.ainvoke(value, config, **kwargs))
+
+
+async def aiterate_stream(runnable: Runnable, input_blob: bytes, config: RunnableConfig) -> AsyncIterator[bytes]:
+    value, kwargs = decode_input(input_blob)
+    chunks = runnable.astream(value, config, **kwargs)
+    try:
+        async for chunk in chunks:
+            yield encode_output(chunk)
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]

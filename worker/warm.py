@@ -1,30 +1,32 @@
 """The long-lived worker: connects to a broker, runs up to N tasks at once, keeps runnables warm.
 
-One asyncio loop owns the socket. Each task is an asyncio task; sync runnables run in a thread
-pool (see ``worker.execution``), so heartbeats keep flowing while a 60 s LLM call is in progress.
-On SIGTERM the worker tells the broker it is draining, finishes what it has within the grace
-period, says goodbye and exits 0: scaling a Deployment down loses no task.
+The main thread is the I/O thread, in the style of the zguide's ``mdwrkapi.py``: it blocks in one
+``zmq.Poller`` on the broker socket and on the inproc socket where task threads push their
+replies (see ``worker.tasks``), forwards those replies, heartbeats, and keeps each task's deadline.
+It never runs user code, so heartbeats keep flowing while a 60 s LLM call is in progress.
+
+Cancel and timeout are answered by the I/O thread at once (``CANCEL`` -> cancelled, deadline ->
+timeout), and whatever the task sends later is dropped. On SIGTERM the worker tells the broker it
+is draining, finishes what it has within the grace period, says goodbye and exits 0: scaling a
+Deployment down loses no task.
 """
 
 from __future__ import annotations
 
-import asyncio
+import heapq
+import itertools
 import logging
 import os
 import signal
+import threading
 import time
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
-import zmq.asyncio
-from langchain_core.runnables import Runnable
 
-from worker import codec, execution
 from worker import protocol as P
 from worker.curve import PeerKeys
+from worker.tasks import CachedRunnable, Job, RunnableCache, TaskRunner
 
 log = logging.getLogger("runnable_k8s.worker")
 
@@ -33,43 +35,36 @@ DEFAULT_CACHE_SIZE = 64
 # Kubernetes gives a Pod 30 s between SIGTERM and SIGKILL by default; leave room to say goodbye.
 DEFAULT_GRACE_PERIOD = 25.0
 RECONNECT_DELAY = 1.0
+# On the way out, how long the last messages (BYE, lost tasks) may take to reach the broker.
+FAREWELL_LINGER_MS = 1000
+
+__all__ = ["CachedRunnable", "RunnableCache", "WarmWorker", "DEFAULT_CACHE_SIZE", "DEFAULT_CONCURRENCY",
+           "DEFAULT_GRACE_PERIOD"]
+
+_endpoints = itertools.count()
 
 
-@dataclass
-class CachedRunnable:
-    runnable: Runnable
-    async_only: bool
+class Deadlines:
+    """Task deadlines, soonest first (entries of finished tasks are skipped when they come up)."""
 
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, bytes]] = []
+        self._order = itertools.count()
 
-class RunnableCache:
-    """Deserialized runnables by digest, so a repeated call reuses the object (and its HTTP pools)."""
+    def add(self, deadline: float, task_id: bytes) -> None:
+        heapq.heappush(self._heap, (deadline, next(self._order), task_id))
 
-    def __init__(self, max_items: int) -> None:
-        self.max_items = max_items
-        self._items: OrderedDict[str, CachedRunnable] = OrderedDict()
+    def next(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
 
-    def get(self, digest: str) -> CachedRunnable | None:
-        item = self._items.get(digest)
-        if item is not None:
-            self._items.move_to_end(digest)
-        return item
+    def expired(self, now: float) -> list[bytes]:
+        gone = []
+        while self._heap and self._heap[0][0] <= now:
+            gone.append(heapq.heappop(self._heap)[2])
+        return gone
 
-    def put(self, digest: str, item: CachedRunnable) -> None:
-        self._items[digest] = item
-        self._items.move_to_end(digest)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-class _NeedRunnable(Exception):
-    pass
-
-
-class _OutputTooLarge(Exception):
-    pass
+    def clear(self) -> None:
+        self._heap.clear()
 
 
 class WarmWorker:
@@ -89,49 +84,89 @@ class WarmWorker:
         self.keys = keys
         self.exit_with_parent = exit_with_parent
         self.cache = RunnableCache(cache_size)
-        self.tasks: dict[bytes, asyncio.Task[None]] = {}
-        self.timed_out: set[bytes] = set()
-        self.max_message_bytes = P.DEFAULT_MAX_MESSAGE_BYTES
+        self.jobs: dict[bytes, Job] = {}
+        self.deadlines = Deadlines()
         self.draining_since: float | None = None
         self.exit_code: int | None = None
-        self._context = zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._executor = ThreadPoolExecutor(max_workers=concurrency + 4, thread_name_prefix="rk8s-task")
+        self._drain_requested = False
+        # Two contexts: the broker socket's can be terminated (flushing BYE) at exit even while a
+        # task thread stuck in an uninterruptible call still holds its inproc reply socket.
+        self._broker_context = zmq.Context()
+        self._context = zmq.Context()
+        self._socket: zmq.Socket | None = None
+        self._replies = self._context.socket(zmq.PULL)
+        self._replies.rcvhwm = 0
+        self._replies.linger = 0
+        endpoint = f"inproc://rk8s-worker-replies-{next(_endpoints)}"
+        self._replies.bind(endpoint)
+        self.runner = TaskRunner(self._context, concurrency, self.cache, endpoint)
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        os.set_blocking(self._wakeup_r, False)
+        os.set_blocking(self._wakeup_w, False)
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        loop.set_default_executor(self._executor)  # LangChain's own run_in_executor uses it too
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.drain)
+    def run(self) -> int:
+        """Serve until drained (0) or refused by the broker (2). Call from the main thread to
+        get SIGTERM/SIGINT handling. Task threads are daemons and are not joined."""
+        restore = self._install_signal_handlers()
         try:
             while self.exit_code is None:
-                await self._session()
+                self._session()
                 if self.exit_code is None:
-                    await asyncio.sleep(RECONNECT_DELAY)
+                    self._idle(RECONNECT_DELAY)
         finally:
-            for task in self.tasks.values():
-                task.cancel()
+            for job in self.jobs.values():
+                self.runner.abandon(job)
+            self.jobs.clear()
             if self._socket is not None:
                 self._socket.close(linger=0)
-            self._context.term()
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._replies.close(linger=0)
+            restore()
+            self._broker_context.term()
+            # No self._context.term(): a task thread stuck in a call still holds its reply socket.
         return self.exit_code
 
     def drain(self) -> None:
         """Stop taking tasks; finish running ones within the grace period, then exit 0."""
         if self.draining_since is None:
-            log.info("draining: %d tasks running, grace period %.0fs", len(self.tasks), self.grace_period)
+            log.info("draining: %d tasks running, grace period %.0fs", len(self.jobs), self.grace_period)
             self.draining_since = time.monotonic()
-            if self._socket is not None:
-                self._send([P.PROTOCOL, P.DRAINING])
+            self._send([P.PROTOCOL, P.DRAINING])
 
-    async def _session(self) -> None:
+    def _install_signal_handlers(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum: int, frame: Any) -> None:
+            self._drain_requested = True  # the byte set_wakeup_fd writes wakes the poller
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous_fd = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+
+        def restore() -> None:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _idle(self, seconds: float) -> None:
+        """Wait between sessions, still noticing signals and dropping stale task replies."""
+        poller = zmq.Poller()
+        poller.register(self._replies, zmq.POLLIN)
+        poller.register(self._wakeup_r, zmq.POLLIN)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self._drain_requested:
+            poller.poll(int(left * 1000) + 1)
+            self._forward_replies()
+
+    def _session(self) -> None:
         """One connection to the broker, until it is lost or the worker is done."""
-        sock = self._context.socket(zmq.DEALER)
+        sock = self._broker_context.socket(zmq.DEALER)
         sock.linger = 0
         sock.sndhwm = 0
+        sock.rcvhwm = 0
         if self.keys is not None:
             self.keys.apply(sock)
         sock.connect(self.address)
@@ -139,45 +174,62 @@ class WarmWorker:
         self._send([P.PROTOCOL, P.READY, P.encode_json(self._environment())])
         if self.draining_since is not None:
             self._send([P.PROTOCOL, P.DRAINING])
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._replies, zmq.POLLIN)
+        poller.register(self._wakeup_r, zmq.POLLIN)
         broker_expiry = time.monotonic() + P.HEARTBEAT_EXPIRY
         next_heartbeat = time.monotonic() + P.HEARTBEAT_INTERVAL
         try:
             while self.exit_code is None:
-                if await sock.poll(int(P.HEARTBEAT_INTERVAL * 1000 / 4), zmq.POLLIN):
-                    while True:
-                        try:
-                            frames = await sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        broker_expiry = time.monotonic() + P.HEARTBEAT_EXPIRY
-                        self._handle(frames)
+                wake_at = next_heartbeat
+                soonest = self.deadlines.next()
+                if soonest is not None and soonest < wake_at:
+                    wake_at = soonest
+                events = dict(poller.poll(max(0, int((wake_at - time.monotonic()) * 1000)) + 1))
+                if sock in events and self._receive(sock):
+                    broker_expiry = time.monotonic() + P.HEARTBEAT_EXPIRY
+                if self._replies in events:
+                    self._forward_replies()
+                if self._wakeup_r in events:
+                    self._read_wakeups()
                 now = time.monotonic()
+                if self.deadlines.next() is not None:
+                    self._expire(now)
                 if now >= next_heartbeat:
                     self._send([P.PROTOCOL, P.HEARTBEAT])
                     next_heartbeat = now + P.HEARTBEAT_INTERVAL
-                self._check_parent()
+                    self._check_parent()
+                if self._drain_requested:
+                    self.drain()
                 if self.draining_since is not None:
                     self._check_drained(now)
                 if now > broker_expiry and self.exit_code is None:
                     log.warning("lost the broker at %s; reconnecting", self.address)
-                    for task in self.tasks.values():
-                        task.cancel()  # their clients were told by the broker (or lost it too)
+                    self._abandon_all()  # their clients were told by the broker (or lost it too)
                     return
         finally:
-            sock.close(linger=0)
+            sock.close(linger=0 if self.exit_code is None else FAREWELL_LINGER_MS)
             self._socket = None
 
+    def _read_wakeups(self) -> None:
+        try:
+            while os.read(self._wakeup_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
     def _check_drained(self, now: float) -> None:
-        if self.tasks and now - self.draining_since < self.grace_period:
+        if self.jobs and now - self.draining_since < self.grace_period:
             return
-        for task_id, task in list(self.tasks.items()):
+        for task_id, job in list(self.jobs.items()):
             log.warning("grace period over: stopping task %s", task_id.hex()[:8])
-            task.cancel()
+            self.runner.abandon(job)
             self._send(P.error_frames(task_id, P.E_WORKER_LOST, (
                 f"the worker was stopped and the task did not finish within its {self.grace_period:.0f}s "
                 "grace period; raise terminationGracePeriodSeconds / --grace-period for long tasks"
             )))
-        self.tasks.clear()
+        self.jobs.clear()
         self._send([P.PROTOCOL, P.BYE])
         self.exit_code = 0
 
@@ -185,7 +237,7 @@ class WarmWorker:
         if self.exit_with_parent is not None and os.getppid() != self.exit_with_parent:
             log.warning("parent process %d is gone; exiting", self.exit_with_parent)
             self.grace_period = 0.0
-            self.drain()
+            self._drain_requested = True
 
     def _environment(self) -> dict[str, Any]:
         return {**P.environment(), "pid": os.getpid(), "concurrency": self.concurrency,
@@ -195,7 +247,37 @@ class WarmWorker:
 
     def _send(self, frames: list[bytes]) -> None:
         if self._socket is not None:
-            self._socket.send_multipart(frames, copy=len(frames[-1]) < 65536)
+            try:
+                P.send_frames(self._socket, frames)
+            except zmq.Again:
+                log.debug("could not send %s: not connected", P.COMMAND_NAMES.get(frames[1]))
+
+    def _receive(self, sock: zmq.Socket) -> bool:
+        """Handle what the broker sent; True if it sent anything."""
+        got = False
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            got = True
+            self._handle(frames)
+        return got
+
+    def _forward_replies(self) -> None:
+        """Pass task threads' frames to the broker, unless their task was given up meanwhile."""
+        replies = self._replies
+        for _ in range(1000):
+            try:
+                frames = replies.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            task_id = frames[2]
+            if frames[1] == P.CHUNK:
+                if task_id in self.jobs:
+                    self._send(frames)
+            elif self.jobs.pop(task_id, None) is not None:
+                self._send(frames)
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 2 or frames[0] != P.PROTOCOL:
@@ -205,14 +287,12 @@ class WarmWorker:
         if command == P.TASK and len(body) == 4:
             self._start_task(*body)
         elif command == P.CANCEL and body:
-            task = self.tasks.get(body[0])
-            if task is not None:
-                task.cancel()
+            self._give_up(body[0], P.E_CANCELLED, "cancelled")
         elif command == P.RECONNECT:
             self._send([P.PROTOCOL, P.READY, P.encode_json(self._environment())])
         elif command == P.WELCOME and body:
             info = P.decode_json_object(body[0])
-            self.max_message_bytes = int(info.get("max_message_bytes", self.max_message_bytes))
+            self.runner.max_message_bytes = int(info.get("max_message_bytes", self.runner.max_message_bytes))
             log.info("connected to broker %s", self.address)
         elif command == P.ERROR and len(body) >= 3 and not body[0]:
             log.error("the broker refused this worker: %s", body[2].decode(errors="replace"))
@@ -229,69 +309,33 @@ class WarmWorker:
         except ValueError as exc:
             self._send(P.error_frames(task_id, P.E_BAD_REQUEST, str(exc)))
             return
-        task = asyncio.ensure_future(self._run_task(task_id, header, blob, input_blob))
-        self.tasks[task_id] = task
-        if header.timeout is not None:
-            asyncio.get_running_loop().call_later(header.timeout, self._expire, task_id, task)
-
-    def _expire(self, task_id: bytes, task: asyncio.Task[None]) -> None:
-        if not task.done():
-            self.timed_out.add(task_id)
-            task.cancel()
-
-    async def _runnable(self, header: P.TaskHeader, blob: bytes) -> CachedRunnable:
         cached = self.cache.get(header.digest)
-        if cached is not None:
-            return cached
-        if not blob:
-            raise _NeedRunnable()
-
-        def build() -> CachedRunnable:
-            try:
-                runnable = codec.loads(blob)
-            except Exception as exc:
-                raise execution.StageError("the runnable could not be rebuilt on the worker", exc) from exc
-            return CachedRunnable(runnable, execution.is_async_only(runnable))
-
-        cached = await asyncio.get_running_loop().run_in_executor(self._executor, build)
-        self.cache.put(header.digest, cached)
-        return cached
-
-    async def _run_task(self, task_id: bytes, header: P.TaskHeader, blob: bytes, input_blob: bytes) -> None:
-        try:
-            cached = await self._runnable(header, blob)
-            config = execution.config_from_wire(header.config)
-            if header.kind == "stream":
-                async for chunk in execution.stream(cached.runnable, cached.async_only, input_blob, config, self._executor):
-                    self._send_checked(P.CHUNK, task_id, chunk)
-                self._send([P.PROTOCOL, P.RESULT, task_id, b""])
-            else:
-                output = await execution.invoke(cached.runnable, cached.async_only, input_blob, config, self._executor)
-                self._send_checked(P.RESULT, task_id, output)
-        except _NeedRunnable:
+        if cached is None and not blob:
             self._send(P.error_frames(task_id, P.E_NEED_RUNNABLE, "runnable not in this worker's cache"))
-        except asyncio.CancelledError:
-            if task_id in self.timed_out:
-                self._send(P.error_frames(task_id, P.E_TIMEOUT, (
-                    f"the task ran longer than its timeout of {header.timeout:.3g}s and was stopped"
-                )))
-            else:
-                self._send(P.error_frames(task_id, P.E_CANCELLED, "cancelled"))
-        except _OutputTooLarge as exc:
-            self._send(P.error_frames(task_id, P.E_PAYLOAD_TOO_LARGE, str(exc)))
-        except execution.StageError as exc:
-            self._send(P.error_frames(task_id, P.E_SERIALIZATION, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - the runnable's own error goes back to the caller
-            self._send(P.error_frames(task_id, P.E_REMOTE, f"{type(exc).__name__}: {exc}",
-                                      codec.dump_exception(exc)))
-        finally:
-            self.tasks.pop(task_id, None)
-            self.timed_out.discard(task_id)
+            return
+        job = Job(task_id, header, blob, input_blob, cached)
+        self.jobs[task_id] = job
+        if header.timeout is not None:
+            self.deadlines.add(time.monotonic() + header.timeout, task_id)
+        self.runner.start(job)
 
-    def _send_checked(self, command: bytes, task_id: bytes, data: bytes) -> None:
-        if len(data) > self.max_message_bytes:
-            raise _OutputTooLarge(
-                f"the runnable's output is {len(data)} bytes, over the broker's limit of "
-                f"{self.max_message_bytes}; return less data or raise the broker's --max-message-bytes"
-            )
-        self._send([P.PROTOCOL, command, task_id, data])
+    def _expire(self, now: float) -> None:
+        for task_id in self.deadlines.expired(now):
+            job = self.jobs.get(task_id)
+            if job is not None:
+                self._give_up(task_id, P.E_TIMEOUT, (
+                    f"the task ran longer than its timeout of {job.header.timeout:.3g}s and was stopped"
+                ))
+
+    def _give_up(self, task_id: bytes, code: bytes, message: str) -> None:
+        """Answer for a task now (cancelled, timed out) and drop whatever it sends later."""
+        job = self.jobs.pop(task_id, None)
+        if job is not None:
+            self.runner.abandon(job)
+            self._send(P.error_frames(task_id, code, message))
+
+    def _abandon_all(self) -> None:
+        for job in self.jobs.values():
+            self.runner.abandon(job)
+        self.jobs.clear()
+        self.deadlines.clear()

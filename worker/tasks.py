@@ -1,0 +1,255 @@
+"""Where a warm worker's tasks run: task threads for sync runnables, one event loop for async ones.
+
+The worker's I/O thread (``worker.warm``) owns the broker socket and never runs user code. It hands
+each task to a :class:`TaskRunner`, which runs it
+
+* on one of ``concurrency`` task threads fed by a queue, for a sync runnable (most of them: an
+  LLM client blocks its thread while it waits on the network), or
+* on one asyncio loop in its own thread, for a runnable with an ``async def`` part.
+
+Either way the task's reply frames (CHUNK, RESULT, ERROR: exactly what the broker will receive)
+go back through a per-thread inproc PUSH socket to the I/O thread, which forwards them unless the
+task was cancelled or timed out meanwhile. A task thread never touches the broker socket.
+
+A task the I/O thread gives up on (cancelled, timed out, worker draining past its grace period)
+is *abandoned*: an async task is cancelled; a sync stream stops before its next chunk; a sync
+invoke cannot be interrupted, so its thread runs on to the end and then exits, and a fresh thread
+takes its place at once so the worker keeps its full concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from langchain_core.runnables import Runnable
+
+from worker import codec, execution
+from worker import protocol as P
+
+log = logging.getLogger("runnable_k8s.worker")
+
+# Job states. Changed under TaskRunner._lock: the I/O thread abandons while a task thread starts.
+QUEUED, RUNNING, ON_LOOP, DONE, ABANDONED = range(5)
+
+
+@dataclass
+class CachedRunnable:
+    runnable: Runnable
+    async_only: bool
+
+
+class RunnableCache:
+    """Deserialized runnables by digest, so a repeated call reuses the object (and its HTTP pools).
+
+    Read by the I/O thread, filled by task threads (which deserialize), hence the lock.
+    """
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[str, CachedRunnable] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> CachedRunnable | None:
+        with self._lock:
+            item = self._items.get(digest)
+            if item is not None:
+                self._items.move_to_end(digest)
+            return item
+
+    def put(self, digest: str, item: CachedRunnable) -> None:
+        with self._lock:
+            self._items[digest] = item
+            self._items.move_to_end(digest)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Job:
+    """One task from the broker, from arrival to its last reply frame."""
+
+    __slots__ = ("task_id", "header", "blob", "input", "cached", "state", "future")
+
+    def __init__(self, task_id: bytes, header: P.TaskHeader, blob: bytes, input_blob: bytes,
+                 cached: CachedRunnable | None) -> None:
+        self.task_id = task_id
+        self.header = header
+        self.blob = blob  # the runnable's bytes when ``cached`` is None
+        self.input = input_blob
+        self.cached = cached
+        self.state = QUEUED
+        self.future: concurrent.futures.Future[None] | None = None
+
+
+class OutputTooLarge(Exception):
+    pass
+
+
+class TaskRunner:
+    """Runs jobs off the I/O thread; their frames come back on :attr:`replies_endpoint`."""
+
+    def __init__(self, context: zmq.Context, concurrency: int, cache: RunnableCache, endpoint: str) -> None:
+        self.cache = cache
+        self.replies_endpoint = endpoint
+        self.max_message_bytes = P.DEFAULT_MAX_MESSAGE_BYTES  # the I/O thread updates it on WELCOME
+        self._context = context
+        self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        for _ in range(concurrency):
+            self._start_thread()
+
+    # ------------------------------------------------------------------ I/O thread side
+
+    def start(self, job: Job) -> None:
+        if job.cached is not None and job.cached.async_only:
+            job.state = ON_LOOP
+            job.future = self._on_loop(self._run_async(job, job.cached))
+        else:
+            self._queue.put(job)
+
+    def abandon(self, job: Job) -> None:
+        """Stop caring about ``job``: whatever it sends from now on is dropped by the I/O thread."""
+        with self._lock:
+            was, job.state = job.state, ABANDONED
+        if was == ON_LOOP and job.future is not None:
+            job.future.cancel()
+        elif was == RUNNING:
+            self._start_thread()  # the old one leaves once its (uninterruptible) call returns
+
+    # ------------------------------------------------------------------ task threads
+
+    def _start_thread(self) -> None:
+        threading.Thread(target=self._serve, name="rk8s-task", daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                job = self._queue.get()
+                with self._lock:
+                    if job.state != QUEUED:
+                        continue  # abandoned while it waited
+                    job.state = RUNNING
+                try:
+                    self._run_sync(job)
+                finally:
+                    with self._lock:
+                        abandoned = job.state == ABANDONED
+                        if job.state == RUNNING:
+                            job.state = DONE
+                if abandoned:
+                    return  # a replacement thread took this one's place
+        finally:
+            sock = getattr(self._local, "socket", None)
+            if sock is not None:
+                sock.close(linger=0)
+
+    def _run_sync(self, job: Job) -> None:
+        try:
+            cached = job.cached or self._load(job)
+            if cached.async_only:
+                with self._lock:
+                    if job.state == RUNNING:
+                        job.state = ON_LOOP
+                        job.future = self._on_loop(self._run_async(job, cached))
+                return
+            config = execution.config_from_wire(job.header.config)
+            if job.header.kind == "stream":
+                chunks = execution.iterate_stream(cached.runnable, False, job.input, config)
+                try:
+                    for chunk in chunks:
+                        if job.state == ABANDONED:
+                            return  # cancelled between chunks: closing the stream stops it
+                        self._reply(P.CHUNK, job.task_id, chunk)
+                finally:
+                    chunks.close()
+                self._reply(P.RESULT, job.task_id, b"")
+            else:
+                self._reply(P.RESULT, job.task_id,
+                            execution.run_invoke(cached.runnable, False, job.input, config))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the task's ERROR reply
+            self._send(failure_frames(job.task_id, exc))
+
+    def _load(self, job: Job) -> CachedRunnable:
+        """Deserialize a runnable the first time it arrives (on a task thread: it can be slow)."""
+        try:
+            runnable = codec.loads(job.blob)
+        except Exception as exc:
+            raise execution.StageError("the runnable could not be rebuilt on the worker", exc) from exc
+        cached = CachedRunnable(runnable, execution.is_async_only(runnable))
+        self.cache.put(job.header.digest, cached)
+        job.blob = b""
+        return cached
+
+    # ------------------------------------------------------------------ the event loop thread
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
+        if self._loop is None:
+            ready = threading.Event()
+            threading.Thread(target=self._serve_loop, args=(ready,), name="rk8s-loop", daemon=True).start()
+            ready.wait()
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def _serve_loop(self, ready: threading.Event) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        ready.set()
+        self._loop.run_forever()
+
+    async def _run_async(self, job: Job, cached: CachedRunnable) -> None:
+        try:
+            config = execution.config_from_wire(job.header.config)
+            if job.header.kind == "stream":
+                async for chunk in execution.aiterate_stream(cached.runnable, job.input, config):
+                    self._reply(P.CHUNK, job.task_id, chunk)
+                self._reply(P.RESULT, job.task_id, b"")
+            else:
+                self._reply(P.RESULT, job.task_id, await execution.arun_invoke(cached.runnable, job.input, config))
+        except asyncio.CancelledError:
+            pass  # abandoned: the I/O thread has answered for it
+        except Exception as exc:  # noqa: BLE001
+            self._send(failure_frames(job.task_id, exc))
+
+    # ------------------------------------------------------------------ replies
+
+    def _reply(self, command: bytes, task_id: bytes, data: bytes) -> None:
+        if len(data) > self.max_message_bytes:
+            raise OutputTooLarge(
+                f"the runnable's output is {len(data)} bytes, over the broker's limit of "
+                f"{self.max_message_bytes}; return less data or raise the broker's --max-message-bytes"
+            )
+        self._send([P.PROTOCOL, command, task_id, data])
+
+    def _send(self, frames: list[bytes]) -> None:
+        sock = getattr(self._local, "socket", None)
+        if sock is None:
+            sock = self._local.socket = self._context.socket(zmq.PUSH)
+            sock.sndhwm = 0
+            sock.linger = 0
+            sock.connect(self.replies_endpoint)
+        send = sock.send
+        for frame in frames[:-1]:
+            send(frame, zmq.SNDMORE, copy=len(frame) < P.COPY_THRESHOLD)
+        send(frames[-1], 0, copy=len(frames[-1]) < P.COPY_THRESHOLD)
+
+
+def failure_frames(task_id: bytes, exc: BaseException) -> list[bytes]:
+    """The ERROR reply for a task that raised ``exc``."""
+    if isinstance(exc, OutputTooLarge):
+        return P.error_frames(task_id, P.E_PAYLOAD_TOO_LARGE, str(exc))
+    if isinstance(exc, execution.StageError):
+        return P.error_frames(task_id, P.E_SERIALIZATION, str(exc))
+    return P.error_frames(task_id, P.E_REMOTE, f"{type(exc).__name__}: {exc}", codec.dump_exception(exc))
