@@ -83,6 +83,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     keys = load_peer_keys(args.keys, "client") if args.keys else None
     try:
+        if address.startswith("k8s://"):
+            from pool.portforward import BrokerForward
+
+            address = BrokerForward(address).local_address
         status = Connection(address, keys, args.connect_timeout).status()
     except RunnableK8sError as exc:
         print(f"runnable-k8s status: {exc}", file=sys.stderr)

@@ -48,6 +48,10 @@ def pool_address(runnable: RunnableK8s) -> str | None:
 
 
 def connection_for(runnable: RunnableK8s, address: str) -> Connection:
+    if address.startswith("k8s://"):
+        from pool.portforward import BrokerForward
+
+        address = BrokerForward.shared(address, runnable.k8s_config).local_address
     key_dir = runnable.keys or os.environ.get("RUNNABLE_K8S_KEYS")
     keys = _client_keys(key_dir) if key_dir else None
     return Connection.shared(address, keys, runnable.connect_timeout)
