@@ -1,0 +1,145 @@
+"""The autoscaling policy as plain code (DESIGN §6): no sockets, no processes, a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from pool.autoscaling import AutoscaleSettings, Decision, Load, PolicyState, decide
+
+
+class Policy:
+    """Drives ``decide`` the way the autoscaler does: applies each decision, keeps the state."""
+
+    def __init__(self, replicas: int, slots: int = 4, **settings: float) -> None:
+        self.settings = AutoscaleSettings(**settings)  # type: ignore[arg-type]
+        self.replicas = replicas
+        self.slots = slots
+        self.state = PolicyState()
+        self.now = 1000.0
+
+    def step(self, queued: int, running: int = 0, dt: float = 1.0) -> Decision:
+        self.now += dt
+        decision, self.state = decide(Load(queued, running, self.slots), self.replicas, self.settings,
+                                      self.state, self.now)
+        self.replicas = decision.replicas
+        return decision
+
+
+def test_load_asks_for_tasks_over_slots_times_target() -> None:
+    settings = AutoscaleSettings(min=1, max=100, target=1.0)
+    decision, _ = decide(Load(queued=7, running=4, slots_per_worker=4), 1, settings, PolicyState(), 0.0)
+    assert decision.replicas == 3  # ceil(11 / 4)
+    half, _ = decide(Load(7, 4, 4), 1, AutoscaleSettings(min=1, max=100, target=0.5), PolicyState(), 0.0)
+    assert half.replicas == 6  # ceil(11 / 2): half the slots kept free
+
+
+def test_rising_load_scales_up_at_once_each_step() -> None:
+    policy = Policy(replicas=1, slots=2, min=1, max=20, window=60)
+    seen = [policy.step(queued=q, running=r).replicas for q, r in ((3, 2), (4, 6), (10, 8), (20, 14))]
+    assert seen == [3, 5, 9, 17]  # ceil((queued + running) / 2 slots), at every step
+    assert "scale up" in policy.step(queued=40, running=32).reason
+
+
+def test_clamped_to_max_and_min() -> None:
+    policy = Policy(replicas=2, slots=1, min=2, max=5, window=0)
+    decision = policy.step(queued=100)
+    assert decision.replicas == 5 and "capped at max 5" in decision.reason
+    assert policy.step(queued=0).replicas == 2  # window 0: straight down, but not below min
+
+
+def test_no_load_and_min_above_zero_holds_min() -> None:
+    policy = Policy(replicas=3, min=3, max=5, window=0, idle=0)
+    assert [policy.step(0).replicas for _ in range(5)] == [3] * 5
+
+
+def test_scale_down_waits_for_the_window_then_steps_to_the_highest_recent_recommendation() -> None:
+    policy = Policy(replicas=1, slots=1, min=1, max=10, window=10)
+    assert policy.step(queued=8, dt=1).replicas == 8
+    # Load falls to 3: for 10 s the 8 recommended a moment ago still counts.
+    held = [policy.step(queued=3, dt=1) for _ in range(9)]
+    assert all(d.replicas == 8 for d in held)
+    assert "holding 8" in held[0].reason
+    down = policy.step(queued=3, dt=1)  # the 8 left the window
+    assert down.replicas == 3 and down.reason.startswith("scale down")
+
+
+def test_flapping_load_is_suppressed_by_the_window() -> None:
+    policy = Policy(replicas=1, slots=1, min=1, max=10, window=30)
+    replicas = []
+    for i in range(60):  # a burst of 6 every other second
+        replicas.append(policy.step(queued=6 if i % 2 == 0 else 0).replicas)
+    assert replicas == [6] * 60  # up once, never down while the bursts keep coming
+    # Without a window, the same load flaps on every step.
+    flappy = Policy(replicas=1, slots=1, min=1, max=10, window=0)
+    assert [flappy.step(queued=6 if i % 2 == 0 else 0).replicas for i in range(4)] == [6, 1, 6, 1]
+
+
+def test_scale_down_in_steps_as_old_recommendations_leave_the_window() -> None:
+    policy = Policy(replicas=1, slots=1, min=1, max=10, window=5)
+    for q in (10, 8, 6, 4, 2):
+        policy.step(queued=q)
+    steps = [policy.step(queued=0).replicas for _ in range(6)]
+    assert steps == [8, 6, 4, 2, 1, 1]
+
+
+def test_idle_to_zero_only_after_the_idle_time_and_only_with_min_zero() -> None:
+    policy = Policy(replicas=2, slots=1, min=0, max=5, window=2, idle=10)
+    policy.step(queued=0, running=2)
+    decisions = [policy.step(queued=0) for _ in range(12)]
+    replicas = [d.replicas for d in decisions]
+    # The window first brings it down to 1 (min 0 keeps one worker while not idle long enough) ...
+    assert replicas[:2] == [2, 1]
+    # ... then 0 once the pool has been idle for 10 s, and it stays there.
+    assert replicas.index(0) == 10 and replicas[10:] == [0, 0]
+    assert "scale to zero: idle for 10s" in decisions[10].reason
+    never = Policy(replicas=2, slots=1, min=1, max=5, window=0, idle=1)
+    assert [never.step(0, dt=5).replicas for _ in range(4)] == [1, 1, 1, 1]
+
+
+def test_a_single_running_task_resets_the_idle_clock() -> None:
+    policy = Policy(replicas=1, slots=1, min=0, max=5, window=0, idle=5)
+    for _ in range(4):
+        policy.step(queued=0)
+    policy.step(queued=0, running=1)  # a task ran: idle again from the next step on
+    assert [policy.step(queued=0).replicas for _ in range(6)] == [1, 1, 1, 1, 1, 0]
+
+
+def test_idle_to_zero_skips_the_window() -> None:
+    policy = Policy(replicas=1, slots=1, min=0, max=5, window=600, idle=3)
+    policy.step(queued=5)
+    assert policy.replicas == 5
+    replicas = [policy.step(0).replicas for _ in range(4)]
+    assert replicas == [5, 5, 5, 0]  # idle seen at the first step, 3 s later: zero
+
+
+def test_wake_from_zero_at_once_when_a_task_is_queued() -> None:
+    policy = Policy(replicas=0, slots=4, min=0, max=5, window=300, idle=60)
+    assert policy.step(queued=0).replicas == 0  # nothing to do: stays asleep (never wakes for nothing)
+    decision = policy.step(queued=1, dt=0.01)
+    assert decision.replicas == 1 and decision.reason.startswith("scale from zero")
+    assert Policy(replicas=0, slots=2, min=0, max=5).step(queued=9).replicas == 5
+
+
+def test_starting_at_zero_with_min_zero_stays_asleep_without_tasks() -> None:
+    policy = Policy(replicas=0, min=0, max=3, idle=100)
+    assert [policy.step(0).replicas for _ in range(3)] == [0, 0, 0]
+
+
+def test_below_min_is_raised_to_min_even_without_load() -> None:
+    assert Policy(replicas=0, min=2, max=4).step(queued=0).replicas == 2
+
+
+def test_history_keeps_only_the_window() -> None:
+    policy = Policy(replicas=1, min=1, max=5, window=3)
+    for _ in range(10):
+        policy.step(queued=0)
+    assert len(policy.state.history) == 3
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"min": -1}, {"max": 0}, {"min": 3, "max": 2}, {"target": 0}, {"target": 1.5}, {"window": -1},
+    {"idle": -1}, {"slots_per_worker": 0},
+])
+def test_bad_settings_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        AutoscaleSettings(**kwargs)
