@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -162,6 +163,11 @@ class Broker:
             ("submitted", "done", "failed", "cancelled", "retried", "workers_lost", "malformed", "refused"), 0
         )
         self.started_at = time.time()
+        # Optional observers (autoscaler, metrics): called with status() every tick, and at once
+        # when a task arrives at a pool without workers (so a pool scaled to zero wakes without
+        # waiting for the tick). They must not block: the autoscaler hands work to its own thread.
+        self.status_hooks: list[Callable[[dict[str, Any]], None]] = []
+        self.latency_hook: Callable[[float], None] | None = None  # seconds from SUBMIT to RESULT
         self._running = False
         self._context = zmq.Context()
         self._authenticator = None
@@ -328,6 +334,8 @@ class Broker:
         self.queue.append(task)
         self.counters["submitted"] += 1
         self._dispatch()
+        if not self.workers and self.status_hooks:  # wake a pool scaled to zero now, not at the tick
+            self._run_status_hooks()
 
     def _fail(self, client: bytes, task_id: bytes, code: bytes, message: str) -> None:
         """Refuse a submitted task: tell its client why (a bad request also counts as malformed)."""
@@ -435,6 +443,8 @@ class Broker:
         if not task.cancelled:  # reply first, then refill the slot
             self.counters["done"] += 1
             self._send(task.client, [P.PROTOCOL, P.RESULT, task.task_id, body[1]])
+            if self.latency_hook is not None:
+                self.latency_hook(time.monotonic() - task.queued_at)
         self._finish(task)
 
     def _on_error(self, worker: bytes, body: list[bytes], frame: zmq.Frame) -> None:
@@ -574,6 +584,16 @@ class Broker:
             self.queue.remove(task)
             del self.tasks[task.task_id]
             self._send(task.client, P.error_frames(task.task_id, P.E_QUEUE_TIMEOUT, "queue timeout passed"))
+        if self.status_hooks:
+            self._run_status_hooks()
+
+    def _run_status_hooks(self) -> None:
+        status = self.status()
+        for hook in self.status_hooks:
+            try:
+                hook(status)
+            except Exception:  # noqa: BLE001 - an observer must not stop the pool
+                log.warning("a status hook failed", exc_info=True)
 
     def _remove_worker(self, identity: bytes, why: str) -> None:
         worker = self.workers.pop(identity, None)
