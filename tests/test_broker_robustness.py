@@ -138,6 +138,31 @@ def test_a_submit_whose_runnable_does_not_match_its_digest_is_refused(local_pool
 
 
 @pytest.mark.timeout(30)
+def test_a_submit_before_hello_is_answered_with_hello_required_not_run(local_pool):
+    submitted = local_pool.status()["counters"]["submitted"]
+    task_id = os.urandom(P.TASK_ID_BYTES)
+    runnable = b"r"
+    with raw_dealer(local_pool.address) as sock:
+        sock.send_multipart(submit_frames(task_id, P.TaskHeader("invoke", digest(runnable)).to_bytes(), runnable, b"i"))
+        answer = reply(sock)
+    assert answer[:4] == [P.PROTOCOL, P.ERROR, task_id, P.E_HELLO_REQUIRED]
+    assert local_pool.status()["counters"]["submitted"] == submitted
+    assert_still_serving(local_pool)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("task_id", [b"", b"short", b"x" * 17], ids=["empty", "short", "long"])
+def test_a_submit_with_a_task_id_that_is_not_16_bytes_is_refused(local_pool, task_id):
+    runnable = b"r"
+    with raw_dealer(local_pool.address) as sock:
+        hello(sock)
+        sock.send_multipart(submit_frames(task_id, P.TaskHeader("invoke", digest(runnable)).to_bytes(), runnable, b"i"))
+        answer = reply(sock)
+    assert answer[:4] == [P.PROTOCOL, P.ERROR, task_id, P.E_BAD_REQUEST]
+    assert_still_serving(local_pool)
+
+
+@pytest.mark.timeout(30)
 def test_a_foreign_protocol_version_gets_an_incompatible_error_naming_both_versions(local_pool):
     before = malformed_count(local_pool)
     with raw_dealer(local_pool.address) as sock:
@@ -345,6 +370,6 @@ def test_a_warm_call_to_an_address_where_nothing_listens_fails_with_pool_unavail
     address = f"tcp://127.0.0.1:{unused_port()}"
     started = time.monotonic()
     with pytest.raises(PoolUnavailable) as info:
-        RunnableK8s(bound=RunnableLambda(double), pool=address, mode="warm", connect_timeout=2).invoke(1)
+        RunnableK8s(bound=RunnableLambda(double), pool=address, mode="warm", connect_timeout=1).invoke(1)
     assert time.monotonic() - started < 8
     assert address in str(info.value)
