@@ -1,0 +1,147 @@
+{{/*
+Names, labels and the pieces several templates share.
+*/}}
+
+{{/* The chart name, overridable with nameOverride. */}}
+{{- define "worker-pool.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The resource-name prefix: RELEASE-worker-pool (or RELEASE when it already holds the chart name).
+Truncated so that "-broker" / "-worker" still fit in 63 characters.
+*/}}
+{{- define "worker-pool.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 56 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 56 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 56 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "worker-pool.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "worker-pool.brokerName" -}}
+{{- printf "%s-broker" (include "worker-pool.fullname" .) }}
+{{- end }}
+
+{{- define "worker-pool.workerName" -}}
+{{- printf "%s-worker" (include "worker-pool.fullname" .) }}
+{{- end }}
+
+{{/* Selector labels; call with (dict "ctx" $ "component" "broker"). */}}
+{{- define "worker-pool.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "worker-pool.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+Every resource's labels; call with (dict "ctx" $ "component" "broker").
+`k8s://NAMESPACE/RELEASE` clients find the broker by app.kubernetes.io/instance=RELEASE and
+app.kubernetes.io/component=broker.
+*/}}
+{{- define "worker-pool.labels" -}}
+helm.sh/chart: {{ include "worker-pool.chart" .ctx }}
+{{ include "worker-pool.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: runnable-k8s
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "worker-pool.image" -}}
+{{- $repo := .Values.image.repository }}
+{{- if .Values.image.registry }}
+{{- $repo = printf "%s/%s" (trimSuffix "/" .Values.image.registry) $repo }}
+{{- end }}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "worker-pool.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "worker-pool.brokerName" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The address workers and the helm test Pod connect to. */}}
+{{- define "worker-pool.brokerAddress" -}}
+{{- if .Values.worker.brokerAddress }}
+{{- .Values.worker.brokerAddress }}
+{{- else }}
+{{- printf "tcp://%s.%s.svc:%d" (include "worker-pool.brokerName" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
+{{- end }}
+
+{{/* The Pod's terminationGracePeriodSeconds: longer than the worker's own drain period. */}}
+{{- define "worker-pool.workerTerminationGrace" -}}
+{{- $drain := int .Values.worker.gracePeriodSeconds }}
+{{- if kindIs "invalid" .Values.worker.terminationGracePeriodSeconds }}
+{{- add $drain 15 }}
+{{- else }}
+{{- $t := int .Values.worker.terminationGracePeriodSeconds }}
+{{- if le $t $drain }}
+{{- fail (printf "worker.terminationGracePeriodSeconds (%d) must be greater than worker.gracePeriodSeconds (%d): otherwise Kubernetes kills a draining worker before it finishes its tasks" $t $drain) }}
+{{- end }}
+{{- $t }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuse configurations that would leave an open broker: without CURVE keys, anyone who reaches
+the port runs code on the workers.
+*/}}
+{{- define "worker-pool.validate" -}}
+{{- if .Values.curve.enabled }}
+{{- if not .Values.curve.existingSecret }}
+{{- fail "curve.existingSecret is required when curve.enabled is true: create the keys with `runnable-k8s keys ./keys` and `kubectl create secret generic runnable-k8s-curve --from-file=./keys`, then pass --set curve.existingSecret=runnable-k8s-curve (or set curve.enabled=false, see README)" }}
+{{- end }}
+{{- else if not (or .Values.networkPolicy.enabled .Values.curve.insecureAcknowledged) }}
+{{- fail "curve.enabled=false runs the broker with --insecure: anyone who reaches it runs code on the workers. Enable networkPolicy.enabled, or set curve.insecureAcknowledged=true if the network is private" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret volume of CURVE keys for a role: "broker", "worker" or "client". */}}
+{{- define "worker-pool.curveVolume" -}}
+- name: curve-keys
+  secret:
+    secretName: {{ .ctx.Values.curve.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: broker.key
+        path: broker.key
+      {{- if eq .role "broker" }}
+      - key: broker.key_secret
+        path: broker.key_secret
+      - key: worker.key
+        path: authorized/worker.key
+      {{- range .ctx.Values.curve.authorizedClientKeys }}
+      - key: {{ . }}
+        path: authorized/{{ . }}
+      {{- end }}
+      {{- else }}
+      - key: {{ .role }}.key
+        path: {{ .role }}.key
+      - key: {{ .role }}.key_secret
+        path: {{ .role }}.key_secret
+      {{- end }}
+{{- end }}
+
+{{/* The labels that let a client Pod through the NetworkPolicy. */}}
+{{- define "worker-pool.clientPodLabels" -}}
+{{- toYaml (.Values.networkPolicy.clientPodLabels | default (dict "runnable-k8s-client" "true")) }}
+{{- end }}

@@ -1,0 +1,395 @@
+"""The worker-pool Helm chart, with the real helm CLI: lint, render, and every manifest checked
+against the Kubernetes schemas of the releases we support; values.schema.json refuses bad values.
+
+The schema test at the top needs no helm binary, so the schema is exercised everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parent.parent / "charts" / "worker-pool"
+SUPPORTED_KUBERNETES = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # not in the Kubernetes schemas
+
+# Every optional feature on at once.
+EVERYTHING_ON: dict[str, Any] = {
+    "commonLabels": {"team": "llm"},
+    "image": {"registry": "registry.example.com/team", "tag": "1.2.3", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "curve": {"enabled": True, "existingSecret": "pool-keys", "authorizedClientKeys": ["client.key", "alice.key"]},
+    "broker": {"extraArgs": ["--queue-size=50"], "extraEnv": [{"name": "A", "value": "1"}],
+               "podAnnotations": {"a": "b"}, "podLabels": {"c": "d"}, "nodeSelector": {"pool": "brokers"},
+               "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}],
+               "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                   {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]}]}}}},
+    "service": {"type": "ClusterIP", "port": 6000, "annotations": {"team": "llm"}},
+    "worker": {
+        "replicas": 3, "concurrency": 16, "gracePeriodSeconds": 90, "terminationGracePeriodSeconds": 120,
+        "llmSecretName": "runnable-k8s-ee",
+        "extraEnv": [{"name": "LANGSMITH_TRACING", "value": "false"}],
+        "extraEnvFrom": [{"configMapRef": {"name": "settings"}}],
+        "extraArgs": ["--log-level=DEBUG"],
+        "podAnnotations": {"e": "f"}, "podLabels": {"g": "h"}, "nodeSelector": {"pool": "llm"},
+        "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname", "labelSelector": {
+                "matchLabels": {"app.kubernetes.io/component": "worker"}}}}]}},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                       "whenUnsatisfiable": "ScheduleAnyway",
+                                       "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "worker"}}}],
+        "serviceAccountName": "workers",
+    },
+    "podDisruptionBudget": {"enabled": True, "maxUnavailable": "25%"},
+    "serviceAccount": {"create": True, "name": "pool-broker", "annotations": {"i": "j"}},
+    "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 20, "targetTasksPerSlot": 0.8,
+                    "stabilizationWindowSeconds": 45, "scaleToZeroIdleSeconds": 600},
+    "metrics": {"enabled": True, "port": 9100, "podAnnotations": True,
+                "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}},
+    "networkPolicy": {"enabled": True, "clientPodLabels": {"llm-client": "yes"},
+                      "clientNamespaceSelector": {"matchLabels": {"team": "llm"}},
+                      "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+}
+
+
+# ------------------------------------------------------------------ no helm needed
+def load_schema() -> dict:
+    return json.loads((CHART / "values.schema.json").read_text())
+
+
+def load_values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.mark.timeout(30)
+def test_values_yaml_fits_its_own_schema():
+    schema = load_schema()
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(load_values(), schema)
+    jsonschema.validate(deep_merge(load_values(), EVERYTHING_ON), schema)
+
+
+BAD_VALUES = {
+    "negative replicas": {"worker": {"replicas": -1}},
+    "concurrency not a number": {"worker": {"concurrency": "x"}},
+    "zero concurrency": {"worker": {"concurrency": 0}},
+    "unknown top-level key": {"workerz": {"replicas": 2}},
+    "unknown worker key": {"worker": {"replica": 2}},
+    "bad pull policy": {"image": {"pullPolicy": "Sometimes"}},
+    "broker address not tcp": {"worker": {"brokerAddress": "http://broker:5555"}},
+    "port out of range": {"service": {"port": 70000}},
+    "authorized client key that would register as a worker": {"curve": {"authorizedClientKeys": ["worker2.key"]}},
+    "non-positive autoscaling target": {"autoscaling": {"targetTasksPerSlot": 0}},
+    "bad service type": {"service": {"type": "Ingress"}},
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_the_schema_refuses_bad_values(case):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(deep_merge(load_values(), BAD_VALUES[case]), load_schema())
+
+
+# ------------------------------------------------------------------ with the helm CLI
+def helm(helm_bin: str, *args: str, tmp_path: Path, kubeconfig: str | None = None,
+         timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run helm with its own home folders (nothing read from or written to the user's)."""
+    env = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "HELM_CACHE_HOME": str(tmp_path / "helm-cache"), "HELM_CONFIG_HOME": str(tmp_path / "helm-config"),
+           "HELM_DATA_HOME": str(tmp_path / "helm-data")}
+    if kubeconfig:
+        env["KUBECONFIG"] = kubeconfig
+    return subprocess.run([helm_bin, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def values_file(tmp_path: Path, values: dict, name: str = "values.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def render(helm_bin: str, tmp_path: Path, values: dict | None = None, *, kube: str = "1.33",
+           namespace: str = "team-a", release: str = "rel") -> list[dict]:
+    args = ["template", release, str(CHART), "-n", namespace, "--kube-version", f"{kube}.0"]
+    if values is not None:
+        args += ["-f", values_file(tmp_path, values)]
+    result = helm(helm_bin, *args, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(docs: list[dict], kind: str, component: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind
+            and (component is None or d["metadata"]["labels"].get("app.kubernetes.io/component") == component)]
+
+
+def one(docs: list[dict], kind: str, component: str | None = None) -> dict:
+    found = by_kind(docs, kind, component)
+    assert len(found) == 1, [(d["kind"], d["metadata"]["name"]) for d in docs]
+    return found[0]
+
+
+def container(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("values", [None, EVERYTHING_ON], ids=["defaults", "everything-on"])
+def test_helm_lint_strict_is_clean(helm_bin, tmp_path, values):
+    args = ["lint", "--strict", str(CHART)]
+    if values is not None:
+        args += ["-f", values_file(tmp_path, values)]
+    result = helm(helm_bin, *args, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kube", SUPPORTED_KUBERNETES)
+@pytest.mark.parametrize("values", [None, EVERYTHING_ON], ids=["defaults", "everything-on"])
+def test_every_rendered_manifest_validates_strictly(helm_bin, tmp_path, kube, values):
+    docs = render(helm_bin, tmp_path, values, kube=kube)
+    kinds = sorted(d["kind"] for d in docs)
+    expected = ["Deployment", "Deployment", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    if values is EVERYTHING_ON:
+        expected += ["NetworkPolicy", "Role", "RoleBinding", "ServiceMonitor"]
+    assert kinds == sorted(expected)
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRDS:
+            continue
+        kubernetes_validate.validate(doc, kube, strict=True)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_defaults_render_a_keyed_pool_with_meaningful_probes(helm_bin, tmp_path):
+    docs = render(helm_bin, tmp_path, namespace="team-a", release="rel")
+    broker, worker = one(docs, "Deployment", "broker"), one(docs, "Deployment", "worker")
+    service = one(docs, "Service")
+    # What `k8s://team-a/rel` clients look for: the Service and its Pods by these labels, port "zmq".
+    for labels in (service["metadata"]["labels"], broker["spec"]["template"]["metadata"]["labels"]):
+        assert labels["app.kubernetes.io/instance"] == "rel"
+        assert labels["app.kubernetes.io/component"] == "broker"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+    assert service["metadata"]["name"] == "rel-worker-pool-broker"
+    assert [p["name"] for p in service["spec"]["ports"]] == ["zmq"] and service["spec"]["ports"][0]["port"] == 5555
+    assert service["spec"]["selector"] == broker["spec"]["selector"]["matchLabels"]
+
+    b = container(broker)
+    assert b["image"] == "runnable-k8s-worker:0.1.0" and b["imagePullPolicy"] == "IfNotPresent"
+    assert b["command"][:3] == ["runnable-k8s", "broker", "--bind=tcp://0.0.0.0:5555"]
+    assert "--keys=/etc/runnable-k8s/keys" in b["command"] and "--insecure" not in b["command"]
+    assert not any(a.startswith(("--metrics-port", "--autoscale")) for a in b["command"])
+    assert b["readinessProbe"]["tcpSocket"] == {"port": "zmq"} and b["livenessProbe"]["tcpSocket"] == {"port": "zmq"}
+    assert broker["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+    w = container(worker)
+    assert worker["spec"]["replicas"] == 2
+    assert w["command"][:4] == ["python", "-m", "worker", "--connect=tcp://rel-worker-pool-broker.team-a.svc:5555"]
+    assert "--concurrency=8" in w["command"] and "--health-dir=/tmp/health" in w["command"]
+    assert w["readinessProbe"]["exec"]["command"] == ["test", "-f", "/tmp/health/ready"]
+    assert w["livenessProbe"]["exec"]["command"] == [
+        "sh", "-c", "test $(( $(date +%s) - $(stat -c %Y /tmp/health/alive) )) -lt 30"]
+    assert "envFrom" not in w  # no LLM Secret unless asked for
+    grace = next(int(a.split("=")[1]) for a in w["command"] if a.startswith("--grace-period="))
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+
+    # Restrictive security everywhere, /tmp the only writable place.
+    for pod in (broker["spec"]["template"]["spec"], worker["spec"]["template"]["spec"], one(docs, "Pod")["spec"]):
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        c = pod["containers"][0]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+        assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    assert not by_kind(docs, "Role") and not by_kind(docs, "NetworkPolicy")
+
+
+def key_items(pod_spec: dict) -> dict[str, str]:
+    volume = next(v for v in pod_spec["volumes"] if v["name"] == "curve-keys")
+    return {i["key"]: i["path"] for i in volume["secret"]["items"]}
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_each_role_mounts_only_its_own_keys_with_authorized_as_a_subfolder(helm_bin, tmp_path):
+    docs = render(helm_bin, tmp_path, EVERYTHING_ON)
+    broker, worker, test_pod = one(docs, "Deployment", "broker"), one(docs, "Deployment", "worker"), one(docs, "Pod")
+    assert key_items(broker["spec"]["template"]["spec"]) == {
+        "broker.key": "broker.key", "broker.key_secret": "broker.key_secret",
+        "worker.key": "authorized/worker.key", "client.key": "authorized/client.key", "alice.key": "authorized/alice.key"}
+    assert key_items(worker["spec"]["template"]["spec"]) == {
+        "broker.key": "broker.key", "worker.key": "worker.key", "worker.key_secret": "worker.key_secret"}
+    assert key_items(test_pod["spec"]) == {
+        "broker.key": "broker.key", "client.key": "client.key", "client.key_secret": "client.key_secret"}
+    volume = next(v for v in worker["spec"]["template"]["spec"]["volumes"] if v["name"] == "curve-keys")
+    assert volume["secret"]["secretName"] == "pool-keys"
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_every_optional_feature_renders_as_configured(helm_bin, tmp_path):
+    docs = render(helm_bin, tmp_path, EVERYTHING_ON, namespace="team-a", release="rel")
+    broker, worker = one(docs, "Deployment", "broker"), one(docs, "Deployment", "worker")
+    b, w = container(broker), container(worker)
+    assert b["image"] == "registry.example.com/team/runnable-k8s-worker:1.2.3" and b["imagePullPolicy"] == "Always"
+    # The autoscaler's flags, exactly as the broker CLI names them; replicas left to it.
+    assert [a for a in b["command"] if a.startswith("--autoscale")] == [
+        "--autoscale-deployment=rel-worker-pool-worker", "--autoscale-namespace=team-a", "--autoscale-min=0",
+        "--autoscale-max=20", "--autoscale-target=0.8", "--autoscale-window=45", "--autoscale-idle=600"]
+    assert "replicas" not in worker["spec"]
+    assert "--metrics-port=9100" in b["command"] and b["command"][-1] == "--queue-size=50"
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in b["ports"]
+    annotations = broker["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9100"
+    assert annotations["a"] == "b"
+    service = one(docs, "Service")
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("zmq", 6000), ("metrics", 9100)]
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics" and monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+
+    # Least privilege for the autoscaler: only this release's worker Deployment, only what it needs.
+    role = one(docs, "Role")
+    assert role["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["deployments/scale"], "resourceNames": ["rel-worker-pool-worker"],
+         "verbs": ["get", "patch", "update"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["rel-worker-pool-worker"],
+         "verbs": ["get"]}]
+    binding = one(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pool-broker", "namespace": "team-a"}]
+    assert broker["spec"]["template"]["spec"]["serviceAccountName"] == "pool-broker"
+    assert broker["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert worker["spec"]["template"]["spec"]["serviceAccountName"] == "workers"
+    assert worker["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+    # Workers: LLM keys from the Secret, extra env, scheduling, drain time.
+    assert w["envFrom"] == [{"secretRef": {"name": "runnable-k8s-ee"}}, {"configMapRef": {"name": "settings"}}]
+    assert {"name": "LANGSMITH_TRACING", "value": "false"} in w["env"]
+    assert "--concurrency=16" in w["command"] and "--grace-period=90" in w["command"]
+    assert "--connect=tcp://rel-worker-pool-broker.team-a.svc:6000" in w["command"]
+    spec = worker["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == 120
+    assert spec["nodeSelector"] == {"pool": "llm"} and spec["tolerations"][0]["key"] == "gpu"
+    assert spec["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert "podAntiAffinity" in spec["affinity"]
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert worker["metadata"]["labels"]["team"] == "llm"
+    assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == "25%"
+
+    # NetworkPolicy: the broker's zmq port only from this release's workers and labelled clients.
+    policy = one(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == broker["spec"]["selector"]["matchLabels"]
+    zmq_rule, metrics_rule = policy["spec"]["ingress"]
+    assert zmq_rule["ports"] == [{"port": "zmq", "protocol": "TCP"}]
+    assert zmq_rule["from"] == [
+        {"podSelector": {"matchLabels": worker["spec"]["selector"]["matchLabels"]}},
+        {"podSelector": {"matchLabels": {"llm-client": "yes"}}, "namespaceSelector": {"matchLabels": {"team": "llm"}}}]
+    assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    # The helm test Pod is a labelled client, so it passes the policy.
+    assert one(docs, "Pod")["metadata"]["labels"]["llm-client"] == "yes"
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_probes_can_be_turned_off_and_the_broker_address_overridden(helm_bin, tmp_path):
+    docs = render(helm_bin, tmp_path, {
+        "broker": {"hostNetwork": True, "port": 17555}, "tests": {"hostNetwork": True},
+        "worker": {"hostNetwork": True, "brokerAddress": "tcp://127.0.0.1:17555", "probes": {"enabled": False}}})
+    broker, worker, test_pod = one(docs, "Deployment", "broker"), one(docs, "Deployment", "worker"), one(docs, "Pod")
+    w = container(worker)
+    assert "readinessProbe" not in w and "livenessProbe" not in w
+    assert "--health-dir=/tmp/health" not in w["command"]
+    assert "--connect=tcp://127.0.0.1:17555" in w["command"]
+    assert "--bind=tcp://0.0.0.0:17555" in container(broker)["command"]
+    for spec in (broker["spec"]["template"]["spec"], worker["spec"]["template"]["spec"], test_pod["spec"]):
+        assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    env = {e["name"]: e.get("value") for e in test_pod["spec"]["containers"][0]["env"]}
+    assert env["RUNNABLE_K8S_POOL"] == "tcp://127.0.0.1:17555"
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_an_insecure_broker_needs_a_network_policy_or_an_explicit_acknowledgement(helm_bin, tmp_path):
+    refused = helm(helm_bin, "template", "rel", str(CHART), "--kube-version", "1.33.0",
+                   "--set", "curve.enabled=false", tmp_path=tmp_path)
+    assert refused.returncode != 0 and "--insecure" in refused.stderr and "networkPolicy.enabled" in refused.stderr
+    for allowed in ({"curve": {"enabled": False}, "networkPolicy": {"enabled": True}},
+                    {"curve": {"enabled": False, "insecureAcknowledged": True}}):
+        docs = render(helm_bin, tmp_path, allowed)
+        b = container(one(docs, "Deployment", "broker"))
+        assert "--insecure" in b["command"] and not any(a.startswith("--keys") for a in b["command"])
+        for spec in (one(docs, "Deployment", "worker")["spec"]["template"]["spec"], one(docs, "Pod")["spec"]):
+            assert all(v["name"] != "curve-keys" for v in spec["volumes"])
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_termination_grace_must_exceed_the_drain_period(helm_bin, tmp_path):
+    result = helm(helm_bin, "template", "rel", str(CHART), "--kube-version", "1.33.0",
+                  "--set", "worker.gracePeriodSeconds=60", "--set", "worker.terminationGracePeriodSeconds=60",
+                  tmp_path=tmp_path)
+    assert result.returncode != 0 and "must be greater than worker.gracePeriodSeconds" in result.stderr
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_helm_refuses_values_the_schema_forbids(helm_bin, tmp_path, case):
+    result = helm(helm_bin, "template", "rel", str(CHART), "--kube-version", "1.33.0",
+                  "-f", values_file(tmp_path, BAD_VALUES[case]), tmp_path=tmp_path)
+    assert result.returncode != 0, f"helm accepted {BAD_VALUES[case]}"
+    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+
+
+def render_notes(helm_bin: str, tmp_path: Path, values: dict | None = None) -> str:
+    """NOTES.txt as `helm install` would print it. (`helm template` never shows the notes, and
+    `helm install --dry-run` needs a cluster, so a copy of the chart renders them as a ConfigMap.)"""
+    copy = tmp_path / "chart-copy"
+    shutil.copytree(CHART, copy)
+    notes = (copy / "templates" / "NOTES.txt").read_text()
+    (copy / "templates" / "notes-as-configmap.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n"
+        + "".join(f"    {line}\n" for line in notes.splitlines()))
+    args = ["template", "rel", str(copy), "-n", "team-a", "--show-only", "templates/notes-as-configmap.yaml"]
+    if values is not None:
+        args += ["-f", values_file(tmp_path, values)]
+    result = helm(helm_bin, *args, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["data"]["notes"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_notes_say_how_to_connect_in_the_cluster_and_from_a_laptop(helm_bin, tmp_path):
+    notes = render_notes(helm_bin, tmp_path)
+    assert 'pool="tcp://rel-worker-pool-broker.team-a:5555"' in notes
+    assert 'pool="k8s://team-a/rel"' in notes
+    assert "helm test rel -n team-a" in notes
+    assert "kubectl -n team-a scale deployment/rel-worker-pool-worker" in notes
+    everything = render_notes(helm_bin, tmp_path / "on", EVERYTHING_ON)
+    assert "llm-client=yes" in everything and "autoscaled 0..20" in everything and ":9100/metrics" in everything
