@@ -17,15 +17,19 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pool.client import Connection
 from pool.errors import PoolUnavailable
 from pool.keys import create_key_directory
 from worker.curve import load_peer_keys
 from worker.warm import DEFAULT_CONCURRENCY
+
+if TYPE_CHECKING:
+    from pool.autoscaling import AutoscaleSettings
 
 STOP_TIMEOUT = 10.0
 
@@ -40,6 +44,9 @@ class LocalPool:
             is then what clients pass as ``keys=``).
         env: extra environment for the workers (API keys, for instance).
         broker_args: extra ``runnable-k8s broker`` options, e.g. ``["--queue-timeout", "5"]``.
+        autoscale: run the autoscaling policy on the worker count (``AutoscaleSettings(min=0,
+            max=4, window=30, idle=60)``): a thread here reads the broker's status every second
+            and scales the processes; ``workers`` is then only the starting count.
     """
 
     def __init__(
@@ -54,6 +61,7 @@ class LocalPool:
         worker_args: list[str] | None = None,
         log_level: str = "WARNING",
         start_timeout: float = 30.0,
+        autoscale: AutoscaleSettings | None = None,
     ) -> None:
         if workers < 0:
             raise ValueError("workers must be 0 or more")
@@ -71,6 +79,10 @@ class LocalPool:
         self._temp_dir: str | None = None
         self._broker: subprocess.Popen[bytes] | None = None
         self._workers: list[subprocess.Popen[bytes]] = []
+        self._retired: list[subprocess.Popen[bytes]] = []  # told to stop, still draining
+        self._scale_lock = threading.RLock()  # the autoscaler's thread scales too
+        self.autoscale = autoscale
+        self.autoscaler: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -88,6 +100,8 @@ class LocalPool:
                 self.keys_dir = str(create_key_directory(Path(self._temp_dir) / "keys"))
             self._start_broker()
             self.scale(self.initial_workers)
+            if self.autoscale is not None:
+                self._start_autoscaler(self.autoscale)
         except BaseException:
             self.close()
             raise
@@ -95,10 +109,15 @@ class LocalPool:
 
     def close(self) -> None:
         """Stop every process (workers drain first), then the broker; idempotent."""
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
+            self.autoscaler = None
         if self.address:
             Connection.close_all(self.address)
-        _stop_all(self._workers)
-        self._workers = []
+        with self._scale_lock:
+            _stop_all(self._workers + self._retired)
+            self._workers = []
+            self._retired = []
         if self._broker is not None:
             _stop_all([self._broker])
             if self._broker.stdout is not None:
@@ -111,7 +130,7 @@ class LocalPool:
     @property
     def pids(self) -> list[int]:
         """PIDs of the broker and the workers (for tests and troubleshooting)."""
-        procs = ([self._broker] if self._broker else []) + self._workers
+        procs = ([self._broker] if self._broker else []) + self._workers + [p for p in self._retired if p.poll() is None]
         return [p.pid for p in procs]
 
     @property
@@ -124,15 +143,29 @@ class LocalPool:
         """Run ``workers`` worker processes. Removed workers drain: they finish their tasks first."""
         if workers < 0:
             raise ValueError("workers must be 0 or more")
-        while len(self._workers) > workers:
-            proc = self._workers.pop()
-            proc.send_signal(signal.SIGTERM)
-            if wait:
-                _wait_or_kill(proc, STOP_TIMEOUT * 3)
-        while len(self._workers) < workers:
-            self._workers.append(self._spawn_worker())
+        with self._scale_lock:
+            self._retired = [p for p in self._retired if p.poll() is None]  # reap the drained ones
+            while len(self._workers) > workers:
+                proc = self._workers.pop()
+                proc.send_signal(signal.SIGTERM)
+                if wait:
+                    _wait_or_kill(proc, STOP_TIMEOUT * 3)
+                else:
+                    self._retired.append(proc)
+            while len(self._workers) < workers:
+                self._workers.append(self._spawn_worker())
         if wait:
             self.wait_for_workers(workers)
+
+    def _start_autoscaler(self, settings: AutoscaleSettings) -> None:
+        from dataclasses import replace
+
+        from pool.autoscaler import Autoscaler
+        from pool.scaler import LocalPoolScaler
+
+        if settings.slots_per_worker is None:
+            settings = replace(settings, slots_per_worker=self.concurrency)
+        self.autoscaler = Autoscaler(settings, LocalPoolScaler(self), resync=0).poll(self.status)
 
     def wait_for_workers(self, count: int, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or self.start_timeout)

@@ -1,0 +1,158 @@
+"""The autoscaler: feeds the broker's numbers to the policy (``pool.autoscaling``) and applies its
+decisions through a scaler (``pool.scaler``), on a thread of its own.
+
+In a broker, ``observe`` is called from the loop's tick (and at once when a task arrives at a pool
+without workers); it only stores the numbers and wakes the thread, so a slow or refused
+Kubernetes API call never holds up the broker. A LocalPool runs the same object with ``poll``:
+its thread reads the broker's status every second.
+
+    autoscaler = Autoscaler(AutoscaleSettings(min=0, max=8, window=300, idle=600),
+                            DeploymentScaler("team-a", "my-pool-worker", api_client))
+    broker.status_hooks.append(autoscaler.observe)
+    autoscaler.start()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pool.autoscaling import AutoscaleSettings, Decision, Load, PolicyState, decide
+from pool.scaler import Scaler
+
+log = logging.getLogger("runnable_k8s.autoscaler")
+
+DEFAULT_SLOTS_PER_WORKER = 4  # the worker's default --concurrency, until a worker says otherwise
+# How often the replica count is read back from the scaler (someone may have run `runnable-k8s
+# scale`): often enough to notice, rarely enough not to load the API server (the HPA syncs every 15 s).
+DEFAULT_RESYNC = 15.0
+
+
+class Autoscaler:
+    """Apply the autoscaling policy to one scaler. Thread-safe; ``stop`` ends its thread."""
+
+    def __init__(self, settings: AutoscaleSettings, scaler: Scaler, *, resync: float = DEFAULT_RESYNC,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.scaler = scaler
+        self.resync = resync
+        self.clock = clock
+        self.slots_per_worker = settings.slots_per_worker or DEFAULT_SLOTS_PER_WORKER
+        self.last_decision: Decision | None = None
+        self.history: list[tuple[float, int, int, str]] = []  # (time, from, to, reason) of each change
+        self._state = PolicyState()
+        self._replicas: int | None = None
+        self._synced_at = 0.0
+        self._latest: Load | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_error = ""
+
+    # ------------------------------------------------------------------ inputs
+
+    def observe(self, status: dict[str, Any]) -> None:
+        """Take the broker's status numbers (``Broker.status()``); never blocks."""
+        with self._lock:
+            self._latest = self.load_from_status(status)
+        self._wake.set()
+
+    def load_from_status(self, status: dict[str, Any]) -> Load:
+        ready = [w for w in status.get("workers", ()) if not w.get("draining")]
+        if self.settings.slots_per_worker is None and ready:
+            self.slots_per_worker = max(1, round(sum(w["slots"] for w in ready) / len(ready)))
+        return Load(int(status.get("queued", 0)), int(status.get("busy", 0)), self.slots_per_worker)
+
+    # ------------------------------------------------------------------ threads
+
+    def start(self) -> Autoscaler:
+        """Apply decisions on a thread as ``observe`` feeds numbers (the broker's way)."""
+        self._start(self._apply_observed, "autoscaler")
+        return self
+
+    def poll(self, status: Callable[[], dict[str, Any]], interval: float = 1.0) -> Autoscaler:
+        """Read ``status()`` every ``interval`` seconds and decide (the LocalPool's way)."""
+
+        def loop() -> None:
+            while not self._stopping.wait(interval):
+                try:
+                    load = self.load_from_status(status())
+                except Exception as exc:  # noqa: BLE001 - the pool may be closing: try again
+                    log.debug("autoscaler could not read the pool's status: %s", exc)
+                    continue
+                self.step(load)
+
+        self._start(loop, "autoscaler-poll")
+        return self
+
+    def _start(self, target: Callable[[], None], name: str) -> None:
+        if self._thread is not None:
+            raise RuntimeError("this autoscaler is already running")
+        log.info("autoscaling %s: min %d, max %d, target %g, window %gs, idle to zero %gs",
+                 self.scaler.describe(), self.settings.min, self.settings.max, self.settings.target,
+                 self.settings.window, self.settings.idle)
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _apply_observed(self) -> None:
+        while True:
+            self._wake.wait()
+            if self._stopping.is_set():
+                return
+            self._wake.clear()
+            with self._lock:
+                load, self._latest = self._latest, None
+            if load is not None:
+                self.step(load)
+
+    # ------------------------------------------------------------------ deciding
+
+    def step(self, load: Load, now: float | None = None) -> Decision | None:
+        """Decide once from ``load`` and apply the decision; None when the scaler could not be read."""
+        now = self.clock() if now is None else now
+        try:
+            current = self._current(now)
+        except Exception as exc:  # noqa: BLE001
+            self._report(exc)
+            return None
+        decision, state = decide(load, current, self.settings, self._state, now)
+        self._state = state
+        self.last_decision = decision
+        if decision.replicas == current:
+            log.debug("autoscaler: %s", decision.reason)
+            return decision
+        try:
+            self.scaler.scale(decision.replicas)
+        except Exception as exc:  # noqa: BLE001 - a refusal is logged and retried on the next numbers
+            self._report(exc)
+            self._replicas = None
+            return decision
+        log.info("autoscaler: %s from %d to %d workers: %s", self.scaler.describe(), current, decision.replicas,
+                 decision.reason)
+        self.history.append((now, current, decision.replicas, decision.reason))
+        del self.history[:-100]
+        self._replicas = decision.replicas
+        self._last_error = ""
+        return decision
+
+    def _current(self, now: float) -> int:
+        if self._replicas is None or now - self._synced_at >= self.resync:
+            self._replicas = self.scaler.current()
+            self._synced_at = now
+        return self._replicas
+
+    def _report(self, exc: Exception) -> None:
+        message = str(exc)
+        if message != self._last_error:  # once per distinct problem, not once a second
+            log.warning("autoscaler cannot scale %s: %s", self.scaler.describe(), message)
+            self._last_error = message

@@ -1,0 +1,233 @@
+"""The autoscaler on real local processes (DESIGN §6, issue 5): load adds workers up to max, idle
+removes them after the window, scale-down under a load of 1,000 tasks fails none, a pool scaled
+to zero wakes for a task. No timed speed assertions: timings are printed (pytest -s), and the
+waits are generous bounds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from langchain_core.runnables import RunnableLambda
+
+from pool import LocalPool, RunnableK8s
+from pool.autoscaler import Autoscaler
+from pool.autoscaling import AutoscaleSettings
+from pool.broker import Broker
+from pool.client import Connection
+
+
+def slow(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def square(x: int) -> int:
+    time.sleep(0.002)
+    return x * x
+
+
+def short(x: int) -> int:
+    time.sleep(0.005)  # 1000 of them two at a time take at least 2.5 s: room for a scale-down
+    return x * x
+
+
+def remote(address: str, fn: Any, **kwargs: Any) -> RunnableK8s:
+    kwargs.setdefault("timeout", 60)
+    return RunnableK8s(bound=RunnableLambda(fn), pool=address, mode="warm", **kwargs)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until ``condition()`` held; fails the test after ``timeout``."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def ready_workers(pool: LocalPool) -> int:
+    return sum(1 for w in pool.status()["workers"] if not w["draining"])
+
+
+class Load:
+    """Keeps ``in_flight`` calls of ``fn(arg)`` running from threads until stopped; counts outcomes."""
+
+    def __init__(self, address: str, fn: Any, arg: Any, in_flight: int) -> None:
+        self.runnable = remote(address, fn)
+        self.arg = arg
+        self.done = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(in_flight)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.runnable.invoke(self.arg)
+                self.done += 1
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                self.errors.append(exc)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+@pytest.mark.timeout(90)
+def test_rising_load_grows_the_pool_to_max_and_idle_shrinks_it_after_the_window() -> None:
+    settings = AutoscaleSettings(min=1, max=4, target=1.0, window=3, idle=60)
+    with LocalPool(workers=1, concurrency=2, autoscale=settings) as pool:
+        assert ready_workers(pool) == 1
+        with Load(pool.address, slow, 0.3, in_flight=16) as load:
+            grew = wait_for(lambda: ready_workers(pool) == 4, 45, "4 ready workers under load")
+            assert pool.workers == 4  # never past max
+            time.sleep(2)
+            assert pool.workers == 4
+        assert load.errors == [] and load.done > 0
+        shrank = wait_for(lambda: pool.workers == 1, 30, "back to 1 worker when idle")
+        wait_for(lambda: ready_workers(pool) == 1 and len(pool.status()["workers"]) == 1, 30,
+                 "the removed workers to drain and leave")
+        history = pool.autoscaler.history
+        assert [(a, b) for _, a, b, _ in history][0] == (1, 4)  # up at once: 16 tasks / 2 slots >= max
+        assert history[-1][1:3] == (4, 1) and "scale down" in history[-1][3]
+        # The window holds the workers at least 3 s after the load ends.
+        assert shrank >= 2.0, history
+        print(f"\nlocal pool autoscaling: 1 -> 4 ready workers in {grew:.1f}s under load "
+              f"({load.done} calls of 0.3 s), 4 -> 1 in {shrank:.1f}s after the load ended (window 3 s)")
+
+
+@pytest.mark.timeout(90)
+def test_an_explicit_scale_down_from_4_to_1_during_1000_tasks_fails_none() -> None:
+    with LocalPool(workers=4, concurrency=4) as pool:
+        results: list[Any] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                results.extend(remote(pool.address, square).batch(list(range(1000)), {"max_concurrency": 32}))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_for(lambda: pool.status()["counters"]["done"] >= 150, 30, "150 tasks done")
+        pool.scale(1, wait=False)
+        at_scale = pool.status()["counters"]["done"]
+        thread.join(60)
+        assert not thread.is_alive()
+        assert errors == []
+        assert results == [x * x for x in range(1000)]
+        counters = pool.status()["counters"]
+        assert counters["failed"] == 0 and counters["workers_lost"] == 0
+        wait_for(lambda: len(pool.status()["workers"]) == 1, 20, "3 workers to drain and leave")
+        assert at_scale < 1000, "the scale-down came after the load ended: nothing was tested"
+        print(f"\nscaled 4 -> 1 after {at_scale} of 1000 tasks; requeued by draining workers: "
+              f"{counters['submitted'] - 1000}")
+
+
+@pytest.mark.timeout(90)
+def test_the_autoscaler_scaling_down_during_1000_tasks_fails_none() -> None:
+    # Two calls in flight need 1 worker of 4 slots: after the 1 s window the autoscaler drops 4 -> 1.
+    settings = AutoscaleSettings(min=1, max=4, window=1, idle=60)
+    with LocalPool(workers=4, concurrency=4, autoscale=settings) as pool:
+        started = time.monotonic()
+        results = remote(pool.address, short).batch(list(range(1000)), {"max_concurrency": 2})
+        ended = time.monotonic()
+        assert results == [x * x for x in range(1000)]
+        downs = [(t, a, b) for t, a, b, _ in pool.autoscaler.history if b < a]
+        assert downs and started < downs[0][0] < ended, (pool.autoscaler.history, started, ended)
+        counters = pool.status()["counters"]
+        assert counters["failed"] == 0 and counters["workers_lost"] == 0
+        print(f"\nautoscaler scaled {downs[0][1]} -> {downs[0][2]} {downs[0][0] - started:.1f}s into a "
+              f"{ended - started:.1f}s batch of 1000 tasks; none failed")
+
+
+@pytest.mark.timeout(90)
+def test_a_pool_scaled_to_zero_wakes_for_a_task_that_waits_in_the_queue() -> None:
+    settings = AutoscaleSettings(min=0, max=2, window=0.5, idle=1.0)
+    with LocalPool(workers=1, concurrency=2, autoscale=settings) as pool:
+        assert remote(pool.address, slow).invoke(0) in pool.pids
+        slept = wait_for(lambda: pool.workers == 0 and not pool.status()["workers"], 20, "scale to zero")
+        time.sleep(1.5)
+        assert pool.workers == 0  # it stays asleep without tasks
+        started = time.monotonic()
+        pid = remote(pool.address, slow).invoke(0)  # warm mode: the task waits in the broker's queue
+        woke = time.monotonic() - started
+        assert pid in pool.pids and pool.workers == 1
+        assert pool.autoscaler.history[-1][1:3] == (0, 1)
+        assert pool.autoscaler.history[-1][3].startswith("scale from zero")
+        print(f"\nscale to zero {slept:.1f}s after the last task (idle 1 s); a task on the empty pool "
+              f"returned in {woke:.1f}s (worker start included)")
+
+
+# ---------------------------------------------------------------------------- broker-driven
+
+
+class ProcessScaler:
+    """Worker processes connected to an in-process broker: what a Deployment is on a cluster."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.calls: list[tuple[float, int]] = []
+
+    def current(self) -> int:
+        return len(self.procs)
+
+    def scale(self, replicas: int) -> None:
+        self.calls.append((time.monotonic(), replicas))
+        while len(self.procs) > replicas:
+            self.procs.pop().terminate()
+        while len(self.procs) < replicas:
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "worker", "--connect", self.address, "--concurrency", "2",
+                 "--exit-with-parent", str(os.getpid())], stdin=subprocess.DEVNULL))
+
+    def describe(self) -> str:
+        return "test worker processes"
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_with_no_workers_wakes_its_autoscaler_as_soon_as_a_task_arrives() -> None:
+    broker = Broker("tcp://127.0.0.1:*")
+    scaler = ProcessScaler(broker.endpoint)
+    # A long window and idle time: only the task's arrival can make it scale.
+    autoscaler = Autoscaler(AutoscaleSettings(min=0, max=3, window=600, idle=600), scaler).start()
+    broker.status_hooks.append(autoscaler.observe)
+    thread = threading.Thread(target=broker.serve_forever, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.5)
+        assert scaler.calls == []  # idle at zero: nothing to do
+        submitted = time.monotonic()
+        assert remote(broker.endpoint, slow).invoke(0) == scaler.procs[0].pid
+        assert scaler.calls and scaler.calls[0][1] == 1
+        print(f"\nbroker at zero workers: scale to 1 requested {scaler.calls[0][0] - submitted:.3f}s after "
+              f"the call was made")
+    finally:
+        Connection.close_all(broker.endpoint)
+        autoscaler.stop()
+        broker.stop()
+        thread.join(5)
+        scaler.close()
+        broker.close()
