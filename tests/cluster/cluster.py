@@ -743,8 +743,8 @@ def status() -> dict:
 def up(tier: str = "node") -> dict:
     state = load_state()
     st = status()
-    if state and not st["up"] and state.get("pids"):
-        log("stale cluster state found; tearing it down first")
+    if state and not st["up"]:
+        log("stale cluster state found (nothing up); tearing it down first")
         down()
         state = {}
     if not state:
