@@ -38,6 +38,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
     except (BrokerConfigError, FileNotFoundError, ValueError) as exc:
         print(f"runnable-k8s broker: {exc}", file=sys.stderr)
         return 2
+    try:
+        extras = _broker_extras(args, broker)
+    except Exception as exc:  # noqa: BLE001 - a bad --autoscale-*/--metrics-* setting: say it and stop
+        broker.close()
+        print(f"runnable-k8s broker: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     if args.exit_with_parent:
@@ -50,8 +56,35 @@ def cmd_broker(args: argparse.Namespace) -> int:
     try:
         broker.serve_forever()
     finally:
+        for stop in extras:
+            stop()
         broker.close()
     return 0
+
+
+def _broker_extras(args: argparse.Namespace, broker: Any) -> list[Any]:
+    """Metrics endpoint and autoscaler of a broker, as asked by its flags; returns their stoppers."""
+    stops: list[Any] = []
+    if args.metrics_port is not None:
+        from pool.metrics import BrokerMetrics
+
+        metrics = BrokerMetrics(broker).attach()
+        port = metrics.serve(args.metrics_port, args.metrics_bind)
+        stops.append(metrics.close)
+        print(f"runnable-k8s broker: metrics on http://{args.metrics_bind}:{port}/metrics", file=sys.stderr, flush=True)
+    if args.autoscale_deployment:
+        from pool.autoscaler import Autoscaler
+        from pool.autoscaling import AutoscaleSettings
+        from pool.scaler import deployment_scaler
+
+        settings = AutoscaleSettings(min=args.autoscale_min, max=args.autoscale_max, target=args.autoscale_target,
+                                     window=args.autoscale_window, idle=args.autoscale_idle)
+        scaler = deployment_scaler(args.autoscale_namespace, args.autoscale_deployment,
+                                   kubeconfig=args.autoscale_kubeconfig)
+        autoscaler = Autoscaler(settings, scaler).start()
+        broker.status_hooks.append(autoscaler.observe)
+        stops.insert(0, autoscaler.stop)
+    return stops
 
 
 def cmd_local(args: argparse.Namespace) -> int:
@@ -128,6 +161,23 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    from pool.errors import RunnableK8sError
+    from pool.scaler import scale_deployment
+
+    if args.replicas < 0:
+        print("runnable-k8s scale: N must be 0 or more", file=sys.stderr)
+        return 2
+    try:
+        scaler = scale_deployment(args.replicas, namespace=args.namespace, deployment=args.deployment,
+                                  release=args.release, kubeconfig=args.kubeconfig)
+    except RunnableK8sError as exc:
+        print(f"runnable-k8s scale: {exc}", file=sys.stderr)
+        return 1
+    print(f"scaled {scaler.describe()} to {args.replicas} replicas")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from kubernetes.client import CoreV1Api
     from kubernetes.client.rest import ApiException
@@ -170,6 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a task may wait for a free worker slot")
     broker.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     broker.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
+    broker.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on this port (0: any free port)")
+    broker.add_argument("--metrics-bind", default="127.0.0.1", metavar="ADDRESS",
+                        help="address of the metrics endpoint (0.0.0.0 in a Pod, for Prometheus to scrape)")
+    scaling = broker.add_argument_group("autoscaling (a worker Deployment, from queued + running tasks)")
+    scaling.add_argument("--autoscale-deployment", metavar="NAME", help="the worker Deployment to scale (turns it on)")
+    scaling.add_argument("--autoscale-namespace", metavar="NS",
+                         help="its namespace (default: this Pod's namespace, else 'default')")
+    scaling.add_argument("--autoscale-min", type=int, default=1, metavar="N", help="fewest workers; 0 allows scale to zero")
+    scaling.add_argument("--autoscale-max", type=int, default=10, metavar="N", help="most workers")
+    scaling.add_argument("--autoscale-target", type=float, default=1.0, metavar="F",
+                         help="busy slots per slot to aim for, in (0, 1]; lower keeps headroom")
+    scaling.add_argument("--autoscale-window", type=float, default=300.0, metavar="S",
+                         help="scale-down stabilization: seconds of recommendations a scale-down honours")
+    scaling.add_argument("--autoscale-idle", type=float, default=600.0, metavar="S",
+                         help="seconds without tasks before scaling to zero (only with --autoscale-min 0)")
+    scaling.add_argument("--autoscale-kubeconfig", metavar="PATH",
+                         help="kubeconfig (default: in-cluster config in a Pod, else KUBECONFIG or ~/.kube/config)")
     broker.set_defaults(func=cmd_broker)
 
     local = add("local", help="run a local pool (broker + workers) in the foreground")
@@ -188,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     keys = add("keys", help="write CurveZMQ key pairs for a broker, a client and workers")
     keys.add_argument("directory")
     keys.set_defaults(func=cmd_keys)
+
+    scale = add("scale", help="set the worker count of a pool's worker Deployment (scale subresource)")
+    scale.add_argument("replicas", type=int, metavar="N")
+    scale.add_argument("--namespace", "-n", default=None, help="default: in-cluster namespace, else 'default'")
+    which = scale.add_mutually_exclusive_group(required=True)
+    which.add_argument("--deployment", metavar="NAME", help="the worker Deployment's name")
+    which.add_argument("--release", metavar="RELEASE", help="the worker-pool chart release (found by its labels)")
+    scale.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    scale.set_defaults(func=cmd_scale)
 
     gc = add("gc", help="delete leftover ephemeral runner Pods of this project")
     gc.add_argument("--namespace", "-n", default="default")
