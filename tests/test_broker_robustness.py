@@ -280,6 +280,20 @@ def test_the_broker_itself_refuses_an_oversized_submit_with_payload_too_large(st
     assert_still_serving(strict_pool)
 
 
+@pytest.mark.timeout(30)
+def test_a_message_far_over_the_limit_costs_only_the_sender_its_connection(strict_pool):
+    # Past --max-message-bytes plus a margin libzmq itself drops the connection, so a peer that
+    # ignores the limit cannot make the broker buffer an arbitrarily large message.
+    strict_pool.scale(1)
+    runnable = b"r"
+    header = P.TaskHeader("invoke", digest(runnable)).to_bytes()
+    with raw_dealer(strict_pool.address) as sock:
+        hello(sock)
+        sock.send_multipart(submit_frames(os.urandom(P.TASK_ID_BYTES), header, runnable, b"i" * (3 * 1024 * 1024)))
+        assert not sock.poll(500), "the broker answered a message it should not have read"
+    assert_still_serving(strict_pool)
+
+
 class FakeWorker:
     """A raw DEALER that registers as a worker from another environment and keeps heartbeating."""
 
