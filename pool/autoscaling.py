@@ -8,7 +8,8 @@ next state. The same function drives a local pool's process count and a Deployme
 The rules, in order:
 
 1. Load asks for ``ceil((queued + running) / (slots_per_worker * target))`` workers: with
-   ``target=1.0`` every slot is busy; ``0.5`` keeps half the slots free for bursts.
+   ``target=1.0`` every slot is busy; ``0.5`` keeps half the slots free for bursts; ``2.0``
+   lets one task wait per busy slot.
 2. That is clamped to ``[min, max]``. With ``min == 0`` the floor stays 1 until the pool has been
    idle (nothing queued, nothing running) for ``idle`` seconds; only then 0 (like KEDA's
    ``cooldownPeriod``, this replaces the window for the last step to zero).
@@ -40,7 +41,8 @@ class AutoscaleSettings:
     Args:
         min: fewest workers; 0 allows scale to zero after ``idle`` seconds without tasks.
         max: most workers.
-        target: busy slots per slot to aim for, in (0, 1]; lower keeps headroom for bursts.
+        target: queued + running tasks per worker slot to aim for: 1.0 keeps every slot busy and
+            no queue; below 1 keeps free slots for bursts; above 1 accepts a queue (fewer workers).
         window: seconds of recommendations a scale-down looks back over (stabilization).
         idle: seconds without queued or running tasks before scaling to zero (only when min == 0).
         slots_per_worker: slots of a worker before any has registered (None: learnt from the
@@ -57,8 +59,8 @@ class AutoscaleSettings:
     def __post_init__(self) -> None:
         if self.min < 0 or self.max < 1 or self.min > self.max:
             raise ValueError(f"autoscaling needs 0 <= min <= max and max >= 1 (got min={self.min}, max={self.max})")
-        if not 0 < self.target <= 1:
-            raise ValueError(f"autoscaling target must be in (0, 1] busy slots per slot (got {self.target})")
+        if not self.target > 0:
+            raise ValueError(f"autoscaling target must be more than 0 tasks per slot (got {self.target})")
         if self.window < 0 or self.idle < 0:
             raise ValueError("autoscaling window and idle must be 0 or more seconds")
         if self.slots_per_worker is not None and self.slots_per_worker < 1:

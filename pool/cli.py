@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--autoscale-min", type=int, default=1, metavar="N", help="fewest workers; 0 allows scale to zero")
     scaling.add_argument("--autoscale-max", type=int, default=10, metavar="N", help="most workers")
     scaling.add_argument("--autoscale-target", type=float, default=1.0, metavar="F",
-                         help="busy slots per slot to aim for, in (0, 1]; lower keeps headroom")
+                         help="queued + running tasks per worker slot to aim for (1.0: every slot busy, "
+                              "no queue; lower keeps free slots for bursts)")
     scaling.add_argument("--autoscale-window", type=float, default=300.0, metavar="S",
                          help="scale-down stabilization: seconds of recommendations a scale-down honours")
     scaling.add_argument("--autoscale-idle", type=float, default=600.0, metavar="S",

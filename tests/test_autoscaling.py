@@ -31,6 +31,8 @@ def test_load_asks_for_tasks_over_slots_times_target() -> None:
     assert decision.replicas == 3  # ceil(11 / 4)
     half, _ = decide(Load(7, 4, 4), 1, AutoscaleSettings(min=1, max=100, target=0.5), PolicyState(), 0.0)
     assert half.replicas == 6  # ceil(11 / 2): half the slots kept free
+    double, _ = decide(Load(7, 4, 4), 1, AutoscaleSettings(min=1, max=100, target=2.0), PolicyState(), 0.0)
+    assert double.replicas == 2  # ceil(11 / 8): a queue of one task per slot is accepted
 
 
 def test_rising_load_scales_up_at_once_each_step() -> None:
@@ -137,7 +139,7 @@ def test_history_keeps_only_the_window() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"min": -1}, {"max": 0}, {"min": 3, "max": 2}, {"target": 0}, {"target": 1.5}, {"window": -1},
+    {"min": -1}, {"max": 0}, {"min": 3, "max": 2}, {"target": 0}, {"target": -1}, {"window": -1},
     {"idle": -1}, {"slots_per_worker": 0},
 ])
 def test_bad_settings_are_refused(kwargs: dict) -> None:
