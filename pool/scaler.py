@@ -108,16 +108,26 @@ def k8s_error(exc: Exception, verb: str, resource: str, namespace: str, name: st
     return ScalingError(f"could not {verb} {what} in namespace {namespace!r}: {exc}")
 
 
-def default_namespace() -> str:
-    """The Pod's own namespace when running in one (POD_NAMESPACE, then the ServiceAccount's file),
-    else ``default``."""
+def default_namespace(kubeconfig: Any = None) -> str:
+    """The namespace to use when none is named, as kubectl picks it: the Pod's own namespace in a
+    Pod (POD_NAMESPACE, then the ServiceAccount's file), else the kubeconfig context's, else
+    ``default``."""
     if os.environ.get("POD_NAMESPACE"):
         return os.environ["POD_NAMESPACE"]
     try:
         with open(IN_CLUSTER_NAMESPACE_FILE) as f:
             return f.read().strip() or "default"
     except OSError:
-        return "default"
+        pass
+    if kubeconfig is None or isinstance(kubeconfig, str):
+        try:
+            from kubernetes import config
+
+            _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+            return str(active.get("context", {}).get("namespace") or "default")
+        except Exception:  # noqa: BLE001 - no kubeconfig: the default namespace
+            pass
+    return "default"
 
 
 def find_worker_deployment(api_client: Any, namespace: str, release: str) -> str:
@@ -150,10 +160,11 @@ def deployment_scaler(namespace: str | None = None, deployment: str | None = Non
 
     if (deployment is None) == (release is None):
         raise ValueError("name the Deployment (deployment=...) or the chart release (release=...), not both")
-    namespace = namespace or default_namespace()
+    if isinstance(kubeconfig, str):
+        kubeconfig = os.path.expanduser(kubeconfig)
+    namespace = namespace or default_namespace(kubeconfig)
     try:
-        client = kubeconfig if isinstance(kubeconfig, ApiClient) else make_api_client(
-            os.path.expanduser(kubeconfig) if isinstance(kubeconfig, str) else kubeconfig)
+        client = kubeconfig if isinstance(kubeconfig, ApiClient) else make_api_client(kubeconfig)
     except Exception as exc:  # noqa: BLE001 - kubeconfig missing or unreadable
         raise ScalingError(f"no Kubernetes configuration: {exc}. Pass --kubeconfig PATH or set KUBECONFIG") from exc
     name = deployment or find_worker_deployment(client, namespace, release or "")

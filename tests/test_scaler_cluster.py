@@ -1,0 +1,249 @@
+"""Scaling a worker Deployment on the real test cluster (issue 5 items 4 and 5): DeploymentScaler and
+``runnable-k8s scale`` move spec.replicas through the scale subresource, a ServiceAccount without
+the verb gets a message naming it, and a broker on this host autoscales the Deployment with load.
+
+The control plane is enough: the Deployment's Pods stay Pending (a nodeSelector nothing matches);
+spec.replicas is what is scaled. In the autoscaling test the workers are local processes connected
+to the broker on 127.0.0.1, so load is real and the Deployment is only the object being scaled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from langchain_core.runnables import RunnableLambda
+
+from pool import LocalPool, RunnableK8s
+from pool.scaler import DeploymentScaler, ScalingError, find_worker_deployment, scale
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
+
+REPO = Path(__file__).resolve().parent.parent
+RELEASE = "rel"
+WORKERS = "rel-worker-pool-worker"
+NO_NODE = {"runnable-k8s.test/no-such-node": "true"}
+
+
+def slow(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def worker_deployment(name: str = WORKERS, release: str = RELEASE, replicas: int = 1) -> client.V1Deployment:
+    labels = {"app.kubernetes.io/instance": release, "app.kubernetes.io/component": "worker",
+              "app.kubernetes.io/name": "worker-pool"}
+    return client.V1Deployment(
+        metadata=client.V1ObjectMeta(name=name, labels=labels),
+        spec=client.V1DeploymentSpec(
+            replicas=replicas, selector=client.V1LabelSelector(match_labels=labels),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels=labels),
+                spec=client.V1PodSpec(
+                    node_selector=NO_NODE, termination_grace_period_seconds=1,
+                    automount_service_account_token=False,
+                    containers=[client.V1Container(
+                        name="worker", image="runnable-k8s-worker:latest", image_pull_policy="Never",
+                        command=["python", "-c", "import time; time.sleep(3600)"])]))))
+
+
+def replicas(apps: client.AppsV1Api, namespace: str, name: str = WORKERS) -> int:
+    return int(apps.read_namespaced_deployment(name, namespace).spec.replicas)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pool", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def token_kubeconfig(cp: Any, namespace: str, account: str, path: Path) -> tuple[str, client.ApiClient]:
+    """A kubeconfig file and an ApiClient that act as ``account`` (a TokenRequest token)."""
+    core = cp.core()
+    core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
+        metadata=client.V1ObjectMeta(name=account)))
+    token = core.create_namespaced_service_account_token(account, namespace, client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600))).status.token
+    ca = cp.api_client.configuration.ssl_ca_cert
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: sa\n"
+        f"clusters: [{{name: c, cluster: {{server: '{cp.server}', certificate-authority: '{ca}'}}}}]\n"
+        f"users: [{{name: sa, user: {{token: '{token}'}}}}]\n"
+        f"contexts: [{{name: sa, context: {{cluster: c, user: sa, namespace: {namespace}}}}}]\n")
+    cfg = client.Configuration()
+    cfg.host = cp.server
+    cfg.ssl_ca_cert = ca
+    cfg.api_key = {"authorization": "Bearer " + token}
+    return str(path), client.ApiClient(cfg)
+
+
+def grant(cp: Any, namespace: str, account: str, resource: str, verbs: list[str]) -> None:
+    rbac = client.RbacAuthorizationV1Api(cp.api_client)
+    name = f"{account}-{resource.replace('/', '-')}"
+    rbac.create_namespaced_role(namespace, client.V1Role(
+        metadata=client.V1ObjectMeta(name=name),
+        rules=[client.V1PolicyRule(api_groups=["apps"], resources=[resource], verbs=verbs)]))
+    rbac.create_namespaced_role_binding(namespace, client.V1RoleBinding(
+        metadata=client.V1ObjectMeta(name=name),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=name),
+        subjects=[client.RbacV1Subject(kind="ServiceAccount", name=account, namespace=namespace)]))
+
+
+# ---------------------------------------------------------------------------- by hand
+
+
+def test_deployment_scaler_moves_replicas_through_the_scale_subresource(k8s_control_plane, k8s_namespace):
+    apps = k8s_control_plane.apps()
+    apps.create_namespaced_deployment(k8s_namespace, worker_deployment())
+    scaler = DeploymentScaler(k8s_namespace, WORKERS, k8s_control_plane.api_client)
+    assert scaler.current() == 1
+    scaler.scale(3)
+    assert scaler.current() == 3 and replicas(apps, k8s_namespace) == 3
+    # The Deployment controller acts on it: its ReplicaSet asks for 3 Pods (Pending: no node matches).
+    wait_for(lambda: sum(rs.spec.replicas for rs in apps.list_namespaced_replica_set(k8s_namespace).items) == 3,
+             30, "the ReplicaSet at 3")
+    scaler.scale(0)
+    assert scaler.current() == 0
+    with pytest.raises(ScalingError, match="not found in namespace"):
+        DeploymentScaler(k8s_namespace, "no-such-deployment", k8s_control_plane.api_client).scale(1)
+
+
+def test_runnable_k8s_scale_by_release_by_name_and_the_python_api(k8s_control_plane, k8s_namespace):
+    apps = k8s_control_plane.apps()
+    apps.create_namespaced_deployment(k8s_namespace, worker_deployment())
+    # Another release's workers in the same namespace are not touched.
+    apps.create_namespaced_deployment(k8s_namespace, worker_deployment("other-worker", "other"))
+    kubeconfig = k8s_control_plane.kubeconfig
+    assert find_worker_deployment(k8s_control_plane.api_client, k8s_namespace, RELEASE) == WORKERS
+
+    done = cli("scale", "3", "--namespace", k8s_namespace, "--release", RELEASE, "--kubeconfig", kubeconfig)
+    assert done.returncode == 0, done.stderr
+    assert f"scaled deployment {k8s_namespace}/{WORKERS} to 3 replicas" in done.stdout
+    assert replicas(apps, k8s_namespace) == 3 and replicas(apps, k8s_namespace, "other-worker") == 1
+
+    done = cli("scale", "2", "-n", k8s_namespace, "--deployment", WORKERS, env={"KUBECONFIG": kubeconfig})
+    assert done.returncode == 0, done.stderr
+    assert replicas(apps, k8s_namespace) == 2
+
+    scale(f"k8s://{k8s_namespace}/{RELEASE}", 1, kubeconfig=kubeconfig)
+    assert replicas(apps, k8s_namespace) == 1
+
+    missing = cli("scale", "2", "-n", k8s_namespace, "--release", "nobody", "--kubeconfig", kubeconfig)
+    assert missing.returncode == 1
+    assert "expected one worker Deployment of release 'nobody'" in missing.stderr and "found none" in missing.stderr
+
+
+def test_a_service_account_without_the_patch_verb_gets_a_message_naming_it(k8s_control_plane, k8s_namespace,
+                                                                           tmp_path):
+    apps = k8s_control_plane.apps()
+    apps.create_namespaced_deployment(k8s_namespace, worker_deployment())
+    path, limited = token_kubeconfig(k8s_control_plane, k8s_namespace, "reader", tmp_path / "kubeconfig")
+    grant(k8s_control_plane, k8s_namespace, "reader", "deployments/scale", ["get"])
+    grant(k8s_control_plane, k8s_namespace, "reader", "deployments", ["list"])
+    with limited:
+        scaler = DeploymentScaler(k8s_namespace, WORKERS, limited)
+        wait_for(lambda: _allowed(scaler.current), 15, "the Role to take effect")
+        assert scaler.current() == 1
+        with pytest.raises(ScalingError) as refused:
+            scaler.scale(3)
+        message = str(refused.value)
+        assert "403 Forbidden" in message and "'patch' verb on 'deployments/scale'" in message
+        assert "apiGroups: ['apps'], resources: ['deployments/scale'], verbs: ['get', 'patch']" in message
+
+    # The namespace comes from the kubeconfig's context, as with kubectl.
+    done = cli("scale", "3", "--release", RELEASE, "--kubeconfig", path)
+    assert done.returncode == 1
+    assert f"refused to patch deployments/scale '{WORKERS}' in namespace '{k8s_namespace}'" in done.stderr
+    assert "'patch' verb on 'deployments/scale'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert replicas(apps, k8s_namespace) == 1
+
+    # Without the list verb, finding a release's Deployment says so too.
+    _, nolist = token_kubeconfig(k8s_control_plane, k8s_namespace, "nolist", tmp_path / "kubeconfig2")
+    with nolist, pytest.raises(ScalingError, match="'list' verb on 'deployments'"):
+        find_worker_deployment(nolist, k8s_namespace, RELEASE)
+
+
+def _allowed(call: Callable[[], Any]) -> bool:
+    try:
+        call()
+        return True
+    except ScalingError as exc:
+        if "403" not in str(exc):
+            raise
+        return False
+
+
+# ---------------------------------------------------------------------------- with load
+
+
+@pytest.mark.timeout(240)
+def test_a_broker_on_this_host_autoscales_the_deployment_with_load_and_wakes_it_from_zero(
+        k8s_control_plane, k8s_namespace, tmp_path):
+    apps = k8s_control_plane.apps()
+    apps.create_namespaced_deployment(k8s_namespace, worker_deployment())
+    log = tmp_path / "broker.log"
+    broker_args = [
+        "--autoscale-deployment", WORKERS, "--autoscale-namespace", k8s_namespace,
+        "--autoscale-min", "0", "--autoscale-max", "4", "--autoscale-target", "1",
+        "--autoscale-window", "3", "--autoscale-idle", "4", "--autoscale-kubeconfig", k8s_control_plane.kubeconfig,
+        "--log-level", "INFO",
+    ]
+    seen: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # the replica counts the Deployment goes through
+        while not stop.is_set():
+            value = replicas(apps, k8s_namespace)
+            if not seen or seen[-1][1] != value:
+                seen.append((time.monotonic(), value))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    # One local worker of one slot: 6 calls in flight queue 5 tasks, asking for 6 workers, max 4.
+    with LocalPool(workers=1, concurrency=1, broker_args=broker_args) as pool:
+        runnable = RunnableK8s(bound=RunnableLambda(slow), pool=pool.address, mode="warm", timeout=120)
+        start = time.monotonic()
+        results = runnable.batch([1.0] * 6, {"max_concurrency": 6})
+        assert len(results) == 6
+        wait_for(lambda: any(r == 4 for _, r in seen), 10, "replicas 4")
+        up = next(t for t, r in seen if r == 4) - start
+        # Idle: back to 1 after the window, then 0 after 4 idle seconds.
+        t_load_end = time.monotonic()
+        to_zero = wait_for(lambda: replicas(apps, k8s_namespace) == 0, 60, "scale to zero")
+        counts = [r for _, r in seen]
+        assert counts[:2] == [1, 4] and max(counts) == 4 and counts[-2:] == [1, 0], counts
+
+        # Wake from zero: with no worker connected, a task makes the broker scale to 1 at once; the
+        # task waits in the queue until a worker (here a local process standing in for the Pod) comes.
+        pool.scale(0)
+        outcome: list[Any] = []
+        caller = threading.Thread(target=lambda: outcome.append(runnable.invoke(0.0)))
+        submitted = time.monotonic()
+        caller.start()
+        woke = wait_for(lambda: replicas(apps, k8s_namespace) == 1, 20, "scale from zero")
+        pool.scale(1)
+        caller.join(60)
+        assert outcome and outcome[0] in pool.pids
+    stop.set()
+    watcher.join(5)
+    print(f"\nDeployment replicas went {[r for _, r in seen]}; 1 -> 4 within {up:.1f}s of the load starting, "
+          f"to 0 {to_zero:.1f}s after it ended (window 3 s, idle 4 s); 0 -> 1 {woke:.2f}s after a task "
+          f"arrived ({submitted - t_load_end:.0f}s into the idle period)")
