@@ -1,0 +1,320 @@
+"""The worker-pool chart on the real single-node test cluster (tests/cluster): helm install with
+CurveZMQ keys from a Secret, warm calls from the host, worker concurrency, helm test, scaling the
+worker Deployment through its scale subresource (scale-down drains), helm uninstall; and the
+autoscaler's RBAC, least privilege, with a real ServiceAccount token.
+
+The test cluster has no DNS and no kube-proxy, so the broker runs with hostNetwork on a free host
+port, and the workers and the helm test Pod (hostNetwork too) reach it at tcp://127.0.0.1:PORT;
+the host reaches it there as well (see charts/worker-pool/README.md, "On the project's test
+cluster"). The worker image there is built from this checkout, so lambdas travel by value.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from langchain_core.runnables import RunnableLambda
+
+from pool import RunnableK8s
+from pool.client import Connection
+from pool.errors import RunnableK8sError
+from pool.keys import create_key_directory
+from tests.test_chart import CHART, helm, values_file
+from worker.curve import load_peer_keys
+
+pytestmark = pytest.mark.cluster
+RELEASE = "pool"
+WORKERS = f"{RELEASE}-worker-pool-worker"
+COMPONENT = "app.kubernetes.io/instance={release},app.kubernetes.io/component={component}"
+
+
+def worker_supports_health_dir() -> bool:
+    """The image is built from this checkout: its worker has --health-dir when this one does."""
+    help_text = subprocess.run([sys.executable, "-m", "worker", "--help"], capture_output=True, text=True).stdout
+    return "--health-dir" in help_text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_key_secret(core, namespace: str, name: str, keys: Path) -> None:
+    """What `kubectl create secret generic NAME --from-file=KEYS` makes: one entry per top-level file."""
+    from kubernetes import client
+
+    data = {f.name: base64.b64encode(f.read_bytes()).decode() for f in sorted(keys.iterdir()) if f.is_file()}
+    core.create_namespaced_secret(namespace, client.V1Secret(metadata=client.V1ObjectMeta(name=name), data=data))
+
+
+def wait_for(what: str, condition, timeout: float, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+
+
+def ready_pods(core, namespace: str, component: str) -> list[str]:
+    pods = core.list_namespaced_pod(namespace, label_selector=COMPONENT.format(release=RELEASE, component=component))
+    return sorted(p.metadata.name for p in pods.items if p.metadata.deletion_timestamp is None
+                  and any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or [])))
+
+
+def pods_left(core, namespace: str, component: str) -> list[str]:
+    pods = core.list_namespaced_pod(namespace, label_selector=COMPONENT.format(release=RELEASE, component=component))
+    return sorted(p.metadata.name for p in pods.items)
+
+
+def registered_workers(status_connection: Connection) -> int:
+    return sum(1 for w in status_connection.status()["workers"] if not w.get("draining"))
+
+
+def describe(core, namespace: str) -> str:
+    """Pods, their states and recent events: what a failing assertion should show."""
+    lines = []
+    for pod in core.list_namespaced_pod(namespace).items:
+        states = [(c.name, c.ready, c.restart_count, c.state.to_dict()) for c in (pod.status.container_statuses or [])]
+        lines.append(f"{pod.metadata.name} {pod.status.phase} {states}")
+        try:
+            lines.append(core.read_namespaced_pod_log(pod.metadata.name, namespace, tail_lines=20))
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            lines.append(f"<no logs: {exc}>")
+    for event in core.list_namespaced_event(namespace).items[-15:]:
+        lines.append(f"event {event.involved_object.name}: {event.reason} {event.message}")
+    return "\n".join(lines)
+
+
+def scale(apps, namespace: str, replicas: int) -> None:
+    apps.patch_namespaced_deployment_scale(WORKERS, namespace, {"spec": {"replicas": replicas}})
+
+
+@pytest.mark.timeout(420)
+def test_the_chart_runs_a_keyed_warm_pool_that_scales_and_drains(helm_bin, k8s_node, k8s_namespace, tmp_path):
+    cp = k8s_node.control_plane
+    core, apps, ns, kubeconfig = cp.core(), cp.apps(), k8s_namespace, cp.kubeconfig
+    keys = create_key_directory(tmp_path / "keys")
+    create_key_secret(core, ns, "pool-keys", keys)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    probes = worker_supports_health_dir()
+    values = {
+        "image": {"repository": "runnable-k8s-worker", "tag": "latest", "pullPolicy": "Never"},
+        "curve": {"enabled": True, "existingSecret": "pool-keys"},
+        "broker": {"hostNetwork": True, "port": port, "logLevel": "DEBUG",
+                   "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
+        "worker": {"hostNetwork": True, "brokerAddress": address, "replicas": 1, "concurrency": 2,
+                   "gracePeriodSeconds": 20, "probes": {"enabled": probes},
+                   "extraEnv": [{"name": "GREETING", "value": "hello from the chart"}],
+                   "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
+        "tests": {"hostNetwork": True, "timeout": 60},
+    }
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", ns, "-f", values_file(tmp_path, values),
+                   "--wait", "--timeout", "120s", tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
+    timings["install --wait"] = time.monotonic() - t0
+    assert install.returncode == 0, install.stdout + install.stderr + describe(core, ns)
+    status = None
+    try:
+        assert f'k8s://{ns}/{RELEASE}' in install.stdout  # NOTES: how to connect from a laptop
+        # The Service and broker Pods carry what `k8s://NS/RELEASE` clients look for.
+        services = core.list_namespaced_service(ns, label_selector=COMPONENT.format(release=RELEASE,
+                                                                                    component="broker")).items
+        assert [s.metadata.name for s in services] == [f"{RELEASE}-worker-pool-broker"]
+        assert [p.name for p in services[0].spec.ports] == ["zmq"]
+        assert ready_pods(core, ns, "broker"), describe(core, ns)
+
+        # The workers registered with the broker (with CurveZMQ worker keys from the Secret).
+        status = Connection(address, load_peer_keys(keys, "client"), 10.0)
+        wait_for("one registered worker", lambda: registered_workers(status) == 1, 60)
+        if probes:  # readiness means registered: the Pod is Ready once the broker has it
+            wait_for("a Ready worker Pod", lambda: len(ready_pods(core, ns, "worker")) == 1, 60)
+
+        # A warm call from the host, through the chart's broker, with the client keys.
+        remote = RunnableK8s(bound=RunnableLambda(lambda x: {"double": x * 2, "env": __import__("os").environ[
+            "GREETING"], "pod": __import__("os").environ["POD_NAME"]}), pool=address, keys=str(keys), mode="warm",
+            timeout=60)
+        t0 = time.monotonic()
+        first = remote.invoke(21)
+        timings["first warm call"] = time.monotonic() - t0
+        assert first["double"] == 42 and first["env"] == "hello from the chart"
+        assert first["pod"].startswith(WORKERS)
+
+        # Worker concurrency is real: 4 one-second tasks on one worker of concurrency 2 take ~2 s.
+        sleepy = RunnableK8s(bound=RunnableLambda(lambda x: (__import__("time").sleep(1.0), x)[1]), pool=address,
+                             keys=str(keys), mode="warm", timeout=60)
+        sleepy.invoke(0)  # the runnable reaches the worker's cache first
+        t0 = time.monotonic()
+        assert sleepy.batch([1, 2, 3, 4]) == [1, 2, 3, 4]
+        elapsed = time.monotonic() - t0
+        timings["4 x 1 s on 1 worker of concurrency 2"] = elapsed
+        assert 1.9 <= elapsed < 3.5, elapsed
+
+        # The keys are really enforced: a client without them is refused.
+        with pytest.raises(RunnableK8sError):
+            RunnableK8s(bound=RunnableLambda(lambda x: x), pool=address, mode="warm", timeout=10,
+                        connect_timeout=10).invoke(1)
+
+        # helm test: the hook Pod makes a real call through the pool, with the client keys.
+        t0 = time.monotonic()
+        test = helm(helm_bin, "test", RELEASE, "-n", ns, "--timeout", "120s", tmp_path=tmp_path,
+                    kubeconfig=kubeconfig, timeout=150)
+        timings["helm test"] = time.monotonic() - t0
+        assert test.returncode == 0, test.stdout + test.stderr + describe(core, ns)
+        assert "Phase:          Succeeded" in test.stdout, test.stdout
+        assert not pods_left(core, ns, "test")  # a passed test Pod is deleted (hook-succeeded)
+
+        # Scale 1 -> 3 through the scale subresource: three workers serve.
+        t0 = time.monotonic()
+        scale(apps, ns, 3)
+        wait_for("three registered workers", lambda: registered_workers(status) == 3, 90)
+        if probes:
+            wait_for("three Ready worker Pods", lambda: len(ready_pods(core, ns, "worker")) == 3, 60)
+        timings["scale 1 -> 3"] = time.monotonic() - t0
+        where = RunnableK8s(bound=RunnableLambda(lambda x: (__import__("time").sleep(2.0),
+                                                           __import__("os").environ["POD_NAME"])[1]),
+                            pool=address, keys=str(keys), mode="warm", timeout=90)
+        pods = where.batch(list(range(6)))  # 6 slots: every worker takes two
+        assert len(set(pods)) == 3, pods
+
+        # Scale 3 -> 1 while six two-second tasks run: the stopped workers drain, no call fails.
+        results: dict[str, object] = {}
+        slow = RunnableK8s(bound=RunnableLambda(lambda x: (__import__("time").sleep(4.0), x)[1]), pool=address,
+                           keys=str(keys), mode="warm", timeout=90)
+        runner = threading.Thread(target=lambda: results.update(out=slow.batch(list(range(6)),
+                                                                               return_exceptions=True)))
+        runner.start()
+        wait_for("six busy slots", lambda: status.status()["busy"] == 6, 30, interval=0.1)
+        t0 = time.monotonic()
+        scale(apps, ns, 1)
+        runner.join(120)
+        assert results.get("out") == list(range(6)), results
+        wait_for("one worker Pod left", lambda: len(pods_left(core, ns, "worker")) == 1, 90)
+        wait_for("one registered worker", lambda: registered_workers(status) == 1, 30)
+        timings["scale 3 -> 1 under load"] = time.monotonic() - t0
+        assert remote.invoke(5)["double"] == 10  # and the pool keeps serving
+    except BaseException:
+        print(describe(core, ns))
+        raise
+    finally:
+        print("timings:", {k: round(v, 2) for k, v in timings.items()})
+        if status is not None:
+            status.close()
+        Connection.close_all(address)
+        t0 = time.monotonic()
+        uninstall = helm(helm_bin, "uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s",
+                         tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
+        print(f"helm uninstall took {time.monotonic() - t0:.1f}s")
+    assert uninstall.returncode == 0, uninstall.stderr
+    assert_nothing_left(cp, ns)
+
+
+def assert_nothing_left(cp, ns: str) -> None:
+    """Nothing of the release stays: no Pod, workload, Service, account, role, policy or release Secret."""
+    from kubernetes import client
+
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    core, apps = cp.core(), cp.apps()
+    rbac, policy = client.RbacAuthorizationV1Api(cp.api_client), client.PolicyV1Api(cp.api_client)
+    net = client.NetworkingV1Api(cp.api_client)
+    wait_for("the release's Pods to be gone", lambda: not core.list_namespaced_pod(ns, label_selector=selector).items,
+             90)
+    left = {
+        "deployments": apps.list_namespaced_deployment(ns, label_selector=selector).items,
+        "services": core.list_namespaced_service(ns, label_selector=selector).items,
+        "serviceaccounts": core.list_namespaced_service_account(ns, label_selector=selector).items,
+        "roles": rbac.list_namespaced_role(ns, label_selector=selector).items,
+        "rolebindings": rbac.list_namespaced_role_binding(ns, label_selector=selector).items,
+        "pdbs": policy.list_namespaced_pod_disruption_budget(ns, label_selector=selector).items,
+        "networkpolicies": net.list_namespaced_network_policy(ns, label_selector=selector).items,
+        "helm release secrets": core.list_namespaced_secret(ns, label_selector=f"owner=helm,name={RELEASE}").items,
+    }
+    assert not any(left.values()), {k: [o.metadata.name for o in v] for k, v in left.items() if v}
+
+
+@pytest.mark.timeout(180)
+def test_the_autoscaler_role_allows_scaling_its_own_workers_and_nothing_else(helm_bin, k8s_control_plane,
+                                                                              k8s_namespace, tmp_path):
+    """With autoscaling on, the broker's ServiceAccount may read and scale this release's worker
+    Deployment, and nothing else (checked with a real token of that account)."""
+    from kubernetes import client
+
+    cp, ns = k8s_control_plane, k8s_namespace
+    apps = cp.apps()
+    values = {
+        "image": {"tag": "latest", "pullPolicy": "Never"},
+        "curve": {"enabled": True, "existingSecret": "absent"},  # the Pods need not run here
+        "broker": {"nodeSelector": {"runnable-k8s.test/no-such-node": "true"}},
+        "worker": {"nodeSelector": {"runnable-k8s.test/no-such-node": "true"}},
+        "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 4},
+        "networkPolicy": {"enabled": True}, "metrics": {"enabled": True},
+    }
+    install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", ns, "-f", values_file(tmp_path, values),
+                   tmp_path=tmp_path, kubeconfig=cp.kubeconfig)
+    assert install.returncode == 0, install.stdout + install.stderr
+    other = client.V1Deployment(
+        metadata=client.V1ObjectMeta(name="someone-else"),
+        spec=client.V1DeploymentSpec(
+            replicas=0, selector=client.V1LabelSelector(match_labels={"app": "someone-else"}),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels={"app": "someone-else"}),
+                spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="none")]))))
+    apps.create_namespaced_deployment(ns, other)
+    token = cp.core().create_namespaced_service_account_token(
+        f"{RELEASE}-worker-pool-broker", ns, client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600))).status.token
+    configuration = client.Configuration()
+    configuration.host = cp.api_client.configuration.host
+    configuration.ssl_ca_cert = cp.api_client.configuration.ssl_ca_cert
+    configuration.api_key = {"authorization": f"Bearer {token}"}
+    as_broker = client.ApiClient(configuration)
+    try:
+        broker_apps = client.AppsV1Api(as_broker)
+        # Allowed (the RBAC authorizer's cache may need a moment): read and scale its own workers.
+        wait_for("the Role to take effect", lambda: _allowed(lambda: broker_apps.read_namespaced_deployment_scale(
+            WORKERS, ns)), 20)
+        broker_apps.patch_namespaced_deployment_scale(WORKERS, ns, {"spec": {"replicas": 3}})
+        assert broker_apps.read_namespaced_deployment(WORKERS, ns).spec.replicas == 3
+        assert broker_apps.read_namespaced_deployment_scale(WORKERS, ns).spec.replicas == 3
+        # Refused: anyone else's Deployment, changing the Deployment itself, listing, Pods.
+        refused = [
+            lambda: broker_apps.patch_namespaced_deployment_scale("someone-else", ns, {"spec": {"replicas": 1}}),
+            lambda: broker_apps.read_namespaced_deployment("someone-else", ns),
+            lambda: broker_apps.patch_namespaced_deployment(WORKERS, ns, {"spec": {"paused": True}}),
+            lambda: broker_apps.list_namespaced_deployment(ns),
+            lambda: client.CoreV1Api(as_broker).list_namespaced_pod(ns),
+            lambda: client.CoreV1Api(as_broker).read_namespaced_secret("absent", ns),
+        ]
+        for call in refused:
+            with pytest.raises(client.ApiException) as exc:
+                call()
+            assert exc.value.status == 403
+    finally:
+        as_broker.close()
+        uninstall = helm(helm_bin, "uninstall", RELEASE, "-n", ns, tmp_path=tmp_path, kubeconfig=cp.kubeconfig)
+    assert uninstall.returncode == 0, uninstall.stderr
+    assert_nothing_left(cp, ns)
+
+
+def _allowed(call) -> bool:
+    from kubernetes import client
+
+    try:
+        call()
+        return True
+    except client.ApiException as exc:
+        if exc.status != 403:
+            raise
+        return False
