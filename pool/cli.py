@@ -196,9 +196,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pool.bench import run_bench
+    from pool.bench_modes import run
 
-    return run_bench(args)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,12 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     gc.set_defaults(func=cmd_gc)
 
-    bench = add("bench", help="measure warm calls against in-process and bare ZeroMQ")
-    bench.add_argument("--calls", type=int, default=2000, help="sequential calls per latency figure")
-    bench.add_argument("--throughput-tasks", type=int, default=20000)
-    bench.add_argument("--in-flight", type=int, default=64)
-    bench.add_argument("--workers", type=int, default=2)
-    bench.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
+    bench = add("bench", help="compare warm and ephemeral calls, against in-process and bare ZeroMQ")
+    from pool.bench_modes import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,0 +1,603 @@
+"""``runnable-k8s bench``: warm pool against a fresh worker per call, measured in one run.
+
+For each mode (``warm``: a pool of long-lived workers; ``ephemeral``: a fresh one-shot worker per
+call, a local subprocess or a real Pod) and each workload of :mod:`pool.bench_workloads`, it
+measures
+
+* latency p50/p95/p99 of single sequential calls (and, for ``stream``, the time to first chunk);
+* throughput at each ``--concurrency`` (calls in flight);
+* overhead over running the same runnable in-process (measured in the same run);
+
+and, in the same run, the bare pyzmq floor of :mod:`pool.bench` (``BareFloor``), a scaling run of
+the I/O-bound workload against the number of warm workers, and the figures the first bench
+reported (warm p50 against floor + in-process, 64-in-flight throughput, 1 KB vs 1 MB runnable).
+Tables and JSON come from :mod:`pool.bench_report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from langchain_core.runnables import Runnable, RunnableLambda
+
+from pool import bench_workloads
+from pool.bench import BareFloor, environment, percentiles, time_calls
+from pool.local import LocalPool
+from pool.runnable import DEFAULT_IMAGE, RunnableK8s
+
+MODES = ("warm", "ephemeral")
+EPHEMERAL_TIMEOUT = 300.0
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        return values
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``runnable-k8s bench``."""
+    what = parser.add_argument_group("what to measure")
+    what.add_argument("--modes", type=_csv(str), default=list(MODES), metavar="warm,ephemeral",
+                      help="modes to compare (default: both)")
+    what.add_argument("--workload", type=_csv(str), default=list(bench_workloads.WORKLOADS),
+                      metavar="echo,io,stream",
+                      help="echo: trivial; io: an asyncio fake LLM call of fixed latency; stream: a streaming "
+                           "fake chat model (time to first chunk). Comma-separated; default all three")
+    what.add_argument("--calls", type=int, default=2000, metavar="N",
+                      help="sequential warm calls per echo latency figure (default 2000)")
+    what.add_argument("--slow-calls", type=int, default=100, metavar="N",
+                      help="sequential warm calls per io/stream latency figure (default 100)")
+    what.add_argument("--ephemeral-calls", type=int, default=10, metavar="N",
+                      help="sequential ephemeral calls per latency figure, and the tasks of each ephemeral "
+                           "throughput run (at least the concurrency); default 10")
+    what.add_argument("--concurrency", type=_csv(int), default=[1, 8, 64], metavar="1,8,64",
+                      help="calls in flight for the throughput figures")
+    what.add_argument("--ephemeral-max-in-flight", type=int, default=8, metavar="N",
+                      help="skip ephemeral throughput runs above this concurrency (a Pod or a Python process "
+                           "per call in flight); default 8")
+    what.add_argument("--throughput-seconds", type=float, default=2.0, metavar="S",
+                      help="how long each warm throughput run keeps its calls in flight (default 2)")
+    what.add_argument("--floor-tasks", type=int, default=10000, metavar="N",
+                      help="tasks per bare-floor throughput figure (default 10000)")
+    what.add_argument("--workers", type=_csv(int), default=[1, 2, 4], metavar="1,2,4",
+                      help="scaling run: io throughput against this many warm workers (local pool only); "
+                           "'0' skips it")
+    what.add_argument("--scaling-in-flight", type=int, default=None, metavar="N",
+                      help="calls in flight in the scaling run (default: the larger of the highest --concurrency "
+                           "and twice the slots of the most workers)")
+    what.add_argument("--payload-bytes", type=int, default=100, metavar="N",
+                      help="size of each call's input (bytes; echo and io return it); default 100")
+    what.add_argument("--io-latency-ms", type=float, default=50.0, metavar="MS",
+                      help="latency of the io workload's fake LLM call (default 50)")
+    what.add_argument("--stream-chunks", type=int, default=20, metavar="N")
+    what.add_argument("--stream-chunk-ms", type=float, default=2.0, metavar="MS",
+                      help="gap between streamed chunks (the first comes at once); default 2")
+    what.add_argument("--no-big-runnable", action="store_true",
+                      help="skip the repeated-call figure with a 1 KB against a 1 MB runnable")
+
+    warm = parser.add_argument_group("warm mode")
+    warm.add_argument("--pool", metavar="ADDRESS",
+                      help="a running pool (tcp://..., k8s://NS/RELEASE); default: a LocalPool started and stopped here")
+    warm.add_argument("--pool-workers", type=int, default=2, metavar="N",
+                      help="workers of that LocalPool (and of the bare floor); default 2")
+    warm.add_argument("--slots", type=int, default=4, metavar="N",
+                      help="tasks each local worker runs at once (the worker's default, 4)")
+    warm.add_argument("--keys", metavar="DIR", help="CurveZMQ client keys for --pool")
+
+    eph = parser.add_argument_group("ephemeral mode")
+    eph.add_argument("--launcher", choices=("local", "kubernetes"), default="local",
+                     help="local: a subprocess per call; kubernetes: a real Pod per call (default local)")
+    eph.add_argument("--kubeconfig", metavar="PATH", help="default: KUBECONFIG, then ~/.kube/config")
+    eph.add_argument("--namespace", default="default")
+    eph.add_argument("--image", default=DEFAULT_IMAGE, help=f"worker image (default {DEFAULT_IMAGE})")
+    eph.add_argument("--image-pull-policy", default=None, choices=("Always", "IfNotPresent", "Never"))
+    eph.add_argument("--secret", default=None, metavar="NAME",
+                     help="Secret passed to runner Pods with envFrom (default none: the workloads need no keys)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    out.add_argument("--plot", metavar="PATH", help="write a PNG: latency distributions and throughput")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+# ---------------------------------------------------------------------- progress
+
+
+class Progress:
+    """One tqdm bar on stderr over the planned steps; the current step and call count as text."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True,
+                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]{postfix}")
+
+    @contextlib.contextmanager
+    def step(self, description: str) -> Iterator[Callable[[str], None]]:
+        if self.bar is None:
+            print(f"[bench] {description}", file=sys.stderr, flush=True)
+            yield lambda _: None
+            return
+        self.bar.set_description_str(f"[bench] {description}"[:60].ljust(60))
+        self.bar.set_postfix_str("")
+        try:
+            yield self.bar.set_postfix_str
+        finally:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------- timing helpers
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    """pool.bench's percentiles, plus min and max."""
+    figures = percentiles(samples)
+    figures["min_ms"] = round(min(samples) * 1000, 4)
+    figures["max_ms"] = round(max(samples) * 1000, 4)
+    return figures
+
+
+def _timed(call: Callable[[], Any], calls: int, warmup: int, tick: Callable[[str], None]) -> list[float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for i in range(calls):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+        if calls <= 50 or i % 50 == 0:
+            tick(f"call {i + 1}/{calls}")
+    return samples
+
+
+def _first_chunk(stream: Callable[[], Iterator[Any]]) -> tuple[float, float]:
+    """(time to first chunk, time to the end of the stream), in seconds."""
+    started = time.perf_counter()
+    first = None
+    for _ in stream():
+        if first is None:
+            first = time.perf_counter() - started
+    total = time.perf_counter() - started
+    return (first if first is not None else total), total
+
+
+async def _throughput_for(runnable: Runnable, value: Any, in_flight: int, seconds: float) -> tuple[float, int]:
+    """``in_flight`` async callers calling ``ainvoke`` back to back for ``seconds``: calls/s."""
+    for _ in range(2):  # warm-up: every worker has the runnable, connections are up
+        await asyncio.gather(*(runnable.ainvoke(value) for _ in range(in_flight)))
+    done = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    last = started
+
+    async def caller() -> None:
+        nonlocal done, last
+        while time.perf_counter() < deadline:
+            await runnable.ainvoke(value)
+            done += 1
+            last = time.perf_counter()
+
+    await asyncio.gather(*(caller() for _ in range(in_flight)))
+    return done / (last - started), done
+
+
+def _batch_throughput(runnable: Runnable, value: Any, in_flight: int, tasks: int) -> float:
+    """``tasks`` calls through ``batch`` with ``max_concurrency=in_flight``: calls/s."""
+    started = time.perf_counter()
+    runnable.batch([value] * tasks, config={"max_concurrency": in_flight})
+    return tasks / (time.perf_counter() - started)
+
+
+def _run_stream_or_invoke(workload: str, runnable: Runnable, value: Any) -> Callable[[], Any]:
+    if workload == "stream":
+        return lambda: list(runnable.stream(value))
+    return lambda: runnable.invoke(value)
+
+
+# ---------------------------------------------------------------------- the run
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.payload: Any = os.urandom(args.payload_bytes) if args.payload_bytes > 0 else 1
+        self.workloads = list(dict.fromkeys(args.workload))
+        self.modes = list(dict.fromkeys(args.modes))
+        self.concurrency = sorted(set(args.concurrency))
+        self.scaling = sorted({n for n in args.workers if n > 0})
+        for name in self.workloads:
+            if name not in bench_workloads.WORKLOADS:
+                raise SystemExit(f"runnable-k8s bench: unknown workload {name!r} (echo, io, stream)")
+        for mode in self.modes:
+            if mode not in MODES:
+                raise SystemExit(f"runnable-k8s bench: unknown mode {mode!r} (warm, ephemeral)")
+        if self.args.pool or "io" not in self.workloads or "warm" not in self.modes:
+            self.scaling = []  # the workers of someone else's pool are not ours to scale; io only
+        self.samples: dict[str, dict[str, list[float]]] = {}  # for the plot: series -> workload -> seconds
+
+    def runnable(self, workload: str) -> Runnable:
+        a = self.args
+        return bench_workloads.build(workload, io_latency_ms=a.io_latency_ms, stream_chunks=a.stream_chunks,
+                                     stream_chunk_ms=a.stream_chunk_ms)
+
+    # -------------------------------------------------------------- planning (for the progress bar)
+
+    def plan(self) -> int:
+        steps = len(self.workloads)  # in-process
+        if "warm" in self.modes:
+            steps += 2  # floor latency + floor throughput
+            steps += len(self.workloads) * (1 + len(self.concurrency))
+            steps += 0 if self.args.no_big_runnable else 1
+            steps += len(self.scaling)
+        if "ephemeral" in self.modes:
+            eph_conc = [c for c in self.concurrency if c <= self.args.ephemeral_max_in_flight]
+            steps += len(self.workloads) * (1 + len(eph_conc))
+        return steps
+
+    # -------------------------------------------------------------- pieces
+
+    def in_process(self, progress: Progress) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        loop = asyncio.new_event_loop()
+        try:
+            for workload in self.workloads:
+                with progress.step(f"in-process {workload}") as tick:
+                    runnable = self.runnable(workload)
+                    if workload == "echo":
+                        call = lambda r=runnable: r.invoke(self.payload)  # noqa: E731
+                        n, warmup = self.args.calls, 50
+                    elif workload == "io":
+                        call = lambda r=runnable: loop.run_until_complete(r.ainvoke(self.payload))  # noqa: E731
+                        n, warmup = self.args.slow_calls, 5
+                    else:
+                        async def consume(r: Runnable = runnable) -> float:
+                            started = time.perf_counter()
+                            first = None
+                            async for _ in r.astream(self.payload):
+                                if first is None:
+                                    first = time.perf_counter() - started
+                            return first or 0.0
+
+                        firsts: list[float] = []
+                        call = lambda: firsts.append(loop.run_until_complete(consume()))  # noqa: E731
+                        n, warmup = self.args.slow_calls, 5
+                    samples = _timed(call, n, warmup, tick)
+                    results[workload] = _summary(samples)
+                    self.samples.setdefault("in-process", {})[workload] = samples
+                    if workload == "stream":
+                        firsts = firsts[warmup:]
+                        results[workload]["ttfc"] = _summary(firsts)
+                        self.samples["in-process"]["stream first chunk"] = firsts
+        finally:
+            loop.close()
+        return results
+
+    def floor(self, progress: Progress) -> dict[str, Any]:
+        a = self.args
+        floor = BareFloor(a.pool_workers, slots=16)
+        try:
+            with progress.step(f"bare pyzmq floor: latency, {a.pool_workers} workers") as tick:
+                samples = _timed(floor.call, a.calls, 50, tick)
+                result: dict[str, Any] = _summary(samples)
+                self.samples.setdefault("bare pyzmq floor", {})["echo"] = samples
+            with progress.step("bare pyzmq floor: throughput") as tick:
+                by_conc = {}
+                for c in self.concurrency:
+                    tick(f"{c} in flight")
+                    by_conc[str(c)] = round(floor.throughput(a.floor_tasks, c), 1)
+                result["throughput_by_concurrency"] = by_conc
+                result["throughput_per_s"] = by_conc[str(max(self.concurrency))]
+        finally:
+            floor.close()
+        return result
+
+    def warm(self, progress: Progress) -> dict[str, Any]:
+        a = self.args
+        with self._warm_pool(a.pool_workers) as (address, pool_info):
+            result = self._mode("warm", progress, lambda r: RunnableK8s(bound=r, pool=address, mode="warm",
+                                                                         keys=a.keys, timeout=120))
+            result["pool"] = pool_info
+            if not a.no_big_runnable:
+                with progress.step("warm: repeated calls, 1 KB vs 1 MB runnable") as tick:
+                    result["big_runnable"] = self._big_runnable(address, tick)
+        return result
+
+    @contextlib.contextmanager
+    def _warm_pool(self, workers: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        a = self.args
+        if a.pool:
+            yield a.pool, {"address": a.pool, "local": False}
+            return
+        with LocalPool(workers=workers, concurrency=a.slots) as pool:
+            yield pool.address, {"address": pool.address, "local": True, "workers": workers, "slots": a.slots}
+
+    def _big_runnable(self, address: str, tick: Callable[[str], None]) -> dict[str, Any]:
+        small_blob = os.urandom(1024)
+        big_blob = os.urandom(1024 * 1024)
+        small = RunnableK8s(bound=RunnableLambda(lambda x: len(small_blob) and x), pool=address, mode="warm",
+                            keys=self.args.keys)
+        big = RunnableK8s(bound=RunnableLambda(lambda x: len(big_blob) and x), pool=address, mode="warm",
+                          keys=self.args.keys)
+        n = max(1, self.args.calls // 2)
+        tick("1 KB")
+        one_kb = time_calls(lambda: small.invoke(1), n, warmup=min(50, n))
+        tick("1 MB")
+        one_mb = time_calls(lambda: big.invoke(1), n, warmup=min(50, n))
+        return {"runnable_1kb": one_kb, "runnable_1mb": one_mb,
+                "p50_ratio_1mb_over_1kb": round(one_mb["p50_ms"] / one_kb["p50_ms"], 3)}
+
+    def ephemeral(self, progress: Progress) -> dict[str, Any]:
+        a = self.args
+        options: dict[str, Any] = {"mode": "ephemeral", "launcher": a.launcher, "timeout": EPHEMERAL_TIMEOUT}
+        if a.launcher == "kubernetes":
+            options.update(k8s_config=a.kubeconfig or os.environ.get("KUBECONFIG"), k8s_namespace=a.namespace,
+                           k8s_container_image=a.image, k8s_image_pull_policy=a.image_pull_policy,
+                           k8s_secret_name=a.secret)
+        result = self._mode("ephemeral", progress, lambda r: RunnableK8s(bound=r, **options))
+        result["launcher"] = a.launcher
+        if a.launcher == "kubernetes":
+            result["cluster"] = {"namespace": a.namespace, "image": a.image, "image_pull_policy": a.image_pull_policy}
+        return result
+
+    def _mode(self, mode: str, progress: Progress, wrap: Callable[[Runnable], RunnableK8s]) -> dict[str, Any]:
+        a = self.args
+        per_workload: dict[str, Any] = {}
+        ephemeral = mode == "ephemeral"
+        for workload in self.workloads:
+            remote = wrap(self.runnable(workload))
+            figures: dict[str, Any] = {}
+            with progress.step(f"{mode} {workload}: latency") as tick:
+                if ephemeral:
+                    n, warmup = a.ephemeral_calls, 1
+                else:
+                    n, warmup = (a.calls, 50) if workload == "echo" else (a.slow_calls, 5)
+                if workload == "stream":
+                    firsts: list[float] = []
+
+                    def call(r: RunnableK8s = remote) -> None:
+                        first, _ = _first_chunk(lambda: r.stream(self.payload))
+                        firsts.append(first)
+
+                    samples = _timed(call, n, warmup, tick)
+                    firsts = firsts[warmup:]
+                    figures.update(_summary(samples))
+                    figures["ttfc"] = _summary(firsts)
+                    self.samples.setdefault(mode, {})["stream first chunk"] = firsts
+                else:
+                    samples = _timed(_run_stream_or_invoke(workload, remote, self.payload), n, warmup, tick)
+                    figures.update(_summary(samples))
+                self.samples.setdefault(mode, {})[workload] = samples
+            by_conc: dict[str, float | None] = {}
+            for c in self.concurrency:
+                if ephemeral and c > a.ephemeral_max_in_flight:
+                    by_conc[str(c)] = None
+                    continue
+                with progress.step(f"{mode} {workload}: throughput, {c} in flight") as tick:
+                    if ephemeral:
+                        tasks = max(a.ephemeral_calls, c)
+                        tick(f"{tasks} calls")
+                        by_conc[str(c)] = round(_batch_throughput(remote, self.payload, c, tasks), 3)
+                    else:
+                        rate, done = asyncio.run(_throughput_for(remote, self.payload, c, a.throughput_seconds))
+                        tick(f"{done} calls")
+                        by_conc[str(c)] = round(rate, 1)
+            figures["throughput_by_concurrency"] = by_conc
+            measured = [float(v) for v in by_conc.values() if v is not None]
+            figures["throughput_per_s"] = by_conc.get(str(max(self.concurrency))) or (max(measured) if measured else None)
+            figures["best_throughput_per_s"] = max(measured) if measured else None
+            per_workload[workload] = figures
+        return {"workloads": per_workload}
+
+    def scaling_run(self, progress: Progress) -> dict[str, Any]:
+        a = self.args
+        in_flight = a.scaling_in_flight or max(max(self.concurrency), 2 * max(self.scaling) * a.slots)
+        throughput: dict[str, float] = {}
+        for n in self.scaling:
+            with progress.step(f"scaling: io throughput with {n} warm worker(s)") as tick:
+                with LocalPool(workers=n, concurrency=a.slots) as pool:
+                    remote = RunnableK8s(bound=self.runnable("io"), pool=pool.address, mode="warm", timeout=120)
+                    rate, done = asyncio.run(_throughput_for(remote, self.payload, in_flight, a.throughput_seconds))
+                    tick(f"{done} calls")
+                    throughput[str(n)] = round(rate, 1)
+        ideal_per_worker = a.slots / (a.io_latency_ms / 1000)
+        result: dict[str, Any] = {
+            "workload": "io", "io_latency_ms": a.io_latency_ms, "in_flight": in_flight, "slots_per_worker": a.slots,
+            "workers": self.scaling, "throughput_by_workers": throughput,
+            "ideal_by_workers": {str(n): round(min(n * ideal_per_worker, in_flight / (a.io_latency_ms / 1000)), 1)
+                                 for n in self.scaling},
+        }
+        low, high = self.scaling[0], self.scaling[-1]
+        if high > low:
+            result[f"speedup_{high}_over_{low}"] = round(throughput[str(high)] / throughput[str(low)], 3)
+        return result
+
+    # -------------------------------------------------------------- everything
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        started = dt.datetime.now(dt.timezone.utc)
+        results: dict[str, Any] = {"modes": {}}
+        progress = Progress(self.plan(), enabled=not a.no_progress)
+        try:
+            results["in_process"] = {"workloads": self.in_process(progress)}
+            if "warm" in self.modes:
+                results["floor"] = self.floor(progress)
+            for mode in self.modes:
+                results["modes"][mode] = self.warm(progress) if mode == "warm" else self.ephemeral(progress)
+            if self.scaling:
+                results["scaling"] = self.scaling_run(progress)
+        finally:
+            progress.close()
+        finished = dt.datetime.now(dt.timezone.utc)
+        results["environment"] = self.environment(started, finished)
+        results["settings"] = self.settings()
+        summarize(results)
+        results["_samples"] = self.samples  # for the plot; not written to JSON
+        return results
+
+    def environment(self, started: dt.datetime, finished: dt.datetime) -> dict[str, Any]:
+        env = environment()
+        env.update({
+            "started_at": started.isoformat(timespec="seconds"), "finished_at": finished.isoformat(timespec="seconds"),
+            "duration_s": round((finished - started).total_seconds(), 1),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "cpu_model": _cpu_model(), "memory_gb": _memory_gb(),
+            "command": "runnable-k8s bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        })
+        if "ephemeral" in self.modes and self.args.launcher == "kubernetes":
+            env["kubernetes"] = _cluster_info(self.args.kubeconfig or os.environ.get("KUBECONFIG"))
+        return env
+
+    def settings(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "modes": self.modes, "workloads": self.workloads, "launcher": a.launcher, "concurrency": self.concurrency,
+            "calls": a.calls, "slow_calls": a.slow_calls, "ephemeral_calls": a.ephemeral_calls,
+            "ephemeral_max_in_flight": a.ephemeral_max_in_flight, "throughput_seconds": a.throughput_seconds,
+            "payload_bytes": a.payload_bytes, "io_latency_ms": a.io_latency_ms, "stream_chunks": a.stream_chunks,
+            "stream_chunk_ms": a.stream_chunk_ms, "scaling_in_flight": a.scaling_in_flight, "pool": a.pool, "pool_workers": a.pool_workers, "slots": a.slots,
+            "scaling_workers": self.scaling,
+        }
+
+
+def summarize(results: dict[str, Any]) -> None:
+    """Headline figures of each mode (from its first workload, echo when run) and the ratios."""
+    in_process = results["in_process"]["workloads"]
+    for mode, figures in results["modes"].items():
+        workloads = figures["workloads"]
+        main = "echo" if "echo" in workloads else next(iter(workloads))
+        head = workloads[main]
+        figures.update({key: head[key] for key in ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "calls")})
+        figures["workload"] = main
+        figures["throughput_per_s"] = head["throughput_per_s"]
+        figures["throughput_by_concurrency"] = head["throughput_by_concurrency"]
+        if "stream" in workloads:
+            ttfc = workloads["stream"]["ttfc"]
+            figures.update(ttfc_p50_ms=ttfc["p50_ms"], ttfc_p95_ms=ttfc["p95_ms"], ttfc_p99_ms=ttfc["p99_ms"])
+        overhead = {}
+        for name, w in workloads.items():
+            base = in_process[name]["p50_ms"]
+            overhead[name] = {"p50_ms_over_in_process": round(w["p50_ms"] - base, 4),
+                              "p50_x_in_process": round(w["p50_ms"] / base, 2) if base > 0 else None}
+            if name == "stream":
+                base_first = in_process[name]["ttfc"]["p50_ms"]
+                overhead[name]["ttfc_p50_ms_over_in_process"] = round(w["ttfc"]["p50_ms"] - base_first, 4)
+        figures["overhead"] = overhead
+        figures["overhead_ms"] = overhead[main]["p50_ms_over_in_process"]
+
+    ratios: dict[str, Any] = {}
+    modes = results["modes"]
+    if "warm" in modes and "ephemeral" in modes:
+        warm, eph = modes["warm"]["workloads"], modes["ephemeral"]["workloads"]
+        ratios["ephemeral_p50_over_warm_p50"] = {name: round(eph[name]["p50_ms"] / warm[name]["p50_ms"], 1)
+                                                 for name in warm if name in eph}
+        if "stream" in warm and "stream" in eph:
+            ratios["ephemeral_ttfc_over_warm_ttfc"] = round(eph["stream"]["ttfc"]["p50_ms"]
+                                                            / warm["stream"]["ttfc"]["p50_ms"], 1)
+        # The pool's own cost: what a call costs over the work itself (the io sleep, the stream's gaps).
+        ratios["ephemeral_overhead_over_warm_overhead"] = {
+            name: round(modes["ephemeral"]["overhead"][name]["p50_ms_over_in_process"]
+                        / modes["warm"]["overhead"][name]["p50_ms_over_in_process"], 1)
+            for name in warm if name in eph and modes["warm"]["overhead"][name]["p50_ms_over_in_process"] > 0}
+    if "warm" in modes and "floor" in results and "echo" in modes["warm"]["workloads"]:
+        warm_echo = modes["warm"]["workloads"]["echo"]
+        floor_plus = results["floor"]["p50_ms"] + in_process["echo"]["p50_ms"]
+        ratios["warm_p50_over_floor_plus_in_process"] = round(warm_echo["p50_ms"] / floor_plus, 3)
+        ratios["warm_throughput_over_floor"] = round(warm_echo["throughput_per_s"] / results["floor"]["throughput_per_s"], 3)
+        big = modes["warm"].get("big_runnable")
+        if big:
+            ratios["runnable_1mb_over_1kb_p50"] = big["p50_ratio_1mb_over_1kb"]
+    results["ratios"] = ratios
+
+    goals: dict[str, Any] = {}
+    speedup = ratios.get("ephemeral_p50_over_warm_p50", {})
+    launcher = modes.get("ephemeral", {}).get("launcher")
+    if "echo" in speedup:
+        target = 2000 if launcher == "kubernetes" else 500
+        goals["warm_p50_speedup_over_ephemeral"] = {"workload": "echo", "launcher": launcher, "measured": speedup["echo"],
+                                                    "goal": target, "met": speedup["echo"] >= target}
+    scaling = results.get("scaling", {})
+    if "1" in scaling.get("throughput_by_workers", {}) and "4" in scaling["throughput_by_workers"]:
+        measured = round(scaling["throughput_by_workers"]["4"] / scaling["throughput_by_workers"]["1"], 3)
+        goals["io_throughput_4_workers_over_1"] = {"measured": measured, "goal": 3.5, "met": measured >= 3.5}
+    results["goals"] = goals
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _memory_gb() -> float | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _cluster_info(kubeconfig: str | None) -> dict[str, Any]:
+    try:
+        from kubernetes import client
+
+        from pool.k8s_launcher import api_client
+
+        api = api_client(kubeconfig)
+        version = client.VersionApi(api).get_code()
+        nodes = client.CoreV1Api(api).list_node().items
+        return {"server_version": version.git_version, "nodes": len(nodes),
+                "container_runtime": nodes[0].status.node_info.container_runtime_version if nodes else None,
+                "kubelet": nodes[0].status.node_info.kubelet_version if nodes else None}
+    except Exception as exc:  # noqa: BLE001 - the environment block is informative only
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``runnable-k8s bench`` entry point: measure, print the table, write JSON and PNG."""
+    from pool import bench_report
+
+    results = Bench(args).run()
+    print(bench_report.format_table(results), flush=True)
+    if args.json:
+        bench_report.write_json(results, args.json)
+        print(f"[bench] wrote {args.json}", file=sys.stderr, flush=True)
+    if args.plot:
+        bench_report.plot(results, args.plot)
+        print(f"[bench] wrote {args.plot}", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="runnable-k8s bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

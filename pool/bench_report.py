@@ -1,0 +1,300 @@
+"""What ``runnable-k8s bench`` shows: a table on stdout, every figure as JSON, a PNG (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+SERIES_COLORS = {
+    "in-process": "#2ca02c",
+    "bare pyzmq floor": "#7f7f7f",
+    "warm": "#1f77b4",
+    "ephemeral": "#d62728",
+}
+WORKLOAD_STYLES = {"echo": "-", "io": "--", "stream": ":"}
+WORKLOAD_MARKERS = {"echo": "o", "io": "s", "stream": "^"}
+
+
+def _ephemeral_label(results: dict[str, Any]) -> str:
+    launcher = results["modes"].get("ephemeral", {}).get("launcher", "local")
+    return "ephemeral (a Pod per call)" if launcher == "kubernetes" else "ephemeral (a process per call)"
+
+
+def _fmt(value: float | None, width: int = 9) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    if value >= 1000:
+        return f"{value:>{width},.0f}"
+    if value >= 100:
+        return f"{value:>{width}.1f}"
+    if value >= 1:
+        return f"{value:>{width}.2f}"
+    return f"{value:>{width}.3f}"
+
+
+# ---------------------------------------------------------------------- table
+
+
+def format_table(results: dict[str, Any]) -> str:
+    settings = results.get("settings", {})
+    env = results.get("environment", {})
+    concurrency = [str(c) for c in settings.get("concurrency", [])]
+    modes = results["modes"]
+    in_process = results["in_process"]["workloads"]
+    lines = []
+    warm_pool = modes.get("warm", {}).get("pool", {})
+    pool_text = (f"LocalPool({warm_pool.get('workers')} workers x {warm_pool.get('slots')} slots)"
+                 if warm_pool.get("local") else f"pool {warm_pool.get('address')}") if warm_pool else "no warm pool"
+    lines.append(f"runnable-k8s bench: {', '.join(modes)}; warm = {pool_text}; "
+                 f"ephemeral launcher = {settings.get('launcher')}; payload {settings.get('payload_bytes')} B")
+    lines.append(f"machine: {env.get('cpus')} CPUs ({env.get('cpu_model')}), Python {env.get('python')}, "
+                 f"langchain-core {env.get('langchain_core')}, pyzmq {env.get('pyzmq')}, load at end "
+                 f"{env.get('load_average_at_end')}")
+    lines.append("")
+    header = f"{'workload':8} {'runs as':32} {'calls':>6} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}"
+    header += "".join(f" {'/s @' + c:>9}" for c in concurrency)
+    lines.append(header)
+    lines.append("-" * len(header))
+
+    def row(workload: str, label: str, figures: dict[str, Any], by_conc: dict[str, Any] | None = None) -> str:
+        text = (f"{workload:8} {label:32} {figures.get('calls', ''):>6} {_fmt(figures['p50_ms'])} "
+                f"{_fmt(figures['p95_ms'])} {_fmt(figures['p99_ms'])}")
+        if by_conc is not None:
+            text += "".join(f" {_fmt(by_conc.get(c))}" for c in concurrency)
+        return text
+
+    for workload, base in in_process.items():
+        lines.append(row(workload, "in-process", base))
+        if workload == "echo" and "floor" in results:
+            lines.append(row(workload, "bare pyzmq floor (no runtime)", results["floor"],
+                             results["floor"].get("throughput_by_concurrency")))
+        for mode, figures in modes.items():
+            w = figures["workloads"].get(workload)
+            if w is None:
+                continue
+            label = "warm" if mode == "warm" else _ephemeral_label(results)
+            lines.append(row(workload, label, w, w.get("throughput_by_concurrency")))
+            if mode == "warm" and workload == "echo" and figures.get("big_runnable"):
+                big = figures["big_runnable"]
+                lines.append(row(workload, "warm, 1 KB runnable (repeated)", big["runnable_1kb"]))
+                lines.append(row(workload, "warm, 1 MB runnable (repeated)", big["runnable_1mb"]))
+        lines.append("")
+
+    if "stream" in in_process:
+        lines.append(f"time to first streamed chunk (stream workload, {settings.get('stream_chunks')} chunks "
+                     f"{settings.get('stream_chunk_ms')} ms apart)")
+        lines.append(f"{'':8} {'runs as':32} {'':>6} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}")
+        lines.append(row("stream", "in-process", in_process["stream"]["ttfc"]))
+        for mode, figures in modes.items():
+            w = figures["workloads"].get("stream")
+            if w is not None:
+                lines.append(row("stream", "warm" if mode == "warm" else _ephemeral_label(results), w["ttfc"]))
+        lines.append("")
+
+    lines.append("overhead over in-process (p50, ms added to the same runnable run in this process)")
+    for mode, figures in modes.items():
+        parts = []
+        for workload, o in figures.get("overhead", {}).items():
+            part = f"{workload} +{o['p50_ms_over_in_process']:.3f}"
+            if "ttfc_p50_ms_over_in_process" in o:
+                part += f" (first chunk +{o['ttfc_p50_ms_over_in_process']:.3f})"
+            parts.append(part)
+        lines.append(f"  {'warm' if mode == 'warm' else _ephemeral_label(results):32} " + ", ".join(parts))
+    lines.append("")
+
+    scaling = results.get("scaling")
+    if scaling:
+        lines.append(f"scaling: io workload ({scaling['io_latency_ms']:g} ms), {scaling['in_flight']} in flight, "
+                     f"{scaling['slots_per_worker']} slots per worker")
+        for n in scaling["workers"]:
+            lines.append(f"  {n} worker(s): {_fmt(scaling['throughput_by_workers'][str(n)]).strip()} calls/s "
+                         f"(ideal {_fmt(scaling['ideal_by_workers'][str(n)]).strip()})")
+        lines.append("")
+
+    ratios = results.get("ratios", {})
+    if ratios:
+        lines.append("ratios")
+        for key, value in ratios.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v:,}x" for k, v in value.items())
+            lines.append(f"  {key.replace('_', ' '):48} {value}")
+        lines.append("")
+    goals = results.get("goals", {})
+    if goals:
+        lines.append("goals")
+        for key, goal in goals.items():
+            verdict = "MET" if goal["met"] else "NOT MET"
+            extra = f" ({goal['launcher']} launcher, {goal['workload']})" if "launcher" in goal else ""
+            lines.append(f"  {key.replace('_', ' ')}{extra}: {goal['measured']:,}x, goal >= {goal['goal']:,}x: {verdict}")
+    return "\n".join(lines).rstrip()
+
+
+# ---------------------------------------------------------------------- JSON
+
+
+def write_json(results: dict[str, Any], path: str) -> None:
+    public = {key: value for key, value in results.items() if not key.startswith("_")}
+    with open(path, "w") as f:
+        json.dump(public, f, indent=2)
+        f.write("\n")
+
+
+# ---------------------------------------------------------------------- plot
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples: dict[str, dict[str, list[float]]] = results.get("_samples", {})
+    scaling = results.get("scaling")
+    fig = plt.figure(figsize=(15, 10.5), constrained_layout=True)
+    grid = fig.add_gridspec(2, 2 if scaling else 1, height_ratios=[1.15, 1])
+    ax_lat = fig.add_subplot(grid[0, :])
+    ax_tp = fig.add_subplot(grid[1, 0])
+    _latency_panel(ax_lat, results, samples)
+    _throughput_panel(ax_tp, results)
+    if scaling:
+        _scaling_panel(fig.add_subplot(grid[1, 1]), scaling)
+    env = results.get("environment", {})
+    settings = results.get("settings", {})
+    fig.suptitle(
+        f"runnable-k8s bench: warm pool vs {_ephemeral_label(results)}  |  {env.get('cpus')} CPUs, "
+        f"Python {env.get('python')}, {env.get('started_at', '')[:16].replace('T', ' ')} UTC  |  "
+        f"payload {settings.get('payload_bytes')} B, io {settings.get('io_latency_ms'):g} ms",
+        fontsize=13, fontweight="bold")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _series_label(series: str, results: dict[str, Any]) -> str:
+    if series == "ephemeral":
+        return _ephemeral_label(results)
+    if series == "warm":
+        pool = results["modes"].get("warm", {}).get("pool", {})
+        return f"warm ({pool.get('workers')} workers)" if pool.get("local") else "warm"
+    return series
+
+
+def _latency_panel(ax: Any, results: dict[str, Any], samples: dict[str, dict[str, list[float]]]) -> None:
+    groups = [g for g in ("echo", "io", "stream", "stream first chunk")
+              if any(g in per for per in samples.values())]
+    order = [s for s in ("in-process", "bare pyzmq floor", "warm", "ephemeral") if s in samples]
+    width = 0.8 / max(1, len(order))
+    positions_used = set()
+    for gi, group in enumerate(groups):
+        for si, series in enumerate(order):
+            data = samples[series].get(group)
+            if not data:
+                continue
+            ms = [x * 1000 for x in data]
+            pos = gi + (si - (len(order) - 1) / 2) * width
+            box = ax.boxplot([ms], positions=[pos], widths=width * 0.85, whis=(1, 99), showfliers=False,
+                             patch_artist=True, manage_ticks=False)
+            color = SERIES_COLORS[series]
+            for patch in box["boxes"]:
+                patch.set(facecolor=color, alpha=0.55, edgecolor=color)
+            for key in ("whiskers", "caps"):
+                for line in box[key]:
+                    line.set(color=color)
+            for line in box["medians"]:
+                line.set(color="black", linewidth=1.5)
+            ordered = sorted(ms)
+            median = ordered[len(ordered) // 2]
+            top = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+            ax.text(pos, top * 1.25, _ms_text(median), ha="center", va="bottom", fontsize=8.5, color="black",
+                    rotation=0)
+            positions_used.add(series)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([_group_label(g, results) for g in groups], fontsize=10.5)
+    ax.set_xlim(-0.5, len(groups) - 0.5)
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * 3)
+    ax.set_ylabel("latency of one call (ms, log scale)")
+    ax.set_title("Latency of single sequential calls: box = p25-p75, black line = p50 (labelled), whiskers = p1-p99",
+                 fontsize=11)
+    ax.grid(axis="y", which="major", alpha=0.4)
+    ax.grid(axis="y", which="minor", alpha=0.12)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor=SERIES_COLORS[s], alpha=0.55, edgecolor=SERIES_COLORS[s],
+                             label=_series_label(s, results)) for s in order if s in positions_used],
+              loc="upper left", fontsize=9.5)
+
+
+def _group_label(group: str, results: dict[str, Any]) -> str:
+    settings = results.get("settings", {})
+    return {
+        "echo": "echo (trivial)",
+        "io": f"io (fake LLM call, {settings.get('io_latency_ms', 50):g} ms)",
+        "stream": "stream: whole stream",
+        "stream first chunk": "stream: time to first chunk",
+    }.get(group, group)
+
+
+def _ms_text(ms: float) -> str:
+    if ms >= 1000:
+        return f"{ms / 1000:.2f} s"
+    if ms >= 10:
+        return f"{ms:.0f} ms"
+    if ms >= 1:
+        return f"{ms:.1f} ms"
+    return f"{ms:.2f} ms"
+
+
+def _throughput_panel(ax: Any, results: dict[str, Any]) -> None:
+    concurrency = results.get("settings", {}).get("concurrency", [])
+
+    def line(by_conc: dict[str, Any], color: str, style: str, marker: str, label: str) -> None:
+        points = [(int(c), v) for c, v in by_conc.items() if v is not None]
+        if not points:
+            return
+        points.sort()
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, linestyle=style, marker=marker, color=color, label=label, linewidth=1.8, markersize=6)
+        ax.annotate(f"{ys[-1]:,.0f}/s" if ys[-1] >= 10 else f"{ys[-1]:.2f}/s", (xs[-1], ys[-1]),
+                    textcoords="offset points", xytext=(6, 0), va="center", fontsize=8, color=color)
+
+    if "floor" in results:
+        line(results["floor"].get("throughput_by_concurrency", {}), SERIES_COLORS["bare pyzmq floor"], "-", "x",
+             "bare pyzmq floor (echo)")
+    for mode, figures in results["modes"].items():
+        for workload, w in figures["workloads"].items():
+            line(w.get("throughput_by_concurrency", {}), SERIES_COLORS[mode], WORKLOAD_STYLES[workload],
+                 WORKLOAD_MARKERS[workload], f"{'warm' if mode == 'warm' else 'ephemeral'} {workload}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    if concurrency:
+        ax.set_xticks(concurrency)
+        ax.set_xticklabels([str(c) for c in concurrency])
+        ax.set_xlim(min(concurrency) / 1.5, max(concurrency) * 3)
+    ax.set_xlabel("calls in flight")
+    ax.set_ylabel("calls per second (log scale)")
+    ax.set_title("Throughput against concurrency (colour = mode, line style = workload)", fontsize=11)
+    ax.grid(which="major", alpha=0.4)
+    ax.grid(axis="y", which="minor", alpha=0.12)
+    ax.legend(fontsize=8.5, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
+
+
+def _scaling_panel(ax: Any, scaling: dict[str, Any]) -> None:
+    workers = scaling["workers"]
+    measured = [scaling["throughput_by_workers"][str(n)] for n in workers]
+    ideal = [scaling["ideal_by_workers"][str(n)] for n in workers]
+    bars = ax.bar([str(n) for n in workers], measured, color=SERIES_COLORS["warm"], alpha=0.75, label="measured")
+    ax.plot([str(n) for n in workers], ideal, "k--", marker="_", markersize=20, label="ideal (slots / latency)")
+    for bar, value in zip(bars, measured):
+        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:,.0f}/s", ha="center", va="bottom", fontsize=9)
+    speedup = next((v for k, v in scaling.items() if k.startswith("speedup_")), None)
+    title = (f"Scaling: io workload ({scaling['io_latency_ms']:g} ms), {scaling['in_flight']} in flight, "
+             f"{scaling['slots_per_worker']} slots/worker")
+    if speedup is not None:
+        title += f"\n{workers[-1]} workers / {workers[0]} = {speedup:.2f}x"
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("warm workers")
+    ax.set_ylabel("calls per second")
+    ax.set_ylim(0, max(measured + ideal) * 1.18)
+    ax.grid(axis="y", alpha=0.4)
+    ax.legend(fontsize=9, loc="upper left")

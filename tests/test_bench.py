@@ -1,0 +1,120 @@
+"""``runnable-k8s bench``: a tiny real run (warm + ephemeral on the local launcher), checked for shape.
+
+No timed assertions: the figures depend on the machine. What is checked is that every documented
+key is there with a positive number, the table is printed, the PNG is a PNG, and no process
+(broker, worker, one-shot worker, floor) is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, child_pids
+
+TINY = ["--calls", "20", "--slow-calls", "5", "--ephemeral-calls", "2", "--concurrency", "1,4",
+        "--workers", "1,2", "--throughput-seconds", "0.3", "--floor-tasks", "200", "--io-latency-ms", "20",
+        "--stream-chunks", "4", "--stream-chunk-ms", "1"]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _no_children_within(seconds: float) -> set[int]:
+    deadline = time.monotonic() + seconds
+    left = child_pids()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = child_pids()
+    return left
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out / "bench.json", out / "bench.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pool", "bench", "--modes", "warm,ephemeral", "--launcher", "local", *TINY,
+         "--json", str(json_path), "--plot", str(png_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"stdout": proc.stdout, "stderr": proc.stderr, "json": json.loads(json_path.read_text()),
+            "png": png_path}
+
+
+@pytest.mark.timeout(300)
+def test_json_has_every_documented_figure(tiny_run: dict) -> None:
+    results = tiny_run["json"]
+    assert set(results) >= {"modes", "floor", "environment", "in_process", "scaling", "ratios", "goals", "settings"}
+    assert not any(key.startswith("_") for key in results)
+    for mode in ("warm", "ephemeral"):
+        figures = results["modes"][mode]
+        for key in ("p50_ms", "p95_ms", "p99_ms", "throughput_per_s", "ttfc_p50_ms", "overhead_ms"):
+            assert key in figures, (mode, key)
+        for key in ("p50_ms", "p95_ms", "p99_ms", "throughput_per_s", "ttfc_p50_ms"):
+            assert _positive(figures[key]), (mode, key, figures[key])
+        assert set(figures["throughput_by_concurrency"]) == {"1", "4"}
+        for workload in ("echo", "io", "stream"):
+            w = figures["workloads"][workload]
+            assert all(_positive(w[k]) for k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")), (mode, workload, w)
+            assert all(_positive(v) for v in w["throughput_by_concurrency"].values()), (mode, workload, w)
+            assert workload in figures["overhead"]
+        assert all(_positive(figures["workloads"]["stream"]["ttfc"][k]) for k in ("p50_ms", "p95_ms", "p99_ms"))
+    assert results["modes"]["ephemeral"]["launcher"] == "local"
+    assert results["modes"]["warm"]["pool"]["local"] is True
+    big = results["modes"]["warm"]["big_runnable"]
+    assert _positive(big["runnable_1kb"]["p50_ms"]) and _positive(big["runnable_1mb"]["p50_ms"])
+    floor = results["floor"]
+    assert all(_positive(floor[k]) for k in ("p50_ms", "p95_ms", "p99_ms", "throughput_per_s"))
+    assert all(_positive(v) for v in floor["throughput_by_concurrency"].values())
+    scaling = results["scaling"]
+    assert scaling["workers"] == [1, 2]
+    assert all(_positive(scaling["throughput_by_workers"][k]) for k in ("1", "2"))
+    assert _positive(results["ratios"]["ephemeral_p50_over_warm_p50"]["echo"])
+    assert _positive(results["ratios"]["warm_p50_over_floor_plus_in_process"])
+    assert results["goals"]["warm_p50_speedup_over_ephemeral"]["goal"] == 500
+    env = results["environment"]
+    assert env["cpus"] and env["python"] and env["langchain_core"]
+
+
+@pytest.mark.timeout(300)
+def test_table_png_and_progress(tiny_run: dict) -> None:
+    out = tiny_run["stdout"]
+    for text in ("p50 ms", "in-process", "bare pyzmq floor", "warm", "ephemeral (a process per call)",
+                 "time to first streamed chunk", "scaling: io workload", "goals", "1 MB runnable"):
+        assert text in out, text
+    assert "steps" in tiny_run["stderr"]  # the tqdm bar
+    png = tiny_run["png"]
+    assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 20_000
+
+
+@pytest.mark.timeout(300)
+def test_in_process_run_leaves_no_process_behind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The entry point called in this process: pools, floor and one-shot workers are all gone after."""
+    from pool.cli import main
+
+    before = child_pids()
+    code = main(["bench", "--modes", "warm,ephemeral", "--launcher", "local", "--workload", "echo,stream",
+                 *TINY, "--no-progress", "--json", str(tmp_path / "b.json")])
+    assert code == 0
+    assert "p50 ms" in capsys.readouterr().out
+    results = json.loads((tmp_path / "b.json").read_text())
+    assert set(results["modes"]["warm"]["workloads"]) == {"echo", "stream"}
+    assert "scaling" not in results  # no io workload, no scaling run
+    assert _no_children_within(10) <= before
+
+
+@pytest.mark.timeout(120)
+def test_bad_mode_is_refused() -> None:
+    proc = subprocess.run([sys.executable, "-m", "pool", "bench", "--modes", "lukewarm"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "lukewarm" in proc.stderr
