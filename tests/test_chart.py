@@ -261,7 +261,8 @@ def test_every_optional_feature_renders_as_configured(helm_bin, tmp_path):
         "--autoscale-deployment=rel-worker-pool-worker", "--autoscale-namespace=team-a", "--autoscale-min=0",
         "--autoscale-max=20", "--autoscale-target=0.8", "--autoscale-window=45", "--autoscale-idle=600"]
     assert "replicas" not in worker["spec"]
-    assert "--metrics-port=9100" in b["command"] and b["command"][-1] == "--queue-size=50"
+    assert "--metrics-port=9100" in b["command"] and "--metrics-bind=0.0.0.0" in b["command"]  # Prometheus reaches it
+    assert b["command"][-1] == "--queue-size=50"
     assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in b["ports"]
     annotations = broker["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9100"
