@@ -63,6 +63,7 @@ class WorkerState:
     runnables: OrderedDict[str, None] = field(default_factory=OrderedDict)  # digests it holds
     cache_size: int = 64
     draining: bool = False
+    unreachable: bool = False  # a send to it failed: its connection is gone
     last_assigned: float = 0.0
 
     def remember(self, digest: str) -> None:
@@ -371,7 +372,8 @@ class Broker:
 
     def _on_heartbeat(self, peer: bytes, body: list[bytes], frame: zmq.Frame) -> None:
         if peer in self.workers:
-            self.workers[peer].expiry = self._expiry()
+            if not self.workers[peer].unreachable:
+                self.workers[peer].expiry = self._expiry()
         elif peer in self.clients:
             self.clients[peer].expiry = self._expiry()
             self._send(peer, [P.PROTOCOL, P.HEARTBEAT])
@@ -417,7 +419,8 @@ class Broker:
         if state is None:
             self._send(worker, [P.PROTOCOL, P.RECONNECT])
             return None
-        state.expiry = self._expiry()
+        if not state.unreachable:
+            state.expiry = self._expiry()
         return state
 
     def _task_of(self, worker: bytes, body: list[bytes]) -> Task | None:
@@ -512,7 +515,8 @@ class Broker:
             state.running.add(task.task_id)
             state.last_assigned = time.monotonic()
             self._send_task(state, task, blob)
-            if chosen not in self.workers:  # it vanished; removing it dispatched the queue again
+            if state.unreachable:  # the task went back to the queue: start over without this worker
+                self._dispatch()
                 return
             if len(state.running) >= state.slots:
                 free.remove(state)
@@ -541,7 +545,7 @@ class Broker:
             worker.running.discard(task.task_id)
             task.worker = None
             self.queue.appendleft(task)
-            self._remove_worker(worker.identity, "disconnected")
+            self._worker_unreachable(worker.identity)
 
     def _finish(self, task: Task) -> None:
         self.tasks.pop(task.task_id, None)
@@ -564,8 +568,8 @@ class Broker:
     def _tick(self, now: float) -> None:
         for worker in list(self.workers.values()):
             if worker.expiry < now:
-                self._remove_worker(worker.identity, "stopped heartbeating")
-            else:
+                self._remove_worker(worker.identity, "disconnected" if worker.unreachable else "stopped heartbeating")
+            elif not worker.unreachable:
                 self._send(worker.identity, [P.PROTOCOL, P.HEARTBEAT])
         for client in list(self.clients.values()):
             if client.expiry < now:
@@ -595,6 +599,17 @@ class Broker:
             except Exception:  # noqa: BLE001 - an observer must not stop the pool
                 log.warning("a status hook failed", exc_info=True)
 
+    def _worker_unreachable(self, identity: bytes) -> None:
+        """A send to this worker failed: its connection is gone. What it sent before leaving (its
+        last results, its BYE) may still be waiting to be read, so it is not removed at once: it
+        gets no more tasks, its BYE removes it, or else the next tick does (its tasks then fail)."""
+        worker = self.workers[identity]
+        if not worker.unreachable:
+            log.info("worker %s is unreachable", identity.hex()[-8:])
+        worker.unreachable = True
+        worker.draining = True
+        worker.expiry = min(worker.expiry, time.monotonic())
+
     def _remove_worker(self, identity: bytes, why: str) -> None:
         worker = self.workers.pop(identity, None)
         if worker is None:
@@ -610,6 +625,10 @@ class Broker:
             task.worker = None
             if task.cancelled:
                 del self.tasks[task_id]
+            elif why == "said goodbye" and not task.streamed:
+                # A worker answers every task it received before its BYE, so this one was still
+                # on its way when the worker left and never started: another worker runs it.
+                self.queue.appendleft(task)
             elif task.retries_left > 0 and not task.streamed:
                 task.retries_left -= 1
                 self.counters["retried"] += 1
@@ -639,7 +658,7 @@ class Broker:
                 raise
             log.info("peer %s is gone; dropped a %s", identity.hex()[-8:], P.COMMAND_NAMES.get(frames[1], "?"))
             if identity in self.workers:
-                self._remove_worker(identity, "disconnected")
+                self._worker_unreachable(identity)
             elif identity in self.clients:
                 self._remove_client(identity)
 
