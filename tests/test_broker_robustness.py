@@ -367,7 +367,38 @@ def test_a_task_for_a_worker_that_vanished_without_a_goodbye_goes_to_another_wor
         time.sleep(0.2)  # closed without BYE: the broker's ZeroMQ notices the disconnect
         # A runnable nobody holds yet: the never-used impostor wins the tie and is tried first.
         assert remote(strict_pool, add(100 + n)).invoke(1) == 101 + n
-    assert strict_pool.status()["counters"]["workers_lost"] >= 1
+    assert wait_for(lambda: strict_pool.status()["counters"]["workers_lost"] >= 1)
+
+
+@pytest.mark.timeout(30)
+def test_a_task_still_on_its_way_to_a_worker_that_says_goodbye_goes_to_another_worker(strict_pool):
+    # A draining worker answers every task it received before its BYE; a TASK that crossed the
+    # BYE on the wire never started, so it must run elsewhere instead of failing with WorkerLost.
+    strict_pool.scale(1)
+    assert remote(strict_pool).invoke(1) == 2  # the real worker has now been assigned a task
+    same_environment = {**P.environment(), "pid": 1, "concurrency": 4}
+    outcome: list[Any] = []
+    with raw_dealer(strict_pool.address) as sock:
+        sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(same_environment)])
+        assert reply(sock)[:2] == [P.PROTOCOL, P.WELCOME]
+
+        def caller() -> None:
+            try:
+                outcome.append(remote(strict_pool, add(300)).invoke(1))
+            except BaseException as exc:  # noqa: BLE001 - inspected below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        # A runnable nobody holds yet: the never-used impostor wins the tie and gets the task.
+        frames = reply(sock)
+        while frames[1] == P.HEARTBEAT:
+            frames = reply(sock)
+        assert frames[1] == P.TASK
+        sock.send_multipart([P.PROTOCOL, P.BYE])  # leave without answering it
+        thread.join(15)
+        assert not thread.is_alive()
+    assert outcome == [301], outcome
 
 
 # ---------------------------------------------------------------------------- nobody there
