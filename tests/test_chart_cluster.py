@@ -1,7 +1,8 @@
 """The worker-pool chart on the real single-node test cluster (tests/cluster): helm install with
 CurveZMQ keys from a Secret, warm calls from the host, worker concurrency, helm test, scaling the
 worker Deployment through its scale subresource (scale-down drains), helm uninstall; and the
-autoscaler's RBAC, least privilege, with a real ServiceAccount token.
+autoscaler's RBAC, least privilege, with a real ServiceAccount token; and the broker Pod's
+autoscaler moving the worker Deployment with load, with metrics served on the metrics port.
 
 The test cluster has no DNS and no kube-proxy, so the broker runs with hostNetwork on a free host
 port, and the workers and the helm test Pod (hostNetwork too) reach it at tcp://127.0.0.1:PORT;
@@ -17,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from langchain_core.runnables import RunnableLambda
@@ -219,6 +222,92 @@ def test_the_chart_runs_a_keyed_warm_pool_that_scales_and_drains(helm_bin, k8s_n
         print(f"helm uninstall took {time.monotonic() - t0:.1f}s")
     assert uninstall.returncode == 0, uninstall.stderr
     assert_nothing_left(cp, ns)
+
+
+@pytest.mark.timeout(360)
+def test_the_brokers_autoscaler_scales_the_workers_with_load_and_serves_metrics(helm_bin, k8s_node, k8s_namespace,
+                                                                                tmp_path):
+    """autoscaling.enabled: the broker Pod, with its own ServiceAccount and the chart's Role (nothing
+    more), sets the worker Deployment's replicas from its queue; metrics.enabled: Prometheus text
+    on the metrics port. (No kube-proxy here: the broker reaches the API server on the host's
+    loopback, so KUBERNETES_SERVICE_HOST/PORT point there.)"""
+    cp = k8s_node.control_plane
+    core, apps, ns, kubeconfig = cp.core(), cp.apps(), k8s_namespace, cp.kubeconfig
+    keys = create_key_directory(tmp_path / "keys")
+    create_key_secret(core, ns, "pool-keys", keys)
+    port, metrics_port = free_port(), free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    api = urlparse(cp.server)
+    values = {
+        "image": {"repository": "runnable-k8s-worker", "tag": "latest", "pullPolicy": "Never"},
+        "curve": {"enabled": True, "existingSecret": "pool-keys"},
+        "broker": {"hostNetwork": True, "port": port, "logLevel": "INFO",
+                   "extraEnv": [{"name": "KUBERNETES_SERVICE_HOST", "value": api.hostname},
+                                {"name": "KUBERNETES_SERVICE_PORT", "value": str(api.port)}],
+                   "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
+        "worker": {"hostNetwork": True, "brokerAddress": address, "concurrency": 2, "gracePeriodSeconds": 20,
+                   "probes": {"enabled": worker_supports_health_dir()},
+                   "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
+        "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetTasksPerSlot": 1.0,
+                        "stabilizationWindowSeconds": 5, "scaleToZeroIdleSeconds": 600},
+        "metrics": {"enabled": True, "port": metrics_port},
+    }
+    timings: dict[str, float] = {}
+    install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", ns, "-f", values_file(tmp_path, values),
+                   "--wait", "--timeout", "120s", tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
+    assert install.returncode == 0, install.stdout + install.stderr + describe(core, ns)
+    status = None
+    try:
+        status = Connection(address, load_peer_keys(keys, "client"), 10.0)
+        wait_for("one registered worker", lambda: registered_workers(status) == 1, 60)
+        # Metrics: the broker's own numbers, scraped the way Prometheus would (the Pod's port).
+        text = wait_for("the metrics endpoint", lambda: _get(f"http://127.0.0.1:{metrics_port}/metrics"), 30)
+        assert "runnable_k8s_" in text and "runnable_k8s_tasks" in text, text[:2000]
+
+        # Load: 6 eight-second tasks on one worker of 2 slots call for 3 workers.
+        results: dict[str, object] = {}
+        slow = RunnableK8s(bound=RunnableLambda(lambda x: (__import__("time").sleep(8.0), x)[1]), pool=address,
+                           keys=str(keys), mode="warm", timeout=120)
+        runner = threading.Thread(target=lambda: results.update(out=slow.batch(list(range(6)),
+                                                                               return_exceptions=True)))
+        t0 = time.monotonic()
+        runner.start()
+        wait_for("the autoscaler to ask for 3 workers",
+                 lambda: apps.read_namespaced_deployment_scale(WORKERS, ns).spec.replicas == 3, 60)
+        timings["load -> replicas 3"] = time.monotonic() - t0
+        wait_for("three registered workers", lambda: registered_workers(status) == 3, 90)
+        timings["load -> 3 workers registered"] = time.monotonic() - t0
+        runner.join(150)
+        assert results.get("out") == list(range(6)), results
+
+        # Idle: back to minReplicas after the stabilization window; nothing was lost meanwhile.
+        t0 = time.monotonic()
+        wait_for("the autoscaler to go back to 1 worker",
+                 lambda: apps.read_namespaced_deployment_scale(WORKERS, ns).spec.replicas == 1, 90)
+        timings["idle -> replicas 1"] = time.monotonic() - t0
+        wait_for("one worker Pod left", lambda: len(pods_left(core, ns, "worker")) == 1, 90)
+        logs = core.read_namespaced_pod_log(pods_left(core, ns, "broker")[0], ns)
+        assert "Forbidden" not in logs and "403" not in logs, logs[-3000:]
+    except BaseException:
+        print(describe(core, ns))
+        raise
+    finally:
+        print("timings:", {k: round(v, 2) for k, v in timings.items()})
+        if status is not None:
+            status.close()
+        Connection.close_all(address)
+        uninstall = helm(helm_bin, "uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s",
+                         tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
+    assert uninstall.returncode == 0, uninstall.stderr
+    assert_nothing_left(cp, ns)
+
+
+def _get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return None
 
 
 def assert_nothing_left(cp, ns: str) -> None:
