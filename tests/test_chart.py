@@ -84,6 +84,8 @@ def test_values_yaml_fits_its_own_schema():
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.validate(load_values(), schema)
     jsonschema.validate(deep_merge(load_values(), EVERYTHING_ON), schema)
+    for address in ("tcp://127.0.0.1:5555", "tcp://pool-worker-pool-broker.team-a.svc:5555", "tcp://[fd00::1]:5555"):
+        jsonschema.validate(deep_merge(load_values(), {"worker": {"brokerAddress": address}}), schema)
 
 
 BAD_VALUES = {
@@ -94,6 +96,7 @@ BAD_VALUES = {
     "unknown worker key": {"worker": {"replica": 2}},
     "bad pull policy": {"image": {"pullPolicy": "Sometimes"}},
     "broker address not tcp": {"worker": {"brokerAddress": "http://broker:5555"}},
+    "broker address without a port": {"worker": {"brokerAddress": "tcp://broker"}},
     "port out of range": {"service": {"port": 70000}},
     "authorized client key that would register as a worker": {"curve": {"authorizedClientKeys": ["worker2.key"]}},
     "non-positive autoscaling target": {"autoscaling": {"targetTasksPerSlot": 0}},
@@ -309,6 +312,7 @@ def test_every_optional_feature_renders_as_configured(helm_bin, tmp_path):
     assert zmq_rule["ports"] == [{"port": "zmq", "protocol": "TCP"}]
     assert zmq_rule["from"] == [
         {"podSelector": {"matchLabels": worker["spec"]["selector"]["matchLabels"]}},
+        {"podSelector": {"matchLabels": {"llm-client": "yes"}}},
         {"podSelector": {"matchLabels": {"llm-client": "yes"}}, "namespaceSelector": {"matchLabels": {"team": "llm"}}}]
     assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     # The helm test Pod is a labelled client, so it passes the policy.
