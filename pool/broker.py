@@ -391,11 +391,16 @@ class Broker:
 
     def _on_ready(self, worker: bytes, body: list[bytes], frame: zmq.Frame) -> None:
         environment = P.decode_json_object(body[0]) if body else {}
-        if self.keys is not None and self.keys.worker_keys:
+        if self.keys is not None:  # with keys, only worker*.key files of authorized/ may serve tasks
             user = frame.get("User-Id")
             if user is None or user.encode() not in self.keys.worker_keys:
                 self.counters["refused"] += 1
-                self._send(worker, P.error_frames(b"", P.E_UNAUTHORIZED, "this key may not register as a worker"))
+                log.warning("refused a worker whose key is not one of the %d worker*.key files in %s",
+                            len(self.keys.worker_keys), self.keys.authorized_dir)
+                self._send(worker, P.error_frames(b"", P.E_UNAUTHORIZED, (
+                    "this key may not register as a worker: the broker accepts workers only with the keys "
+                    "in its authorized/ folder named worker*.key"
+                )))
                 return
         if environment.get("protocol") != P.PROTOCOL_VERSION:
             self._send(worker, P.error_frames(b"", P.E_INCOMPATIBLE, (
