@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import os
 import sys
 import time
@@ -111,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     out.add_argument("--plot", metavar="PATH", help="write a PNG: latency distributions and throughput")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    out.add_argument("--replot", metavar="JSON",
+                     help="measure nothing: print the table of an earlier --json file (and --plot it)")
 
 
 # ---------------------------------------------------------------------- progress
@@ -149,10 +152,13 @@ class Progress:
 
 
 def _summary(samples: list[float]) -> dict[str, float]:
-    """pool.bench's percentiles, plus min and max."""
+    """pool.bench's percentiles, plus min, max and the quartiles and p1 the plot's boxes are drawn from."""
     figures = percentiles(samples)
-    figures["min_ms"] = round(min(samples) * 1000, 4)
-    figures["max_ms"] = round(max(samples) * 1000, 4)
+    ordered = sorted(samples)
+    for name, q in (("p1_ms", 0.01), ("p25_ms", 0.25), ("p75_ms", 0.75)):
+        figures[name] = round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 4)
+    figures["min_ms"] = round(ordered[0] * 1000, 4)
+    figures["max_ms"] = round(ordered[-1] * 1000, 4)
     return figures
 
 
@@ -232,7 +238,6 @@ class Bench:
                 raise SystemExit(f"runnable-k8s bench: unknown mode {mode!r} (warm, ephemeral)")
         if self.args.pool or "io" not in self.workloads or "warm" not in self.modes:
             self.scaling = []  # the workers of someone else's pool are not ours to scale; io only
-        self.samples: dict[str, dict[str, list[float]]] = {}  # for the plot: series -> workload -> seconds
 
     def runnable(self, workload: str) -> Runnable:
         a = self.args
@@ -282,11 +287,9 @@ class Bench:
                         n, warmup = self.args.slow_calls, 5
                     samples = _timed(call, n, warmup, tick)
                     results[workload] = _summary(samples)
-                    self.samples.setdefault("in-process", {})[workload] = samples
                     if workload == "stream":
                         firsts = firsts[warmup:]
                         results[workload]["ttfc"] = _summary(firsts)
-                        self.samples["in-process"]["stream first chunk"] = firsts
         finally:
             loop.close()
         return results
@@ -298,7 +301,6 @@ class Bench:
             with progress.step(f"bare pyzmq floor: latency, {a.pool_workers} workers") as tick:
                 samples = _timed(floor.call, a.calls, 50, tick)
                 result: dict[str, Any] = _summary(samples)
-                self.samples.setdefault("bare pyzmq floor", {})["echo"] = samples
             with progress.step("bare pyzmq floor: throughput") as tick:
                 by_conc = {}
                 for c in self.concurrency:
@@ -381,11 +383,9 @@ class Bench:
                     firsts = firsts[warmup:]
                     figures.update(_summary(samples))
                     figures["ttfc"] = _summary(firsts)
-                    self.samples.setdefault(mode, {})["stream first chunk"] = firsts
                 else:
                     samples = _timed(_run_stream_or_invoke(workload, remote, self.payload), n, warmup, tick)
                     figures.update(_summary(samples))
-                self.samples.setdefault(mode, {})[workload] = samples
             by_conc: dict[str, float | None] = {}
             for c in self.concurrency:
                 if ephemeral and c > a.ephemeral_max_in_flight:
@@ -435,6 +435,7 @@ class Bench:
     def run(self) -> dict[str, Any]:
         a = self.args
         started = dt.datetime.now(dt.timezone.utc)
+        self.load_at_start = [round(x, 2) for x in os.getloadavg()]
         results: dict[str, Any] = {"modes": {}}
         progress = Progress(self.plan(), enabled=not a.no_progress)
         try:
@@ -451,7 +452,6 @@ class Bench:
         results["environment"] = self.environment(started, finished)
         results["settings"] = self.settings()
         summarize(results)
-        results["_samples"] = self.samples  # for the plot; not written to JSON
         return results
 
     def environment(self, started: dt.datetime, finished: dt.datetime) -> dict[str, Any]:
@@ -459,6 +459,7 @@ class Bench:
         env.update({
             "started_at": started.isoformat(timespec="seconds"), "finished_at": finished.isoformat(timespec="seconds"),
             "duration_s": round((finished - started).total_seconds(), 1),
+            "load_average_at_start": self.load_at_start,
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "cpu_model": _cpu_model(), "memory_gb": _memory_gb(),
             "command": "runnable-k8s bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
@@ -582,7 +583,11 @@ def run(args: argparse.Namespace) -> int:
     """The ``runnable-k8s bench`` entry point: measure, print the table, write JSON and PNG."""
     from pool import bench_report
 
-    results = Bench(args).run()
+    if args.replot:
+        with open(args.replot) as f:
+            results = json.load(f)
+    else:
+        results = Bench(args).run()
     print(bench_report.format_table(results), flush=True)
     if args.json:
         bench_report.write_json(results, args.json)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 SERIES_COLORS = {
@@ -148,13 +149,12 @@ def plot(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    samples: dict[str, dict[str, list[float]]] = results.get("_samples", {})
     scaling = results.get("scaling")
     fig = plt.figure(figsize=(15, 10.5), constrained_layout=True)
     grid = fig.add_gridspec(2, 2 if scaling else 1, height_ratios=[1.15, 1])
     ax_lat = fig.add_subplot(grid[0, :])
     ax_tp = fig.add_subplot(grid[1, 0])
-    _latency_panel(ax_lat, results, samples)
+    _latency_panel(ax_lat, results)
     _throughput_panel(ax_tp, results)
     if scaling:
         _scaling_panel(fig.add_subplot(grid[1, 1]), scaling)
@@ -178,21 +178,40 @@ def _series_label(series: str, results: dict[str, Any]) -> str:
     return series
 
 
-def _latency_panel(ax: Any, results: dict[str, Any], samples: dict[str, dict[str, list[float]]]) -> None:
+def _distributions(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """series -> group -> latency figures (p1/p25/p50/p75/p99 in ms), all from the JSON figures."""
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    for workload, figures in results.get("in_process", {}).get("workloads", {}).items():
+        found.setdefault("in-process", {})[workload] = figures
+        if "ttfc" in figures:
+            found["in-process"]["stream first chunk"] = figures["ttfc"]
+    if "floor" in results:
+        found["bare pyzmq floor"] = {"echo": results["floor"]}
+    for mode, mode_figures in results.get("modes", {}).items():
+        for workload, figures in mode_figures.get("workloads", {}).items():
+            found.setdefault(mode, {})[workload] = figures
+            if "ttfc" in figures:
+                found[mode]["stream first chunk"] = figures["ttfc"]
+    return found
+
+
+def _latency_panel(ax: Any, results: dict[str, Any]) -> None:
+    series_figures = _distributions(results)
     groups = [g for g in ("echo", "io", "stream", "stream first chunk")
-              if any(g in per for per in samples.values())]
-    order = [s for s in ("in-process", "bare pyzmq floor", "warm", "ephemeral") if s in samples]
+              if any(g in per for per in series_figures.values())]
+    order = [s for s in ("in-process", "bare pyzmq floor", "warm", "ephemeral") if s in series_figures]
     width = 0.8 / max(1, len(order))
     positions_used = set()
     for gi, group in enumerate(groups):
         for si, series in enumerate(order):
-            data = samples[series].get(group)
-            if not data:
+            f = series_figures[series].get(group)
+            if not f:
                 continue
-            ms = [x * 1000 for x in data]
             pos = gi + (si - (len(order) - 1) / 2) * width
-            box = ax.boxplot([ms], positions=[pos], widths=width * 0.85, whis=(1, 99), showfliers=False,
-                             patch_artist=True, manage_ticks=False)
+            stats = {"med": f["p50_ms"], "q1": f.get("p25_ms", f["p50_ms"]), "q3": f.get("p75_ms", f["p50_ms"]),
+                     "whislo": f.get("p1_ms", f.get("min_ms", f["p50_ms"])), "whishi": f["p99_ms"], "fliers": []}
+            box = ax.bxp([stats], positions=[pos], widths=width * 0.85, showfliers=False, patch_artist=True,
+                         manage_ticks=False)
             color = SERIES_COLORS[series]
             for patch in box["boxes"]:
                 patch.set(facecolor=color, alpha=0.55, edgecolor=color)
@@ -201,11 +220,7 @@ def _latency_panel(ax: Any, results: dict[str, Any], samples: dict[str, dict[str
                     line.set(color=color)
             for line in box["medians"]:
                 line.set(color="black", linewidth=1.5)
-            ordered = sorted(ms)
-            median = ordered[len(ordered) // 2]
-            top = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-            ax.text(pos, top * 1.25, _ms_text(median), ha="center", va="bottom", fontsize=8.5, color="black",
-                    rotation=0)
+            ax.text(pos, f["p99_ms"] * 1.25, _ms_text(f["p50_ms"]), ha="center", va="bottom", fontsize=8.5)
             positions_used.add(series)
     ax.set_yscale("log")
     ax.set_xticks(range(len(groups)))
@@ -222,7 +237,7 @@ def _latency_panel(ax: Any, results: dict[str, Any], samples: dict[str, dict[str
 
     ax.legend(handles=[Patch(facecolor=SERIES_COLORS[s], alpha=0.55, edgecolor=SERIES_COLORS[s],
                              label=_series_label(s, results)) for s in order if s in positions_used],
-              loc="upper left", fontsize=9.5)
+              loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=9.5, title="runs as")
 
 
 def _group_label(group: str, results: dict[str, Any]) -> str:
@@ -248,6 +263,8 @@ def _ms_text(ms: float) -> str:
 def _throughput_panel(ax: Any, results: dict[str, Any]) -> None:
     concurrency = results.get("settings", {}).get("concurrency", [])
 
+    placed: list[tuple[int, float]] = []  # (x, label y) of the end labels, to keep them apart
+
     def line(by_conc: dict[str, Any], color: str, style: str, marker: str, label: str) -> None:
         points = [(int(c), v) for c, v in by_conc.items() if v is not None]
         if not points:
@@ -255,8 +272,12 @@ def _throughput_panel(ax: Any, results: dict[str, Any]) -> None:
         points.sort()
         xs, ys = zip(*points)
         ax.plot(xs, ys, linestyle=style, marker=marker, color=color, label=label, linewidth=1.8, markersize=6)
-        ax.annotate(f"{ys[-1]:,.0f}/s" if ys[-1] >= 10 else f"{ys[-1]:.2f}/s", (xs[-1], ys[-1]),
-                    textcoords="offset points", xytext=(6, 0), va="center", fontsize=8, color=color)
+        y = ys[-1]
+        while any(x == xs[-1] and abs(math.log10(y) - math.log10(other)) < 0.09 for x, other in placed):
+            y *= 1.3
+        placed.append((xs[-1], y))
+        ax.annotate(f"{ys[-1]:,.0f}/s" if ys[-1] >= 10 else f"{ys[-1]:.2f}/s", (xs[-1], y),
+                    textcoords="offset points", xytext=(7, 0), va="center", fontsize=8, color=color)
 
     if "floor" in results:
         line(results["floor"].get("throughput_by_concurrency", {}), SERIES_COLORS["bare pyzmq floor"], "-", "x",
@@ -284,9 +305,14 @@ def _scaling_panel(ax: Any, scaling: dict[str, Any]) -> None:
     measured = [scaling["throughput_by_workers"][str(n)] for n in workers]
     ideal = [scaling["ideal_by_workers"][str(n)] for n in workers]
     bars = ax.bar([str(n) for n in workers], measured, color=SERIES_COLORS["warm"], alpha=0.75, label="measured")
-    ax.plot([str(n) for n in workers], ideal, "k--", marker="_", markersize=20, label="ideal (slots / latency)")
-    for bar, value in zip(bars, measured):
-        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:,.0f}/s", ha="center", va="bottom", fontsize=9)
+    ax.plot([str(n) for n in workers], ideal, "k--", marker="_", markersize=30, markeredgewidth=2,
+            label="ideal: workers x slots / latency")
+    for bar, value, best in zip(bars, measured, ideal):
+        middle = bar.get_x() + bar.get_width() / 2
+        ax.text(middle, value / 2, f"{value:,.0f}/s", ha="center", va="center", fontsize=11, color="white",
+                fontweight="bold")
+        ax.annotate(f"ideal {best:,.0f}/s", (middle, best), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8.5)
     speedup = next((v for k, v in scaling.items() if k.startswith("speedup_")), None)
     title = (f"Scaling: io workload ({scaling['io_latency_ms']:g} ms), {scaling['in_flight']} in flight, "
              f"{scaling['slots_per_worker']} slots/worker")

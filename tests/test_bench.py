@@ -65,7 +65,8 @@ def test_json_has_every_documented_figure(tiny_run: dict) -> None:
         assert set(figures["throughput_by_concurrency"]) == {"1", "4"}
         for workload in ("echo", "io", "stream"):
             w = figures["workloads"][workload]
-            assert all(_positive(w[k]) for k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")), (mode, workload, w)
+            assert all(_positive(w[k]) for k in ("p1_ms", "p25_ms", "p50_ms", "p75_ms", "p95_ms", "p99_ms", "mean_ms")), \
+                (mode, workload, w)
             assert all(_positive(v) for v in w["throughput_by_concurrency"].values()), (mode, workload, w)
             assert workload in figures["overhead"]
         assert all(_positive(figures["workloads"]["stream"]["ttfc"][k]) for k in ("p50_ms", "p95_ms", "p99_ms"))
@@ -95,6 +96,18 @@ def test_table_png_and_progress(tiny_run: dict) -> None:
     assert "steps" in tiny_run["stderr"]  # the tqdm bar
     png = tiny_run["png"]
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 20_000
+
+
+@pytest.mark.timeout(120)
+def test_replot_redraws_table_and_png_from_the_json(tiny_run: dict, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from pool.cli import main
+
+    path = tmp_path / "again.json"
+    path.write_text(json.dumps(tiny_run["json"]))
+    assert main(["bench", "--replot", str(path), "--plot", str(tmp_path / "again.png")]) == 0
+    assert "p50 ms" in capsys.readouterr().out
+    assert (tmp_path / "again.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 @pytest.mark.timeout(300)

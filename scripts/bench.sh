@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Regenerate docs/bench/ (see docs/bench/README.md):
+#
+#   bash scripts/bench.sh            # local, then cluster
+#   bash scripts/bench.sh local      # warm vs a fresh local process per call -> docs/bench/local.{json,png,txt}
+#   bash scripts/bench.sh cluster    # warm vs a real Pod per call           -> docs/bench/cluster.{json,png,txt}
+#
+# The cluster run uses the cluster in KUBECONFIG; without one, the repository's single-node test
+# cluster (tests/cluster): reused when it is up, else started here and stopped again at the end
+# (needs root and `bash tests/cluster/build.sh`; rebuild the worker image with
+# `bash tests/cluster/build.sh images` after changing the Python code).
+# PYTHON (default .venv/bin/python) and EXTRA (more `runnable-k8s bench` options) are read.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+OUT=docs/bench
+mkdir -p "$OUT"
+what=${1:-all}
+
+run_local() {
+  "$PY" -m pool bench --modes warm,ephemeral --launcher local --workload echo,io,stream \
+    --concurrency 1,8,64 --ephemeral-max-in-flight 64 --workers 1,2,4 ${EXTRA:-} \
+    --json "$OUT/local.json" --plot "$OUT/local.png" | tee "$OUT/local.txt"
+}
+
+run_cluster() {
+  local started=""
+  if [ -z "${KUBECONFIG:-}" ]; then
+    if ! "$PY" -m tests.cluster status | grep -q '"node"'; then
+      echo "[bench.sh] starting the test cluster (python -m tests.cluster up)" >&2
+      "$PY" -m tests.cluster up
+      started=1
+    fi
+    eval "$("$PY" -m tests.cluster env)"
+  fi
+  trap '[ -n "$started" ] && "$PY" -m tests.cluster down' EXIT
+  "$PY" -m pool bench --modes warm,ephemeral --launcher kubernetes --image-pull-policy Never \
+    --workload echo,io,stream --concurrency 1,8,64 --ephemeral-max-in-flight 8 --workers 0 ${EXTRA:-} \
+    --json "$OUT/cluster.json" --plot "$OUT/cluster.png" | tee "$OUT/cluster.txt"
+}
+
+case "$what" in
+  local) run_local ;;
+  cluster) run_cluster ;;
+  all) run_local; run_cluster ;;
+  *) echo "usage: bash scripts/bench.sh [local|cluster|all]" >&2; exit 2 ;;
+esac
