@@ -310,6 +310,67 @@ def _get(url: str) -> str | None:
         return None
 
 
+@pytest.mark.timeout(300)
+def test_a_pod_network_broker_is_reached_from_the_host_through_k8s_address(helm_bin, k8s_node, k8s_namespace,
+                                                                          tmp_path):
+    """The default wiring, without hostNetwork: the broker in its own Pod network namespace, found
+    by `pool="k8s://NAMESPACE/RELEASE"` from the host (a port-forward through the API server, by the
+    chart's labels and port name). With no DNS here, the workers and the helm test Pod use the
+    broker Pod's IP (a helm upgrade sets worker.brokerAddress once the broker runs)."""
+    cp = k8s_node.control_plane
+    core, ns, kubeconfig = cp.core(), k8s_namespace, cp.kubeconfig
+    keys = create_key_directory(tmp_path / "keys")
+    create_key_secret(core, ns, "pool-keys", keys)
+    values = {
+        "image": {"repository": "runnable-k8s-worker", "tag": "latest", "pullPolicy": "Never"},
+        "curve": {"enabled": True, "existingSecret": "pool-keys"},
+        "broker": {"resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
+        "worker": {"replicas": 0, "concurrency": 2, "gracePeriodSeconds": 5,
+                   "probes": {"enabled": worker_supports_health_dir()},
+                   "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
+    }
+    vf = values_file(tmp_path, values)
+    install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", ns, "-f", vf, "--wait", "--timeout", "120s",
+                   tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
+    assert install.returncode == 0, install.stdout + install.stderr + describe(core, ns)
+    address = f"k8s://{ns}/{RELEASE}"
+    try:
+        broker_pod = core.read_namespaced_pod(ready_pods(core, ns, "broker")[0], ns)
+        assert not broker_pod.spec.host_network and broker_pod.status.pod_ip.startswith("10.234.0.")
+        upgrade = helm(helm_bin, "upgrade", RELEASE, str(CHART), "-n", ns, "-f", vf, "--set", "worker.replicas=2",
+                       "--set", f"worker.brokerAddress=tcp://{broker_pod.status.pod_ip}:5555", "--wait",
+                       "--timeout", "120s", tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
+        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr + describe(core, ns)
+        assert ready_pods(core, ns, "broker") == [broker_pod.metadata.name]  # the broker was not restarted
+
+        remote = RunnableK8s(bound=RunnableLambda(lambda x: (__import__("time").sleep(1.0),
+                                                             __import__("os").environ["POD_NAME"])[1]),
+                             pool=address, keys=str(keys), k8s_config=kubeconfig, mode="warm", timeout=60,
+                             connect_timeout=20)
+        deadline = time.monotonic() + 60
+        pods: set[str] = set()
+        while len(pods) < 2 and time.monotonic() < deadline:  # both workers registered and serving
+            pods |= set(remote.batch([0, 1, 2, 3]))
+        assert len(pods) == 2 and all(p.startswith(WORKERS) for p in pods), pods
+
+        test = helm(helm_bin, "test", RELEASE, "-n", ns, "--timeout", "120s", tmp_path=tmp_path,
+                    kubeconfig=kubeconfig, timeout=150)
+        assert test.returncode == 0, test.stdout + test.stderr + describe(core, ns)
+    except BaseException:
+        print(describe(core, ns))
+        raise
+    finally:
+        Connection.close_all()
+        from pool.portforward import BrokerForward
+
+        for forward in list(BrokerForward._shared.values()):
+            forward.close()
+        uninstall = helm(helm_bin, "uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s",
+                         tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
+    assert uninstall.returncode == 0, uninstall.stderr
+    assert_nothing_left(cp, ns)
+
+
 def assert_nothing_left(cp, ns: str) -> None:
     """Nothing of the release stays: no Pod, workload, Service, account, role, policy or release Secret."""
     from kubernetes import client
