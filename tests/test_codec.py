@@ -87,3 +87,56 @@ def test_exception_that_cannot_be_rebuilt_keeps_its_type_name_and_traceback():
     assert info.exception is None
     assert info.type_name.endswith("NeedsTwoArgs")
     assert "raise NeedsTwoArgs" in info.traceback
+
+
+# ---------------------------------------------------------------------------- the data fast path
+
+
+def test_data_takes_the_c_pickler_and_comes_back_equal():
+    from langchain_core.messages import AIMessageChunk
+
+    chunk = AIMessageChunk(content="Pika", id="run-1")
+    data = codec.dumps({"chunk": chunk, "n": 1})
+    assert b"_rebuild_langchain_object" not in data  # not the dumpd route
+    assert codec.loads(data) == {"chunk": chunk, "n": 1}
+
+
+def test_runnables_keep_the_hybrid_route_even_inside_data():
+    prompt = ChatPromptTemplate.from_messages([("user", "{q}")])
+    assert b"_rebuild_langchain_object" in codec.dumps(prompt)
+    data = codec.dumps({"chain": seed_chain()})  # a runnable holding a secret, nested in data
+    assert SECRET.encode() not in data and b"OPENAI_API_KEY" in data
+
+
+def test_objects_from_main_still_travel_by_value():
+    # Defined in __main__ of one process, rebuilt in another whose __main__ does not have them.
+    program = (
+        "import sys\n"
+        "from worker import codec\n"
+        "class Point:\n"
+        "    def __init__(self, x): self.x = x\n"
+        "def double(v): return 2 * v\n"
+        "sys.stdout.buffer.write(codec.dumps({'p': Point(21), 'f': double}))\n"
+    )
+    data = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60, check=True).stdout
+    reader = "import sys; from worker import codec; v = codec.loads(sys.stdin.buffer.read()); print(v['f'](v['p'].x))"
+    out = subprocess.run([sys.executable, "-c", reader], input=data, capture_output=True, timeout=60, check=True)
+    assert out.stdout.decode().strip() == "42"
+
+
+def test_modules_registered_by_value_still_travel_by_value(tmp_path):
+    # A module only the client has, registered with cloudpickle.register_pickle_by_value: a value
+    # naming it must be carried by value, as cloudpickle alone would.
+    (tmp_path / "client_only_mod.py").write_text("class Point:\n    def __init__(self, x): self.x = x\n")
+    program = (
+        "import sys, cloudpickle\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import client_only_mod\n"
+        "cloudpickle.register_pickle_by_value(client_only_mod)\n"
+        "from worker import codec\n"
+        "sys.stdout.buffer.write(codec.dumps([client_only_mod.Point(42)]))\n"
+    )
+    data = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60, check=True).stdout
+    reader = "import sys; from worker import codec; print(codec.loads(sys.stdin.buffer.read())[0].x)"
+    out = subprocess.run([sys.executable, "-c", reader], input=data, capture_output=True, timeout=60, check=True)
+    assert out.stdout.decode().strip() == "42"
