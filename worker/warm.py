@@ -87,6 +87,8 @@ class WarmWorker:
         self.jobs: dict[bytes, Job] = {}
         self.deadlines = Deadlines()
         self.draining_since: float | None = None
+        # Draining ends only once the broker has surely stopped sending tasks: see _fence.
+        self._fenced = False
         self.exit_code: int | None = None
         self._drain_requested = False
         # Two contexts: the broker socket's can be terminated (flushing BYE) at exit even while a
@@ -133,6 +135,14 @@ class WarmWorker:
             log.info("draining: %d tasks running, grace period %.0fs", len(self.jobs), self.grace_period)
             self.draining_since = time.monotonic()
             self._send([P.PROTOCOL, P.DRAINING])
+            self._fence()
+
+    def _fence(self) -> None:
+        """Ask the broker something right after DRAINING: it answers in order, so once its answer
+        is here, every task it sent before it saw DRAINING is here too (and was requeued). Without
+        this, a task already on the wire when the worker says BYE would be lost."""
+        self._fenced = False
+        self._send([P.PROTOCOL, P.STATUS])
 
     def _install_signal_handlers(self) -> Any:
         if threading.current_thread() is not threading.main_thread():
@@ -174,6 +184,7 @@ class WarmWorker:
         self._send([P.PROTOCOL, P.READY, P.encode_json(self._environment())])
         if self.draining_since is not None:
             self._send([P.PROTOCOL, P.DRAINING])
+            self._fence()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
@@ -220,7 +231,10 @@ class WarmWorker:
             pass
 
     def _check_drained(self, now: float) -> None:
-        if self.jobs and now - self.draining_since < self.grace_period:
+        waited = now - self.draining_since
+        if self.jobs and waited < self.grace_period:
+            return
+        if not self._fenced and waited < P.HEARTBEAT_EXPIRY:
             return
         for task_id, job in list(self.jobs.items()):
             log.warning("grace period over: stopping task %s", task_id.hex()[:8])
@@ -294,6 +308,8 @@ class WarmWorker:
             info = P.decode_json_object(body[0])
             self.runner.max_message_bytes = int(info.get("max_message_bytes", self.runner.max_message_bytes))
             log.info("connected to broker %s", self.address)
+        elif command == P.STATUS:
+            self._fenced = True
         elif command == P.ERROR and len(body) >= 3 and not body[0]:
             log.error("the broker refused this worker: %s", body[2].decode(errors="replace"))
             self.exit_code = 2
