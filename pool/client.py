@@ -1,10 +1,14 @@
 """The client's one connection to a broker, shared by every RunnableK8s, thread and event loop.
 
-A ZeroMQ socket must stay on one thread, so one I/O thread owns the DEALER socket. Callers hand
-it commands through a queue (waking it with an inproc message) and receive their task's events
-through a *sink*: a thread-safe queue for sync callers, an ``asyncio.Queue`` fed with
-``call_soon_threadsafe`` for async callers, so an awaiting coroutine holds no thread. Many calls
-are in flight at once; events carry the task id.
+One DEALER socket per process and broker, guarded by a lock: a ZeroMQ socket may be used by one
+thread at a time (the lock is also the memory barrier ZeroMQ asks for when a socket changes
+threads). A caller sends its own SUBMIT or CANCEL while holding the lock, with no hand-off to
+another thread, and then reads whatever arrived meanwhile. Between calls the connection's I/O
+thread waits on the socket's file descriptor (not on the socket itself, so it holds no lock while
+it waits), reads replies and hands each task's events to the caller's *sink*: a thread-safe queue
+for sync callers, or, for async callers, a per-event-loop mailbox that wakes the loop once per
+batch of events, so an awaiting coroutine holds no thread. Many calls are in flight at once;
+events carry the task id.
 
 The I/O thread also says HELLO (again after a broker restart), heartbeats, notices a lost broker
 (a TCP disconnect at once, a silent one after the heartbeat expiry) and fails every call in flight
@@ -37,7 +41,7 @@ log = logging.getLogger("runnable_k8s.client")
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """Something that happened to a task: a chunk, its result, or an error code from the pool."""
 
@@ -51,6 +55,8 @@ class Event:
 class ThreadSink:
     """Where a sync caller waits for its events."""
 
+    __slots__ = ("_queue",)
+
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
@@ -62,27 +68,89 @@ class ThreadSink:
         return self._queue.get(timeout=timeout)
 
 
+class _LoopMailbox:
+    """Events for the sinks of one event loop, handed over with one wake-up per batch."""
+
+    __slots__ = ("loop", "thread", "items", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread = threading.get_ident()
+        self.items: collections.deque[tuple[LoopSink, Any]] = collections.deque()
+        self.scheduled = False
+
+    def post(self, sink: LoopSink, event: Any) -> None:
+        self.items.append((sink, event))
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                if threading.get_ident() == self.thread:
+                    self.loop.call_soon(self.flush)
+                else:
+                    self.loop.call_soon_threadsafe(self.flush)
+            except RuntimeError:
+                pass  # the caller's loop is closed: nobody is waiting any more
+
+    def flush(self) -> None:
+        self.scheduled = False  # before reading: a post from now on schedules another flush
+        items = self.items
+        while items:
+            sink, event = items.popleft()
+            sink._put(event)
+
+
+_mailboxes = threading.local()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _LoopMailbox:
+    """The mailbox of the loop running in this thread (a thread runs one loop at a time)."""
+    mailbox = getattr(_mailboxes, "current", None)
+    if mailbox is None or mailbox.loop is not loop:
+        mailbox = _mailboxes.current = _LoopMailbox(loop)
+    return mailbox
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class LoopSink:
     """Where a coroutine waits for its events without holding a thread."""
 
+    __slots__ = ("_mailbox", "_events", "_waiter")
+
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._mailbox = _mailbox(asyncio.get_running_loop())
+        self._events: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
 
     def deliver(self, event: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:
-            pass  # the caller's loop is closed: nobody is waiting any more
+        self._mailbox.post(self, event)
+
+    def _put(self, event: Any) -> None:  # on the sink's loop
+        self._events.append(event)
+        if self._waiter is not None:
+            _wake(self._waiter)
 
     async def get(self, timeout: float | None) -> Any:
         """The next event; raises ``TimeoutError`` after ``timeout`` seconds."""
-        if timeout is None:
-            return await self._queue.get()
-        return await asyncio.wait_for(self._queue.get(), timeout)
+        if not self._events:
+            loop = self._mailbox.loop
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _wake, waiter) if timeout is not None else None
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if not self._events:
+                raise TimeoutError
+        return self._events.popleft()
 
 
-@dataclass
+@dataclass(slots=True)
 class Submission:
     task_id: bytes
     header: bytes
@@ -139,15 +207,23 @@ class Connection:
         # Set when a connection attempt has an outcome: WELCOME, or a refusal in _failure.
         self._settled = threading.Event()
         self._failure: BaseException | None = None
-        self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        # Task ids: unique per connection, random across connections and processes.
+        self._id_prefix = os.urandom(P.TASK_ID_BYTES - 8)
+        self._ids = itertools.count()
+        # Everything below is used under _lock only: the socket and what is in flight on it.
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, Submission] = {}
+        self._status_waiters: collections.deque[ThreadSink] = collections.deque()
+        self._sent_digests: set[str] = set()
+        self._last_seen = time.monotonic()
         self._context = zmq.Context()
-        self._wake_endpoint = f"inproc://rk8s-wake-{next(self._counter)}"
+        self._sock, self._monitor = self._new_socket()
+        wake_endpoint = f"inproc://rk8s-wake-{next(self._counter)}"
         self._wake_in = self._context.socket(zmq.PULL)
-        self._wake_in.bind(self._wake_endpoint)
+        self._wake_in.bind(wake_endpoint)
         self._wake_out = self._context.socket(zmq.PUSH)
         self._wake_out.linger = 0
-        self._wake_out.connect(self._wake_endpoint)
-        self._wake_lock = threading.Lock()
+        self._wake_out.connect(wake_endpoint)
         self._thread = threading.Thread(target=self._run, name=f"runnable-k8s-io {address}", daemon=True)
         self._thread.start()
 
@@ -182,16 +258,34 @@ class Connection:
                 "--max-message-bytes."
             )
 
+    def new_task_id(self) -> bytes:
+        return self._id_prefix + next(self._ids).to_bytes(8, "big")
+
     def submit(self, submission: Submission) -> None:
-        self._command(("submit", submission))
+        with self._lock:
+            if self.closed or not self._ready.is_set():
+                submission.sink.deliver(Event(submission.task_id, "error", code=P.E_POOL_UNAVAILABLE,
+                                              message=f"lost the connection to {self.address}"))
+                return
+            self._pending[submission.task_id] = submission
+            self._send_submission(submission)
+            self._receive()
 
     def cancel(self, task_id: bytes) -> None:
-        self._command(("cancel", task_id))
+        with self._lock:
+            if not self.closed and self._pending.pop(task_id, None) is not None:
+                self._send([P.PROTOCOL, P.CANCEL, task_id])
+                self._receive()
 
     def status(self, timeout: float = 5.0, connect_timeout: float | None = None) -> dict[str, Any]:
         self.ensure_ready(connect_timeout)
         sink = ThreadSink()
-        self._command(("status", sink))
+        with self._lock:
+            if self.closed:
+                raise PoolUnavailable(f"the connection to {self.address} is closed")
+            self._status_waiters.append(sink)
+            self._send([P.PROTOCOL, P.STATUS])
+            self._receive()
         try:
             return sink.get(timeout)
         except queue.Empty:
@@ -201,21 +295,15 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        self._command(("close",))
+        with self._lock:
+            try:
+                self._wake_out.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the I/O thread is gone already
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
 
-    def _command(self, command: tuple[Any, ...]) -> None:
-        self._outbox.append(command)
-        with self._wake_lock:
-            try:
-                self._wake_out.send(b"", zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # the I/O thread has wake-ups queued already; it will see the command
-            except zmq.ZMQError:
-                pass  # closed while we raced it
-
-    # ------------------------------------------------------------------ I/O thread
+    # ------------------------------------------------------------------ the socket (under _lock)
 
     def _new_socket(self) -> tuple[zmq.Socket, zmq.Socket]:
         sock = self._context.socket(zmq.DEALER)
@@ -228,74 +316,6 @@ class Connection:
         sock.connect(self.address)
         return sock, monitor
 
-    def _run(self) -> None:
-        self._pending: dict[bytes, Submission] = {}
-        self._status_waiters: collections.deque[ThreadSink] = collections.deque()
-        self._sent_digests: set[str] = set()
-        self._sock, self._monitor = self._new_socket()
-        self._last_seen = time.monotonic()
-        next_beat = 0.0
-        poller = zmq.Poller()
-        for sock in (self._wake_in, self._sock, self._monitor):
-            poller.register(sock, zmq.POLLIN)
-        try:
-            while True:
-                events = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1))
-                if self._wake_in in events:
-                    while True:
-                        try:
-                            self._wake_in.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                if not self._drain_outbox():
-                    return
-                if self._monitor in events:
-                    self._on_monitor()
-                if self._sock in events:
-                    self._receive()
-                now = time.monotonic()
-                if now >= next_beat:
-                    next_beat = now + P.HEARTBEAT_INTERVAL
-                    if self._ready.is_set():
-                        self._send([P.PROTOCOL, P.HEARTBEAT])
-                        if now - self._last_seen > P.HEARTBEAT_EXPIRY:
-                            self._lost(f"the broker at {self.address} stopped answering heartbeats")
-                    else:
-                        self._hello()
-        except Exception:  # noqa: BLE001 - never leave callers hanging on a dead thread
-            log.exception("runnable-k8s connection thread failed")
-            self._fail_all(PoolUnavailable, "the client's connection thread failed; see the log")
-        finally:
-            self.closed = True
-            self._ready.clear()
-            for sock in (self._sock, self._monitor, self._wake_in, self._wake_out):
-                sock.close(linger=0)
-            self._context.term()
-
-    def _drain_outbox(self) -> bool:
-        while self._outbox:
-            command = self._outbox.popleft()
-            kind = command[0]
-            if kind == "submit":
-                submission: Submission = command[1]
-                if not self._ready.is_set():
-                    submission.sink.deliver(Event(submission.task_id, "error", code=P.E_POOL_UNAVAILABLE,
-                                                  message=f"lost the connection to {self.address}"))
-                    continue
-                self._pending[submission.task_id] = submission
-                self._send_submission(submission)
-            elif kind == "cancel":
-                if self._pending.pop(command[1], None) is not None:
-                    self._send([P.PROTOCOL, P.CANCEL, command[1]])
-            elif kind == "status":
-                self._status_waiters.append(command[1])
-                self._send([P.PROTOCOL, P.STATUS])
-            elif kind == "close":
-                self._send([P.PROTOCOL, P.BYE])
-                self._fail_all(PoolUnavailable, "the connection was closed")
-                return False
-        return True
-
     def _send_submission(self, submission: Submission, with_runnable: bool = False) -> None:
         first_time = submission.digest not in self._sent_digests
         blob = submission.runnable if (first_time or with_runnable) else b""
@@ -307,6 +327,79 @@ class Connection:
             P.send_frames(self._sock, frames)
         except zmq.Again:
             log.debug("could not send %s: not connected", P.COMMAND_NAMES.get(frames[1]))
+
+    def _receive(self) -> None:
+        """Handle every message that has arrived. Whoever used the socket must call this before
+        letting go of the lock: using a socket can swallow the wake-up of its file descriptor,
+        which is all the I/O thread waits on."""
+        recv = self._sock.recv_multipart
+        for _ in range(1000):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_seen = time.monotonic()
+            if len(frames) < 2 or frames[0] != P.PROTOCOL:
+                log.warning("ignored a malformed message from the broker")
+                continue
+            try:
+                self._on_message(frames[1], frames[2:])
+            except Exception:  # noqa: BLE001 - a bad message must not break the caller that read it
+                log.warning("ignored a message from the broker that could not be handled", exc_info=True)
+        self._wake_io_thread()  # more is waiting: the I/O thread carries on
+
+    def _wake_io_thread(self) -> None:
+        try:
+            self._wake_out.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # ------------------------------------------------------------------ I/O thread
+
+    def _run(self) -> None:
+        next_beat = 0.0
+        poller = zmq.Poller()
+        poller.register(self._wake_in, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._sock.getsockopt(zmq.FD), zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1))
+                if self._wake_in in events:
+                    while True:
+                        try:
+                            self._wake_in.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                with self._lock:
+                    if self.closed:
+                        self._send([P.PROTOCOL, P.BYE])
+                        self._fail_all(PoolUnavailable, "the connection was closed")
+                        return
+                    if self._monitor in events:
+                        self._on_monitor()
+                    self._receive()
+                    now = time.monotonic()
+                    if now >= next_beat:
+                        next_beat = now + P.HEARTBEAT_INTERVAL
+                        if self._ready.is_set():
+                            self._send([P.PROTOCOL, P.HEARTBEAT])
+                            if now - self._last_seen > P.HEARTBEAT_EXPIRY:
+                                self._lost(f"the broker at {self.address} stopped answering heartbeats")
+                        else:
+                            self._hello()
+                        self._receive()
+        except Exception:  # noqa: BLE001 - never leave callers hanging on a dead thread
+            log.exception("runnable-k8s connection thread failed")
+            with self._lock:
+                self._fail_all(PoolUnavailable, "the client's connection thread failed; see the log")
+        finally:
+            with self._lock:
+                self.closed = True
+                self._ready.clear()
+                for sock in (self._sock, self._monitor, self._wake_in, self._wake_out):
+                    sock.close(linger=0)
+            self._context.term()
 
     def _hello(self) -> None:
         self._send([P.PROTOCOL, P.HELLO, P.encode_json(P.environment())])
@@ -348,24 +441,15 @@ class Connection:
         while self._status_waiters:
             self._status_waiters.popleft().deliver({"error": message})
 
-    def _receive(self) -> None:
-        for _ in range(1000):
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._last_seen = time.monotonic()
-            if len(frames) < 2 or frames[0] != P.PROTOCOL:
-                log.warning("ignored a malformed message from the broker")
-                continue
-            self._on_message(frames[1], frames[2:])
-
     def _on_message(self, command: bytes, body: list[bytes]) -> None:
-        if command in (P.CHUNK, P.RESULT) and len(body) == 2:
-            final = command == P.RESULT
-            submission = self._pending.pop(body[0], None) if final else self._pending.get(body[0])
+        if command == P.RESULT and len(body) == 2:
+            submission = self._pending.pop(body[0], None)
             if submission is not None:
-                submission.sink.deliver(Event(body[0], "result" if final else "chunk", body[1]))
+                submission.sink.deliver(Event(body[0], "result", body[1]))
+        elif command == P.CHUNK and len(body) == 2:
+            submission = self._pending.get(body[0])
+            if submission is not None:
+                submission.sink.deliver(Event(body[0], "chunk", body[1]))
         elif command == P.ERROR and len(body) >= 3:
             self._on_error(body[0], body[1], body[2].decode("utf-8", "replace"), body[3] if len(body) > 3 else b"")
         elif command == P.WELCOME and body:

@@ -9,7 +9,6 @@ that cancels the task, so the worker stops and its slot is freed.
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -39,7 +38,7 @@ class _Tracker:
 
     def submit(self, index: int, call: RemoteCall, kind: str, sink: Any) -> bytes:
         self.connection.check_size(call.runnable, call.input)
-        task_id = os.urandom(P.TASK_ID_BYTES)
+        task_id = self.connection.new_task_id()
         header = P.TaskHeader(kind, call.digest, call.timeout, call.retries, call.config).to_bytes()
         deadline = time.monotonic() + call.timeout if call.timeout is not None else None
         self.open[task_id] = (index, call, deadline)
