@@ -84,11 +84,27 @@ class WarmBackend:
     # ------------------------------------------------------------------ sync
 
     def invoke(self, call: RemoteCall) -> Any:
-        for _, outcome in self.as_completed([call], None):
-            if isinstance(outcome, BaseException):
-                raise outcome
-            return outcome
-        raise AssertionError("unreachable")
+        # The common case, without as_completed's generator and window.
+        self.connection.ensure_ready()
+        sink = ThreadSink()
+        tracker = _Tracker(self.connection)
+        task_id = tracker.submit(0, call, "invoke", sink)
+        try:
+            while True:
+                try:
+                    event = sink.get(tracker.wait_time())
+                except queue.Empty:
+                    tracker.expired()
+                    raise _timeout_error(call) from None
+                if event.kind != "chunk":
+                    break
+            tracker.close(task_id)
+        finally:
+            tracker.cancel_all()
+        outcome = _outcome(event)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def batch(self, calls: Sequence[RemoteCall], max_concurrency: int | None, return_exceptions: bool) -> list[Any]:
         results: list[Any] = [None] * len(calls)
@@ -154,11 +170,27 @@ class WarmBackend:
             await asyncio.get_running_loop().run_in_executor(None, self.connection.ensure_ready)
 
     async def ainvoke(self, call: RemoteCall) -> Any:
-        async for _, outcome in self.aas_completed([call], None):
-            if isinstance(outcome, BaseException):
-                raise outcome
-            return outcome
-        raise AssertionError("unreachable")
+        # The common case, without aas_completed's async generator and window.
+        await self._ensure_ready()
+        sink = LoopSink()
+        tracker = _Tracker(self.connection)
+        task_id = tracker.submit(0, call, "invoke", sink)
+        try:
+            while True:
+                try:
+                    event = await sink.get(tracker.wait_time())
+                except (asyncio.TimeoutError, TimeoutError):
+                    tracker.expired()
+                    raise _timeout_error(call) from None
+                if event.kind != "chunk":
+                    break
+            tracker.close(task_id)
+        finally:
+            tracker.cancel_all()
+        outcome = _outcome(event)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def abatch(self, calls: Sequence[RemoteCall], max_concurrency: int | None,
                      return_exceptions: bool) -> list[Any]:
