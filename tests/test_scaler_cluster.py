@@ -217,33 +217,113 @@ def test_a_broker_on_this_host_autoscales_the_deployment_with_load_and_wakes_it_
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    # One local worker of one slot: 6 calls in flight queue 5 tasks, asking for 6 workers, max 4.
-    with LocalPool(workers=1, concurrency=1, broker_args=broker_args) as pool:
-        runnable = RunnableK8s(bound=RunnableLambda(slow), pool=pool.address, mode="warm", timeout=120)
-        start = time.monotonic()
-        results = runnable.batch([1.0] * 6, {"max_concurrency": 6})
-        assert len(results) == 6
-        wait_for(lambda: any(r == 4 for _, r in seen), 10, "replicas 4")
-        up = next(t for t, r in seen if r == 4) - start
-        # Idle: back to 1 after the window, then 0 after 4 idle seconds.
-        t_load_end = time.monotonic()
-        to_zero = wait_for(lambda: replicas(apps, k8s_namespace) == 0, 60, "scale to zero")
-        counts = [r for _, r in seen]
-        assert counts[:2] == [1, 4] and max(counts) == 4 and counts[-2:] == [1, 0], counts
+    try:
+        # One local worker of one slot: 6 calls in flight queue 5 tasks, asking for 6 workers, max 4.
+        with LocalPool(workers=1, concurrency=1, broker_args=broker_args) as pool:
+            runnable = RunnableK8s(bound=RunnableLambda(slow), pool=pool.address, mode="warm", timeout=120)
+            start = time.monotonic()
+            results = runnable.batch([1.0] * 6, {"max_concurrency": 6})
+            assert len(results) == 6
+            wait_for(lambda: any(r == 4 for _, r in seen), 10, "replicas 4")
+            up = next(t for t, r in seen if r == 4) - start
+            # Idle: back to 1 after the window, then 0 after 4 idle seconds.
+            t_load_end = time.monotonic()
+            to_zero = wait_for(lambda: replicas(apps, k8s_namespace) == 0, 60, "scale to zero")
+            wait_for(lambda: seen[-1][1] == 0, 10, "the watcher to see 0")
+            counts = [r for _, r in seen]
+            assert counts[0] == 1 and max(counts) == 4 and counts[-2:] == [1, 0], counts
 
-        # Wake from zero: with no worker connected, a task makes the broker scale to 1 at once; the
-        # task waits in the queue until a worker (here a local process standing in for the Pod) comes.
-        pool.scale(0)
-        outcome: list[Any] = []
-        caller = threading.Thread(target=lambda: outcome.append(runnable.invoke(0.0)))
-        submitted = time.monotonic()
-        caller.start()
-        woke = wait_for(lambda: replicas(apps, k8s_namespace) == 1, 20, "scale from zero")
-        pool.scale(1)
-        caller.join(60)
-        assert outcome and outcome[0] in pool.pids
-    stop.set()
-    watcher.join(5)
+            # Wake from zero: with no worker connected, a task makes the broker scale to 1 at once; the
+            # task waits in the queue until a worker (here a local process standing in for the Pod) comes.
+            pool.scale(0)
+            outcome: list[Any] = []
+            caller = threading.Thread(target=lambda: outcome.append(runnable.invoke(0.0)))
+            submitted = time.monotonic()
+            caller.start()
+            woke = wait_for(lambda: replicas(apps, k8s_namespace) == 1, 20, "scale from zero")
+            pool.scale(1)
+            caller.join(60)
+            assert outcome and outcome[0] in pool.pids
+    finally:
+        stop.set()
+        watcher.join(5)
     print(f"\nDeployment replicas went {[r for _, r in seen]}; 1 -> 4 within {up:.1f}s of the load starting, "
           f"to 0 {to_zero:.1f}s after it ended (window 3 s, idle 4 s); 0 -> 1 {woke:.2f}s after a task "
           f"arrived ({submitted - t_load_end:.0f}s into the idle period)")
+
+
+# ---------------------------------------------------------------------------- real worker Pods
+
+
+def pod_workers(address: str, replicas: int = 1) -> client.V1Deployment:
+    """The worker image as hostNetwork Pods that connect to the broker on this host's 127.0.0.1."""
+    deployment = worker_deployment(replicas=replicas)
+    spec = deployment.spec.template.spec
+    spec.node_selector = None
+    spec.host_network = True
+    spec.dns_policy = "Default"
+    spec.termination_grace_period_seconds = 30  # time to drain
+    spec.containers[0].command = ["python", "-m", "worker", "--connect", address, "--concurrency", "1"]
+    spec.containers[0].env = [client.V1EnvVar(name="POD_NAME", value_from=client.V1EnvVarSource(
+        field_ref=client.V1ObjectFieldSelector(field_path="metadata.name")))]
+    return deployment
+
+
+@pytest.mark.timeout(300)
+def test_the_autoscaler_grows_real_worker_pods_with_load_and_scales_them_down_under_load_failing_nothing(
+        k8s_node, k8s_namespace):
+    apps = k8s_node.control_plane.apps()
+    broker_args = [
+        "--autoscale-deployment", WORKERS, "--autoscale-namespace", k8s_namespace,
+        "--autoscale-min", "1", "--autoscale-max", "3", "--autoscale-window", "5", "--autoscale-idle", "600",
+        "--autoscale-kubeconfig", k8s_node.control_plane.kubeconfig, "--log-level", "INFO",
+    ]
+    with LocalPool(workers=0, broker_args=broker_args) as pool:
+        apps.create_namespaced_deployment(k8s_namespace, pod_workers(pool.address))
+        first = wait_for(lambda: len(pool.status()["workers"]) == 1, 120, "the first worker Pod to register")
+
+        def pod_name(seconds: float) -> str:
+            time.sleep(seconds)
+            return os.environ.get("POD_NAME", "?")
+
+        runnable = RunnableK8s(bound=RunnableLambda(lambda s: pod_name(s)), pool=pool.address, mode="warm",
+                               timeout=120)
+        # 8 one-second calls at once on one slot: the autoscaler asks for 3 Pods, which register.
+        names: list[str] = []
+        start = time.monotonic()
+        batch = threading.Thread(target=lambda: names.extend(runnable.batch([1.0] * 8, {"max_concurrency": 8})))
+        batch.start()
+        grew = wait_for(lambda: len(pool.status()["workers"]) == 3, 120, "3 worker Pods registered")
+        batch.join(120)
+        assert len(names) == 8 and replicas(apps, k8s_namespace) == 3
+        names += runnable.batch([1.0] * 6, {"max_concurrency": 6})
+        assert len(set(names)) >= 2, names  # more than one Pod served
+
+        # One call at a time needs one worker: 3 -> 1 after the 5 s window, while calls keep coming.
+        results: list[Any] = []
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.is_set():
+                try:
+                    results.append(runnable.invoke(0.05))
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+        caller = threading.Thread(target=trickle)
+        caller.start()
+        try:
+            shrank = wait_for(lambda: replicas(apps, k8s_namespace) == 1, 60, "scale down to 1")
+            wait_for(lambda: len(pool.status()["workers"]) == 1, 60, "2 Pods to drain and leave")
+            time.sleep(1)
+        finally:
+            stop.set()
+            caller.join(30)
+        counters = pool.status()["counters"]
+        assert errors == [] and len(results) > 20
+        assert counters["failed"] == 0 and counters["workers_lost"] == 0, counters
+        apps.delete_namespaced_deployment(WORKERS, k8s_namespace)
+    print(f"\nreal worker Pods: the first registered {first:.1f}s after the Deployment was created; 1 -> 3 Pods "
+          f"registered {grew:.1f}s after 8 calls arrived; 3 -> 1 {shrank:.1f}s into a trickle of {len(results)} "
+          f"calls (window 5 s), none failed")
