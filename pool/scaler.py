@@ -104,7 +104,8 @@ def k8s_error(exc: Exception, verb: str, resource: str, namespace: str, name: st
     if status == 404:
         return ScalingError(f"{what} not found in namespace {namespace!r}: check the name and the namespace")
     if status is not None:
-        return ScalingError(f"could not {verb} {what} in namespace {namespace!r}: {status} {getattr(exc, 'reason', '')}")
+        reason = getattr(exc, "reason", "")
+        return ScalingError(f"could not {verb} {what} in namespace {namespace!r}: {status} {reason}")
     return ScalingError(f"could not {verb} {what} in namespace {namespace!r}: {exc}")
 
 
