@@ -396,5 +396,6 @@ def test_notes_say_how_to_connect_in_the_cluster_and_from_a_laptop(helm_bin, tmp
     assert 'pool="k8s://team-a/rel"' in notes
     assert "helm test rel -n team-a" in notes
     assert "kubectl -n team-a scale deployment/rel-worker-pool-worker" in notes
+    assert "runnable-k8s scale 4 --release rel -n team-a" in notes
     everything = render_notes(helm_bin, tmp_path / "on", EVERYTHING_ON)
     assert "llm-client=yes" in everything and "autoscaled 0..20" in everything and ":9100/metrics" in everything

@@ -179,9 +179,13 @@ def test_the_chart_runs_a_keyed_warm_pool_that_scales_and_drains(helm_bin, k8s_n
         assert "Phase:          Succeeded" in test.stdout, test.stdout
         assert not pods_left(core, ns, "test")  # a passed test Pod is deleted (hook-succeeded)
 
-        # Scale 1 -> 3 through the scale subresource: three workers serve.
+        # Scale 1 -> 3 with `runnable-k8s scale --release` (it finds the worker Deployment by the
+        # chart's labels and uses the scale subresource): three workers serve.
         t0 = time.monotonic()
-        scale(apps, ns, 3)
+        cli = subprocess.run([sys.executable, "-m", "pool", "scale", "3", "--release", RELEASE, "-n", ns,
+                              "--kubeconfig", kubeconfig], capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert apps.read_namespaced_deployment_scale(WORKERS, ns).spec.replicas == 3
         wait_for("three registered workers", lambda: registered_workers(status) == 3, 90)
         if probes:
             wait_for("three Ready worker Pods", lambda: len(ready_pods(core, ns, "worker")) == 3, 60)
@@ -192,7 +196,8 @@ def test_the_chart_runs_a_keyed_warm_pool_that_scales_and_drains(helm_bin, k8s_n
         pods = where.batch(list(range(6)))  # 6 slots: every worker takes two
         assert len(set(pods)) == 3, pods
 
-        # Scale 3 -> 1 while six two-second tasks run: the stopped workers drain, no call fails.
+        # Scale 3 -> 1 through the scale subresource while six four-second tasks run: the stopped
+        # workers drain, no call fails.
         results: dict[str, object] = {}
         slow = RunnableK8s(bound=RunnableLambda(lambda x: (__import__("time").sleep(4.0), x)[1]), pool=address,
                            keys=str(keys), mode="warm", timeout=90)
