@@ -1,10 +1,17 @@
-"""The autoscaling policy as plain code (DESIGN §6): no sockets, no processes, a fake clock."""
+"""The autoscaling policy as plain code (DESIGN §6), and the Autoscaler that applies it: no sockets,
+no processes, a fake clock and a fake scaler."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 import pytest
 
+from pool.autoscaler import Autoscaler
 from pool.autoscaling import AutoscaleSettings, Decision, Load, PolicyState, decide
+from pool.scaler import ScalingError
 
 
 class Policy:
@@ -145,3 +152,91 @@ def test_history_keeps_only_the_window() -> None:
 def test_bad_settings_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         AutoscaleSettings(**kwargs)
+
+
+# ---------------------------------------------------------------------------- the Autoscaler glue
+
+
+class FakeScaler:
+    def __init__(self, replicas: int, fail: int = 0) -> None:
+        self.replicas = replicas
+        self.fail = fail
+        self.calls: list[int] = []
+        self.reads = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def current(self) -> int:
+        self.reads += 1
+        return self.replicas
+
+    def scale(self, replicas: int) -> None:
+        self.entered.set()
+        self.release.wait(10)
+        if self.fail:
+            self.fail -= 1
+            raise ScalingError("the Kubernetes API refused to patch deployments/scale (403 Forbidden)")
+        self.calls.append(replicas)
+        self.replicas = replicas
+
+    def describe(self) -> str:
+        return "fake"
+
+
+def status(queued: int, busy: int, slots: tuple[int, ...] = (4,)) -> dict:
+    return {"queued": queued, "busy": busy, "workers": [{"slots": s, "busy": 0, "draining": False} for s in slots]}
+
+
+@pytest.mark.timeout(20)
+def test_observe_never_waits_for_a_slow_scaler() -> None:
+    scaler = FakeScaler(1)
+    scaler.release.clear()  # a Kubernetes API call that hangs
+    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=5, window=0), scaler).start()
+    try:
+        autoscaler.observe(status(queued=10, busy=4))
+        assert scaler.entered.wait(5)
+        for _ in range(100):  # the broker's ticks go on while the scaler is stuck
+            autoscaler.observe(status(queued=10, busy=4))
+        scaler.release.set()
+        deadline = time.monotonic() + 5
+        while scaler.calls != [4] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scaler.calls == [4]  # ceil(14 / 4)
+    finally:
+        autoscaler.stop()
+
+
+def test_slots_per_worker_are_learnt_from_the_workers() -> None:
+    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=50), FakeScaler(1))
+    assert autoscaler.load_from_status(status(3, 1, slots=(8, 8))).slots_per_worker == 8
+    # With no worker left (scaled to zero), the last value is kept.
+    assert autoscaler.load_from_status(status(3, 0, slots=())).slots_per_worker == 8
+    fixed = Autoscaler(AutoscaleSettings(min=1, max=50, slots_per_worker=2), FakeScaler(1))
+    assert fixed.load_from_status(status(3, 1, slots=(8,))).slots_per_worker == 2
+
+
+def test_a_refused_scale_is_logged_once_and_retried(caplog: pytest.LogCaptureFixture) -> None:
+    scaler = FakeScaler(1, fail=3)
+    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=5, window=0), scaler, resync=60)
+    with caplog.at_level(logging.INFO, logger="runnable_k8s.autoscaler"):
+        for t in range(5):
+            autoscaler.step(Load(queued=8, running=0, slots_per_worker=4), now=float(t))
+    assert scaler.calls == [2] and scaler.replicas == 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "deployments/scale" in warnings[0].getMessage()
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("from 1 to 2 workers: scale up: 8 tasks" in m for m in infos), infos
+    assert autoscaler.history[-1][1:3] == (1, 2)
+
+
+def test_the_replica_count_is_read_back_every_resync_seconds() -> None:
+    scaler = FakeScaler(2)
+    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=5, window=0), scaler, resync=15)
+    for t in range(30):
+        autoscaler.step(Load(queued=4, running=4, slots_per_worker=4), now=float(t))
+    assert scaler.reads == 2 and scaler.calls == []
+    scaler.replicas = 5  # someone ran `runnable-k8s scale 5`: seen at the next resync, then scaled back
+    for t in range(30, 46):
+        autoscaler.step(Load(queued=4, running=4, slots_per_worker=4), now=float(t))
+    assert scaler.calls == [2]
