@@ -38,10 +38,26 @@ WORKERS = f"{RELEASE}-worker-pool-worker"
 COMPONENT = "app.kubernetes.io/instance={release},app.kubernetes.io/component={component}"
 
 
-def worker_supports_health_dir() -> bool:
-    """The image is built from this checkout: its worker has --health-dir when this one does."""
-    help_text = subprocess.run([sys.executable, "-m", "worker", "--help"], capture_output=True, text=True).stdout
-    return "--health-dir" in help_text
+_IMAGE_HELP: dict[str, str] = {}
+
+
+def worker_supports_health_dir(core, namespace: str) -> bool:
+    """Whether the worker image on the node has `python -m worker --health-dir` (the probes need
+    it); asked of the image itself, once per session, with a Pod running `--help`."""
+    from kubernetes import client
+
+    if "worker" not in _IMAGE_HELP:
+        name = "worker-help"
+        core.create_namespaced_pod(namespace, client.V1Pod(
+            metadata=client.V1ObjectMeta(name=name),
+            spec=client.V1PodSpec(restart_policy="Never", automount_service_account_token=False, containers=[
+                client.V1Container(name="help", image="runnable-k8s-worker:latest", image_pull_policy="Never",
+                                   command=["python", "-m", "worker", "--help"])])))
+        wait_for("the worker --help Pod", lambda: core.read_namespaced_pod(name, namespace).status.phase
+                 in ("Succeeded", "Failed"), 60)
+        _IMAGE_HELP["worker"] = core.read_namespaced_pod_log(name, namespace)
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+    return "--health-dir" in _IMAGE_HELP["worker"]
 
 
 def free_port() -> int:
@@ -111,7 +127,7 @@ def test_the_chart_runs_a_keyed_warm_pool_that_scales_and_drains(helm_bin, k8s_n
     create_key_secret(core, ns, "pool-keys", keys)
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    probes = worker_supports_health_dir()
+    probes = worker_supports_health_dir(core, ns)
     values = {
         "image": {"repository": "runnable-k8s-worker", "tag": "latest", "pullPolicy": "Never"},
         "curve": {"enabled": True, "existingSecret": "pool-keys"},
@@ -251,7 +267,7 @@ def test_the_brokers_autoscaler_scales_the_workers_with_load_and_serves_metrics(
                                 {"name": "KUBERNETES_SERVICE_PORT", "value": str(api.port)}],
                    "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
         "worker": {"hostNetwork": True, "brokerAddress": address, "concurrency": 2, "gracePeriodSeconds": 20,
-                   "probes": {"enabled": worker_supports_health_dir()},
+                   "probes": {"enabled": worker_supports_health_dir(core, ns)},
                    "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
         "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetTasksPerSlot": 1.0,
                         "stabilizationWindowSeconds": 5, "scaleToZeroIdleSeconds": 600},
@@ -321,31 +337,43 @@ def test_a_pod_network_broker_is_reached_from_the_host_through_k8s_address(helm_
     """The default wiring, without hostNetwork: the broker in its own Pod network namespace, found
     by `pool="k8s://NAMESPACE/RELEASE"` from the host (a port-forward through the API server, by the
     chart's labels and port name). With no DNS here, the workers and the helm test Pod use the
-    broker Pod's IP (a helm upgrade sets worker.brokerAddress once the broker runs)."""
+    broker Pod's IP (a helm upgrade sets worker.brokerAddress once the broker runs). With the
+    worker's --health-dir, a worker that has no broker yet is not Ready."""
     cp = k8s_node.control_plane
     core, ns, kubeconfig = cp.core(), k8s_namespace, cp.kubeconfig
     keys = create_key_directory(tmp_path / "keys")
     create_key_secret(core, ns, "pool-keys", keys)
+    probes = worker_supports_health_dir(core, ns)
     values = {
         "image": {"repository": "runnable-k8s-worker", "tag": "latest", "pullPolicy": "Never"},
         "curve": {"enabled": True, "existingSecret": "pool-keys"},
         "broker": {"resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
-        "worker": {"replicas": 0, "concurrency": 2, "gracePeriodSeconds": 5,
-                   "probes": {"enabled": worker_supports_health_dir()},
-                   "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
+        # First pointed at a port where no broker listens (the Service name would not resolve here).
+        "worker": {"replicas": 1, "concurrency": 2, "gracePeriodSeconds": 5, "brokerAddress": "tcp://127.0.0.1:9",
+                   "probes": {"enabled": probes}, "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
     }
     vf = values_file(tmp_path, values)
-    install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", ns, "-f", vf, "--wait", "--timeout", "120s",
+    install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", ns, "-f", vf,
                    tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
     assert install.returncode == 0, install.stdout + install.stderr + describe(core, ns)
     address = f"k8s://{ns}/{RELEASE}"
     try:
+        wait_for("a Ready broker Pod", lambda: ready_pods(core, ns, "broker"), 90)
         broker_pod = core.read_namespaced_pod(ready_pods(core, ns, "broker")[0], ns)
         assert not broker_pod.spec.host_network and broker_pod.status.pod_ip.startswith("10.234.0.")
+        if probes:  # readiness means "registered with a broker": a worker without one never gets Ready
+            wait_for("the worker container to run", lambda: any(
+                c.state.running for p in core.list_namespaced_pod(
+                    ns, label_selector=COMPONENT.format(release=RELEASE, component="worker")).items
+                for c in p.status.container_statuses or []), 60)
+            time.sleep(8)
+            assert not ready_pods(core, ns, "worker"), describe(core, ns)
         upgrade = helm(helm_bin, "upgrade", RELEASE, str(CHART), "-n", ns, "-f", vf, "--set", "worker.replicas=2",
                        "--set", f"worker.brokerAddress=tcp://{broker_pod.status.pod_ip}:5555", "--wait",
                        "--timeout", "120s", tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
         assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr + describe(core, ns)
+        if probes:
+            assert len(ready_pods(core, ns, "worker")) == 2
         assert ready_pods(core, ns, "broker") == [broker_pod.metadata.name]  # the broker was not restarted
 
         remote = RunnableK8s(bound=RunnableLambda(lambda x: (__import__("time").sleep(1.0),
