@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -30,6 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("what", nargs="*")
     sub.add_parser("leftovers")
     args = ap.parse_args(argv)
+    if args.cmd in ("up", "down"):
+        lock = cluster.ClusterLock(f"python -m tests.cluster {args.cmd}")
+        if not lock.acquire(timeout=float(os.environ.get("RUNNABLE_K8S_CLUSTER_LOCK_TIMEOUT", "900"))):
+            cluster.log(f"the test cluster is in use ({lock.holder()}); gave up waiting")
+            return 1
+        try:
+            return _run(args)
+        finally:
+            lock.release()
+    return _run(args)
+
+
+def _run(args) -> int:
     if args.cmd == "up":
         try:
             print(json.dumps(cluster.up(args.tier), indent=2))

@@ -54,7 +54,23 @@ fi
 log "ci: build phase done after $(elapsed)s"
 
 # ---- up -----------------------------------------------------------------------------------
+# One cluster per machine: hold its lock from here to the end (children inherit the right).
+have_lock=1
+exec 9>>"$LOCK_FILE"
+if ! flock -n 9; then
+  log "ci: waiting for the test cluster lock (held by: $(cat "$LOCK_FILE" 2>/dev/null || echo unknown))"
+  if ! flock -w "${RUNNABLE_K8S_CLUSTER_LOCK_TIMEOUT:-1200}" 9; then
+    have_lock=0
+    unavailable+=("the test cluster stayed in use by another run: $(cat "$LOCK_FILE" 2>/dev/null)")
+  fi
+fi
+if ((have_lock)); then
+  : > "$LOCK_FILE"; echo "pid $$: tests/cluster/ci.sh" >> "$LOCK_FILE"
+  export RUNNABLE_K8S_CLUSTER_LOCK_HELD=1
+fi
+
 cleanup() {
+  ((have_lock)) || return 0
   log "ci: tearing the cluster down"
   "$PY" -m tests.cluster down --keep-logs "$LOGDIR/components" || true
   if left="$("$PY" -m tests.cluster leftovers 2>&1)"; then
@@ -66,7 +82,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if ((${#unavailable[@]} == 0)) || [[ -x "$BIN/kube-apiserver" ]]; then
+if ((have_lock)) && { ((${#unavailable[@]} == 0)) || [[ -x "$BIN/kube-apiserver" ]]; }; then
   t0=$(date +%s)
   if ! "$PY" -m tests.cluster up --tier node > "$LOGDIR/up.json"; then
     log "ci: node tier did not come up; node-tier tests will skip. Trying the control plane alone."

@@ -14,6 +14,7 @@ Stdlib only (the kubernetes client is not needed here): certificates come from `
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -47,6 +48,12 @@ BIN = CACHE / "bin"
 IMAGES = CACHE / "images"
 STATE_DIR = Path(os.environ.get("RUNNABLE_K8S_CLUSTER_STATE") or "/tmp/rk8s-cluster")
 STATE_FILE = STATE_DIR / "state.json"
+# One cluster per machine (fixed bridge name, pod range, /kubepods cgroups, the kubelet's fixed
+# device-plugin socket): every user of it (ci.sh, a pytest session that starts it, `up`/`down`
+# by hand) holds this lock meanwhile.  RUNNABLE_K8S_CLUSTER_LOCK_HELD=1 says a parent holds it.
+# Size limit of the tmpfs holding the cluster's state ("0": plain folder on disk).
+STATE_TMPFS_SIZE = os.environ.get("RUNNABLE_K8S_CLUSTER_TMPFS_SIZE", "8g")
+LOCK_FILE = Path(os.environ.get("RUNNABLE_K8S_CLUSTER_LOCK") or f"{STATE_DIR}.lock")
 
 # The kubelet refuses a loopback node IP, so the node's InternalIP is the pod bridge's own
 # address (exists only on this machine), while the API server reaches the kubelet by the node's
@@ -74,6 +81,52 @@ class ClusterError(RuntimeError):
 
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S", time.gmtime()) + " [cluster] " + msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------- lock
+class ClusterLock:
+    """An exclusive flock on LOCK_FILE; a no-op when RUNNABLE_K8S_CLUSTER_LOCK_HELD=1."""
+
+    def __init__(self, purpose: str):
+        self.purpose = purpose
+        self.fd: int | None = None
+        self.inherited = os.environ.get("RUNNABLE_K8S_CLUSTER_LOCK_HELD") == "1"
+
+    def holder(self) -> str:
+        try:
+            return LOCK_FILE.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def acquire(self, timeout: float) -> bool:
+        if self.inherited or self.fd is not None:
+            return True
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.time() + timeout
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() >= deadline:
+                    os.close(fd)
+                    return False
+                if not announced:
+                    log(f"waiting for the test cluster lock (held by: {self.holder()})")
+                    announced = True
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {self.purpose}\n".encode(), 0)
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
 
 
 # ---------------------------------------------------------------------------------- state
@@ -148,6 +201,14 @@ def stop_pid(name: str, info: dict, timeout: float = 15) -> None:
     took = time.time() - (deadline - timeout)
     if took > 2:
         log(f"{name} took {took:.1f}s to stop")
+
+
+@contextlib.contextmanager
+def phase(name: str, slow: float = 1.0):
+    t0 = time.time()
+    yield
+    if time.time() - t0 > slow:
+        log(f"{name} took {time.time() - t0:.1f}s")
 
 
 def tail(path: Path, n: int = 25) -> str:
@@ -661,6 +722,18 @@ def down_node(state: dict) -> list[str]:
                 log(f"killing leftover shim pid {proc.name}")
                 os.kill(int(proc.name), signal.SIGKILL)
     log(f"containers and containerd stopped in {time.time() - t0:.1f}s")
+    with phase("runc cleanup + unmounts"):
+        _runc_and_mounts(d, problems)
+    with phase("cgroup removal"):
+        _remove_cgroups(before, problems)
+    with phase("host network teardown"):
+        problems += teardown_host_network(state)
+    with phase("host files cleanup"):
+        _host_files_cleanup(state)
+    return problems
+
+
+def _runc_and_mounts(d: Path, problems: list[str]) -> None:
     runc_root = d / "containerd" / "runc"
     if runc_root.exists():
         for ns_dir in runc_root.iterdir():
@@ -668,11 +741,16 @@ def down_node(state: dict) -> list[str]:
             for cid in p.stdout.split():
                 run(["runc", "--root", str(ns_dir), "delete", "-f", cid], check=False)
     for mp in _mounts_under(str(STATE_DIR)):
+        if mp == str(STATE_DIR):
+            continue  # the state tmpfs itself goes last, in down()
         if run(["umount", mp], check=False).returncode != 0:
             run(["umount", "-l", mp], check=False)
-    left = _mounts_under(str(STATE_DIR))
+    left = [m for m in _mounts_under(str(STATE_DIR)) if m != str(STATE_DIR)]
     if left:
         problems.append(f"mounts left: {left}")
+
+
+def _remove_cgroups(before: set, problems: list[str]) -> None:
     for kp in CGROUP_ROOT.glob("*/kubepods"):
         if str(kp) in before:
             continue
@@ -683,7 +761,9 @@ def down_node(state: dict) -> list[str]:
             kp.rmdir()
         if kp.exists():
             problems.append(f"cgroup left: {kp}")
-    problems += teardown_host_network(state)
+
+
+def _host_files_cleanup(state: dict) -> None:
     host = state.get("host", {})
     # Files the kubelet/CNI keep at fixed host paths.
     logs = Path("/var/log/containers")
@@ -713,7 +793,6 @@ def down_node(state: dict) -> list[str]:
                 with contextlib.suppress(OSError):
                     os.rmdir(Path("/run/containerd") / sub)
             time.sleep(0.1)
-    return problems
 
 
 # ------------------------------------------------------------------------------ public
@@ -749,9 +828,17 @@ def up(tier: str = "node") -> dict:
         state = {}
     if not state:
         if STATE_DIR.exists():
-            shutil.rmtree(STATE_DIR)
+            if _mounts_under(str(STATE_DIR)):
+                raise ClusterError(f"{STATE_DIR} still has mounts from an earlier cluster; "
+                                   "run `python -m tests.cluster down` and check `mount`")
+            run(["rm", "-rf", "--one-file-system", str(STATE_DIR)])
         STATE_DIR.mkdir(parents=True)
-        state = {"versions": VERSIONS, "created": time.time()}
+        # Everything of a cluster (etcd data, containerd's images and snapshots, kubelet volumes)
+        # lives in memory: fast to write, and teardown is one unmount instead of deleting
+        # tens of thousands of files on this machine's slow disk.
+        tmpfs = run(["mount", "-t", "tmpfs", "-o", f"size={STATE_TMPFS_SIZE},mode=0755", "rk8s-state",
+                     str(STATE_DIR)], check=False).returncode == 0 if STATE_TMPFS_SIZE != "0" else False
+        state = {"versions": VERSIONS, "created": time.time(), "tmpfs": tmpfs}
         save_state(state)
     t0 = time.time()
     if "control-plane" not in st["tiers"]:
@@ -771,7 +858,8 @@ def down(keep_logs_to: Path | None = None) -> list[str]:
     state = load_state()
     if not state:
         return []
-    problems = down_node(state) if state.get("node_dir") or "containerd" in state.get("pids", {}) else []
+    with phase("node teardown"):
+        problems = down_node(state) if state.get("node_dir") or "containerd" in state.get("pids", {}) else []
     for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
         info = state.get("pids", {}).get(name)
         if info:
@@ -780,12 +868,19 @@ def down(keep_logs_to: Path | None = None) -> list[str]:
         if pid_alive(info["pid"], os.path.basename(info["exe"])):
             problems.append(f"{name} (pid {info['pid']}) still running")
     if keep_logs_to and (STATE_DIR / "logs").exists():
-        shutil.rmtree(keep_logs_to, ignore_errors=True)
-        shutil.copytree(STATE_DIR / "logs", keep_logs_to)
-    if not _mounts_under(str(STATE_DIR)):
-        shutil.rmtree(STATE_DIR, ignore_errors=True)
+        with phase("keeping the logs"):
+            shutil.rmtree(keep_logs_to, ignore_errors=True)
+            shutil.copytree(STATE_DIR / "logs", keep_logs_to)
+    mounts = _mounts_under(str(STATE_DIR))
+    if mounts == [str(STATE_DIR)]:  # the state tmpfs
+        if run(["umount", str(STATE_DIR)], check=False).returncode != 0:
+            run(["umount", "-l", str(STATE_DIR)], check=False)
+        mounts = _mounts_under(str(STATE_DIR))
+    if not mounts:
+        with phase(f"removing {STATE_DIR}"):
+            run(["rm", "-rf", "--one-file-system", str(STATE_DIR)], check=False)
     else:
-        problems.append(f"kept {STATE_DIR}: mounts remain")
+        problems.append(f"kept {STATE_DIR}: mounts remain: {mounts}")
     for p in problems:
         log("teardown problem: " + p)
     log("cluster down" + (" (with problems)" if problems else ", nothing left behind"))

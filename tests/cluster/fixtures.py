@@ -74,9 +74,16 @@ def _skip_reason(tier: str) -> str:
 class _Autostart:
     started: bool = False
     errors: dict[str, str] = {}
+    lock: cluster.ClusterLock | None = None
 
 
 def _ensure_tier(tier: str) -> None:
+    # One cluster per machine: this session uses it exclusively (ci.sh holds the lock for us).
+    if _Autostart.lock is None:
+        lock = cluster.ClusterLock(f"pytest session, pid {os.getpid()}")
+        if not lock.acquire(timeout=float(os.environ.get("RUNNABLE_K8S_CLUSTER_LOCK_WAIT", "40"))):
+            pytest.skip(f"the test cluster is in use by another run ({lock.holder()})")
+        _Autostart.lock = lock
     if tier in cluster.status()["tiers"]:
         return
     if os.environ.get("RUNNABLE_K8S_CLUSTER_AUTOSTART", "1") == "0":
@@ -111,6 +118,9 @@ def k8s_control_plane():
         if _Autostart.started:
             cluster.down()
             _Autostart.started = False
+        if _Autostart.lock is not None:
+            _Autostart.lock.release()
+            _Autostart.lock = None
 
 
 @pytest.fixture(scope="session")
