@@ -86,6 +86,7 @@ if ((have_lock)) && { ((${#unavailable[@]} == 0)) || [[ -x "$BIN/kube-apiserver"
   t0=$(date +%s)
   if ! "$PY" -m tests.cluster up --tier node > "$LOGDIR/up.json"; then
     log "ci: node tier did not come up; node-tier tests will skip. Trying the control plane alone."
+    unavailable+=("the node tier failed to start (see 'up failed' in the CI log, $LOGDIR/components)")
     "$PY" -m tests.cluster up --tier control-plane > "$LOGDIR/up.json" \
       || unavailable+=("the control plane did not start (see the log above)")
   fi
@@ -94,7 +95,8 @@ fi
 
 # ---- tests --------------------------------------------------------------------------------
 if ((${#unavailable[@]})); then
-  RUNNABLE_K8S_CLUSTER_UNAVAILABLE="$(IFS='; '; echo "${unavailable[*]}")"
+  RUNNABLE_K8S_CLUSTER_UNAVAILABLE="$(printf '%s; ' "${unavailable[@]}")"
+  RUNNABLE_K8S_CLUSTER_UNAVAILABLE="${RUNNABLE_K8S_CLUSTER_UNAVAILABLE%; }"
   export RUNNABLE_K8S_CLUSTER_UNAVAILABLE
   log "ci: unavailable: $RUNNABLE_K8S_CLUSTER_UNAVAILABLE"
 fi

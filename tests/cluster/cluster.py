@@ -231,7 +231,9 @@ def wait_for(what: str, check, timeout: float, state: dict | None = None, proc: 
             last = e
         if state and proc:
             info = state["pids"].get(proc)
-            if info and not pid_alive(info["pid"], os.path.basename(info["exe"])):
+            # No executable check here: right after the spawn /proc/PID/cmdline can still be
+            # empty, and our own unreaped child's PID cannot be reused meanwhile.
+            if info and not pid_alive(info["pid"]):
                 raise ClusterError(f"{proc} exited while waiting for {what}:\n"
                                    + tail(STATE_DIR / "logs" / f"{proc}.log"))
         time.sleep(interval)
