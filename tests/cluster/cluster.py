@@ -192,7 +192,7 @@ def stop_pid(name: str, info: dict, timeout: float = 15) -> None:
     while time.time() < deadline and pid_alive(pid, os.path.basename(exe)):
         time.sleep(0.1)
     if pid_alive(pid, os.path.basename(exe)):
-        log(f"{name} (pid {pid}) ignored SIGTERM; killing")
+        log(f"{name} (pid {pid}) still running {timeout:.0f}s after SIGTERM; killing")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
@@ -865,7 +865,9 @@ def down(keep_logs_to: Path | None = None) -> list[str]:
     for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
         info = state.get("pids", {}).get(name)
         if info:
-            stop_pid(name, info)
+            # A throw-away cluster: no need to wait out the apiserver's graceful termination
+            # (it can hold on for 15 s and more while long-running requests drain).
+            stop_pid(name, info, timeout=5)
     for name, info in state.get("pids", {}).items():
         if pid_alive(info["pid"], os.path.basename(info["exe"])):
             problems.append(f"{name} (pid {info['pid']}) still running")
