@@ -364,3 +364,15 @@ def test_missing_image_fails_fast_without_network(k8s_node, k8s_namespace):
         assert reason in ("ErrImagePull", "ImagePullBackOff"), st
     finally:
         core.delete_namespaced_pod("nopull", k8s_namespace, grace_period_seconds=0)
+
+
+def test_cluster_processes_listen_on_loopback_only(k8s_node):
+    """Every TCP/UDP socket the cluster's processes listen on is bound to 127.0.0.1."""
+    from . import cluster
+    pids = {str(info["pid"]) for info in cluster.load_state().get("pids", {}).values()}
+    out = subprocess.run(["ss", "-ltunpH"], capture_output=True, text=True, check=True).stdout
+    ours = [line for line in out.splitlines() if any(f"pid={p}," in line for p in pids)]
+    assert ours, out  # etcd, kube-apiserver, kubelet and containerd's streaming server listen
+    for line in ours:
+        local = line.split()[4]
+        assert local.rsplit(":", 1)[0] == "127.0.0.1", line
