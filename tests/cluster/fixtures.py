@@ -81,7 +81,7 @@ def _ensure_tier(tier: str) -> None:
     # One cluster per machine: this session uses it exclusively (ci.sh holds the lock for us).
     if _Autostart.lock is None:
         lock = cluster.ClusterLock(f"pytest session, pid {os.getpid()}")
-        if not lock.acquire(timeout=float(os.environ.get("RUNNABLE_K8S_CLUSTER_LOCK_WAIT", "40"))):
+        if not lock.acquire(timeout=float(os.environ.get("RUNNABLE_K8S_CLUSTER_LOCK_WAIT", "30"))):
             pytest.skip(f"the test cluster is in use by another run ({lock.holder()})")
         _Autostart.lock = lock
     if tier in cluster.status()["tiers"]:
