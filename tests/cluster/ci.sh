@@ -84,6 +84,8 @@ trap 'exit 130' INT TERM
 
 if ((have_lock)) && { ((${#unavailable[@]} == 0)) || [[ -x "$BIN/kube-apiserver" ]]; }; then
   t0=$(date +%s)
+  # A fresh cluster: one left up by hand would hold an older worker image.
+  "$PY" -m tests.cluster down >/dev/null || true
   if ! "$PY" -m tests.cluster up --tier node > "$LOGDIR/up.json"; then
     log "ci: node tier did not come up; node-tier tests will skip. Trying the control plane alone."
     unavailable+=("the node tier failed to start (see 'up failed' in the CI log, $LOGDIR/components)")
