@@ -77,6 +77,10 @@ class SerializationError(RunnableK8sError):
     """An object could not be encoded or decoded for the trip to or from the worker."""
 
 
+class ScalingError(RunnableK8sError):
+    """The worker count could not be read or set; the message says why and what to change."""
+
+
 class ProtocolError(RunnableK8sError):
     """A peer sent something this version does not understand."""
 

@@ -18,17 +18,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pool.errors import RunnableK8sError
+from pool.errors import ScalingError
 
 if TYPE_CHECKING:
     from pool.local import LocalPool
 
 WORKER_COMPONENT = "worker"  # the chart's app.kubernetes.io/component of the worker Deployment
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-
-class ScalingError(RunnableK8sError):
-    """The worker count could not be read or set; the message says why and what to change."""
 
 
 class Scaler(Protocol):
