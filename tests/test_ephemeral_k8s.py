@@ -30,9 +30,20 @@ def in_pod(k8s_node, namespace, bound, **kwargs) -> RunnableK8s:
     )
 
 
-def runner_pods(k8s_node, namespace) -> list[str]:
+def live_runner_pods(k8s_node, namespace) -> list[str]:
     pods = k8s_node.control_plane.core().list_namespaced_pod(namespace, label_selector=RUNNER_SELECTOR).items
     return [p.metadata.name for p in pods if p.metadata.deletion_timestamp is None]
+
+
+def runner_pods(k8s_node, namespace, expect: int = 0, timeout: float = 30.0) -> list[str]:
+    """The live runner Pods, once their number is ``expect`` (the API is eventually consistent:
+    a Pod just deleted may still be listed for a moment); whatever is there after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        names = live_runner_pods(k8s_node, namespace)
+        if len(names) == expect or time.monotonic() > deadline:
+            return names
+        time.sleep(0.2)
 
 
 def test_invoke_stream_and_batch_each_run_in_a_fresh_pod(k8s_node, k8s_namespace):
@@ -76,7 +87,7 @@ def test_closing_a_stream_mid_way_deletes_the_pod(k8s_node, k8s_namespace):
 
     stream = in_pod(k8s_node, k8s_namespace, RunnableLambda(forever)).stream(None)
     assert next(stream) == 1
-    assert len(runner_pods(k8s_node, k8s_namespace)) == 1
+    assert len(runner_pods(k8s_node, k8s_namespace, expect=1)) == 1
     stream.close()
     assert runner_pods(k8s_node, k8s_namespace) == []
 
@@ -125,6 +136,6 @@ def test_gc_deletes_leftover_runner_pods(k8s_node, k8s_namespace):
 
     kept = in_pod(k8s_node, k8s_namespace, RunnableLambda(lambda _: os.getpid()), k8s_delete_runner_pod=False)
     kept.invoke(None)
-    assert len(runner_pods(k8s_node, k8s_namespace)) == 1
+    assert len(runner_pods(k8s_node, k8s_namespace, expect=1)) == 1
     assert len(delete_leftover_runners(k8s_node.control_plane.core(), k8s_namespace, older_than=0)) == 1
     assert runner_pods(k8s_node, k8s_namespace) == []
