@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableLambda
@@ -62,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--slow-calls", type=int, default=100, metavar="N",
                       help="sequential warm calls per io/stream latency figure (default 100)")
     what.add_argument("--ephemeral-calls", type=int, default=10, metavar="N",
-                      help="sequential ephemeral calls per latency figure, and the tasks of each ephemeral "
-                           "throughput run (at least the concurrency); default 10")
+                      help="sequential ephemeral calls per latency figure, and the independent calls of each "
+                           "ephemeral throughput run (at least the concurrency); default 10")
     what.add_argument("--concurrency", type=_csv(int), default=[1, 8, 64], metavar="1,8,64",
                       help="calls in flight for the throughput figures")
     what.add_argument("--ephemeral-max-in-flight", type=int, default=8, metavar="N",
@@ -206,11 +207,42 @@ async def _throughput_for(runnable: Runnable, value: Any, in_flight: int, second
     return done / (last - started), done
 
 
-def _batch_throughput(runnable: Runnable, value: Any, in_flight: int, tasks: int) -> float:
-    """``tasks`` calls through ``batch`` with ``max_concurrency=in_flight``: calls/s."""
+def _threads_throughput(runnable: Runnable, value: Any, in_flight: int, tasks: int) -> float:
+    """``tasks`` independent ``invoke`` calls from ``in_flight`` threads: calls/s.
+
+    Independent calls, like ``in_flight`` users of an application, rather than one ``batch``: with
+    the kubernetes launcher a batch shares one Kubernetes ApiClient between its calls, and the
+    kubernetes client's ``stream()`` (the attach) is not thread-safe on a shared ApiClient
+    (kubernetes-client/python#928: "Handshake status 200 OK")."""
     started = time.perf_counter()
-    runnable.batch([value] * tasks, config={"max_concurrency": in_flight})
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bench-ephemeral") as pool:
+        for future in [pool.submit(runnable.invoke, value) for _ in range(tasks)]:
+            future.result()
     return tasks / (time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _launch_times(launcher: str) -> Iterator[list[float]]:
+    """Seconds each one-shot worker took to be ready for its session: for a Pod, create + scheduled +
+    started + attached; for a local subprocess, only the fork/exec (its start-up is then in the session)."""
+    if launcher == "kubernetes":
+        from pool.k8s_launcher import KubernetesLauncher as cls
+    else:
+        from pool.local_launcher import LocalLauncher as cls  # type: ignore[assignment]
+    original = cls.launch
+    times: list[float] = []
+
+    def timed_launch(self: Any, deadline: float | None) -> Any:
+        started = time.perf_counter()
+        channel = original(self, deadline)
+        times.append(time.perf_counter() - started)
+        return channel
+
+    cls.launch = timed_launch  # type: ignore[method-assign]
+    try:
+        yield times
+    finally:
+        cls.launch = original  # type: ignore[method-assign]
 
 
 def _run_stream_or_invoke(workload: str, runnable: Runnable, value: Any) -> Callable[[], Any]:
@@ -367,7 +399,8 @@ class Bench:
         for workload in self.workloads:
             remote = wrap(self.runnable(workload))
             figures: dict[str, Any] = {}
-            with progress.step(f"{mode} {workload}: latency") as tick:
+            with progress.step(f"{mode} {workload}: latency") as tick, \
+                    (_launch_times(a.launcher) if ephemeral else contextlib.nullcontext([])) as launches:
                 if ephemeral:
                     n, warmup = a.ephemeral_calls, 1
                 else:
@@ -386,6 +419,9 @@ class Bench:
                 else:
                     samples = _timed(_run_stream_or_invoke(workload, remote, self.payload), n, warmup, tick)
                     figures.update(_summary(samples))
+            if ephemeral and a.launcher == "kubernetes" and len(launches) > warmup:
+                # create -> scheduled -> running -> attached, per call (the rest is the session and delete)
+                figures["pod_start_and_attach"] = _summary(launches[warmup:])
             by_conc: dict[str, float | None] = {}
             for c in self.concurrency:
                 if ephemeral and c > a.ephemeral_max_in_flight:
@@ -395,7 +431,7 @@ class Bench:
                     if ephemeral:
                         tasks = max(a.ephemeral_calls, c)
                         tick(f"{tasks} calls")
-                        by_conc[str(c)] = round(_batch_throughput(remote, self.payload, c, tasks), 3)
+                        by_conc[str(c)] = round(_threads_throughput(remote, self.payload, c, tasks), 3)
                     else:
                         rate, done = asyncio.run(_throughput_for(remote, self.payload, c, a.throughput_seconds))
                         tick(f"{done} calls")
@@ -440,10 +476,13 @@ class Bench:
         progress = Progress(self.plan(), enabled=not a.no_progress)
         try:
             results["in_process"] = {"workloads": self.in_process(progress)}
-            if "warm" in self.modes:
-                results["floor"] = self.floor(progress)
-            for mode in self.modes:
-                results["modes"][mode] = self.warm(progress) if mode == "warm" else self.ephemeral(progress)
+            for mode in self.modes:  # in the order given: `--modes ephemeral,warm` needs a cluster first
+                if mode == "warm":
+                    results["floor"] = self.floor(progress)
+                    results["modes"]["warm"] = self.warm(progress)
+                else:
+                    results["modes"]["ephemeral"] = self.ephemeral(progress)
+            results["modes"] = {mode: results["modes"][mode] for mode in MODES if mode in results["modes"]}
             if self.scaling:
                 results["scaling"] = self.scaling_run(progress)
         finally:

@@ -92,6 +92,15 @@ def format_table(results: dict[str, Any]) -> str:
                 lines.append(row("stream", "warm" if mode == "warm" else _ephemeral_label(results), w["ttfc"]))
         lines.append("")
 
+    pod_rows = [(w, f["pod_start_and_attach"]) for w, f in modes.get("ephemeral", {}).get("workloads", {}).items()
+                if "pod_start_and_attach" in f]
+    if pod_rows:
+        lines.append("of which a runner Pod's start: created -> scheduled -> running -> attached (per call)")
+        lines.append(f"{'':8} {'':32} {'':>6} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}")
+        for workload, figures in pod_rows:
+            lines.append(row(workload, "Pod start + attach", figures))
+        lines.append("")
+
     lines.append("overhead over in-process (p50, ms added to the same runnable run in this process)")
     for mode, figures in modes.items():
         parts = []
@@ -192,12 +201,14 @@ def _distributions(results: dict[str, Any]) -> dict[str, dict[str, dict[str, flo
             found.setdefault(mode, {})[workload] = figures
             if "ttfc" in figures:
                 found[mode]["stream first chunk"] = figures["ttfc"]
+            if "pod_start_and_attach" in figures and workload == "echo":
+                found[mode]["pod start"] = figures["pod_start_and_attach"]
     return found
 
 
 def _latency_panel(ax: Any, results: dict[str, Any]) -> None:
     series_figures = _distributions(results)
-    groups = [g for g in ("echo", "io", "stream", "stream first chunk")
+    groups = [g for g in ("echo", "io", "stream", "stream first chunk", "pod start")
               if any(g in per for per in series_figures.values())]
     order = [s for s in ("in-process", "bare pyzmq floor", "warm", "ephemeral") if s in series_figures]
     width = 0.8 / max(1, len(order))
@@ -222,6 +233,10 @@ def _latency_panel(ax: Any, results: dict[str, Any]) -> None:
                 line.set(color="black", linewidth=1.5)
             ax.text(pos, f["p99_ms"] * 1.25, _ms_text(f["p50_ms"]), ha="center", va="bottom", fontsize=8.5)
             positions_used.add(series)
+    if "pod start" in groups:
+        ax.axhline(5000, color=SERIES_COLORS["ephemeral"], linestyle=":", linewidth=1.2)
+        ax.text(len(groups) - 0.52, 5000 * 1.12, "Kubernetes pod-startup SLO: p99 <= 5 s", ha="right", va="bottom",
+                fontsize=8.5, color=SERIES_COLORS["ephemeral"])
     ax.set_yscale("log")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([_group_label(g, results) for g in groups], fontsize=10.5)
@@ -247,6 +262,7 @@ def _group_label(group: str, results: dict[str, Any]) -> str:
         "io": f"io (fake LLM call, {settings.get('io_latency_ms', 50):g} ms)",
         "stream": "stream: whole stream",
         "stream first chunk": "stream: time to first chunk",
+        "pod start": "echo: of which Pod\ncreate -> running -> attached",
     }.get(group, group)
 
 
@@ -286,6 +302,12 @@ def _throughput_panel(ax: Any, results: dict[str, Any]) -> None:
         for workload, w in figures["workloads"].items():
             line(w.get("throughput_by_concurrency", {}), SERIES_COLORS[mode], WORKLOAD_STYLES[workload],
                  WORKLOAD_MARKERS[workload], f"{'warm' if mode == 'warm' else 'ephemeral'} {workload}")
+    skipped = [c for c, v in results["modes"].get("ephemeral", {}).get("throughput_by_concurrency", {}).items()
+               if v is None]
+    if skipped:
+        limit = results.get("settings", {}).get("ephemeral_max_in_flight")
+        ax.text(0.99, 0.02, f"ephemeral not run above {limit} in flight (--ephemeral-max-in-flight)",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=8.5, color=SERIES_COLORS["ephemeral"])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     if concurrency:

@@ -24,18 +24,20 @@ run_local() {
     --json "$OUT/local.json" --plot "$OUT/local.png" | tee "$OUT/local.txt"
 }
 
+STARTED_CLUSTER=""
+stop_cluster() { if [ -n "$STARTED_CLUSTER" ]; then "$PY" -m tests.cluster down; fi; }
+trap stop_cluster EXIT
+
 run_cluster() {
-  local started=""
   if [ -z "${KUBECONFIG:-}" ]; then
     if ! "$PY" -m tests.cluster status | grep -q '"node"'; then
       echo "[bench.sh] starting the test cluster (python -m tests.cluster up)" >&2
+      STARTED_CLUSTER=1
       "$PY" -m tests.cluster up
-      started=1
     fi
     eval "$("$PY" -m tests.cluster env)"
   fi
-  trap '[ -n "$started" ] && "$PY" -m tests.cluster down' EXIT
-  "$PY" -m pool bench --modes warm,ephemeral --launcher kubernetes --image-pull-policy Never \
+  "$PY" -m pool bench --modes ephemeral,warm --launcher kubernetes --image-pull-policy Never \
     --workload echo,io,stream --concurrency 1,8,64 --ephemeral-max-in-flight 8 --workers 0 ${EXTRA:-} \
     --json "$OUT/cluster.json" --plot "$OUT/cluster.png" | tee "$OUT/cluster.txt"
 }
