@@ -131,3 +131,33 @@ def test_bad_mode_is_refused() -> None:
     proc = subprocess.run([sys.executable, "-m", "pool", "bench", "--modes", "lukewarm"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "lukewarm" in proc.stderr
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_a_real_pod_per_call_on_the_test_cluster(k8s_node, k8s_namespace, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`--launcher kubernetes`: real runner Pods, two of them in flight at once, all deleted after."""
+    from pool.cli import main
+    from pool.podspec import RUNNER_SELECTOR
+
+    code = main(["bench", "--modes", "ephemeral", "--launcher", "kubernetes",
+                 "--kubeconfig", k8s_node.control_plane.kubeconfig, "--namespace", k8s_namespace,
+                 "--image", k8s_node.worker_image, "--image-pull-policy", "Never", "--workload", "echo,stream",
+                 "--calls", "20", "--slow-calls", "5", "--ephemeral-calls", "2", "--concurrency", "1,2",
+                 "--workers", "0", "--no-progress", "--json", str(tmp_path / "k.json"), "--plot", str(tmp_path / "k.png")])
+    assert code == 0
+    assert "a Pod per call" in capsys.readouterr().out
+    results = json.loads((tmp_path / "k.json").read_text())
+    eph = results["modes"]["ephemeral"]
+    assert eph["launcher"] == "kubernetes"
+    assert _positive(eph["p50_ms"]) and _positive(eph["ttfc_p50_ms"])
+    assert all(_positive(v) for v in eph["throughput_by_concurrency"].values())
+    assert _positive(eph["workloads"]["echo"]["pod_start_and_attach"]["p50_ms"])
+    assert results["environment"]["kubernetes"]["nodes"] >= 1
+    assert (tmp_path / "k.png").read_bytes()[:8] == PNG_SIGNATURE
+    deadline = time.monotonic() + 30
+    core = k8s_node.control_plane.core()
+    while core.list_namespaced_pod(k8s_namespace, label_selector=RUNNER_SELECTOR).items and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not core.list_namespaced_pod(k8s_namespace, label_selector=RUNNER_SELECTOR).items
