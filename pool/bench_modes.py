@@ -126,8 +126,10 @@ class Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar: Any = None
         if enabled:
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # without the bench extra: one line per step instead of a bar
+                return
             self.bar = tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True,
                             bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]{postfix}")
 
@@ -622,6 +624,12 @@ def run(args: argparse.Namespace) -> int:
     """The ``runnable-k8s bench`` entry point: measure, print the table, write JSON and PNG."""
     from pool import bench_report
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - fail before measuring for minutes, not after
+        except ImportError:
+            print("runnable-k8s bench: --plot needs matplotlib: pip install 'runnable-k8s[bench]'", file=sys.stderr)
+            return 2
     if args.replot:
         with open(args.replot) as f:
             results = json.load(f)

@@ -127,6 +127,21 @@ def test_in_process_run_leaves_no_process_behind(tmp_path: Path, capsys: pytest.
 
 
 @pytest.mark.timeout(120)
+def test_warm_against_a_running_pool(local_pool, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--pool ADDRESS`: the bench uses that pool (and runs no scaling run: its workers are not ours)."""
+    from pool.cli import main
+
+    code = main(["bench", "--modes", "warm", "--pool", local_pool.address, "--workload", "echo,io", *TINY,
+                 "--no-progress", "--no-big-runnable", "--json", str(tmp_path / "w.json")])
+    assert code == 0
+    assert local_pool.address in capsys.readouterr().out
+    results = json.loads((tmp_path / "w.json").read_text())
+    assert results["modes"]["warm"]["pool"] == {"address": local_pool.address, "local": False}
+    assert set(results["modes"]) == {"warm"} and "scaling" not in results
+    assert _positive(results["modes"]["warm"]["workloads"]["io"]["throughput_per_s"])
+
+
+@pytest.mark.timeout(120)
 def test_bad_mode_is_refused() -> None:
     proc = subprocess.run([sys.executable, "-m", "pool", "bench", "--modes", "lukewarm"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
