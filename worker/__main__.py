@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds to finish running tasks after SIGTERM")
     parser.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
                         help="CurveZMQ key directory (needs worker.key_secret and broker.key)")
+    parser.add_argument("--health-dir", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_HEALTH_DIR"),
+                        help="keep DIR/alive (touched every second) and DIR/ready (while registered) for probes")
     parser.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default=os.environ.get("RUNNABLE_K8S_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
         keys = load_peer_keys(args.keys, "worker")
     worker = WarmWorker(args.connect, concurrency=args.concurrency, cache_size=args.cache_size,
-                        grace_period=args.grace_period, keys=keys, exit_with_parent=args.exit_with_parent)
+                        grace_period=args.grace_period, keys=keys, exit_with_parent=args.exit_with_parent,
+                        health_dir=args.health_dir)
     # Task threads are daemons and are not joined: see exit_now.
     return worker.run()
 

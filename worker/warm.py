@@ -26,6 +26,7 @@ import zmq
 
 from worker import protocol as P
 from worker.curve import PeerKeys
+from worker.health import HealthFiles
 from worker.tasks import CachedRunnable, Job, RunnableCache, TaskRunner
 
 log = logging.getLogger("runnable_k8s.worker")
@@ -89,12 +90,14 @@ class WarmWorker:
         grace_period: float = DEFAULT_GRACE_PERIOD,
         keys: PeerKeys | None = None,
         exit_with_parent: int | None = None,
+        health_dir: str | None = None,
     ) -> None:
         self.address = address
         self.concurrency = concurrency
         self.grace_period = grace_period
         self.keys = keys
         self.exit_with_parent = exit_with_parent
+        self.health = HealthFiles(health_dir)
         self.cache = RunnableCache(cache_size)
         self.jobs: dict[bytes, Job] = {}
         self.deadlines = Deadlines()
@@ -130,6 +133,7 @@ class WarmWorker:
                 if self.exit_code is None:
                     self._idle(RECONNECT_DELAY)
         finally:
+            self.health.ready(False)
             for job in self.jobs.values():
                 self.runner.abandon(job)
             self.jobs.clear()
@@ -146,6 +150,7 @@ class WarmWorker:
         if self.draining_since is None:
             log.info("draining: %d tasks running, grace period %.0fs", len(self.jobs), self.grace_period)
             self.draining_since = time.monotonic()
+            self.health.ready(False)
             self._send([P.PROTOCOL, P.DRAINING])
             self._fence()
 
@@ -180,8 +185,9 @@ class WarmWorker:
         poller.register(self._wakeup_r, zmq.POLLIN)
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not self._drain_requested:
-            poller.poll(int(left * 1000) + 1)
+            poller.poll(int(min(left, 1.0) * 1000) + 1)
             self._forward_replies()
+            self.health.alive()
 
     def _session(self) -> None:
         """One connection to the broker, until it is lost or the worker is done."""
@@ -217,6 +223,7 @@ class WarmWorker:
                 if self._wakeup_r in events:
                     self._read_wakeups()
                 now = time.monotonic()
+                self.health.alive()
                 if self.deadlines.next() is not None:
                     self._expire(now)
                 if now >= next_heartbeat:
@@ -229,6 +236,7 @@ class WarmWorker:
                     self._check_drained(now)
                 if now > broker_expiry and self.exit_code is None:
                     log.warning("lost the broker at %s; reconnecting", self.address)
+                    self.health.ready(False)
                     self._abandon_all()  # their clients were told by the broker (or lost it too)
                     return
         finally:
@@ -320,6 +328,7 @@ class WarmWorker:
             info = P.decode_json_object(body[0])
             self.runner.max_message_bytes = int(info.get("max_message_bytes", self.runner.max_message_bytes))
             log.info("connected to broker %s", self.address)
+            self.health.ready(self.draining_since is None)
         elif command == P.STATUS:
             self._fenced = True
         elif command == P.ERROR and len(body) >= 3 and not body[0]:
