@@ -26,6 +26,9 @@ Worker -> broker
     RESULT     [task id, encoded output]                forwarded; frees the slot
     ERROR      [task id, code, message, detail]         forwarded (unless the broker handles code)
     DRAINING   []                                       stop sending me tasks (SIGTERM)
+    STATUS     []                                       -> STATUS: sent after DRAINING as a fence
+                                                        (answers come in order: once it is back,
+                                                        every task sent before DRAINING is here)
     HEARTBEAT  []
     BYE        []
 
