@@ -33,21 +33,25 @@ FATAL_WAITING_REASONS = {
 DEFAULT_START_TIMEOUT = 120.0
 
 
-def api_client(k8s_config: Any = None) -> client.ApiClient:
-    """An ApiClient from ``k8s_config`` (a ``kubernetes.client.Configuration``, a kubeconfig path,
-    or None: in-cluster config, else the default kubeconfig), like the original project."""
+def api_configuration(k8s_config: Any = None) -> client.Configuration:
+    """A Configuration from ``k8s_config`` (a ``kubernetes.client.Configuration``, a kubeconfig
+    path, or None: in-cluster config, else the default kubeconfig), like the original project."""
     if isinstance(k8s_config, client.Configuration) and k8s_config.host != client.Configuration().host:
-        return client.ApiClient(configuration=k8s_config)
+        return k8s_config
     configuration = k8s_config if isinstance(k8s_config, client.Configuration) else client.Configuration()
     try:
         if k8s_config is None:
             config.load_incluster_config(client_configuration=configuration)
-            return client.ApiClient(configuration=configuration)
+            return configuration
     except config.ConfigException:
         pass
     config_file = k8s_config if isinstance(k8s_config, str) else None
     config.load_kube_config(config_file=config_file, client_configuration=configuration)
-    return client.ApiClient(configuration=configuration)
+    return configuration
+
+
+def api_client(k8s_config: Any = None) -> client.ApiClient:
+    return client.ApiClient(configuration=api_configuration(k8s_config))
 
 
 def api_error(exc: ApiException, verb: str, resource: str, namespace: str) -> PodFailed:
@@ -108,6 +112,7 @@ class PodChannel:
         except Exception:  # noqa: BLE001 - already closed
             pass
         self.launcher.delete(self.core, self.name)
+        self.core.api_client.close()
 
 
 class KubernetesLauncher:
@@ -133,7 +138,7 @@ class KubernetesLauncher:
         self.pod_overrides = pod_overrides
         self.k8s_config = k8s_config
         self.start_timeout = start_timeout
-        self._client: client.ApiClient | None = None
+        self._configuration: client.Configuration | None = None
 
     @classmethod
     def for_runnable(cls, runnable: RunnableK8s) -> KubernetesLauncher:
@@ -145,9 +150,12 @@ class KubernetesLauncher:
         )
 
     def core(self) -> client.CoreV1Api:
-        if self._client is None:
-            self._client = api_client(self.k8s_config)
-        return client.CoreV1Api(self._client)
+        """A client of its own for each call: ``kubernetes.stream.stream`` swaps the ApiClient's
+        request method while it attaches, so calls of a batch sharing one would trip over each
+        other (kubernetes-client/python#928)."""
+        if self._configuration is None:
+            self._configuration = api_configuration(self.k8s_config)
+        return client.CoreV1Api(client.ApiClient(configuration=self._configuration))
 
     def manifest(self) -> dict[str, Any]:
         return runner_pod(image=self.image, namespace=self.namespace, image_pull_policy=self.image_pull_policy,

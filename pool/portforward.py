@@ -24,7 +24,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.stream import portforward
 
 from pool.errors import PoolUnavailable
-from pool.k8s_launcher import api_client, api_error
+from pool.k8s_launcher import api_configuration, api_error
 
 log = logging.getLogger("runnable_k8s.portforward")
 
@@ -63,7 +63,8 @@ class BrokerForward:
     def __init__(self, address: str, k8s_config: Any = None) -> None:
         self.namespace, self.release = parse_k8s_address(address)
         try:
-            self.core = client.CoreV1Api(api_client(k8s_config))
+            self.configuration = api_configuration(k8s_config)
+            self.core = client.CoreV1Api(client.ApiClient(self.configuration))
         except config.ConfigException as exc:
             raise PoolUnavailable(f"cannot reach {address}: no Kubernetes configuration ({exc}); "
                                   "set KUBECONFIG or pass k8s_config=") from exc
@@ -102,7 +103,10 @@ class BrokerForward:
         """Pump one ZeroMQ connection to a broker Pod and back until either side closes."""
         try:
             pod, port = self.find_broker()
-            forward = portforward(self.core.connect_get_namespaced_pod_portforward, pod, self.namespace,
+            # A client of its own: the stream helper swaps its ApiClient's request method while it
+            # connects, so concurrent forwards must not share one (kubernetes-client/python#928).
+            core = client.CoreV1Api(client.ApiClient(self.configuration))
+            forward = portforward(core.connect_get_namespaced_pod_portforward, pod, self.namespace,
                                   ports=str(port))
             remote = forward.socket(port)
         except Exception as exc:  # noqa: BLE001 - ZeroMQ will reconnect and we try again

@@ -55,8 +55,8 @@ def test_invoke_stream_and_batch_each_run_in_a_fresh_pod(k8s_node, k8s_namespace
         yield from text.split()
 
     assert list(in_pod(k8s_node, k8s_namespace, RunnableLambda(words)).stream("one two three")) == ["one", "two", "three"]
-    names = hostname.batch([None, None], config={"max_concurrency": 2})
-    assert len(set(names)) == 2 and first not in names
+    names = hostname.batch([None, None, None], config={"max_concurrency": 3})  # Pods attached at once
+    assert len(set(names)) == 3 and first not in names
     assert runner_pods(k8s_node, k8s_namespace) == []  # every Pod deleted
 
 
