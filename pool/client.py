@@ -230,6 +230,11 @@ class Connection:
 
     # ------------------------------------------------------------------ caller side (any thread)
 
+    @property
+    def ready(self) -> bool:
+        """True while the broker has welcomed this connection and not been lost since."""
+        return self._ready.is_set()
+
     def ensure_ready(self, timeout: float | None = None) -> None:
         """Return once the broker has said WELCOME; raise ``PoolUnavailable`` if it does not
         within ``timeout`` (default: the connection's connect timeout)."""

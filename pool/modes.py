@@ -67,13 +67,13 @@ def choose_backend(runnable: RunnableK8s) -> Backend:
                 "mode='warm' needs a pool: pass pool='tcp://HOST:5555' (or k8s://NAMESPACE/RELEASE), "
                 "set RUNNABLE_K8S_POOL, or use mode='auto' to fall back to ephemeral Pods"
             )
-        return WarmBackend(connection_for(runnable, address))
+        return WarmBackend(connection_for(runnable, address), runnable.connect_timeout)
     reason = "no pool is configured (pool=... or RUNNABLE_K8S_POOL)"
     if address is not None:
         usable, reason = probe(runnable, address)
         if usable:
             _log_choice(address, "warm", f"the pool at {address} answers")
-            return WarmBackend(connection_for(runnable, address))
+            return WarmBackend(connection_for(runnable, address), runnable.connect_timeout)
     _log_choice(address, "ephemeral", reason)
     return ephemeral_backend(runnable)
 

@@ -78,14 +78,16 @@ def _outcome(event: Event) -> Any:
 class WarmBackend:
     """Runs :class:`RemoteCall` s on a pool through one shared :class:`Connection`."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, connect_timeout: float | None = None) -> None:
         self.connection = connection
+        # The caller's own patience: the shared connection may have been made by another caller.
+        self.connect_timeout = connect_timeout
 
     # ------------------------------------------------------------------ sync
 
     def invoke(self, call: RemoteCall) -> Any:
         # The common case, without as_completed's generator and window.
-        self.connection.ensure_ready()
+        self.connection.ensure_ready(self.connect_timeout)
         sink = ThreadSink()
         tracker = _Tracker(self.connection)
         task_id = tracker.submit(0, call, "invoke", sink)
@@ -117,7 +119,7 @@ class WarmBackend:
     def as_completed(self, calls: Sequence[RemoteCall], max_concurrency: int | None) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, output or exception)`` as each call finishes; at most
         ``max_concurrency`` in flight."""
-        self.connection.ensure_ready()
+        self.connection.ensure_ready(self.connect_timeout)
         sink = ThreadSink()
         tracker = _Tracker(self.connection)
         window = max_concurrency or len(calls)
@@ -141,7 +143,7 @@ class WarmBackend:
             tracker.cancel_all()
 
     def stream(self, call: RemoteCall) -> Iterator[Any]:
-        self.connection.ensure_ready()
+        self.connection.ensure_ready(self.connect_timeout)
         sink = ThreadSink()
         tracker = _Tracker(self.connection)
         task_id = tracker.submit(0, call, "stream", sink)
@@ -165,9 +167,9 @@ class WarmBackend:
     # ------------------------------------------------------------------ async
 
     async def _ensure_ready(self) -> None:
-        if not self.connection._ready.is_set():
+        if not self.connection.ready:
             # Only while connecting: a thread waits for the handshake so the loop does not.
-            await asyncio.get_running_loop().run_in_executor(None, self.connection.ensure_ready)
+            await asyncio.get_running_loop().run_in_executor(None, self.connection.ensure_ready, self.connect_timeout)
 
     async def ainvoke(self, call: RemoteCall) -> Any:
         # The common case, without aas_completed's async generator and window.

@@ -283,3 +283,20 @@ def test_repeated_calls_send_the_runnable_once(local_pool):
         assert runnable.invoke(None) == 200_000
     workers = local_pool.status()["workers"]
     assert sum(w["cached_runnables"] for w in workers) >= 1
+
+
+def test_each_caller_waits_for_a_dead_pool_only_as_long_as_its_own_connect_timeout():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    patient = RunnableK8s(bound=RunnableLambda(lambda x: x), pool=dead, mode="warm", connect_timeout=4)
+    hasty = RunnableK8s(bound=RunnableLambda(lambda x: x), pool=dead, mode="warm", connect_timeout=0.5)
+    from pool import PoolUnavailable
+
+    for runnable, limit in ((patient, 10.0), (hasty, 3.0)):  # the second shares the first's connection
+        started = time.monotonic()
+        with pytest.raises(PoolUnavailable):
+            runnable.invoke(1)
+        assert time.monotonic() - started < limit
