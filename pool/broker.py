@@ -581,8 +581,11 @@ class Broker:
         for client in list(self.clients.values()):
             if client.expiry < now:
                 self._remove_client(client.identity)
-        while self.queue and self.queue[0].queue_deadline < now:
-            task = self.queue.popleft()
+        # Queue deadlines are not in queue order when calls have different timeouts: check them all.
+        expired = [t for t in self.queue if t.queue_deadline < now] if self.queue else []
+        if expired:
+            self.queue = deque(t for t in self.queue if t.queue_deadline >= now)
+        for task in expired:
             del self.tasks[task.task_id]
             self.counters["failed"] += 1
             waiting = "no workers are connected" if not self.workers else "every worker slot stayed busy"
@@ -590,11 +593,6 @@ class Broker:
                 f"the task waited {now - task.queued_at:.1f}s in the broker's queue and {waiting}; "
                 "add workers (runnable-k8s scale) or raise the call's timeout"
             )))
-        # Queue deadlines are not sorted when timeouts differ: sweep the rest too.
-        for task in [t for t in self.queue if t.queue_deadline < now]:
-            self.queue.remove(task)
-            del self.tasks[task.task_id]
-            self._send(task.client, P.error_frames(task.task_id, P.E_QUEUE_TIMEOUT, "queue timeout passed"))
         if self.status_hooks:
             self._run_status_hooks()
 
