@@ -128,6 +128,7 @@ def test_the_chart_runs_a_keyed_warm_pool_that_scales_and_drains(helm_bin, k8s_n
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     probes = worker_supports_health_dir(core, ns)
+    print(f"worker probes: {'on' if probes else 'off (the image has no --health-dir)'}")
     values = {
         "image": {"repository": "runnable-k8s-worker", "tag": "latest", "pullPolicy": "Never"},
         "curve": {"enabled": True, "existingSecret": "pool-keys"},
@@ -229,6 +230,10 @@ def test_the_chart_runs_a_keyed_warm_pool_that_scales_and_drains(helm_bin, k8s_n
         wait_for("one registered worker", lambda: registered_workers(status) == 1, 30)
         timings["scale 3 -> 1 under load"] = time.monotonic() - t0
         assert remote.invoke(5)["double"] == 10  # and the pool keeps serving
+        # No container was restarted: in particular the liveness probe never failed a working worker.
+        restarts = {p.metadata.name: [c.restart_count for c in p.status.container_statuses or []]
+                    for p in core.list_namespaced_pod(ns, label_selector=f"app.kubernetes.io/instance={RELEASE}").items}
+        assert all(n == 0 for counts in restarts.values() for n in counts), restarts
     except BaseException:
         print(describe(core, ns))
         raise
