@@ -158,6 +158,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
     print(f"  broker:  runnable-k8s broker --bind tcp://0.0.0.0:5555 --keys {directory}")
     print(f"  workers: python -m worker --connect tcp://BROKER:5555 --keys {directory}  (needs worker.key_secret, broker.key)")
     print(f"  clients: RunnableK8s(..., keys={str(directory)!r})  or  RUNNABLE_K8S_KEYS={directory}")
+    if args.k8s_secret:
+        return _create_key_secret(directory, args)
+    return 0
+
+
+def _create_key_secret(directory: Any, args: argparse.Namespace) -> int:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.rest import ApiException
+
+    from pool.k8s_launcher import api_client, api_error
+    from pool.keys import key_secret_manifest
+
+    try:
+        core = CoreV1Api(api_client(args.kubeconfig))
+        core.create_namespaced_secret(args.namespace, key_secret_manifest(directory, args.k8s_secret))
+    except ApiException as exc:
+        print(f"runnable-k8s keys: {api_error(exc, 'create', 'secrets', args.namespace)}", file=sys.stderr)
+        return 1
+    print(f"  created Secret {args.namespace}/{args.k8s_secret}: helm install ... --set curve.existingSecret={args.k8s_secret}")
     return 0
 
 
@@ -256,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = add("keys", help="write CurveZMQ key pairs for a broker, a client and workers")
     keys.add_argument("directory")
+    keys.add_argument("--k8s-secret", metavar="NAME",
+                      help="also store the keys in this Kubernetes Secret (for the chart's curve.existingSecret)")
+    keys.add_argument("--namespace", "-n", default="default", help="namespace of the Secret")
+    keys.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     keys.set_defaults(func=cmd_keys)
 
     scale = add("scale", help="set the worker count of a pool's worker Deployment (scale subresource)")

@@ -62,3 +62,23 @@ def create_key_directory(directory: str | Path) -> Path:
         if role != "broker":
             shutil.copy(public_file, authorized / f"{role}.key")
     return directory
+
+
+def key_secret_manifest(directory: str | Path, name: str) -> dict:
+    """A Kubernetes Secret holding the directory's top-level key files, the layout the chart
+    mounts (``curve.existingSecret``); the chart rebuilds ``authorized/`` from it."""
+    import base64
+
+    directory = Path(directory)
+    data = {
+        path.name: base64.b64encode(path.read_bytes()).decode()
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name.endswith((".key", ".key_secret"))
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "runnable-k8s"}},
+        "type": "Opaque",
+        "data": data,
+    }
