@@ -19,9 +19,6 @@ from pool.client import Connection, Event, LoopSink, Submission, ThreadSink
 from pool.errors import TaskTimeout, error_from_wire
 from worker import protocol as P
 
-_OK = object()
-
-
 def _timeout_error(call: RemoteCall) -> TaskTimeout:
     return TaskTimeout(
         f"the call did not finish within its timeout of {call.timeout:g}s and was cancelled on the "
@@ -29,40 +26,68 @@ def _timeout_error(call: RemoteCall) -> TaskTimeout:
     )
 
 
-class _Tracker:
-    """Submitted tasks of one caller and their deadlines."""
+class _Calls:
+    """One caller's tasks: submitted at most ``window`` at a time, with their deadlines.
 
-    def __init__(self, connection: Connection) -> None:
+    ``handle`` and ``timeouts`` turn events into ``(index, final, value)`` items: a streamed chunk
+    (``final`` False), or the call's outcome (``final`` True: its output, or the exception to raise
+    or return). The sync and async drivers below only wait for events and pass them here.
+    """
+
+    def __init__(self, connection: Connection, calls: Sequence[RemoteCall], kind: str, sink: Any,
+                 window: int | None = None) -> None:
         self.connection = connection
+        self.calls = calls
+        self.kind = kind
+        self.sink = sink
+        self.window = window or len(calls)
+        self.next_index = 0
         self.open: dict[bytes, tuple[int, RemoteCall, float | None]] = {}
 
-    def submit(self, index: int, call: RemoteCall, kind: str, sink: Any) -> bytes:
-        self.connection.check_size(call.runnable, call.input)
-        task_id = self.connection.new_task_id()
-        header = P.TaskHeader(kind, call.digest, call.timeout, call.retries, call.config).to_bytes()
-        deadline = time.monotonic() + call.timeout if call.timeout is not None else None
-        self.open[task_id] = (index, call, deadline)
-        self.connection.submit(Submission(task_id, header, call.digest, call.runnable, call.input, sink))
-        return task_id
+    @property
+    def done(self) -> bool:
+        return self.next_index >= len(self.calls) and not self.open
+
+    def refill(self) -> None:
+        while self.next_index < len(self.calls) and len(self.open) < self.window:
+            call = self.calls[self.next_index]
+            self.connection.check_size(call.runnable, call.input)
+            task_id = self.connection.new_task_id()
+            header = P.TaskHeader(self.kind, call.digest, call.timeout, call.retries, call.config).to_bytes()
+            deadline = time.monotonic() + call.timeout if call.timeout is not None else None
+            self.open[task_id] = (self.next_index, call, deadline)
+            self.connection.submit(Submission(task_id, header, call.digest, call.runnable, call.input, self.sink))
+            self.next_index += 1
 
     def wait_time(self) -> float | None:
         deadlines = [d for _, _, d in self.open.values() if d is not None]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
-    def expired(self) -> list[tuple[int, TaskTimeout]]:
+    def handle(self, event: Event) -> list[tuple[int, bool, Any]]:
+        entry = self.open.get(event.task_id)
+        if entry is None:
+            return []  # a late event of a task given up on
+        if event.kind == "chunk":
+            return [(entry[0], False, decode_output(event.data))]
+        del self.open[event.task_id]
+        self.refill()
+        if self.kind == "stream" and event.kind == "result":
+            return [(entry[0], True, None)]  # the end of the stream
+        return [(entry[0], True, _outcome(event))]
+
+    def timeouts(self) -> list[tuple[int, bool, Any]]:
         now = time.monotonic()
         gone = [(task_id, i, call) for task_id, (i, call, d) in self.open.items() if d is not None and d <= now]
         for task_id, _, _ in gone:
-            self.close(task_id, cancel=True)
-        return [(i, _timeout_error(call)) for _, i, call in gone]
-
-    def close(self, task_id: bytes, cancel: bool = False) -> None:
-        if self.open.pop(task_id, None) is not None and cancel:
+            del self.open[task_id]
             self.connection.cancel(task_id)
+        self.refill()
+        return [(i, True, _timeout_error(call)) for _, i, call in gone]
 
     def cancel_all(self) -> None:
         for task_id in list(self.open):
-            self.close(task_id, cancel=True)
+            del self.open[task_id]
+            self.connection.cancel(task_id)
 
 
 def _outcome(event: Event) -> Any:
@@ -75,6 +100,12 @@ def _outcome(event: Event) -> Any:
         return exc
 
 
+def _value(outcome: Any) -> Any:
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
 class WarmBackend:
     """Runs :class:`RemoteCall` s on a pool through one shared :class:`Connection`."""
 
@@ -85,172 +116,105 @@ class WarmBackend:
 
     # ------------------------------------------------------------------ sync
 
-    def invoke(self, call: RemoteCall) -> Any:
-        # The common case, without as_completed's generator and window.
+    def _run(self, calls: Sequence[RemoteCall], kind: str, window: int | None = None) -> Iterator[tuple[int, bool, Any]]:
         self.connection.ensure_ready(self.connect_timeout)
         sink = ThreadSink()
-        tracker = _Tracker(self.connection)
-        task_id = tracker.submit(0, call, "invoke", sink)
+        state = _Calls(self.connection, calls, kind, sink, window)
         try:
-            while True:
+            state.refill()
+            while not state.done:
                 try:
-                    event = sink.get(tracker.wait_time())
+                    event = sink.get(state.wait_time())
                 except queue.Empty:
-                    tracker.expired()
-                    raise _timeout_error(call) from None
-                if event.kind != "chunk":
-                    break
-            tracker.close(task_id)
+                    yield from state.timeouts()
+                    continue
+                yield from state.handle(event)
         finally:
-            tracker.cancel_all()
-        outcome = _outcome(event)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
+            state.cancel_all()
+
+    def invoke(self, call: RemoteCall) -> Any:
+        for _, _, outcome in self._run([call], "invoke"):
+            return _value(outcome)
+        raise AssertionError("unreachable: every call ends with an outcome")
 
     def batch(self, calls: Sequence[RemoteCall], max_concurrency: int | None, return_exceptions: bool) -> list[Any]:
         results: list[Any] = [None] * len(calls)
         for index, outcome in self.as_completed(calls, max_concurrency):
-            if isinstance(outcome, BaseException) and not return_exceptions:
-                raise outcome  # leaving the generator cancels the rest
-            results[index] = outcome
+            results[index] = outcome if return_exceptions else _value(outcome)  # raising cancels the rest
         return results
 
     def as_completed(self, calls: Sequence[RemoteCall], max_concurrency: int | None) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, output or exception)`` as each call finishes; at most
         ``max_concurrency`` in flight."""
-        self.connection.ensure_ready(self.connect_timeout)
-        sink = ThreadSink()
-        tracker = _Tracker(self.connection)
-        window = max_concurrency or len(calls)
-        next_index = 0
-        try:
-            while next_index < len(calls) or tracker.open:
-                while next_index < len(calls) and len(tracker.open) < window:
-                    tracker.submit(next_index, calls[next_index], "invoke", sink)
-                    next_index += 1
-                try:
-                    event = sink.get(tracker.wait_time())
-                except queue.Empty:
-                    yield from tracker.expired()
-                    continue
-                entry = tracker.open.get(event.task_id)
-                if entry is None or event.kind == "chunk":
-                    continue
-                tracker.close(event.task_id)
-                yield entry[0], _outcome(event)
-        finally:
-            tracker.cancel_all()
+        for index, _, outcome in self._run(calls, "invoke", max_concurrency):
+            yield index, outcome
 
     def stream(self, call: RemoteCall) -> Iterator[Any]:
-        self.connection.ensure_ready(self.connect_timeout)
-        sink = ThreadSink()
-        tracker = _Tracker(self.connection)
-        task_id = tracker.submit(0, call, "stream", sink)
-        try:
-            while True:
-                try:
-                    event = sink.get(tracker.wait_time())
-                except queue.Empty:
-                    tracker.expired()
-                    raise _timeout_error(call) from None
-                if event.kind == "chunk":
-                    yield decode_output(event.data)
-                    continue
-                tracker.close(task_id)
-                if event.kind == "error":
-                    raise error_from_wire(event.code, event.message, event.data)
+        for _, final, value in self._run([call], "stream"):
+            if final:
+                _value(value)
                 return
-        finally:
-            tracker.cancel_all()
+            yield value
 
     # ------------------------------------------------------------------ async
 
-    async def _ensure_ready(self) -> None:
+    async def _arun(self, calls: Sequence[RemoteCall], kind: str,
+                    window: int | None = None) -> AsyncIterator[tuple[int, bool, Any]]:
         if not self.connection.ready:
             # Only while connecting: a thread waits for the handshake so the loop does not.
             await asyncio.get_running_loop().run_in_executor(None, self.connection.ensure_ready, self.connect_timeout)
+        sink = LoopSink()
+        state = _Calls(self.connection, calls, kind, sink, window)
+        try:
+            state.refill()
+            while not state.done:
+                try:
+                    event = await sink.get(state.wait_time())
+                except (asyncio.TimeoutError, TimeoutError):
+                    for item in state.timeouts():
+                        yield item
+                    continue
+                for item in state.handle(event):
+                    yield item
+        finally:
+            state.cancel_all()
 
     async def ainvoke(self, call: RemoteCall) -> Any:
-        # The common case, without aas_completed's async generator and window.
-        await self._ensure_ready()
-        sink = LoopSink()
-        tracker = _Tracker(self.connection)
-        task_id = tracker.submit(0, call, "invoke", sink)
+        iterator = self._arun([call], "invoke")
         try:
-            while True:
-                try:
-                    event = await sink.get(tracker.wait_time())
-                except (asyncio.TimeoutError, TimeoutError):
-                    tracker.expired()
-                    raise _timeout_error(call) from None
-                if event.kind != "chunk":
-                    break
-            tracker.close(task_id)
+            async for _, _, outcome in iterator:
+                return _value(outcome)
         finally:
-            tracker.cancel_all()
-        outcome = _outcome(event)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
+            await iterator.aclose()
+        raise AssertionError("unreachable: every call ends with an outcome")
 
     async def abatch(self, calls: Sequence[RemoteCall], max_concurrency: int | None,
                      return_exceptions: bool) -> list[Any]:
         results: list[Any] = [None] * len(calls)
-        iterator = self.aas_completed(calls, max_concurrency)
+        iterator = self._arun(calls, "invoke", max_concurrency)
         try:
-            async for index, outcome in iterator:
-                if isinstance(outcome, BaseException) and not return_exceptions:
-                    raise outcome
-                results[index] = outcome
+            async for index, _, outcome in iterator:
+                results[index] = outcome if return_exceptions else _value(outcome)
         finally:
             await iterator.aclose()
         return results
 
     async def aas_completed(self, calls: Sequence[RemoteCall],
                             max_concurrency: int | None) -> AsyncIterator[tuple[int, Any]]:
-        await self._ensure_ready()
-        sink = LoopSink()
-        tracker = _Tracker(self.connection)
-        window = max_concurrency or len(calls)
-        next_index = 0
+        iterator = self._arun(calls, "invoke", max_concurrency)
         try:
-            while next_index < len(calls) or tracker.open:
-                while next_index < len(calls) and len(tracker.open) < window:
-                    tracker.submit(next_index, calls[next_index], "invoke", sink)
-                    next_index += 1
-                try:
-                    event = await sink.get(tracker.wait_time())
-                except (asyncio.TimeoutError, TimeoutError):
-                    for item in tracker.expired():
-                        yield item
-                    continue
-                entry = tracker.open.get(event.task_id)
-                if entry is None or event.kind == "chunk":
-                    continue
-                tracker.close(event.task_id)
-                yield entry[0], _outcome(event)
+            async for index, _, outcome in iterator:
+                yield index, outcome
         finally:
-            tracker.cancel_all()
+            await iterator.aclose()
 
     async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
-        await self._ensure_ready()
-        sink = LoopSink()
-        tracker = _Tracker(self.connection)
-        task_id = tracker.submit(0, call, "stream", sink)
+        iterator = self._arun([call], "stream")
         try:
-            while True:
-                try:
-                    event = await sink.get(tracker.wait_time())
-                except (asyncio.TimeoutError, TimeoutError):
-                    tracker.expired()
-                    raise _timeout_error(call) from None
-                if event.kind == "chunk":
-                    yield decode_output(event.data)
-                    continue
-                tracker.close(task_id)
-                if event.kind == "error":
-                    raise error_from_wire(event.code, event.message, event.data)
-                return
+            async for _, final, value in iterator:
+                if final:
+                    _value(value)
+                    return
+                yield value
         finally:
-            tracker.cancel_all()
+            await iterator.aclose()
