@@ -460,14 +460,7 @@ def test_the_autoscaler_role_allows_scaling_its_own_workers_and_nothing_else(hel
                 metadata=client.V1ObjectMeta(labels={"app": "someone-else"}),
                 spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="none")]))))
     apps.create_namespaced_deployment(ns, other)
-    token = cp.core().create_namespaced_service_account_token(
-        f"{RELEASE}-worker-pool-broker", ns, client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600))).status.token
-    configuration = client.Configuration()
-    configuration.host = cp.api_client.configuration.host
-    configuration.ssl_ca_cert = cp.api_client.configuration.ssl_ca_cert
-    configuration.api_key = {"authorization": f"Bearer {token}"}
-    as_broker = client.ApiClient(configuration)
+    as_broker = client.ApiClient(cp.service_account_configuration(ns, f"{RELEASE}-worker-pool-broker"))
     try:
         broker_apps = client.AppsV1Api(as_broker)
         # Allowed (the RBAC authorizer's cache may need a moment): read and scale its own workers.

@@ -97,12 +97,7 @@ def test_a_service_account_without_create_pods_gets_a_message_naming_the_verb(k8
     core = cp.core()
     core.create_namespaced_service_account(k8s_namespace, client.V1ServiceAccount(
         metadata=client.V1ObjectMeta(name="no-pods")))
-    token = core.create_namespaced_service_account_token("no-pods", k8s_namespace, client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600))).status.token
-    limited = client.Configuration()
-    limited.host = cp.server
-    limited.ssl_ca_cert = cp.api_client.configuration.ssl_ca_cert
-    limited.api_key = {"authorization": "Bearer " + token}
+    limited = cp.service_account_configuration(k8s_namespace, "no-pods")
     runnable = RunnableK8s(bound=RunnableLambda(lambda x: x), mode="ephemeral", k8s_config=limited,
                            k8s_namespace=k8s_namespace, k8s_secret_name=None)
     with pytest.raises(PodFailed, match="'create' verb on 'pods'") as caught:

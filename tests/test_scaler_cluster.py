@@ -78,18 +78,14 @@ def token_kubeconfig(cp: Any, namespace: str, account: str, path: Path) -> tuple
     core = cp.core()
     core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
         metadata=client.V1ObjectMeta(name=account)))
-    token = core.create_namespaced_service_account_token(account, namespace, client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600))).status.token
-    ca = cp.api_client.configuration.ssl_ca_cert
+    cfg = cp.service_account_configuration(namespace, account)
+    token = cfg.api_key["authorization"].split(" ", 1)[1]
+    ca = cfg.ssl_ca_cert
     path.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: sa\n"
         f"clusters: [{{name: c, cluster: {{server: '{cp.server}', certificate-authority: '{ca}'}}}}]\n"
         f"users: [{{name: sa, user: {{token: '{token}'}}}}]\n"
         f"contexts: [{{name: sa, context: {{cluster: c, user: sa, namespace: {namespace}}}}}]\n")
-    cfg = client.Configuration()
-    cfg.host = cp.server
-    cfg.ssl_ca_cert = ca
-    cfg.api_key = {"authorization": "Bearer " + token}
     return str(path), client.ApiClient(cfg)
 
 

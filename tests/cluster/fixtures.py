@@ -47,6 +47,19 @@ class ControlPlane:
         from kubernetes import client
         return client.AppsV1Api(self.api_client)
 
+    def service_account_configuration(self, namespace: str, account: str):
+        """A client Configuration acting as ServiceAccount ``account`` (a TokenRequest token),
+        for tests of what RBAC lets it do."""
+        from kubernetes import client
+        token = self.core().create_namespaced_service_account_token(
+            account, namespace, client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600))).status.token
+        configuration = client.Configuration()
+        configuration.host = self.server
+        configuration.ssl_ca_cert = self.api_client.configuration.ssl_ca_cert
+        configuration.api_key = {"authorization": "Bearer " + token}
+        return configuration
+
 
 @dataclass
 class Node:

@@ -107,12 +107,7 @@ def test_rbac_refuses_a_service_account_without_the_verb(k8s_control_plane, k8s_
     rbac = client.RbacAuthorizationV1Api(k8s_control_plane.api_client)
     core.create_namespaced_service_account(k8s_namespace, client.V1ServiceAccount(
         metadata=client.V1ObjectMeta(name="limited")))
-    token = core.create_namespaced_service_account_token("limited", k8s_namespace, client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600))).status.token
-    cfg = client.Configuration()
-    cfg.host = k8s_control_plane.server
-    cfg.ssl_ca_cert = k8s_control_plane.api_client.configuration.ssl_ca_cert
-    cfg.api_key = {"authorization": "Bearer " + token}
+    cfg = k8s_control_plane.service_account_configuration(k8s_namespace, "limited")
     with client.ApiClient(cfg) as limited:
         lcore = client.CoreV1Api(limited)
         with pytest.raises(client.ApiException) as exc:
