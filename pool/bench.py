@@ -1,20 +1,9 @@
-"""``runnable-k8s bench``: what a warm call costs, measured against its floors in one run.
-
-Figures (all on this machine, in this run):
-
-* in-process  ``RunnableLambda.invoke`` of the same echo function (LangChain's own overhead);
-* floor       a bare pyzmq DEALER -> broker -> DEALER round trip (``pool.bench_floor``);
-* warm        ``RunnableK8s.invoke`` through ``LocalPool(workers=2)``;
-* throughput  tasks/s with ``--in-flight`` calls outstanding, for the floor and the pool;
-* big runnable  a repeated call with a 1 MB runnable against one with a 1 KB runnable (the
-  runnable is sent and deserialized once, so the two should cost the same).
-"""
+"""Measuring helpers of ``runnable-k8s bench`` (``pool.bench_modes``): percentiles, timed calls,
+the machine's description, and the bare pyzmq floor (``pool.bench_floor``) that every figure is
+read against."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import os
 import platform
 import statistics
@@ -26,18 +15,12 @@ from typing import Any
 
 import cloudpickle
 import zmq
-from langchain_core.runnables import RunnableLambda
 
-from pool.local import LocalPool, _read_line, _stop_all
-from pool.runnable import RunnableK8s
+from pool.local import _read_line, _stop_all
 
 
 def echo(value: Any) -> Any:
     return value
-
-
-def _progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -104,21 +87,6 @@ class BareFloor:
         _stop_all(self.procs)
 
 
-# ---------------------------------------------------------------------- the real pool
-
-async def _pool_throughput(runnable: RunnableK8s, tasks: int, in_flight: int) -> float:
-    """Many independent ainvoke calls, at most ``in_flight`` at once, like a busy async server."""
-    limiter = asyncio.Semaphore(in_flight)
-
-    async def one(i: int) -> None:
-        async with limiter:
-            await runnable.ainvoke(i)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(tasks)))
-    return tasks / (time.perf_counter() - started)
-
-
 def environment() -> dict[str, Any]:
     import langchain_core
     import zmq as pyzmq
@@ -132,69 +100,3 @@ def environment() -> dict[str, Any]:
         "langchain_core": langchain_core.__version__,
         "cloudpickle": cloudpickle.__version__,
     }
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    results: dict[str, Any] = {"environment": environment()}
-    _progress(f"in-process RunnableLambda.invoke x{args.calls}")
-    local = RunnableLambda(echo)
-    results["in_process"] = time_calls(lambda: local.invoke(1), args.calls)
-
-    _progress(f"bare pyzmq floor: {args.workers} workers, latency x{args.calls}, throughput {args.throughput_tasks} tasks")
-    floor = BareFloor(args.workers, slots=16)
-    try:
-        results["floor"] = time_calls(floor.call, args.calls)
-        results["floor"]["throughput_per_s"] = round(floor.throughput(args.throughput_tasks, args.in_flight))
-    finally:
-        floor.close()
-
-    _progress(f"warm RunnableK8s through LocalPool(workers={args.workers})")
-    with LocalPool(workers=args.workers, concurrency=16) as pool:
-        warm = RunnableK8s(bound=RunnableLambda(echo), pool=pool.address)
-        results["warm"] = time_calls(lambda: warm.invoke(1), args.calls)
-        _progress(f"warm throughput: {args.throughput_tasks} tasks, {args.in_flight} in flight")
-        results["warm"]["throughput_per_s"] = round(asyncio.run(
-            _pool_throughput(warm, args.throughput_tasks, args.in_flight)))
-
-        _progress("repeated calls with a 1 KB and a 1 MB runnable")
-        small_blob = os.urandom(1024)
-        big_blob = os.urandom(1024 * 1024)
-        small = RunnableK8s(bound=RunnableLambda(lambda x: len(small_blob) and x), pool=pool.address)
-        big = RunnableK8s(bound=RunnableLambda(lambda x: len(big_blob) and x), pool=pool.address)
-        results["runnable_1kb"] = time_calls(lambda: small.invoke(1), args.calls // 2)
-        results["runnable_1mb"] = time_calls(lambda: big.invoke(1), args.calls // 2)
-
-    floor_plus_local = results["floor"]["p50_ms"] + results["in_process"]["p50_ms"]
-    results["ratios"] = {
-        "warm_p50_over_floor_plus_in_process": round(results["warm"]["p50_ms"] / floor_plus_local, 3),
-        "runnable_1mb_over_1kb_p50": round(results["runnable_1mb"]["p50_ms"] / results["runnable_1kb"]["p50_ms"], 3),
-        "warm_throughput_over_floor": round(results["warm"]["throughput_per_s"] / results["floor"]["throughput_per_s"], 3),
-    }
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        _progress(f"wrote {args.json}")
-    return 0
-
-
-def format_table(results: dict[str, Any]) -> str:
-    rows = [f"{'':34} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'tasks/s':>9}"]
-    labels = {
-        "in_process": "in-process RunnableLambda.invoke",
-        "floor": "bare pyzmq brokered round trip",
-        "warm": "warm RunnableK8s.invoke",
-        "runnable_1kb": "warm, 1 KB runnable",
-        "runnable_1mb": "warm, 1 MB runnable",
-    }
-    for key, label in labels.items():
-        r = results[key]
-        throughput = r.get("throughput_per_s")
-        rows.append(f"{label:34} {r['p50_ms']:8.3f} {r['p95_ms']:8.3f} {r['p99_ms']:8.3f} "
-                    f"{throughput if throughput is not None else '':>9}")
-    ratios = results["ratios"]
-    rows.append("")
-    rows.append(f"warm p50 / (floor p50 + in-process p50) = {ratios['warm_p50_over_floor_plus_in_process']}")
-    rows.append(f"1 MB runnable p50 / 1 KB runnable p50    = {ratios['runnable_1mb_over_1kb_p50']}")
-    rows.append(f"warm throughput / floor throughput      = {ratios['warm_throughput_over_floor']}")
-    return "\n".join(rows)
