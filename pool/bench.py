@@ -33,15 +33,24 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ordered) * 1000, 4), "calls": len(ordered)}
 
 
-def time_calls(call: Callable[[], Any], calls: int, warmup: int = 50) -> dict[str, float]:
+def timed_samples(call: Callable[[], Any], calls: int, warmup: int = 50,
+                  tick: Callable[[str], None] | None = None) -> list[float]:
+    """Seconds each of ``calls`` sequential calls took, after ``warmup`` untimed ones; ``tick``
+    hears about progress every 50 calls (every call when there are few)."""
     for _ in range(warmup):
         call()
     samples = []
-    for _ in range(calls):
+    for i in range(calls):
         started = time.perf_counter()
         call()
         samples.append(time.perf_counter() - started)
-    return percentiles(samples)
+        if tick is not None and (calls <= 50 or i % 50 == 0):
+            tick(f"call {i + 1}/{calls}")
+    return samples
+
+
+def time_calls(call: Callable[[], Any], calls: int, warmup: int = 50) -> dict[str, float]:
+    return percentiles(timed_samples(call, calls, warmup))
 
 
 # ---------------------------------------------------------------------- the bare floor

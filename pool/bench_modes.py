@@ -31,7 +31,7 @@ from typing import Any
 from langchain_core.runnables import Runnable, RunnableLambda
 
 from pool import bench_workloads
-from pool.bench import BareFloor, environment, percentiles, time_calls
+from pool.bench import BareFloor, environment, percentiles, time_calls, timed_samples
 from pool.local import LocalPool
 from pool.runnable import DEFAULT_IMAGE, RunnableK8s
 
@@ -163,19 +163,6 @@ def _summary(samples: list[float]) -> dict[str, float]:
     figures["min_ms"] = round(ordered[0] * 1000, 4)
     figures["max_ms"] = round(ordered[-1] * 1000, 4)
     return figures
-
-
-def _timed(call: Callable[[], Any], calls: int, warmup: int, tick: Callable[[str], None]) -> list[float]:
-    for _ in range(warmup):
-        call()
-    samples = []
-    for i in range(calls):
-        started = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - started)
-        if calls <= 50 or i % 50 == 0:
-            tick(f"call {i + 1}/{calls}")
-    return samples
 
 
 def _first_chunk(stream: Callable[[], Iterator[Any]]) -> tuple[float, float]:
@@ -319,7 +306,7 @@ class Bench:
                         firsts: list[float] = []
                         call = lambda: firsts.append(loop.run_until_complete(consume()))  # noqa: E731
                         n, warmup = self.args.slow_calls, 5
-                    samples = _timed(call, n, warmup, tick)
+                    samples = timed_samples(call, n, warmup, tick)
                     results[workload] = _summary(samples)
                     if workload == "stream":
                         firsts = firsts[warmup:]
@@ -333,7 +320,7 @@ class Bench:
         floor = BareFloor(a.pool_workers, slots=16)
         try:
             with progress.step(f"bare pyzmq floor: latency, {a.pool_workers} workers") as tick:
-                samples = _timed(floor.call, a.calls, 50, tick)
+                samples = timed_samples(floor.call, a.calls, 50, tick)
                 result: dict[str, Any] = _summary(samples)
             with progress.step("bare pyzmq floor: throughput") as tick:
                 by_conc = {}
@@ -414,12 +401,12 @@ class Bench:
                         first, _ = _first_chunk(lambda: r.stream(self.payload))
                         firsts.append(first)
 
-                    samples = _timed(call, n, warmup, tick)
+                    samples = timed_samples(call, n, warmup, tick)
                     firsts = firsts[warmup:]
                     figures.update(_summary(samples))
                     figures["ttfc"] = _summary(firsts)
                 else:
-                    samples = _timed(_run_stream_or_invoke(workload, remote, self.payload), n, warmup, tick)
+                    samples = timed_samples(_run_stream_or_invoke(workload, remote, self.payload), n, warmup, tick)
                     figures.update(_summary(samples))
             if ephemeral and a.launcher == "kubernetes" and len(launches) > warmup:
                 # create -> scheduled -> running -> attached, per call (the rest is the session and delete)
