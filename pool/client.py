@@ -312,12 +312,7 @@ class Connection:
     # ------------------------------------------------------------------ the socket (under _lock)
 
     def _new_socket(self) -> tuple[zmq.Socket, zmq.Socket]:
-        sock = self._context.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.sndhwm = 0
-        sock.rcvhwm = 0
-        if self.keys is not None:
-            self.keys.apply(sock)
+        sock = P.dealer_socket(self._context, self.keys)
         monitor = sock.get_monitor_socket(_MONITORED)
         sock.connect(self.address)
         return sock, monitor

@@ -228,6 +228,19 @@ def send_frames(socket: zmq.Socket, frames: list[bytes]) -> None:
     send(frames[-1], SEND_LAST, copy=len(frames[-1]) < COPY_THRESHOLD)
 
 
+def dealer_socket(context: zmq.Context, keys: Any = None) -> zmq.Socket:
+    """A DEALER set up the way clients and workers both talk to the broker: nothing lingers at
+    close, no high-water mark drops a message, CurveZMQ when ``keys`` (a ``PeerKeys``) are given.
+    The caller connects it (after attaching a monitor, if it wants one)."""
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.sndhwm = 0
+    sock.rcvhwm = 0
+    if keys is not None:
+        keys.apply(sock)
+    return sock
+
+
 def stdio_line(command: bytes, *fields: bytes) -> bytes:
     """One message as a text line for the stdio transport."""
     return b" ".join([PROTOCOL, COMMAND_NAMES[command].encode(), *map(base64.b64encode, fields)]) + b"\n"

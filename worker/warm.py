@@ -191,12 +191,7 @@ class WarmWorker:
 
     def _session(self) -> None:
         """One connection to the broker, until it is lost or the worker is done."""
-        sock = self._broker_context.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.sndhwm = 0
-        sock.rcvhwm = 0
-        if self.keys is not None:
-            self.keys.apply(sock)
+        sock = P.dealer_socket(self._broker_context, self.keys)
         sock.connect(self.address)
         self._socket = sock
         self._send([P.PROTOCOL, P.READY, P.encode_json(self._environment())])
