@@ -7,7 +7,6 @@ import socket
 import time
 
 import pytest
-from kubernetes import client
 from langchain_core.runnables import RunnableLambda
 
 from pool import PoolUnavailable, RunnableK8s

@@ -194,7 +194,6 @@ def test_a_broker_on_this_host_autoscales_the_deployment_with_load_and_wakes_it_
         k8s_control_plane, k8s_namespace, tmp_path):
     apps = k8s_control_plane.apps()
     apps.create_namespaced_deployment(k8s_namespace, worker_deployment())
-    log = tmp_path / "broker.log"
     broker_args = [
         "--autoscale-deployment", WORKERS, "--autoscale-namespace", k8s_namespace,
         "--autoscale-min", "0", "--autoscale-max", "4", "--autoscale-target", "1",
@@ -286,7 +285,6 @@ def test_the_autoscaler_grows_real_worker_pods_with_load_and_scales_them_down_un
                                timeout=120)
         # 8 one-second calls at once on one slot: the autoscaler asks for 3 Pods, which register.
         names: list[str] = []
-        start = time.monotonic()
         batch = threading.Thread(target=lambda: names.extend(runnable.batch([1.0] * 8, {"max_concurrency": 8})))
         batch.start()
         grew = wait_for(lambda: len(pool.status()["workers"]) == 3, 120, "3 worker Pods registered")
