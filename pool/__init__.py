@@ -25,7 +25,7 @@ from pool.errors import (
     WorkerLost,
 )
 from pool.local import LocalPool
-from pool.runnable import RunnableK8s
+from pool.client.runnable import RunnableK8s
 
 __all__ = [
     "AuthenticationFailed",

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from worker import defaults
 from worker import protocol as P
 
 
@@ -28,7 +29,7 @@ def _watch_parent(pid: int, stop: Any) -> None:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from pool.broker import Broker, BrokerConfigError
+    from pool.broker.server import Broker, BrokerConfigError
     from pool.keys import load_broker_keys
 
     try:
@@ -66,16 +67,16 @@ def _broker_extras(args: argparse.Namespace, broker: Any) -> list[Any]:
     """Metrics endpoint and autoscaler of a broker, as asked by its flags; returns their stoppers."""
     stops: list[Any] = []
     if args.metrics_port is not None:
-        from pool.metrics import BrokerMetrics
+        from pool.broker.metrics import BrokerMetrics
 
         metrics = BrokerMetrics(broker).attach()
         port = metrics.serve(args.metrics_port, args.metrics_bind)
         stops.append(metrics.close)
         print(f"runnable-k8s broker: metrics on http://{args.metrics_bind}:{port}/metrics", file=sys.stderr, flush=True)
     if args.autoscale_deployment:
-        from pool.autoscaler import Autoscaler
-        from pool.autoscaling import AutoscaleSettings
-        from pool.scaler import deployment_scaler
+        from pool.scaling.autoscaler import Autoscaler
+        from pool.scaling.policy import AutoscaleSettings
+        from pool.k8s.deployment import deployment_scaler
 
         settings = AutoscaleSettings(min=args.autoscale_min, max=args.autoscale_max, target=args.autoscale_target,
                                      window=args.autoscale_window, idle=args.autoscale_idle)
@@ -106,8 +107,9 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pool.client import Connection
+    from pool.client.connection import Connection
     from pool.errors import RunnableK8sError
+    from pool.k8s.address import is_k8s_address
     from worker.curve import load_peer_keys
 
     address = args.pool or os.environ.get("RUNNABLE_K8S_POOL")
@@ -116,8 +118,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     keys = load_peer_keys(args.keys, "client") if args.keys else None
     try:
-        if address.startswith("k8s://"):
-            from pool.portforward import BrokerForward
+        if is_k8s_address(address):
+            from pool.k8s.portforward import BrokerForward
 
             address = BrokerForward(address).local_address
         status = Connection(address, keys, args.connect_timeout).status()
@@ -167,14 +169,15 @@ def _create_key_secret(directory: Any, args: argparse.Namespace) -> int:
     from kubernetes.client import CoreV1Api
     from kubernetes.client.rest import ApiException
 
-    from pool.k8s_launcher import api_client, api_error
+    from pool.errors import RunnableK8sError
+    from pool.k8s.api import api_client, api_error
     from pool.keys import key_secret_manifest
 
     try:
         core = CoreV1Api(api_client(args.kubeconfig))
         core.create_namespaced_secret(args.namespace, key_secret_manifest(directory, args.k8s_secret))
     except ApiException as exc:
-        print(f"runnable-k8s keys: {api_error(exc, 'create', 'secrets', args.namespace)}", file=sys.stderr)
+        print(f"runnable-k8s keys: {api_error(exc, 'create', 'secrets', args.namespace, error=RunnableK8sError)}", file=sys.stderr)
         return 1
     print(f"  created Secret {args.namespace}/{args.k8s_secret}: helm install ... --set curve.existingSecret={args.k8s_secret}")
     return 0
@@ -182,7 +185,7 @@ def _create_key_secret(directory: Any, args: argparse.Namespace) -> int:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     from pool.errors import RunnableK8sError
-    from pool.scaler import scale_deployment
+    from pool.k8s.deployment import scale_deployment
 
     if args.replicas < 0:
         print("runnable-k8s scale: N must be 0 or more", file=sys.stderr)
@@ -201,12 +204,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from kubernetes.client import CoreV1Api
     from kubernetes.client.rest import ApiException
 
-    from pool.k8s_launcher import api_client, api_error, delete_leftover_runners
+    from pool.ephemeral.k8s_launcher import delete_leftover_runners
+    from pool.errors import RunnableK8sError
+    from pool.k8s.api import api_client, api_error
 
     try:
         deleted = delete_leftover_runners(CoreV1Api(api_client(args.kubeconfig)), args.namespace, args.older_than)
     except ApiException as exc:
-        print(f"runnable-k8s gc: {api_error(exc, 'list or delete', 'pods', args.namespace)}", file=sys.stderr)
+        print(f"runnable-k8s gc: {api_error(exc, 'list or delete', 'pods', args.namespace, error=RunnableK8sError)}", file=sys.stderr)
         return 1
     for name in deleted:
         print(f"deleted {args.namespace}/{name}")
@@ -215,7 +220,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pool.bench_modes import run
+    from pool.bench.command import run
 
     return run(args)
 
@@ -233,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CurveZMQ key directory from `runnable-k8s keys`")
     broker.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback bind without keys (only on a private network)")
-    broker.add_argument("--max-message-bytes", type=int, default=P.DEFAULT_MAX_MESSAGE_BYTES)
+    broker.add_argument("--max-message-bytes", type=int, default=defaults.MAX_MESSAGE_BYTES)
     broker.add_argument("--queue-size", type=int, default=10_000)
     broker.add_argument("--queue-timeout", type=float, default=120.0,
                         help="seconds a task may wait for a free worker slot")
@@ -298,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.set_defaults(func=cmd_gc)
 
     bench = add("bench", help="compare warm and ephemeral calls, against in-process and bare ZeroMQ")
-    from pool.bench_modes import add_arguments as add_bench_arguments
+    from pool.bench.command import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)

@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pool.client import Connection
+from pool.client.connection import Connection
 from pool.errors import PoolUnavailable
 from pool.keys import create_key_directory
 from worker.curve import load_peer_keys
 from worker.warm import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
-    from pool.autoscaling import AutoscaleSettings
+    from pool.scaling.policy import AutoscaleSettings
 
 STOP_TIMEOUT = 10.0
 
@@ -160,8 +160,7 @@ class LocalPool:
     def _start_autoscaler(self, settings: AutoscaleSettings) -> None:
         from dataclasses import replace
 
-        from pool.autoscaler import Autoscaler
-        from pool.scaler import LocalPoolScaler
+        from pool.scaling.autoscaler import Autoscaler
 
         if settings.slots_per_worker is None:
             settings = replace(settings, slots_per_worker=self.concurrency)
@@ -247,3 +246,20 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + STOP_TIMEOUT
     for proc in procs:
         _wait_or_kill(proc, max(0.1, deadline - time.monotonic()))
+
+
+class LocalPoolScaler:
+    """A LocalPool's worker process count, for the autoscaler. ``scale`` never waits: removed
+    workers drain by themselves while the autoscaler goes on."""
+
+    def __init__(self, local_pool: LocalPool) -> None:
+        self.pool = local_pool
+
+    def current(self) -> int:
+        return self.pool.workers
+
+    def scale(self, replicas: int) -> None:
+        self.pool.scale(replicas, wait=False)
+
+    def describe(self) -> str:
+        return f"local pool {self.pool.address}"

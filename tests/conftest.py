@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pool import LocalPool
-from pool.client import Connection
+from pool.client.connection import Connection
 from tests.support.fake_openai import FakeOpenAI
 
 REPO = Path(__file__).resolve().parent.parent

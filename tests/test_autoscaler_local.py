@@ -17,10 +17,10 @@ import pytest
 from langchain_core.runnables import RunnableLambda
 
 from pool import LocalPool, RunnableK8s
-from pool.autoscaler import Autoscaler
-from pool.autoscaling import AutoscaleSettings
-from pool.broker import Broker
-from pool.client import Connection
+from pool.scaling.autoscaler import Autoscaler
+from pool.scaling.policy import AutoscaleSettings
+from pool.broker.server import Broker
+from pool.client.connection import Connection
 
 
 def slow(seconds: float) -> int:

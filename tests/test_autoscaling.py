@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from pool.autoscaler import Autoscaler
-from pool.autoscaling import AutoscaleSettings, Decision, Load, PolicyState, decide
-from pool.scaler import ScalingError
+from pool.scaling.autoscaler import Autoscaler
+from pool.scaling.policy import AutoscaleSettings, Decision, Load, PolicyState, decide
+from pool.errors import ScalingError
 
 
 class Policy:

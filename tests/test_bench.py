@@ -154,7 +154,7 @@ def test_a_real_pod_per_call_on_the_test_cluster(k8s_node, k8s_namespace, tmp_pa
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """`--launcher kubernetes`: real runner Pods, two of them in flight at once, all deleted after."""
     from pool.cli import main
-    from pool.podspec import RUNNER_SELECTOR
+    from pool.ephemeral.podspec import RUNNER_SELECTOR
 
     code = main(["bench", "--modes", "ephemeral", "--launcher", "kubernetes",
                  "--kubeconfig", k8s_node.control_plane.kubeconfig, "--namespace", k8s_namespace,

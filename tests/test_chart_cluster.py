@@ -26,7 +26,7 @@ import pytest
 from langchain_core.runnables import RunnableLambda
 
 from pool import RunnableK8s
-from pool.client import Connection
+from pool.client.connection import Connection
 from pool.errors import RunnableK8sError
 from pool.keys import create_key_directory
 from tests.test_chart import CHART, helm, values_file
@@ -399,7 +399,7 @@ def test_a_pod_network_broker_is_reached_from_the_host_through_k8s_address(helm_
         raise
     finally:
         Connection.close_all()
-        from pool.portforward import BrokerForward
+        from pool.k8s.portforward import BrokerForward
 
         for forward in list(BrokerForward._shared.values()):
             forward.close()

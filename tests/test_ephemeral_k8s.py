@@ -17,7 +17,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from pool import PodFailed, RunnableK8s
-from pool.podspec import RUNNER_SELECTOR
+from pool.ephemeral.podspec import RUNNER_SELECTOR
 from tests.support.fake_openai import DEFAULT_CHUNKS, FakeOpenAI
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
@@ -127,7 +127,7 @@ def test_the_seed_chain_runs_in_a_pod_with_the_api_key_from_a_secret(k8s_node, k
 
 
 def test_gc_deletes_leftover_runner_pods(k8s_node, k8s_namespace):
-    from pool.k8s_launcher import delete_leftover_runners
+    from pool.ephemeral.k8s_launcher import delete_leftover_runners
 
     kept = in_pod(k8s_node, k8s_namespace, RunnableLambda(lambda _: os.getpid()), k8s_delete_runner_pod=False)
     kept.invoke(None)

@@ -14,8 +14,8 @@ from langchain_core.runnables import RunnableLambda
 from prometheus_client.parser import text_string_to_metric_families
 
 from pool import LocalPool, RunnableK8s
-from pool.broker import Broker
-from pool.metrics import BrokerMetrics
+from pool.broker.server import Broker
+from pool.broker.metrics import BrokerMetrics
 
 
 def slow(seconds: float) -> str:

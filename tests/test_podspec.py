@@ -6,7 +6,7 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 
-from pool.podspec import RUNNER_SELECTOR, runner_pod
+from pool.ephemeral.podspec import RUNNER_SELECTOR, runner_pod
 
 SUPPORTED_KUBERNETES = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
 

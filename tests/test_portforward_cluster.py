@@ -10,7 +10,7 @@ import pytest
 from langchain_core.runnables import RunnableLambda
 
 from pool import PoolUnavailable, RunnableK8s
-from pool.portforward import parse_k8s_address
+from pool.k8s.portforward import parse_k8s_address
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 

@@ -23,7 +23,9 @@ from kubernetes import client
 from langchain_core.runnables import RunnableLambda
 
 from pool import LocalPool, RunnableK8s
-from pool.scaler import DeploymentScaler, ScalingError, find_worker_deployment, scale
+from pool.errors import ScalingError
+from pool.k8s.deployment import DeploymentScaler, find_worker_deployment
+from pool.scaling import scale
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 

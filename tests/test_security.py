@@ -21,8 +21,8 @@ import zmq
 from langchain_core.runnables import RunnableLambda
 
 from pool import AuthenticationFailed, LocalPool, PoolUnavailable, RunnableK8s
-from pool.broker import Broker, BrokerConfigError, is_loopback_endpoint
-from pool.client import Connection
+from pool.broker.server import Broker, BrokerConfigError, is_loopback_endpoint
+from pool.client.connection import Connection
 from pool.keys import AUTHORIZED_DIR, create_key_directory
 from worker import protocol as P
 from worker.curve import load_peer_keys

@@ -22,8 +22,8 @@ from typing import Any
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator, RunnableLambda
 
 from worker import codec
+from worker.protocol import WIRE_CONFIG_KEYS
 
-WIRE_CONFIG_KEYS = ("tags", "metadata", "configurable", "recursion_limit", "max_concurrency")
 
 
 class StageError(Exception):

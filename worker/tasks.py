@@ -33,6 +33,7 @@ import zmq
 from langchain_core.runnables import Runnable
 
 from worker import codec, execution
+from worker import defaults
 from worker import protocol as P
 
 log = logging.getLogger("runnable_k8s.worker")
@@ -102,7 +103,7 @@ class TaskRunner:
     def __init__(self, context: zmq.Context, concurrency: int, cache: RunnableCache, endpoint: str) -> None:
         self.cache = cache
         self.replies_endpoint = endpoint
-        self.max_message_bytes = P.DEFAULT_MAX_MESSAGE_BYTES  # the I/O thread updates it on WELCOME
+        self.max_message_bytes = defaults.MAX_MESSAGE_BYTES  # the I/O thread updates it on WELCOME
         self._context = context
         self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._lock = threading.Lock()

@@ -45,18 +45,6 @@ __all__ = ["CachedRunnable", "RunnableCache", "WarmWorker", "DEFAULT_CACHE_SIZE"
 _endpoints = itertools.count()
 
 
-_RCVMORE = int(zmq.RCVMORE)
-
-
-def _recv_frames(sock: zmq.Socket) -> list[bytes]:
-    """``recv_multipart(NOBLOCK)`` with less per-frame overhead (raises zmq.Again)."""
-    recv, get = sock.recv, sock.get
-    frames = [recv(zmq.NOBLOCK)]
-    while get(_RCVMORE):
-        frames.append(recv())
-    return frames
-
-
 class Deadlines:
     """Task deadlines, soonest first (entries of finished tasks are skipped when they come up)."""
 
@@ -286,7 +274,7 @@ class WarmWorker:
         got = False
         for _ in range(1000):
             try:
-                frames = _recv_frames(sock)
+                frames = P.recv_frames(sock)
             except zmq.Again:
                 break
             got = True
@@ -298,7 +286,7 @@ class WarmWorker:
         replies = self._replies
         for _ in range(1000):
             try:
-                frames = _recv_frames(replies)
+                frames = P.recv_frames(replies)
             except zmq.Again:
                 return
             task_id = frames[2]

@@ -1,5 +1,5 @@
-"""Measuring helpers of ``runnable-k8s bench`` (``pool.bench_modes``): percentiles, timed calls,
-the machine's description, and the bare pyzmq floor (``pool.bench_floor``) that every figure is
+"""Measuring helpers of ``runnable-k8s bench`` (``pool.bench.command``): percentiles, timed calls,
+the machine's description, and the bare pyzmq floor (``pool.bench.floor``) that every figure is
 read against."""
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ class BareFloor:
 
     def __init__(self, workers: int, slots: int) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
-        broker = subprocess.Popen([sys.executable, "-m", "pool.bench_floor", "broker", "tcp://127.0.0.1:*"],
+        broker = subprocess.Popen([sys.executable, "-m", "pool.bench.floor", "broker", "tcp://127.0.0.1:*"],
                                   stdout=subprocess.PIPE)
         self.procs.append(broker)
         _, front, back = _read_line(broker, 20).split()
         for _ in range(workers):
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "pool.bench_floor", "worker", back, str(slots)]))
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "pool.bench.floor", "worker", back, str(slots)]))
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.linger = 0

@@ -14,8 +14,8 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from pool.calls import RemoteCall, decode_output
-from pool.client import Connection, Event, LoopSink, Submission, ThreadSink
+from pool.client.calls import RemoteCall, decode_output
+from pool.client.connection import Connection, Event, LoopSink, Submission, ThreadSink
 from pool.errors import TaskTimeout, error_from_wire
 from worker import protocol as P
 

@@ -1,5 +1,5 @@
-"""The autoscaler: feeds the broker's numbers to the policy (``pool.autoscaling``) and applies its
-decisions through a scaler (``pool.scaler``), on a thread of its own.
+"""The autoscaler: feeds the broker's numbers to the policy (``pool.scaling.policy``) and applies its
+decisions through a scaler (``pool.scaling.target.Scaler``), on a thread of its own.
 
 In a broker, ``observe`` is called from the loop's tick (and at once when a task arrives at a pool
 without workers); it only stores the numbers and wakes the thread, so a slow or refused
@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pool.autoscaling import AutoscaleSettings, Decision, Load, PolicyState, decide
-from pool.scaler import Scaler
+from pool.scaling.policy import AutoscaleSettings, Decision, Load, PolicyState, decide
+from pool.scaling.target import Scaler
 
 log = logging.getLogger("runnable_k8s.autoscaler")
 

@@ -1,17 +1,17 @@
 """``runnable-k8s bench``: warm pool against a fresh worker per call, measured in one run.
 
 For each mode (``warm``: a pool of long-lived workers; ``ephemeral``: a fresh one-shot worker per
-call, a local subprocess or a real Pod) and each workload of :mod:`pool.bench_workloads`, it
+call, a local subprocess or a real Pod) and each workload of :mod:`pool.bench.workloads`, it
 measures
 
 * latency p50/p95/p99 of single sequential calls (and, for ``stream``, the time to first chunk);
 * throughput at each ``--concurrency`` (calls in flight);
 * overhead over running the same runnable in-process (measured in the same run);
 
-and, in the same run, the bare pyzmq floor of :mod:`pool.bench` (``BareFloor``), a scaling run of
+and, in the same run, the bare pyzmq floor of :mod:`pool.bench.measure` (``BareFloor``), a scaling run of
 the I/O-bound workload against the number of warm workers, and the figures the first bench
 reported (warm p50 against floor + in-process, 64-in-flight throughput, 1 KB vs 1 MB runnable).
-Tables and JSON come from :mod:`pool.bench_report`.
+Tables and JSON come from :mod:`pool.bench.report`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableLambda
 
-from pool import bench_workloads
-from pool.bench import BareFloor, environment, percentiles, time_calls, timed_samples
+from pool.bench import workloads
+from pool.bench.measure import BareFloor, environment, percentiles, time_calls, timed_samples
 from pool.local import LocalPool
-from pool.runnable import DEFAULT_IMAGE, RunnableK8s
+from pool.client.runnable import DEFAULT_IMAGE, RunnableK8s
 
 MODES = ("warm", "ephemeral")
 EPHEMERAL_TIMEOUT = 300.0
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to measure")
     what.add_argument("--modes", type=_csv(str), default=list(MODES), metavar="warm,ephemeral",
                       help="modes to compare (default: both)")
-    what.add_argument("--workload", type=_csv(str), default=list(bench_workloads.WORKLOADS),
+    what.add_argument("--workload", type=_csv(str), default=list(workloads.WORKLOADS),
                       metavar="echo,io,stream",
                       help="echo: trivial; io: an asyncio fake LLM call of fixed latency; stream: a streaming "
                            "fake chat model (time to first chunk). Comma-separated; default all three")
@@ -155,7 +155,7 @@ class Progress:
 
 
 def _summary(samples: list[float]) -> dict[str, float]:
-    """pool.bench's percentiles, plus min, max and the quartiles and p1 the plot's boxes are drawn from."""
+    """pool.bench.measure's percentiles, plus min, max and the quartiles and p1 the plot's boxes are drawn from."""
     figures = percentiles(samples)
     ordered = sorted(samples)
     for name, q in (("p1_ms", 0.01), ("p25_ms", 0.25), ("p75_ms", 0.75)):
@@ -215,9 +215,9 @@ def _launch_times(launcher: str) -> Iterator[list[float]]:
     """Seconds each one-shot worker took to be ready for its session: for a Pod, create + scheduled +
     started + attached; for a local subprocess, only the fork/exec (its start-up is then in the session)."""
     if launcher == "kubernetes":
-        from pool.k8s_launcher import KubernetesLauncher as cls
+        from pool.ephemeral.k8s_launcher import KubernetesLauncher as cls
     else:
-        from pool.local_launcher import LocalLauncher as cls  # type: ignore[assignment]
+        from pool.ephemeral.local_launcher import LocalLauncher as cls  # type: ignore[assignment]
     original = cls.launch
     times: list[float] = []
 
@@ -252,7 +252,7 @@ class Bench:
         self.concurrency = sorted(set(args.concurrency))
         self.scaling = sorted({n for n in args.workers if n > 0})
         for name in self.workloads:
-            if name not in bench_workloads.WORKLOADS:
+            if name not in workloads.WORKLOADS:
                 raise SystemExit(f"runnable-k8s bench: unknown workload {name!r} (echo, io, stream)")
         for mode in self.modes:
             if mode not in MODES:
@@ -262,7 +262,7 @@ class Bench:
 
     def runnable(self, workload: str) -> Runnable:
         a = self.args
-        return bench_workloads.build(workload, io_latency_ms=a.io_latency_ms, stream_chunks=a.stream_chunks,
+        return workloads.build(workload, io_latency_ms=a.io_latency_ms, stream_chunks=a.stream_chunks,
                                      stream_chunk_ms=a.stream_chunk_ms)
 
     # -------------------------------------------------------------- planning (for the progress bar)
@@ -595,7 +595,7 @@ def _cluster_info(kubeconfig: str | None) -> dict[str, Any]:
     try:
         from kubernetes import client
 
-        from pool.k8s_launcher import api_client
+        from pool.k8s.api import api_client
 
         api = api_client(kubeconfig)
         version = client.VersionApi(api).get_code()
@@ -609,7 +609,7 @@ def _cluster_info(kubeconfig: str | None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """The ``runnable-k8s bench`` entry point: measure, print the table, write JSON and PNG."""
-    from pool import bench_report
+    from pool.bench import report
 
     if args.plot:
         try:
@@ -622,12 +622,12 @@ def run(args: argparse.Namespace) -> int:
             results = json.load(f)
     else:
         results = Bench(args).run()
-    print(bench_report.format_table(results), flush=True)
+    print(report.format_table(results), flush=True)
     if args.json:
-        bench_report.write_json(results, args.json)
+        report.write_json(results, args.json)
         print(f"[bench] wrote {args.json}", file=sys.stderr, flush=True)
     if args.plot:
-        bench_report.plot(results, args.plot)
+        report.plot(results, args.plot)
         print(f"[bench] wrote {args.plot}", file=sys.stderr, flush=True)
     return 0
 

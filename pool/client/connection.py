@@ -33,13 +33,13 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pool.errors import AuthenticationFailed, PayloadTooLarge, PoolUnavailable, RunnableK8sError
+from worker import defaults
 from worker import protocol as P
 from worker.curve import PeerKeys
 
 log = logging.getLogger("runnable_k8s.client")
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
-_RCVMORE = int(zmq.RCVMORE)
 
 
 @dataclass(slots=True)
@@ -255,7 +255,7 @@ class Connection:
         )
 
     def check_size(self, runnable: bytes, input_blob: bytes) -> None:
-        limit = int(self.broker_info.get("max_message_bytes", P.DEFAULT_MAX_MESSAGE_BYTES))
+        limit = int(self.broker_info.get("max_message_bytes", defaults.MAX_MESSAGE_BYTES))
         size = len(runnable) + len(input_blob)
         if size > limit:
             raise PayloadTooLarge(
@@ -333,14 +333,11 @@ class Connection:
         """Handle every message that has arrived. Whoever used the socket must call this before
         letting go of the lock: using a socket can swallow the wake-up of its file descriptor,
         which is all the I/O thread waits on."""
-        recv, get = self._sock.recv, self._sock.get
         for _ in range(1000):
             try:
-                frames = [recv(zmq.NOBLOCK)]  # recv_multipart, with less per-frame overhead
+                frames = P.recv_frames(self._sock)
             except zmq.Again:
                 return
-            while get(_RCVMORE):
-                frames.append(recv())
             self._last_seen = time.monotonic()
             if len(frames) < 2 or frames[0] != P.PROTOCOL:
                 log.warning("ignored a malformed message from the broker")

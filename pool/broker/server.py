@@ -20,21 +20,14 @@ from urllib.parse import urlsplit
 import zmq
 
 from pool.keys import BrokerKeys
-from pool.scheduling import Candidate, choose_worker
+from pool.broker.scheduling import Candidate, choose_worker
+from worker import defaults
 from worker import protocol as P
 from worker.codec import digest as content_digest
 
 log = logging.getLogger("runnable_k8s.broker")
 
 _RCVMORE = int(zmq.RCVMORE)
-
-DEFAULT_QUEUE_SIZE = 10_000
-# How long a task may wait for a free slot. Long enough to ride out a scale-up from zero on a
-# cluster (a Pod starting), short enough that a pool with no workers is noticed.
-DEFAULT_QUEUE_TIMEOUT = 120.0
-# Runnable bytes kept so that a client sends each runnable once, not once per call.
-DEFAULT_RUNNABLE_STORE_BYTES = 512 * 1024 * 1024
-
 
 class BrokerConfigError(ValueError):
     """The broker was asked to start in a way that is unsafe or impossible."""
@@ -136,14 +129,14 @@ class Broker:
 
     def __init__(
         self,
-        bind: str = "tcp://127.0.0.1:5555",
+        bind: str = defaults.BROKER_BIND,
         *,
         keys: BrokerKeys | None = None,
         insecure: bool = False,
-        max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
-        runnable_store_bytes: int = DEFAULT_RUNNABLE_STORE_BYTES,
+        max_message_bytes: int = defaults.MAX_MESSAGE_BYTES,
+        queue_size: int = defaults.QUEUE_SIZE,
+        queue_timeout: float = defaults.QUEUE_TIMEOUT,
+        runnable_store_bytes: int = defaults.RUNNABLE_STORE_BYTES,
     ) -> None:
         if keys is None and not insecure and not is_loopback_endpoint(bind):
             raise BrokerConfigError(

@@ -5,8 +5,8 @@ least-recently-ready worker and a worker that unpickles, calls a function and pi
 ``runnable-k8s bench`` runs it in the same session as the real pool so every figure can be read
 as a ratio of this one.
 
-    python -m pool.bench_floor broker ENDPOINT      # prints READY tcp://127.0.0.1:PORT
-    python -m pool.bench_floor worker ADDRESS SLOTS
+    python -m pool.bench.floor broker ENDPOINT      # prints READY tcp://127.0.0.1:PORT
+    python -m pool.bench.floor worker ADDRESS SLOTS
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from pool.broker import Broker
+    from pool.broker.server import Broker
 
 PREFIX = "runnable_k8s"
 # Seconds from SUBMIT to RESULT: from a trivial warm call (~1 ms) to an LLM chain (minutes).

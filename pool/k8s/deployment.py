@@ -1,54 +1,24 @@
-"""Scaling actuators (DESIGN §6): set the worker count of a local pool or of a worker Deployment.
+"""A worker Deployment's replica count, through its ``scale`` subresource (what ``kubectl scale`` does).
 
-By hand:
-
-    from pool.scaler import scale
-    scale("k8s://team-a/my-pool", 3)        # the release's worker Deployment, via its scale subresource
-    scale(local_pool, 3)                    # a LocalPool's worker processes (same as local_pool.scale(3))
     scale_deployment(2, namespace="team-a", deployment="my-pool-worker", kubeconfig="~/.kube/config")
+    scale_deployment(2, namespace="team-a", release="my-pool")   # the chart release's worker Deployment
 
-or ``runnable-k8s scale 3 --release my-pool --namespace team-a``. The autoscaler
-(``pool.autoscaler``) drives the same two classes. A Deployment is scaled through its ``scale``
-subresource only, so the identity needs just ``patch`` (and ``get``) on ``deployments/scale``,
-never the right to rewrite the Deployment.
+``runnable-k8s scale`` and the autoscaler (``pool.scaling.autoscaler``) use the same class. Only
+the scale subresource is touched, so the identity needs just ``get`` and ``patch`` on
+``deployments/scale``, never the right to rewrite the Deployment.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from pool.errors import ScalingError
-
-if TYPE_CHECKING:
-    from pool.local import LocalPool
+from pool.k8s.api import api_client as make_api_client
+from pool.k8s.api import api_error
 
 WORKER_COMPONENT = "worker"  # the chart's app.kubernetes.io/component of the worker Deployment
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-
-class Scaler(Protocol):
-    """Something whose worker count can be read and set."""
-
-    def current(self) -> int: ...
-    def scale(self, replicas: int) -> None: ...
-    def describe(self) -> str: ...
-
-
-class LocalPoolScaler:
-    """A LocalPool's worker process count. ``scale`` never waits: workers drain by themselves."""
-
-    def __init__(self, local_pool: LocalPool) -> None:
-        self.pool = local_pool
-
-    def current(self) -> int:
-        return self.pool.workers
-
-    def scale(self, replicas: int) -> None:
-        self.pool.scale(replicas, wait=False)
-
-    def describe(self) -> str:
-        return f"local pool {self.pool.address}"
 
 
 class DeploymentScaler:
@@ -80,29 +50,13 @@ class DeploymentScaler:
         return f"deployment {self.namespace}/{self.name}"
 
     def _error(self, exc: Exception, verb: str) -> ScalingError:
-        return k8s_error(exc, verb, "deployments/scale", self.namespace, self.name)
+        return _scaling_error(exc, verb, "deployments/scale", self.namespace, self.name)
 
 
-def k8s_error(exc: Exception, verb: str, resource: str, namespace: str, name: str | None = None) -> ScalingError:
-    """A ScalingError naming the RBAC rule that is missing (403), the object that is (404), or the API
-    failure as it came."""
-    status = getattr(exc, "status", None)
-    what = f"{resource} {name!r}" if name else resource
-    if status == 403:
-        verbs = ", ".join(repr(v) for v in dict.fromkeys(("get", verb)))
-        return ScalingError(
-            f"the Kubernetes API refused to {verb} {what} in namespace {namespace!r} (403 Forbidden): "
-            f"the identity in use (your kubeconfig's user, or the broker Pod's ServiceAccount) lacks the "
-            f"{verb!r} verb on {resource!r}. Grant it with a Role rule {{apiGroups: ['apps'], "
-            f"resources: [{resource!r}], verbs: [{verbs}]}} and a RoleBinding (the worker-pool chart "
-            "creates them when autoscaling is enabled)"
-        )
-    if status == 404:
-        return ScalingError(f"{what} not found in namespace {namespace!r}: check the name and the namespace")
-    if status is not None:
-        reason = getattr(exc, "reason", "")
-        return ScalingError(f"could not {verb} {what} in namespace {namespace!r}: {status} {reason}")
-    return ScalingError(f"could not {verb} {what} in namespace {namespace!r}: {exc}")
+def _scaling_error(exc: Exception, verb: str, resource: str, namespace: str, name: str | None = None) -> ScalingError:
+    return api_error(exc, verb, resource, namespace, name=name, error=ScalingError, api_group="apps",
+                     granted_by="your kubeconfig's user, or the broker Pod's ServiceAccount; the worker-pool "
+                                "chart creates the Role when autoscaling is enabled")
 
 
 def default_namespace(kubeconfig: Any = None) -> str:
@@ -135,7 +89,7 @@ def find_worker_deployment(api_client: Any, namespace: str, release: str) -> str
     try:
         items = AppsV1Api(api_client).list_namespaced_deployment(namespace, label_selector=selector).items
     except Exception as exc:  # noqa: BLE001
-        raise k8s_error(exc, "list", "deployments", namespace) from exc
+        raise _scaling_error(exc, "list", "deployments", namespace) from exc
     if len(items) != 1:
         found = ", ".join(sorted(d.metadata.name for d in items)) or "none"
         raise ScalingError(
@@ -152,8 +106,6 @@ def deployment_scaler(namespace: str | None = None, deployment: str | None = Non
     ``kubeconfig``: a path, a ``kubernetes.client.Configuration``, an ``ApiClient``, or None
     (in-cluster config inside a Pod, else the default kubeconfig)."""
     from kubernetes.client import ApiClient
-
-    from pool.k8s_launcher import api_client as make_api_client
 
     if (deployment is None) == (release is None):
         raise ValueError("name the Deployment (deployment=...) or the chart release (release=...), not both")
@@ -174,15 +126,3 @@ def scale_deployment(replicas: int, *, namespace: str | None = None, deployment:
     scaler = deployment_scaler(namespace, deployment, release, kubeconfig)
     scaler.scale(replicas)
     return scaler
-
-
-def scale(target: LocalPool | str, replicas: int, *, kubeconfig: Any = None) -> None:
-    """Set the worker count of a pool: a ``LocalPool``, or ``"k8s://NAMESPACE/RELEASE"`` (the
-    release's worker Deployment). Scaling down loses no task: removed workers drain first."""
-    if isinstance(target, str):
-        if not target.startswith("k8s://") or target.count("/") != 3:
-            raise ValueError(f"expected k8s://NAMESPACE/RELEASE or a LocalPool, got {target!r}")
-        namespace, release = target[len("k8s://"):].split("/")
-        scale_deployment(replicas, namespace=namespace, release=release, kubeconfig=kubeconfig)
-    else:
-        LocalPoolScaler(target).scale(replicas)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from pool.calls import RemoteCall, decode_output
+from pool.client.calls import RemoteCall, decode_output
 from pool.errors import TaskTimeout, WorkerLost, error_from_wire
 from worker import protocol as P
 

@@ -22,8 +22,8 @@ from langchain_core.runnables.graph import Graph
 from langchain_core.runnables.utils import ConfigurableFieldSpec, Input, Output
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from pool import modes
-from pool.calls import RemoteCall, encode_input, encode_runnable, wire_config
+from pool.client import modes
+from pool.client.calls import RemoteCall, encode_input, encode_runnable, wire_config
 
 DEFAULT_IMAGE = "runnable-k8s-worker:latest"
 

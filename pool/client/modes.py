@@ -14,19 +14,37 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Literal, Protocol
 
-from pool.calls import RemoteCall
-from pool.client import Connection
-from pool.ephemeral import EphemeralBackend
+from pool.client.calls import RemoteCall
+from pool.client.connection import Connection
+from pool.ephemeral.session import EphemeralBackend
 from pool.errors import PoolUnavailable, RunnableK8sError
-from pool.warm import WarmBackend
+from pool.k8s.address import is_k8s_address
+from pool.client.warm_backend import WarmBackend
 from worker.curve import PeerKeys, load_peer_keys
 
-if TYPE_CHECKING:
-    from pool.runnable import RunnableK8s
-
 log = logging.getLogger("runnable_k8s")
+
+
+class Placement(Protocol):
+    """The settings of a RunnableK8s that decide where its calls run (RunnableK8s has them all).
+
+    A protocol rather than the class itself, so that this module does not import the Runnable
+    that imports it."""
+
+    pool: str | None
+    mode: Literal["auto", "warm", "ephemeral"]
+    keys: str | None
+    connect_timeout: float
+    launcher: Literal["kubernetes", "local"]
+    k8s_config: Any
+    k8s_namespace: str
+    k8s_container_image: str
+    k8s_image_pull_policy: str | None
+    k8s_secret_name: str | None
+    k8s_delete_runner_pod: bool
+    k8s_pod_overrides: dict[str, Any] | None
 
 
 class Backend(Protocol):
@@ -43,13 +61,13 @@ def _client_keys(directory: str) -> PeerKeys:
     return load_peer_keys(directory, "client")
 
 
-def pool_address(runnable: RunnableK8s) -> str | None:
+def pool_address(runnable: Placement) -> str | None:
     return runnable.pool or os.environ.get("RUNNABLE_K8S_POOL") or None
 
 
-def connection_for(runnable: RunnableK8s, address: str) -> Connection:
-    if address.startswith("k8s://"):
-        from pool.portforward import BrokerForward
+def connection_for(runnable: Placement, address: str) -> Connection:
+    if is_k8s_address(address):
+        from pool.k8s.portforward import BrokerForward
 
         address = BrokerForward.shared(address, runnable.k8s_config).local_address
     key_dir = runnable.keys or os.environ.get("RUNNABLE_K8S_KEYS")
@@ -57,7 +75,7 @@ def connection_for(runnable: RunnableK8s, address: str) -> Connection:
     return Connection.shared(address, keys, runnable.connect_timeout)
 
 
-def choose_backend(runnable: RunnableK8s) -> Backend:
+def choose_backend(runnable: Placement) -> Backend:
     address = pool_address(runnable)
     if runnable.mode == "ephemeral":
         return ephemeral_backend(runnable)
@@ -78,7 +96,7 @@ def choose_backend(runnable: RunnableK8s) -> Backend:
     return ephemeral_backend(runnable)
 
 
-async def achoose_backend(runnable: RunnableK8s) -> Backend:
+async def achoose_backend(runnable: Placement) -> Backend:
     """choose_backend, without blocking the event loop when auto mode has to probe the pool."""
     address = pool_address(runnable)
     if runnable.mode != "auto" or address is None or _cached_probe(address) is not None:
@@ -101,7 +119,7 @@ def _cached_probe(address: str) -> tuple[bool, str] | None:
     return entry[1], entry[2]
 
 
-def probe(runnable: RunnableK8s, address: str) -> tuple[bool, str]:
+def probe(runnable: Placement, address: str) -> tuple[bool, str]:
     """Whether the pool answers and has a worker to run a task now (cached for PROBE_TTL)."""
     cached = _cached_probe(address)
     if cached is not None:
@@ -129,14 +147,19 @@ def _log_choice(address: str | None, choice: str, reason: str) -> None:
         log.warning("RunnableK8s mode='auto': using ephemeral mode (a fresh worker per call): %s", reason)
 
 
-def ephemeral_backend(runnable: RunnableK8s) -> Backend:
+def ephemeral_backend(runnable: Placement) -> Backend:
     if runnable.launcher == "local":
-        from pool.local_launcher import LocalLauncher
+        from pool.ephemeral.local_launcher import LocalLauncher
 
         return EphemeralBackend(LocalLauncher())
-    from pool.k8s_launcher import KubernetesLauncher
+    from pool.ephemeral.k8s_launcher import KubernetesLauncher
 
-    return EphemeralBackend(KubernetesLauncher.for_runnable(runnable))
+    return EphemeralBackend(KubernetesLauncher(
+        namespace=runnable.k8s_namespace, image=runnable.k8s_container_image,
+        image_pull_policy=runnable.k8s_image_pull_policy, secret_name=runnable.k8s_secret_name,
+        delete_pod=runnable.k8s_delete_runner_pod, pod_overrides=runnable.k8s_pod_overrides,
+        k8s_config=runnable.k8s_config,
+    ))
 
 
 __all__ = ["Backend", "achoose_backend", "choose_backend", "connection_for", "pool_address"]

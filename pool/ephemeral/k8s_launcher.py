@@ -11,17 +11,15 @@ import datetime as dt
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kubernetes import client, config, watch
+from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 from kubernetes.stream import stream
 
 from pool.errors import PodFailed, TaskTimeout
-from pool.podspec import CONTAINER, RUNNER_SELECTOR, runner_pod
-
-if TYPE_CHECKING:
-    from pool.runnable import RunnableK8s
+from pool.k8s.api import api_configuration, api_error
+from pool.ephemeral.podspec import CONTAINER, RUNNER_SELECTOR, runner_pod
 
 log = logging.getLogger("runnable_k8s.ephemeral")
 
@@ -31,40 +29,6 @@ FATAL_WAITING_REASONS = {
     "CreateContainerConfigError", "CreateContainerError", "RunContainerError", "CrashLoopBackOff",
 }
 DEFAULT_START_TIMEOUT = 120.0
-
-
-def api_configuration(k8s_config: Any = None) -> client.Configuration:
-    """A Configuration from ``k8s_config`` (a ``kubernetes.client.Configuration``, a kubeconfig
-    path, or None: in-cluster config, else the default kubeconfig), like the original project."""
-    if isinstance(k8s_config, client.Configuration) and k8s_config.host != client.Configuration().host:
-        return k8s_config
-    configuration = k8s_config if isinstance(k8s_config, client.Configuration) else client.Configuration()
-    try:
-        if k8s_config is None:
-            config.load_incluster_config(client_configuration=configuration)
-            return configuration
-    except config.ConfigException:
-        pass
-    config_file = k8s_config if isinstance(k8s_config, str) else None
-    config.load_kube_config(config_file=config_file, client_configuration=configuration)
-    return configuration
-
-
-def api_client(k8s_config: Any = None) -> client.ApiClient:
-    return client.ApiClient(configuration=api_configuration(k8s_config))
-
-
-def api_error(exc: ApiException, verb: str, resource: str, namespace: str) -> PodFailed:
-    """A refusal from the API server, with the RBAC rule that would allow it when it is one."""
-    if exc.status == 403:
-        return PodFailed(
-            f"the Kubernetes API refused to {verb} {resource} in namespace {namespace!r}: {exc.reason}. "
-            f"Grant the identity in your kubeconfig (or the Pod's ServiceAccount) the {verb!r} verb on "
-            f"{resource!r}: a Role rule {{apiGroups: [''], resources: [{resource!r}], verbs: [{verb!r}]}}",
-            reason="Forbidden",
-        )
-    return PodFailed(f"could not {verb} {resource} in namespace {namespace!r}: {exc.status} {exc.reason}",
-                     reason=str(exc.reason))
 
 
 class PodChannel:
@@ -140,15 +104,6 @@ class KubernetesLauncher:
         self.start_timeout = start_timeout
         self._configuration: client.Configuration | None = None
 
-    @classmethod
-    def for_runnable(cls, runnable: RunnableK8s) -> KubernetesLauncher:
-        return cls(
-            namespace=runnable.k8s_namespace, image=runnable.k8s_container_image,
-            image_pull_policy=runnable.k8s_image_pull_policy, secret_name=runnable.k8s_secret_name,
-            delete_pod=runnable.k8s_delete_runner_pod, pod_overrides=runnable.k8s_pod_overrides,
-            k8s_config=runnable.k8s_config,
-        )
-
     def core(self) -> client.CoreV1Api:
         """A client of its own for each call: ``kubernetes.stream.stream`` swaps the ApiClient's
         request method while it attaches, so calls of a batch sharing one would trip over each
@@ -168,14 +123,14 @@ class KubernetesLauncher:
         try:
             core.create_namespaced_pod(self.namespace, manifest)
         except ApiException as exc:
-            raise api_error(exc, "create", "pods", self.namespace) from exc
+            raise api_error(exc, "create", "pods", self.namespace, error=PodFailed) from exc
         try:
             self._wait_running(core, name, deadline)
             try:
                 ws = stream(core.connect_get_namespaced_pod_attach, name, self.namespace, container=CONTAINER,
                             stdin=True, stdout=True, stderr=False, tty=False, _preload_content=False)
             except ApiException as exc:
-                raise api_error(exc, "create", "pods/attach", self.namespace) from exc
+                raise api_error(exc, "create", "pods/attach", self.namespace, error=PodFailed) from exc
         except BaseException:
             self.delete(core, name)
             raise
@@ -201,7 +156,7 @@ class KubernetesLauncher:
                         if self._check_started(event["object"]):
                             return
                 except ApiException as exc:
-                    raise api_error(exc, "watch", "pods", self.namespace) from exc
+                    raise api_error(exc, "watch", "pods", self.namespace, error=PodFailed) from exc
         finally:
             watcher.stop()
         if deadline is not None and time.monotonic() >= deadline:

@@ -17,27 +17,18 @@ import select
 import socket
 import threading
 from typing import Any
-from urllib.parse import urlsplit
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.stream import portforward
 
 from pool.errors import PoolUnavailable
-from pool.k8s_launcher import api_configuration, api_error
+from pool.k8s.address import parse_k8s_address
+from pool.k8s.api import api_configuration, api_error
 
 log = logging.getLogger("runnable_k8s.portforward")
 
 DEFAULT_BROKER_PORT = 5555
-
-
-def parse_k8s_address(address: str) -> tuple[str, str]:
-    """``k8s://NAMESPACE/RELEASE`` -> (namespace, release)."""
-    parts = urlsplit(address)
-    namespace, release = parts.netloc, parts.path.strip("/")
-    if parts.scheme != "k8s" or not namespace or not release or "/" in release:
-        raise ValueError(f"{address!r} is not of the form k8s://NAMESPACE/RELEASE")
-    return namespace, release
 
 
 def broker_selector(release: str) -> str:
@@ -79,7 +70,7 @@ class BrokerForward:
         try:
             pods = self.core.list_namespaced_pod(self.namespace, label_selector=broker_selector(self.release)).items
         except ApiException as exc:
-            raise api_error(exc, "list", "pods", self.namespace) from exc
+            raise api_error(exc, "list", "pods", self.namespace, error=PoolUnavailable) from exc
         for pod in pods:
             ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
             if pod.status.phase == "Running" and ready and pod.metadata.deletion_timestamp is None:

@@ -11,7 +11,7 @@ from langchain_core.runnables import RunnableConfig
 
 from pool.errors import SerializationError
 from worker import codec
-from worker.execution import WIRE_CONFIG_KEYS
+from worker.protocol import WIRE_CONFIG_KEYS
 
 log = logging.getLogger("runnable_k8s.client")
 

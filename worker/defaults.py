@@ -1,0 +1,74 @@
+"""Every default of runnable-k8s, in one place.
+
+The CLI's flags, ``LocalPool``, the broker, the worker, the autoscaler, the ephemeral launcher and
+the docs all read these names; ``charts/worker-pool/values.yaml`` must agree with them (a test
+compares the two). It lives in ``worker/`` because that is the package both sides import (the
+worker image ships only ``worker/``); it imports nothing, so reading it costs nothing.
+
+Where a value was once different in two places, the comment says which one won and why: the
+people this is for make LLM calls, which wait on the network for seconds, come in bursts and
+should not be cut off half-way.
+"""
+
+from __future__ import annotations
+
+# ---- worker -------------------------------------------------------------------------------
+# Tasks one worker runs at once. Was 4 in code and 8 in the chart: 8 won. An LLM call spends its
+# time waiting on the network, so a slot is cheap, and 8 keeps a 1-vCPU worker busy without
+# thrashing on CPU-bound runnables.
+WORKER_CONCURRENCY = 8
+# Deserialized runnables a worker keeps (and so their warm HTTP connection pools).
+WORKER_CACHE_SIZE = 64
+# Seconds a worker told to stop (SIGTERM) may spend finishing its tasks. Was 25 in code and 60 in
+# the chart: 60 won, because a long generation takes tens of seconds and a scale-down must not cut
+# it off. The chart sets the Pod's terminationGracePeriodSeconds a little above it.
+WORKER_GRACE_PERIOD = 60.0
+
+# ---- broker -------------------------------------------------------------------------------
+BROKER_PORT = 5555
+BROKER_BIND = f"tcp://127.0.0.1:{BROKER_PORT}"
+# Largest task or result. A runnable or an input this large is almost always a mistake (a
+# captured DataFrame, a model's weights), and unbounded sizes let one client starve the broker's
+# memory. Brokers can raise it (--max-message-bytes); clients learn the actual limit at HELLO.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Tasks waiting for a free slot, across all clients.
+QUEUE_SIZE = 10_000
+# How long a task may wait for a free slot: long enough to ride out a scale-up from zero on a
+# cluster (a Pod starting), short enough that a pool with no workers is noticed.
+QUEUE_TIMEOUT = 120.0
+# Runnable bytes the broker keeps so that a client sends each runnable once, not once per call.
+RUNNABLE_STORE_BYTES = 512 * 1024 * 1024
+
+# ---- client -------------------------------------------------------------------------------
+# How long a call waits for the broker to answer its HELLO before PoolUnavailable.
+CONNECT_TIMEOUT = 5.0
+
+# ---- local pool ---------------------------------------------------------------------------
+LOCAL_WORKERS = 2
+
+# ---- autoscaler (DESIGN §6) ---------------------------------------------------------------
+AUTOSCALE_MIN = 1
+AUTOSCALE_MAX = 10
+# Tasks (queued + running) per worker slot the policy aims for; 1.0 = every slot busy.
+AUTOSCALE_TARGET = 1.0
+# Scale-down stabilization: the highest recommendation of this many seconds wins. Was 300 in code
+# and 60 in the chart: 300 won, the HorizontalPodAutoscaler's own default, because LLM traffic
+# comes in bursts and a worker that left takes its warm runnables and HTTP pools with it.
+AUTOSCALE_WINDOW = 300.0
+# With a minimum of 0, scale to zero after this many idle seconds. Was 600 in code and 300 in the
+# chart: 600 won, because the next call after a scale to zero waits for a Pod to start.
+AUTOSCALE_IDLE = 600.0
+# How often the autoscaler reads the replica count back (someone may have run `runnable-k8s
+# scale`): often enough to notice, rarely enough not to load the API server (the HPA syncs every 15 s).
+AUTOSCALE_RESYNC = 15.0
+
+# ---- ephemeral mode -----------------------------------------------------------------------
+EPHEMERAL_IMAGE = "runnable-k8s-worker:latest"
+# The original project's Secret of LLM API keys, passed to runner Pods with envFrom.
+EPHEMERAL_SECRET_NAME = "runnable-k8s-ee"
+# How long a runner Pod may take from create to Running before the call fails with PodFailed.
+EPHEMERAL_START_TIMEOUT = 120.0
+# activeDeadlineSeconds of a runner Pod when the call has no timeout.
+EPHEMERAL_ACTIVE_DEADLINE = 3600
+# `runnable-k8s gc` deletes runner Pods older than this.
+GC_OLDER_THAN = 600.0
