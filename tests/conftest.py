@@ -8,35 +8,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from pool import LocalPool
 from pool.client.connection import Connection
-from tests.support.fake_openai import FakeOpenAI
+from tests.support.fake_openai import FAKE_KEY, FakeOpenAI
+from tests.support.paths import REPO
+from tests.support.processes import child_pids
 
-REPO = Path(__file__).resolve().parent.parent
 # The real-cluster tier (tests/cluster) brings its own fixtures.
 pytest_plugins = ["tests.cluster.fixtures"] if (REPO / "tests/cluster/fixtures.py").exists() else []
-FAKE_KEY = "sk-worker-env-key"
-
-
-def child_pids() -> set[int]:
-    """PIDs of this process's live children (zombies are not counted: they are already gone)."""
-    me = str(os.getpid())
-    children = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if fields[1] == me and fields[0] != "Z":
-            children.add(int(entry))
-    return children
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, child_pids
+from tests.support.paths import REPO
+from tests.support.processes import child_pids
+from tests.support.waiting import wait_for
 
 TINY = ["--calls", "20", "--slow-calls", "5", "--ephemeral-calls", "2", "--concurrency", "1,4",
         "--workers", "1,2", "--throughput-seconds", "0.3", "--floor-tasks", "200", "--io-latency-ms", "20",
@@ -26,15 +27,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _positive(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-def _no_children_within(seconds: float) -> set[int]:
-    deadline = time.monotonic() + seconds
-    left = child_pids()
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = child_pids()
-    return left
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +115,7 @@ def test_in_process_run_leaves_no_process_behind(tmp_path: Path, capsys: pytest.
     results = json.loads((tmp_path / "b.json").read_text())
     assert set(results["modes"]["warm"]["workloads"]) == {"echo", "stream"}
     assert "scaling" not in results  # no io workload, no scaling run
-    assert _no_children_within(10) <= before
+    wait_for(lambda: child_pids() <= before, 10, "every process the bench started to exit")
 
 
 @pytest.mark.timeout(120)
@@ -171,8 +163,6 @@ def test_a_real_pod_per_call_on_the_test_cluster(k8s_node, k8s_namespace, tmp_pa
     assert _positive(eph["workloads"]["echo"]["pod_start_and_attach"]["p50_ms"])
     assert results["environment"]["kubernetes"]["nodes"] >= 1
     assert (tmp_path / "k.png").read_bytes()[:8] == PNG_SIGNATURE
-    deadline = time.monotonic() + 30
     core = k8s_node.control_plane.core()
-    while core.list_namespaced_pod(k8s_namespace, label_selector=RUNNER_SELECTOR).items and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not core.list_namespaced_pod(k8s_namespace, label_selector=RUNNER_SELECTOR).items
+    wait_for(lambda: not core.list_namespaced_pod(k8s_namespace, label_selector=RUNNER_SELECTOR).items, 30,
+             "every runner Pod to be deleted", interval=0.5)

@@ -12,8 +12,9 @@ from langchain_core.runnables import RunnableLambda
 from langchain_openai import ChatOpenAI
 
 from pool import LocalPool, PoolUnavailable, RunnableK8s, TaskTimeout
-from tests.conftest import FAKE_KEY, child_pids
-from tests.support.fake_openai import DEFAULT_CHUNKS
+from tests.support.fake_openai import DEFAULT_CHUNKS, FAKE_KEY
+from tests.support.ports import dead_address
+from tests.support.processes import child_pids
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -98,16 +99,8 @@ def test_the_seed_chain_runs_ephemerally_with_the_workers_key(fake_openai, monke
     assert "".join(chain.stream({"question": "Pikachu?"})) == "".join(DEFAULT_CHUNKS)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_auto_mode_falls_back_to_ephemeral_when_the_pool_is_dead(caplog):
-    dead = f"tcp://127.0.0.1:{free_port()}"
+    dead = dead_address()
     runnable = RunnableK8s(bound=RunnableLambda(lambda _: os.getpid()), pool=dead, launcher="local")
     with caplog.at_level("WARNING", logger="runnable_k8s"):
         assert runnable.invoke(None) != os.getpid()
@@ -118,7 +111,7 @@ def test_auto_mode_uses_the_pool_when_it_is_alive_and_warm_mode_never_falls_back
     with LocalPool(workers=1) as pool:
         pid = RunnableK8s(bound=RunnableLambda(lambda _: os.getpid()), pool=pool.address, launcher="local").invoke(None)
         assert pid in pool.pids
-    dead = f"tcp://127.0.0.1:{free_port()}"
+    dead = dead_address()
     started = time.monotonic()
     with pytest.raises(PoolUnavailable):
         RunnableK8s(bound=RunnableLambda(lambda x: x), pool=dead, mode="warm", connect_timeout=2).invoke(1)

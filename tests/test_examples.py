@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
 from tests.support.fake_openai import DEFAULT_CHUNKS, FakeOpenAI
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,5 +1,14 @@
-"""Test helpers shared by the test suite (servers and fixtures that are not tests themselves)."""
+"""Helpers shared by the tests (no test module imports another test module; they import these).
 
-from tests.support.fake_openai import FakeOpenAI
+- ``paths``: REPO, CHART
+- ``waiting``: wait_for(condition, timeout, what), wait_for_async, wait_for_file
+- ``ports``: free_port(), dead_address()
+- ``remote``: remote(pool_or_address, fn, **kwargs) -> RunnableK8s (warm, with a timeout)
+- ``processes``: child_pids(), is_gone(pid)
+- ``helm``: helm(helm_bin, *args, tmp_path=...), values_file(tmp_path, values), CHART
+- ``fake_openai``: FakeOpenAI, FAKE_KEY, DEFAULT_CHUNKS
 
-__all__ = ["FakeOpenAI"]
+Import the module you need (``from tests.support.waiting import wait_for``); this package
+imports nothing itself, so the cluster CLI (``python -m tests.cluster``) can use ``ports``
+without loading LangChain.
+"""

@@ -41,6 +41,9 @@ from typing import Any
 
 __all__ = ["FakeOpenAI", "DEFAULT_CHUNKS"]
 
+# The key the test pools' workers hold in their environment (and the session's fake server accepts).
+FAKE_KEY = "sk-worker-env-key"
+
 DEFAULT_CHUNKS: tuple[str, ...] = ("Pikachu", " is", " an", " Electric", "-type", " Pokémon.")
 
 #: How long a streaming response waits for the chunk gate before giving up and sending the rest
