@@ -6,26 +6,18 @@ import asyncio
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator, RunnableLambda, RunnablePassthrough
 
-from pool import RunnableK8s, SerializationError, TaskTimeout
+from pool import PoolUnavailable, SerializationError, TaskTimeout
+from tests.support.ports import dead_address
+from tests.support.remote import remote
+from tests.support.waiting import wait_for, wait_for_async, wait_for_file
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def remote(local_pool, fn, **kwargs) -> RunnableK8s:
-    return RunnableK8s(bound=RunnableLambda(fn) if callable(fn) else fn, pool=local_pool.address, **kwargs)
-
-
-def wait_for_file(path: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
 
 
 def test_invoke_returns_the_remote_result(local_pool):
@@ -183,7 +175,7 @@ class EchoKwargs(Runnable):
 
 
 def test_bound_kwargs_reach_the_remote_runnable(local_pool):
-    seen = RunnableK8s(bound=EchoKwargs(), pool=local_pool.address).bind(stop=["d"]).invoke("hi")
+    seen = remote(local_pool, EchoKwargs()).bind(stop=["d"]).invoke("hi")
     assert seen["stop"] == ["d"] and seen["pid"] in local_pool.pids
 
 
@@ -229,17 +221,11 @@ async def test_cancelling_an_asyncio_task_frees_the_worker_slot(local_pool):
 
 
 async def wait_until_busy(pool, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while pool.status()["busy"] == 0:
-        assert time.monotonic() < deadline, "the task never started"
-        await asyncio.sleep(0.02)
+    await wait_for_async(lambda: pool.status()["busy"] > 0, timeout, "the task to start on a worker")
 
 
 def assert_slots_free(pool, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (status := pool.status())["busy"]:
-        assert time.monotonic() < deadline, f"slots still busy: {status}"
-        time.sleep(0.02)
+    wait_for(lambda: pool.status()["busy"] == 0, timeout, "every worker slot to be free again")
 
 
 def test_with_retry_and_with_fallbacks_work_on_the_wrapper(local_pool, tmp_path):
@@ -262,7 +248,7 @@ def test_name_schemas_and_graph_delegate_to_bound(local_pool):
     from langchain_core.prompts import ChatPromptTemplate
 
     prompt = ChatPromptTemplate.from_messages([("user", "{question}")])
-    wrapped = RunnableK8s(bound=prompt, pool=local_pool.address)
+    wrapped = remote(local_pool, prompt)
     assert wrapped.get_name() == prompt.get_name()
     assert wrapped.get_input_schema().model_json_schema() == prompt.get_input_schema().model_json_schema()
     assert wrapped.get_output_schema().model_json_schema() == prompt.get_output_schema().model_json_schema()
@@ -271,29 +257,76 @@ def test_name_schemas_and_graph_delegate_to_bound(local_pool):
     assert names(wrapped.get_graph()) == names(prompt.get_graph())
 
 
-def test_batch_as_completed_yields_every_item(local_pool):
-    runnable = remote(local_pool, lambda x: time.sleep(0.05 * (3 - x)) or x)
-    assert sorted(runnable.batch_as_completed([0, 1, 2])) == [(0, 0), (1, 1), (2, 2)]
+def test_batch_as_completed_yields_each_result_as_its_remote_call_finishes(local_pool, tmp_path):
+    # RunnableK8s has no batch_as_completed of its own: this is LangChain's (a thread per item,
+    # each calling RunnableK8s.invoke). What is checked is what a user gets from it over the pool:
+    # each result with its index as soon as that call finishes, in finishing order, every item
+    # run on a pool worker. Item i waits for the gate file of item i + 1 (the last waits for
+    # none), so the calls finish in the order 2, 1, 0, whatever the machine's speed.
+    gates = str(tmp_path)
+
+    def finish_after_next(i):
+        if i < 2:
+            wait_for_file(os.path.join(gates, f"{i + 1}.done"), timeout=15)
+        return i, os.getpid()
+
+    runnable = remote(local_pool, finish_after_next)
+    order = []
+    for index, (item, pid) in runnable.batch_as_completed([0, 1, 2], config={"max_concurrency": 3}):
+        assert index == item and pid in local_pool.pids
+        order.append(index)
+        Path(gates, f"{index}.done").touch()  # only now may the previous item finish
+    assert order == [2, 1, 0]
+
+
+def fresh_big_runnable() -> tuple[Runnable, int]:
+    """A runnable the pool has never seen (a unique closure), ~200 KB when serialized."""
+    big = uuid.uuid4().hex + "x" * 200_000
+    return RunnableLambda(lambda _: len(big)), len(big)
+
+
+def runnable_bytes_received(pool) -> int:
+    # Bytes of runnable blobs the broker received in SUBMITs (a counter kept by the broker).
+    return pool.status()["counters"]["runnable_bytes_received"]
 
 
 def test_repeated_calls_send_the_runnable_once(local_pool):
-    big = "x" * 200_000  # in the closure: 200 KB of runnable
-    runnable = remote(local_pool, lambda _: len(big))
-    for _ in range(5):
-        assert runnable.invoke(None) == 200_000
-    workers = local_pool.status()["workers"]
-    assert sum(w["cached_runnables"] for w in workers) >= 1
+    runnable, size = fresh_big_runnable()
+    wrapped = remote(local_pool, runnable)
+    before = runnable_bytes_received(local_pool)
+    assert wrapped.invoke(None) == size
+    after_first = runnable_bytes_received(local_pool)
+    assert after_first - before >= size  # the first call carried the runnable
+    for _ in range(4):
+        assert wrapped.invoke(None) == size
+    assert runnable_bytes_received(local_pool) == after_first  # the next four carried none of it
+    # The control: another runnable is sent (so the counter does count what the calls carry).
+    other, other_size = fresh_big_runnable()
+    assert remote(local_pool, other).invoke(None) == other_size
+    assert runnable_bytes_received(local_pool) - after_first >= other_size
+
+
+def test_repeated_calls_reuse_the_workers_deserialized_runnable(local_pool):
+    # The closure's list lives in the deserialized function: it grows across calls only if the
+    # worker keeps that object (a re-deserialized copy would start from an empty list again), and
+    # only if the calls go back to the worker that holds it.
+    calls: list[int] = []
+    tag = uuid.uuid4().hex  # a runnable no worker holds yet
+
+    def count(_):
+        calls.append(1)
+        return tag, len(calls), os.getpid()
+
+    wrapped = remote(local_pool, count)
+    results = [wrapped.invoke(None) for _ in range(5)]
+    assert [n for _, n, _ in results] == [1, 2, 3, 4, 5], results
+    assert len({pid for _, _, pid in results}) == 1
 
 
 def test_each_caller_waits_for_a_dead_pool_only_as_long_as_its_own_connect_timeout():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    patient = RunnableK8s(bound=RunnableLambda(lambda x: x), pool=dead, mode="warm", connect_timeout=4)
-    hasty = RunnableK8s(bound=RunnableLambda(lambda x: x), pool=dead, mode="warm", connect_timeout=0.5)
-    from pool import PoolUnavailable
+    dead = dead_address()
+    patient = remote(dead, lambda x: x, connect_timeout=4)
+    hasty = remote(dead, lambda x: x, connect_timeout=0.5)
 
     for runnable, limit in ((patient, 10.0), (hasty, 3.0)):  # the second shares the first's connection
         started = time.monotonic()
