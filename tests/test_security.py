@@ -6,13 +6,15 @@ Every socket here is on 127.0.0.1; the one 0.0.0.0 endpoint below is refused bef
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from pool import AuthenticationFailed, LocalPool, PoolUnavailable, RunnableK8s
 from pool.broker.server import Broker, BrokerConfigError, is_loopback_endpoint
 from pool.client.connection import Connection
 from pool.keys import AUTHORIZED_DIR, create_key_directory
+from tests.support.ports import free_port
+from tests.support.remote import remote
+from tests.support.waiting import wait_for
 from worker import protocol as P
 from worker.curve import load_peer_keys
 
@@ -129,51 +134,79 @@ def test_refused_clients_do_not_disturb_an_authorized_one(secure_pool, fresh_con
 # ---------------------------------------------------------------------------- workers
 
 
-def raw_ready(pool: LocalPool, role: str) -> list[bytes]:
-    """Connect a raw DEALER with ``role``'s keys, send READY, return the broker's reply."""
+@contextlib.contextmanager
+def raw_worker(pool: LocalPool, role: str, concurrency: int = 8) -> Iterator[tuple[zmq.Socket, list[bytes]]]:
+    """A raw DEALER with ``role``'s keys that sends READY as a worker would: yields the socket
+    (still connected) and the broker's reply; says BYE and closes when done."""
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.linger = 0
     try:
         load_peer_keys(pool.keys_dir, role).apply(sock)
         sock.connect(pool.address)
-        environment = {**P.environment(), "pid": os.getpid(), "concurrency": 1}
+        environment = {**P.environment(), "pid": os.getpid(), "concurrency": concurrency}
         sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(environment)])
         assert sock.poll(5000), "the broker did not answer READY"
-        reply = sock.recv_multipart()
+        yield sock, sock.recv_multipart()
         sock.send_multipart([P.PROTOCOL, P.BYE])
-        return reply
     finally:
         sock.close(linger=0)
         context.term()
 
 
-@pytest.mark.timeout(30)
-def test_a_client_key_cannot_register_as_a_worker(secure_pool):
+def commands_received(sock: zmq.Socket, within: float) -> list[bytes]:
+    """The command of every message ``sock`` gets within ``within`` seconds."""
+    commands = []
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1):
+        commands.append(sock.recv_multipart()[1])
+    return commands
+
+
+def fresh_runnable() -> RunnableLambda:
+    """A runnable no worker holds yet (so holding it gives no worker the preference)."""
+    tag = uuid.uuid4().hex
+    return RunnableLambda(lambda _: (tag, os.getpid())[1])
+
+
+@pytest.mark.timeout(60)
+def test_an_impostor_worker_with_a_client_key_is_refused_and_gets_no_task(secure_pool):
     refused_before = secure_pool.status()["counters"]["refused"]
-    workers_before = len(secure_pool.status()["workers"])
-    reply = raw_ready(secure_pool, "client")
-    assert reply[:2] == [P.PROTOCOL, P.ERROR]
-    assert reply[2] == b"" and reply[3] == P.E_UNAUTHORIZED
-    status = secure_pool.status()
-    assert status["counters"]["refused"] == refused_before + 1
-    assert len(status["workers"]) == workers_before
+    real_workers = {w["pid"] for w in secure_pool.status()["workers"]}
+    with raw_worker(secure_pool, "client") as (impostor, reply):
+        assert reply[:2] == [P.PROTOCOL, P.ERROR]
+        assert reply[2] == b"" and reply[3] == P.E_UNAUTHORIZED
+        status = secure_pool.status()
+        assert status["counters"]["refused"] == refused_before + 1
+        assert {w["pid"] for w in status["workers"]} == real_workers
+        # Tasks submitted while the impostor stays connected: had it been registered, its 8 idle
+        # slots would win them (see the control below). They all run on the real worker.
+        pids = remote(secure_pool, fresh_runnable(), keys=secure_pool.keys_dir, timeout=15).batch([0, 1, 2, 3])
+        assert set(pids) <= real_workers and pids
+        assert commands_received(impostor, within=1.0) == []  # not a TASK, not anything
 
 
-@pytest.mark.timeout(30)
-def test_a_worker_key_can_register_as_a_worker(secure_pool):
-    # The control for the test above: the same raw READY with the worker's key is welcomed.
-    reply = raw_ready(secure_pool, "worker")
-    assert reply[:2] == [P.PROTOCOL, P.WELCOME]
+@pytest.mark.timeout(60)
+def test_a_raw_worker_with_a_worker_key_is_registered_and_given_tasks(secure_pool):
+    # The control for the test above: the same raw READY with the worker's key is welcomed, and
+    # with its 8 idle slots it is handed the next new task (which it leaves unanswered: its BYE
+    # sends the task to the real worker).
+    real_workers = {w["pid"] for w in secure_pool.status()["workers"]}
+    outcome: list[object] = []
+    with raw_worker(secure_pool, "worker") as (raw, reply):
+        assert reply[:2] == [P.PROTOCOL, P.WELCOME]
+        wait_for(lambda: len(secure_pool.status()["workers"]) == len(real_workers) + 1, 10, "the raw worker listed")
+        caller = threading.Thread(target=lambda: outcome.append(
+            remote(secure_pool, fresh_runnable(), keys=secure_pool.keys_dir, timeout=15).invoke(None)))
+        caller.start()
+        commands = []
+        wait_for(lambda: commands.extend(commands_received(raw, within=0.2)) or P.TASK in commands, 10,
+                 "a task to reach the raw worker")
+    caller.join(20)
+    assert outcome and outcome[0] in real_workers, outcome
 
 
 # ---------------------------------------------------------------------------- broker binding
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.timeout(30)
