@@ -7,9 +7,7 @@ The schema test at the top needs no helm binary, so the schema is exercised ever
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-CHART = Path(__file__).resolve().parent.parent / "charts" / "worker-pool"
+from tests.support.helm import CHART, helm, values_file
+
 SUPPORTED_KUBERNETES = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # not in the Kubernetes schemas
 
@@ -112,23 +111,6 @@ def test_the_schema_refuses_bad_values(case):
 
 
 # ------------------------------------------------------------------ with the helm CLI
-def helm(helm_bin: str, *args: str, tmp_path: Path, kubeconfig: str | None = None,
-         timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run helm with its own home folders (nothing read from or written to the user's)."""
-    env = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "HELM_CACHE_HOME": str(tmp_path / "helm-cache"), "HELM_CONFIG_HOME": str(tmp_path / "helm-config"),
-           "HELM_DATA_HOME": str(tmp_path / "helm-data")}
-    if kubeconfig:
-        env["KUBECONFIG"] = kubeconfig
-    return subprocess.run([helm_bin, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def values_file(tmp_path: Path, values: dict, name: str = "values.yaml") -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(values))
-    return str(path)
-
-
 def render(helm_bin: str, tmp_path: Path, values: dict | None = None, *, kube: str = "1.33",
            namespace: str = "team-a", release: str = "rel") -> list[dict]:
     args = ["template", release, str(CHART), "-n", namespace, "--kube-version", f"{kube}.0"]
