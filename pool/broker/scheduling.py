@@ -7,11 +7,12 @@ the least loaded, then the one that waited longest since its last task (spreads 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """One worker as the policy sees it (a tuple: built for every free worker at every dispatch)."""
+
     identity: bytes
     slots: int
     busy: int
