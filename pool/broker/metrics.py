@@ -43,8 +43,8 @@ class LatencyHistogram:
     def cumulative(self) -> list[tuple[str, float]]:
         counts = list(self.counts)
         total = 0
-        buckets = []
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), counts):
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
             total += count
             buckets.append((bound, total))
         return buckets
@@ -86,7 +86,7 @@ class BrokerMetrics:
         ready = [w for w in status.get("workers", ()) if not w.get("draining")]
         busy = status.get("busy", 0)
         gauges = (
-            ("queue_depth", "Tasks waiting in the broker's queue for a free slot.", len(self.broker.queue)),
+            ("queue_depth", "Tasks waiting in the broker's queue for a free slot.", self.broker.core.queued),
             ("slots_busy", "Worker slots running a task (draining workers included).", busy),
             ("slots_free", "Free slots of workers that take tasks.",
              sum(max(0, w["slots"] - w["busy"]) for w in ready)),
