@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from pool.broker.server import RunnableStore, WorkerState
 from pool.broker.scheduling import Candidate, choose_worker
+from pool.broker.server import RunnableStore, WorkerState
 from worker import protocol as P
 
 
