@@ -13,7 +13,6 @@ cluster"). The worker image there is built from this checkout, so lambdas travel
 from __future__ import annotations
 
 import base64
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from pool import RunnableK8s
 from pool.client.connection import Connection
 from pool.errors import RunnableK8sError
 from pool.keys import create_key_directory
+from tests.support.gate import open_gate, wait_at_gate
 from tests.support.helm import CHART, helm, values_file
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for
@@ -83,26 +83,6 @@ def sleep_and_time(seconds: float):
 def most_at_once(intervals: list[tuple[float, float]]) -> int:
     """The largest number of (start, end) intervals that overlap at one moment."""
     return max(sum(1 for s, e in intervals if s <= start < e) for start, _ in intervals)
-
-
-def wait_for_gate(port: int):
-    """A task that returns its input once something listens on 127.0.0.1:``port`` (on the host: the
-    workers use hostNetwork), so the test decides when the load ends. Nested: travels by value."""
-
-    def task(x):
-        import socket
-        import time
-
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return x
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within 240 s")
-
-    return task
 
 
 def create_key_secret(core, namespace: str, name: str, keys: Path) -> None:
@@ -325,7 +305,7 @@ def test_the_brokers_autoscaler_scales_the_workers_with_load_and_serves_metrics(
         # that took more than ~13 s to register met a load already falling, and the autoscaler
         # scaled back down after its 5 s window before it ever counted three workers).
         results: dict[str, object] = {}
-        gated = RunnableK8s(bound=RunnableLambda(wait_for_gate(gate_port)), pool=address, keys=str(keys),
+        gated = RunnableK8s(bound=RunnableLambda(wait_at_gate(gate_port)), pool=address, keys=str(keys),
                             mode="warm", timeout=280)
         runner = threading.Thread(target=lambda: results.update(out=gated.batch(list(range(6)),
                                                                                 return_exceptions=True)))
@@ -341,9 +321,9 @@ def test_the_brokers_autoscaler_scales_the_workers_with_load_and_serves_metrics(
             wait_for(lambda: status.status()["busy"] == 6, 30, "six busy slots over three workers", interval=0.2)
             assert apps.read_namespaced_deployment_scale(WORKERS, ns).spec.replicas == 3  # held under load
         finally:
-            with socket.create_server(("127.0.0.1", gate_port)):  # open the gate: the tasks return
+            with open_gate(gate_port):  # the tasks return
                 runner.join(150)
-        assert results.get("out") == list(range(6)), results
+        assert [r[0] if isinstance(r, tuple) else r for r in results.get("out") or []] == list(range(6)), results
 
         # Idle: back to minReplicas after the stabilization window; nothing was lost meanwhile.
         t0 = time.monotonic()

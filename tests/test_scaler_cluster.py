@@ -26,10 +26,13 @@ from pool import LocalPool, RunnableK8s
 from pool.errors import ScalingError
 from pool.k8s.deployment import DeploymentScaler, find_worker_deployment
 from pool.scaling import scale
+from tests.support.gate import open_gate, wait_at_gate
+from tests.support.paths import REPO
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
-REPO = Path(__file__).resolve().parent.parent
 RELEASE = "rel"
 WORKERS = "rel-worker-pool-worker"
 NO_NODE = {"runnable-k8s.test/no-such-node": "true"}
@@ -61,12 +64,10 @@ def replicas(apps: client.AppsV1Api, namespace: str, name: str = WORKERS) -> int
     return int(apps.read_namespaced_deployment(name, namespace).spec.replicas)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+def seconds_until(condition: Callable[[], Any], timeout: float, what: str) -> float:
+    """``wait_for`` that returns how long the wait took (for the figures these tests print)."""
     start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+    wait_for(condition, timeout, what, interval=0.1)
     return time.monotonic() - start
 
 
@@ -225,7 +226,7 @@ def test_a_broker_on_this_host_autoscales_the_deployment_with_load_and_wakes_it_
             up = next(t for t, r in seen if r == 4) - start
             # Idle: back to 1 after the window, then 0 after 4 idle seconds.
             t_load_end = time.monotonic()
-            to_zero = wait_for(lambda: replicas(apps, k8s_namespace) == 0, 60, "scale to zero")
+            to_zero = seconds_until(lambda: replicas(apps, k8s_namespace) == 0, 60, "scale to zero")
             wait_for(lambda: seen[-1][1] == 0, 10, "the watcher to see 0")
             counts = [r for _, r in seen]
             assert counts[0] == 1 and max(counts) == 4 and counts[-2:] == [1, 0], counts
@@ -237,7 +238,7 @@ def test_a_broker_on_this_host_autoscales_the_deployment_with_load_and_wakes_it_
             caller = threading.Thread(target=lambda: outcome.append(runnable.invoke(0.0)))
             submitted = time.monotonic()
             caller.start()
-            woke = wait_for(lambda: replicas(apps, k8s_namespace) == 1, 20, "scale from zero")
+            woke = seconds_until(lambda: replicas(apps, k8s_namespace) == 1, 20, "scale from zero")
             pool.scale(1)
             caller.join(60)
             assert outcome and outcome[0] in pool.pids
@@ -277,7 +278,7 @@ def test_the_autoscaler_grows_real_worker_pods_with_load_and_scales_them_down_un
     ]
     with LocalPool(workers=0, broker_args=broker_args) as pool:
         apps.create_namespaced_deployment(k8s_namespace, pod_workers(pool.address))
-        first = wait_for(lambda: len(pool.status()["workers"]) == 1, 120, "the first worker Pod to register")
+        first = seconds_until(lambda: len(pool.status()["workers"]) == 1, 120, "the first worker Pod to register")
 
         def pod_name(seconds: float) -> str:
             time.sleep(seconds)
@@ -285,15 +286,26 @@ def test_the_autoscaler_grows_real_worker_pods_with_load_and_scales_them_down_un
 
         runnable = RunnableK8s(bound=RunnableLambda(lambda s: pod_name(s)), pool=pool.address, mode="warm",
                                timeout=120)
-        # 8 one-second calls at once on one slot: the autoscaler asks for 3 Pods, which register.
-        names: list[str] = []
-        batch = threading.Thread(target=lambda: names.extend(runnable.batch([1.0] * 8, {"max_concurrency": 8})))
+        # 8 calls at once on one slot: the autoscaler asks for 3 Pods, which register. The calls
+        # wait at a gate the test opens only once all three Pods run one each: with calls of a
+        # fixed length the load could fall before a slow Pod registered, and the 5 s window let
+        # the count drop below 3 before the test saw three workers.
+        gate_port = free_port()
+        gated = RunnableK8s(bound=RunnableLambda(wait_at_gate(gate_port)), pool=pool.address, mode="warm",
+                            timeout=280)
+        served: list[Any] = []
+        batch = threading.Thread(target=lambda: served.extend(gated.batch(list(range(8)), {"max_concurrency": 8})))
         batch.start()
-        grew = wait_for(lambda: len(pool.status()["workers"]) == 3, 120, "3 worker Pods registered")
-        batch.join(120)
-        assert len(names) == 8 and replicas(apps, k8s_namespace) == 3
-        names += runnable.batch([1.0] * 6, {"max_concurrency": 6})
-        assert len(set(names)) >= 2, names  # more than one Pod served
+        try:
+            grew = seconds_until(lambda: len(pool.status()["workers"]) == 3, 150, "3 worker Pods registered")
+            wait_for(lambda: pool.status()["busy"] == 3, 30, "a call running on each of the 3 Pods", interval=0.1)
+            assert replicas(apps, k8s_namespace) == 3
+        finally:
+            with open_gate(gate_port):
+                batch.join(120)
+        assert [x for x, _ in served] == list(range(8))
+        names = [pod for _, pod in served]
+        assert len(set(names)) == 3 and all(n.startswith(WORKERS) for n in names), names
 
         # One call at a time needs one worker: 3 -> 1 after the 5 s window, while calls keep coming.
         results: list[Any] = []
@@ -310,7 +322,7 @@ def test_the_autoscaler_grows_real_worker_pods_with_load_and_scales_them_down_un
         caller = threading.Thread(target=trickle)
         caller.start()
         try:
-            shrank = wait_for(lambda: replicas(apps, k8s_namespace) == 1, 60, "scale down to 1")
+            shrank = seconds_until(lambda: replicas(apps, k8s_namespace) == 1, 60, "scale down to 1")
             wait_for(lambda: len(pool.status()["workers"]) == 1, 60, "2 Pods to drain and leave")
             time.sleep(1)
         finally:
