@@ -7,6 +7,7 @@
         chain.invoke({"question": "..."})
 """
 
+from pool.client.runnable import RunnableK8s
 from pool.errors import (
     AuthenticationFailed,
     IncompatibleWorker,
@@ -20,12 +21,10 @@ from pool.errors import (
     RunnableK8sError,
     ScalingError,
     SerializationError,
-    TaskCancelled,
     TaskTimeout,
     WorkerLost,
 )
 from pool.local import LocalPool
-from pool.client.runnable import RunnableK8s
 
 __all__ = [
     "AuthenticationFailed",
@@ -42,7 +41,6 @@ __all__ = [
     "RunnableK8sError",
     "ScalingError",
     "SerializationError",
-    "TaskCancelled",
     "TaskTimeout",
     "WorkerLost",
 ]

@@ -39,10 +39,6 @@ class QueueTimeout(TaskTimeout):
     """The task waited in the broker's queue longer than its queue timeout: no slot freed up."""
 
 
-class TaskCancelled(RunnableK8sError):
-    """The task was cancelled before it finished."""
-
-
 class RemoteError(RunnableK8sError):
     """The runnable raised an exception whose type cannot be rebuilt on this side.
 
@@ -102,7 +98,6 @@ _BY_CODE: dict[bytes, type[RunnableK8sError]] = {
     protocol.E_INCOMPATIBLE: IncompatibleWorker,
     protocol.E_PAYLOAD_TOO_LARGE: PayloadTooLarge,
     protocol.E_SERIALIZATION: SerializationError,
-    protocol.E_CANCELLED: TaskCancelled,
     protocol.E_BAD_REQUEST: ProtocolError,
     protocol.E_UNAUTHORIZED: AuthenticationFailed,
     protocol.E_POOL_UNAVAILABLE: PoolUnavailable,

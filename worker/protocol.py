@@ -108,7 +108,6 @@ E_QUEUE_FULL = b"queue-full"
 E_INCOMPATIBLE = b"incompatible"
 E_PAYLOAD_TOO_LARGE = b"payload-too-large"
 E_SERIALIZATION = b"serialization"
-E_CANCELLED = b"cancelled"
 E_BAD_REQUEST = b"bad-request"
 E_UNAUTHORIZED = b"unauthorized"
 # Made up by the client itself when it loses the broker; never sent.
@@ -117,6 +116,7 @@ E_POOL_UNAVAILABLE = b"pool-unavailable"
 E_NEED_RUNNABLE = b"need-runnable"  # "send this task again with the runnable's bytes"
 E_REQUEUE = b"requeue"  # worker is draining: give this task to another worker
 E_HELLO_REQUIRED = b"hello-required"  # broker does not know this client (it restarted)
+E_CANCELLED = b"cancelled"  # worker's answer to CANCEL: the client stopped waiting for it
 
 
 @dataclass
@@ -178,7 +178,7 @@ def environment() -> dict[str, Any]:
 
     return {
         "protocol": PROTOCOL_VERSION,
-        "python": "%d.%d" % sys.version_info[:2],
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "langchain_core": _major_minor(langchain_core.__version__),
         "cloudpickle": _major_minor(cloudpickle.__version__),
         "host": platform.node(),
@@ -222,7 +222,7 @@ COPY_THRESHOLD = 65536  # below this a copy is cheaper than tracking a zero-copy
 _RCVMORE = int(zmq.RCVMORE)  # a plain int: pyzmq's enum costs more on every get()
 
 
-def recv_frames(socket: zmq.Socket, keep_frame: int | None = None) -> list[Any]:
+def recv_frames(socket: zmq.Socket[Any], keep_frame: int | None = None) -> list[Any]:
     """One whole message without blocking (raises ``zmq.Again`` when none is waiting): what
     ``recv_multipart(NOBLOCK)`` does, at a third of its per-frame cost. The frame at index
     ``keep_frame`` stays a ``zmq.Frame``, for its CURVE ``User-Id`` (the broker reads it)."""
@@ -236,7 +236,7 @@ def recv_frames(socket: zmq.Socket, keep_frame: int | None = None) -> list[Any]:
     return frames
 
 
-def send_frames(socket: zmq.Socket, frames: list[bytes]) -> None:
+def send_frames(socket: zmq.Socket[Any], frames: list[bytes]) -> None:
     """Send a multipart message without blocking (raises zmq.Again when it cannot go now)."""
     send = socket.send
     for frame in frames[:-1]:
@@ -244,11 +244,11 @@ def send_frames(socket: zmq.Socket, frames: list[bytes]) -> None:
     send(frames[-1], SEND_LAST, copy=len(frames[-1]) < COPY_THRESHOLD)
 
 
-def dealer_socket(context: zmq.Context, keys: Any = None) -> zmq.Socket:
+def dealer_socket(context: zmq.Context[Any], keys: Any = None) -> zmq.Socket[Any]:
     """A DEALER set up the way clients and workers both talk to the broker: nothing lingers at
     close, no high-water mark drops a message, CurveZMQ when ``keys`` (a ``PeerKeys``) are given.
     The caller connects it (after attaching a monitor, if it wants one)."""
-    sock = context.socket(zmq.DEALER)
+    sock: zmq.Socket[Any] = context.socket(zmq.DEALER)
     sock.linger = 0
     sock.sndhwm = 0
     sock.rcvhwm = 0
