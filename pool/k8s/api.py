@@ -75,5 +75,5 @@ def api_error(
         reason = type(exc).__name__
         message = f"could not {verb} {what} in namespace {namespace!r}: {exc}"
     if issubclass(error, PodFailed):
-        return error(message, reason=reason)  # type: ignore[call-arg]
+        return error(message, reason=reason, pod_name=name)
     return error(message)

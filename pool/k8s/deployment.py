@@ -34,16 +34,16 @@ class DeploymentScaler:
     def current(self) -> int:
         try:
             scale = self.apps.read_namespaced_deployment_scale(self.name, self.namespace)
-        except Exception as exc:  # noqa: BLE001 - ApiException and connection errors alike
+        except Exception as exc:  # ApiException and connection errors alike
             raise self._error(exc, "get") from exc
-        return int(scale.spec.replicas or 0)
+        return int(scale.spec.replicas or 0) if scale.spec is not None else 0
 
     def scale(self, replicas: int) -> None:
         if replicas < 0:
             raise ValueError("replicas must be 0 or more")
         try:
             self.apps.patch_namespaced_deployment_scale(self.name, self.namespace, {"spec": {"replicas": replicas}})
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._error(exc, "patch") from exc
 
     def describe(self) -> str:
@@ -88,15 +88,16 @@ def find_worker_deployment(api_client: Any, namespace: str, release: str) -> str
     selector = f"app.kubernetes.io/instance={release},app.kubernetes.io/component={WORKER_COMPONENT}"
     try:
         items = AppsV1Api(api_client).list_namespaced_deployment(namespace, label_selector=selector).items
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _scaling_error(exc, "list", "deployments", namespace) from exc
-    if len(items) != 1:
-        found = ", ".join(sorted(d.metadata.name for d in items)) or "none"
+    names = [d.metadata.name for d in items if d.metadata is not None and d.metadata.name]
+    if len(names) != 1:
+        found = ", ".join(sorted(names)) or "none"
         raise ScalingError(
             f"expected one worker Deployment of release {release!r} in namespace {namespace!r} (labels {selector}), "
             f"found {found}; pass --deployment NAME (or deployment=) to choose it"
         )
-    return str(items[0].metadata.name)
+    return str(names[0])
 
 
 def deployment_scaler(namespace: str | None = None, deployment: str | None = None, release: str | None = None,
@@ -114,7 +115,7 @@ def deployment_scaler(namespace: str | None = None, deployment: str | None = Non
     namespace = namespace or default_namespace(kubeconfig)
     try:
         client = kubeconfig if isinstance(kubeconfig, ApiClient) else make_api_client(kubeconfig)
-    except Exception as exc:  # noqa: BLE001 - kubeconfig missing or unreadable
+    except Exception as exc:  # kubeconfig missing or unreadable
         raise ScalingError(f"no Kubernetes configuration: {exc}. Pass --kubeconfig PATH or set KUBECONFIG") from exc
     name = deployment or find_worker_deployment(client, namespace, release or "")
     return DeploymentScaler(namespace, name, client)

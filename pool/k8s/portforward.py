@@ -16,10 +16,9 @@ import logging
 import select
 import socket
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
 from kubernetes.stream import portforward
 
 from pool.errors import PoolUnavailable
@@ -38,8 +37,8 @@ def broker_selector(release: str) -> str:
 class BrokerForward:
     """A 127.0.0.1 listener whose connections are port-forwarded to a broker Pod."""
 
-    _shared: dict[tuple[str, int], BrokerForward] = {}
-    _shared_lock = threading.Lock()
+    _shared: ClassVar[dict[tuple[str, int], BrokerForward]] = {}
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
     def shared(cls, address: str, k8s_config: Any = None) -> BrokerForward:
@@ -61,7 +60,7 @@ class BrokerForward:
                                   "set KUBECONFIG or pass k8s_config=") from exc
         self.closed = False
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.local_address = "tcp://127.0.0.1:%d" % self._listener.getsockname()[1]
+        self.local_address = f"tcp://127.0.0.1:{self._listener.getsockname()[1]}"
         self.find_broker()  # fail now, with a clear message, if there is no broker to reach
         threading.Thread(target=self._accept, daemon=True, name=f"runnable-k8s-forward {address}").start()
 
@@ -69,12 +68,15 @@ class BrokerForward:
         """A running, ready broker Pod of the release and its ZeroMQ port."""
         try:
             pods = self.core.list_namespaced_pod(self.namespace, label_selector=broker_selector(self.release)).items
-        except ApiException as exc:
+        except Exception as exc:  # ApiException and connection errors alike: auto mode falls back on them
             raise api_error(exc, "list", "pods", self.namespace, error=PoolUnavailable) from exc
         for pod in pods:
-            ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-            if pod.status.phase == "Running" and ready and pod.metadata.deletion_timestamp is None:
-                return pod.metadata.name, _zmq_port(pod)
+            status, meta = pod.status, pod.metadata
+            if status is None or meta is None or not meta.name:
+                continue
+            ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+            if status.phase == "Running" and ready and meta.deletion_timestamp is None:
+                return meta.name, _zmq_port(pod)
         raise PoolUnavailable(
             f"no ready broker Pod of release {self.release!r} in namespace {self.namespace!r} (looked for "
             f"labels {broker_selector(self.release)}). Is the chart installed (`helm install {self.release} "
