@@ -32,8 +32,8 @@ from langchain_core.runnables import Runnable, RunnableLambda
 
 from pool.bench import workloads
 from pool.bench.measure import BareFloor, environment, percentiles, time_calls, timed_samples
-from pool.local import LocalPool
 from pool.client.runnable import DEFAULT_IMAGE, RunnableK8s
+from pool.local import LocalPool
 
 MODES = ("warm", "ephemeral")
 EPHEMERAL_TIMEOUT = 300.0
@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     warm = parser.add_argument_group("warm mode")
     warm.add_argument("--pool", metavar="ADDRESS",
-                      help="a running pool (tcp://..., k8s://NS/RELEASE); default: a LocalPool started and stopped here")
+                      help="a running pool (tcp://..., k8s://NS/RELEASE); "
+                           "default: a LocalPool started and stopped here")
     warm.add_argument("--pool-workers", type=int, default=2, metavar="N",
                       help="workers of that LocalPool (and of the bare floor); default 2")
     warm.add_argument("--slots", type=int, default=4, metavar="N",
@@ -214,11 +215,16 @@ def _threads_throughput(runnable: Runnable, value: Any, in_flight: int, tasks: i
 def _launch_times(launcher: str) -> Iterator[list[float]]:
     """Seconds each one-shot worker took to be ready for its session: for a Pod, create + scheduled +
     started + attached; for a local subprocess, only the fork/exec (its start-up is then in the session)."""
+    launcher_class: type[Any]  # either launcher class: its launch method is swapped for a timed one
     if launcher == "kubernetes":
-        from pool.ephemeral.k8s_launcher import KubernetesLauncher as cls
+        from pool.ephemeral.k8s_launcher import KubernetesLauncher
+
+        launcher_class = KubernetesLauncher
     else:
-        from pool.ephemeral.local_launcher import LocalLauncher as cls  # type: ignore[assignment]
-    original = cls.launch
+        from pool.ephemeral.local_launcher import LocalLauncher
+
+        launcher_class = LocalLauncher
+    original = launcher_class.launch
     times: list[float] = []
 
     def timed_launch(self: Any, deadline: float | None) -> Any:
@@ -227,17 +233,47 @@ def _launch_times(launcher: str) -> Iterator[list[float]]:
         times.append(time.perf_counter() - started)
         return channel
 
-    cls.launch = timed_launch  # type: ignore[method-assign]
+    launcher_class.launch = timed_launch  # type: ignore[method-assign]
     try:
         yield times
     finally:
-        cls.launch = original  # type: ignore[method-assign]
+        launcher_class.launch = original  # type: ignore[method-assign]
 
 
 def _run_stream_or_invoke(workload: str, runnable: Runnable, value: Any) -> Callable[[], Any]:
     if workload == "stream":
         return lambda: list(runnable.stream(value))
     return lambda: runnable.invoke(value)
+
+
+def _timed_stream(runnable: Runnable, value: Any, firsts: list[float]) -> Callable[[], None]:
+    """One streamed call; its time to first chunk goes to ``firsts``."""
+
+    def call() -> None:
+        first, _ = _first_chunk(lambda: runnable.stream(value))
+        firsts.append(first)
+
+    return call
+
+
+def _in_process_call(workload: str, runnable: Runnable, value: Any, loop: asyncio.AbstractEventLoop,
+                     firsts: list[float]) -> Callable[[], Any]:
+    """One in-process call of ``workload`` (async ones on ``loop``); a stream's time to first
+    chunk goes to ``firsts``."""
+    if workload == "echo":
+        return lambda: runnable.invoke(value)
+    if workload == "io":
+        return lambda: loop.run_until_complete(runnable.ainvoke(value))
+
+    async def consume() -> float:
+        started = time.perf_counter()
+        first = None
+        async for _ in runnable.astream(value):
+            if first is None:
+                first = time.perf_counter() - started
+        return first or 0.0
+
+    return lambda: firsts.append(loop.run_until_complete(consume()))
 
 
 # ---------------------------------------------------------------------- the run
@@ -287,25 +323,9 @@ class Bench:
         try:
             for workload in self.workloads:
                 with progress.step(f"in-process {workload}") as tick:
-                    runnable = self.runnable(workload)
-                    if workload == "echo":
-                        call = lambda r=runnable: r.invoke(self.payload)  # noqa: E731
-                        n, warmup = self.args.calls, 50
-                    elif workload == "io":
-                        call = lambda r=runnable: loop.run_until_complete(r.ainvoke(self.payload))  # noqa: E731
-                        n, warmup = self.args.slow_calls, 5
-                    else:
-                        async def consume(r: Runnable = runnable) -> float:
-                            started = time.perf_counter()
-                            first = None
-                            async for _ in r.astream(self.payload):
-                                if first is None:
-                                    first = time.perf_counter() - started
-                            return first or 0.0
-
-                        firsts: list[float] = []
-                        call = lambda: firsts.append(loop.run_until_complete(consume()))  # noqa: E731
-                        n, warmup = self.args.slow_calls, 5
+                    firsts: list[float] = []
+                    call = _in_process_call(workload, self.runnable(workload), self.payload, loop, firsts)
+                    n, warmup = (self.args.calls, 50) if workload == "echo" else (self.args.slow_calls, 5)
                     samples = timed_samples(call, n, warmup, tick)
                     results[workload] = _summary(samples)
                     if workload == "stream":
@@ -356,10 +376,10 @@ class Bench:
     def _big_runnable(self, address: str, tick: Callable[[str], None]) -> dict[str, Any]:
         small_blob = os.urandom(1024)
         big_blob = os.urandom(1024 * 1024)
-        small = RunnableK8s(bound=RunnableLambda(lambda x: len(small_blob) and x), pool=address, mode="warm",
-                            keys=self.args.keys)
-        big = RunnableK8s(bound=RunnableLambda(lambda x: len(big_blob) and x), pool=address, mode="warm",
-                          keys=self.args.keys)
+        small: RunnableK8s[Any, Any] = RunnableK8s(bound=RunnableLambda(lambda x: len(small_blob) and x),
+                                                   pool=address, mode="warm", keys=self.args.keys)
+        big: RunnableK8s[Any, Any] = RunnableK8s(bound=RunnableLambda(lambda x: len(big_blob) and x),
+                                                 pool=address, mode="warm", keys=self.args.keys)
         n = max(1, self.args.calls // 2)
         tick("1 KB")
         one_kb = time_calls(lambda: small.invoke(1), n, warmup=min(50, n))
@@ -388,20 +408,16 @@ class Bench:
         for workload in self.workloads:
             remote = wrap(self.runnable(workload))
             figures: dict[str, Any] = {}
-            with progress.step(f"{mode} {workload}: latency") as tick, \
-                    (_launch_times(a.launcher) if ephemeral else contextlib.nullcontext([])) as launches:
+            launch_times: contextlib.AbstractContextManager[list[float]] = (
+                _launch_times(a.launcher) if ephemeral else contextlib.nullcontext([]))
+            with progress.step(f"{mode} {workload}: latency") as tick, launch_times as launches:
                 if ephemeral:
                     n, warmup = a.ephemeral_calls, 1
                 else:
                     n, warmup = (a.calls, 50) if workload == "echo" else (a.slow_calls, 5)
                 if workload == "stream":
                     firsts: list[float] = []
-
-                    def call(r: RunnableK8s = remote) -> None:
-                        first, _ = _first_chunk(lambda: r.stream(self.payload))
-                        firsts.append(first)
-
-                    samples = timed_samples(call, n, warmup, tick)
+                    samples = timed_samples(_timed_stream(remote, self.payload, firsts), n, warmup, tick)
                     firsts = firsts[warmup:]
                     figures.update(_summary(samples))
                     figures["ttfc"] = _summary(firsts)
@@ -427,7 +443,8 @@ class Bench:
                         by_conc[str(c)] = round(rate, 1)
             figures["throughput_by_concurrency"] = by_conc
             measured = [float(v) for v in by_conc.values() if v is not None]
-            figures["throughput_per_s"] = by_conc.get(str(max(self.concurrency))) or (max(measured) if measured else None)
+            figures["throughput_per_s"] = (by_conc.get(str(max(self.concurrency)))
+                                           or (max(measured) if measured else None))
             figures["best_throughput_per_s"] = max(measured) if measured else None
             per_workload[workload] = figures
         return {"workloads": per_workload}
@@ -437,12 +454,12 @@ class Bench:
         in_flight = a.scaling_in_flight or max(max(self.concurrency), 2 * max(self.scaling) * a.slots)
         throughput: dict[str, float] = {}
         for n in self.scaling:
-            with progress.step(f"scaling: io throughput with {n} warm worker(s)") as tick:
-                with LocalPool(workers=n, concurrency=a.slots) as pool:
-                    remote = RunnableK8s(bound=self.runnable("io"), pool=pool.address, mode="warm", timeout=120)
-                    rate, done = asyncio.run(_throughput_for(remote, self.payload, in_flight, a.throughput_seconds))
-                    tick(f"{done} calls")
-                    throughput[str(n)] = round(rate, 1)
+            with progress.step(f"scaling: io throughput with {n} warm worker(s)") as tick, \
+                    LocalPool(workers=n, concurrency=a.slots) as pool:
+                remote = RunnableK8s(bound=self.runnable("io"), pool=pool.address, mode="warm", timeout=120)
+                rate, done = asyncio.run(_throughput_for(remote, self.payload, in_flight, a.throughput_seconds))
+                tick(f"{done} calls")
+                throughput[str(n)] = round(rate, 1)
         ideal_per_worker = a.slots / (a.io_latency_ms / 1000)
         result: dict[str, Any] = {
             "workload": "io", "io_latency_ms": a.io_latency_ms, "in_flight": in_flight, "slots_per_worker": a.slots,
@@ -503,15 +520,15 @@ class Bench:
             "calls": a.calls, "slow_calls": a.slow_calls, "ephemeral_calls": a.ephemeral_calls,
             "ephemeral_max_in_flight": a.ephemeral_max_in_flight, "throughput_seconds": a.throughput_seconds,
             "payload_bytes": a.payload_bytes, "io_latency_ms": a.io_latency_ms, "stream_chunks": a.stream_chunks,
-            "stream_chunk_ms": a.stream_chunk_ms, "scaling_in_flight": a.scaling_in_flight, "pool": a.pool, "pool_workers": a.pool_workers, "slots": a.slots,
-            "scaling_workers": self.scaling,
+            "stream_chunk_ms": a.stream_chunk_ms, "scaling_in_flight": a.scaling_in_flight, "pool": a.pool,
+            "pool_workers": a.pool_workers, "slots": a.slots, "scaling_workers": self.scaling,
         }
 
 
 def summarize(results: dict[str, Any]) -> None:
     """Headline figures of each mode (from its first workload, echo when run) and the ratios."""
     in_process = results["in_process"]["workloads"]
-    for mode, figures in results["modes"].items():
+    for figures in results["modes"].values():
         workloads = figures["workloads"]
         main = "echo" if "echo" in workloads else next(iter(workloads))
         head = workloads[main]
@@ -551,7 +568,8 @@ def summarize(results: dict[str, Any]) -> None:
         warm_echo = modes["warm"]["workloads"]["echo"]
         floor_plus = results["floor"]["p50_ms"] + in_process["echo"]["p50_ms"]
         ratios["warm_p50_over_floor_plus_in_process"] = round(warm_echo["p50_ms"] / floor_plus, 3)
-        ratios["warm_throughput_over_floor"] = round(warm_echo["throughput_per_s"] / results["floor"]["throughput_per_s"], 3)
+        ratios["warm_throughput_over_floor"] = round(
+            warm_echo["throughput_per_s"] / results["floor"]["throughput_per_s"], 3)
         big = modes["warm"].get("big_runnable")
         if big:
             ratios["runnable_1mb_over_1kb_p50"] = big["p50_ratio_1mb_over_1kb"]
@@ -562,8 +580,9 @@ def summarize(results: dict[str, Any]) -> None:
     launcher = modes.get("ephemeral", {}).get("launcher")
     if "echo" in speedup:
         target = 2000 if launcher == "kubernetes" else 500
-        goals["warm_p50_speedup_over_ephemeral"] = {"workload": "echo", "launcher": launcher, "measured": speedup["echo"],
-                                                    "goal": target, "met": speedup["echo"] >= target}
+        goals["warm_p50_speedup_over_ephemeral"] = {"workload": "echo", "launcher": launcher,
+                                                    "measured": speedup["echo"], "goal": target,
+                                                    "met": speedup["echo"] >= target}
     scaling = results.get("scaling", {})
     if "1" in scaling.get("throughput_by_workers", {}) and "4" in scaling["throughput_by_workers"]:
         measured = round(scaling["throughput_by_workers"]["4"] / scaling["throughput_by_workers"]["1"], 3)
@@ -573,9 +592,10 @@ def summarize(results: dict[str, Any]) -> None:
 
 def _cpu_model() -> str | None:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
@@ -583,9 +603,10 @@ def _cpu_model() -> str | None:
 
 def _memory_gb() -> float | None:
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024 / 1024, 1)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024 / 1024, 1)
     except OSError:
         pass
     return None
@@ -600,9 +621,10 @@ def _cluster_info(kubeconfig: str | None) -> dict[str, Any]:
         api = api_client(kubeconfig)
         version = client.VersionApi(api).get_code()
         nodes = client.CoreV1Api(api).list_node().items
+        info = nodes[0].status.node_info if nodes and nodes[0].status else None
         return {"server_version": version.git_version, "nodes": len(nodes),
-                "container_runtime": nodes[0].status.node_info.container_runtime_version if nodes else None,
-                "kubelet": nodes[0].status.node_info.kubelet_version if nodes else None}
+                "container_runtime": info.container_runtime_version if info else None,
+                "kubelet": info.kubelet_version if info else None}
     except Exception as exc:  # noqa: BLE001 - the environment block is informative only
         return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -631,12 +653,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"[bench] wrote {args.plot}", file=sys.stderr, flush=True)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="runnable-k8s bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

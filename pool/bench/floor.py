@@ -26,7 +26,8 @@ def run_broker(endpoint: str) -> None:
         sock.linger = 0
     frontend.bind(endpoint)
     backend.bind("tcp://127.0.0.1:*")
-    print("READY", frontend.getsockopt_string(zmq.LAST_ENDPOINT), backend.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+    print("READY", frontend.getsockopt_string(zmq.LAST_ENDPOINT), backend.getsockopt_string(zmq.LAST_ENDPOINT),
+          flush=True)
     free: deque[bytes] = deque()  # one entry per free worker slot
     waiting: deque[list[bytes]] = deque()
     poller = zmq.Poller()

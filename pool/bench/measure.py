@@ -5,6 +5,7 @@ read against."""
 from __future__ import annotations
 
 import os
+import pickle
 import platform
 import statistics
 import subprocess
@@ -16,11 +17,8 @@ from typing import Any
 import cloudpickle
 import zmq
 
+from pool.bench.workloads import echo
 from pool.local import _read_line, _stop_all
-
-
-def echo(value: Any) -> Any:
-    return value
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -70,7 +68,9 @@ class BareFloor:
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.connect(front)
-        self.payload = cloudpickle.dumps((echo, 1))
+        # Plain pickle: the function by reference, as a worker that has it imported would see it
+        # (cloudpickle would carry it by value: its module is registered for that).
+        self.payload = pickle.dumps((echo, 1))
         time.sleep(0.5)  # let the workers register
         self.counter = 0
 

@@ -135,7 +135,8 @@ def format_table(results: dict[str, Any]) -> str:
         for key, goal in goals.items():
             verdict = "MET" if goal["met"] else "NOT MET"
             extra = f" ({goal['launcher']} launcher, {goal['workload']})" if "launcher" in goal else ""
-            lines.append(f"  {key.replace('_', ' ')}{extra}: {goal['measured']:,}x, goal >= {goal['goal']:,}x: {verdict}")
+            lines.append(f"  {key.replace('_', ' ')}{extra}: {goal['measured']:,}x, "
+                         f"goal >= {goal['goal']:,}x: {verdict}")
     return "\n".join(lines).rstrip()
 
 
@@ -286,7 +287,7 @@ def _throughput_panel(ax: Any, results: dict[str, Any]) -> None:
         if not points:
             return
         points.sort()
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, linestyle=style, marker=marker, color=color, label=label, linewidth=1.8, markersize=6)
         y = ys[-1]
         while any(x == xs[-1] and abs(math.log10(y) - math.log10(other)) < 0.09 for x, other in placed):
@@ -329,7 +330,7 @@ def _scaling_panel(ax: Any, scaling: dict[str, Any]) -> None:
     bars = ax.bar([str(n) for n in workers], measured, color=SERIES_COLORS["warm"], alpha=0.75, label="measured")
     ax.plot([str(n) for n in workers], ideal, "k--", marker="_", markersize=30, markeredgewidth=2,
             label="ideal: workers x slots / latency")
-    for bar, value, best in zip(bars, measured, ideal):
+    for bar, value, best in zip(bars, measured, ideal, strict=True):
         middle = bar.get_x() + bar.get_width() / 2
         ax.text(middle, value / 2, f"{value:,.0f}/s", ha="center", va="center", fontsize=11, color="white",
                 fontweight="bold")
