@@ -26,7 +26,7 @@ import pickle
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import cloudpickle
 from langchain_core.load import dumpd, load
@@ -38,6 +38,8 @@ from langchain_core.runnables import Runnable
 # load()'s default ("core") refuses integrations such as ChatOpenAI. Workers can narrow it.
 ALLOWED_OBJECTS_ENV = "RUNNABLE_K8S_ALLOWED_OBJECTS"
 DEFAULT_ALLOWED_OBJECTS = "all"
+AllowedObjects = Literal["all", "core", "messages"]
+_ALLOWED_CHOICES: tuple[AllowedObjects, ...] = ("all", "core", "messages")
 
 # load() is marked beta and warns on every call; one warning per rebuilt model is noise.
 warnings.filterwarnings("ignore", message=r"The function `load` is in beta")
@@ -49,8 +51,15 @@ class CodecError(Exception):
 
 def _rebuild_langchain_object(data: dict[str, Any]) -> Any:
     """Runs on the receiving side, called by pickle: the inverse of the ``dumpd`` route."""
-    allowed = os.environ.get(ALLOWED_OBJECTS_ENV, DEFAULT_ALLOWED_OBJECTS)
-    return load(data, allowed_objects=allowed, secrets_from_env=True)
+    return load(data, allowed_objects=_allowed_objects(), secrets_from_env=True)
+
+
+def _allowed_objects() -> AllowedObjects:
+    value = os.environ.get(ALLOWED_OBJECTS_ENV, DEFAULT_ALLOWED_OBJECTS)
+    for choice in _ALLOWED_CHOICES:
+        if value == choice:
+            return choice
+    raise CodecError(f"{ALLOWED_OBJECTS_ENV}={value!r} is not one of: {', '.join(_ALLOWED_CHOICES)}")
 
 
 def _is_complete(tree: Any) -> bool:
@@ -89,7 +98,8 @@ class _DataPickler(pickle.Pickler):
     and secrets stay out of the bytes."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, Serializable) and not isinstance(obj, type) and (isinstance(obj, Runnable) or obj.lc_secrets):
+        if (isinstance(obj, Serializable) and not isinstance(obj, type)
+                and (isinstance(obj, Runnable) or obj.lc_secrets)):
             raise _NeedsHybrid
         return NotImplemented
 
@@ -168,7 +178,7 @@ class RemoteExceptionInfo:
 
 def dump_exception(exc: BaseException) -> bytes:
     """Encode an exception with its traceback text; never fails."""
-    info = {
+    info: dict[str, Any] = {
         "type_name": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),

@@ -67,7 +67,7 @@ def wire_config(config: RunnableConfig | None) -> dict[str, Any]:
         return {}
     result: dict[str, Any] = {}
     for key in WIRE_CONFIG_KEYS:
-        value = config.get(key)  # type: ignore[misc]
+        value = config.get(key)
         if value is None:
             continue
         if isinstance(value, dict):

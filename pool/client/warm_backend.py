@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import queue
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from pool.client.calls import RemoteCall, decode_output
 from pool.client.connection import Connection, Event, LoopSink, Submission, ThreadSink
 from pool.errors import TaskTimeout, error_from_wire
 from worker import protocol as P
+
 
 def _timeout_error(call: RemoteCall) -> TaskTimeout:
     return TaskTimeout(
@@ -116,7 +117,8 @@ class WarmBackend:
 
     # ------------------------------------------------------------------ sync
 
-    def _run(self, calls: Sequence[RemoteCall], kind: str, window: int | None = None) -> Iterator[tuple[int, bool, Any]]:
+    def _run(self, calls: Sequence[RemoteCall], kind: str,
+             window: int | None = None) -> Iterator[tuple[int, bool, Any]]:
         self.connection.ensure_ready(self.connect_timeout)
         sink = ThreadSink()
         state = _Calls(self.connection, calls, kind, sink, window)
@@ -159,7 +161,7 @@ class WarmBackend:
     # ------------------------------------------------------------------ async
 
     async def _arun(self, calls: Sequence[RemoteCall], kind: str,
-                    window: int | None = None) -> AsyncIterator[tuple[int, bool, Any]]:
+                    window: int | None = None) -> AsyncGenerator[tuple[int, bool, Any], None]:
         if not self.connection.ready:
             # Only while connecting: a thread waits for the handshake so the loop does not.
             await asyncio.get_running_loop().run_in_executor(None, self.connection.ensure_ready, self.connect_timeout)
@@ -198,15 +200,6 @@ class WarmBackend:
         finally:
             await iterator.aclose()
         return results
-
-    async def aas_completed(self, calls: Sequence[RemoteCall],
-                            max_concurrency: int | None) -> AsyncIterator[tuple[int, Any]]:
-        iterator = self._arun(calls, "invoke", max_concurrency)
-        try:
-            async for index, _, outcome in iterator:
-                yield index, outcome
-        finally:
-            await iterator.aclose()
 
     async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
         iterator = self._arun([call], "stream")

@@ -102,7 +102,7 @@ class Session:
                 continue
             command, fields = message
             if command == P.ERROR:
-                code, text, detail = (fields + [b"", b"", b"", b""])[1:4]
+                code, text, detail = [*fields, b"", b"", b"", b""][1:4]
                 raise error_from_wire(code, text.decode("utf-8", "replace"), detail)
             return command, fields
 
