@@ -16,14 +16,13 @@ Entry points, all taking and returning encoded bytes (``codec``):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator, Iterator
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator, RunnableLambda
 
 from worker import codec
 from worker.protocol import WIRE_CONFIG_KEYS
-
 
 
 class StageError(Exception):
@@ -89,7 +88,8 @@ def run_invoke(runnable: Runnable, async_only: bool, input_blob: bytes, config: 
     return encode_output(runnable.invoke(value, config, **kwargs))
 
 
-def iterate_stream(runnable: Runnable, async_only: bool, input_blob: bytes, config: RunnableConfig) -> Iterator[bytes]:
+def iterate_stream(runnable: Runnable, async_only: bool, input_blob: bytes,
+                   config: RunnableConfig) -> Generator[bytes, None, None]:
     """Each encoded chunk as soon as the runnable yields it. Closing this iterator (or stopping
     between chunks) closes the runnable's stream."""
     if async_only:
@@ -106,7 +106,7 @@ def iterate_stream(runnable: Runnable, async_only: bool, input_blob: bytes, conf
             close()
 
 
-def _drive(chunks: AsyncIterator[bytes]) -> Iterator[bytes]:
+def _drive(chunks: AsyncGenerator[bytes, None]) -> Iterator[bytes]:
     """An async iterator as a blocking one, on a private event loop."""
     loop = asyncio.new_event_loop()
     try:
@@ -117,7 +117,7 @@ def _drive(chunks: AsyncIterator[bytes]) -> Iterator[bytes]:
                 return
     finally:
         try:
-            loop.run_until_complete(chunks.aclose())  # type: ignore[attr-defined]
+            loop.run_until_complete(chunks.aclose())
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             loop.close()
@@ -131,11 +131,14 @@ async def arun_invoke(runnable: Runnable, input_blob: bytes, config: RunnableCon
     return encode_output(await runnable.ainvoke(value, config, **kwargs))
 
 
-async def aiterate_stream(runnable: Runnable, input_blob: bytes, config: RunnableConfig) -> AsyncIterator[bytes]:
+async def aiterate_stream(runnable: Runnable, input_blob: bytes,
+                          config: RunnableConfig) -> AsyncGenerator[bytes, None]:
     value, kwargs = decode_input(input_blob)
     chunks = runnable.astream(value, config, **kwargs)
     try:
         async for chunk in chunks:
             yield encode_output(chunk)
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()

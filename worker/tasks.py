@@ -32,8 +32,7 @@ from typing import Any
 import zmq
 from langchain_core.runnables import Runnable
 
-from worker import codec, execution
-from worker import defaults
+from worker import codec, defaults, execution
 from worker import protocol as P
 
 log = logging.getLogger("runnable_k8s.worker")

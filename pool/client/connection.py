@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -174,9 +174,9 @@ _MONITORED = (
 class Connection:
     """Use :meth:`shared`; one instance per (process, address, keys)."""
 
-    _registry: dict[tuple[int, str, Any], Connection] = {}
-    _registry_lock = threading.Lock()
-    _counter = itertools.count()
+    _registry: ClassVar[dict[tuple[int, str, Any], Connection]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+    _counter: ClassVar[itertools.count[int]] = itertools.count()
 
     @classmethod
     def shared(cls, address: str, keys: PeerKeys | None = None,
@@ -344,7 +344,7 @@ class Connection:
                 continue
             try:
                 self._on_message(frames[1], frames[2:])
-            except Exception:  # noqa: BLE001 - a bad message must not break the caller that read it
+            except Exception:  # a bad message must not break the caller that read it
                 log.warning("ignored a message from the broker that could not be handled", exc_info=True)
         self._wake_io_thread()  # more is waiting: the I/O thread carries on
 
@@ -389,7 +389,7 @@ class Connection:
                         else:
                             self._hello()
                         self._receive()
-        except Exception:  # noqa: BLE001 - never leave callers hanging on a dead thread
+        except Exception:  # never leave callers hanging on a dead thread
             log.exception("runnable-k8s connection thread failed")
             with self._lock:
                 self._fail_all(PoolUnavailable, "the client's connection thread failed; see the log")

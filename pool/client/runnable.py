@@ -20,7 +20,8 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializa
 from langchain_core.runnables.config import get_config_list
 from langchain_core.runnables.graph import Graph
 from langchain_core.runnables.utils import ConfigurableFieldSpec, Input, Output
-from pydantic import BaseModel, ConfigDict, PrivateAttr
+from langchain_core.utils.pydantic import TypeBaseModel
+from pydantic import ConfigDict, PrivateAttr
 
 from pool.client import modes
 from pool.client.calls import RemoteCall, encode_input, encode_runnable, wire_config
@@ -84,10 +85,10 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     def OutputType(self) -> type[Output]:  # noqa: N802 - LangChain's name
         return self.bound.OutputType
 
-    def get_input_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+    def get_input_schema(self, config: RunnableConfig | None = None) -> TypeBaseModel:
         return self.bound.get_input_schema(config)
 
-    def get_output_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+    def get_output_schema(self, config: RunnableConfig | None = None) -> TypeBaseModel:
         return self.bound.get_output_schema(config)
 
     @property
@@ -97,15 +98,15 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     def get_graph(self, config: RunnableConfig | None = None) -> Graph:
         return self.bound.get_graph(config)
 
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> RunnableK8s:
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> RunnableK8s[Any, Any]:
         """``bound.bind_tools(...)``, still run remotely (never silently a local model)."""
         return self.with_bound(self.bound.bind_tools(tools, **kwargs))  # type: ignore[attr-defined]
 
-    def with_structured_output(self, schema: Any, **kwargs: Any) -> RunnableK8s:  # type: ignore[override]
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> RunnableK8s[Any, Any]:
         """``bound.with_structured_output(...)``, still run remotely."""
         return self.with_bound(self.bound.with_structured_output(schema, **kwargs))  # type: ignore[attr-defined]
 
-    def with_bound(self, bound: Runnable) -> RunnableK8s:
+    def with_bound(self, bound: Runnable[Any, Any]) -> RunnableK8s[Any, Any]:
         """A copy running ``bound`` instead, with the same pool and settings."""
         fields = {name: getattr(self, name) for name in type(self).model_fields}
         return type(self)(**{**fields, "bound": bound})
@@ -126,15 +127,19 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     def invoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Output:
         return self._call_with_config(self._invoke, input, config, **kwargs)
 
-    def _invoke(self, value: Input, config: RunnableConfig, **kwargs: Any) -> Output:
-        return self._backend().invoke(self._call(value, config, kwargs))
+    def _invoke(self, value: Input, run_manager: CallbackManagerForChainRun, config: RunnableConfig,
+                **kwargs: Any) -> Output:
+        output: Output = self._backend().invoke(self._call(value, config, kwargs))
+        return output
 
     async def ainvoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Output:
         return await self._acall_with_config(self._ainvoke, input, config, **kwargs)
 
-    async def _ainvoke(self, value: Input, config: RunnableConfig, **kwargs: Any) -> Output:
+    async def _ainvoke(self, value: Input, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
+                       **kwargs: Any) -> Output:
         backend = await modes.achoose_backend(self)
-        return await backend.ainvoke(self._call(value, config, kwargs))
+        output: Output = await backend.ainvoke(self._call(value, config, kwargs))
+        return output
 
     # ------------------------------------------------------------------ batch
 
@@ -148,7 +153,7 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     def _batch(self, values: list[Input], config: list[RunnableConfig], limit: int | None,
                **kwargs: Any) -> list[Any]:
-        calls = [self._call(v, c, kwargs) for v, c in zip(values, config)]
+        calls = [self._call(v, c, kwargs) for v, c in zip(values, config, strict=True)]
         return self._backend().batch(calls, limit, return_exceptions=True)
 
     async def abatch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None,
@@ -161,7 +166,7 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     async def _abatch(self, values: list[Input], config: list[RunnableConfig], limit: int | None,
                       **kwargs: Any) -> list[Any]:
-        calls = [self._call(v, c, kwargs) for v, c in zip(values, config)]
+        calls = [self._call(v, c, kwargs) for v, c in zip(values, config, strict=True)]
         backend = await modes.achoose_backend(self)
         return await backend.abatch(calls, limit, return_exceptions=True)
 
@@ -209,4 +214,3 @@ def _add(total: Any, chunk: Any) -> Any:
         return total + chunk
     except TypeError:
         return chunk
-
