@@ -22,6 +22,7 @@ from typing import Any
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator, RunnableLambda
 
 from worker import codec
+from worker import protocol as P
 from worker.protocol import WIRE_CONFIG_KEYS
 
 
@@ -32,6 +33,20 @@ class StageError(Exception):
         super().__init__(f"{stage}: {cause}")
         self.stage = stage
         self.cause = cause
+
+
+class OutputTooLarge(Exception):
+    """An output or chunk over the broker's message limit: the caller gets PayloadTooLarge."""
+
+
+def failure(exc: BaseException) -> tuple[bytes, str, bytes]:
+    """``(code, message, detail)`` of the ERROR reply for a task that raised ``exc``: one mapping
+    for the warm worker and the one-shot worker, so a caller sees the same error in both modes."""
+    if isinstance(exc, OutputTooLarge):
+        return P.E_PAYLOAD_TOO_LARGE, str(exc), b""
+    if isinstance(exc, StageError):
+        return P.E_SERIALIZATION, str(exc), b""
+    return P.E_REMOTE, f"{type(exc).__name__}: {exc}", codec.dump_exception(exc)
 
 
 def is_async_only(runnable: Any, _seen: set[int] | None = None) -> bool:

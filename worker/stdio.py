@@ -72,8 +72,7 @@ def run_stdio(stdin: BinaryIO | None = None) -> int:
             send(P.RESULT, b"")
         else:
             send(P.RESULT, execution.run_invoke(runnable, async_only, input_blob, config))
-    except execution.StageError as exc:
-        send(P.ERROR, b"", P.E_SERIALIZATION, str(exc).encode())
-    except Exception as exc:  # noqa: BLE001 - the runnable's own error goes back to the caller
-        send(P.ERROR, b"", P.E_REMOTE, f"{type(exc).__name__}: {exc}".encode(), codec.dump_exception(exc))
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller as its ERROR
+        code, message, detail = execution.failure(exc)
+        send(P.ERROR, b"", code, message.encode(), detail)
     return 0

@@ -92,10 +92,6 @@ class Job:
         self.future: concurrent.futures.Future[None] | None = None
 
 
-class OutputTooLarge(Exception):
-    pass
-
-
 class TaskRunner:
     """Runs jobs off the I/O thread; their frames come back on :attr:`replies_endpoint`."""
 
@@ -180,7 +176,7 @@ class TaskRunner:
                 self._reply(P.RESULT, job.task_id,
                             execution.run_invoke(cached.runnable, False, job.input, config))
         except Exception as exc:  # noqa: BLE001 - every failure becomes the task's ERROR reply
-            self._send(failure_frames(job.task_id, exc))
+            self._send(P.error_frames(job.task_id, *execution.failure(exc)))
 
     def _load(self, job: Job) -> CachedRunnable:
         """Deserialize a runnable the first time it arrives (on a task thread: it can be slow)."""
@@ -221,13 +217,13 @@ class TaskRunner:
         except asyncio.CancelledError:
             pass  # abandoned: the I/O thread has answered for it
         except Exception as exc:  # noqa: BLE001
-            self._send(failure_frames(job.task_id, exc))
+            self._send(P.error_frames(job.task_id, *execution.failure(exc)))
 
     # ------------------------------------------------------------------ replies
 
     def _reply(self, command: bytes, task_id: bytes, data: bytes) -> None:
         if len(data) > self.max_message_bytes:
-            raise OutputTooLarge(
+            raise execution.OutputTooLarge(
                 f"the runnable's output is {len(data)} bytes, over the broker's limit of "
                 f"{self.max_message_bytes}; return less data or raise the broker's --max-message-bytes"
             )
@@ -244,12 +240,3 @@ class TaskRunner:
         for frame in frames[:-1]:
             send(frame, zmq.SNDMORE, copy=len(frame) < P.COPY_THRESHOLD)
         send(frames[-1], 0, copy=len(frames[-1]) < P.COPY_THRESHOLD)
-
-
-def failure_frames(task_id: bytes, exc: BaseException) -> list[bytes]:
-    """The ERROR reply for a task that raised ``exc``."""
-    if isinstance(exc, OutputTooLarge):
-        return P.error_frames(task_id, P.E_PAYLOAD_TOO_LARGE, str(exc))
-    if isinstance(exc, execution.StageError):
-        return P.error_frames(task_id, P.E_SERIALIZATION, str(exc))
-    return P.error_frames(task_id, P.E_REMOTE, f"{type(exc).__name__}: {exc}", codec.dump_exception(exc))
