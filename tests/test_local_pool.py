@@ -3,6 +3,7 @@ and a worker told to stop finishes its task first. Each test starts its own pool
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,15 +12,15 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.runnables import RunnableLambda
 
-from pool import LocalPool, RunnableK8s
-
-REPO = Path(__file__).resolve().parent.parent
+from pool import LocalPool
+from tests.support.paths import REPO
+from tests.support.processes import is_gone
+from tests.support.remote import remote
+from tests.support.waiting import wait_for
 
 
 def worker_pid(_: Any) -> int:
@@ -31,32 +32,11 @@ def slow_worker_pid(seconds: float) -> int:
     return os.getpid()
 
 
-def remote(pool: LocalPool, fn: Any = worker_pid, **kwargs: Any) -> RunnableK8s:
-    kwargs.setdefault("timeout", 20)
-    return RunnableK8s(bound=RunnableLambda(fn), pool=pool.address, mode="warm", **kwargs)
-
-
-def is_gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie waiting for a reaper counts as exited)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2:].split()[0] in ("Z", "X")
-
-
 def wait_until_gone(pids: list[int], timeout: float) -> list[int]:
     """The pids still alive after waiting up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    alive = [p for p in pids if not is_gone(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = [p for p in alive if not is_gone(p)]
-    return alive
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: all(is_gone(p) for p in pids), timeout, f"processes {pids} to exit")
+    return [p for p in pids if not is_gone(p)]
 
 
 # ---------------------------------------------------------------------------- no process left behind
@@ -67,7 +47,7 @@ def test_a_local_pool_leaves_no_process_behind_after_a_normal_exit():
     with LocalPool(workers=2, concurrency=1) as pool:
         pids = pool.pids
         assert len(pids) == 3  # the broker and two workers
-        assert remote(pool).invoke(None) in pids
+        assert remote(pool, worker_pid).invoke(None) in pids
         assert not any(is_gone(p) for p in pids)
     assert [p for p in pids if not is_gone(p)] == []
     assert pool.pids == []
@@ -79,7 +59,7 @@ def test_a_local_pool_leaves_no_process_behind_when_its_block_raises():
     with pytest.raises(RuntimeError, match="boom"):
         with LocalPool(workers=2, concurrency=1) as pool:
             pids = pool.pids
-            assert remote(pool).invoke(None) in pids
+            assert remote(pool, worker_pid).invoke(None) in pids
             raise RuntimeError("boom")
     assert len(pids) == 3
     assert [p for p in pids if not is_gone(p)] == []
@@ -132,17 +112,9 @@ def test_scaling_to_three_then_back_to_one_keeps_calls_working():
         assert len(remaining) == 1
         removed = three - remaining
         assert wait_until_gone(sorted(removed), timeout=10) == []
-        assert wait_until_gone_from_status(pool, removed)
-        assert set(remote(pool).batch([None] * 4)) == remaining
-
-
-def wait_until_gone_from_status(pool: LocalPool, pids: set[int], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pids & {w["pid"] for w in pool.status()["workers"]}:
-            return True
-        time.sleep(0.05)
-    return False
+        wait_for(lambda: not removed & {w["pid"] for w in pool.status()["workers"]}, 5,
+                 f"the removed workers {removed} to leave the broker's list")
+        assert set(remote(pool, worker_pid).batch([None] * 4)) == remaining
 
 
 @pytest.mark.timeout(30)
@@ -167,12 +139,9 @@ def test_a_worker_sigtermed_mid_task_finishes_it_takes_no_new_task_and_exits_zer
 
         thread = threading.Thread(target=caller)
         thread.start()
-        busy: list[int] = []
-        deadline = time.monotonic() + 5
-        while not busy and time.monotonic() < deadline:
-            busy = [w["pid"] for w in pool.status()["workers"] if w["busy"]]
-            time.sleep(0.02)
-        assert len(busy) == 1, "the task never started on a worker"
+        busy = wait_for(lambda: [w["pid"] for w in pool.status()["workers"] if w["busy"]], 10,
+                        "the task to start on a worker")
+        assert len(busy) == 1, busy
         victim = next(p for p in pool._workers if p.pid == busy[0])
         victim.send_signal(signal.SIGTERM)
 
@@ -180,11 +149,8 @@ def test_a_worker_sigtermed_mid_task_finishes_it_takes_no_new_task_and_exits_zer
         def victim_draining() -> bool:
             return any(w["draining"] for w in pool.status()["workers"] if w["pid"] == victim.pid)
 
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not victim_draining():
-            time.sleep(0.02)
-        assert victim_draining(), "the broker never marked the SIGTERMed worker as draining"
-        others = set(remote(pool).batch([None] * 4))
+        wait_for(victim_draining, 5, "the broker to mark the SIGTERMed worker as draining")
+        others = set(remote(pool, worker_pid).batch([None] * 4))
         assert victim.pid not in others and others <= set(pool.pids)
 
         thread.join(15)
