@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 from worker import defaults
-from worker import protocol as P
 
 
 def _watch_parent(pid: int, stop: Any) -> None:
@@ -157,8 +156,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"runnable-k8s keys: {exc}", file=sys.stderr)
         return 1
     print(f"wrote CurveZMQ keys to {directory}:")
-    print(f"  broker:  runnable-k8s broker --bind tcp://0.0.0.0:5555 --keys {directory}")
-    print(f"  workers: python -m worker --connect tcp://BROKER:5555 --keys {directory}  (needs worker.key_secret, broker.key)")
+    print(f"  broker:  runnable-k8s broker --bind tcp://0.0.0.0:{defaults.BROKER_PORT} --keys {directory}")
+    print(f"  workers: python -m worker --connect tcp://BROKER:{defaults.BROKER_PORT} --keys {directory}  "
+          "(needs worker.key_secret, broker.key)")
     print(f"  clients: RunnableK8s(..., keys={str(directory)!r})  or  RUNNABLE_K8S_KEYS={directory}")
     if args.k8s_secret:
         return _create_key_secret(directory, args)
@@ -233,15 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     add = functools.partial(sub.add_parser, parents=[common])
 
     broker = add("broker", help="run a broker in the foreground")
-    broker.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint to listen on")
+    broker.add_argument("--bind", default=defaults.BROKER_BIND, help="endpoint to listen on (default %(default)s)")
     broker.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
                         help="CurveZMQ key directory from `runnable-k8s keys`")
     broker.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback bind without keys (only on a private network)")
-    broker.add_argument("--max-message-bytes", type=int, default=defaults.MAX_MESSAGE_BYTES)
-    broker.add_argument("--queue-size", type=int, default=10_000)
-    broker.add_argument("--queue-timeout", type=float, default=120.0,
-                        help="seconds a task may wait for a free worker slot")
+    broker.add_argument("--max-message-bytes", type=int, default=defaults.MAX_MESSAGE_BYTES, metavar="N",
+                        help="largest task or result in bytes; clients learn it at HELLO (default %(default)s)")
+    broker.add_argument("--queue-size", type=int, default=defaults.QUEUE_SIZE, metavar="N",
+                        help="tasks waiting for a free slot, across all clients (default %(default)s)")
+    broker.add_argument("--queue-timeout", type=float, default=defaults.QUEUE_TIMEOUT, metavar="S",
+                        help="seconds a task may wait for a free worker slot (default %(default)s)")
     broker.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     broker.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
     broker.add_argument("--metrics-port", type=int, metavar="PORT",
@@ -252,30 +254,38 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--autoscale-deployment", metavar="NAME", help="the worker Deployment to scale (turns it on)")
     scaling.add_argument("--autoscale-namespace", metavar="NS",
                          help="its namespace (default: this Pod's namespace, else 'default')")
-    scaling.add_argument("--autoscale-min", type=int, default=1, metavar="N", help="fewest workers; 0 allows scale to zero")
-    scaling.add_argument("--autoscale-max", type=int, default=10, metavar="N", help="most workers")
-    scaling.add_argument("--autoscale-target", type=float, default=1.0, metavar="F",
+    scaling.add_argument("--autoscale-min", type=int, default=defaults.AUTOSCALE_MIN, metavar="N",
+                         help="fewest workers; 0 allows scale to zero (default %(default)s)")
+    scaling.add_argument("--autoscale-max", type=int, default=defaults.AUTOSCALE_MAX, metavar="N",
+                         help="most workers (default %(default)s)")
+    scaling.add_argument("--autoscale-target", type=float, default=defaults.AUTOSCALE_TARGET, metavar="F",
                          help="queued + running tasks per worker slot to aim for (1.0: every slot busy, "
-                              "no queue; lower keeps free slots for bursts)")
-    scaling.add_argument("--autoscale-window", type=float, default=300.0, metavar="S",
-                         help="scale-down stabilization: seconds of recommendations a scale-down honours")
-    scaling.add_argument("--autoscale-idle", type=float, default=600.0, metavar="S",
-                         help="seconds without tasks before scaling to zero (only with --autoscale-min 0)")
+                              "no queue; lower keeps free slots for bursts; default %(default)s)")
+    scaling.add_argument("--autoscale-window", type=float, default=defaults.AUTOSCALE_WINDOW, metavar="S",
+                         help="scale-down stabilization: seconds of recommendations a scale-down honours "
+                              "(default %(default)s)")
+    scaling.add_argument("--autoscale-idle", type=float, default=defaults.AUTOSCALE_IDLE, metavar="S",
+                         help="seconds without tasks before scaling to zero (only with --autoscale-min 0; "
+                              "default %(default)s)")
     scaling.add_argument("--autoscale-kubeconfig", metavar="PATH",
                          help="kubeconfig (default: in-cluster config in a Pod, else KUBECONFIG or ~/.kube/config)")
     broker.set_defaults(func=cmd_broker)
 
     local = add("local", help="run a local pool (broker + workers) in the foreground")
-    local.add_argument("--workers", type=int, default=2)
-    local.add_argument("--concurrency", type=int, default=4)
-    local.add_argument("--port", type=int, default=5555)
+    local.add_argument("--workers", type=int, default=defaults.LOCAL_WORKERS, metavar="N",
+                       help="worker processes (default %(default)s)")
+    local.add_argument("--concurrency", type=int, default=defaults.WORKER_CONCURRENCY, metavar="N",
+                       help="tasks each worker runs at once (default %(default)s)")
+    local.add_argument("--port", type=int, default=defaults.BROKER_PORT,
+                       help="broker port on 127.0.0.1 (default %(default)s; 0: any free port)")
     local.set_defaults(func=cmd_local)
 
     status = add("status", help="workers, busy slots, queue depth and task counters of a pool")
     status.add_argument("--pool", help="broker address (default: RUNNABLE_K8S_POOL)")
     status.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"))
     status.add_argument("--json", action="store_true")
-    status.add_argument("--connect-timeout", type=float, default=5.0)
+    status.add_argument("--connect-timeout", type=float, default=defaults.CONNECT_TIMEOUT, metavar="S",
+                        help="seconds to wait for the broker to answer (default %(default)s)")
     status.set_defaults(func=cmd_status)
 
     keys = add("keys", help="write CurveZMQ key pairs for a broker, a client and workers")
@@ -297,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gc = add("gc", help="delete leftover ephemeral runner Pods of this project")
     gc.add_argument("--namespace", "-n", default="default")
-    gc.add_argument("--older-than", type=float, default=600.0, metavar="SECONDS",
-                    help="only Pods at least this old (a running call's Pod is younger than its timeout)")
+    gc.add_argument("--older-than", type=float, default=defaults.GC_OLDER_THAN, metavar="SECONDS",
+                    help="only Pods at least this old (a running call's Pod is younger than its timeout; "
+                         "default %(default)s)")
     gc.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     gc.set_defaults(func=cmd_gc)
 

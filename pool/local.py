@@ -25,13 +25,16 @@ from typing import TYPE_CHECKING, Any
 from pool.client.connection import Connection
 from pool.errors import PoolUnavailable
 from pool.keys import create_key_directory
+from worker import defaults
 from worker.curve import load_peer_keys
-from worker.warm import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
     from pool.scaling.policy import AutoscaleSettings
 
 STOP_TIMEOUT = 10.0
+# A removed worker may take its whole grace period to finish its tasks; past that (and a margin to
+# say goodbye) it is stuck, and is killed.
+DRAIN_TIMEOUT = defaults.WORKER_GRACE_PERIOD + STOP_TIMEOUT
 
 
 class LocalPool:
@@ -51,9 +54,9 @@ class LocalPool:
 
     def __init__(
         self,
-        workers: int = 2,
+        workers: int = defaults.LOCAL_WORKERS,
         *,
-        concurrency: int = DEFAULT_CONCURRENCY,
+        concurrency: int = defaults.WORKER_CONCURRENCY,
         port: int = 0,
         secure: bool = False,
         env: dict[str, str] | None = None,
@@ -149,7 +152,7 @@ class LocalPool:
                 proc = self._workers.pop()
                 proc.send_signal(signal.SIGTERM)
                 if wait:
-                    _wait_or_kill(proc, STOP_TIMEOUT * 3)
+                    _wait_or_kill(proc, DRAIN_TIMEOUT)
                 else:
                     self._retired.append(proc)
             while len(self._workers) < workers:

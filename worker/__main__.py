@@ -11,7 +11,9 @@ import logging
 import os
 import sys
 
-from worker.warm import DEFAULT_CACHE_SIZE, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, WarmWorker
+# Only the defaults here: the warm loop (worker.warm) is imported by the warm path alone, so a
+# one-shot --stdio worker (a Pod per ephemeral call) does not pay for it.
+from worker import defaults
 
 
 def _env_int(name: str, default: int) -> int:
@@ -23,14 +25,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--connect", metavar="ADDRESS", default=os.environ.get("RUNNABLE_K8S_BROKER"),
-                      help="broker address, e.g. tcp://127.0.0.1:5555 (env RUNNABLE_K8S_BROKER)")
+                      help=f"broker address, e.g. {defaults.BROKER_BIND} (env RUNNABLE_K8S_BROKER)")
     mode.add_argument("--stdio", action="store_true", help="run one task read from stdin (ephemeral mode)")
-    parser.add_argument("--concurrency", type=int, default=_env_int("RUNNABLE_K8S_CONCURRENCY", DEFAULT_CONCURRENCY),
-                        help="tasks run at once (LLM calls mostly wait on the network, so more than cores)")
-    parser.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,
-                        help="deserialized runnables kept warm")
-    parser.add_argument("--grace-period", type=float, default=DEFAULT_GRACE_PERIOD,
-                        help="seconds to finish running tasks after SIGTERM")
+    parser.add_argument("--concurrency", type=int,
+                        default=_env_int("RUNNABLE_K8S_CONCURRENCY", defaults.WORKER_CONCURRENCY),
+                        help="tasks run at once (LLM calls mostly wait on the network, so more than cores; "
+                             "env RUNNABLE_K8S_CONCURRENCY; default %(default)s)")
+    parser.add_argument("--cache-size", type=int, default=defaults.WORKER_CACHE_SIZE,
+                        help="deserialized runnables kept warm (default %(default)s)")
+    parser.add_argument("--grace-period", type=float, default=defaults.WORKER_GRACE_PERIOD,
+                        help="seconds to finish running tasks after SIGTERM (default %(default)s)")
     parser.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
                         help="CurveZMQ key directory (needs worker.key_secret and broker.key)")
     parser.add_argument("--health-dir", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_HEALTH_DIR"),
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         from worker.stdio import run_stdio
 
         return run_stdio()
+    from worker.warm import WarmWorker
+
     keys = None
     if args.keys:
         from worker.curve import load_peer_keys

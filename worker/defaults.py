@@ -21,7 +21,8 @@ WORKER_CONCURRENCY = 8
 WORKER_CACHE_SIZE = 64
 # Seconds a worker told to stop (SIGTERM) may spend finishing its tasks. Was 25 in code and 60 in
 # the chart: 60 won, because a long generation takes tens of seconds and a scale-down must not cut
-# it off. The chart sets the Pod's terminationGracePeriodSeconds a little above it.
+# it off. The chart sets the Pod's terminationGracePeriodSeconds a little above it; a Pod made
+# some other way must too (Kubernetes' own default is 30 s, which would SIGKILL a draining worker).
 WORKER_GRACE_PERIOD = 60.0
 
 # ---- broker -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from worker import defaults
 from worker import protocol as P
 from worker.curve import PeerKeys
 from worker.health import HealthFiles
@@ -31,16 +32,11 @@ from worker.tasks import CachedRunnable, Job, RunnableCache, TaskRunner
 
 log = logging.getLogger("runnable_k8s.worker")
 
-DEFAULT_CONCURRENCY = 4
-DEFAULT_CACHE_SIZE = 64
-# Kubernetes gives a Pod 30 s between SIGTERM and SIGKILL by default; leave room to say goodbye.
-DEFAULT_GRACE_PERIOD = 25.0
 RECONNECT_DELAY = 1.0
 # On the way out, how long the last messages (BYE, lost tasks) may take to reach the broker.
 FAREWELL_LINGER_MS = 1000
 
-__all__ = ["CachedRunnable", "RunnableCache", "WarmWorker", "DEFAULT_CACHE_SIZE", "DEFAULT_CONCURRENCY",
-           "DEFAULT_GRACE_PERIOD"]
+__all__ = ["CachedRunnable", "RunnableCache", "WarmWorker"]
 
 _endpoints = itertools.count()
 
@@ -73,9 +69,9 @@ class WarmWorker:
         self,
         address: str,
         *,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        cache_size: int = DEFAULT_CACHE_SIZE,
-        grace_period: float = DEFAULT_GRACE_PERIOD,
+        concurrency: int = defaults.WORKER_CONCURRENCY,
+        cache_size: int = defaults.WORKER_CACHE_SIZE,
+        grace_period: float = defaults.WORKER_GRACE_PERIOD,
         keys: PeerKeys | None = None,
         exit_with_parent: int | None = None,
         health_dir: str | None = None,

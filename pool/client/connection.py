@@ -39,7 +39,7 @@ from worker.curve import PeerKeys
 
 log = logging.getLogger("runnable_k8s.client")
 
-DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_CONNECT_TIMEOUT = defaults.CONNECT_TIMEOUT
 
 
 @dataclass(slots=True)

@@ -25,8 +25,9 @@ from pydantic import ConfigDict, PrivateAttr
 
 from pool.client import modes
 from pool.client.calls import RemoteCall, encode_input, encode_runnable, wire_config
+from worker import defaults
 
-DEFAULT_IMAGE = "runnable-k8s-worker:latest"
+DEFAULT_IMAGE = defaults.EPHEMERAL_IMAGE
 
 _UNSET = object()
 
@@ -53,7 +54,7 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     timeout: float | None = None
     retries: int = 0
     keys: str | None = None
-    connect_timeout: float = 5.0
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
     launcher: Literal["kubernetes", "local"] = "kubernetes"
     # The original project's keyword arguments (kaitoy/runnable-k8s), kept so users switch by
     # changing one import.
@@ -61,7 +62,7 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     k8s_namespace: str = "default"
     k8s_container_image: str = DEFAULT_IMAGE
     k8s_image_pull_policy: str | None = None
-    k8s_secret_name: str | None = "runnable-k8s-ee"
+    k8s_secret_name: str | None = defaults.EPHEMERAL_SECRET_NAME
     k8s_delete_runner_pod: bool = True
     k8s_pod_overrides: dict[str, Any] | None = None
 

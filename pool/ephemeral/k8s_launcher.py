@@ -20,6 +20,7 @@ from kubernetes.stream import stream
 from pool.errors import PodFailed, TaskTimeout
 from pool.k8s.api import api_configuration, api_error
 from pool.ephemeral.podspec import CONTAINER, RUNNER_SELECTOR, runner_pod
+from worker import defaults
 
 log = logging.getLogger("runnable_k8s.ephemeral")
 
@@ -28,7 +29,6 @@ FATAL_WAITING_REASONS = {
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
     "CreateContainerConfigError", "CreateContainerError", "RunContainerError", "CrashLoopBackOff",
 }
-DEFAULT_START_TIMEOUT = 120.0
 
 
 class PodChannel:
@@ -92,7 +92,7 @@ class KubernetesLauncher:
         delete_pod: bool = True,
         pod_overrides: dict[str, Any] | None = None,
         k8s_config: Any = None,
-        start_timeout: float = DEFAULT_START_TIMEOUT,
+        start_timeout: float = defaults.EPHEMERAL_START_TIMEOUT,
     ) -> None:
         self.namespace = namespace
         self.image = image

@@ -7,14 +7,13 @@ import copy
 import uuid
 from typing import Any
 
+from worker import defaults
+
 MANAGED_BY = "runnable-k8s"
 ROLE_LABEL = "runnable-k8s/role"
 RUNNER_ROLE = "ephemeral-runner"
 CALL_LABEL = "runnable-k8s/call"
 CONTAINER = "worker"
-# A Pod that somehow outlives its caller (the client was SIGKILLed) stops by itself after this;
-# `runnable-k8s gc` removes what is left.
-DEFAULT_ACTIVE_DEADLINE_SECONDS = 3600
 DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 
 
@@ -50,7 +49,9 @@ def runner_pod(
     secret_name: str | None = None,
     service_account: str | None = None,
     resources: dict[str, Any] | None = None,
-    active_deadline_seconds: int = DEFAULT_ACTIVE_DEADLINE_SECONDS,
+    # A Pod that somehow outlives its caller (the client was SIGKILLed) stops by itself after
+    # this; `runnable-k8s gc` removes what is left.
+    active_deadline_seconds: int = defaults.EPHEMERAL_ACTIVE_DEADLINE,
     overrides: dict[str, Any] | None = None,
     call_id: str | None = None,
 ) -> dict[str, Any]:

@@ -22,26 +22,29 @@ from typing import Any
 
 from pool.scaling.policy import AutoscaleSettings, Decision, Load, PolicyState, decide
 from pool.scaling.target import Scaler
+from worker import defaults
 
 log = logging.getLogger("runnable_k8s.autoscaler")
 
-DEFAULT_SLOTS_PER_WORKER = 4  # the worker's default --concurrency, until a worker says otherwise
-# How often the replica count is read back from the scaler (someone may have run `runnable-k8s
-# scale`): often enough to notice, rarely enough not to load the API server (the HPA syncs every 15 s).
-DEFAULT_RESYNC = 15.0
-
 
 class Autoscaler:
-    """Apply the autoscaling policy to one scaler. Thread-safe; ``stop`` ends its thread."""
+    """Apply the autoscaling policy to one scaler. Thread-safe; ``stop`` ends its thread.
 
-    def __init__(self, settings: AutoscaleSettings, scaler: Scaler, *, resync: float = DEFAULT_RESYNC,
+    Args:
+        resync: seconds between reads of the replica count from the scaler (0: before every
+            decision).
+        clock: where every decision's ``now`` comes from (windows, idle time, resyncs and
+            ``history``); tests pass a fake one to move time by hand.
+    """
+
+    def __init__(self, settings: AutoscaleSettings, scaler: Scaler, *, resync: float = defaults.AUTOSCALE_RESYNC,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.scaler = scaler
         self.resync = resync
         self.clock = clock
-        self.slots_per_worker = settings.slots_per_worker or DEFAULT_SLOTS_PER_WORKER
-        self.last_decision: Decision | None = None
+        # Until a worker registers and says how many slots it has, the worker's default.
+        self.slots_per_worker = settings.slots_per_worker or defaults.WORKER_CONCURRENCY
         self.history: list[tuple[float, int, int, str]] = []  # (time, from, to, reason) of each change
         self._state = PolicyState()
         self._replicas: int | None = None
@@ -127,7 +130,6 @@ class Autoscaler:
             return None
         decision, state = decide(load, current, self.settings, self._state, now)
         self._state = state
-        self.last_decision = decision
         if decision.replicas == current:
             log.debug("autoscaler: %s", decision.reason)
             return decision

@@ -30,13 +30,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-DEFAULT_WINDOW = 300.0  # the HPA's default scale-down stabilization: 5 minutes
-DEFAULT_IDLE = 600.0  # scale to zero (min=0) after 10 idle minutes
+from worker import defaults
 
 
 @dataclass(frozen=True)
 class AutoscaleSettings:
-    """What the operator chooses (broker flags ``--autoscale-*``, chart values ``autoscaling.*``).
+    """What the operator chooses (broker flags ``--autoscale-*``, chart values ``autoscaling.*``);
+    the defaults and the reasons for them are in ``worker.defaults``.
 
     Args:
         min: fewest workers; 0 allows scale to zero after ``idle`` seconds without tasks.
@@ -49,11 +49,11 @@ class AutoscaleSettings:
             workers; until then the worker's default concurrency).
     """
 
-    min: int = 1
-    max: int = 10
-    target: float = 1.0
-    window: float = DEFAULT_WINDOW
-    idle: float = DEFAULT_IDLE
+    min: int = defaults.AUTOSCALE_MIN
+    max: int = defaults.AUTOSCALE_MAX
+    target: float = defaults.AUTOSCALE_TARGET
+    window: float = defaults.AUTOSCALE_WINDOW
+    idle: float = defaults.AUTOSCALE_IDLE
     slots_per_worker: int | None = None
 
     def __post_init__(self) -> None:
