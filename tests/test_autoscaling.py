@@ -1,5 +1,6 @@
 """The autoscaling policy as plain code (DESIGN §6), and the Autoscaler that applies it: no sockets,
-no processes, a fake clock and a fake scaler."""
+no processes, a fake scaler, and time only from a fake clock (the policy's ``now``, the
+Autoscaler's injected ``clock``), so every window and idle time is exact."""
 
 from __future__ import annotations
 
@@ -157,6 +158,19 @@ def test_bad_settings_are_refused(kwargs: dict) -> None:
 # ---------------------------------------------------------------------------- the Autoscaler glue
 
 
+class Clock:
+    """The Autoscaler's injected clock: time moves only when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class FakeScaler:
     def __init__(self, replicas: int, fail: int = 0) -> None:
         self.replicas = replicas
@@ -188,21 +202,27 @@ def status(queued: int, busy: int, slots: tuple[int, ...] = (4,)) -> dict:
     return {"queued": queued, "busy": busy, "workers": [{"slots": s, "busy": 0, "draining": False} for s in slots]}
 
 
+def wait_until(condition, what: str, timeout: float = 5.0) -> None:
+    """Only for the autoscaler's own thread to catch up: a generous bound, never a measurement."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 @pytest.mark.timeout(20)
 def test_observe_never_waits_for_a_slow_scaler() -> None:
     scaler = FakeScaler(1)
     scaler.release.clear()  # a Kubernetes API call that hangs
-    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=5, window=0), scaler).start()
+    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=5, window=0), scaler, clock=Clock()).start()
     try:
         autoscaler.observe(status(queued=10, busy=4))
         assert scaler.entered.wait(5)
         for _ in range(100):  # the broker's ticks go on while the scaler is stuck
             autoscaler.observe(status(queued=10, busy=4))
         scaler.release.set()
-        deadline = time.monotonic() + 5
-        while scaler.calls != [4] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert scaler.calls == [4]  # ceil(14 / 4)
+        wait_until(lambda: scaler.calls == [4], "the scale to ceil(14 / 4) = 4")
+        assert scaler.calls == [4]
     finally:
         autoscaler.stop()
 
@@ -218,25 +238,91 @@ def test_slots_per_worker_are_learnt_from_the_workers() -> None:
 
 def test_a_refused_scale_is_logged_once_and_retried(caplog: pytest.LogCaptureFixture) -> None:
     scaler = FakeScaler(1, fail=3)
-    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=5, window=0), scaler, resync=60)
+    clock = Clock()
+    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=5, window=0), scaler, resync=60, clock=clock)
     with caplog.at_level(logging.INFO, logger="runnable_k8s.autoscaler"):
-        for t in range(5):
-            autoscaler.step(Load(queued=8, running=0, slots_per_worker=4), now=float(t))
+        for _ in range(5):
+            clock.advance(1)
+            autoscaler.step(Load(queued=8, running=0, slots_per_worker=4))
     assert scaler.calls == [2] and scaler.replicas == 2
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "deployments/scale" in warnings[0].getMessage()
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert any("from 1 to 2 workers: scale up: 8 tasks" in m for m in infos), infos
-    assert autoscaler.history[-1][1:3] == (1, 2)
+    assert autoscaler.history[-1] == (clock.now - 1, 1, 2, autoscaler.history[-1][3])  # the 4th step: 3 refused
 
 
-def test_the_replica_count_is_read_back_every_resync_seconds() -> None:
+def test_the_replica_count_is_read_back_every_resync_seconds_of_the_clock() -> None:
     scaler = FakeScaler(2)
-    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=5, window=0), scaler, resync=15)
-    for t in range(30):
-        autoscaler.step(Load(queued=4, running=4, slots_per_worker=4), now=float(t))
-    assert scaler.reads == 2 and scaler.calls == []
+    clock = Clock()
+    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=5, window=0), scaler, resync=15, clock=clock)
+    for _ in range(30):
+        autoscaler.step(Load(queued=4, running=4, slots_per_worker=4))
+        clock.advance(1)
+    assert scaler.reads == 2 and scaler.calls == []  # at 0 s and 15 s
     scaler.replicas = 5  # someone ran `runnable-k8s scale 5`: seen at the next resync, then scaled back
-    for t in range(30, 46):
-        autoscaler.step(Load(queued=4, running=4, slots_per_worker=4), now=float(t))
+    for _ in range(15):
+        autoscaler.step(Load(queued=4, running=4, slots_per_worker=4))
+        clock.advance(1)
     assert scaler.calls == [2]
+
+
+def test_the_window_is_timed_by_the_injected_clock() -> None:
+    scaler = FakeScaler(1)
+    clock = Clock()
+    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=10, window=300), scaler, resync=3600, clock=clock)
+    busy, quiet = Load(queued=12, running=4, slots_per_worker=4), Load(queued=0, running=1, slots_per_worker=4)
+    assert autoscaler.step(busy).replicas == 4
+    clock.advance(1)
+    # However often it decides, the 4 recommended at 1000 s holds until 1300 s by the clock.
+    for _ in range(299):
+        assert autoscaler.step(quiet).replicas == 4
+        clock.advance(1)
+    assert clock.now == 1300.0 and scaler.calls == [4]
+    decision = autoscaler.step(quiet)
+    assert decision.replicas == 1 and decision.reason.startswith("scale down")
+    assert scaler.calls == [4, 1]
+    assert [(t, a, b) for t, a, b, _ in autoscaler.history] == [(1000.0, 1, 4), (1300.0, 4, 1)]
+
+
+def test_scale_to_zero_is_timed_by_the_injected_clock() -> None:
+    scaler = FakeScaler(1)
+    clock = Clock()
+    autoscaler = Autoscaler(AutoscaleSettings(min=0, max=4, window=0, idle=600), scaler, resync=3600, clock=clock)
+    idle = Load(queued=0, running=0, slots_per_worker=4)
+    autoscaler.step(Load(queued=0, running=1, slots_per_worker=4))
+    clock.advance(1)
+    autoscaler.step(idle)  # idle from 1001 s
+    clock.advance(599.5)
+    assert autoscaler.step(idle).replicas == 1 and scaler.calls == []
+    clock.advance(0.5)
+    decision = autoscaler.step(idle)
+    assert decision.replicas == 0 and "idle for 600s" in decision.reason
+    assert scaler.calls == [0] and autoscaler.history[-1][:3] == (1601.0, 1, 0)
+
+
+@pytest.mark.timeout(20)
+def test_the_broker_driven_thread_takes_its_time_from_the_injected_clock() -> None:
+    """``start`` + ``observe`` (the broker's way): the window is the clock's, not the wall's."""
+    scaler = FakeScaler(1)
+    clock = Clock()
+    # resync 0: every decision reads the scaler first, so its reads count the decisions.
+    autoscaler = Autoscaler(AutoscaleSettings(min=1, max=5, window=60), scaler, resync=0, clock=clock).start()
+
+    def observe_and_wait(queued: int, busy: int) -> None:
+        reads = scaler.reads
+        autoscaler.observe(status(queued, busy))
+        wait_until(lambda: scaler.reads > reads, "a decision on the observation")
+
+    try:
+        observe_and_wait(queued=12, busy=4)
+        wait_until(lambda: scaler.calls == [4], "the scale up to 4")
+        for _ in range(5):  # the broker's ticks go on; the clock stands still
+            observe_and_wait(queued=0, busy=1)
+        assert scaler.calls == [4]  # held: not a second has passed by the clock (the 5th read ended the 4th)
+        clock.advance(60)
+        autoscaler.observe(status(queued=0, busy=1))
+        wait_until(lambda: scaler.calls == [4, 1], "the scale down once the window passed")
+        assert autoscaler.history[-1][:3] == (1060.0, 4, 1)
+    finally:
+        autoscaler.stop()
