@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -14,8 +13,9 @@ from langchain_core.runnables import RunnableLambda
 from prometheus_client.parser import text_string_to_metric_families
 
 from pool import LocalPool, RunnableK8s
-from pool.broker.server import Broker
 from pool.broker.metrics import BrokerMetrics
+from pool.broker.server import Broker
+from tests.support.ports import free_port
 
 
 def slow(seconds: float) -> str:
@@ -25,12 +25,6 @@ def slow(seconds: float) -> str:
 
 def boom(_: Any) -> None:
     raise ValueError("boom")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -6,11 +6,13 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from langchain_core.runnables import RunnableLambda
 
 from pool import LocalPool, PoolUnavailable, RunnableK8s, WorkerLost
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,12 +43,9 @@ def start_call(runnable, arg):
 
 
 def wait_for_pid(path, timeout=10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path) and open(path).read():
-            return int(open(path).read())
-        time.sleep(0.01)
-    raise TimeoutError("the task never started")
+    """The PID the task wrote once it started on a worker."""
+    return int(wait_for(lambda: os.path.exists(path) and Path(path).read_text(), timeout,
+                        "the task to start (and write its worker's PID)"))
 
 
 def test_worker_killed_mid_task_gives_worker_lost_and_the_pool_keeps_serving(tmp_path):
