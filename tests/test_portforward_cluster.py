@@ -11,6 +11,7 @@ from langchain_core.runnables import RunnableLambda
 
 from pool import PoolUnavailable, RunnableK8s
 from pool.k8s.portforward import parse_k8s_address
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -38,13 +39,9 @@ def broker_pod(name: str, image: str) -> dict:
 
 
 def wait_ready(core, namespace, name, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pod = core.read_namespaced_pod(name, namespace)
-        if any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{name} not ready")
+    wait_for(lambda: any(c.type == "Ready" and c.status == "True"
+                         for c in core.read_namespaced_pod(name, namespace).status.conditions or []),
+             timeout, f"Pod {name} to be Ready", interval=0.5)
 
 
 def call_until_served(runnable, timeout=60):
