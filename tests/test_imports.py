@@ -1,0 +1,71 @@
+"""Heavy imports are lazy (DESIGN §2): ``import pool``, the warm worker and the one-shot worker
+(which an ephemeral call starts once per call) load neither the kubernetes client, nor
+prometheus_client, nor matplotlib, nor tqdm until a feature needs them. Each check runs in a fresh
+interpreter, so what the test process itself imported does not count."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from langchain_core.runnables import RunnableLambda
+
+from worker import codec
+from worker import protocol as P
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("kubernetes", "prometheus_client", "matplotlib", "tqdm")
+LOADED = (f"sorted(m for m in sys.modules if m.split('.')[0] in {set(HEAVY)!r})")
+
+
+def loaded_after(code: str, stdin: bytes = b"") -> tuple[list[str], subprocess.CompletedProcess[bytes]]:
+    """Run ``code`` in a fresh interpreter; the heavy modules loaded by then, and the process."""
+    script = f"{code}\nimport os, sys\nos.write(2, ('LOADED %r\\n' % ({LOADED},)).encode())\n"
+    proc = subprocess.run([sys.executable, "-c", script], input=stdin, capture_output=True, cwd=ROOT,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    line = next(x for x in proc.stderr.decode().splitlines() if x.startswith("LOADED "))
+    return ast.literal_eval(line.removeprefix("LOADED ")), proc
+
+
+@pytest.mark.timeout(60)
+def test_import_pool_loads_no_heavy_module() -> None:
+    loaded, _ = loaded_after("import pool")
+    assert loaded == []
+
+
+@pytest.mark.timeout(60)
+def test_the_cli_parser_loads_no_heavy_module() -> None:
+    # Every `runnable-k8s` command builds the whole parser (bench's flags included) first.
+    loaded, _ = loaded_after("import pool.cli\npool.cli.build_parser()")
+    assert loaded == []
+
+
+@pytest.mark.timeout(60)
+def test_the_warm_worker_loads_no_heavy_module() -> None:
+    loaded, _ = loaded_after("import worker.__main__, worker.warm\n"
+                             "worker.__main__.parse_args(['--connect', 'tcp://127.0.0.1:1'])")
+    assert loaded == []
+
+
+@pytest.mark.timeout(60)
+def test_a_one_shot_worker_runs_its_task_without_heavy_modules_or_the_warm_loop() -> None:
+    """`python -m worker --stdio` for real: HELLO and a TASK on stdin, the RESULT on stdout."""
+    runnable = codec.dumps(RunnableLambda(lambda x: x + 1))
+    header = P.TaskHeader("invoke", codec.digest(runnable), None, 0, {})
+    stdin = (P.stdio_line(P.HELLO, P.encode_json(P.environment()))
+             + P.stdio_line(P.TASK, header.to_bytes(), runnable, codec.dumps((41, {}))))
+    code = ("import sys\nfrom worker.__main__ import main\nassert main(['--stdio']) == 0\n"
+            "os_loaded = sorted(m for m in sys.modules if m in {'worker.warm', 'worker.tasks', 'worker.curve'})\n"
+            "import os\nos.write(2, ('WARM %r\\n' % (os_loaded,)).encode())")
+    loaded, proc = loaded_after(code, stdin)
+    replies = [P.parse_stdio_line(line) for line in proc.stdout.splitlines(keepends=True)]
+    results = [fields for message in replies if message for command, fields in [message] if command == P.RESULT]
+    assert results, f"no RESULT on stdout: {proc.stdout[:500]!r} / {proc.stderr[-1000:]!r}"
+    assert codec.loads(results[0][0]) == 42
+    assert loaded == []
+    warm = next(x for x in proc.stderr.decode().splitlines() if x.startswith("WARM "))
+    assert ast.literal_eval(warm.removeprefix("WARM ")) == [], "the one-shot worker loaded the warm loop"
