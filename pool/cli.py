@@ -73,9 +73,9 @@ def _broker_extras(args: argparse.Namespace, broker: Any) -> list[Any]:
         stops.append(metrics.close)
         print(f"runnable-k8s broker: metrics on http://{args.metrics_bind}:{port}/metrics", file=sys.stderr, flush=True)
     if args.autoscale_deployment:
+        from pool.k8s.deployment import deployment_scaler
         from pool.scaling.autoscaler import Autoscaler
         from pool.scaling.policy import AutoscaleSettings
-        from pool.k8s.deployment import deployment_scaler
 
         settings = AutoscaleSettings(min=args.autoscale_min, max=args.autoscale_max, target=args.autoscale_target,
                                      window=args.autoscale_window, idle=args.autoscale_idle)
@@ -175,11 +175,14 @@ def _create_key_secret(directory: Any, args: argparse.Namespace) -> int:
 
     try:
         core = CoreV1Api(api_client(args.kubeconfig))
-        core.create_namespaced_secret(args.namespace, key_secret_manifest(directory, args.k8s_secret))
+        manifest: Any = key_secret_manifest(directory, args.k8s_secret)  # the client takes a dict as a V1Secret
+        core.create_namespaced_secret(args.namespace, manifest)
     except ApiException as exc:
-        print(f"runnable-k8s keys: {api_error(exc, 'create', 'secrets', args.namespace, error=RunnableK8sError)}", file=sys.stderr)
+        error = api_error(exc, "create", "secrets", args.namespace, error=RunnableK8sError)
+        print(f"runnable-k8s keys: {error}", file=sys.stderr)
         return 1
-    print(f"  created Secret {args.namespace}/{args.k8s_secret}: helm install ... --set curve.existingSecret={args.k8s_secret}")
+    print(f"  created Secret {args.namespace}/{args.k8s_secret}: "
+          f"helm install ... --set curve.existingSecret={args.k8s_secret}")
     return 0
 
 
@@ -211,7 +214,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     try:
         deleted = delete_leftover_runners(CoreV1Api(api_client(args.kubeconfig)), args.namespace, args.older_than)
     except ApiException as exc:
-        print(f"runnable-k8s gc: {api_error(exc, 'list or delete', 'pods', args.namespace, error=RunnableK8sError)}", file=sys.stderr)
+        error = api_error(exc, "list or delete", "pods", args.namespace, error=RunnableK8sError)
+        print(f"runnable-k8s gc: {error}", file=sys.stderr)
         return 1
     for name in deleted:
         print(f"deleted {args.namespace}/{name}")

@@ -133,7 +133,8 @@ class LocalPool:
     @property
     def pids(self) -> list[int]:
         """PIDs of the broker and the workers (for tests and troubleshooting)."""
-        procs = ([self._broker] if self._broker else []) + self._workers + [p for p in self._retired if p.poll() is None]
+        draining = [p for p in self._retired if p.poll() is None]
+        procs = ([self._broker] if self._broker else []) + self._workers + draining
         return [p.pid for p in procs]
 
     @property
@@ -174,7 +175,8 @@ class LocalPool:
         while True:
             for proc in self._workers:
                 if proc.poll() is not None:
-                    raise PoolUnavailable(f"a local worker exited with code {proc.returncode} while starting; see its log above")
+                    raise PoolUnavailable(f"a local worker exited with code {proc.returncode} while starting; "
+                                          "see its log above")
             # Only this pool's own processes count: a worker connected from elsewhere is not one.
             own = {proc.pid for proc in self._workers}
             ready = [w for w in self.status()["workers"] if not w["draining"] and w["pid"] in own]
@@ -224,7 +226,7 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     data = b""
     while not data.endswith(b"\n"):
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or proc.poll() is not None and not select.select([proc.stdout], [], [], 0)[0]:
+        if remaining <= 0 or (proc.poll() is not None and not select.select([proc.stdout], [], [], 0)[0]):
             break
         if select.select([proc.stdout], [], [], min(remaining, 0.1))[0]:
             byte = os.read(proc.stdout.fileno(), 1)

@@ -20,12 +20,12 @@ import pytest
 from langchain_core.runnables import RunnableLambda
 
 from pool import LocalPool, RunnableK8s
+from pool.broker.server import Broker
+from pool.client.connection import Connection
 from pool.local import LocalPoolScaler
 from pool.scaling.autoscaler import Autoscaler
 from pool.scaling.policy import AutoscaleSettings
 from pool.scaling.policy import Load as AutoscaleLoad
-from pool.broker.server import Broker
-from pool.client.connection import Connection
 
 
 def slow(seconds: float) -> int:
@@ -176,7 +176,8 @@ class PolledStatus:
 
 
 @contextlib.contextmanager
-def clocked_autoscaler(pool: LocalPool, settings: AutoscaleSettings) -> Iterator[tuple[Autoscaler, Clock, PolledStatus]]:
+def clocked_autoscaler(pool: LocalPool,
+                       settings: AutoscaleSettings) -> Iterator[tuple[Autoscaler, Clock, PolledStatus]]:
     """An autoscaler on ``pool``'s processes with a fake clock; the test starts its ``poll``."""
     clock = Clock()
     autoscaler = Autoscaler(settings, LocalPoolScaler(pool), resync=0, clock=clock)

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from pool.errors import ScalingError
 from pool.scaling.autoscaler import Autoscaler
 from pool.scaling.policy import AutoscaleSettings, Decision, Load, PolicyState, decide
-from pool.errors import ScalingError
 
 
 class Policy:

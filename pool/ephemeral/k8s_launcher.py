@@ -17,9 +17,9 @@ from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 from kubernetes.stream import stream
 
+from pool.ephemeral.podspec import CONTAINER, RUNNER_SELECTOR, runner_pod
 from pool.errors import PodFailed, TaskTimeout
 from pool.k8s.api import api_configuration, api_error
-from pool.ephemeral.podspec import CONTAINER, RUNNER_SELECTOR, runner_pod
 from worker import defaults
 
 log = logging.getLogger("runnable_k8s.ephemeral")

@@ -86,7 +86,8 @@ def runner_pod(
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": f"runnable-k8s-runner-{call_id}", "namespace": namespace, "labels": runner_labels(call_id)},
+        "metadata": {"name": f"runnable-k8s-runner-{call_id}", "namespace": namespace,
+                     "labels": runner_labels(call_id)},
         "spec": spec,
     }
     return deep_merge(pod, overrides) if overrides else pod

@@ -113,7 +113,7 @@ def decide(load: Load, replicas: int, settings: AutoscaleSettings, state: Policy
         floor = 0 if replicas == 0 or idle_for >= settings.idle else 1
     recommendation = max(floor, min(settings.max, wanted))
 
-    history = tuple((t, r) for t, r in state.history if now - t < settings.window) + ((now, recommendation),)
+    history = (*((t, r) for t, r in state.history if now - t < settings.window), (now, recommendation))
     next_state = PolicyState(history, idle_since)
     load_text = (f"{tasks} tasks ({load.queued} queued + {load.running} running) over "
                  f"{load.slots_per_worker} slots/worker at target {settings.target:g}")
