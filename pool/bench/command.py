@@ -34,6 +34,7 @@ from pool.bench import workloads
 from pool.bench.measure import BareFloor, environment, percentiles, time_calls, timed_samples
 from pool.client.runnable import DEFAULT_IMAGE, RunnableK8s
 from pool.local import LocalPool
+from worker import defaults
 
 MODES = ("warm", "ephemeral")
 EPHEMERAL_TIMEOUT = 300.0
@@ -94,10 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     warm.add_argument("--pool", metavar="ADDRESS",
                       help="a running pool (tcp://..., k8s://NS/RELEASE); "
                            "default: a LocalPool started and stopped here")
-    warm.add_argument("--pool-workers", type=int, default=2, metavar="N",
-                      help="workers of that LocalPool (and of the bare floor); default 2")
-    warm.add_argument("--slots", type=int, default=4, metavar="N",
-                      help="tasks each local worker runs at once (the worker's default, 4)")
+    warm.add_argument("--pool-workers", type=int, default=defaults.LOCAL_WORKERS, metavar="N",
+                      help="workers of that LocalPool (and of the bare floor); default %(default)s")
+    warm.add_argument("--slots", type=int, default=defaults.WORKER_CONCURRENCY, metavar="N",
+                      help="tasks each local worker runs at once (the worker's default, %(default)s)")
     warm.add_argument("--keys", metavar="DIR", help="CurveZMQ client keys for --pool")
 
     eph = parser.add_argument_group("ephemeral mode")

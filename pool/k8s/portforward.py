@@ -24,10 +24,10 @@ from kubernetes.stream import portforward
 from pool.errors import PoolUnavailable
 from pool.k8s.address import parse_k8s_address
 from pool.k8s.api import api_configuration, api_error
+from worker import defaults
 
 log = logging.getLogger("runnable_k8s.portforward")
 
-DEFAULT_BROKER_PORT = 5555
 
 
 def broker_selector(release: str) -> str:
@@ -140,4 +140,4 @@ def _zmq_port(pod: Any) -> int:
         for port in container.ports or []:
             if port.name == "zmq":
                 return int(port.container_port)
-    return DEFAULT_BROKER_PORT
+    return defaults.BROKER_PORT
