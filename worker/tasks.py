@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 from langchain_core.runnables import Runnable
 
-from worker import codec, defaults, execution
+from worker import codec, defaults, execution, transport
 from worker import protocol as P
 
 log = logging.getLogger("runnable_k8s.worker")
@@ -238,5 +238,5 @@ class TaskRunner:
             sock.connect(self.replies_endpoint)
         send = sock.send
         for frame in frames[:-1]:
-            send(frame, zmq.SNDMORE, copy=len(frame) < P.COPY_THRESHOLD)
-        send(frames[-1], 0, copy=len(frames[-1]) < P.COPY_THRESHOLD)
+            send(frame, zmq.SNDMORE, copy=len(frame) < transport.COPY_THRESHOLD)
+        send(frames[-1], 0, copy=len(frames[-1]) < transport.COPY_THRESHOLD)

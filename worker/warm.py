@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from worker import defaults
+from worker import defaults, transport
 from worker import protocol as P
 from worker.curve import PeerKeys
 from worker.health import HealthFiles
@@ -175,7 +175,7 @@ class WarmWorker:
 
     def _session(self) -> None:
         """One connection to the broker, until it is lost or the worker is done."""
-        sock = P.dealer_socket(self._broker_context, self.keys)
+        sock = transport.dealer_socket(self._broker_context, self.keys)
         sock.connect(self.address)
         self._socket = sock
         self._send([P.PROTOCOL, P.READY, P.encode_json(self._environment())])
@@ -261,7 +261,7 @@ class WarmWorker:
     def _send(self, frames: list[bytes]) -> None:
         if self._socket is not None:
             try:
-                P.send_frames(self._socket, frames)
+                transport.send_frames(self._socket, frames)
             except zmq.Again:
                 log.debug("could not send %s: not connected", P.COMMAND_NAMES.get(frames[1]))
 
@@ -270,7 +270,7 @@ class WarmWorker:
         got = False
         for _ in range(1000):
             try:
-                frames = P.recv_frames(sock)
+                frames = transport.recv_frames(sock)
             except zmq.Again:
                 break
             got = True
@@ -282,7 +282,7 @@ class WarmWorker:
         replies = self._replies
         for _ in range(1000):
             try:
-                frames = P.recv_frames(replies)
+                frames = transport.recv_frames(replies)
             except zmq.Again:
                 return
             task_id = frames[2]

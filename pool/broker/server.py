@@ -22,7 +22,7 @@ from pool.broker import events as E
 from pool.broker.core import BrokerCore
 from pool.broker.state import RunnableStore, WorkerState
 from pool.keys import BrokerKeys
-from worker import defaults
+from worker import defaults, transport
 from worker import protocol as P
 
 __all__ = ["Broker", "BrokerConfigError", "RunnableStore", "WorkerState", "is_loopback_endpoint"]
@@ -130,7 +130,7 @@ class Broker:
             if poller.poll(min(max(0, int((next_tick - clock()) * 1000)), 250)):
                 for _ in range(_BATCH):  # drain what is there before ticking
                     try:
-                        frames = P.recv_frames(self.socket, keep_frame=1)
+                        frames = transport.recv_frames(self.socket, keep_frame=1)
                     except zmq.Again:
                         break
                     self._carry_out(handle(self._decode(frames), clock()))
@@ -157,7 +157,7 @@ class Broker:
         return E.decode(frames, user_id)
 
     def _carry_out(self, effects: list[E.Effect]) -> None:
-        send_frames, socket = P.send_frames, self.socket
+        send_frames, socket = transport.send_frames, self.socket
         i = 0
         while i < len(effects):  # grows when a failed send makes the core answer with more
             effect = effects[i]

@@ -33,7 +33,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pool.errors import AuthenticationFailed, PayloadTooLarge, PoolUnavailable, RunnableK8sError
-from worker import defaults
+from worker import defaults, transport
 from worker import protocol as P
 from worker.curve import PeerKeys
 
@@ -312,7 +312,7 @@ class Connection:
     # ------------------------------------------------------------------ the socket (under _lock)
 
     def _new_socket(self) -> tuple[zmq.Socket, zmq.Socket]:
-        sock = P.dealer_socket(self._context, self.keys)
+        sock = transport.dealer_socket(self._context, self.keys)
         monitor = sock.get_monitor_socket(_MONITORED)
         sock.connect(self.address)
         return sock, monitor
@@ -325,7 +325,7 @@ class Connection:
 
     def _send(self, frames: list[bytes]) -> None:
         try:
-            P.send_frames(self._sock, frames)
+            transport.send_frames(self._sock, frames)
         except zmq.Again:
             log.debug("could not send %s: not connected", P.COMMAND_NAMES.get(frames[1]))
 
@@ -335,7 +335,7 @@ class Connection:
         which is all the I/O thread waits on."""
         for _ in range(1000):
             try:
-                frames = P.recv_frames(self._sock)
+                frames = transport.recv_frames(self._sock)
             except zmq.Again:
                 return
             self._last_seen = time.monotonic()
