@@ -18,7 +18,6 @@ from langchain_core.output_parsers import StrOutputParser
 from pokemon import chat_model, pool_address, prompt
 from pool import RunnableK8s
 
-
 DEFAULT_QUESTIONS = [
     "What type is Pikachu?",
     "What does Eevee evolve into?",

@@ -230,6 +230,7 @@ class WarmWorker:
             pass
 
     def _check_drained(self, now: float) -> None:
+        assert self.draining_since is not None, "only called once draining started"
         waited = now - self.draining_since
         if self.jobs and waited < self.grace_period:
             return

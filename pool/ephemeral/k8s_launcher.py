@@ -118,7 +118,7 @@ class KubernetesLauncher:
 
     def launch(self, deadline: float | None) -> PodChannel:
         core = self.core()
-        manifest = self.manifest()
+        manifest: Any = self.manifest()  # the client sends a plain dict as it is, like a V1Pod
         name = manifest["metadata"]["name"]
         try:
             core.create_namespaced_pod(self.namespace, manifest)
@@ -203,8 +203,9 @@ class KubernetesLauncher:
             self._check_started(pod)
         except PodFailed as failed:
             return failed
-        return PodFailed(f"{what} (runner Pod {self.namespace}/{name} is {pod.status.phase})",
-                         reason=pod.status.phase, pod_name=name)
+        phase = pod.status.phase if pod.status is not None else None
+        return PodFailed(f"{what} (runner Pod {self.namespace}/{name} is {phase or 'in an unknown phase'})",
+                         reason=phase, pod_name=name)
 
     def delete(self, core: client.CoreV1Api, name: str) -> None:
         if not self.delete_pod:
@@ -221,13 +222,15 @@ class KubernetesLauncher:
 def delete_leftover_runners(core: client.CoreV1Api, namespace: str, older_than: float) -> list[str]:
     """Delete this project's runner Pods older than ``older_than`` seconds (``runnable-k8s gc``)."""
     now = dt.datetime.now(dt.timezone.utc)
-    deleted = []
+    deleted: list[str] = []
     for pod in core.list_namespaced_pod(namespace, label_selector=RUNNER_SELECTOR).items:
-        age = (now - pod.metadata.creation_timestamp).total_seconds()
-        if age >= older_than:
+        meta = pod.metadata
+        if meta is None or meta.name is None or meta.creation_timestamp is None:
+            continue  # the API always sets both; nothing to age or delete without them
+        if (now - meta.creation_timestamp).total_seconds() >= older_than:
             try:
-                core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=0)
-                deleted.append(pod.metadata.name)
+                core.delete_namespaced_pod(meta.name, namespace, grace_period_seconds=0)
+                deleted.append(meta.name)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
