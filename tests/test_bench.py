@@ -57,7 +57,8 @@ def test_json_has_every_documented_figure(tiny_run: dict) -> None:
         assert set(figures["throughput_by_concurrency"]) == {"1", "4"}
         for workload in ("echo", "io", "stream"):
             w = figures["workloads"][workload]
-            assert all(_positive(w[k]) for k in ("p1_ms", "p25_ms", "p50_ms", "p75_ms", "p95_ms", "p99_ms", "mean_ms")), \
+            keys = ("p1_ms", "p25_ms", "p50_ms", "p75_ms", "p95_ms", "p99_ms", "mean_ms")
+            assert all(_positive(w[k]) for k in keys), \
                 (mode, workload, w)
             assert all(_positive(v) for v in w["throughput_by_concurrency"].values()), (mode, workload, w)
             assert workload in figures["overhead"]
@@ -152,7 +153,8 @@ def test_a_real_pod_per_call_on_the_test_cluster(k8s_node, k8s_namespace, tmp_pa
                  "--kubeconfig", k8s_node.control_plane.kubeconfig, "--namespace", k8s_namespace,
                  "--image", k8s_node.worker_image, "--image-pull-policy", "Never", "--workload", "echo,stream",
                  "--calls", "20", "--slow-calls", "5", "--ephemeral-calls", "2", "--concurrency", "1,2",
-                 "--workers", "0", "--no-progress", "--json", str(tmp_path / "k.json"), "--plot", str(tmp_path / "k.png")])
+                 "--workers", "0", "--no-progress",
+                 "--json", str(tmp_path / "k.json"), "--plot", str(tmp_path / "k.png")])
     assert code == 0
     assert "a Pod per call" in capsys.readouterr().out
     results = json.loads((tmp_path / "k.json").read_text())

@@ -225,7 +225,8 @@ def test_each_role_mounts_only_its_own_keys_with_authorized_as_a_subfolder(helm_
     broker, worker, test_pod = one(docs, "Deployment", "broker"), one(docs, "Deployment", "worker"), one(docs, "Pod")
     assert key_items(broker["spec"]["template"]["spec"]) == {
         "broker.key": "broker.key", "broker.key_secret": "broker.key_secret",
-        "worker.key": "authorized/worker.key", "client.key": "authorized/client.key", "alice.key": "authorized/alice.key"}
+        "worker.key": "authorized/worker.key", "client.key": "authorized/client.key",
+        "alice.key": "authorized/alice.key"}
     assert key_items(worker["spec"]["template"]["spec"]) == {
         "broker.key": "broker.key", "worker.key": "worker.key", "worker.key_secret": "worker.key_secret"}
     assert key_items(test_pod["spec"]) == {

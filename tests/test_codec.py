@@ -43,10 +43,12 @@ def test_mixed_chain_is_rebuilt_in_another_process_with_that_process_key():
     program = (
         "import sys; from worker import codec; chain = codec.loads(sys.stdin.buffer.read()); "
         "llm = chain.steps[2]; "
-        "print(type(llm).__name__, llm.openai_api_key.get_secret_value(), chain.steps[1].invoke(chain.steps[0].invoke({'pokemon': 'Pikachu'})))"
+        "prompt_value = chain.steps[1].invoke(chain.steps[0].invoke({'pokemon': 'Pikachu'})); "
+        "print(type(llm).__name__, llm.openai_api_key.get_secret_value(), prompt_value)"
     )
     env = {**os.environ, "OPENAI_API_KEY": "sk-from-the-worker-env"}
-    out = subprocess.run([sys.executable, "-c", program], input=data, capture_output=True, env=env, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-c", program], input=data, capture_output=True, env=env, timeout=60,
+                         check=True)
     assert out.stdout.decode().split(" ", 2) == ["ChatOpenAI", "sk-from-the-worker-env", "Tell me about Pikachu!\n"]
 
 

@@ -54,7 +54,8 @@ def test_invoke_stream_and_batch_each_run_in_a_fresh_pod(k8s_node, k8s_namespace
     def words(text):
         yield from text.split()
 
-    assert list(in_pod(k8s_node, k8s_namespace, RunnableLambda(words)).stream("one two three")) == ["one", "two", "three"]
+    streamed = in_pod(k8s_node, k8s_namespace, RunnableLambda(words)).stream("one two three")
+    assert list(streamed) == ["one", "two", "three"]
     names = hostname.batch([None, None, None], config={"max_concurrency": 3})  # Pods attached at once
     assert len(set(names)) == 3 and first not in names
     assert runner_pods(k8s_node, k8s_namespace) == []  # every Pod deleted

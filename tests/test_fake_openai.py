@@ -234,5 +234,5 @@ def test_nothing_left_behind_after_exit():
     with pytest.raises(OSError):
         socket.create_connection((host, port), timeout=1).close()
     with pytest.raises(RuntimeError):
-        fake.base_url
+        _ = fake.base_url
     stream.close()

@@ -56,11 +56,10 @@ def test_a_local_pool_leaves_no_process_behind_after_a_normal_exit():
 @pytest.mark.timeout(30)
 def test_a_local_pool_leaves_no_process_behind_when_its_block_raises():
     pids: list[int] = []
-    with pytest.raises(RuntimeError, match="boom"):
-        with LocalPool(workers=2, concurrency=1) as pool:
-            pids = pool.pids
-            assert remote(pool, worker_pid).invoke(None) in pids
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), LocalPool(workers=2, concurrency=1) as pool:
+        pids = pool.pids
+        assert remote(pool, worker_pid).invoke(None) in pids
+        raise RuntimeError("boom")
     assert len(pids) == 3
     assert [p for p in pids if not is_gone(p)] == []
 

@@ -78,5 +78,5 @@ def test_a_warm_call_reaches_a_broker_pod_through_port_forward_and_survives_its_
 def test_no_broker_gives_pool_unavailable_naming_the_labels(k8s_control_plane, k8s_namespace):
     remote = RunnableK8s(bound=RunnableLambda(lambda x: x), pool=f"k8s://{k8s_namespace}/absent", mode="warm",
                          k8s_config=k8s_control_plane.kubeconfig)
-    with pytest.raises(PoolUnavailable, match="app.kubernetes.io/instance=absent"):
+    with pytest.raises(PoolUnavailable, match=r"app\.kubernetes\.io/instance=absent"):
         remote.invoke(1)

@@ -93,8 +93,7 @@ async def test_astream_delivers_chunks_incrementally(local_pool, tmp_path):
     gate = str(tmp_path / "gate")
 
     def produce(_):
-        for i in range(3):
-            yield i
+        yield from range(3)
         wait_for_file(gate)
         yield 3
 
@@ -181,7 +180,7 @@ def test_bound_kwargs_reach_the_remote_runnable(local_pool):
 
 def test_timeout_raises_task_timeout_and_the_pool_still_serves(local_pool):
     runnable = remote(local_pool, lambda s: time.sleep(s) or s, timeout=0.5)
-    with pytest.raises(TaskTimeout, match="timeout of 0.5s"):
+    with pytest.raises(TaskTimeout, match=r"timeout of 0\.5s"):
         runnable.invoke(5)
     assert runnable.invoke(0) == 0
 

@@ -803,7 +803,8 @@ def status() -> dict:
         with contextlib.suppress(Exception):
             if api_get(state, "/readyz", timeout=3)[0] == 200:
                 tiers.append("control-plane")
-    if "control-plane" in tiers and "node" in state.get("tiers", []) and alive.get("kubelet") and alive.get("containerd"):
+    node_alive = alive.get("kubelet") and alive.get("containerd")
+    if "control-plane" in tiers and "node" in state.get("tiers", []) and node_alive:
         with contextlib.suppress(Exception):
             code, body = api_get(state, f"/api/v1/nodes/{NODE_NAME}", timeout=3)
             conds = {c["type"]: c["status"] for c in json.loads(body)["status"]["conditions"]} if code == 200 else {}

@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 
@@ -85,9 +86,11 @@ def _skip_reason(tier: str) -> str:
 
 
 class _Autostart:
-    started: bool = False
-    errors: dict[str, str] = {}
-    lock: cluster.ClusterLock | None = None
+    """What this test session started, shared by every fixture (one cluster per machine)."""
+
+    started: ClassVar[bool] = False
+    errors: ClassVar[dict[str, str]] = {}
+    lock: ClassVar[cluster.ClusterLock | None] = None
 
 
 def _ensure_tier(tier: str) -> None:

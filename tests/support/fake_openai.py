@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["FakeOpenAI", "DEFAULT_CHUNKS"]
+__all__ = ["DEFAULT_CHUNKS", "FakeOpenAI"]
 
 # The key the test pools' workers hold in their environment (and the session's fake server accepts).
 FAKE_KEY = "sk-worker-env-key"
@@ -170,7 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.fake._unregister_connection(self.connection)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # keep test output clean
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -214,11 +214,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write_event(self, payload: dict | str) -> None:
         text = payload if isinstance(payload, str) else json.dumps(payload)
-        self._write_chunk(f"data: {text}\n\n".encode("utf-8"))
+        self._write_chunk(f"data: {text}\n\n".encode())
 
     # -- routes ---------------------------------------------------------------------------------------
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         if not self._authorized():
             self._read_body()
@@ -239,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
             })
         self._not_found()
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+    def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         raw = self._read_body()
         if path != "/v1/chat/completions":
