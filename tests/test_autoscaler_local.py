@@ -13,19 +13,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from langchain_core.runnables import RunnableLambda
 
-from pool import LocalPool, RunnableK8s
+from pool import LocalPool
 from pool.broker.server import Broker
 from pool.client.connection import Connection
 from pool.local import LocalPoolScaler
 from pool.scaling.autoscaler import Autoscaler
 from pool.scaling.policy import AutoscaleSettings
 from pool.scaling.policy import Load as AutoscaleLoad
+from tests.support.remote import remote
+from tests.support.waiting import seconds_until, wait_for
 
 
 def slow(seconds: float) -> int:
@@ -43,19 +44,7 @@ def short(x: int) -> int:
     return x * x
 
 
-def remote(address: str, fn: Any, **kwargs: Any) -> RunnableK8s:
-    kwargs.setdefault("timeout", 60)
-    return RunnableK8s(bound=RunnableLambda(fn), pool=address, mode="warm", **kwargs)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until ``condition()`` held; fails the test after ``timeout``."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - start
+CALL_TIMEOUT = 60  # a call may wait in the queue for a worker to start
 
 
 def ready_workers(pool: LocalPool) -> int:
@@ -66,7 +55,7 @@ class Load:
     """Keeps ``in_flight`` calls of ``fn(arg)`` running from threads until stopped; counts outcomes."""
 
     def __init__(self, address: str, fn: Any, arg: Any, in_flight: int) -> None:
-        self.runnable = remote(address, fn)
+        self.runnable = remote(address, fn, timeout=CALL_TIMEOUT)
         self.arg = arg
         self.done = 0
         self.errors: list[BaseException] = []
@@ -101,9 +90,9 @@ def test_rising_load_grows_the_pool_to_max_and_idle_shrinks_it_back_to_min() -> 
     with LocalPool(workers=1, concurrency=2, autoscale=settings) as pool:
         assert ready_workers(pool) == 1
         with Load(pool.address, slow, 0.3, in_flight=16) as load:
-            grew = wait_for(lambda: ready_workers(pool) == 4, 60, "4 ready workers under load")
+            grew = seconds_until(lambda: ready_workers(pool) == 4, 60, "4 ready workers under load")
         assert load.errors == [] and load.done > 0
-        shrank = wait_for(lambda: pool.workers == 1, 45, "back to 1 worker when idle")
+        shrank = seconds_until(lambda: pool.workers == 1, 45, "back to 1 worker when idle")
         wait_for(lambda: ready_workers(pool) == 1 and len(pool.status()["workers"]) == 1, 30,
                  "the removed workers to drain and leave")
         history = pool.autoscaler.history
@@ -123,7 +112,8 @@ def test_an_explicit_scale_down_from_4_to_1_during_1000_tasks_fails_none() -> No
 
         def run() -> None:
             try:
-                results.extend(remote(pool.address, square).batch(list(range(1000)), {"max_concurrency": 32}))
+                squares = remote(pool.address, square, timeout=CALL_TIMEOUT)
+                results.extend(squares.batch(list(range(1000)), {"max_concurrency": 32}))
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 
@@ -199,7 +189,8 @@ def test_the_autoscaler_scaling_down_during_1000_tasks_fails_none() -> None:
 
         def run() -> None:
             try:
-                results.extend(remote(pool.address, short).batch(list(range(1000)), {"max_concurrency": 2}))
+                shorts = remote(pool.address, short, timeout=CALL_TIMEOUT)
+                results.extend(shorts.batch(list(range(1000)), {"max_concurrency": 2}))
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 
@@ -228,7 +219,7 @@ def test_a_pool_scaled_to_zero_wakes_for_a_task_that_waits_in_the_queue() -> Non
     settings = AutoscaleSettings(min=0, max=2, window=0, idle=60)
     with LocalPool(workers=1, concurrency=2) as pool, clocked_autoscaler(pool, settings) as (autoscaler, clock, polled):
         autoscaler.poll(polled, interval=0.05)
-        assert remote(pool.address, slow).invoke(0) in pool.pids
+        assert remote(pool.address, slow, timeout=CALL_TIMEOUT).invoke(0) in pool.pids
         polled.wait_for_decisions(3)
         assert pool.workers == 1  # idle, but not for 60 s of the clock
         clock.advance(60)
@@ -237,7 +228,8 @@ def test_a_pool_scaled_to_zero_wakes_for_a_task_that_waits_in_the_queue() -> Non
         polled.wait_for_decisions(3)
         assert pool.workers == 0  # it stays asleep without tasks, however long
         started = time.monotonic()
-        pid = remote(pool.address, slow).invoke(0)  # warm mode: the task waits in the broker's queue
+        # warm mode: the task waits in the broker's queue
+        pid = remote(pool.address, slow, timeout=CALL_TIMEOUT).invoke(0)
         woke = time.monotonic() - started
         assert pid in pool.pids and pool.workers == 1
         assert [h[1:3] for h in autoscaler.history] == [(1, 0), (0, 1)], autoscaler.history
@@ -295,7 +287,7 @@ def test_a_broker_with_no_workers_wakes_its_autoscaler_as_soon_as_a_task_arrives
         wait_for(lambda: scaler.reads >= 3, 30, "the broker's ticks to reach the autoscaler")
         assert scaler.calls == []
         submitted = time.monotonic()
-        assert remote(broker.endpoint, slow).invoke(0) == scaler.procs[0].pid
+        assert remote(broker.endpoint, slow, timeout=CALL_TIMEOUT).invoke(0) == scaler.procs[0].pid
         assert scaler.calls and scaler.calls[0][1] == 1
         print(f"\nbroker at zero workers: scale to 1 requested {scaler.calls[0][0] - submitted:.3f}s after "
               f"the call was made")

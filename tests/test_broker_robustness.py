@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,9 @@ import zmq
 from langchain_core.runnables import RunnableLambda
 
 from pool import IncompatibleWorker, LocalPool, PayloadTooLarge, PoolUnavailable, QueueTimeout, RunnableK8s
+from tests.support.ports import free_port
+from tests.support.remote import remote
+from tests.support.waiting import wait_for
 from worker import protocol as P
 from worker.codec import digest
 
@@ -30,11 +32,6 @@ def double(x: Any) -> Any:
 
 def length(x: Any) -> int:
     return len(x)
-
-
-def remote(pool: LocalPool, fn: Any = double, **kwargs: Any) -> RunnableK8s:
-    kwargs.setdefault("timeout", 20)
-    return RunnableK8s(bound=RunnableLambda(fn), pool=pool.address, mode="warm", **kwargs)
 
 
 @contextlib.contextmanager
@@ -64,18 +61,9 @@ def malformed_count(pool: LocalPool) -> int:
     return pool.status()["counters"]["malformed"]
 
 
-def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def assert_still_serving(pool: LocalPool) -> None:
     assert pool._broker is not None and pool._broker.poll() is None, "the broker process died"
-    assert remote(pool).invoke(21) == 42
+    assert remote(pool, double).invoke(21) == 42
 
 
 def submit_frames(task_id: bytes, header: bytes, runnable: bytes, input_blob: bytes) -> list[bytes]:
@@ -107,7 +95,7 @@ def test_a_malformed_message_is_counted_and_dropped_and_the_pool_keeps_serving(l
     before = malformed_count(local_pool)
     with raw_dealer(local_pool.address) as sock:
         sock.send_multipart(frames)
-        assert wait_for(lambda: malformed_count(local_pool) > before), "the broker did not count it as malformed"
+        wait_for(lambda: malformed_count(local_pool) > before, 5, "the broker to count it as malformed")
     assert_still_serving(local_pool)
 
 
@@ -196,8 +184,8 @@ def test_a_flood_of_garbage_from_many_sockets_does_not_stop_real_calls(local_poo
             sock.send_multipart([b"\x00" + os.urandom(63)] * (n + 1))  # never starts with RK8S/
         # (sockets close with linger 0: wait until the broker has read everything)
         expected = before + sockets * (len(MALFORMED) + 1)
-        assert wait_for(lambda: malformed_count(local_pool) >= expected), (malformed_count(local_pool), expected)
-    assert remote(local_pool).batch(list(range(10))) == [2 * i for i in range(10)]
+        wait_for(lambda: malformed_count(local_pool) >= expected, 5, f"{expected} malformed messages counted")
+    assert remote(local_pool, double).batch(list(range(10))) == [2 * i for i in range(10)]
 
 
 # ---------------------------------------------------------------------------- status
@@ -206,7 +194,7 @@ def test_a_flood_of_garbage_from_many_sockets_does_not_stop_real_calls(local_poo
 @pytest.mark.timeout(30)
 def test_status_shows_workers_slots_queue_and_counters(local_pool):
     done_before = local_pool.status()["counters"]["done"]
-    assert remote(local_pool).invoke(1) == 2
+    assert remote(local_pool, double).invoke(1) == 2
     status = local_pool.status()
     assert len(status["workers"]) == 2
     assert {w["pid"] for w in status["workers"]} <= set(local_pool.pids)
@@ -237,14 +225,14 @@ def test_a_task_nobody_takes_fails_with_queue_timeout_and_is_shown_queued_meanwh
 
     def caller() -> None:
         try:
-            outcome.append(remote(strict_pool).invoke(1))
+            outcome.append(remote(strict_pool, double).invoke(1))
         except BaseException as exc:  # noqa: BLE001 - inspected below
             outcome.append(exc)
 
     started = time.monotonic()
     thread = threading.Thread(target=caller)
     thread.start()
-    saw_queued = wait_for(lambda: strict_pool.status()["queued"] == 1, timeout=3)
+    saw_queued = wait_for(lambda: strict_pool.status()["queued"] == 1, 3, "status() to show the waiting task as queued")
     thread.join(15)
     elapsed = time.monotonic() - started
     assert not thread.is_alive()
@@ -335,13 +323,13 @@ def test_a_worker_from_another_python_makes_calls_fail_with_incompatible_worker_
     with FakeWorker(strict_pool.address, old_python) as fake:
         started = time.monotonic()
         with pytest.raises(IncompatibleWorker) as info:
-            remote(strict_pool).invoke(1)
+            remote(strict_pool, double).invoke(1)
         assert time.monotonic() - started < 5  # refused at once, not after the queue timeout
         assert "2.7" in str(info.value) and "python" in str(info.value)
         assert fake.tasks_received == 0
 
         strict_pool.scale(1)
-        assert remote(strict_pool).batch([1, 2, 3]) == [2, 4, 6]
+        assert remote(strict_pool, double).batch([1, 2, 3]) == [2, 4, 6]
         assert fake.tasks_received == 0
 
 
@@ -358,7 +346,7 @@ def test_a_task_for_a_worker_that_vanished_without_a_goodbye_goes_to_another_wor
     # heartbeats expire. A task the broker cannot even deliver to it never started: it must go to
     # another worker, not fail with WorkerLost.
     strict_pool.scale(1)
-    assert remote(strict_pool).invoke(1) == 2  # the real worker has now been assigned a task
+    assert remote(strict_pool, double).invoke(1) == 2  # the real worker has now been assigned a task
     same_environment = {**P.environment(), "pid": 1, "concurrency": 4}
     for n in range(3):  # a heartbeat tick may notice the vanished worker first; three tries make that moot
         with raw_dealer(strict_pool.address) as sock:
@@ -367,7 +355,7 @@ def test_a_task_for_a_worker_that_vanished_without_a_goodbye_goes_to_another_wor
         time.sleep(0.2)  # closed without BYE: the broker's ZeroMQ notices the disconnect
         # A runnable nobody holds yet: the never-used impostor wins the tie and is tried first.
         assert remote(strict_pool, add(100 + n)).invoke(1) == 101 + n
-    assert wait_for(lambda: strict_pool.status()["counters"]["workers_lost"] >= 1)
+    wait_for(lambda: strict_pool.status()["counters"]["workers_lost"] >= 1, 5, "the broker to count the worker lost")
 
 
 @pytest.mark.timeout(30)
@@ -375,7 +363,7 @@ def test_a_task_still_on_its_way_to_a_worker_that_says_goodbye_goes_to_another_w
     # A draining worker answers every task it received before its BYE; a TASK that crossed the
     # BYE on the wire never started, so it must run elsewhere instead of failing with WorkerLost.
     strict_pool.scale(1)
-    assert remote(strict_pool).invoke(1) == 2  # the real worker has now been assigned a task
+    assert remote(strict_pool, double).invoke(1) == 2  # the real worker has now been assigned a task
     same_environment = {**P.environment(), "pid": 1, "concurrency": 4}
     outcome: list[Any] = []
     with raw_dealer(strict_pool.address) as sock:
@@ -404,15 +392,9 @@ def test_a_task_still_on_its_way_to_a_worker_that_says_goodbye_goes_to_another_w
 # ---------------------------------------------------------------------------- nobody there
 
 
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(30)
 def test_a_warm_call_to_an_address_where_nothing_listens_fails_with_pool_unavailable_within_seconds():
-    address = f"tcp://127.0.0.1:{unused_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(PoolUnavailable) as info:
         RunnableK8s(bound=RunnableLambda(double), pool=address, mode="warm", connect_timeout=1).invoke(1)

@@ -29,7 +29,7 @@ from pool.scaling import scale
 from tests.support.gate import open_gate, wait_at_gate
 from tests.support.paths import REPO
 from tests.support.ports import free_port
-from tests.support.waiting import wait_for
+from tests.support.waiting import seconds_until, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -62,13 +62,6 @@ def worker_deployment(name: str = WORKERS, release: str = RELEASE, replicas: int
 
 def replicas(apps: client.AppsV1Api, namespace: str, name: str = WORKERS) -> int:
     return int(apps.read_namespaced_deployment(name, namespace).spec.replicas)
-
-
-def seconds_until(condition: Callable[[], Any], timeout: float, what: str) -> float:
-    """``wait_for`` that returns how long the wait took (for the figures these tests print)."""
-    start = time.monotonic()
-    wait_for(condition, timeout, what, interval=0.1)
-    return time.monotonic() - start
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -226,7 +219,7 @@ def test_a_broker_on_this_host_autoscales_the_deployment_with_load_and_wakes_it_
             up = next(t for t, r in seen if r == 4) - start
             # Idle: back to 1 after the window, then 0 after 4 idle seconds.
             t_load_end = time.monotonic()
-            to_zero = seconds_until(lambda: replicas(apps, k8s_namespace) == 0, 60, "scale to zero")
+            to_zero = seconds_until(lambda: replicas(apps, k8s_namespace) == 0, 60, "scale to zero", interval=0.1)
             wait_for(lambda: seen[-1][1] == 0, 10, "the watcher to see 0")
             counts = [r for _, r in seen]
             assert counts[0] == 1 and max(counts) == 4 and counts[-2:] == [1, 0], counts
@@ -238,7 +231,7 @@ def test_a_broker_on_this_host_autoscales_the_deployment_with_load_and_wakes_it_
             caller = threading.Thread(target=lambda: outcome.append(runnable.invoke(0.0)))
             submitted = time.monotonic()
             caller.start()
-            woke = seconds_until(lambda: replicas(apps, k8s_namespace) == 1, 20, "scale from zero")
+            woke = seconds_until(lambda: replicas(apps, k8s_namespace) == 1, 20, "scale from zero", interval=0.1)
             pool.scale(1)
             caller.join(60)
             assert outcome and outcome[0] in pool.pids
@@ -278,7 +271,8 @@ def test_the_autoscaler_grows_real_worker_pods_with_load_and_scales_them_down_un
     ]
     with LocalPool(workers=0, broker_args=broker_args) as pool:
         apps.create_namespaced_deployment(k8s_namespace, pod_workers(pool.address))
-        first = seconds_until(lambda: len(pool.status()["workers"]) == 1, 120, "the first worker Pod to register")
+        first = seconds_until(lambda: len(pool.status()["workers"]) == 1, 120, "the first worker Pod to register",
+                              interval=0.1)
 
         def pod_name(seconds: float) -> str:
             time.sleep(seconds)
@@ -297,7 +291,8 @@ def test_the_autoscaler_grows_real_worker_pods_with_load_and_scales_them_down_un
         batch = threading.Thread(target=lambda: served.extend(gated.batch(list(range(8)), {"max_concurrency": 8})))
         batch.start()
         try:
-            grew = seconds_until(lambda: len(pool.status()["workers"]) == 3, 150, "3 worker Pods registered")
+            grew = seconds_until(lambda: len(pool.status()["workers"]) == 3, 150, "3 worker Pods registered",
+                                 interval=0.1)
             wait_for(lambda: pool.status()["busy"] == 3, 30, "a call running on each of the 3 Pods", interval=0.1)
             assert replicas(apps, k8s_namespace) == 3
         finally:
@@ -322,7 +317,7 @@ def test_the_autoscaler_grows_real_worker_pods_with_load_and_scales_them_down_un
         caller = threading.Thread(target=trickle)
         caller.start()
         try:
-            shrank = seconds_until(lambda: replicas(apps, k8s_namespace) == 1, 60, "scale down to 1")
+            shrank = seconds_until(lambda: replicas(apps, k8s_namespace) == 1, 60, "scale down to 1", interval=0.1)
             wait_for(lambda: len(pool.status()["workers"]) == 1, 60, "2 Pods to drain and leave")
             time.sleep(1)
         finally:

@@ -61,6 +61,14 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, *, interval:
         time.sleep(interval)
 
 
+def seconds_until(condition: Callable[[], object], timeout: float, what: str, *,
+                  interval: float = DEFAULT_INTERVAL) -> float:
+    """``wait_for`` that returns how long the wait took (for the figures some tests print)."""
+    start = time.monotonic()
+    wait_for(condition, timeout, what, interval=interval)
+    return time.monotonic() - start
+
+
 async def wait_for_async(condition: Callable[[], T], timeout: float, what: str, *,
                          interval: float = DEFAULT_INTERVAL, ignore: tuple[type[BaseException], ...] = ()) -> T:
     """``wait_for`` for coroutine tests: between polls the event loop runs."""
