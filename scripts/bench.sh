@@ -20,7 +20,7 @@ what=${1:-all}
 
 run_local() {
   "$PY" -m pool bench --modes warm,ephemeral --launcher local --workload echo,io,stream \
-    --concurrency 1,8,64 --ephemeral-max-in-flight 64 --workers 1,2,4 ${EXTRA:-} \
+    --concurrency 1,8,64 --ephemeral-max-in-flight 64 --workers 1,2,4 --slots 4 ${EXTRA:-} \
     --json "$OUT/local.json" --plot "$OUT/local.png" | tee "$OUT/local.txt"
 }
 
@@ -38,7 +38,7 @@ run_cluster() {
     eval "$("$PY" -m tests.cluster env)"
   fi
   "$PY" -m pool bench --modes ephemeral,warm --launcher kubernetes --image-pull-policy Never \
-    --workload echo,io,stream --concurrency 1,8,64 --ephemeral-max-in-flight 8 --workers 0 ${EXTRA:-} \
+    --workload echo,io,stream --concurrency 1,8,64 --ephemeral-max-in-flight 8 --workers 0 --slots 4 ${EXTRA:-} \
     --json "$OUT/cluster.json" --plot "$OUT/cluster.png" | tee "$OUT/cluster.txt"
 }
 
