@@ -25,6 +25,7 @@ from pool.local import LocalPoolScaler
 from pool.scaling.autoscaler import Autoscaler
 from pool.scaling.policy import AutoscaleSettings
 from pool.scaling.policy import Load as AutoscaleLoad
+from tests.support.clock import Clock
 from tests.support.remote import remote
 from tests.support.waiting import seconds_until, wait_for
 
@@ -104,46 +105,49 @@ def test_rising_load_grows_the_pool_to_max_and_idle_shrinks_it_back_to_min() -> 
               f"({load.done} calls of 0.3 s), 4 -> 1 in {shrank:.1f}s after the load ended (window 3 s)")
 
 
+
+class BackgroundBatch:
+    """``batch`` of 1000 squares on another thread while the block changes the pool; on leaving,
+    every result must be back and right, none failed."""
+
+    def __init__(self, pool: LocalPool, fn: Any, in_flight: int) -> None:
+        self.runnable = remote(pool.address, fn, timeout=CALL_TIMEOUT)
+        self.in_flight = in_flight
+        self.results: list[Any] = []
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            self.results.extend(self.runnable.batch(list(range(1000)), {"max_concurrency": self.in_flight}))
+        except BaseException as exc:  # noqa: BLE001 - asserted on leaving the block
+            self.errors.append(exc)
+
+    def __enter__(self) -> BackgroundBatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.thread.join(60)
+        if exc_info[0] is not None:
+            return
+        assert not self.thread.is_alive()
+        assert self.errors == []
+        assert self.results == [x * x for x in range(1000)]
+
+
 @pytest.mark.timeout(90)
 def test_an_explicit_scale_down_from_4_to_1_during_1000_tasks_fails_none() -> None:
     with LocalPool(workers=4, concurrency=4) as pool:
-        results: list[Any] = []
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                squares = remote(pool.address, square, timeout=CALL_TIMEOUT)
-                results.extend(squares.batch(list(range(1000)), {"max_concurrency": 32}))
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        wait_for(lambda: pool.status()["counters"]["done"] >= 150, 30, "150 tasks done")
-        pool.scale(1, wait=False)
-        at_scale = pool.status()["counters"]["done"]
-        thread.join(60)
-        assert not thread.is_alive()
-        assert errors == []
-        assert results == [x * x for x in range(1000)]
+        with BackgroundBatch(pool, square, in_flight=32):
+            wait_for(lambda: pool.status()["counters"]["done"] >= 150, 30, "150 tasks done")
+            pool.scale(1, wait=False)
+            at_scale = pool.status()["counters"]["done"]
         counters = pool.status()["counters"]
         assert counters["failed"] == 0 and counters["workers_lost"] == 0
         wait_for(lambda: len(pool.status()["workers"]) == 1, 20, "3 workers to drain and leave")
         assert at_scale < 1000, "the scale-down came after the load ended: nothing was tested"
         print(f"\nscaled 4 -> 1 after {at_scale} of 1000 tasks (32 in flight); none failed")
-
-
-class Clock:
-    """The autoscaler's injected clock: its windows and idle times pass only when the test says."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class PolledStatus:
@@ -184,28 +188,13 @@ def test_the_autoscaler_scaling_down_during_1000_tasks_fails_none() -> None:
         # The pool was full a moment ago: the window holds its 4 workers for 60 s of the clock.
         assert autoscaler.step(AutoscaleLoad(queued=0, running=16, slots_per_worker=4)).replicas == 4
         autoscaler.poll(polled, interval=0.05)
-        results: list[Any] = []
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                shorts = remote(pool.address, short, timeout=CALL_TIMEOUT)
-                results.extend(shorts.batch(list(range(1000)), {"max_concurrency": 2}))
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        wait_for(lambda: pool.status()["counters"]["done"] >= 150, 30, "150 tasks done")
-        polled.wait_for_decisions(3)
-        assert pool.workers == 4  # 2 calls in flight want 1 worker, but the clock has not moved
-        clock.advance(60)
-        wait_for(lambda: pool.workers == 1, 30, "the autoscaler's scale-down once the window passed")
-        at_scale = pool.status()["counters"]["done"]
-        thread.join(60)
-        assert not thread.is_alive()
-        assert errors == []
-        assert results == [x * x for x in range(1000)]
+        with BackgroundBatch(pool, short, in_flight=2):
+            wait_for(lambda: pool.status()["counters"]["done"] >= 150, 30, "150 tasks done")
+            polled.wait_for_decisions(3)
+            assert pool.workers == 4  # 2 calls in flight want 1 worker, but the clock has not moved
+            clock.advance(60)
+            wait_for(lambda: pool.workers == 1, 30, "the autoscaler's scale-down once the window passed")
+            at_scale = pool.status()["counters"]["done"]
         counters = pool.status()["counters"]
         assert counters["failed"] == 0 and counters["workers_lost"] == 0
         assert at_scale < 1000, "the scale-down came after the load ended: nothing was tested"

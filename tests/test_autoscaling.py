@@ -13,6 +13,7 @@ import pytest
 from pool.errors import ScalingError
 from pool.scaling.autoscaler import Autoscaler
 from pool.scaling.policy import AutoscaleSettings, Decision, Load, PolicyState, decide
+from tests.support.clock import Clock
 
 
 class Policy:
@@ -156,19 +157,6 @@ def test_bad_settings_are_refused(kwargs: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- the Autoscaler glue
-
-
-class Clock:
-    """The Autoscaler's injected clock: time moves only when the test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeScaler:
