@@ -212,14 +212,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from pool.k8s.api import api_client, api_error
 
     try:
-        deleted = delete_leftover_runners(CoreV1Api(api_client(args.kubeconfig)), args.namespace, args.older_than)
+        deleted = delete_leftover_runners(CoreV1Api(api_client(args.kubeconfig)), args.namespace, args.older_than,
+                                          owner=args.owner, all_owners=args.all_owners, dry_run=args.dry_run)
     except ApiException as exc:
         error = api_error(exc, "list or delete", "pods", args.namespace, error=RunnableK8sError)
         print(f"runnable-k8s gc: {error}", file=sys.stderr)
         return 1
+    verb = "would delete" if args.dry_run else "deleted"
     for name in deleted:
-        print(f"deleted {args.namespace}/{name}")
-    print(f"{len(deleted)} leftover runner Pods deleted (older than {args.older_than:g}s)", file=sys.stderr)
+        print(f"{verb} {args.namespace}/{name}")
+    which = (f"of owner {args.owner}" if args.owner else "of every owner" if args.all_owners
+             else "past their own deadline, owner gone")
+    print(f"{len(deleted)} leftover runner Pods {'to delete' if args.dry_run else 'deleted'} ({which}, older than "
+          f"{args.older_than:g}s; Pods labelled runnable-k8s.io/keep=true are never deleted)", file=sys.stderr)
     return 0
 
 
@@ -309,11 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     scale.set_defaults(func=cmd_scale)
 
-    gc = add("gc", help="delete leftover ephemeral runner Pods of this project")
+    gc = add("gc", help="delete leftover ephemeral runner Pods of this project",
+             description="Delete ephemeral runner Pods that their client left behind (it was killed before "
+                         "it could delete them). By default only Pods past their own activeDeadlineSeconds "
+                         "(plus a margin) and older than --older-than, whose owner process does not run on "
+                         "this host: no call can still be using them. Pods labelled "
+                         "runnable-k8s.io/keep=true (k8s_delete_runner_pod=False) are never deleted.")
     gc.add_argument("--namespace", "-n", default="default")
     gc.add_argument("--older-than", type=float, default=defaults.GC_OLDER_THAN, metavar="SECONDS",
-                    help="only Pods at least this old (a running call's Pod is younger than its timeout; "
-                         "default %(default)s)")
+                    help="only Pods at least this old (default %(default)s: above the longest default "
+                         "deadline of a runner Pod; `--owner X --older-than 0` takes all of X's Pods now)")
+    owners = gc.add_mutually_exclusive_group()
+    owners.add_argument("--owner", default=None, metavar="OWNER",
+                        help="only Pods whose runnable-k8s.io/owner label is OWNER (a client process, "
+                             "HOST-PID-RANDOM, that you know is gone), whatever their deadline")
+    owners.add_argument("--all-owners", action="store_true",
+                        help="Pods of every owner older than --older-than, even within their deadline or "
+                             "with a live owner (this can stop a running call with a long timeout)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     gc.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     gc.set_defaults(func=cmd_gc)
 

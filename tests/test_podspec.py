@@ -3,10 +3,18 @@ Kubernetes schemas of the releases we support (kubernetes-validate ships them)."
 
 from __future__ import annotations
 
+import os
+import re
+import time
+
 import kubernetes_validate
 import pytest
 
-from pool.ephemeral.podspec import RUNNER_SELECTOR, runner_pod
+from pool.ephemeral.k8s_launcher import KubernetesLauncher
+from pool.ephemeral.podspec import KEEP_LABEL, OWNER_LABEL, RUNNER_SELECTOR, owner_id, parse_owner, runner_pod
+from worker import defaults
+
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 SUPPORTED_KUBERNETES = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
 
@@ -18,6 +26,9 @@ def test_the_runner_pod_validates_strictly_against_the_kubernetes_schema(version
                      overrides={"spec": {"nodeSelector": {"pool": "llm"},
                                          "tolerations": [{"key": "gpu", "operator": "Exists"}]}})
     kubernetes_validate.validate(pod, version, strict=True)
+    for manifest in (runner_pod(image="i", namespace="n"),
+                     KubernetesLauncher(image="i", delete_pod=False).manifest(time.monotonic() + 30)):
+        kubernetes_validate.validate(manifest, version, strict=True)
 
 
 def test_original_keyword_arguments_map_onto_the_pod():
@@ -50,3 +61,81 @@ def test_overrides_merge_deeply_and_win():
 
 def test_no_secret_means_no_env_from():
     assert "envFrom" not in runner_pod(image="i", namespace="n", secret_name=None)["spec"]["containers"][0]
+
+
+def test_the_runner_pod_is_restricted():
+    """The Pod Security Standard's "restricted" profile, no token, and /tmp the only writable place."""
+    spec = runner_pod(image="i", namespace="n")["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 10001  # the Dockerfile's user, numeric
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    container = spec["containers"][0]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                            "readOnlyRootFilesystem": True}
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert spec["volumes"] == [{"name": "tmp", "emptyDir": {}}]
+    assert {"name": "HOME", "value": "/tmp"} in container["env"]
+
+
+def test_the_dockerfile_user_is_the_pods_uid():
+    from pathlib import Path
+
+    dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    assert "ARG UID=10001" in dockerfile and "USER ${UID}:${UID}" in dockerfile
+
+
+def test_no_secret_unless_the_caller_names_one():
+    from pool import RunnableK8s
+
+    assert defaults.EPHEMERAL_SECRET_NAME is None
+    assert RunnableK8s.model_fields["k8s_secret_name"].default is None
+    assert "envFrom" not in KubernetesLauncher(image="i").manifest()["spec"]["containers"][0]
+    named = KubernetesLauncher(image="i", secret_name="runnable-k8s-ee").manifest()  # the original's, explicitly
+    assert named["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "runnable-k8s-ee"}}]
+
+
+def test_the_deadline_follows_the_calls_timeout():
+    launcher = KubernetesLauncher(image="i")
+    assert launcher.manifest(None)["spec"]["activeDeadlineSeconds"] == defaults.EPHEMERAL_ACTIVE_DEADLINE
+    deadline = launcher.manifest(time.monotonic() + 90)["spec"]["activeDeadlineSeconds"]
+    assert 90 + defaults.EPHEMERAL_DEADLINE_MARGIN - 2 <= deadline <= 90 + defaults.EPHEMERAL_DEADLINE_MARGIN
+    assert launcher.manifest(time.monotonic() + 7200)["spec"]["activeDeadlineSeconds"] > 7200  # longer than the default
+    # A deadline already passed still gives a valid (positive) value.
+    assert launcher.manifest(time.monotonic() - 5)["spec"]["activeDeadlineSeconds"] >= 1
+
+
+def test_every_pod_of_a_process_carries_the_same_valid_owner_label():
+    first, second = runner_pod(image="i", namespace="n"), runner_pod(image="i", namespace="n")
+    owner = first["metadata"]["labels"][OWNER_LABEL]
+    assert owner == second["metadata"]["labels"][OWNER_LABEL] == owner_id()
+    assert len(owner) <= 63 and LABEL_VALUE.match(owner)
+    _host, pid = parse_owner(owner) or ("", 0)
+    assert pid == os.getpid()
+    weird = runner_pod(image="i", namespace="n", owner="a" * 70 + " b/c")["metadata"]["labels"][OWNER_LABEL]
+    assert len(weird) <= 63 and LABEL_VALUE.match(weird)
+
+
+def test_the_owner_survives_any_hostname(monkeypatch):
+    import pool.ephemeral.podspec as podspec
+
+    for hostname in ("x" * 200, "host_with.dots-and_underscores", "-weird-", "ünïcode", ""):
+        monkeypatch.setattr(podspec.socket, "gethostname", lambda h=hostname: h)
+        monkeypatch.setattr(podspec, "_owner", None)
+        owner = podspec.owner_id()
+        assert len(owner) <= 63 and LABEL_VALUE.match(owner), (hostname, owner)
+        assert parse_owner(owner) == (podspec.host_label(), os.getpid())
+
+
+def test_a_kept_pod_is_labelled_so_gc_leaves_it():
+    assert KubernetesLauncher(image="i", delete_pod=False).manifest()["metadata"]["labels"][KEEP_LABEL] == "true"
+    assert KEEP_LABEL not in KubernetesLauncher(image="i").manifest()["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("version", SUPPORTED_KUBERNETES)
+def test_user_overrides_still_validate(version):
+    pod = runner_pod(image="i", namespace="n", overrides={
+        "spec": {"securityContext": {"runAsUser": 20000}, "automountServiceAccountToken": True}})
+    context = pod["spec"]["securityContext"]
+    assert context["runAsNonRoot"] is True and context["runAsUser"] == 20000
+    kubernetes_validate.validate(pod, version, strict=True)

@@ -65,11 +65,24 @@ AUTOSCALE_RESYNC = 15.0
 
 # ---- ephemeral mode -----------------------------------------------------------------------
 EPHEMERAL_IMAGE = "runnable-k8s-worker:latest"
-# The original project's Secret of LLM API keys, passed to runner Pods with envFrom.
-EPHEMERAL_SECRET_NAME = "runnable-k8s-ee"
+# The Secret whose keys become a runner Pod's environment (envFrom): none unless the caller names
+# one. The original project defaulted to "runnable-k8s-ee" (its Secret of LLM API keys), which
+# still works when passed explicitly (k8s_secret_name="runnable-k8s-ee"). A Pod that receives
+# every key of a Secret nobody asked for is the wrong default (DESIGN §5): the code it runs comes
+# from the caller, and it should see only the credentials the caller chose to give it.
+EPHEMERAL_SECRET_NAME: str | None = None
 # How long a runner Pod may take from create to Running before the call fails with PodFailed.
 EPHEMERAL_START_TIMEOUT = 120.0
-# activeDeadlineSeconds of a runner Pod when the call has no timeout.
+# activeDeadlineSeconds of a runner Pod when the call has no timeout. With a timeout, the Pod's
+# deadline is what is left of the call's timeout plus EPHEMERAL_DEADLINE_MARGIN (the client stops
+# the Pod at its timeout anyway; the deadline is for a client that died without deleting it).
 EPHEMERAL_ACTIVE_DEADLINE = 3600
-# `runnable-k8s gc` deletes runner Pods older than this.
-GC_OLDER_THAN = 600.0
+EPHEMERAL_DEADLINE_MARGIN = 30
+# `runnable-k8s gc` (no --owner) deletes a runner Pod only once it is older than both this and
+# its own activeDeadlineSeconds + GC_DEADLINE_MARGIN: by then Kubernetes has stopped it, so no
+# call can still be using it. The margin covers the time before the deadline's clock starts
+# (scheduling, image pull: up to EPHEMERAL_START_TIMEOUT). Must stay above
+# EPHEMERAL_ACTIVE_DEADLINE + GC_DEADLINE_MARGIN (a test checks), so that even a Pod with an
+# edited deadline is not deleted under a running call by the default.
+GC_DEADLINE_MARGIN = 300.0
+GC_OLDER_THAN = 4200.0  # 70 minutes

@@ -9,15 +9,28 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 from kubernetes.stream import stream
 
-from pool.ephemeral.podspec import CONTAINER, RUNNER_SELECTOR, runner_pod
+from pool.ephemeral.podspec import (
+    CONTAINER,
+    KEEP_LABEL,
+    OWNER_LABEL,
+    RUNNER_SELECTOR,
+    active_deadline,
+    host_label,
+    owner_id,
+    parse_owner,
+    runner_pod,
+)
 from pool.errors import PodFailed, TaskTimeout
 from pool.k8s.api import api_configuration, api_error
 from worker import defaults
@@ -112,13 +125,18 @@ class KubernetesLauncher:
             self._configuration = api_configuration(self.k8s_config)
         return client.CoreV1Api(client.ApiClient(configuration=self._configuration))
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self, deadline: float | None = None) -> dict[str, Any]:
+        """The runner Pod for a call ending at ``deadline`` (``time.monotonic()``; None: no
+        timeout): its activeDeadlineSeconds is what is left of the call's timeout plus a margin."""
+        remaining = None if deadline is None else deadline - time.monotonic()
         return runner_pod(image=self.image, namespace=self.namespace, image_pull_policy=self.image_pull_policy,
-                          secret_name=self.secret_name, overrides=self.pod_overrides)
+                          secret_name=self.secret_name, active_deadline_seconds=active_deadline(remaining),
+                          keep=not self.delete_pod, overrides=self.pod_overrides)
 
     def launch(self, deadline: float | None) -> PodChannel:
         core = self.core()
-        manifest: Any = self.manifest()  # the client sends a plain dict as it is, like a V1Pod
+        manifest: Any = self.manifest(deadline)  # the client sends a plain dict as it is, like a V1Pod
+        _log_owner_once()
         name = manifest["metadata"]["name"]
         try:
             core.create_namespaced_pod(self.namespace, manifest)
@@ -219,19 +237,135 @@ class KubernetesLauncher:
                             self.namespace, name, exc.status, exc.reason)
 
 
-def delete_leftover_runners(core: client.CoreV1Api, namespace: str, older_than: float) -> list[str]:
-    """Delete this project's runner Pods older than ``older_than`` seconds (``runnable-k8s gc``)."""
-    now = dt.datetime.now(dt.timezone.utc)
-    deleted: list[str] = []
-    for pod in core.list_namespaced_pod(namespace, label_selector=RUNNER_SELECTOR).items:
+_owner_logged: set[int] = set()
+
+
+def _log_owner_once() -> None:
+    pid = os.getpid()
+    if pid not in _owner_logged:
+        _owner_logged.add(pid)
+        log.info("runner Pods of this process carry the label %s=%s (`runnable-k8s gc --owner %s` "
+                 "removes them if this process dies before it can)", OWNER_LABEL, owner_id(), owner_id())
+
+
+# ---------------------------------------------------------------------------- runnable-k8s gc
+@dataclass(frozen=True)
+class GcDecision:
+    name: str
+    delete: bool
+    why: str
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process, but alive
+    except OSError:
+        return False
+    return True
+
+
+def owner_alive_here(owner: str | None, this_host: str, alive: Callable[[int], bool]) -> bool:
+    """True when ``owner`` names a process of this host that still runs (pid reuse can make a dead
+    owner look alive: then gc keeps the Pod, the safe mistake)."""
+    parsed = parse_owner(owner) if owner else None
+    return parsed is not None and bool(parsed[0]) and parsed[0] == this_host and alive(parsed[1])
+
+
+def select_leftover_runners(
+    pods: Iterable[Any],
+    *,
+    now: dt.datetime,
+    older_than: float = defaults.GC_OLDER_THAN,
+    owner: str | None = None,
+    all_owners: bool = False,
+    this_host: str | None = None,
+    alive: Callable[[int], bool] = pid_alive,
+) -> list[GcDecision]:
+    """Which runner Pods `runnable-k8s gc` deletes, and why (a pure function of the Pods, the
+    time and the process table, so that it can be tested without a cluster).
+
+    gc runs in another process than the clients that made the Pods, so "leftover" means:
+
+    * never a Pod labelled ``runnable-k8s.io/keep: "true"`` (kept on purpose with
+      ``k8s_delete_runner_pod=False``; delete it with kubectl);
+    * by default, a Pod whose owner is gone: older than ``older_than`` *and* than its own
+      activeDeadlineSeconds + GC_DEADLINE_MARGIN (Kubernetes has stopped it by then, so no call
+      can still use it), and whose owner label does not name a process that still runs on this
+      host. Pods of owners on other hosts are judged by age alone: their process table is not ours;
+    * with ``owner``, that owner's Pods older than ``older_than`` whatever their deadline (you say
+      that process is gone; pass ``older_than=0`` to take them all at once);
+    * with ``all_owners``, every owner's Pods older than ``older_than``, whatever their deadline
+      and whether their owner runs (this can stop a running call whose timeout is longer).
+    """
+    host = host_label() if this_host is None else this_host
+    decisions = []
+    for pod in pods:
         meta = pod.metadata
         if meta is None or meta.name is None or meta.creation_timestamp is None:
             continue  # the API always sets both; nothing to age or delete without them
-        if (now - meta.creation_timestamp).total_seconds() >= older_than:
-            try:
-                core.delete_namespaced_pod(meta.name, namespace, grace_period_seconds=0)
-                deleted.append(meta.name)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+        labels = meta.labels or {}
+        age = (now - meta.creation_timestamp).total_seconds()
+        pod_owner = labels.get(OWNER_LABEL)
+        if labels.get(KEEP_LABEL) == "true":
+            decisions.append(GcDecision(meta.name, False, "kept on purpose (k8s_delete_runner_pod=False)"))
+            continue
+        if age < older_than:
+            decisions.append(GcDecision(meta.name, False, f"younger than {older_than:g}s"))
+            continue
+        if owner is not None:
+            if pod_owner == owner:
+                decisions.append(GcDecision(meta.name, True, f"owner {owner}, older than {older_than:g}s"))
+            else:
+                decisions.append(GcDecision(meta.name, False, f"owner {pod_owner or 'unknown'}, not {owner}"))
+            continue
+        if all_owners:
+            decisions.append(GcDecision(meta.name, True, f"older than {older_than:g}s (--all-owners)"))
+            continue
+        spec = getattr(pod, "spec", None)
+        deadline = getattr(spec, "active_deadline_seconds", None)
+        if deadline is None:
+            deadline = defaults.EPHEMERAL_ACTIVE_DEADLINE
+        limit = deadline + defaults.GC_DEADLINE_MARGIN
+        if age < limit:
+            decisions.append(GcDecision(meta.name, False, f"within its deadline ({deadline}s + margin)"))
+        elif owner_alive_here(pod_owner, host, alive):
+            decisions.append(GcDecision(meta.name, False, f"its owner {pod_owner} still runs on this host"))
+        else:
+            decisions.append(GcDecision(meta.name, True, f"past its deadline ({deadline}s + margin), "
+                                                         f"owner {pod_owner or 'unknown'} gone"))
+    return decisions
+
+
+def delete_leftover_runners(
+    core: client.CoreV1Api,
+    namespace: str,
+    older_than: float = defaults.GC_OLDER_THAN,
+    *,
+    owner: str | None = None,
+    all_owners: bool = False,
+    dry_run: bool = False,
+) -> list[str]:
+    """Delete this project's leftover runner Pods (``runnable-k8s gc``; see
+    :func:`select_leftover_runners` for which); returns their names."""
+    pods = core.list_namespaced_pod(namespace, label_selector=RUNNER_SELECTOR).items
+    deleted: list[str] = []
+    for decision in select_leftover_runners(pods, now=dt.datetime.now(dt.timezone.utc), older_than=older_than,
+                                            owner=owner, all_owners=all_owners):
+        log.debug("gc %s/%s: %s (%s)", namespace, decision.name, "delete" if decision.delete else "keep",
+                  decision.why)
+        if not decision.delete:
+            continue
+        if dry_run:
+            deleted.append(decision.name)
+            continue
+        try:
+            core.delete_namespaced_pod(decision.name, namespace, grace_period_seconds=0)
+            deleted.append(decision.name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
     return deleted

@@ -1,0 +1,144 @@
+"""`runnable-k8s gc`: which leftover runner Pods it deletes, as a pure function over Pod-like
+objects (no cluster), and the flags that choose it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pool.cli import build_parser
+from pool.ephemeral.k8s_launcher import delete_leftover_runners, owner_alive_here, select_leftover_runners
+from pool.ephemeral.podspec import KEEP_LABEL, OWNER_LABEL, parse_owner, runner_pod
+from worker import defaults
+
+NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+HERE = "laptop"
+LIVE_PIDS = {100}
+
+
+def pod(name: str, age: float, *, owner: str | None = "other-7-abcd1234", deadline: int | None = 600,
+        keep: bool = False) -> Any:
+    labels = {"app.kubernetes.io/managed-by": "runnable-k8s"}
+    if owner is not None:
+        labels[OWNER_LABEL] = owner
+    if keep:
+        labels[KEEP_LABEL] = "true"
+    return SimpleNamespace(
+        metadata=SimpleNamespace(name=name, labels=labels, creation_timestamp=NOW - dt.timedelta(seconds=age)),
+        spec=SimpleNamespace(active_deadline_seconds=deadline))
+
+
+def chosen(pods: list[Any], **options: Any) -> set[str]:
+    options.setdefault("older_than", 0)
+    decisions = select_leftover_runners(pods, now=NOW, this_host=HERE, alive=LIVE_PIDS.__contains__, **options)
+    assert len(decisions) == len(pods) and all(d.why for d in decisions)
+    return {d.name for d in decisions if d.delete}
+
+
+PAST = 600 + defaults.GC_DEADLINE_MARGIN + 1  # older than a 600 s deadline and its margin
+
+
+def test_by_default_only_pods_past_their_own_deadline_whose_owner_is_gone():
+    pods = [
+        pod("running-call", 30),
+        pod("inside-margin", 600 + defaults.GC_DEADLINE_MARGIN - 1),
+        pod("past-deadline", PAST),
+        pod("long-timeout-call", PAST, deadline=7200),  # its call may still run: its own deadline counts
+        pod("owner-alive-here", PAST, owner=f"{HERE}-100-abcd1234"),
+        pod("owner-dead-here", PAST, owner=f"{HERE}-200-abcd1234"),
+        pod("same-pid-other-host", PAST, owner="elsewhere-100-abcd1234"),
+        pod("no-owner-label", PAST, owner=None),  # made by an older version
+        pod("no-deadline", defaults.EPHEMERAL_ACTIVE_DEADLINE + defaults.GC_DEADLINE_MARGIN + 1, deadline=None),
+    ]
+    assert chosen(pods) == {"past-deadline", "owner-dead-here", "same-pid-other-host", "no-owner-label",
+                            "no-deadline"}
+
+
+def test_older_than_is_a_floor_in_every_mode():
+    pods = [pod("past-deadline", PAST), pod("ancient", 10 * PAST)]
+    assert chosen(pods, older_than=2 * PAST) == {"ancient"}
+    assert chosen(pods, older_than=2 * PAST, all_owners=True) == {"ancient"}
+    assert chosen(pods, older_than=2 * PAST, owner="other-7-abcd1234") == {"ancient"}
+
+
+def test_owner_takes_that_owners_pods_whatever_their_deadline():
+    mine, theirs = f"{HERE}-100-abcd1234", "other-7-abcd1234"
+    pods = [pod("mine-young", 5, owner=mine), pod("mine-old", PAST, owner=mine),
+            pod("theirs-old", PAST, owner=theirs), pod("unlabelled", PAST, owner=None)]
+    # Even a live owner: naming it says it is gone (or that you want its Pods gone).
+    assert chosen(pods, owner=mine) == {"mine-young", "mine-old"}
+    assert chosen(pods, owner=theirs) == {"theirs-old"}
+
+
+def test_all_owners_widens_to_every_pod_older_than_the_floor():
+    pods = [pod("young", 5), pod("owner-alive-here", 60, owner=f"{HERE}-100-abcd1234"),
+            pod("long-timeout", 60, deadline=7200), pod("unlabelled", 60, owner=None)]
+    assert chosen(pods, older_than=30, all_owners=True) == {"owner-alive-here", "long-timeout", "unlabelled"}
+
+
+@pytest.mark.parametrize("options", [{}, {"all_owners": True}, {"owner": "other-7-abcd1234"}])
+def test_a_pod_kept_on_purpose_is_never_deleted(options):
+    assert chosen([pod("kept", 100 * PAST, keep=True)], **options) == set()
+
+
+def test_pods_without_a_name_or_creation_time_are_skipped():
+    broken = SimpleNamespace(metadata=SimpleNamespace(name=None, labels={}, creation_timestamp=NOW), spec=None)
+    assert select_leftover_runners([broken], now=NOW, older_than=0) == []
+
+
+def test_a_real_manifests_labels_are_what_gc_reads():
+    manifest = runner_pod(image="i", namespace="n", active_deadline_seconds=600)
+    labels = manifest["metadata"]["labels"]
+    obj = pod("real", PAST, owner=labels[OWNER_LABEL], deadline=manifest["spec"]["activeDeadlineSeconds"])
+    host, _ = parse_owner(labels[OWNER_LABEL]) or ("", 0)
+    # Our own process runs on this host: the default leaves its Pods to it.
+    assert owner_alive_here(labels[OWNER_LABEL], host, lambda pid: True)
+    decision, = select_leftover_runners([obj], now=NOW, older_than=0, this_host=host, alive=lambda pid: True)
+    assert decision.delete is False
+    kept = runner_pod(image="i", namespace="n", keep=True)["metadata"]["labels"]
+    assert chosen([pod("kept", 100 * PAST, owner=kept[OWNER_LABEL], keep=kept.get(KEEP_LABEL) == "true")]) == set()
+
+
+def test_the_default_floor_is_above_the_longest_default_deadline():
+    assert defaults.GC_OLDER_THAN > defaults.EPHEMERAL_ACTIVE_DEADLINE + defaults.GC_DEADLINE_MARGIN
+    assert defaults.GC_DEADLINE_MARGIN > defaults.EPHEMERAL_START_TIMEOUT  # the deadline starts once scheduled
+
+
+class FakeCore:
+    def __init__(self, pods: list[Any]) -> None:
+        self.pods = pods
+        self.deleted: list[str] = []
+        self.selector = ""
+
+    def list_namespaced_pod(self, namespace: str, label_selector: str) -> Any:
+        self.selector = label_selector
+        return SimpleNamespace(items=self.pods)
+
+    def delete_namespaced_pod(self, name: str, namespace: str, grace_period_seconds: int) -> None:
+        self.deleted.append(name)
+
+
+def test_delete_leftover_runners_deletes_what_was_chosen_and_dry_run_nothing():
+    now = dt.datetime.now(dt.timezone.utc)
+    old = SimpleNamespace(metadata=SimpleNamespace(name="old", labels={OWNER_LABEL: "gone-1-x"},
+                                                   creation_timestamp=now - dt.timedelta(hours=5)),
+                          spec=SimpleNamespace(active_deadline_seconds=60))
+    young = SimpleNamespace(metadata=SimpleNamespace(name="young", labels={}, creation_timestamp=now),
+                            spec=SimpleNamespace(active_deadline_seconds=60))
+    core = FakeCore([old, young])
+    assert delete_leftover_runners(core, "ns", dry_run=True) == ["old"] and core.deleted == []  # type: ignore[arg-type]
+    assert delete_leftover_runners(core, "ns") == ["old"] and core.deleted == ["old"]  # type: ignore[arg-type]
+    assert "managed-by=runnable-k8s" in core.selector
+
+
+def test_the_gc_flags():
+    parser = build_parser()
+    args = parser.parse_args(["gc"])
+    assert args.owner is None and args.all_owners is False and args.older_than == defaults.GC_OLDER_THAN
+    assert parser.parse_args(["gc", "--owner", "h-1-x"]).owner == "h-1-x"
+    assert parser.parse_args(["gc", "--all-owners", "--dry-run"]).all_owners is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["gc", "--owner", "h-1-x", "--all-owners"])
