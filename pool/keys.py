@@ -9,19 +9,26 @@ Layout of a key directory (``runnable-k8s keys DIR``)::
     DIR/authorized/worker.key                 worker*.key may also register as workers
 
 More clients are allowed by dropping their public ``.key`` files into ``authorized/``.
+
+The directory and ``authorized/`` are 0700 and every ``*.key_secret`` is 0600 from the moment it
+exists: each pair is written into a fresh 0700 folder inside DIR and moved into place. Every
+loader refuses a secret key that other users could read (``worker.curve.check_secret_file``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq.auth
 
-from worker.curve import PeerKeys, load_peer_keys, require
+from worker.curve import PeerKeys, check_secret_file, load_peer_keys, require
 
-__all__ = ["AUTHORIZED_DIR", "BrokerKeys", "PeerKeys", "create_key_directory", "load_broker_keys", "load_peer_keys"]
+__all__ = ["AUTHORIZED_DIR", "BrokerKeys", "PeerKeys", "check_secret_file", "create_key_directory",
+           "load_broker_keys", "load_peer_keys"]
 
 AUTHORIZED_DIR = "authorized"
 WORKER_KEY_PREFIX = "worker"
@@ -37,7 +44,8 @@ class BrokerKeys:
 
 def load_broker_keys(directory: str | Path) -> BrokerKeys:
     directory = Path(directory)
-    public, secret = zmq.auth.load_certificate(require(directory / "broker.key_secret", "the broker secret key"))
+    secret_file = check_secret_file(require(directory / "broker.key_secret", "the broker secret key"))
+    public, secret = zmq.auth.load_certificate(secret_file)
     authorized = require(directory / AUTHORIZED_DIR, "the authorized-keys directory")
     worker_keys = frozenset(
         zmq.auth.load_certificate(path)[0]
@@ -49,19 +57,40 @@ def load_broker_keys(directory: str | Path) -> BrokerKeys:
 
 
 def create_key_directory(directory: str | Path) -> Path:
-    """Write broker, client and worker key pairs and the broker's allow-list; refuse to overwrite."""
+    """Write broker, client and worker key pairs and the broker's allow-list; refuse to overwrite.
+
+    A directory this creates is 0700 (an existing one keeps its mode: the secrets in it are 0600
+    either way); ``authorized/`` is 0700."""
     directory = Path(directory)
     if (directory / "broker.key_secret").exists():
         raise FileExistsError(f"{directory} already holds keys; remove it or pick another directory")
-    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+        directory.chmod(0o700)  # mkdir's mode is filtered by the umask, which could add nothing
     authorized = directory / AUTHORIZED_DIR
-    authorized.mkdir(exist_ok=True)
+    authorized.mkdir(mode=0o700, exist_ok=True)
+    authorized.chmod(0o700)
     for role in ("broker", "client", "worker"):
-        public_file, secret_file = zmq.auth.create_certificates(str(directory), role)
-        Path(secret_file).chmod(0o600)
+        public_file = _create_pair(directory, role)
         if role != "broker":
             shutil.copy(public_file, authorized / f"{role}.key")
     return directory
+
+
+def _create_pair(directory: Path, role: str) -> Path:
+    """``role``'s pair in ``directory``: zmq.auth writes its files with the umask's mode, so it
+    writes them into a fresh 0700 folder (mkdtemp's) where nobody else can open them, and they
+    are moved out only once the secret is 0600 (a rename within one file system)."""
+    staging = tempfile.mkdtemp(prefix=".keys-", dir=directory)
+    try:
+        public_file, secret_file = zmq.auth.create_certificates(staging, role)
+        os.chmod(secret_file, 0o600)
+        os.chmod(public_file, 0o644)
+        os.replace(secret_file, directory / f"{role}.key_secret")
+        os.replace(public_file, directory / f"{role}.key")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory / f"{role}.key"
 
 
 def key_secret_manifest(directory: str | Path, name: str) -> dict:

@@ -5,6 +5,8 @@ It lives in ``worker/`` because workers load keys too, and ``worker/`` never imp
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +36,44 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
+def secret_file_problem(mode: int, owner: int, euid: int) -> str | None:
+    """Why a secret key file with these permission bits and owner must not be used, or None.
+
+    The file must be readable by nobody but us: owned by this user with no group or other bits
+    (0600 or less). One exception, PostgreSQL's rule for its TLS key: a file owned by root may
+    also be readable (never writable) by its group, 0640 or less, which is how Kubernetes mounts
+    a Secret for a non-root container (root-owned, group = the Pod's fsGroup, mode 0440).
+    """
+    if owner == euid:
+        if mode & 0o077:
+            return f"it is {stat.filemode(mode)[1:]} ({mode & 0o777:04o}): others on this machine may read or change it"
+        return None
+    if owner == 0:
+        if mode & 0o037:
+            return (f"it is owned by root and {stat.filemode(mode)[1:]} ({mode & 0o777:04o}): only the "
+                    "owner may write it and no one outside its group may read it")
+        return None
+    return f"it is owned by another user (uid {owner}), who can read it; keep your own copy"
+
+
+def check_secret_file(path: Path) -> Path:
+    """Refuse a secret key file that other users could read or change (see ``secret_file_problem``)."""
+    info = path.stat()
+    problem = secret_file_problem(info.st_mode, info.st_uid, os.geteuid())
+    if problem is not None:
+        raise PermissionError(
+            f"refusing to use the secret key {path}: {problem}. Anyone who reads it can pose as this "
+            f"peer. Run `chmod 600 {path}` and `chmod 700 {path.parent}` (as the user that runs "
+            "this program), or make new keys with `runnable-k8s keys DIR`."
+        )
+    return path
+
+
 def load_peer_keys(directory: str | Path, role: str) -> PeerKeys:
     """Load ``role``'s pair ("client" or "worker") and the broker's public key."""
     directory = Path(directory)
-    public, secret = zmq.auth.load_certificate(require(directory / f"{role}.key_secret", f"the {role} secret key"))
+    secret_file = check_secret_file(require(directory / f"{role}.key_secret", f"the {role} secret key"))
+    public, secret = zmq.auth.load_certificate(secret_file)
     server_public, _ = zmq.auth.load_certificate(require(directory / "broker.key", "the broker public key"))
     if secret is None:
         raise ValueError(f"{directory / f'{role}.key_secret'} holds no secret key")
