@@ -585,3 +585,15 @@ def test_cancelled_queued_tasks_are_skipped_when_reached_not_searched_for(pool):
     assert pool.core.queues.waiting(key) == 100  # marked, not removed from the middle of the deque
     assert tasks_sent(pool.ready(b"w1")) == [(b"w1", ids[-1])]
     assert pool.core.queues.waiting(key) == 0
+
+
+def test_a_worker_claiming_more_slots_than_the_cap_gets_only_the_cap_and_is_counted():
+    pool = Pool(max_worker_slots=2)
+    pool.hello()
+    pool.ready(b"greedy", slots=1_000_000)
+    pool.ready(b"honest", slots=2)
+    assert pool.core.workers[b"greedy"].slots == 2 and pool.core.workers[b"honest"].slots == 2
+    assert pool.core.counters["slots_clamped"] == 1
+    handed = [worker for task in [new_id() for _ in range(5)] for worker, _ in tasks_sent(pool.submit(task))]
+    assert sorted(handed) == [b"greedy", b"greedy", b"honest", b"honest"]  # the fifth waits
+    assert pool.core.queued == 1

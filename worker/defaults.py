@@ -37,6 +37,11 @@ QUEUE_SIZE = 10_000
 # How long a task may wait for a free slot: long enough to ride out a scale-up from zero on a
 # cluster (a Pod starting), short enough that a pool with no workers is noticed.
 QUEUE_TIMEOUT = 120.0
+# Most task slots the broker gives one worker, whatever its READY claims: a worker (or anything
+# holding a worker key) that said "a million slots" would otherwise be handed the whole queue and
+# starve the honest workers. 256 is well above a real worker's async fan-out (hundreds of LLM calls
+# waiting on the network) and well below what would let one peer take every queued task.
+MAX_WORKER_SLOTS = 256
 # Runnable bytes the broker keeps so that a client sends each runnable once, not once per call.
 RUNNABLE_STORE_BYTES = 512 * 1024 * 1024
 

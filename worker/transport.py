@@ -7,7 +7,9 @@ never imports pyzmq: it pays for every import on every call.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
+from urllib.parse import urlsplit
 
 import zmq
 
@@ -53,3 +55,29 @@ def dealer_socket(context: zmq.Context[Any], keys: Any = None) -> zmq.Socket[Any
     if keys is not None:
         keys.apply(sock)
     return sock
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for endpoints only this machine can reach (tcp on 127.0.0.0/8 or ::1, localhost, ipc,
+    inproc): the ones where plaintext is allowed without ``--insecure``."""
+    parts = urlsplit(endpoint)
+    if parts.scheme in ("ipc", "inproc"):
+        return True
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: assume it is reachable from outside
+
+
+def plaintext_refusal(address: str, who: str, flag: str) -> str:
+    """Why ``who`` will not talk plaintext to ``address``, and what to do instead."""
+    return (
+        f"refusing to connect {who} to {address} without CurveZMQ keys: that address is not on "
+        "this machine, so anyone on the path could read the traffic, and anyone who reaches the "
+        "broker could pose as a worker or a client. Make keys with `runnable-k8s keys DIR` and pass "
+        f"them (the broker --keys DIR, this side {'--keys DIR' if flag.startswith('--') else 'keys=DIR'}), "
+        f"use a 127.0.0.1 or ipc:// address, or pass {flag} if the network is already private."
+    )

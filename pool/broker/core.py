@@ -28,7 +28,7 @@ from worker.codec import digest as content_digest
 log = logging.getLogger("runnable_k8s.broker")
 
 COUNTERS = ("submitted", "done", "failed", "cancelled", "retried", "workers_lost", "malformed", "refused",
-            "runnable_bytes_received")
+            "runnable_bytes_received", "slots_clamped")
 NEED_RUNNABLE_MESSAGE = "send the runnable again"
 # A task that waited less than this is sent with its header untouched (re-encoding costs more
 # than the worker's deadline loses).
@@ -49,15 +49,20 @@ class BrokerCore:
         runnable_store_bytes: int = defaults.RUNNABLE_STORE_BYTES,
         worker_keys: frozenset[bytes] | None = None,
         authorized_dir: str = "",
+        max_worker_slots: int = defaults.MAX_WORKER_SLOTS,
     ) -> None:
         """``worker_keys``: the Z85 public keys allowed to register as workers (None: any peer,
-        for a broker without CurveZMQ); ``authorized_dir`` only names them in the refusal."""
+        for a broker without CurveZMQ); ``authorized_dir`` only names them in the refusal.
+        ``max_worker_slots``: the most slots a worker gets, whatever its READY claims."""
+        if max_worker_slots < 1:
+            raise ValueError("max_worker_slots must be 1 or more")
         self.endpoint = endpoint
         self.max_message_bytes = max_message_bytes
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
         self.worker_keys = worker_keys
         self.authorized_dir = authorized_dir
+        self.max_worker_slots = max_worker_slots
         self.started_at = now
         self.now = now
         self.workers: dict[bytes, WorkerState] = {}
@@ -257,6 +262,12 @@ class BrokerCore:
             )))
             return
         slots = max(1, int(environment.get("concurrency", 1)))  # a ValueError here is a malformed READY
+        if slots > self.max_worker_slots:  # a worker's word is not trusted beyond the cap
+            self.counters["slots_clamped"] += 1
+            log.warning("worker %s (pid %s on %s) claimed %d slots; it gets %d (--max-worker-slots)",
+                        worker.hex()[-8:], environment.get("pid"), environment.get("host"), slots,
+                        self.max_worker_slots)
+            slots = self.max_worker_slots
         cache_size = max(1, int(environment.get("cache_size", 64)))
         if worker in self.workers:
             self._remove_worker(worker, "re-registered")

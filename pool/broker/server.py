@@ -9,12 +9,10 @@ trusts a message: anything malformed is logged, counted and dropped, never fatal
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import zmq
 
@@ -24,6 +22,7 @@ from pool.broker.state import RunnableStore, WorkerState
 from pool.keys import BrokerKeys
 from worker import defaults, transport
 from worker import protocol as P
+from worker.transport import is_loopback_endpoint
 
 __all__ = ["Broker", "BrokerConfigError", "RunnableStore", "WorkerState", "is_loopback_endpoint"]
 
@@ -35,20 +34,6 @@ _BATCH = 1000  # messages read before the clock is looked at again, so a busy br
 
 class BrokerConfigError(ValueError):
     """The broker was asked to start in a way that is unsafe or impossible."""
-
-
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """True for endpoints only this machine can reach (tcp on 127.0.0.0/8 or ::1, ipc, inproc)."""
-    parts = urlsplit(endpoint)
-    if parts.scheme in ("ipc", "inproc"):
-        return True
-    host = (parts.hostname or "").strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", an interface name or a host name: assume it is reachable from outside
 
 
 class Broker:
@@ -64,6 +49,7 @@ class Broker:
         queue_size: int = defaults.QUEUE_SIZE,
         queue_timeout: float = defaults.QUEUE_TIMEOUT,
         runnable_store_bytes: int = defaults.RUNNABLE_STORE_BYTES,
+        max_worker_slots: int = defaults.MAX_WORKER_SLOTS,
     ) -> None:
         if keys is None and not insecure and not is_loopback_endpoint(bind):
             raise BrokerConfigError(
@@ -108,6 +94,7 @@ class Broker:
             queue_size=queue_size, queue_timeout=queue_timeout, runnable_store_bytes=runnable_store_bytes,
             worker_keys=keys.worker_keys if keys is not None else None,
             authorized_dir=str(keys.authorized_dir) if keys is not None else "",
+            max_worker_slots=max_worker_slots,
         )
         self.counters = self.core.counters  # the same dict: read live by the metrics scrape
 
