@@ -54,10 +54,12 @@ EVERYTHING_ON: dict[str, Any] = {
     "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 20, "targetTasksPerSlot": 0.8,
                     "stabilizationWindowSeconds": 45, "scaleToZeroIdleSeconds": 600},
     "metrics": {"enabled": True, "port": 9100, "podAnnotations": True,
+                "from": [{"podSelector": {"matchLabels": {"app": "prometheus"}}}],
                 "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}},
     "networkPolicy": {"enabled": True, "clientPodLabels": {"llm-client": "yes"},
                       "clientNamespaceSelector": {"matchLabels": {"team": "llm"}},
-                      "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+                      "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+                      "workerEgress": {"enabled": True}},
 }
 
 
@@ -158,7 +160,7 @@ def test_every_rendered_manifest_validates_strictly(helm_bin, tmp_path, kube, va
     kinds = sorted(d["kind"] for d in docs)
     expected = ["Deployment", "Deployment", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]
     if values is EVERYTHING_ON:
-        expected += ["NetworkPolicy", "Role", "RoleBinding", "ServiceMonitor"]
+        expected += ["NetworkPolicy", "NetworkPolicy", "Role", "RoleBinding", "ServiceMonitor"]
     assert kinds == sorted(expected)
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in CRDS:
@@ -289,7 +291,7 @@ def test_every_optional_feature_renders_as_configured(helm_bin, tmp_path):
     assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == "25%"
 
     # NetworkPolicy: the broker's zmq port only from this release's workers and labelled clients.
-    policy = one(docs, "NetworkPolicy")
+    policy = one(docs, "NetworkPolicy", "broker")
     assert policy["spec"]["podSelector"]["matchLabels"] == broker["spec"]["selector"]["matchLabels"]
     zmq_rule, metrics_rule = policy["spec"]["ingress"]
     assert zmq_rule["ports"] == [{"port": "zmq", "protocol": "TCP"}]
@@ -298,6 +300,8 @@ def test_every_optional_feature_renders_as_configured(helm_bin, tmp_path):
         {"podSelector": {"matchLabels": {"llm-client": "yes"}}},
         {"podSelector": {"matchLabels": {"llm-client": "yes"}}, "namespaceSelector": {"matchLabels": {"team": "llm"}}}]
     assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics_rule["from"] == [{"podSelector": {"matchLabels": {"app": "prometheus"}}},
+                                    {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
     # The helm test Pod is a labelled client, so it passes the policy.
     assert one(docs, "Pod")["metadata"]["labels"]["llm-client"] == "yes"
 
@@ -382,3 +386,144 @@ def test_notes_say_how_to_connect_in_the_cluster_and_from_a_laptop(helm_bin, tmp
     assert "runnable-k8s scale 4 --release rel -n team-a" in notes
     everything = render_notes(helm_bin, tmp_path / "on", EVERYTHING_ON)
     assert "llm-client=yes" in everything and "autoscaled 0..20" in everything and ":9100/metrics" in everything
+
+
+# ------------------------------------------------------------------ issue 10: what the chart refuses and admits
+INSECURE_FIX = "Turn CURVE keys on"
+
+
+def refused(helm_bin: str, tmp_path: Path, values: dict) -> str:
+    result = helm(helm_bin, "template", "rel", str(CHART), "--kube-version", "1.33.0",
+                  "-f", values_file(tmp_path, values), tmp_path=tmp_path)
+    assert result.returncode != 0, f"helm rendered {values}"
+    return result.stderr
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("acknowledged", [False, True], ids=["policy", "policy-and-acknowledged"])
+def test_insecure_mode_is_refused_on_the_hosts_network(helm_bin, tmp_path, acknowledged):
+    """A NetworkPolicy does not cover a port opened on the node: no plaintext broker there, whatever
+    else is set."""
+    message = refused(helm_bin, tmp_path, {
+        "curve": {"enabled": False, "insecureAcknowledged": acknowledged},
+        "networkPolicy": {"enabled": True}, "broker": {"hostNetwork": True}})
+    assert "curve.enabled=false is refused with broker.hostNetwork=true" in message
+    assert "no NetworkPolicy applies" in message
+    assert INSECURE_FIX in message and "set broker.hostNetwork=false" in message
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("service_type", ["NodePort", "LoadBalancer"])
+def test_insecure_mode_is_refused_behind_a_service_reachable_from_outside(helm_bin, tmp_path, service_type):
+    message = refused(helm_bin, tmp_path, {
+        "curve": {"enabled": False, "insecureAcknowledged": True},
+        "networkPolicy": {"enabled": True}, "service": {"type": service_type}})
+    assert f"curve.enabled=false is refused with service.type={service_type}" in message
+    assert INSECURE_FIX in message and "set service.type=ClusterIP" in message
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_keyed_pools_may_still_use_the_hosts_network_and_any_service_type(helm_bin, tmp_path):
+    for values in ({"broker": {"hostNetwork": True}}, {"service": {"type": "NodePort"}},
+                   {"service": {"type": "LoadBalancer"}}):
+        docs = render(helm_bin, tmp_path, values)
+        assert "--keys=/etc/runnable-k8s/keys" in container(one(docs, "Deployment", "broker"))["command"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_clients_are_admitted_by_a_label_of_this_release_only(helm_bin, tmp_path):
+    docs = render(helm_bin, tmp_path, {"networkPolicy": {"enabled": True}}, release="rel")
+    policy = one(docs, "NetworkPolicy", "broker")
+    (zmq_rule,) = policy["spec"]["ingress"]
+    workers = one(docs, "Deployment", "worker")["spec"]["selector"]["matchLabels"]
+    assert zmq_rule["from"] == [{"podSelector": {"matchLabels": workers}},
+                                {"podSelector": {"matchLabels": {"rel-worker-pool-client": "true"}}}]
+    assert workers["app.kubernetes.io/instance"] == "rel"  # the release's own selector, not any worker's
+    assert "runnable-k8s-client" not in json.dumps(policy)  # the old generic label opens nothing
+    assert one(docs, "Pod")["metadata"]["labels"]["rel-worker-pool-client"] == "true"  # helm test passes
+    # Another release's clients do not pass this one's policy.
+    other = one(render(helm_bin, tmp_path, {"networkPolicy": {"enabled": True}}, release="other"),
+                "NetworkPolicy", "broker")
+    assert {"rel-worker-pool-client": "true"} not in [
+        peer["podSelector"]["matchLabels"] for peer in other["spec"]["ingress"][0]["from"]]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_the_client_label_is_a_valid_label_name_for_the_longest_release_name(helm_bin, tmp_path):
+    import re
+
+    release = "a" * 53  # Helm's own limit on release names
+    docs = render(helm_bin, tmp_path, {"networkPolicy": {"enabled": True}}, release=release)
+    (key,) = one(docs, "Pod")["metadata"]["labels"].keys() - {
+        "helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
+        "app.kubernetes.io/version", "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of"}
+    assert key.endswith("-client") and len(key) <= 63
+    assert re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", key)
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.33", strict=True)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_the_metrics_port_is_closed_unless_someone_is_named_to_scrape_it(helm_bin, tmp_path):
+    base = {"networkPolicy": {"enabled": True}, "metrics": {"enabled": True}}
+    closed = one(render(helm_bin, tmp_path, base), "NetworkPolicy", "broker")
+    assert [rule["ports"] for rule in closed["spec"]["ingress"]] == [[{"port": "zmq", "protocol": "TCP"}]]
+    prometheus = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    for values in ({"metrics": {"from": prometheus}}, {"networkPolicy": {"metricsFrom": prometheus}}):
+        policy = one(render(helm_bin, tmp_path, deep_merge(base, values)), "NetworkPolicy", "broker")
+        _, metrics_rule = policy["spec"]["ingress"]
+        assert metrics_rule == {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": prometheus}
+        kubernetes_validate.validate(policy, "1.33", strict=True)
+    notes = render_notes(helm_bin, tmp_path / "notes", base)
+    assert "closed by the NetworkPolicy: name who may scrape it in metrics.from" in notes
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_worker_egress_is_off_by_default(helm_bin, tmp_path):
+    docs = render(helm_bin, tmp_path, {"networkPolicy": {"enabled": True}})
+    assert not by_kind(docs, "NetworkPolicy", "worker")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kube", SUPPORTED_KUBERNETES)
+def test_worker_egress_allows_dns_the_broker_and_public_https(helm_bin, tmp_path, kube):
+    docs = render(helm_bin, tmp_path, {"networkPolicy": {"workerEgress": {"enabled": True}}}, kube=kube)
+    policy = one(docs, "NetworkPolicy", "worker")
+    kubernetes_validate.validate(policy, kube, strict=True)
+    assert policy["spec"]["podSelector"]["matchLabels"] == one(docs, "Deployment", "worker")["spec"]["selector"][
+        "matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    dns, broker, https = policy["spec"]["egress"]
+    assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert broker["to"] == [{"podSelector": {"matchLabels": one(docs, "Deployment", "broker")["spec"]["selector"][
+        "matchLabels"]}}]
+    assert broker["ports"] == [{"port": 5555, "protocol": "TCP"}]
+    assert https["ports"] == [{"port": 443, "protocol": "TCP"}]
+    v4 = https["to"][0]["ipBlock"]
+    assert v4["cidr"] == "0.0.0.0/0" and "169.254.0.0/16" in v4["except"] and "10.0.0.0/8" in v4["except"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_worker_egress_rules_can_be_replaced(helm_bin, tmp_path):
+    proxy = [{"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}], "ports": [{"port": 3128, "protocol": "TCP"}]}]
+    docs = render(helm_bin, tmp_path, {"networkPolicy": {"workerEgress": {"enabled": True, "extraRules": proxy}}})
+    policy = one(docs, "NetworkPolicy", "worker")
+    assert policy["spec"]["egress"][2:] == proxy
+    kubernetes_validate.validate(policy, "1.33", strict=True)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_notes_tell_client_pods_which_label_to_carry(helm_bin, tmp_path):
+    notes = render_notes(helm_bin, tmp_path, {"networkPolicy": {"enabled": True}})
+    assert "rel-worker-pool-client=true" in notes and 'rel-worker-pool-client: "true"' in notes
+    assert "the keys are the real check" in notes

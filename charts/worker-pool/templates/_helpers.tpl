@@ -107,8 +107,18 @@ the port runs code on the workers.
 {{- if not .Values.curve.existingSecret }}
 {{- fail "curve.existingSecret is required when curve.enabled is true: create the keys with `runnable-k8s keys ./keys` and `kubectl create secret generic runnable-k8s-curve --from-file=./keys`, then pass --set curve.existingSecret=runnable-k8s-curve (or set curve.enabled=false, see README)" }}
 {{- end }}
-{{- else if not (or .Values.networkPolicy.enabled .Values.curve.insecureAcknowledged) }}
+{{- else }}
+{{- /* A NetworkPolicy (and a private-network promise) covers only Pod-to-Pod traffic inside the
+cluster: a port opened on the node, a NodePort or a LoadBalancer is reached from outside it. */}}
+{{- if .Values.broker.hostNetwork }}
+{{- fail "curve.enabled=false is refused with broker.hostNetwork=true: the broker's plaintext port is then open on the node itself, where no NetworkPolicy applies, and anyone who reaches it runs code on the workers. Turn CURVE keys on (runnable-k8s keys ./keys; kubectl create secret generic runnable-k8s-curve --from-file=./keys; --set curve.enabled=true,curve.existingSecret=runnable-k8s-curve) or set broker.hostNetwork=false" }}
+{{- end }}
+{{- if ne .Values.service.type "ClusterIP" }}
+{{- fail (printf "curve.enabled=false is refused with service.type=%s: a %s Service opens the broker's plaintext port outside the cluster, where no NetworkPolicy applies, and anyone who reaches it runs code on the workers. Turn CURVE keys on (runnable-k8s keys ./keys; kubectl create secret generic runnable-k8s-curve --from-file=./keys; --set curve.enabled=true,curve.existingSecret=runnable-k8s-curve) or set service.type=ClusterIP (laptops can still use pool=\"k8s://NAMESPACE/RELEASE\")" .Values.service.type .Values.service.type) }}
+{{- end }}
+{{- if not (or .Values.networkPolicy.enabled .Values.curve.insecureAcknowledged) }}
 {{- fail "curve.enabled=false runs the broker with --insecure: anyone who reaches it runs code on the workers. Enable networkPolicy.enabled, or set curve.insecureAcknowledged=true if the network is private" }}
+{{- end }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
@@ -141,7 +151,23 @@ the port runs code on the workers.
       {{- end }}
 {{- end }}
 
-{{/* The labels that let a client Pod through the NetworkPolicy. */}}
+{{/*
+The labels that let a client Pod through the NetworkPolicy: one the chart makes per release,
+FULLNAME-client: "true" (at most 56 + 7 = 63 characters, a valid label name), so that a label
+meant for one pool opens no other; or networkPolicy.clientPodLabels, which replaces it.
+*/}}
+{{- define "worker-pool.clientLabelKey" -}}
+{{- printf "%s-client" (include "worker-pool.fullname" .) }}
+{{- end }}
+
 {{- define "worker-pool.clientPodLabels" -}}
-{{- toYaml (.Values.networkPolicy.clientPodLabels | default (dict "runnable-k8s-client" "true")) }}
+{{- toYaml (.Values.networkPolicy.clientPodLabels | default (dict (include "worker-pool.clientLabelKey" .) "true")) }}
+{{- end }}
+
+{{/* Who may scrape the metrics port: metrics.from and networkPolicy.metricsFrom together. */}}
+{{- define "worker-pool.metricsFrom" -}}
+{{- $from := concat (.Values.metrics.from | default list) (.Values.networkPolicy.metricsFrom | default list) }}
+{{- if $from }}
+{{- toYaml $from }}
+{{- end }}
 {{- end }}
