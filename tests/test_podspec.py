@@ -139,3 +139,28 @@ def test_user_overrides_still_validate(version):
     context = pod["spec"]["securityContext"]
     assert context["runAsNonRoot"] is True and context["runAsUser"] == 20000
     kubernetes_validate.validate(pod, version, strict=True)
+
+
+def test_launch_sends_the_pod_with_the_calls_deadline(monkeypatch):
+    """The wiring: Session passes the call's deadline to launch(), which builds the Pod from it."""
+    from kubernetes.client.rest import ApiException
+
+    from pool.errors import PodFailed
+
+    sent: list[dict] = []
+
+    class Core:
+        def create_namespaced_pod(self, namespace, manifest):
+            sent.append(manifest)
+            raise ApiException(status=403, reason="Forbidden")
+
+    launcher = KubernetesLauncher(image="i", namespace="n", delete_pod=False)
+    monkeypatch.setattr(launcher, "core", Core)
+    for deadline in (time.monotonic() + 60, None):
+        with pytest.raises(PodFailed):
+            launcher.launch(deadline)
+    with_timeout, without = (pod["spec"]["activeDeadlineSeconds"] for pod in sent)
+    assert 60 <= with_timeout <= 60 + defaults.EPHEMERAL_DEADLINE_MARGIN
+    assert without == defaults.EPHEMERAL_ACTIVE_DEADLINE
+    assert all(pod["metadata"]["labels"][KEEP_LABEL] == "true" for pod in sent)
+    assert all(pod["metadata"]["labels"][OWNER_LABEL] == owner_id() for pod in sent)
