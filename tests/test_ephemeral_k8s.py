@@ -127,11 +127,16 @@ def test_the_seed_chain_runs_in_a_pod_with_the_api_key_from_a_secret(k8s_node, k
     assert runner_pods(k8s_node, k8s_namespace) == []
 
 
-def test_gc_deletes_leftover_runner_pods(k8s_node, k8s_namespace):
+def test_gc_never_deletes_kept_pods_and_deletes_a_named_owners_leftovers(k8s_node, k8s_namespace):
     from pool.ephemeral.k8s_launcher import delete_leftover_runners
+    from pool.ephemeral.podspec import KEEP_LABEL, owner_id
 
     kept = in_pod(k8s_node, k8s_namespace, RunnableLambda(lambda _: os.getpid()), k8s_delete_runner_pod=False)
     kept.invoke(None)
-    assert len(runner_pods(k8s_node, k8s_namespace, expect=1)) == 1
-    assert len(delete_leftover_runners(k8s_node.control_plane.core(), k8s_namespace, older_than=0)) == 1
+    (name,) = runner_pods(k8s_node, k8s_namespace, expect=1)
+    core = k8s_node.control_plane.core()
+    assert delete_leftover_runners(core, k8s_namespace, older_than=0, all_owners=True) == []  # kept: never
+    core.patch_namespaced_pod(name, k8s_namespace, {"metadata": {"labels": {KEEP_LABEL: None}}})
+    assert delete_leftover_runners(core, k8s_namespace, older_than=0) == []  # owner alive, within its deadline
+    assert delete_leftover_runners(core, k8s_namespace, older_than=0, owner=owner_id()) == [name]
     assert runner_pods(k8s_node, k8s_namespace) == []
