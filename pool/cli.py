@@ -34,8 +34,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
     try:
         keys = load_broker_keys(args.keys) if args.keys else None
         broker = Broker(args.bind, keys=keys, insecure=args.insecure, max_message_bytes=args.max_message_bytes,
-                        queue_size=args.queue_size, queue_timeout=args.queue_timeout)
-    except (BrokerConfigError, FileNotFoundError, ValueError) as exc:
+                        queue_size=args.queue_size, queue_timeout=args.queue_timeout,
+                        max_worker_slots=args.max_worker_slots)
+    except (BrokerConfigError, OSError, ValueError) as exc:  # OSError: missing or unsafe key files
         print(f"runnable-k8s broker: {exc}", file=sys.stderr)
         return 2
     try:
@@ -59,6 +60,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
         for stop in extras:
             stop()
         broker.close()
+        if args.remove_on_exit:  # a LocalPool's private folder (its ipc socket, its keys), even if it died
+            import shutil
+
+            shutil.rmtree(args.remove_on_exit, ignore_errors=True)
     return 0
 
 
@@ -93,10 +98,19 @@ def cmd_local(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with LocalPool(workers=args.workers, concurrency=args.concurrency, port=args.port,
-                   log_level=args.log_level) as pool:
+                   secure=False if args.insecure else None, log_level=args.log_level) as pool:
         print(f"local pool with {args.workers} workers at {pool.address}", flush=True)
-        print(f"  use it:  RunnableK8s(bound=..., pool={pool.address!r})  or  export RUNNABLE_K8S_POOL={pool.address}",
-              flush=True)
+        if pool.keys_dir:
+            print(f"  use it:  RunnableK8s(bound=..., pool={pool.address!r}, keys={pool.keys_dir!r})", flush=True)
+            print(f"       or  export RUNNABLE_K8S_POOL={pool.address} RUNNABLE_K8S_KEYS={pool.keys_dir}", flush=True)
+        else:
+            print(f"  use it:  RunnableK8s(bound=..., pool={pool.address!r})", flush=True)
+            print(f"       or  export RUNNABLE_K8S_POOL={pool.address}", flush=True)
+        print("  who:     " + {
+            "ipc": "only this user (a socket file in a 0700 folder)",
+            "curve": "holders of the client key above (CurveZMQ on 127.0.0.1)",
+            "plaintext": "ANY user of this machine (--insecure: plaintext tcp on 127.0.0.1)",
+        }[pool.transport], flush=True)
         print("  stop it: Ctrl-C", flush=True)
         try:
             stop.wait()
@@ -115,13 +129,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not address:
         print("runnable-k8s status: pass --pool ADDRESS or set RUNNABLE_K8S_POOL", file=sys.stderr)
         return 2
-    keys = load_peer_keys(args.keys, "client") if args.keys else None
+    try:
+        keys = load_peer_keys(args.keys, "client") if args.keys else None
+    except OSError as exc:  # missing or unsafe key files
+        print(f"runnable-k8s status: {exc}", file=sys.stderr)
+        return 2
     try:
         if is_k8s_address(address):
             from pool.k8s.portforward import BrokerForward
 
             address = BrokerForward(address).local_address
-        status = Connection(address, keys, args.connect_timeout).status()
+        status = Connection(address, keys, args.connect_timeout, insecure=args.insecure).status()
     except RunnableK8sError as exc:
         print(f"runnable-k8s status: {exc}", file=sys.stderr)
         return 1
@@ -155,7 +173,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         print(f"runnable-k8s keys: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote CurveZMQ keys to {directory}:")
+    print(f"wrote CurveZMQ keys to {directory} (secret keys 0600: keep them so, the programs refuse them otherwise):")
     print(f"  broker:  runnable-k8s broker --bind tcp://0.0.0.0:{defaults.BROKER_PORT} --keys {directory}")
     print(f"  workers: python -m worker --connect tcp://BROKER:{defaults.BROKER_PORT} --keys {directory}  "
           "(needs worker.key_secret, broker.key)")
@@ -253,8 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tasks waiting for a free slot, across all clients (default %(default)s)")
     broker.add_argument("--queue-timeout", type=float, default=defaults.QUEUE_TIMEOUT, metavar="S",
                         help="seconds a task may wait for a free worker slot (default %(default)s)")
+    broker.add_argument("--max-worker-slots", type=int, default=defaults.MAX_WORKER_SLOTS, metavar="N",
+                        help="most tasks one worker is given at once, whatever slot count it claims "
+                             "(default %(default)s)")
     broker.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     broker.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
+    broker.add_argument("--remove-on-exit", metavar="DIR", help=argparse.SUPPRESS)
     broker.add_argument("--metrics-port", type=int, metavar="PORT",
                         help="serve Prometheus metrics on this port (0: any free port)")
     broker.add_argument("--metrics-bind", default="127.0.0.1", metavar="ADDRESS",
@@ -285,14 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="worker processes (default %(default)s)")
     local.add_argument("--concurrency", type=int, default=defaults.WORKER_CONCURRENCY, metavar="N",
                        help="tasks each worker runs at once (default %(default)s)")
-    local.add_argument("--port", type=int, default=defaults.BROKER_PORT,
-                       help="broker port on 127.0.0.1 (default %(default)s; 0: any free port)")
+    local.add_argument("--port", type=int, default=None,
+                       help="listen on tcp://127.0.0.1:PORT with CurveZMQ keys made for this pool (0: any "
+                            "free port) instead of the default, an ipc:// socket only this user can open")
+    local.add_argument("--insecure", action="store_true",
+                       help="plaintext tcp on 127.0.0.1 (--port, or any free port): any user of this "
+                            "machine can then run code on the workers")
     local.set_defaults(func=cmd_local)
 
     status = add("status", help="workers, busy slots, queue depth and task counters of a pool")
     status.add_argument("--pool", help="broker address (default: RUNNABLE_K8S_POOL)")
     status.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"))
     status.add_argument("--json", action="store_true")
+    status.add_argument("--insecure", action="store_true",
+                        help="allow plaintext (no --keys) to a broker that is not on this machine")
     status.add_argument("--connect-timeout", type=float, default=defaults.CONNECT_TIMEOUT, metavar="S",
                         help="seconds to wait for the broker to answer (default %(default)s)")
     status.set_defaults(func=cmd_status)

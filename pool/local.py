@@ -38,13 +38,30 @@ DRAIN_TIMEOUT = defaults.WORKER_GRACE_PERIOD + STOP_TIMEOUT
 
 
 class LocalPool:
-    """A broker and ``workers`` worker processes on 127.0.0.1.
+    """A broker and ``workers`` worker processes on this machine, reachable only by this user.
+
+    Where it listens, and who can get in (DESIGN §5):
+
+    * ``LocalPool()``: ``ipc://`` on a socket file in a fresh 0700 temporary directory (removed
+      by ``close``). Only this user (and root) can open it; any process of this user can use
+      ``address`` as it is, with no keys (``RunnableK8s(pool=pool.address)``). It is the default
+      because it needs nothing from the client and was measured no slower than plaintext tcp (a
+      2-core machine, 2 workers x 32 slots: warm echo p50 1.7-2.0 ms against 2.3 ms for tcp with
+      or without keys; 1,500-1,700 calls/s at 64 in flight against 1,100-1,600).
+    * ``LocalPool(port=N)``, or ``secure=True``: ``tcp://127.0.0.1:N`` (0: any free port) with
+      CurveZMQ keys made for this pool in a 0700 temporary directory: ``keys_dir`` is what
+      clients pass as ``keys=`` (or ``RUNNABLE_K8S_KEYS``). A loopback port can be reached by every
+      user of the machine, so it is never open without keys unless asked.
+    * ``secure=False``: plaintext ``tcp://127.0.0.1`` (``port`` or any free one), as before: any
+      local user (and any container sharing the network namespace) can run code on the workers.
+      Only for a machine nobody else uses, or a raw plaintext tool that needs tcp.
 
     Args:
         workers: worker processes to start (``scale`` changes it later).
         concurrency: tasks each worker runs at once.
-        secure: generate CurveZMQ keys in a temporary directory and require them (``keys_dir``
-            is then what clients pass as ``keys=``).
+        port: listen on ``tcp://127.0.0.1:port`` instead of ipc (0: any free port); with keys
+            unless ``secure=False``.
+        secure: None (the default) picks as above; True: tcp with CurveZMQ keys; False: plaintext tcp.
         env: extra environment for the workers (API keys, for instance).
         broker_args: extra ``runnable-k8s broker`` options, e.g. ``["--queue-timeout", "5"]``.
         autoscale: run the autoscaling policy on the worker count (``AutoscaleSettings(min=0,
@@ -57,8 +74,8 @@ class LocalPool:
         workers: int = defaults.LOCAL_WORKERS,
         *,
         concurrency: int = defaults.WORKER_CONCURRENCY,
-        port: int = 0,
-        secure: bool = False,
+        port: int | None = None,
+        secure: bool | None = None,
         env: dict[str, str] | None = None,
         broker_args: list[str] | None = None,
         worker_args: list[str] | None = None,
@@ -72,6 +89,8 @@ class LocalPool:
         self.concurrency = concurrency
         self.port = port
         self.secure = secure
+        # "ipc": socket file in a 0700 folder; "curve": tcp with keys; "plaintext": tcp without.
+        self.transport = "plaintext" if secure is False else "curve" if (secure or port is not None) else "ipc"
         self.env = {**os.environ, **(env or {})}
         self.broker_args = broker_args or []
         self.worker_args = worker_args or []
@@ -98,8 +117,10 @@ class LocalPool:
 
     def start(self) -> LocalPool:
         try:
-            if self.secure:
-                self._temp_dir = tempfile.mkdtemp(prefix="runnable-k8s-keys-")
+            if self.transport != "plaintext":
+                self._temp_dir = _private_temp_dir()
+            if self.transport == "curve":
+                assert self._temp_dir is not None
                 self.keys_dir = str(create_key_directory(Path(self._temp_dir) / "keys"))
             self._start_broker()
             self.scale(self.initial_workers)
@@ -195,12 +216,21 @@ class LocalPool:
 
     # ------------------------------------------------------------------ processes
 
+    def _bind_endpoint(self) -> str:
+        if self.transport == "ipc":
+            assert self._temp_dir is not None
+            return f"ipc://{self._temp_dir}/broker.sock"
+        return f"tcp://127.0.0.1:{self.port or '*'}"
+
     def _start_broker(self) -> None:
         command = [
             sys.executable, "-m", "pool", "broker",
-            "--bind", f"tcp://127.0.0.1:{self.port or '*'}",
+            "--bind", self._bind_endpoint(),
             "--announce", "--exit-with-parent", str(os.getpid()), "--log-level", self.log_level,
             *(["--keys", self.keys_dir] if self.keys_dir else []),
+            # The broker removes the private folder itself when it stops, so a parent that dies
+            # without close() (its children follow it, see --exit-with-parent) leaves nothing behind.
+            *(["--remove-on-exit", self._temp_dir] if self._temp_dir else []),
             *self.broker_args,
         ]
         self._broker = subprocess.Popen(command, stdout=subprocess.PIPE, env=self.env)
@@ -218,6 +248,18 @@ class LocalPool:
             *self.worker_args,
         ]
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=self.env)
+
+
+def _private_temp_dir() -> str:
+    """A fresh directory only this user can enter (mkdtemp makes it 0700), for the broker's socket
+    file or the pool's keys. An ipc path must fit in a socket address (about 100 bytes): a long
+    TMPDIR (macOS's is) falls back to /tmp."""
+    base = tempfile.gettempdir()
+    if len(base) > 60 and os.path.isdir("/tmp"):
+        base = "/tmp"
+    path = tempfile.mkdtemp(prefix="runnable-k8s-", dir=base)
+    os.chmod(path, 0o700)  # mkdtemp already does; said again because everything rests on it
+    return path
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:

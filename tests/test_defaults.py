@@ -52,13 +52,15 @@ CLI_DEFAULTS: dict[str, dict[str, str]] = {
         "max_message_bytes": "MAX_MESSAGE_BYTES",
         "queue_size": "QUEUE_SIZE",
         "queue_timeout": "QUEUE_TIMEOUT",
+        "max_worker_slots": "MAX_WORKER_SLOTS",
         "autoscale_min": "AUTOSCALE_MIN",
         "autoscale_max": "AUTOSCALE_MAX",
         "autoscale_target": "AUTOSCALE_TARGET",
         "autoscale_window": "AUTOSCALE_WINDOW",
         "autoscale_idle": "AUTOSCALE_IDLE",
     },
-    "local": {"workers": "LOCAL_WORKERS", "concurrency": "WORKER_CONCURRENCY", "port": "BROKER_PORT"},
+    # No port: a local pool listens on an ipc:// socket only its user can open (--port N: tcp with keys).
+    "local": {"workers": "LOCAL_WORKERS", "concurrency": "WORKER_CONCURRENCY"},
     "status": {"connect_timeout": "CONNECT_TIMEOUT"},
     "gc": {"older_than": "GC_OLDER_THAN"},
 }
@@ -188,8 +190,10 @@ def test_local_pool_defaults_match_the_module() -> None:
     params = signature_defaults(LocalPool)
     assert params["workers"] == defaults.LOCAL_WORKERS
     assert params["concurrency"] == defaults.WORKER_CONCURRENCY
-    # Not BROKER_PORT: an embedded pool takes any free port, so two can run side by side.
-    assert params["port"] == 0
+    # No port: an embedded pool listens on an ipc:// socket file of its own (two run side by side),
+    # and secure=None means "reachable only by this user" (ipc, or keys when a port is given).
+    assert params["port"] is None
+    assert params["secure"] is None
 
 
 def test_warm_worker_defaults_match_the_module() -> None:

@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds to finish running tasks after SIGTERM (default %(default)s)")
     parser.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
                         help="CurveZMQ key directory (needs worker.key_secret and broker.key)")
+    parser.add_argument("--insecure", action="store_true",
+                        default=os.environ.get("RUNNABLE_K8S_INSECURE", "") not in ("", "0"),
+                        help="allow plaintext (no --keys) to a broker that is not on this machine: only "
+                             "on a network that is already private (env RUNNABLE_K8S_INSECURE=1)")
     parser.add_argument("--health-dir", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_HEALTH_DIR"),
                         help="keep DIR/alive (touched every second) and DIR/ready (while registered) for probes")
     parser.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
@@ -58,14 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_stdio()
     from worker.warm import WarmWorker
 
-    keys = None
-    if args.keys:
-        from worker.curve import load_peer_keys
+    try:
+        keys = None
+        if args.keys:
+            from worker.curve import load_peer_keys
 
-        keys = load_peer_keys(args.keys, "worker")
-    worker = WarmWorker(args.connect, concurrency=args.concurrency, cache_size=args.cache_size,
-                        grace_period=args.grace_period, keys=keys, exit_with_parent=args.exit_with_parent,
-                        health_dir=args.health_dir)
+            keys = load_peer_keys(args.keys, "worker")
+        worker = WarmWorker(args.connect, concurrency=args.concurrency, cache_size=args.cache_size,
+                            grace_period=args.grace_period, keys=keys, exit_with_parent=args.exit_with_parent,
+                            health_dir=args.health_dir, insecure=args.insecure)
+    except (OSError, ValueError) as exc:  # unusable keys, or plaintext to a remote broker: say why
+        print(f"python -m worker: {exc}", file=sys.stderr)
+        return 2
     # Task threads are daemons and are not joined: see exit_now.
     return worker.run()
 

@@ -75,7 +75,11 @@ class WarmWorker:
         keys: PeerKeys | None = None,
         exit_with_parent: int | None = None,
         health_dir: str | None = None,
+        insecure: bool = False,
     ) -> None:
+        # Plaintext only to this machine unless told otherwise (DESIGN §5): checked before any socket.
+        if keys is None and not insecure and not transport.is_loopback_endpoint(address):
+            raise ValueError(transport.plaintext_refusal(address, "this worker", "--insecure"))
         self.address = address
         self.concurrency = concurrency
         self.grace_period = grace_period

@@ -171,6 +171,13 @@ _MONITORED = (
 )
 
 
+def check_plaintext(address: str, keys: PeerKeys | None, insecure: bool) -> None:
+    """Refuse plaintext (no keys) to an address off this machine unless told ``insecure`` (DESIGN §5):
+    loopback, ipc:// and inproc:// are always fine."""
+    if keys is None and not insecure and not transport.is_loopback_endpoint(address):
+        raise AuthenticationFailed(transport.plaintext_refusal(address, "this client", "insecure=True"))
+
+
 class Connection:
     """Use :meth:`shared`; one instance per (process, address, keys)."""
 
@@ -180,12 +187,15 @@ class Connection:
 
     @classmethod
     def shared(cls, address: str, keys: PeerKeys | None = None,
-               connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Connection:
+               connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, insecure: bool = False) -> Connection:
+        """The process's connection to ``address``. Without ``keys`` it is plaintext, which is
+        refused (``AuthenticationFailed``) for an address off this machine unless ``insecure``."""
+        check_plaintext(address, keys, insecure)  # before the lookup: an insecure one may exist already
         key = (os.getpid(), address, keys)  # a forked child gets its own (zmq is not fork-safe)
         with cls._registry_lock:
             connection = cls._registry.get(key)
             if connection is None or connection.closed:
-                connection = cls(address, keys, connect_timeout)
+                connection = cls(address, keys, connect_timeout, insecure)
                 cls._registry[key] = connection
             return connection
 
@@ -198,7 +208,9 @@ class Connection:
         for connection in connections:
             connection.close()
 
-    def __init__(self, address: str, keys: PeerKeys | None, connect_timeout: float) -> None:
+    def __init__(self, address: str, keys: PeerKeys | None, connect_timeout: float,
+                 insecure: bool = False) -> None:
+        check_plaintext(address, keys, insecure)
         self.address = address
         self.keys = keys
         self.connect_timeout = connect_timeout
