@@ -269,7 +269,9 @@ def test_the_autoscaler_grows_real_worker_pods_with_load_and_scales_them_down_un
         "--autoscale-min", "1", "--autoscale-max", "3", "--autoscale-window", "5", "--autoscale-idle", "600",
         "--autoscale-kubeconfig", k8s_node.control_plane.kubeconfig, "--log-level", "INFO",
     ]
-    with LocalPool(workers=0, broker_args=broker_args) as pool:
+    # Plaintext tcp on 127.0.0.1: the worker Pods (host network) connect to it, and the default
+    # ipc:// socket of a LocalPool lives in a folder of this host that no Pod can see.
+    with LocalPool(workers=0, secure=False, broker_args=broker_args) as pool:
         apps.create_namespaced_deployment(k8s_namespace, pod_workers(pool.address))
         first = seconds_until(lambda: len(pool.status()["workers"]) == 1, 120, "the first worker Pod to register",
                               interval=0.1)
