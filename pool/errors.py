@@ -8,7 +8,7 @@ wire never carries client-side classes.
 from __future__ import annotations
 
 from worker import protocol
-from worker.codec import load_exception
+from worker.codec import CodecError, load_exception
 
 
 class RunnableK8sError(Exception):
@@ -104,10 +104,17 @@ _BY_CODE: dict[bytes, type[RunnableK8sError]] = {
 }
 
 
-def error_from_wire(code: bytes, message: str, detail: bytes) -> BaseException:
-    """The exception a caller should see for an ERROR message."""
+def error_from_wire(code: bytes, message: str, detail: bytes, trusted: bool = False) -> BaseException:
+    """The exception a caller should see for an ERROR message.
+
+    A remote exception is rebuilt from data (pickled only if the call ``trusted`` its workers); a
+    detail that names anything but data becomes a :class:`SerializationError`, and nothing runs.
+    """
     if code == protocol.E_REMOTE:
-        info = load_exception(detail)
+        try:
+            info = load_exception(detail, trusted)
+        except CodecError as exc:
+            return SerializationError(f"the worker's error detail was refused: {exc}")
         if info.exception is not None:
             return info.exception
         return RemoteError(info.type_name, info.message, info.traceback)

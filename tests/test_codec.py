@@ -81,14 +81,27 @@ class NeedsTwoArgs(Exception):
         super().__init__(f"{a}/{b}")
 
 
-def test_exception_that_cannot_be_rebuilt_keeps_its_type_name_and_traceback():
+def test_exception_with_a_demanding_init_is_rebuilt_without_calling_it():
+    # The data route rebuilds exceptions from their args and attributes, never through __init__.
     try:
         raise NeedsTwoArgs(1, 2)
     except NeedsTwoArgs as exc:
         info = codec.load_exception(codec.dump_exception(exc))
+    assert type(info.exception) is NeedsTwoArgs
+    assert str(info.exception) == "1/2"
+
+
+def test_exception_that_cannot_be_rebuilt_keeps_its_type_name_and_traceback():
+    class LocalError(Exception):  # not importable by name on the other side
+        pass
+
+    try:
+        raise LocalError("boom")
+    except LocalError as exc:
+        info = codec.load_exception(codec.dump_exception(exc))
     assert info.exception is None
-    assert info.type_name.endswith("NeedsTwoArgs")
-    assert "raise NeedsTwoArgs" in info.traceback
+    assert info.type_name.endswith("LocalError")
+    assert "raise LocalError" in info.traceback
 
 
 # ---------------------------------------------------------------------------- the data fast path

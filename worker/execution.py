@@ -39,14 +39,15 @@ class OutputTooLarge(Exception):
     """An output or chunk over the broker's message limit: the caller gets PayloadTooLarge."""
 
 
-def failure(exc: BaseException) -> tuple[bytes, str, bytes]:
+def failure(exc: BaseException, trusted: bool = False) -> tuple[bytes, str, bytes]:
     """``(code, message, detail)`` of the ERROR reply for a task that raised ``exc``: one mapping
-    for the warm worker and the one-shot worker, so a caller sees the same error in both modes."""
+    for the warm worker and the one-shot worker, so a caller sees the same error in both modes.
+    The exception travels as data unless the client ``trusted`` its workers (DESIGN §5)."""
     if isinstance(exc, OutputTooLarge):
         return P.E_PAYLOAD_TOO_LARGE, str(exc), b""
     if isinstance(exc, StageError):
         return P.E_SERIALIZATION, str(exc), b""
-    return P.E_REMOTE, f"{type(exc).__name__}: {exc}", codec.dump_exception(exc)
+    return P.E_REMOTE, f"{type(exc).__name__}: {exc}", codec.dump_exception(exc, trusted)
 
 
 def is_async_only(runnable: Any, _seen: set[int] | None = None) -> bool:
@@ -85,36 +86,39 @@ def decode_input(blob: bytes) -> tuple[Any, dict[str, Any]]:
     return value, kwargs
 
 
-def encode_output(value: Any) -> bytes:
+def encode_output(value: Any, trusted: bool = False) -> bytes:
+    """An output or chunk as data; pickled only when the client trusts its workers. What is not
+    data is refused here, on the worker, with a message saying what to return instead."""
     try:
-        return codec.dumps(value)
+        return codec.dumps_output(value, trusted)
     except Exception as exc:
-        raise StageError(f"the runnable's output ({type(value).__name__}) could not be encoded", exc) from exc
+        raise StageError(f"the runnable's output ({type(value).__name__}) could not be sent back", exc) from exc
 
 
 # ---------------------------------------------------------------------- blocking
 
 
-def run_invoke(runnable: Runnable, async_only: bool, input_blob: bytes, config: RunnableConfig) -> bytes:
+def run_invoke(runnable: Runnable, async_only: bool, input_blob: bytes, config: RunnableConfig,
+               trusted: bool = False) -> bytes:
     """``runnable.invoke`` (``ainvoke`` on a private loop if async-only); the encoded output."""
     if async_only:
-        return asyncio.run(arun_invoke(runnable, input_blob, config))
+        return asyncio.run(arun_invoke(runnable, input_blob, config, trusted))
     value, kwargs = decode_input(input_blob)
-    return encode_output(runnable.invoke(value, config, **kwargs))
+    return encode_output(runnable.invoke(value, config, **kwargs), trusted)
 
 
 def iterate_stream(runnable: Runnable, async_only: bool, input_blob: bytes,
-                   config: RunnableConfig) -> Generator[bytes, None, None]:
+                   config: RunnableConfig, trusted: bool = False) -> Generator[bytes, None, None]:
     """Each encoded chunk as soon as the runnable yields it. Closing this iterator (or stopping
     between chunks) closes the runnable's stream."""
     if async_only:
-        yield from _drive(aiterate_stream(runnable, input_blob, config))
+        yield from _drive(aiterate_stream(runnable, input_blob, config, trusted))
         return
     value, kwargs = decode_input(input_blob)
     chunks = runnable.stream(value, config, **kwargs)
     try:
         for chunk in chunks:
-            yield encode_output(chunk)
+            yield encode_output(chunk, trusted)
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
@@ -141,18 +145,19 @@ def _drive(chunks: AsyncGenerator[bytes, None]) -> Iterator[bytes]:
 # ---------------------------------------------------------------------- on a running loop
 
 
-async def arun_invoke(runnable: Runnable, input_blob: bytes, config: RunnableConfig) -> bytes:
+async def arun_invoke(runnable: Runnable, input_blob: bytes, config: RunnableConfig,
+                      trusted: bool = False) -> bytes:
     value, kwargs = decode_input(input_blob)
-    return encode_output(await runnable.ainvoke(value, config, **kwargs))
+    return encode_output(await runnable.ainvoke(value, config, **kwargs), trusted)
 
 
 async def aiterate_stream(runnable: Runnable, input_blob: bytes,
-                          config: RunnableConfig) -> AsyncGenerator[bytes, None]:
+                          config: RunnableConfig, trusted: bool = False) -> AsyncGenerator[bytes, None]:
     value, kwargs = decode_input(input_blob)
     chunks = runnable.astream(value, config, **kwargs)
     try:
         async for chunk in chunks:
-            yield encode_output(chunk)
+            yield encode_output(chunk, trusted)
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:

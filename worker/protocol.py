@@ -123,6 +123,8 @@ class TaskHeader:
 
     ``timeout`` is relative (seconds left when sent) so that no two machines' clocks need agree.
     ``config`` holds only the JSON-safe part of a RunnableConfig (see DESIGN §4).
+    ``trust`` is the client's ``trust_workers``: only then may the worker send outputs, chunks and
+    exceptions pickled (any object); otherwise it sends them as data (``codec.dumps_result``).
     """
 
     kind: str  # "invoke" or "stream"
@@ -130,12 +132,13 @@ class TaskHeader:
     timeout: float | None = None
     retries: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    trust: bool = False
 
     def to_bytes(self) -> bytes:
         # Built by hand: dataclasses.asdict deep-copies, and this runs once per task.
         return json.dumps(
             {"kind": self.kind, "digest": self.digest, "timeout": self.timeout, "retries": self.retries,
-             "config": self.config},
+             "config": self.config, "trust": self.trust},
             separators=(",", ":"),
         ).encode()
 
@@ -152,12 +155,16 @@ class TaskHeader:
         config = raw.get("config") or {}
         if not isinstance(config, dict):
             raise ValueError("task header config must be an object")
+        trust = raw.get("trust", False)
+        if not isinstance(trust, bool):
+            raise ValueError("task header trust must be true or false")
         return cls(
             kind=raw["kind"],
             digest=raw["digest"],
             timeout=timeout,
             retries=int(raw.get("retries") or 0),
             config=config,
+            trust=trust,
         )
 
 

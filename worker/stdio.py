@@ -67,12 +67,12 @@ def run_stdio(stdin: BinaryIO | None = None) -> int:
         async_only = execution.is_async_only(runnable)
         config = execution.config_from_wire(header.config)
         if header.kind == "stream":
-            for chunk in execution.iterate_stream(runnable, async_only, input_blob, config):
+            for chunk in execution.iterate_stream(runnable, async_only, input_blob, config, header.trust):
                 send(P.CHUNK, chunk)
             send(P.RESULT, b"")
         else:
-            send(P.RESULT, execution.run_invoke(runnable, async_only, input_blob, config))
+            send(P.RESULT, execution.run_invoke(runnable, async_only, input_blob, config, header.trust))
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller as its ERROR
-        code, message, detail = execution.failure(exc)
+        code, message, detail = execution.failure(exc, header.trust)
         send(P.ERROR, b"", code, message.encode(), detail)
     return 0

@@ -163,7 +163,7 @@ class TaskRunner:
                 return
             config = execution.config_from_wire(job.header.config)
             if job.header.kind == "stream":
-                chunks = execution.iterate_stream(cached.runnable, False, job.input, config)
+                chunks = execution.iterate_stream(cached.runnable, False, job.input, config, job.header.trust)
                 try:
                     for chunk in chunks:
                         if job.state == ABANDONED:
@@ -174,9 +174,9 @@ class TaskRunner:
                 self._reply(P.RESULT, job.task_id, b"")
             else:
                 self._reply(P.RESULT, job.task_id,
-                            execution.run_invoke(cached.runnable, False, job.input, config))
+                            execution.run_invoke(cached.runnable, False, job.input, config, job.header.trust))
         except Exception as exc:  # noqa: BLE001 - every failure becomes the task's ERROR reply
-            self._send(P.error_frames(job.task_id, *execution.failure(exc)))
+            self._send(P.error_frames(job.task_id, *execution.failure(exc, job.header.trust)))
 
     def _load(self, job: Job) -> CachedRunnable:
         """Deserialize a runnable the first time it arrives (on a task thread: it can be slow)."""
@@ -209,15 +209,16 @@ class TaskRunner:
         try:
             config = execution.config_from_wire(job.header.config)
             if job.header.kind == "stream":
-                async for chunk in execution.aiterate_stream(cached.runnable, job.input, config):
+                async for chunk in execution.aiterate_stream(cached.runnable, job.input, config, job.header.trust):
                     self._reply(P.CHUNK, job.task_id, chunk)
                 self._reply(P.RESULT, job.task_id, b"")
             else:
-                self._reply(P.RESULT, job.task_id, await execution.arun_invoke(cached.runnable, job.input, config))
+                self._reply(P.RESULT, job.task_id,
+                            await execution.arun_invoke(cached.runnable, job.input, config, job.header.trust))
         except asyncio.CancelledError:
             pass  # abandoned: the I/O thread has answered for it
         except Exception as exc:  # noqa: BLE001
-            self._send(P.error_frames(job.task_id, *execution.failure(exc)))
+            self._send(P.error_frames(job.task_id, *execution.failure(exc, job.header.trust)))
 
     # ------------------------------------------------------------------ replies
 

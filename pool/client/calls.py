@@ -27,6 +27,7 @@ class RemoteCall:
     config: dict[str, Any] = field(default_factory=dict)
     timeout: float | None = None
     retries: int = 0
+    trust_workers: bool = False  # decode outputs with full pickle (DESIGN §5); else data only
 
 
 def encode_runnable(runnable: Any) -> tuple[bytes, str]:
@@ -44,9 +45,13 @@ def encode_input(value: Any, kwargs: dict[str, Any]) -> bytes:
         raise SerializationError(f"the input cannot be sent to a worker: {exc}") from exc
 
 
-def decode_output(data: bytes) -> Any:
+def decode_output(data: bytes, trusted: bool = False) -> Any:
+    """An output or chunk from a worker: data only (nothing the worker chose runs here), or any
+    pickled object when the call trusts its workers."""
     try:
-        return codec.loads(data)
+        return codec.loads_output(data, trusted)
+    except codec.Refused as exc:
+        raise SerializationError(f"the worker's output was refused and nothing of it ran: {exc}") from exc
     except codec.CodecError as exc:
         raise SerializationError(f"the worker's output cannot be decoded here: {exc}") from exc
 

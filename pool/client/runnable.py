@@ -12,6 +12,7 @@ once per instance; its digest lets workers reuse what they already deserialized.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from pool.client.calls import RemoteCall, encode_input, encode_runnable, wire_co
 from worker import defaults
 
 DEFAULT_IMAGE = defaults.EPHEMERAL_IMAGE
+TRUST_WORKERS_ENV = "RUNNABLE_K8S_TRUST_WORKERS"
 
 _UNSET = object()
 
@@ -45,6 +47,11 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         retries: times the pool re-runs a task whose worker died before it streamed anything.
         keys: CurveZMQ key directory (``runnable-k8s keys``); default ``RUNNABLE_K8S_KEYS``.
         launcher: for ephemeral mode, ``"kubernetes"`` (a Pod) or ``"local"`` (a subprocess).
+        trust_workers: decode what workers send back (outputs, chunks, exceptions) with full
+            pickle, so any picklable object returns. Off by default: outputs then travel as data
+            only, and a compromised worker cannot run code in this process. Turning it on (or
+            setting ``RUNNABLE_K8S_TRUST_WORKERS=1``) lets anyone who controls a worker run code
+            here; do it only for workers you trust as much as this process.
         k8s_*: the original RunnableK8s keyword arguments, used by ephemeral mode.
     """
 
@@ -56,6 +63,7 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     keys: str | None = None
     connect_timeout: float = defaults.CONNECT_TIMEOUT
     launcher: Literal["kubernetes", "local"] = "kubernetes"
+    trust_workers: bool = False
     # The original project's keyword arguments (kaitoy/runnable-k8s), kept so users switch by
     # changing one import.
     k8s_config: Any = None
@@ -118,7 +126,8 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         if self._encoded is None:
             self._encoded = encode_runnable(self.bound)
         blob, digest = self._encoded
-        return RemoteCall(blob, digest, encode_input(value, kwargs), wire_config(config), self.timeout, self.retries)
+        return RemoteCall(blob, digest, encode_input(value, kwargs), wire_config(config), self.timeout, self.retries,
+                          self.trust_workers or os.environ.get(TRUST_WORKERS_ENV, "").lower() in ("1", "true", "yes"))
 
     def _backend(self) -> modes.Backend:
         return modes.choose_backend(self)

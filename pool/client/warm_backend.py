@@ -54,7 +54,8 @@ class _Calls:
             call = self.calls[self.next_index]
             self.connection.check_size(call.runnable, call.input)
             task_id = self.connection.new_task_id()
-            header = P.TaskHeader(self.kind, call.digest, call.timeout, call.retries, call.config).to_bytes()
+            header = P.TaskHeader(self.kind, call.digest, call.timeout, call.retries, call.config,
+                                  call.trust_workers).to_bytes()
             deadline = time.monotonic() + call.timeout if call.timeout is not None else None
             self.open[task_id] = (self.next_index, call, deadline)
             self.connection.submit(Submission(task_id, header, call.digest, call.runnable, call.input, self.sink))
@@ -69,12 +70,18 @@ class _Calls:
         if entry is None:
             return []  # a late event of a task given up on
         if event.kind == "chunk":
-            return [(entry[0], False, decode_output(event.data))]
+            try:
+                return [(entry[0], False, decode_output(event.data, entry[1].trust_workers))]
+            except Exception as exc:  # noqa: BLE001 - a refused chunk ends the call with its error
+                del self.open[event.task_id]
+                self.connection.cancel(event.task_id)
+                self.refill()
+                return [(entry[0], True, exc)]
         del self.open[event.task_id]
         self.refill()
         if self.kind == "stream" and event.kind == "result":
             return [(entry[0], True, None)]  # the end of the stream
-        return [(entry[0], True, _outcome(event))]
+        return [(entry[0], True, _outcome(event, entry[1].trust_workers))]
 
     def timeouts(self) -> list[tuple[int, bool, Any]]:
         now = time.monotonic()
@@ -91,12 +98,12 @@ class _Calls:
             self.connection.cancel(task_id)
 
 
-def _outcome(event: Event) -> Any:
+def _outcome(event: Event, trusted: bool) -> Any:
     """The value of a result event, or the exception of an error event (returned, not raised)."""
     if event.kind == "error":
-        return error_from_wire(event.code, event.message, event.data)
+        return error_from_wire(event.code, event.message, event.data, trusted)
     try:
-        return decode_output(event.data)
+        return decode_output(event.data, trusted)
     except Exception as exc:  # noqa: BLE001 - reported like any other failed call
         return exc
 

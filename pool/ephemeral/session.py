@@ -74,7 +74,8 @@ class Session:
             command, _ = self._next(channel)
             if command != P.READY:
                 raise WorkerLost(f"the one-shot worker answered HELLO with {P.COMMAND_NAMES.get(command)}")
-            header = P.TaskHeader(self.kind, self.call.digest, self.call.timeout, 0, self.call.config)
+            header = P.TaskHeader(self.kind, self.call.digest, self.call.timeout, 0, self.call.config,
+                                  self.call.trust_workers)
             channel.write(P.stdio_line(P.TASK, header.to_bytes(), self.call.runnable, self.call.input))
             while True:
                 command, fields = self._next(channel)
@@ -103,7 +104,7 @@ class Session:
             command, fields = message
             if command == P.ERROR:
                 code, text, detail = [*fields, b"", b"", b"", b""][1:4]
-                raise error_from_wire(code, text.decode("utf-8", "replace"), detail)
+                raise error_from_wire(code, text.decode("utf-8", "replace"), detail, self.call.trust_workers)
             return command, fields
 
     def _timeout(self) -> TaskTimeout:
@@ -117,13 +118,13 @@ class Session:
     def invoke(self) -> Any:
         for command, data in self.events():
             if command == P.RESULT:
-                return decode_output(data)
+                return decode_output(data, self.call.trust_workers)
         raise WorkerLost("the one-shot worker ended without a result")
 
     def stream(self) -> Iterator[Any]:
         for command, data in self.events():
             if command == P.CHUNK:
-                yield decode_output(data)
+                yield decode_output(data, self.call.trust_workers)
 
 
 class EphemeralBackend:
