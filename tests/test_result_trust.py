@@ -1,0 +1,418 @@
+"""The way back carries data, never code (issue 10, DESIGN §3 and §5).
+
+A client does not trust its workers: outputs, streamed chunks and exception details decode on the
+client without running anything the worker (or the broker) chose. Hostile pickles are refused with
+a SerializationError naming what was refused, and their side effect (creating a marker file) never
+happens. A worker refuses, itself, what it cannot send as data, unless the client trusts it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import dataclasses
+import datetime
+import decimal
+import enum
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from langchain_core.documents import Document
+from langchain_core.load.serializable import Serializable
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
+from langchain_core.outputs import ChatGeneration, Generation
+from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
+from langchain_core.runnables import RunnableLambda
+from pydantic import BaseModel
+
+from pool import LocalPool, RemoteError, RunnableK8s, SerializationError
+from pool.client.calls import RemoteCall, decode_output, encode_input, encode_runnable
+from pool.ephemeral.local_launcher import ProcessChannel
+from pool.ephemeral.session import EphemeralBackend
+from pool.errors import error_from_wire
+from worker import codec
+from worker import protocol as P
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# ---------------------------------------------------------------------------- what must round-trip
+
+
+class Pokemon(BaseModel):
+    name: str
+    level: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Move:
+    name: str
+    power: int
+
+
+class Kind(enum.Enum):
+    ELECTRIC = "electric"
+    WATER = "water"
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+class NeedsKeywords(Exception):
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+DATA: dict[str, Any] = {
+    "str": "Pikachu", "bytes": b"\x00\x01", "int": 7, "float": 1.5, "bool": True, "none": None,
+    "list": [1, "a"], "tuple": (1, 2), "dict": {"a": {"b": [1]}}, "set": {1, 2}, "frozenset": frozenset("ab"),
+    "AIMessage": AIMessage("hi", tool_calls=[{"name": "f", "args": {"x": 1}, "id": "c1"}],
+                           usage_metadata={"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}),
+    "AIMessageChunk": AIMessageChunk(content="Pi", tool_call_chunks=[
+        {"name": "f", "args": '{"x"', "id": "c1", "index": 0}]),
+    "Documents": [Document("page", metadata={"source": "a.txt"}), Document("other")],
+    "ChatGeneration": ChatGeneration(message=AIMessage("x")),
+    "Generation": Generation(text="t"),
+    "ChatPromptValue": ChatPromptValue(messages=[HumanMessage("h")]),
+    "StringPromptValue": StringPromptValue(text="s"),
+    "pydantic": Pokemon(name="Pikachu"),
+    "dataclass": Move("Thunderbolt", 90),
+    "enum": Kind.WATER,
+    "namedtuple": Point(1, 2),
+    "datetime": datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
+    "date": datetime.date(2026, 1, 2), "time": datetime.time(3, 4), "timedelta": datetime.timedelta(hours=3),
+    "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"), "decimal": decimal.Decimal("1.25"),
+}
+
+
+@pytest.mark.parametrize("name", list(DATA))
+def test_outputs_round_trip_as_data_with_their_type(name):
+    value = DATA[name]
+    out = codec.loads_result(codec.dumps_result(value))
+    assert out == value and type(out) is type(value)
+
+
+def test_exceptions_keep_their_importable_type_without_their_init_being_called():
+    info = codec.load_exception(codec.dump_exception(NeedsKeywords("no", status=429)))
+    assert type(info.exception) is NeedsKeywords and info.exception.status == 429
+    assert isinstance(error_from_wire(P.E_REMOTE, "", codec.dump_exception(KeyError("k"))), KeyError)
+
+
+def test_openai_errors_keep_their_type_and_data_attributes():
+    httpx = pytest.importorskip("httpx")
+    openai = pytest.importorskip("openai")
+    request = httpx.Request("POST", "https://api.example/v1/chat")
+    error = openai.RateLimitError("slow down", response=httpx.Response(429, request=request), body={"e": 1})
+    rebuilt = error_from_wire(P.E_REMOTE, "", codec.dump_exception(error))
+    assert type(rebuilt) is openai.RateLimitError
+    assert rebuilt.status_code == 429 and rebuilt.body == {"e": 1}
+
+
+def test_an_exception_of_a_class_unknown_here_is_a_remote_error_with_type_and_traceback():
+    class LocalOnly(Exception):
+        pass
+
+    try:
+        raise LocalOnly("boom")
+    except LocalOnly as exc:
+        detail = codec.dump_exception(exc)
+    error = error_from_wire(P.E_REMOTE, "", detail)
+    assert isinstance(error, RemoteError)
+    assert error.remote_type.endswith("LocalOnly") and "raise LocalOnly" in error.remote_traceback
+
+
+# ---------------------------------------------------------------------------- hostile payloads
+
+
+class Reduces:
+    """Pickles as ``func(*args)``: how a hostile worker would write its payload."""
+
+    def __init__(self, func: Any, *args: Any) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> Any:
+        return self.func, self.args
+
+
+def touch(marker: Path) -> str:
+    return f"open({str(marker)!r}, 'w').close()"
+
+
+def getattr_chain(marker: Path) -> bytes:
+    """``getattr(__import__('os'), 'system')('touch ...')`` written by hand, protocol 0."""
+    command = f"touch {marker}".encode()
+    return (b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(Vos\ntRVsystem\ntR(V" + command + b"\ntR.")
+
+
+class HasAppend(BaseModel):
+    items: list[str] = []
+
+    def append(self, item: str) -> None:  # a method the pickle machinery could be made to call
+        self.items.append(item)
+
+
+HOSTILE: dict[str, Callable[[Path], bytes]] = {
+    "os.system": lambda m: pickle.dumps(Reduces(os.system, f"touch {m}")),
+    "builtins.eval": lambda m: pickle.dumps(Reduces(builtins.eval, touch(m))),
+    "builtins.exec": lambda m: pickle.dumps(Reduces(builtins.exec, touch(m))),
+    "subprocess.Popen": lambda m: pickle.dumps(Reduces(subprocess.Popen, ["touch", str(m)])),
+    "getattr": getattr_chain,
+    "copyreg._reconstructor": lambda m: pickle.dumps(Reduces(__import__("copyreg")._reconstructor,
+                                                             subprocess.Popen, object, None)),
+    "protocol-0 object": lambda m: pickle.dumps(Reduces(os.system, f"touch {m}"), protocol=0),
+    "model named os.system": lambda m: pickle.dumps(Reduces(codec._model, "os", "system", None, {})),
+    "model naming a runnable": lambda m: pickle.dumps(Reduces(
+        codec._model, "langchain_core.runnables.base", "RunnableLambda", None, {"__dict__": {}})),
+    "dataclass named subprocess.Popen": lambda m: pickle.dumps(Reduces(
+        codec._dataclass, "subprocess", "Popen", None, {})),
+    "SystemExit as an exception": lambda m: pickle.dumps(Reduces(codec._exception, "builtins", "SystemExit",
+                                                                  None, (0,), {})),
+    "a class with append": lambda m: pickle.dumps(Reduces(
+        codec._model, __name__, "HasAppend", None, {"__dict__": {"items": []}})),
+    "a class object": lambda m: pickle.dumps(Reduces(codec._exception, "os", "system", None, (), {})),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_output_is_refused_naming_what_and_runs_nothing(name, tmp_path):
+    marker = tmp_path / "pwned"
+    payload = HOSTILE[name](marker)
+    with pytest.raises(SerializationError, match="refused") as info:
+        decode_output(payload)
+    assert "nothing" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["os.system", "builtins.eval", "subprocess.Popen", "getattr"])
+def test_a_hostile_error_detail_is_refused_and_runs_nothing(name, tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = HOSTILE[name](marker)
+    whole = error_from_wire(P.E_REMOTE, "boom", hostile)
+    nested = error_from_wire(P.E_REMOTE, "boom", codec.dumps_result(
+        {"type_name": "x.Y", "message": "m", "traceback": "", "pickled": hostile}))
+    for error in (whole, nested):
+        assert isinstance(error, SerializationError) and "refused" in str(error)
+    assert not marker.exists()
+
+
+def test_the_refusal_names_the_refused_global(tmp_path):
+    with pytest.raises(SerializationError, match=r"posix\.system|os\.system"):
+        decode_output(HOSTILE["os.system"](tmp_path / "pwned"))
+    with pytest.raises(SerializationError, match="append"):
+        decode_output(HOSTILE["a class with append"](tmp_path / "pwned"))
+
+
+def test_trusting_workers_decodes_with_full_pickle():
+    data = codec.dumps_output(len, trusted=True)
+    assert decode_output(data, trusted=True) is len
+    with pytest.raises(SerializationError):
+        decode_output(data)
+
+
+# ---------------------------------------------------------------------------- refused on the worker
+
+
+@pytest.mark.parametrize("value", [lambda: 1, os.system, threading.Lock(), RunnableLambda(len), object()],
+                         ids=["lambda", "builtin function", "lock", "runnable", "object"])
+def test_the_worker_refuses_what_is_not_data_and_says_what_to_return(value):
+    with pytest.raises(codec.CodecError, match="trust_workers=True"):
+        codec.dumps_result(value)
+
+
+# ---------------------------------------------------------------------------- no secret by value
+
+
+class HoldsASecret(Serializable):
+    api_key: str
+    transform: Callable[[str], str]
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"api_key": "HOLDS_A_SECRET_KEY"}
+
+
+def test_an_object_declaring_secrets_is_never_pickled_by_value():
+    holder = HoldsASecret(api_key="sk-never-in-the-bytes", transform=lambda s: s.upper())
+    for value in (holder, {"nested": [holder]}):
+        with pytest.raises(codec.CodecError, match=r"HoldsASecret.*transform") as info:
+            codec.dumps(value)
+        assert "api_key" in str(info.value) and "sk-never" not in str(info.value)
+    with pytest.raises(SerializationError, match="HoldsASecret"):
+        encode_runnable(RunnableLambda(lambda x, h=holder: h.transform(x)))
+
+
+# ---------------------------------------------------------------------------- real processes
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[LocalPool]:
+    with LocalPool(workers=1, concurrency=4) as local:
+        yield local
+
+
+def returns_a_function(_: Any) -> Any:
+    return len
+
+
+def test_a_real_worker_refuses_a_non_data_output_unless_the_client_trusts_it(pool):
+    remote = RunnableK8s(bound=RunnableLambda(returns_a_function), pool=pool.address, mode="warm", timeout=30)
+    with pytest.raises(SerializationError, match="trust_workers"):
+        remote.invoke(1)
+    trusted = RunnableK8s(bound=RunnableLambda(returns_a_function), pool=pool.address, mode="warm", timeout=30,
+                          trust_workers=True)
+    assert trusted.invoke(1) is len
+
+
+def test_the_trust_environment_variable_reaches_the_worker(pool, monkeypatch):
+    monkeypatch.setenv("RUNNABLE_K8S_TRUST_WORKERS", "1")
+    remote = RunnableK8s(bound=RunnableLambda(returns_a_function), pool=pool.address, mode="warm", timeout=30)
+    assert remote.invoke(1) is len
+
+
+def structured(_: Any) -> Any:
+    return {"pokemon": Pokemon(name="Pikachu"), "move": Move("Thunderbolt", 90), "kind": Kind.ELECTRIC}
+
+
+def test_a_real_worker_sends_models_dataclasses_and_enums_back_as_data(pool):
+    remote = RunnableK8s(bound=RunnableLambda(structured), pool=pool.address, mode="warm", timeout=30)
+    assert remote.invoke(1) == structured(1)
+    assert list(remote.stream(1)) == [structured(1)]
+
+
+class RogueWorker:
+    """A raw DEALER speaking the real worker protocol to a real broker, answering its one TASK with
+    ``answer(task_id) -> frames``."""
+
+    def __init__(self, address: str, answer: Callable[[bytes], list[list[bytes]]]) -> None:
+        self.address = address
+        self.answer = answer
+        self.welcomed = threading.Event()
+        self.answered = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RogueWorker:
+        self._thread.start()
+        assert self.welcomed.wait(10), "the broker did not welcome the rogue worker"
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.linger = 0
+        try:
+            sock.connect(self.address)
+            environment = {**P.environment(), "pid": os.getpid(), "concurrency": 4}
+            sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(environment)])
+            while not self._stop.is_set():
+                if sock.poll(200):
+                    frames = sock.recv_multipart()
+                    if frames[1] == P.WELCOME:
+                        self.welcomed.set()
+                    elif frames[1] == P.TASK:
+                        for message in self.answer(frames[2]):
+                            sock.send_multipart(message)
+                        self.answered.set()
+                sock.send_multipart([P.PROTOCOL, P.HEARTBEAT])
+            sock.send_multipart([P.PROTOCOL, P.BYE])
+        finally:
+            sock.close(linger=0)
+            context.term()
+
+
+ROGUE_ANSWERS: dict[str, Callable[[bytes, bytes], list[list[bytes]]]] = {
+    "result": lambda task, payload: [[P.PROTOCOL, P.RESULT, task, payload]],
+    "error": lambda task, payload: [P.error_frames(task, P.E_REMOTE, "boom", payload)],
+}
+
+
+@pytest.mark.parametrize("how", list(ROGUE_ANSWERS))
+@pytest.mark.parametrize("hostile", ["os.system", "builtins.exec", "subprocess.Popen", "getattr"])
+def test_a_rogue_worker_cannot_run_code_in_the_client(how, hostile, tmp_path):
+    marker = tmp_path / "pwned"
+    payload = HOSTILE[hostile](marker)
+    with LocalPool(workers=0) as rogue_pool, \
+            RogueWorker(rogue_pool.address, lambda task: ROGUE_ANSWERS[how](task, payload)):
+        remote = RunnableK8s(bound=RunnableLambda(len), pool=rogue_pool.address, mode="warm", timeout=20)
+        with pytest.raises(SerializationError, match="refused"):
+            remote.invoke("abc")
+    assert not marker.exists()
+
+
+def test_a_rogue_worker_cannot_run_code_through_a_streamed_chunk(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = HOSTILE["os.system"](marker)
+
+    def answer(task: bytes) -> list[list[bytes]]:
+        return [[P.PROTOCOL, P.CHUNK, task, codec.dumps_result("fine")], [P.PROTOCOL, P.CHUNK, task, payload],
+                [P.PROTOCOL, P.RESULT, task, b""]]
+
+    with LocalPool(workers=0) as rogue_pool, RogueWorker(rogue_pool.address, answer):
+        remote = RunnableK8s(bound=RunnableLambda(len), pool=rogue_pool.address, mode="warm", timeout=20)
+        seen = []
+        with pytest.raises(SerializationError, match="refused"):
+            for chunk in remote.stream("abc"):
+                seen.append(chunk)
+        assert seen == ["fine"]
+    assert not marker.exists()
+
+
+ROGUE_STDIO = """
+import sys
+from worker import protocol as P
+command, payload = sys.argv[1].encode(), bytes.fromhex(sys.argv[2])
+out = sys.stdout.buffer
+sys.stdin.buffer.readline()
+out.write(P.stdio_line(P.READY, P.encode_json(P.environment()))); out.flush()
+sys.stdin.buffer.readline()
+if command == P.ERROR:
+    out.write(P.stdio_line(P.ERROR, b"", P.E_REMOTE, b"boom", payload))
+else:
+    out.write(P.stdio_line(command, payload))
+out.flush()
+"""
+
+
+class RogueLauncher:
+    """Launches a one-shot 'worker' that answers the task with a hostile payload."""
+
+    def __init__(self, command: bytes, payload: bytes) -> None:
+        self.command, self.payload = command, payload
+
+    def launch(self, deadline: float | None) -> ProcessChannel:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ROGUE_STDIO, self.command.decode(), self.payload.hex()],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return ProcessChannel(proc)
+
+
+@pytest.mark.parametrize("command", [P.RESULT, P.ERROR, P.CHUNK], ids=["result", "error", "chunk"])
+def test_a_rogue_ephemeral_worker_cannot_run_code_in_the_client(command, tmp_path):
+    marker = tmp_path / "pwned"
+    blob, digest = encode_runnable(RunnableLambda(len))
+    call = RemoteCall(blob, digest, encode_input("abc", {}), timeout=20)
+    backend = EphemeralBackend(RogueLauncher(command, HOSTILE["os.system"](marker)))
+    with pytest.raises(SerializationError, match="refused"):
+        if command == P.CHUNK:
+            list(backend.stream(call))
+        else:
+            backend.invoke(call)
+    assert not marker.exists()
