@@ -170,16 +170,18 @@ HOSTILE: dict[str, Callable[[Path], bytes]] = {
     "copyreg._reconstructor": lambda m: pickle.dumps(Reduces(__import__("copyreg")._reconstructor,
                                                              subprocess.Popen, object, None)),
     "protocol-0 object": lambda m: pickle.dumps(Reduces(os.system, f"touch {m}"), protocol=0),
-    "model named os.system": lambda m: pickle.dumps(Reduces(codec._model, "os", "system", None, {})),
+    "model named os.system": lambda m: pickle.dumps(Reduces(codec._model, "os", "system", None, {}, set(), None, None)),
     "model naming a runnable": lambda m: pickle.dumps(Reduces(
-        codec._model, "langchain_core.runnables.base", "RunnableLambda", None, {"__dict__": {}})),
+        codec._model, "langchain_core.runnables.base", "RunnableLambda", None, {}, set(), None, None)),
     "dataclass named subprocess.Popen": lambda m: pickle.dumps(Reduces(
         codec._dataclass, "subprocess", "Popen", None, {})),
     "SystemExit as an exception": lambda m: pickle.dumps(Reduces(codec._exception, "builtins", "SystemExit",
                                                                   None, (0,), {})),
     "a class with append": lambda m: pickle.dumps(Reduces(
-        codec._model, __name__, "HasAppend", None, {"__dict__": {"items": []}})),
-    "a class object": lambda m: pickle.dumps(Reduces(codec._exception, "os", "system", None, (), {})),
+        codec._model, __name__, "HasAppend", None, {"items": []}, set(), None, None)),
+    "a malformed model state": lambda m: pickle.dumps(Reduces(
+        codec._model, __name__, "Pokemon", None, {"name": "x"}, ["not a set"], None, None)),
+    "exception named os.system": lambda m: pickle.dumps(Reduces(codec._exception, "os", "system", None, (), {})),
 }
 
 

@@ -296,7 +296,7 @@ def load_exception(data: bytes, trusted: bool = False) -> RemoteExceptionInfo:
 # rebuilds the instance without calling the class's ``__init__`` or ``__new__``:
 #
 # * pydantic models (LangChain messages, documents, generations, prompt values, the result of
-#   ``with_structured_output``): ``object.__new__`` and pydantic's own ``BaseModel.__setstate__``;
+#   ``with_structured_output``): ``object.__new__`` and what pydantic's ``__setstate__`` does;
 # * dataclasses: ``object.__new__`` and ``object.__setattr__`` per field;
 # * Enum members: looked up by name; namedtuples: ``tuple.__new__``;
 # * exceptions (subclasses of ``Exception`` only: a remote ``SystemExit`` is not raised here):
@@ -441,15 +441,23 @@ def _is_model(cls: type) -> bool:
 _MODEL = "a pydantic model (and not a runnable)"
 
 
-def _model(module: str, qualname: str, tracker: str | None, state: Any) -> Any:
+_DICT_OR_NONE = (dict, type(None))
+_new_object = object.__new__
+_set = object.__setattr__
+
+
+def _model(module: str, qualname: str, tracker: str | None, values: Any, fields_set: Any, extra: Any,
+           private: Any) -> Any:
     cls = _ALLOWED.get((module, qualname, tracker, _MODEL)) or _checked(module, qualname, tracker, _MODEL, _is_model)
-    if (type(state) is not dict or type(state.get("__dict__")) is not dict
-            or type(state.get("__pydantic_fields_set__")) not in (set, type(None))
-            or type(state.get("__pydantic_extra__")) not in (dict, type(None))
-            or type(state.get("__pydantic_private__")) not in (dict, type(None))):
+    if (type(values) is not dict or type(fields_set) is not set or type(extra) not in _DICT_OR_NONE
+            or type(private) not in _DICT_OR_NONE):
         raise Refused(f"a malformed state for {_class_name(cls)}")
-    obj = object.__new__(cls)
-    BaseModel.__setstate__(obj, state)  # pydantic's own: four object.__setattr__ calls
+    obj = _new_object(cls)
+    # What pydantic's own BaseModel.__setstate__ does, without its dict look-ups.
+    _set(obj, "__pydantic_fields_set__", fields_set)
+    _set(obj, "__pydantic_extra__", extra)
+    _set(obj, "__pydantic_private__", private)
+    _set(obj, "__dict__", values)
     return obj
 
 
@@ -550,7 +558,9 @@ class _ResultPickler(pickle.Pickler):
             if isinstance(obj, Runnable):
                 raise Refused(f"a runnable ({_class_name(cls)})")
             self._check(cls)
-            return _model, (*_class_ref(cls), BaseModel.__getstate__(obj))
+            state = BaseModel.__getstate__(obj)
+            return _model, (*_class_ref(cls), state["__dict__"], state["__pydantic_fields_set__"],
+                            state["__pydantic_extra__"], state["__pydantic_private__"])
         if isinstance(obj, enum.Enum):
             self._check(cls)
             return _enum, (*_class_ref(cls), obj.name, obj.value)
