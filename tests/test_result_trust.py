@@ -181,6 +181,7 @@ HOSTILE: dict[str, Callable[[Path], bytes]] = {
         codec._model, __name__, "HasAppend", None, {"items": []}, set(), None, None)),
     "a malformed model state": lambda m: pickle.dumps(Reduces(
         codec._model, __name__, "Pokemon", None, {"name": "x"}, ["not a set"], None, None)),
+    "bytes of a huge size": lambda m: pickle.dumps(Reduces(bytes, 2**40)),
     "exception named os.system": lambda m: pickle.dumps(Reduces(codec._exception, "os", "system", None, (), {})),
 }
 

@@ -530,8 +530,9 @@ _SAFE_GLOBALS.update({
     ("collections", "deque"): collections.deque,
     ("collections", "Counter"): collections.Counter,
     ("collections", "defaultdict"): collections.defaultdict,
-    # defaultdict's factory, and class objects in data (``{"type": int}``)
-    **{("builtins", t.__name__): t for t in (list, dict, set, frozenset, tuple, int, float, str, bytes, bool)},
+    # defaultdict's factory, and class objects in data (``{"type": int}``). Not bytes or
+    # bytearray: ``bytes(2**40)`` is a 20-byte pickle that allocates a terabyte.
+    **{("builtins", t.__name__): t for t in (list, dict, set, frozenset, tuple, int, float, str, bool)},
 })
 _SAFE_GLOBAL_IDS = {id(value) for value in _SAFE_GLOBALS.values()}
 # Instances the C pickler writes by itself (NotImplemented from reducer_override).
