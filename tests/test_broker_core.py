@@ -57,8 +57,10 @@ class Pool:
         return self(E.Ready(worker, {**environment, "concurrency": slots}, user_id))
 
     def submit(self, task_id: bytes, client: bytes = CLIENT, runnable: bytes = RUNNABLE, *,
-               timeout: float | None = None, retries: int = 0, send_bytes: bool = True) -> list[E.Effect]:
-        header = P.TaskHeader("invoke", digest(runnable), timeout=timeout, retries=retries).to_bytes()
+               timeout: float | None = None, retries: int = 0, send_bytes: bool = True,
+               config: dict[str, Any] | None = None, trust: bool = False) -> list[E.Effect]:
+        header = P.TaskHeader("invoke", digest(runnable), timeout=timeout, retries=retries, config=config or {},
+                              trust=trust).to_bytes()
         return self(E.Submit(client, task_id, header, runnable if send_bytes else b"", b"input"))
 
     def result(self, worker: bytes, task_id: bytes) -> list[E.Effect]:
@@ -509,6 +511,14 @@ def test_a_task_that_waited_in_the_queue_is_sent_with_the_time_it_has_left(pool)
     effects = pool.at(4.0).ready(b"w1")
     header = P.TaskHeader.from_bytes(task_frames(effects, task_id)[1])
     assert header.timeout == pytest.approx(6.0)
+
+
+def test_a_retimed_task_keeps_every_other_header_field(pool):
+    task_id = new_id()
+    pool.submit(task_id, timeout=10.0, config={"tags": ["t"]}, trust=True)
+    header = P.TaskHeader.from_bytes(task_frames(pool.at(4.0).ready(b"w1"), task_id)[1])
+    assert header.timeout == pytest.approx(6.0)
+    assert (header.trust, header.config, header.kind) == (True, {"tags": ["t"]}, "invoke")
 
 
 def test_a_result_reports_the_latency_from_submit(pool):

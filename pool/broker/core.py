@@ -13,6 +13,7 @@ the queue early are marked and skipped (see ``state.Queues``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -405,8 +406,8 @@ class BrokerCore:
         header, header_bytes = task.header, task.header_bytes
         waited = self.now - task.queued_at
         if header.timeout is not None and waited > _RETIME_AFTER:  # the worker gets the time that is left
-            header_bytes = P.TaskHeader(header.kind, header.digest, max(0.001, header.timeout - waited),
-                                        header.retries, header.config).to_bytes()
+            # replace(), not a new header: every other field (config, trust, ...) must reach the worker.
+            header_bytes = dataclasses.replace(header, timeout=max(0.001, header.timeout - waited)).to_bytes()
         if blob:
             worker.remember(task.header.digest)
         self._send(worker.identity, [P.PROTOCOL, P.TASK, task.task_id, header_bytes, blob, task.input_blob])
