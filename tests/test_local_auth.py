@@ -22,7 +22,7 @@ import zmq
 from langchain_core.runnables import RunnableLambda
 from zmq.utils.monitor import recv_monitor_message
 
-from pool.client.connection import Connection
+from pool.client.connection import Connection, check_plaintext
 from pool.client.runnable import RunnableK8s
 from pool.errors import AuthenticationFailed
 from pool.local import LocalPool
@@ -159,14 +159,18 @@ def test_a_client_refuses_plaintext_to_a_remote_address_and_says_how_to_make_key
 
 @pytest.mark.timeout(10)
 def test_a_client_told_insecure_may_use_plaintext_to_a_remote_address():
-    connection = Connection.shared(REMOTE, insecure=True, connect_timeout=0.1)
-    try:
-        assert not connection.ready
-        # Asked again without insecure, the shared one is not handed out: the check comes first.
-        with pytest.raises(AuthenticationFailed):
-            Connection.shared(REMOTE)
-    finally:
-        Connection.close_all(REMOTE)
+    # Checked without a socket: nothing here may dial an address off this machine.
+    check_plaintext(REMOTE, None, insecure=True)
+    with pytest.raises(AuthenticationFailed):
+        check_plaintext(REMOTE, None, insecure=False)
+
+
+@pytest.mark.timeout(10)
+def test_runnable_k8s_refuses_plaintext_to_a_remote_pool_before_connecting():
+    runnable = RunnableK8s(bound=RunnableLambda(lambda x: x), pool=REMOTE, mode="warm", connect_timeout=0.1)
+    with pytest.raises(AuthenticationFailed, match="insecure=True"):
+        runnable.invoke(1)
+    assert not any(address == REMOTE for _, address, _ in Connection._registry), "a socket was made for it"
 
 
 @pytest.mark.timeout(10)

@@ -37,6 +37,7 @@ class Placement(Protocol):
     mode: Literal["auto", "warm", "ephemeral"]
     keys: str | None
     connect_timeout: float
+    insecure: bool
     launcher: Literal["kubernetes", "local"]
     k8s_config: Any
     k8s_namespace: str
@@ -73,7 +74,7 @@ def connection_for(runnable: Placement, address: str) -> Connection:
         address = BrokerForward.shared(address, runnable.k8s_config).local_address
     key_dir = runnable.keys or os.environ.get("RUNNABLE_K8S_KEYS")
     keys = _client_keys(key_dir) if key_dir else None
-    return Connection.shared(address, keys, runnable.connect_timeout)
+    return Connection.shared(address, keys, runnable.connect_timeout, insecure=runnable.insecure)
 
 
 def choose_backend(runnable: Placement) -> Backend:

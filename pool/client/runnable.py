@@ -52,6 +52,9 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
             only, and a compromised worker cannot run code in this process. Turning it on (or
             setting ``RUNNABLE_K8S_TRUST_WORKERS=1``) lets anyone who controls a worker run code
             here; do it only for workers you trust as much as this process.
+        insecure: allow a plaintext connection (no ``keys``) to a pool that is not on this
+            machine. Off by default: traffic to such an address without CurveZMQ keys is readable
+            and forgeable on the way, so the connection is refused with ``AuthenticationFailed``.
         k8s_*: the original RunnableK8s keyword arguments, used by ephemeral mode.
     """
 
@@ -64,6 +67,7 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     connect_timeout: float = defaults.CONNECT_TIMEOUT
     launcher: Literal["kubernetes", "local"] = "kubernetes"
     trust_workers: bool = False
+    insecure: bool = False
     # The original project's keyword arguments (kaitoy/runnable-k8s), kept so users switch by
     # changing one import.
     k8s_config: Any = None
