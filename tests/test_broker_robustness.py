@@ -18,6 +18,7 @@ from langchain_core.runnables import RunnableLambda
 
 from pool import IncompatibleWorker, LocalPool, PayloadTooLarge, PoolUnavailable, QueueTimeout, RunnableK8s
 from tests.support.ports import free_port
+from tests.support.raw_worker import RawWorker
 from tests.support.remote import remote
 from tests.support.waiting import wait_for
 from worker import protocol as P
@@ -282,45 +283,11 @@ def test_a_message_far_over_the_limit_costs_only_the_sender_its_connection(stric
     assert_still_serving(strict_pool)
 
 
-class FakeWorker:
-    """A raw DEALER that registers as a worker from another environment and keeps heartbeating."""
-
-    def __init__(self, address: str, environment: dict[str, Any]) -> None:
-        self.address = address
-        self.environment = environment
-        self.welcomed = threading.Event()
-        self.tasks_received = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> FakeWorker:
-        self._thread.start()
-        assert self.welcomed.wait(5), "the broker did not welcome the fake worker"
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        with raw_dealer(self.address) as sock:
-            sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(self.environment)])
-            while not self._stop.is_set():
-                if sock.poll(200):
-                    frames = sock.recv_multipart()
-                    if frames[1] == P.WELCOME:
-                        self.welcomed.set()
-                    elif frames[1] == P.TASK:
-                        self.tasks_received += 1
-                sock.send_multipart([P.PROTOCOL, P.HEARTBEAT])
-            sock.send_multipart([P.PROTOCOL, P.BYE])
-
-
 @pytest.mark.timeout(30)
 def test_a_worker_from_another_python_makes_calls_fail_with_incompatible_worker_until_a_real_one_joins(strict_pool):
     strict_pool.scale(0)
     old_python = {**P.environment(), "python": "2.7", "pid": 1, "concurrency": 4}
-    with FakeWorker(strict_pool.address, old_python) as fake:
+    with RawWorker(strict_pool.address, old_python) as fake:
         started = time.monotonic()
         with pytest.raises(IncompatibleWorker) as info:
             remote(strict_pool, double).invoke(1)

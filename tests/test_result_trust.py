@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 from langchain_core.documents import Document
 from langchain_core.load.serializable import Serializable
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
@@ -39,6 +38,7 @@ from pool.client.calls import RemoteCall, decode_output, encode_input, encode_ru
 from pool.ephemeral.local_launcher import ProcessChannel
 from pool.ephemeral.session import EphemeralBackend
 from pool.errors import error_from_wire
+from tests.support.raw_worker import RawWorker
 from worker import codec
 from worker import protocol as P
 
@@ -296,51 +296,6 @@ def test_a_real_worker_sends_models_dataclasses_and_enums_back_as_data(pool):
     assert list(remote.stream(1)) == [structured(1)]
 
 
-class RogueWorker:
-    """A raw DEALER speaking the real worker protocol to a real broker, answering its one TASK with
-    ``answer(task_id) -> frames``."""
-
-    def __init__(self, address: str, answer: Callable[[bytes], list[list[bytes]]]) -> None:
-        self.address = address
-        self.answer = answer
-        self.welcomed = threading.Event()
-        self.answered = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> RogueWorker:
-        self._thread.start()
-        assert self.welcomed.wait(10), "the broker did not welcome the rogue worker"
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        context = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        sock.linger = 0
-        try:
-            sock.connect(self.address)
-            environment = {**P.environment(), "pid": os.getpid(), "concurrency": 4}
-            sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(environment)])
-            while not self._stop.is_set():
-                if sock.poll(200):
-                    frames = sock.recv_multipart()
-                    if frames[1] == P.WELCOME:
-                        self.welcomed.set()
-                    elif frames[1] == P.TASK:
-                        for message in self.answer(frames[2]):
-                            sock.send_multipart(message)
-                        self.answered.set()
-                sock.send_multipart([P.PROTOCOL, P.HEARTBEAT])
-            sock.send_multipart([P.PROTOCOL, P.BYE])
-        finally:
-            sock.close(linger=0)
-            context.term()
-
-
 ROGUE_ANSWERS: dict[str, Callable[[bytes, bytes], list[list[bytes]]]] = {
     "result": lambda task, payload: [[P.PROTOCOL, P.RESULT, task, payload]],
     "error": lambda task, payload: [P.error_frames(task, P.E_REMOTE, "boom", payload)],
@@ -353,7 +308,7 @@ def test_a_rogue_worker_cannot_run_code_in_the_client(how, hostile, tmp_path):
     marker = tmp_path / "pwned"
     payload = HOSTILE[hostile](marker)
     with LocalPool(workers=0) as rogue_pool, \
-            RogueWorker(rogue_pool.address, lambda task: ROGUE_ANSWERS[how](task, payload)):
+            RawWorker(rogue_pool.address, answer=lambda task: ROGUE_ANSWERS[how](task, payload)):
         remote = RunnableK8s(bound=RunnableLambda(len), pool=rogue_pool.address, mode="warm", timeout=20)
         with pytest.raises(SerializationError, match="refused"):
             remote.invoke("abc")
@@ -368,7 +323,7 @@ def test_a_rogue_worker_cannot_run_code_through_a_streamed_chunk(tmp_path):
         return [[P.PROTOCOL, P.CHUNK, task, codec.dumps_result("fine")], [P.PROTOCOL, P.CHUNK, task, payload],
                 [P.PROTOCOL, P.RESULT, task, b""]]
 
-    with LocalPool(workers=0) as rogue_pool, RogueWorker(rogue_pool.address, answer):
+    with LocalPool(workers=0) as rogue_pool, RawWorker(rogue_pool.address, answer=answer):
         remote = RunnableK8s(bound=RunnableLambda(len), pool=rogue_pool.address, mode="warm", timeout=20)
         seen = []
         with pytest.raises(SerializationError, match="refused"):
