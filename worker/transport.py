@@ -72,8 +72,12 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False  # "*", an interface name or a host name: assume it is reachable from outside
 
 
-def plaintext_refusal(address: str, who: str, flag: str) -> str:
-    """Why ``who`` will not talk plaintext to ``address``, and what to do instead."""
+def plaintext_refusal(address: str, keys: object, insecure: bool, who: str, flag: str) -> str | None:
+    """Why ``who`` will not talk plaintext (no ``keys``) to ``address``, and what to do instead; None
+    when it may: it has keys, was told ``insecure``, or the address is on this machine. One rule for
+    the client's and the worker's side of a connection."""
+    if keys is not None or insecure or is_loopback_endpoint(address):
+        return None
     return (
         f"refusing to connect {who} to {address} without CurveZMQ keys: that address is not on "
         "this machine, so anyone on the path could read the traffic, and anyone who reaches the "

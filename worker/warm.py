@@ -78,8 +78,9 @@ class WarmWorker:
         insecure: bool = False,
     ) -> None:
         # Plaintext only to this machine unless told otherwise (DESIGN §5): checked before any socket.
-        if keys is None and not insecure and not transport.is_loopback_endpoint(address):
-            raise ValueError(transport.plaintext_refusal(address, "this worker", "--insecure"))
+        refusal = transport.plaintext_refusal(address, keys, insecure, "this worker", "--insecure")
+        if refusal is not None:
+            raise ValueError(refusal)
         self.address = address
         self.concurrency = concurrency
         self.grace_period = grace_period

@@ -174,8 +174,9 @@ _MONITORED = (
 def check_plaintext(address: str, keys: PeerKeys | None, insecure: bool) -> None:
     """Refuse plaintext (no keys) to an address off this machine unless told ``insecure`` (DESIGN §5):
     loopback, ipc:// and inproc:// are always fine."""
-    if keys is None and not insecure and not transport.is_loopback_endpoint(address):
-        raise AuthenticationFailed(transport.plaintext_refusal(address, "this client", "insecure=True"))
+    refusal = transport.plaintext_refusal(address, keys, insecure, "this client", "insecure=True")
+    if refusal is not None:
+        raise AuthenticationFailed(refusal)
 
 
 class Connection:

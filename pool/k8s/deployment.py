@@ -106,15 +106,13 @@ def deployment_scaler(namespace: str | None = None, deployment: str | None = Non
 
     ``kubeconfig``: a path, a ``kubernetes.client.Configuration``, an ``ApiClient``, or None
     (in-cluster config inside a Pod, else the default kubeconfig)."""
-    from kubernetes.client import ApiClient
-
     if (deployment is None) == (release is None):
         raise ValueError("name the Deployment (deployment=...) or the chart release (release=...), not both")
     if isinstance(kubeconfig, str):
         kubeconfig = os.path.expanduser(kubeconfig)
     namespace = namespace or default_namespace(kubeconfig)
     try:
-        client = kubeconfig if isinstance(kubeconfig, ApiClient) else make_api_client(kubeconfig)
+        client = make_api_client(kubeconfig)  # an ApiClient passed in is used as it is
     except Exception as exc:  # kubeconfig missing or unreadable
         raise ScalingError(f"no Kubernetes configuration: {exc}. Pass --kubeconfig PATH or set KUBECONFIG") from exc
     name = deployment or find_worker_deployment(client, namespace, release or "")
