@@ -30,30 +30,56 @@ from worker.curve import PeerKeys, check_secret_file, load_peer_keys, require
 __all__ = ["AUTHORIZED_DIR", "BrokerKeys", "PeerKeys", "check_secret_file", "create_key_directory",
            "load_broker_keys", "load_peer_keys"]
 
-AUTHORIZED_DIR = "authorized"
-WORKER_KEY_PREFIX = "worker"
+CLIENTS_DIR = "clients"  # in the broker's folder: public keys that may be clients
+WORKERS_DIR = "workers"  # ... and those that may register as workers
 
 
 @dataclass(frozen=True)
 class BrokerKeys:
+    """The broker's pair and where its two allow-lists live (folders of public ``*.key`` files,
+    re-read by the running broker when they change: see ``pool.broker.allow_list``)."""
+
     public: bytes
     secret: bytes
-    authorized_dir: Path
-    worker_keys: frozenset[bytes]
+    client_keys_dir: Path
+    worker_keys_dir: Path
 
 
-def load_broker_keys(directory: str | Path) -> BrokerKeys:
+def load_broker_keys(
+    directory: str | Path,
+    *,
+    client_keys_dir: str | Path | None = None,
+    worker_keys_dir: str | Path | None = None,
+) -> BrokerKeys:
+    """The broker's keys from ``DIR/broker`` (or ``DIR`` itself when it holds ``broker.key_secret``);
+    the allow-lists default to its ``clients/`` and ``workers/`` folders. A Kubernetes Secret
+    cannot hold folders, so the chart mounts each allow-list on its own and passes both paths."""
     directory = Path(directory)
+    if (directory / "broker").is_dir() and not (directory / "broker.key_secret").exists():
+        directory = directory / "broker"
+    if (directory / "authorized").is_dir() and not (directory / "clients").exists() and client_keys_dir is None:
+        raise FileNotFoundError(
+            f"{directory} holds keys in the old one-folder layout (authorized/), where every role "
+            "could read every secret. Make keys per role with `runnable-k8s keys NEWDIR` and give "
+            "each program its own folder (README: Security model)."
+        )
     secret_file = check_secret_file(require(directory / "broker.key_secret", "the broker secret key"))
     public, secret = zmq.auth.load_certificate(secret_file)
-    authorized = require(directory / AUTHORIZED_DIR, "the authorized-keys directory")
-    worker_keys = frozenset(
-        zmq.auth.load_certificate(path)[0]
-        for path in authorized.glob(f"{WORKER_KEY_PREFIX}*.key")
-    )
     if secret is None:
-        raise ValueError(f"{directory / 'broker.key_secret'} holds no secret key")
-    return BrokerKeys(public=public, secret=secret, authorized_dir=authorized, worker_keys=worker_keys)
+        raise ValueError(f"{secret_file} holds no secret key")
+    return BrokerKeys(
+        public=public,
+        secret=secret,
+        client_keys_dir=Path(client_keys_dir) if client_keys_dir is not None else directory / CLIENTS_DIR,
+        worker_keys_dir=Path(worker_keys_dir) if worker_keys_dir is not None else directory / WORKERS_DIR,
+    )
+
+
+def read_allowed_keys(directory: Path) -> frozenset[bytes]:
+    """The Z85 public keys of the ``*.key`` files in ``directory`` (none if it does not exist)."""
+    if not directory.is_dir():
+        return frozenset()
+    return frozenset(zmq.auth.load_certificate(path)[0] for path in sorted(directory.glob("*.key")))
 
 
 def create_key_directory(directory: str | Path) -> Path:

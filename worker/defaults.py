@@ -32,8 +32,15 @@ BROKER_BIND = f"tcp://127.0.0.1:{BROKER_PORT}"
 # captured DataFrame, a model's weights), and unbounded sizes let one client starve the broker's
 # memory. Brokers can raise it (--max-message-bytes); clients learn the actual limit at HELLO.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Tasks waiting for a free slot, across all clients.
-QUEUE_SIZE = 10_000
+# Tasks one client may have waiting for a free slot. Each client has its own queue and free slots
+# go to the clients in turn, so a client that floods the pool waits behind itself, not others.
+CLIENT_QUEUE_SIZE = 10_000
+# Tasks waiting across all clients: room for four clients at their limit (each queued task costs
+# the broker about 1 KB besides its input).
+QUEUE_SIZE = 40_000
+# Input bytes one client's tasks may hold in the broker (queued or running: a running task keeps
+# its input for a retry). At least one largest message, or a big input could never be sent.
+CLIENT_QUEUE_BYTES = 64 * 1024 * 1024
 # How long a task may wait for a free slot: long enough to ride out a scale-up from zero on a
 # cluster (a Pod starting), short enough that a pool with no workers is noticed.
 QUEUE_TIMEOUT = 120.0
@@ -42,8 +49,28 @@ QUEUE_TIMEOUT = 120.0
 # starve the honest workers. 256 is well above a real worker's async fan-out (hundreds of LLM calls
 # waiting on the network) and well below what would let one peer take every queued task.
 MAX_WORKER_SLOTS = 256
+# The memory the broker plans for: the chart's broker memory limit, which the chart hands the
+# broker (Downward API, RUNNABLE_K8S_MEMORY_LIMIT) so the budgets below follow the limit.
+BROKER_MEMORY_LIMIT = 512 * 1024 * 1024
 # Runnable bytes the broker keeps so that a client sends each runnable once, not once per call.
-RUNNABLE_STORE_BYTES = 512 * 1024 * 1024
+# Was 512 MiB, the whole of the chart's memory limit: 3/16 of the limit now.
+RUNNABLE_STORE_BYTES = BROKER_MEMORY_LIMIT * 3 // 16
+# Input bytes all clients' tasks may hold in the broker: 6/16 of the limit. With the store, about
+# 60 MiB of the broker's own and the unread-reply budgets, this stays inside the limit.
+QUEUE_BYTES = BROKER_MEMORY_LIMIT * 6 // 16
+# Replies the broker keeps for one peer that has not read them (ZeroMQ's per-connection send
+# queue, in messages). A client's own ZeroMQ thread reads as fast as the network allows whatever
+# its program does, so only a peer that stopped reading altogether gets here.
+BROKER_SNDHWM = 1000
+# Reply bytes the broker keeps for one client that does not read; past it (or after
+# UNREAD_TIMEOUT seconds without progress) the client is dropped and its tasks cancelled.
+MAX_UNREAD_BYTES = 64 * 1024 * 1024
+UNREAD_TIMEOUT = 30.0
+
+
+def broker_budgets(memory_limit: int) -> dict[str, int]:
+    """The broker's byte budgets for a memory limit (the same fractions as the defaults)."""
+    return {"runnable_store_bytes": memory_limit * 3 // 16, "queue_bytes": memory_limit * 6 // 16}
 
 # ---- client -------------------------------------------------------------------------------
 # How long a call waits for the broker to answer its HELLO before PoolUnavailable.

@@ -111,6 +111,25 @@ class SendFailed:
 
 
 @dataclass(slots=True)
+class PeerStalled:
+    """``peer`` has not read its replies: ``unread_bytes`` wait for it past the outbox's budget,
+    or nothing moved for too long. A client is dropped (its tasks cancelled); a worker is
+    treated as gone."""
+
+    peer: bytes
+    unread_bytes: int
+
+
+@dataclass(slots=True)
+class KeysChanged:
+    """The allow-lists were re-read: the Z85 public keys that may now be clients and workers.
+    Peers whose key was taken out are dropped."""
+
+    client_keys: frozenset[bytes]
+    worker_keys: frozenset[bytes]
+
+
+@dataclass(slots=True)
 class Malformed:
     peer: bytes
     reason: str
@@ -125,7 +144,7 @@ class ForeignProtocol:
 
 
 Event = (Hello | Submit | Cancel | StatusRequest | Heartbeat | Bye | Ready | Chunk | Result | WorkerError | Draining
-         | Tick | SendFailed | Malformed | ForeignProtocol)
+         | Tick | SendFailed | PeerStalled | KeysChanged | Malformed | ForeignProtocol)
 
 # ---------------------------------------------------------------------------- effects
 
