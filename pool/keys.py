@@ -30,6 +30,7 @@ from worker.curve import PeerKeys, check_secret_file, load_peer_keys, require
 __all__ = ["AUTHORIZED_DIR", "BrokerKeys", "PeerKeys", "check_secret_file", "create_key_directory",
            "load_broker_keys", "load_peer_keys"]
 
+AUTHORIZED_DIR = "authorized"  # the old one-folder layout (refused with a message)
 CLIENTS_DIR = "clients"  # in the broker's folder: public keys that may be clients
 WORKERS_DIR = "workers"  # ... and those that may register as workers
 
