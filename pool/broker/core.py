@@ -17,7 +17,7 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pool.broker import events as E
 from pool.broker.scheduling import Candidate, choose_worker
@@ -29,7 +29,7 @@ from worker.codec import digest as content_digest
 log = logging.getLogger("runnable_k8s.broker")
 
 COUNTERS = ("submitted", "done", "failed", "cancelled", "retried", "workers_lost", "malformed", "refused",
-            "runnable_bytes_received", "slots_clamped")
+            "runnable_bytes_received", "slots_clamped", "clients_dropped", "peers_revoked")
 NEED_RUNNABLE_MESSAGE = "send the runnable again"
 # A task that waited less than this is sent with its header untouched (re-encoding costs more
 # than the worker's deadline loses).
@@ -48,21 +48,36 @@ class BrokerCore:
         queue_size: int = defaults.QUEUE_SIZE,
         queue_timeout: float = defaults.QUEUE_TIMEOUT,
         runnable_store_bytes: int = defaults.RUNNABLE_STORE_BYTES,
+        client_keys: frozenset[bytes] | None = None,
         worker_keys: frozenset[bytes] | None = None,
-        authorized_dir: str = "",
+        client_keys_dir: str = "",
+        worker_keys_dir: str = "",
         max_worker_slots: int = defaults.MAX_WORKER_SLOTS,
+        queue_bytes: int = defaults.QUEUE_BYTES,
+        client_queue_size: int = defaults.CLIENT_QUEUE_SIZE,
+        client_queue_bytes: int = defaults.CLIENT_QUEUE_BYTES,
     ) -> None:
-        """``worker_keys``: the Z85 public keys allowed to register as workers (None: any peer,
-        for a broker without CurveZMQ); ``authorized_dir`` only names them in the refusal.
-        ``max_worker_slots``: the most slots a worker gets, whatever its READY claims."""
+        """``client_keys`` / ``worker_keys``: the Z85 public keys allowed to say HELLO / READY
+        (None: any peer, for a broker without CurveZMQ); the folders only name them in refusals.
+        ``max_worker_slots``: the most slots a worker gets, whatever its READY claims.
+        ``queue_size``/``queue_bytes`` bound what all clients' tasks hold in the broker,
+        ``client_queue_size``/``client_queue_bytes`` what one client's do."""
         if max_worker_slots < 1:
             raise ValueError("max_worker_slots must be 1 or more")
+        if min(queue_size, queue_bytes, client_queue_size, client_queue_bytes) < 1:
+            raise ValueError("queue sizes and byte budgets must be 1 or more")
         self.endpoint = endpoint
         self.max_message_bytes = max_message_bytes
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
+        self.client_keys = client_keys
         self.worker_keys = worker_keys
-        self.authorized_dir = authorized_dir
+        self.client_keys_dir = client_keys_dir
+        self.worker_keys_dir = worker_keys_dir
+        self.queue_bytes = queue_bytes
+        self.client_queue_size = client_queue_size
+        self.client_queue_bytes = client_queue_bytes
+        self.held_bytes = 0  # input bytes of all tasks held (queued or running)
         self.max_worker_slots = max_worker_slots
         self.started_at = now
         self.now = now
@@ -122,9 +137,19 @@ class BrokerCore:
                 f"client protocol {environment.get('protocol')} is not this broker's {P.PROTOCOL_VERSION}"
             )))
             return
+        key = self._allowed_key(event.user_id, self.client_keys)
+        if key is False:
+            self.counters["refused"] += 1
+            log.warning("refused a client whose key is not in the client allow-list %s", self.client_keys_dir)
+            self._send(event.peer, P.error_frames(b"", P.E_UNAUTHORIZED, (
+                "this key may not connect as a client: the broker accepts clients only with the public keys in "
+                "its clients/ allow-list (add one with `runnable-k8s keys DIR --client NAME`)"
+            )))
+            return
         known = self.clients.get(event.peer)
-        self.clients[event.peer] = ClientState(event.peer, environment, env_key(environment), self._expiry(),
-                                               known.tasks if known is not None else set())
+        self.clients[event.peer] = ClientState(
+            event.peer, environment, env_key(environment), self._expiry(),
+            known.tasks if known is not None else set(), key, known.held_bytes if known is not None else 0)
         self._send(event.peer, [P.PROTOCOL, P.WELCOME, P.encode_json(self.info())])
 
     def _on_submit(self, event: E.Submit) -> None:
@@ -158,11 +183,9 @@ class BrokerCore:
         elif self.runnables.get(header.digest) is None:
             self._send(client, P.error_frames(task_id, P.E_NEED_RUNNABLE, NEED_RUNNABLE_MESSAGE))
             return
-        if len(self.queues) >= self.queue_size:
-            self._refuse(client, task_id, P.E_QUEUE_FULL, (
-                f"the broker's queue is full ({self.queue_size} tasks waiting); retry later or add "
-                "workers (runnable-k8s scale)"
-            ))
+        full = self._over_budget(state, client, len(event.header) + len(event.input_blob))
+        if full:
+            self._refuse(client, task_id, P.E_QUEUE_FULL, full)
             return
         problem = self._incompatible_with_all(state)
         if problem:
@@ -171,9 +194,11 @@ class BrokerCore:
         now = self.now
         queue_timeout = self.queue_timeout if header.timeout is None else min(self.queue_timeout, header.timeout)
         task = Task(task_id, client, header, event.header, event.input_blob, state.env_key, now, now + queue_timeout,
-                    retries_left=header.retries)
+                    retries_left=header.retries, size=len(event.header) + len(event.input_blob))
         self.tasks[task_id] = task
         state.tasks.add(task_id)
+        state.held_bytes += task.size
+        self.held_bytes += task.size
         self.counters["submitted"] += 1
         free = self._free.get(task.env_key)
         if free:  # a free worker means nothing of this environment waits: skip the queue
@@ -182,6 +207,33 @@ class BrokerCore:
             self.queues.push(task)
         if not self.workers:
             self._out.append(E.WakeObservers())
+
+    def _over_budget(self, state: ClientState, client: bytes, size: int) -> str | None:
+        """Why one more task of ``size`` bytes would not fit, or None. A client's own limits come
+        first, so a client at its limit learns it is its own backlog, not the pool's."""
+        advice = "retry later, send fewer calls at once (max_concurrency), or add workers (runnable-k8s scale)"
+        waiting = self.queues.of_client(client)
+        if waiting >= self.client_queue_size:
+            return (f"this client already has {waiting} tasks waiting in the broker's queue, its limit "
+                    f"(--client-queue-size {self.client_queue_size}); {advice}")
+        if state.held_bytes and state.held_bytes + size > self.client_queue_bytes:
+            return (f"this client's tasks already hold {state.held_bytes} bytes of input in the broker; one "
+                    f"more of {size} bytes would pass its limit (--client-queue-bytes {self.client_queue_bytes}); "
+                    f"{advice}")
+        if len(self.queues) >= self.queue_size:
+            return f"the broker's queue is full ({self.queue_size} tasks waiting); {advice}"
+        if self.held_bytes and self.held_bytes + size > self.queue_bytes:
+            return (f"the broker holds {self.held_bytes} bytes of task input, its limit (--queue-bytes "
+                    f"{self.queue_bytes}); {advice}")
+        return None
+
+    @staticmethod
+    def _allowed_key(user_id: str | None, allowed: frozenset[bytes] | None) -> bytes | Literal[False] | None:
+        """The peer's key when it is allowed, None when keys are off, False when it is refused."""
+        if allowed is None:
+            return None
+        key = user_id.encode() if user_id is not None else None
+        return key if key is not None and key in allowed else False
 
     def _refuse(self, client: bytes, task_id: bytes, code: bytes, message: str) -> None:
         """Tell a client why its task will not run (a bad request also counts as malformed)."""
@@ -247,14 +299,15 @@ class BrokerCore:
 
     def _on_ready(self, event: E.Ready) -> None:
         worker, environment = event.peer, event.environment
-        # With keys, only the worker*.key files of authorized/ may serve tasks (a client key may not).
-        if self.worker_keys is not None and (event.user_id is None or event.user_id.encode() not in self.worker_keys):
+        # With keys, only the keys of the worker allow-list may serve tasks (a client key may not).
+        key = self._allowed_key(event.user_id, self.worker_keys)
+        if key is False:
             self.counters["refused"] += 1
-            log.warning("refused a worker whose key is not one of the %d worker*.key files in %s",
-                        len(self.worker_keys), self.authorized_dir)
+            log.warning("refused a worker whose key is not one of the %d keys in the worker allow-list %s",
+                        len(self.worker_keys or ()), self.worker_keys_dir)
             self._send(worker, P.error_frames(b"", P.E_UNAUTHORIZED, (
-                "this key may not register as a worker: the broker accepts workers only with the keys "
-                "in its authorized/ folder named worker*.key"
+                "this key may not register as a worker: the broker accepts workers only with the public "
+                "keys in its workers/ allow-list (the worker folder of `runnable-k8s keys DIR`)"
             )))
             return
         if environment.get("protocol") != P.PROTOCOL_VERSION:
@@ -272,7 +325,8 @@ class BrokerCore:
         cache_size = max(1, int(environment.get("cache_size", 64)))
         if worker in self.workers:
             self._remove_worker(worker, "re-registered")
-        state = WorkerState(worker, environment, env_key(environment), slots, self._expiry(), cache_size=cache_size)
+        state = WorkerState(worker, environment, env_key(environment), slots, self._expiry(), cache_size=cache_size,
+                            key=key)
         self.workers[worker] = state
         self._workers_by_env[state.env_key] += 1
         self._refresh(state)
@@ -422,10 +476,13 @@ class BrokerCore:
             self._dispatch(worker.env_key)
 
     def _forget(self, task: Task) -> None:
-        self.tasks.pop(task.task_id, None)
+        if self.tasks.pop(task.task_id, None) is None:
+            return
+        self.held_bytes -= task.size
         client = self.clients.get(task.client)
         if client is not None:
             client.tasks.discard(task.task_id)
+            client.held_bytes -= task.size
 
     # ------------------------------------------------------------------ liveness
 
@@ -465,6 +522,42 @@ class BrokerCore:
             self._dispatch(worker.env_key)
         elif peer in self.clients:
             self._remove_client(peer)
+
+    def _on_peer_stalled(self, event: E.PeerStalled) -> None:
+        peer = event.peer
+        if peer in self.clients:
+            self.counters["clients_dropped"] += 1
+            log.warning("dropped client %s: %d bytes of replies wait for it and it does not read them; its "
+                        "%d tasks are cancelled", peer.hex()[-8:], event.unread_bytes, len(self.clients[peer].tasks))
+            self._remove_client(peer)
+        elif peer in self.workers:
+            log.warning("worker %s does not read what the broker sends (%d bytes wait)", peer.hex()[-8:],
+                        event.unread_bytes)
+            self._worker_unreachable(self.workers[peer])
+
+    def _on_keys_changed(self, event: E.KeysChanged) -> None:
+        """Take effect at once for peers already connected: CurveZMQ checks a key only at the
+        handshake, so a revoked peer's open connection is closed off here."""
+        self.client_keys, self.worker_keys = event.client_keys, event.worker_keys
+        for client in [c for c in self.clients.values() if c.key is not None and c.key not in event.client_keys]:
+            self.counters["peers_revoked"] += 1
+            log.warning("client %s: its key was taken out of the allow-list; its %d tasks fail",
+                        client.identity.hex()[-8:], len(client.tasks))
+            self.clients.pop(client.identity)
+            for task_id in list(client.tasks):
+                task = self.tasks.get(task_id)
+                if task is None:
+                    continue
+                self._send(client.identity, P.error_frames(task_id, P.E_UNAUTHORIZED, (
+                    "this client's key was taken out of the broker's allow-list while the call ran"
+                )))
+                self._cancel(task)
+        for worker in [w for w in self.workers.values() if w.key is not None and w.key not in event.worker_keys]:
+            self.counters["peers_revoked"] += 1
+            self._send(worker.identity, P.error_frames(b"", P.E_UNAUTHORIZED, (
+                "this worker's key was taken out of the broker's allow-list"
+            )))
+            self._remove_worker(worker.identity, "had its key revoked")
 
     def _worker_unreachable(self, worker: WorkerState) -> None:
         """A send to this worker failed: its connection is gone. What it sent before leaving (its
@@ -545,6 +638,8 @@ class BrokerCore:
             "slots": sum(w.slots for w in self.workers.values() if not w.draining),
             "busy": sum(len(w.running) for w in self.workers.values()),
             "queued": len(self.queues),
+            "held_bytes": self.held_bytes,
+            "runnable_store_bytes": self.runnables.size,
             "clients": len(self.clients),
             "runnables_stored": len(self.runnables),
             "counters": dict(self.counters),
@@ -564,6 +659,8 @@ class BrokerCore:
         E.Draining: _on_draining,
         E.Tick: _on_tick,
         E.SendFailed: _on_send_failed,
+        E.PeerStalled: _on_peer_stalled,
+        E.KeysChanged: _on_keys_changed,
         E.Malformed: _on_malformed,
         E.ForeignProtocol: _on_foreign_protocol,
     }

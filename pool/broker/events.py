@@ -21,6 +21,7 @@ from worker import protocol as P
 class Hello:
     peer: bytes
     environment: dict[str, Any]
+    user_id: str | None = None  # the CURVE public key (Z85) it connected with, when keys are on
 
 
 @dataclass(slots=True)
@@ -192,7 +193,7 @@ def _error(peer: bytes, body: list[bytes], user_id: str | None) -> WorkerError:
 _Decoder = Callable[[bytes, list[bytes], "str | None"], Event]
 
 _DECODERS: dict[bytes, _Decoder] = {
-    P.HELLO: lambda peer, body, user: Hello(peer, _json_or_empty(body)),
+    P.HELLO: lambda peer, body, user: Hello(peer, _json_or_empty(body), user),
     P.SUBMIT: _submit,
     P.CANCEL: lambda peer, body, user: Cancel(peer, body[0] if body else b""),
     P.STATUS: lambda peer, body, user: StatusRequest(peer),

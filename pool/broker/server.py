@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from pool.broker import events as E
+from pool.broker.allow_list import AllowList
 from pool.broker.core import BrokerCore
 from pool.broker.state import RunnableStore, WorkerState
 from pool.keys import BrokerKeys
@@ -29,6 +30,9 @@ __all__ = ["Broker", "BrokerConfigError", "RunnableStore", "WorkerState", "is_lo
 log = logging.getLogger("runnable_k8s.broker")
 
 _GONE = (zmq.EHOSTUNREACH, zmq.EAGAIN)  # router_mandatory: the peer's connection is gone
+# Commands whose sender's key decides whether they are allowed: a client key may say HELLO, a
+# worker key READY (every other command only acts on what these two set up).
+_KEYED_COMMANDS = frozenset({P.HELLO, P.READY})
 _BATCH = 1000  # messages read before the clock is looked at again, so a busy broker still ticks
 
 
@@ -50,6 +54,10 @@ class Broker:
         queue_timeout: float = defaults.QUEUE_TIMEOUT,
         runnable_store_bytes: int = defaults.RUNNABLE_STORE_BYTES,
         max_worker_slots: int = defaults.MAX_WORKER_SLOTS,
+        queue_bytes: int = defaults.QUEUE_BYTES,
+        client_queue_size: int = defaults.CLIENT_QUEUE_SIZE,
+        client_queue_bytes: int = defaults.CLIENT_QUEUE_BYTES,
+        max_unread_bytes: int = defaults.MAX_UNREAD_BYTES,
     ) -> None:
         if keys is None and not insecure and not is_loopback_endpoint(bind):
             raise BrokerConfigError(
@@ -71,6 +79,7 @@ class Broker:
         self._running = False
         self._context = zmq.Context()
         self._authenticator = None
+        self.allow_list: AllowList | None = None
         self.socket = self._context.socket(zmq.ROUTER)
         self.socket.linger = 0
         self.socket.router_mandatory = 1  # an unroutable peer raises instead of vanishing silently
@@ -82,9 +91,10 @@ class Broker:
         if keys is not None:
             from zmq.auth.thread import ThreadAuthenticator
 
+            self.allow_list = AllowList(keys)
             self._authenticator = ThreadAuthenticator(self._context)
             self._authenticator.start()
-            self._authenticator.configure_curve(domain="*", location=str(keys.authorized_dir))
+            self._authenticator.configure_curve_callback(domain="*", credentials_provider=self.allow_list)
             self.socket.curve_secretkey = keys.secret
             self.socket.curve_publickey = keys.public
             self.socket.curve_server = True
@@ -92,10 +102,14 @@ class Broker:
         self.core = BrokerCore(
             now=time.monotonic(), endpoint=self.endpoint, max_message_bytes=max_message_bytes,
             queue_size=queue_size, queue_timeout=queue_timeout, runnable_store_bytes=runnable_store_bytes,
-            worker_keys=keys.worker_keys if keys is not None else None,
-            authorized_dir=str(keys.authorized_dir) if keys is not None else "",
-            max_worker_slots=max_worker_slots,
+            client_keys=self.allow_list.current.clients if self.allow_list is not None else None,
+            worker_keys=self.allow_list.current.workers if self.allow_list is not None else None,
+            client_keys_dir=str(keys.client_keys_dir) if keys is not None else "",
+            worker_keys_dir=str(keys.worker_keys_dir) if keys is not None else "",
+            max_worker_slots=max_worker_slots, queue_bytes=queue_bytes, client_queue_size=client_queue_size,
+            client_queue_bytes=client_queue_bytes,
         )
+        self.max_unread_bytes = max_unread_bytes
         self.counters = self.core.counters  # the same dict: read live by the metrics scrape
 
     def _bind(self, bind: str) -> str:
@@ -123,6 +137,9 @@ class Broker:
                     self._carry_out(handle(self._decode(frames), clock()))
             now = clock()
             if now >= next_tick:
+                if self.allow_list is not None and self.allow_list.refresh():
+                    allowed = self.allow_list.current
+                    self._carry_out(handle(E.KeysChanged(allowed.clients, allowed.workers), now))
                 self._carry_out(handle(E.Tick(), now))
                 self._run_status_hooks()
                 next_tick = now + P.HEARTBEAT_INTERVAL
@@ -134,9 +151,9 @@ class Broker:
             return E.Malformed(frames[0], "a message with no frames")
         protocol: zmq.Frame = frames[1]
         user_id: str | None = None
-        if self.keys is not None and len(frames) > 2 and frames[2] == P.READY:
+        if self.keys is not None and len(frames) > 2 and frames[2] in _KEYED_COMMANDS:
             try:
-                user = protocol.get("User-Id")  # the CURVE key it connected with: may it be a worker?
+                user = protocol.get("User-Id")  # the CURVE key it connected with: may it act in this role?
             except zmq.ZMQError:
                 user = None
             user_id = user if isinstance(user, str) else None

@@ -7,7 +7,7 @@ them directly and keeps each file small enough to read whole.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ class WorkerState:
     draining: bool = False
     unreachable: bool = False  # a send to it failed: its connection is gone
     last_assigned: float = 0.0
+    key: bytes | None = None  # the CurveZMQ public key it registered with (Z85), when keys are on
 
     def remember(self, digest: str) -> None:
         """Mirror the worker's own LRU cache, so the broker knows when it may send b"" instead of
@@ -56,6 +57,8 @@ class ClientState:
     env_key: EnvKey
     expiry: float
     tasks: set[bytes] = field(default_factory=set)  # so a client that leaves is cleaned up without a scan
+    key: bytes | None = None  # the CurveZMQ public key it connected with (Z85), when keys are on
+    held_bytes: int = 0  # input bytes of its tasks the broker holds (queued or running)
 
 
 @dataclass(eq=False, slots=True)
@@ -73,6 +76,7 @@ class Task:
     streamed: bool = False
     cancelled: bool = False
     queued: bool = False  # waiting in Queues; False marks a stale queue entry to skip
+    size: int = 0  # bytes it holds in the broker (header + input), counted against the budgets
 
 
 class RunnableStore:
@@ -109,17 +113,21 @@ _COMPACT_SLACK = 1024
 
 
 class Queues:
-    """Waiting tasks, oldest first, one deque per environment key, plus their queue deadlines.
+    """Waiting tasks: per environment key, one deque per client, served in turn; plus deadlines.
 
-    Why not one deque: a worker can take only tasks of its own environment, and scanning past the
-    others on every free slot made dispatch cost grow with the queue. Tasks leaving out of order
-    (cancelled, expired) are only marked (``task.queued = False``) and dropped when they reach
-    the front, so no leave is O(queue). Deadlines sit in a heap because calls with different
-    timeouts do not expire in queue order.
+    Why per environment: a worker can take only tasks of its own environment, and scanning past
+    the others on every free slot made dispatch cost grow with the queue. Why per client, in turn:
+    with one deque, a client that queued 10,000 tasks made every other client wait behind all of
+    them; now each free slot goes to the next client in the rotation, so a flood from one client
+    delays that client. Tasks leaving out of order (cancelled, expired) are only marked
+    (``task.queued = False``) and dropped when they reach the front, so no leave is O(queue).
+    Deadlines sit in a heap because calls with different timeouts do not expire in queue order.
     """
 
     def __init__(self) -> None:
-        self._by_env: dict[EnvKey, deque[Task]] = {}
+        # environment -> client -> its waiting tasks; the dict's order is the rotation
+        self._by_env: dict[EnvKey, OrderedDict[bytes, deque[Task]]] = {}
+        self._by_client: Counter[bytes] = Counter()  # live entries per client
         self._deadlines: list[tuple[float, int, Task]] = []
         self._pushes = 0  # heap tie-break: Tasks do not compare
         self._live = 0
@@ -127,17 +135,27 @@ class Queues:
     def __len__(self) -> int:
         return self._live
 
+    def of_client(self, client: bytes) -> int:
+        """Tasks this client has waiting (all environments)."""
+        return self._by_client.get(client, 0)
+
     def push(self, task: Task, *, front: bool = False) -> None:
-        """Queue a task; ``front`` for one that was already waiting or running (requeue, retry)."""
-        tasks = self._by_env.get(task.env_key)
+        """Queue a task; ``front`` for one that was already waiting or running (requeue, retry):
+        it goes first in its client's queue, and its client first in the rotation."""
+        clients = self._by_env.get(task.env_key)
+        if clients is None:
+            clients = self._by_env[task.env_key] = OrderedDict()
+        tasks = clients.get(task.client)
         if tasks is None:
-            tasks = self._by_env[task.env_key] = deque()
+            tasks = clients[task.client] = deque()
         if front:
             tasks.appendleft(task)
+            clients.move_to_end(task.client, last=False)
         else:
             tasks.append(task)
         task.queued = True
         self._live += 1
+        self._by_client[task.client] += 1
         self._pushes += 1
         heapq.heappush(self._deadlines, (task.queue_deadline, self._pushes, task))
         if len(self._deadlines) > 2 * self._live + _COMPACT_SLACK:
@@ -145,27 +163,47 @@ class Queues:
             heapq.heapify(self._deadlines)
 
     def pop(self, key: EnvKey) -> Task | None:
-        """The oldest waiting task of this environment, or None."""
-        tasks = self._by_env.get(key)
-        while tasks:
-            task = tasks.popleft()
-            if task.queued:
-                task.queued = False
-                self._live -= 1
-                return task
-        if tasks is not None:  # emptied: an environment nobody uses any more costs nothing
+        """The oldest waiting task of the next client in turn, in this environment, or None."""
+        clients = self._by_env.get(key)
+        while clients:
+            client, tasks = next(iter(clients.items()))
+            while tasks:
+                task = tasks.popleft()
+                if task.queued:
+                    task.queued = False
+                    self._taken(client)
+                    if tasks:
+                        clients.move_to_end(client)  # its next task waits for the others' turn
+                    else:
+                        del clients[client]
+                    return task
+            del clients[client]
+        if clients is not None:  # emptied: an environment nobody uses any more costs nothing
             del self._by_env[key]
         return None
+
+    def _taken(self, client: bytes) -> None:
+        self._live -= 1
+        left = self._by_client[client] - 1
+        if left:
+            self._by_client[client] = left
+        else:
+            del self._by_client[client]
 
     def discard(self, task: Task) -> None:
         """Take a task out wherever it is (its entry is skipped later)."""
         if not task.queued:
             return
         task.queued = False
-        self._live -= 1
-        tasks = self._by_env[task.env_key]
-        if len(tasks) > 2 * self._live + _COMPACT_SLACK:
-            self._by_env[task.env_key] = deque(t for t in tasks if t.queued)
+        self._taken(task.client)
+        clients = self._by_env[task.env_key]
+        tasks = clients.get(task.client)
+        if tasks is not None and len(tasks) > 2 * self.of_client(task.client) + _COMPACT_SLACK:
+            live = deque(t for t in tasks if t.queued)
+            if live:
+                clients[task.client] = live
+            else:
+                del clients[task.client]
 
     def expired(self, now: float) -> list[Task]:
         """Take out and return every waiting task whose queue deadline is before ``now``."""
@@ -180,4 +218,4 @@ class Queues:
 
     def waiting(self, key: EnvKey) -> int:
         """Entries of one environment, stale ones included (for tests of the structure)."""
-        return len(self._by_env.get(key, ()))
+        return sum(len(tasks) for tasks in self._by_env.get(key, {}).values())

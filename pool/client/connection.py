@@ -430,9 +430,9 @@ class Connection:
                            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 self._failure = AuthenticationFailed(
                     f"the broker at {self.address} refused this client's CurveZMQ handshake. Check "
-                    "that the client's key is in the broker's authorized/ directory and that the "
-                    "client uses the broker's public key (`runnable-k8s keys`); a broker with keys "
-                    "also refuses clients without them."
+                    "that the client's public key is in the broker's clients/ allow-list and that "
+                    "the client uses its own folder of `runnable-k8s keys DIR` (DIR/clients/NAME); "
+                    "a broker with keys also refuses clients without them."
                 )
                 self._fail_all(AuthenticationFailed, str(self._failure))
                 self._settled.set()
@@ -491,6 +491,10 @@ class Connection:
                 from pool.errors import IncompatibleWorker
 
                 self._failure = IncompatibleWorker(f"the broker at {self.address} refused this client: {message}")
+                self._settled.set()
+            elif code == P.E_UNAUTHORIZED:  # a key the broker knows, but not as a client's (or revoked)
+                self._failure = AuthenticationFailed(f"the broker at {self.address} refused this client: {message}")
+                self._fail_all(AuthenticationFailed, str(self._failure))
                 self._settled.set()
             log.error("broker: %s", message)
             return
