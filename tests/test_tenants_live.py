@@ -1,0 +1,62 @@
+"""A flood from one client delays only that client (issue 10, finding 4), over real processes.
+
+One worker with two slots; a second process (its own client connection) queues more slow calls
+than its per-client limit allows; this process's call is then accepted and runs at the next free
+slot, while most of the flood still waits. Before per-client queues, the flood's tasks filled the
+broker's one queue: this call failed with PoolOverloaded, or waited behind all of them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from langchain_core.runnables import RunnableLambda
+
+from pool import LocalPool, RunnableK8s
+from tests.support.waiting import wait_for
+
+FLOOD = 45
+CLIENT_LIMIT = 30
+
+FLOODER = textwrap.dedent("""
+    import sys, time
+    from langchain_core.runnables import RunnableLambda
+    from pool import RunnableK8s
+    from pool.errors import PoolOverloaded
+
+    def slow(x):
+        time.sleep(0.3)
+        return x
+
+    remote = RunnableK8s(bound=RunnableLambda(slow), pool=sys.argv[1], timeout=120)
+    results = remote.batch(list(range(int(sys.argv[2]))), return_exceptions=True,
+                           config={"max_concurrency": int(sys.argv[2])})
+    refused = sum(isinstance(r, PoolOverloaded) for r in results)
+    print(f"done={sum(isinstance(r, int) for r in results)} refused={refused}", flush=True)
+""")
+
+
+@pytest.mark.timeout(90)
+def test_a_flooding_client_does_not_make_another_clients_call_fail_or_wait_behind_it():
+    broker_args = ["--client-queue-size", str(CLIENT_LIMIT), "--queue-size", str(CLIENT_LIMIT + 5)]
+    with LocalPool(workers=1, concurrency=2, broker_args=broker_args) as pool:
+        pool.wait_for_workers(1)
+        flooder = subprocess.Popen([sys.executable, "-c", FLOODER, pool.address, str(FLOOD)],
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: pool.status()["queued"] >= CLIENT_LIMIT, 30, "the flood to fill its queue")
+            remote = RunnableK8s(bound=RunnableLambda(lambda x: x + 1), pool=pool.address, timeout=60)
+            assert remote.invoke(1) == 2
+            # It ran at the next free slot, not after the flood: most of the flood still waits.
+            assert pool.status()["queued"] >= CLIENT_LIMIT - 6
+            output, _ = flooder.communicate(timeout=60)
+        finally:
+            if flooder.poll() is None:
+                flooder.kill()
+                flooder.wait(timeout=10)
+        # The flooder was refused past its own limit (not the pool's) and the rest of it ran.
+        done, refused = (int(part.split("=")[1]) for part in output.split())
+        assert refused >= FLOOD - CLIENT_LIMIT - 2 and done + refused == FLOOD, output
