@@ -136,3 +136,15 @@ def test_revoking_a_worker_key_takes_that_worker_out_and_its_task_goes_to_anothe
     assert (b"w-old", b"", P.E_UNAUTHORIZED) in errors_sent(effects)
     assert tasks_sent(effects) == [(b"w-new", task_id)]
     assert list(pool.core.workers) == [b"w-new"]
+
+
+def test_a_message_with_more_frames_than_any_command_is_malformed_and_dropped():
+    pool = Pool()
+    pool.hello()
+    frames = [CLIENT, P.PROTOCOL, P.SUBMIT, *([b"x"] * 10)]
+    event = E.decode(frames)
+    assert isinstance(event, E.Malformed) and "no command has more than" in event.reason
+    assert sent(pool(event)) == []
+    assert pool.core.counters["malformed"] == 1
+    # Every message the protocol itself sends fits.
+    assert len(P.error_frames(b"t" * 16, P.E_REMOTE, "message", b"detail")) <= P.MAX_FRAMES

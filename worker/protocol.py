@@ -89,6 +89,9 @@ COMMAND_NAMES = {
 }
 
 TASK_ID_BYTES = 16
+# No message of this protocol has more frames than a SUBMIT or an ERROR (protocol, command and
+# four body frames); the broker counts anything longer as malformed and drops it.
+MAX_FRAMES = 6
 
 # Heartbeating (Paranoid Pirate): every peer sends something at least every interval; a peer
 # silent for LIVENESS intervals is dead. 3 misses at 1 s notices a dead worker in ~3 s without

@@ -212,6 +212,8 @@ def decode(frames: list[bytes], user_id: str | None = None) -> Event:
     peer = frames[0]
     if len(frames) < 3:
         return Malformed(peer, f"a message of {len(frames)} frames (too short)")
+    if len(frames) > P.MAX_FRAMES + 1:  # + the identity the ROUTER put first
+        return Malformed(peer, f"a message of {len(frames) - 1} frames (no command has more than {P.MAX_FRAMES})")
     protocol, command, body = frames[1], frames[2], frames[3:]
     if protocol != P.PROTOCOL:
         if protocol.startswith(P.PROTOCOL_FAMILY):
