@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pool.client.connection import Connection
 from pool.errors import PoolUnavailable
-from pool.keys import create_key_directory
+from pool.keys import DEFAULT_CLIENT, create_key_directory
 from worker import defaults
 from worker.curve import load_peer_keys
 
@@ -49,9 +49,11 @@ class LocalPool:
       2-core machine, 2 workers x 32 slots: warm echo p50 1.7-2.0 ms against 2.3 ms for tcp with
       or without keys; 1,500-1,700 calls/s at 64 in flight against 1,100-1,600).
     * ``LocalPool(port=N)``, or ``secure=True``: ``tcp://127.0.0.1:N`` (0: any free port) with
-      CurveZMQ keys made for this pool in a 0700 temporary directory: ``keys_dir`` is what
-      clients pass as ``keys=`` (or ``RUNNABLE_K8S_KEYS``). A loopback port can be reached by every
-      user of the machine, so it is never open without keys unless asked.
+      CurveZMQ keys made for this pool in a 0700 temporary directory, one folder per role (the
+      broker, the workers and one client, ``default``): ``keys_dir`` is that client's folder, what
+      clients pass as ``keys=`` (or ``RUNNABLE_K8S_KEYS``); it holds no broker or worker secret.
+      A loopback port can be reached by every user of the machine, so it is never open without
+      keys unless asked.
     * ``secure=False``: plaintext ``tcp://127.0.0.1`` (``port`` or any free one), as before: any
       local user (and any container sharing the network namespace) can run code on the workers.
       Only for a machine nobody else uses, or a raw plaintext tool that needs tcp.
@@ -97,7 +99,9 @@ class LocalPool:
         self.log_level = log_level
         self.start_timeout = start_timeout
         self.address = ""
-        self.keys_dir: str | None = None
+        self.keys_dir: str | None = None  # the client's key folder (what a client passes as keys=)
+        self._broker_keys_dir: str | None = None
+        self._worker_keys_dir: str | None = None
         self._temp_dir: str | None = None
         self._broker: subprocess.Popen[bytes] | None = None
         self._workers: list[subprocess.Popen[bytes]] = []
@@ -121,7 +125,10 @@ class LocalPool:
                 self._temp_dir = _private_temp_dir()
             if self.transport == "curve":
                 assert self._temp_dir is not None
-                self.keys_dir = str(create_key_directory(Path(self._temp_dir) / "keys"))
+                tree = create_key_directory(Path(self._temp_dir) / "keys")
+                self._broker_keys_dir = str(tree / "broker")
+                self._worker_keys_dir = str(tree / "worker")
+                self.keys_dir = str(tree / "clients" / DEFAULT_CLIENT)
             self._start_broker()
             self.scale(self.initial_workers)
             if self.autoscale is not None:
@@ -227,7 +234,7 @@ class LocalPool:
             sys.executable, "-m", "pool", "broker",
             "--bind", self._bind_endpoint(),
             "--announce", "--exit-with-parent", str(os.getpid()), "--log-level", self.log_level,
-            *(["--keys", self.keys_dir] if self.keys_dir else []),
+            *(["--keys", self._broker_keys_dir] if self._broker_keys_dir else []),
             # The broker removes the private folder itself when it stops, so a parent that dies
             # without close() (its children follow it, see --exit-with-parent) leaves nothing behind.
             *(["--remove-on-exit", self._temp_dir] if self._temp_dir else []),
@@ -244,7 +251,7 @@ class LocalPool:
             sys.executable, "-m", "worker", "--connect", self.address,
             "--concurrency", str(self.concurrency), "--exit-with-parent", str(os.getpid()),
             "--log-level", self.log_level,
-            *(["--keys", self.keys_dir] if self.keys_dir else []),
+            *(["--keys", self._worker_keys_dir] if self._worker_keys_dir else []),
             *self.worker_args,
         ]
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=self.env)

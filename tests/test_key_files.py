@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from pool.keys import AUTHORIZED_DIR, create_key_directory, load_broker_keys
+from pool.keys import create_key_directory, load_broker_keys
 from worker.curve import load_peer_keys, secret_file_problem
 
-SECRETS = ("broker.key_secret", "client.key_secret", "worker.key_secret")
-PUBLICS = ("broker.key", "client.key", "worker.key")
+# Every file of a fresh key tree (one client, "default"), relative to its top.
+SECRETS = ("broker/broker.key_secret", "clients/default/client.key_secret", "worker/worker.key_secret")
+PUBLICS = ("broker/broker.key", "broker/clients/default.key", "broker/workers/worker.key",
+           "clients/default/client.key", "clients/default/broker.key", "worker/worker.key", "worker/broker.key")
+FOLDERS = ("broker", "broker/clients", "broker/workers", "worker", "clients", "clients/default")
 
 
 def mode(path: Path) -> int:
@@ -36,14 +39,16 @@ def open_umask() -> Iterator[None]:
 def test_created_key_folders_are_0700_and_secret_files_0600_even_with_an_open_umask(tmp_path, open_umask):
     directory = create_key_directory(tmp_path / "nested" / "keys")
     assert mode(directory) == 0o700
-    assert mode(directory / AUTHORIZED_DIR) == 0o700
+    for name in FOLDERS:
+        assert mode(directory / name) == 0o700, name
     for name in SECRETS:
         assert mode(directory / name) == 0o600, name
         assert (directory / name).stat().st_uid == os.geteuid()
     for name in PUBLICS:
         assert mode(directory / name) == 0o644, name
-    # Nothing left of the private folder each pair was written in.
-    assert sorted(p.name for p in directory.iterdir()) == sorted([AUTHORIZED_DIR, *SECRETS, *PUBLICS])
+    # Nothing left of the private folder each pair was written in, nor of a staged public key.
+    assert sorted(str(p.relative_to(directory)) for p in directory.rglob("*")) == sorted(
+        [*FOLDERS, *SECRETS, *PUBLICS])
 
 
 def test_an_existing_folder_keeps_its_mode_but_the_secrets_in_it_are_0600(tmp_path, open_umask):
@@ -52,6 +57,7 @@ def test_an_existing_folder_keeps_its_mode_but_the_secrets_in_it_are_0600(tmp_pa
     create_key_directory(directory)
     assert mode(directory) == 0o750
     assert all(mode(directory / name) == 0o600 for name in SECRETS)
+    assert all(mode(directory / name) == 0o700 for name in FOLDERS)
 
 
 def test_the_keys_command_makes_private_files(tmp_path):
@@ -61,12 +67,14 @@ def test_the_keys_command_makes_private_files(tmp_path):
     assert result.returncode == 0, result.stderr
     assert mode(directory) == 0o700
     assert all(mode(directory / name) == 0o600 for name in SECRETS)
+    assert all(mode(directory / name) == 0o700 for name in FOLDERS)
 
 
 @pytest.mark.parametrize(("name", "loader"), [
-    ("client.key_secret", lambda d: load_peer_keys(d, "client")),
-    ("worker.key_secret", lambda d: load_peer_keys(d, "worker")),
-    ("broker.key_secret", load_broker_keys),
+    ("clients/default/client.key_secret", lambda d: load_peer_keys(d / "clients" / "default", "client")),
+    ("worker/worker.key_secret", lambda d: load_peer_keys(d / "worker", "worker")),
+    ("broker/broker.key_secret", lambda d: load_broker_keys(d / "broker")),
+    ("broker/broker.key_secret", load_broker_keys),  # the top of the tree is accepted for the broker
 ])
 @pytest.mark.parametrize("loose", [0o644, 0o640, 0o604, 0o620])
 def test_a_secret_key_others_can_read_or_write_is_refused_with_the_chmod_to_run(tmp_path, name, loader, loose):
@@ -77,20 +85,20 @@ def test_a_secret_key_others_can_read_or_write_is_refused_with_the_chmod_to_run(
         loader(directory)
     message = str(info.value)
     assert f"chmod 600 {secret}" in message
-    assert f"chmod 700 {directory}" in message
+    assert f"chmod 700 {secret.parent}" in message
     secret.chmod(0o600)
     loader(directory)  # the command it gave is the whole fix
 
 
 def test_a_0600_secret_key_is_accepted_by_every_loader(tmp_path):
     directory = create_key_directory(tmp_path / "keys")
-    assert load_peer_keys(directory, "client").secret
-    assert load_peer_keys(directory, "worker").secret
-    assert load_broker_keys(directory).secret
+    assert load_peer_keys(directory / "clients" / "default", "client").secret
+    assert load_peer_keys(directory / "worker", "worker").secret
+    assert load_broker_keys(directory / "broker").secret
 
 
 def test_a_0400_secret_key_is_accepted(tmp_path):
-    directory = create_key_directory(tmp_path / "keys")
+    directory = create_key_directory(tmp_path / "keys") / "worker"
     (directory / "worker.key_secret").chmod(0o400)
     assert load_peer_keys(directory, "worker").secret
 
@@ -120,7 +128,7 @@ def test_the_secret_file_rule(file_mode, owner, euid, refused):
 
 @pytest.mark.timeout(30)
 def test_a_worker_given_a_world_readable_secret_exits_with_the_chmod_to_run(tmp_path):
-    directory = create_key_directory(tmp_path / "keys")
+    directory = create_key_directory(tmp_path / "keys") / "worker"
     (directory / "worker.key_secret").chmod(0o644)
     result = subprocess.run(
         [sys.executable, "-m", "worker", "--connect", f"ipc://{tmp_path}/nobody.sock", "--keys", str(directory)],

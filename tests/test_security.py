@@ -25,7 +25,7 @@ from langchain_core.runnables import RunnableLambda
 from pool import AuthenticationFailed, LocalPool, PoolUnavailable, RunnableK8s
 from pool.broker.server import Broker, BrokerConfigError, is_loopback_endpoint
 from pool.client.connection import Connection
-from pool.keys import AUTHORIZED_DIR, create_key_directory
+from pool.keys import create_key_directory
 from tests.support.ports import free_port
 from tests.support.remote import remote
 from tests.support.waiting import wait_for
@@ -72,19 +72,24 @@ def timed_failure(pool: LocalPool, keys: str | None,
 
 
 def foreign_keys(tmp_path: Path) -> str:
-    """A complete key directory from another `runnable-k8s keys` run: nothing in it is trusted."""
-    return str(create_key_directory(tmp_path / "other-keys"))
+    """A client folder from another `runnable-k8s keys` run: nothing in it is trusted."""
+    return str(create_key_directory(tmp_path / "other-keys") / "clients" / "default")
 
 
 def unlisted_client_keys(pool: LocalPool, tmp_path: Path) -> str:
-    """The pool's real broker public key, but a fresh client pair that is not in authorized/."""
-    fresh = create_key_directory(tmp_path / "fresh")
+    """The pool's real broker public key, but a fresh client pair that is not on its allow-list."""
+    fresh = create_key_directory(tmp_path / "fresh") / "clients" / "default"
     directory = tmp_path / "unlisted"
-    directory.mkdir()
+    directory.mkdir(mode=0o700)
     shutil.copy(Path(pool.keys_dir) / "broker.key", directory / "broker.key")
     for name in ("client.key", "client.key_secret"):
         shutil.copy(fresh / name, directory / name)
     return str(directory)
+
+
+def role_keys_dir(pool: LocalPool, role: str) -> Path:
+    """A secure LocalPool's key folder of ``role``: ``keys_dir`` is the client's, DIR/clients/default."""
+    return Path(pool.keys_dir) if role == "client" else Path(pool.keys_dir).parent.parent / role
 
 
 # ---------------------------------------------------------------------------- clients
@@ -99,11 +104,11 @@ def test_a_client_with_the_pools_keys_is_served(secure_pool):
 def test_a_client_with_a_foreign_key_directory_gets_authentication_failed(secure_pool, fresh_connections, tmp_path):
     error, _ = timed_failure(secure_pool, foreign_keys(tmp_path))
     assert isinstance(error, AuthenticationFailed)
-    assert "authorized" in str(error)
+    assert "allow-list" in str(error)
 
 
 @pytest.mark.timeout(30)
-def test_a_client_key_missing_from_authorized_is_refused_even_with_the_right_broker_key(
+def test_a_client_key_missing_from_the_allow_list_is_refused_even_with_the_right_broker_key(
         secure_pool, fresh_connections, tmp_path):
     error, _ = timed_failure(secure_pool, unlisted_client_keys(secure_pool, tmp_path))
     assert isinstance(error, AuthenticationFailed)
@@ -142,7 +147,7 @@ def raw_worker(pool: LocalPool, role: str, concurrency: int = 8) -> Iterator[tup
     sock = context.socket(zmq.DEALER)
     sock.linger = 0
     try:
-        load_peer_keys(pool.keys_dir, role).apply(sock)
+        load_peer_keys(role_keys_dir(pool, role), role).apply(sock)
         sock.connect(pool.address)
         environment = {**P.environment(), "pid": os.getpid(), "concurrency": concurrency}
         sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(environment)])
@@ -243,36 +248,37 @@ def test_loopback_ipc_and_inproc_endpoints_count_as_local(endpoint):
 # ---------------------------------------------------------------------------- runnable-k8s keys
 
 
-KEY_FILES = {"broker.key", "broker.key_secret", "client.key", "client.key_secret", "worker.key",
-             "worker.key_secret", f"{AUTHORIZED_DIR}/client.key", f"{AUTHORIZED_DIR}/worker.key"}
-
-
-def run_keys(directory: Path) -> subprocess.CompletedProcess[str]:
+def run_keys(directory: Path, *options: str) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).parent / "runnable-k8s"  # the installed console script
     command = [str(script)] if script.exists() else [sys.executable, "-m", "pool"]
-    return subprocess.run([*command, "keys", str(directory)], capture_output=True, text=True, timeout=20)
+    return subprocess.run([*command, "keys", str(directory), *options], capture_output=True, text=True, timeout=20)
 
 
 @pytest.mark.timeout(30)
-def test_the_keys_command_writes_every_pair_and_the_allow_list_then_refuses_to_overwrite(tmp_path):
+def test_the_keys_command_writes_a_folder_per_role_and_the_allow_lists_then_refuses_to_overwrite(tmp_path):
     directory = tmp_path / "keys"
     result = run_keys(directory)
     assert result.returncode == 0, result.stderr
     files = {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
-    assert {str(p.relative_to(directory)) for p in files} == KEY_FILES
-    for secret in directory.glob("*.key_secret"):
-        assert stat.S_IMODE(secret.stat().st_mode) & 0o077 == 0, f"{secret.name} is readable by others"
-    # The pairs load as a client and a worker would load them, and the allow-list holds their keys.
-    client = load_peer_keys(directory, "client")
-    worker = load_peer_keys(directory, "worker")
+    assert {str(p.relative_to(directory)) for p in files} == {
+        "broker/broker.key", "broker/broker.key_secret", "broker/clients/default.key", "broker/workers/worker.key",
+        "worker/worker.key", "worker/worker.key_secret", "worker/broker.key",
+        "clients/default/client.key", "clients/default/client.key_secret", "clients/default/broker.key"}
+    for secret in directory.rglob("*.key_secret"):
+        assert stat.S_IMODE(secret.stat().st_mode) & 0o077 == 0, f"{secret} is readable by others"
+    # The pairs load as a client and a worker would load them, and the allow-lists hold their keys.
+    client = load_peer_keys(directory / "clients" / "default", "client")
+    worker = load_peer_keys(directory / "worker", "worker")
     assert client.public != worker.public
     assert client.server_public == worker.server_public
-    assert (directory / AUTHORIZED_DIR / "client.key").read_bytes() == (directory / "client.key").read_bytes()
-    assert (directory / AUTHORIZED_DIR / "worker.key").read_bytes() == (directory / "worker.key").read_bytes()
+    assert (directory / "broker/clients/default.key").read_bytes() == (
+        directory / "clients/default/client.key").read_bytes()
+    assert (directory / "broker/workers/worker.key").read_bytes() == (directory / "worker/worker.key").read_bytes()
+    assert f"--keys {directory / 'broker'}" in result.stdout and f"--keys {directory / 'worker'}" in result.stdout
 
     again = run_keys(directory)
     assert again.returncode != 0
-    assert "already" in again.stderr
+    assert "already" in again.stderr and "--client NAME" in again.stderr
     assert {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()} == files
 
 

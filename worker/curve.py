@@ -31,7 +31,8 @@ class PeerKeys:
 def require(path: Path, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(
-            f"{what} not found at {path}. Create a key directory with `runnable-k8s keys DIR`."
+            f"{what} not found at {path}. Create keys with `runnable-k8s keys DIR`, then give a client "
+            "DIR/clients/NAME and a worker DIR/worker."
         )
     return path
 
@@ -70,11 +71,49 @@ def check_secret_file(path: Path) -> Path:
 
 
 def load_peer_keys(directory: str | Path, role: str) -> PeerKeys:
-    """Load ``role``'s pair ("client" or "worker") and the broker's public key."""
+    """Load ``role``'s pair ("client" or "worker") and the broker's public key from ``directory``:
+    ``DIR/clients/NAME`` for a client, ``DIR/worker`` for a worker (``runnable-k8s keys DIR``)."""
     directory = Path(directory)
+    _refuse_wrong_folder(directory, role)
     secret_file = check_secret_file(require(directory / f"{role}.key_secret", f"the {role} secret key"))
     public, secret = zmq.auth.load_certificate(secret_file)
     server_public, _ = zmq.auth.load_certificate(require(directory / "broker.key", "the broker public key"))
     if secret is None:
         raise ValueError(f"{directory / f'{role}.key_secret'} holds no secret key")
     return PeerKeys(public=public, secret=secret, server_public=server_public)
+
+
+def _folder_hint(top: Path, role: str) -> str:
+    if role == "worker":
+        return f"pass {top / 'worker'} to a worker"
+    clients = sorted(p.name for p in (top / "clients").iterdir() if p.is_dir()) if (top / "clients").is_dir() else []
+    names = f" (clients here: {', '.join(clients)})" if clients else ""
+    return f"pass {top / 'clients'}/NAME to a client{names}"
+
+
+def _refuse_wrong_folder(directory: Path, role: str) -> None:
+    """A clear error for a folder of a key tree that is not ``role``'s own (the top of the tree,
+    the broker's folder, the folder of all clients): those hold other roles' secrets, or none."""
+    if (directory / f"{role}.key_secret").exists():
+        return
+    if (directory / "broker").is_dir() and (directory / "broker" / "broker.key_secret").exists():
+        raise FileNotFoundError(
+            f"{directory} is the top of a key tree from `runnable-k8s keys`, which holds every role's "
+            f"folder: give each program only its own ({_folder_hint(directory, role)}; the broker takes "
+            f"{directory / 'broker'})."
+        )
+    if (directory / "broker.key_secret").exists():
+        raise FileNotFoundError(
+            f"{directory} is the broker's key folder, not a {role}'s: "
+            f"{_folder_hint(directory.parent, role)}."
+        )
+    other = {"client": "worker", "worker": "client"}.get(role)
+    if other and (directory / f"{other}.key_secret").exists():
+        top = directory.parent if other == "worker" else directory.parent.parent
+        raise FileNotFoundError(f"{directory} is a {other}'s key folder, not a {role}'s: {_folder_hint(top, role)}.")
+    if role == "client" and any((p / "client.key_secret").exists() for p in directory.glob("*/")):
+        names = sorted(p.name for p in directory.iterdir() if (p / "client.key_secret").exists())
+        raise FileNotFoundError(
+            f"{directory} holds the folders of several clients ({', '.join(names)}): pass one of them, "
+            f"e.g. {directory / names[0]}."
+        )
