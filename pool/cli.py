@@ -32,10 +32,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from pool.keys import load_broker_keys
 
     try:
-        keys = load_broker_keys(args.keys) if args.keys else None
+        keys = (load_broker_keys(args.keys, client_keys_dir=args.client_keys, worker_keys_dir=args.worker_keys)
+                if args.keys else None)
+        if keys is None and (args.client_keys or args.worker_keys):
+            raise BrokerConfigError("--client-keys and --worker-keys need --keys (the broker's own pair)")
         broker = Broker(args.bind, keys=keys, insecure=args.insecure, max_message_bytes=args.max_message_bytes,
                         queue_size=args.queue_size, queue_timeout=args.queue_timeout,
-                        max_worker_slots=args.max_worker_slots)
+                        max_worker_slots=args.max_worker_slots, **broker_budget_options(args))
     except (BrokerConfigError, OSError, ValueError) as exc:  # OSError: missing or unsafe key files
         print(f"runnable-k8s broker: {exc}", file=sys.stderr)
         return 2
@@ -65,6 +68,33 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
             shutil.rmtree(args.remove_on_exit, ignore_errors=True)
     return 0
+
+
+_MEMORY_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+                 "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+
+
+def memory_bytes(text: str) -> int:
+    """Bytes of a memory size as Kubernetes writes one: 536870912, 512Mi, 1Gi, 500M."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]i?)?b?\s*", text.lower())
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError(f"not a memory size: {text!r} (bytes, or a number with Ki, Mi, Gi, K, M, G)")
+    return int(match.group(1)) * _MEMORY_UNITS[match.group(2) or ""]
+
+
+def broker_budget_options(args: argparse.Namespace) -> dict[str, int]:
+    """The broker's memory budgets from its flags: the store and the queue's bytes follow
+    --memory-limit (``defaults.broker_budgets``) unless given themselves."""
+    budgets = {"runnable_store_bytes": defaults.RUNNABLE_STORE_BYTES, "queue_bytes": defaults.QUEUE_BYTES}
+    if args.memory_limit:
+        budgets = defaults.broker_budgets(memory_bytes(args.memory_limit))
+    for name in ("runnable_store_bytes", "queue_bytes"):
+        if getattr(args, name) is not None:
+            budgets[name] = getattr(args, name)
+    return {**budgets, "client_queue_size": args.client_queue_size, "client_queue_bytes": args.client_queue_bytes,
+            "max_unread_bytes": args.max_unread_bytes}
 
 
 def _broker_extras(args: argparse.Namespace, broker: Any) -> list[Any]:
@@ -166,41 +196,99 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from pool.keys import create_key_directory
+    from pathlib import Path
 
+    from pool import keys as K
+
+    directory = Path(args.directory)
+    added, revoked = args.client or [], args.revoke or []
     try:
-        directory = create_key_directory(args.directory)
-    except FileExistsError as exc:
+        for name in added + revoked:
+            K.validate_client_name(name)
+        if set(added) & set(revoked):
+            raise ValueError(f"--client and --revoke name the same client: {sorted(set(added) & set(revoked))}")
+        if not K.is_key_tree(directory):
+            if revoked:
+                raise FileNotFoundError(f"{directory} holds no keys from `runnable-k8s keys`: nothing to revoke")
+            K.create_key_directory(directory, added or [K.DEFAULT_CLIENT])
+            _print_new_tree(directory, K.client_names(directory))
+        elif added or revoked:
+            for name in revoked:
+                K.revoke_client(directory, name)
+                print(f"revoked client {name}: removed {directory / 'broker' / 'clients' / f'{name}.key'} and "
+                      f"{directory / 'clients' / name}. A broker reading that allow-list drops the client's "
+                      "connections within a second or two, no restart needed.")
+            for name in added:
+                folder = K.add_client(directory, name)
+                print(f"added client {name}: give it {folder} (keys={str(folder)!r} or RUNNABLE_K8S_KEYS={folder}); "
+                      f"its public key is in {directory / 'broker' / 'clients'}, which a running broker re-reads "
+                      "within a second or two, no restart needed.")
+        elif not args.k8s_secret:
+            raise FileExistsError(
+                f"{directory} already holds keys (clients: {', '.join(K.client_names(directory)) or 'none'}). "
+                f"Add a client with `runnable-k8s keys {directory} --client NAME`, revoke one with --revoke NAME, "
+                f"or store them in Kubernetes with --k8s-secret PREFIX.")
+    except (OSError, ValueError) as exc:
         print(f"runnable-k8s keys: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote CurveZMQ keys to {directory} (secret keys 0600: keep them so, the programs refuse them otherwise):")
-    print(f"  broker:  runnable-k8s broker --bind tcp://0.0.0.0:{defaults.BROKER_PORT} --keys {directory}")
-    print(f"  workers: python -m worker --connect tcp://BROKER:{defaults.BROKER_PORT} --keys {directory}  "
-          "(needs worker.key_secret, broker.key)")
-    print(f"  clients: RunnableK8s(..., keys={str(directory)!r})  or  RUNNABLE_K8S_KEYS={directory}")
     if args.k8s_secret:
-        return _create_key_secret(directory, args)
+        if added or revoked:
+            print("  on Kubernetes the broker sees the change once the kubelet refreshes its Secret volume "
+                  "(within about a minute)")
+        return _create_key_secrets(directory, args, revoked)
     return 0
 
 
-def _create_key_secret(directory: Any, args: argparse.Namespace) -> int:
+def _print_new_tree(directory: Any, clients: list[str]) -> None:
+    first = directory / "clients" / clients[0]
+    print(f"wrote CurveZMQ keys to {directory}, one folder per role (folders 0700, secret keys 0600: keep "
+          "them so, the programs refuse them otherwise). Give each program only its own folder:")
+    print(f"  broker:  runnable-k8s broker --bind tcp://0.0.0.0:{defaults.BROKER_PORT} --keys {directory / 'broker'}")
+    print(f"  workers: python -m worker --connect tcp://BROKER:{defaults.BROKER_PORT} --keys {directory / 'worker'}")
+    print(f"  clients: RunnableK8s(..., keys={str(first)!r})  or  RUNNABLE_K8S_KEYS={first}")
+    print(f"           (one folder per client in {directory / 'clients'}: {', '.join(clients)})")
+    print(f"  add a client: runnable-k8s keys {directory} --client NAME   revoke one: --revoke NAME "
+          "(the running broker re-reads its allow-list)")
+
+
+def _create_key_secrets(directory: Any, args: argparse.Namespace, revoked: list[str]) -> int:
     from kubernetes.client import CoreV1Api
     from kubernetes.client.rest import ApiException
 
     from pool.errors import RunnableK8sError
     from pool.k8s.api import api_client, api_error
-    from pool.keys import key_secret_manifest
+    from pool.keys import is_allow_list, key_secret_manifests
 
+    prefix, namespace = args.k8s_secret, args.namespace
     try:
         core = CoreV1Api(api_client(args.kubeconfig))
-        manifest: Any = key_secret_manifest(directory, args.k8s_secret)  # the client takes a dict as a V1Secret
-        core.create_namespaced_secret(args.namespace, manifest)
+        manifest: Any  # the client takes a dict as a V1Secret
+        for manifest in key_secret_manifests(directory, prefix):
+            name = manifest["metadata"]["name"]
+            try:
+                core.create_namespaced_secret(namespace, manifest)
+                print(f"  created Secret {namespace}/{name}")
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                if is_allow_list(manifest):  # an allow-list follows the folder: clients added or revoked
+                    core.replace_namespaced_secret(name, namespace, manifest)
+                    print(f"  replaced Secret {namespace}/{name} (allow-list)")
+                else:
+                    print(f"  kept the existing Secret {namespace}/{name}")
+        for client in revoked:
+            try:
+                core.delete_namespaced_secret(f"{prefix}-client-{client}", namespace)
+                print(f"  deleted Secret {namespace}/{prefix}-client-{client}")
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
     except ApiException as exc:
-        error = api_error(exc, "create", "secrets", args.namespace, error=RunnableK8sError)
+        error = api_error(exc, "create or replace", "secrets", namespace, error=RunnableK8sError)
         print(f"runnable-k8s keys: {error}", file=sys.stderr)
         return 1
-    print(f"  created Secret {args.namespace}/{args.k8s_secret}: "
-          f"helm install ... --set curve.existingSecret={args.k8s_secret}")
+    print(f"  chart: helm install ... --set curve.existingSecret={prefix}  (the broker mounts {prefix}-broker, "
+          f"{prefix}-clients, {prefix}-workers; workers {prefix}-worker; a client Pod {prefix}-client-NAME)")
     return 0
 
 
@@ -262,13 +350,37 @@ def build_parser() -> argparse.ArgumentParser:
     broker = add("broker", help="run a broker in the foreground")
     broker.add_argument("--bind", default=defaults.BROKER_BIND, help="endpoint to listen on (default %(default)s)")
     broker.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
-                        help="CurveZMQ key directory from `runnable-k8s keys`")
+                        help="the broker's key folder, DIR/broker from `runnable-k8s keys DIR` (DIR itself "
+                             "is accepted)")
+    broker.add_argument("--client-keys", metavar="DIR", default=None,
+                        help="allow-list: public keys (*.key) that may connect as clients, re-read when it "
+                             "changes (default: the clients/ folder of --keys)")
+    broker.add_argument("--worker-keys", metavar="DIR", default=None,
+                        help="allow-list: public keys that may register as workers (default: the workers/ "
+                             "folder of --keys)")
     broker.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback bind without keys (only on a private network)")
     broker.add_argument("--max-message-bytes", type=int, default=defaults.MAX_MESSAGE_BYTES, metavar="N",
                         help="largest task or result in bytes; clients learn it at HELLO (default %(default)s)")
     broker.add_argument("--queue-size", type=int, default=defaults.QUEUE_SIZE, metavar="N",
                         help="tasks waiting for a free slot, across all clients (default %(default)s)")
+    broker.add_argument("--client-queue-size", type=int, default=defaults.CLIENT_QUEUE_SIZE, metavar="N",
+                        help="tasks one client may have waiting (default %(default)s)")
+    broker.add_argument("--client-queue-bytes", type=int, default=defaults.CLIENT_QUEUE_BYTES, metavar="N",
+                        help="input bytes one client's tasks may hold in the broker (default %(default)s)")
+    broker.add_argument("--queue-bytes", type=int, default=None, metavar="N",
+                        help="input bytes all clients' tasks may hold in the broker (default: 6/16 of "
+                             f"--memory-limit, else {defaults.QUEUE_BYTES})")
+    broker.add_argument("--runnable-store-bytes", type=int, default=None, metavar="N",
+                        help="bytes of runnables kept so that each is sent once (default: 3/16 of "
+                             f"--memory-limit, else {defaults.RUNNABLE_STORE_BYTES})")
+    broker.add_argument("--max-unread-bytes", type=int, default=defaults.MAX_UNREAD_BYTES, metavar="N",
+                        help="reply bytes kept for a client that does not read before it is dropped "
+                             "(default %(default)s)")
+    broker.add_argument("--memory-limit", metavar="BYTES", default=os.environ.get("RUNNABLE_K8S_MEMORY_LIMIT"),
+                        help="the memory the broker may use (536870912, 512Mi, 1Gi): sets the defaults of "
+                             "--runnable-store-bytes and --queue-bytes (default: RUNNABLE_K8S_MEMORY_LIMIT, "
+                             "which the chart sets from the container's limit; else none)")
     broker.add_argument("--queue-timeout", type=float, default=defaults.QUEUE_TIMEOUT, metavar="S",
                         help="seconds a task may wait for a free worker slot (default %(default)s)")
     broker.add_argument("--max-worker-slots", type=int, default=defaults.MAX_WORKER_SLOTS, metavar="N",
@@ -325,11 +437,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for the broker to answer (default %(default)s)")
     status.set_defaults(func=cmd_status)
 
-    keys = add("keys", help="write CurveZMQ key pairs for a broker, a client and workers")
+    keys = add("keys", help="write CurveZMQ keys, one folder per role; add or revoke a client",
+               description="Write a key tree: DIR/broker (the broker's pair and its allow-lists), DIR/worker "
+                           "(the workers' pair), DIR/clients/NAME (one pair per client; default one client, "
+                           "'default'). On an existing tree, --client NAME adds a client and --revoke NAME "
+                           "removes one; a running broker re-reads its allow-lists, no restart needed.")
     keys.add_argument("directory")
-    keys.add_argument("--k8s-secret", metavar="NAME",
-                      help="also store the keys in this Kubernetes Secret (for the chart's curve.existingSecret)")
-    keys.add_argument("--namespace", "-n", default="default", help="namespace of the Secret")
+    keys.add_argument("--client", action="append", metavar="NAME",
+                      help="a client to make keys for (repeatable; on an existing tree: add it)")
+    keys.add_argument("--revoke", action="append", metavar="NAME",
+                      help="take this client off the broker's allow-list and remove its folder (repeatable)")
+    keys.add_argument("--k8s-secret", metavar="PREFIX",
+                      help="also store the keys as Kubernetes Secrets PREFIX-broker, PREFIX-clients, "
+                           "PREFIX-workers, PREFIX-worker and PREFIX-client-NAME (the chart's "
+                           "curve.existingSecret=PREFIX); re-running replaces the two allow-lists")
+    keys.add_argument("--namespace", "-n", default="default", help="namespace of the Secrets")
     keys.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     keys.set_defaults(func=cmd_keys)
 

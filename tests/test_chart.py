@@ -26,8 +26,9 @@ EVERYTHING_ON: dict[str, Any] = {
     "commonLabels": {"team": "llm"},
     "image": {"registry": "registry.example.com/team", "tag": "1.2.3", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
-    "curve": {"enabled": True, "existingSecret": "pool-keys", "authorizedClientKeys": ["client.key", "alice.key"]},
-    "broker": {"extraArgs": ["--queue-size=50"], "extraEnv": [{"name": "A", "value": "1"}],
+    "curve": {"enabled": True, "existingSecret": "pool-keys", "testClient": "alice"},
+    "broker": {"extraArgs": ["--queue-size=50"], "queueBytes": 100000000, "runnableStoreBytes": 50000000,
+               "extraEnv": [{"name": "A", "value": "1"}],
                "podAnnotations": {"a": "b"}, "podLabels": {"c": "d"}, "nodeSelector": {"pool": "brokers"},
                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}],
                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
@@ -99,7 +100,10 @@ BAD_VALUES = {
     "broker address not tcp": {"worker": {"brokerAddress": "http://broker:5555"}},
     "broker address without a port": {"worker": {"brokerAddress": "tcp://broker"}},
     "port out of range": {"service": {"port": 70000}},
-    "authorized client key that would register as a worker": {"curve": {"authorizedClientKeys": ["worker2.key"]}},
+    "the old one-Secret allow-list": {"curve": {"authorizedClientKeys": ["client.key"]}},
+    "test client name not a DNS label": {"curve": {"testClient": "Alice_1"}},
+    "test client name too long": {"curve": {"testClient": "a" * 41}},
+    "queue bytes not a number": {"broker": {"queueBytes": "lots"}},
     "non-positive autoscaling target": {"autoscaling": {"targetTasksPerSlot": 0}},
     "bad service type": {"service": {"type": "Ingress"}},
 }
@@ -215,26 +219,61 @@ def test_defaults_render_a_keyed_pool_with_meaningful_probes(helm_bin, tmp_path)
     assert not by_kind(docs, "Role") and not by_kind(docs, "NetworkPolicy")
 
 
-def key_items(pod_spec: dict) -> dict[str, str]:
-    volume = next(v for v in pod_spec["volumes"] if v["name"] == "curve-keys")
-    return {i["key"]: i["path"] for i in volume["secret"]["items"]}
+def key_mounts(pod_spec: dict) -> dict[str, str]:
+    """mount path -> Secret name, for every Secret volume a Pod's (only) container mounts."""
+    secrets = {v["name"]: v["secret"] for v in pod_spec["volumes"] if "secret" in v}
+    mounts = pod_spec["containers"][0]["volumeMounts"]
+    assert all(m.get("readOnly") for m in mounts if m["name"] in secrets)
+    assert all(s["defaultMode"] == 0o440 and "items" not in s for s in secrets.values())
+    return {m["mountPath"]: secrets[m["name"]]["secretName"] for m in mounts if m["name"] in secrets}
 
 
 @pytest.mark.cluster
 @pytest.mark.timeout(60)
-def test_each_role_mounts_only_its_own_keys_with_authorized_as_a_subfolder(helm_bin, tmp_path):
-    docs = render(helm_bin, tmp_path, EVERYTHING_ON)
+@pytest.mark.parametrize("values", [None, EVERYTHING_ON], ids=["defaults", "everything-on"])
+def test_each_pod_mounts_only_its_own_roles_secret(helm_bin, tmp_path, values):
+    docs = render(helm_bin, tmp_path, values)
+    prefix, client = ("pool-keys", "alice") if values else ("runnable-k8s-curve", "default")
     broker, worker, test_pod = one(docs, "Deployment", "broker"), one(docs, "Deployment", "worker"), one(docs, "Pod")
-    assert key_items(broker["spec"]["template"]["spec"]) == {
-        "broker.key": "broker.key", "broker.key_secret": "broker.key_secret",
-        "worker.key": "authorized/worker.key", "client.key": "authorized/client.key",
-        "alice.key": "authorized/alice.key"}
-    assert key_items(worker["spec"]["template"]["spec"]) == {
-        "broker.key": "broker.key", "worker.key": "worker.key", "worker.key_secret": "worker.key_secret"}
-    assert key_items(test_pod["spec"]) == {
-        "broker.key": "broker.key", "client.key": "client.key", "client.key_secret": "client.key_secret"}
-    volume = next(v for v in worker["spec"]["template"]["spec"]["volumes"] if v["name"] == "curve-keys")
-    assert volume["secret"]["secretName"] == "pool-keys"
+    # The broker: its pair and the two allow-lists of public keys, each at a path of its own (a
+    # read-only Secret volume cannot hold another's mount point).
+    assert key_mounts(broker["spec"]["template"]["spec"]) == {
+        "/etc/runnable-k8s/keys": f"{prefix}-broker",
+        "/etc/runnable-k8s/client-keys": f"{prefix}-clients",
+        "/etc/runnable-k8s/worker-keys": f"{prefix}-workers"}
+    command = container(broker)["command"]
+    assert {"--keys=/etc/runnable-k8s/keys", "--client-keys=/etc/runnable-k8s/client-keys",
+            "--worker-keys=/etc/runnable-k8s/worker-keys"} <= set(command)
+    # A worker: only the worker pair and broker.key; never the broker's Secret or any client's.
+    worker_mounts = key_mounts(worker["spec"]["template"]["spec"])
+    assert worker_mounts == {"/etc/runnable-k8s/keys": f"{prefix}-worker"}
+    assert not any(name == f"{prefix}-broker" or "-client" in name for name in worker_mounts.values())
+    assert "--keys=/etc/runnable-k8s/keys" in container(worker)["command"]
+    # The helm test Pod is one client: its own Secret only.
+    assert key_mounts(test_pod["spec"]) == {"/etc/runnable-k8s/keys": f"{prefix}-client-{client}"}
+    env = {e["name"]: e.get("value") for e in test_pod["spec"]["containers"][0]["env"]}
+    assert env["RUNNABLE_K8S_KEYS"] == "/etc/runnable-k8s/keys"
+    # The Pods that hold keys make them readable by their fsGroup only (0440 root:fsGroup).
+    for spec in (broker["spec"]["template"]["spec"], worker["spec"]["template"]["spec"], test_pod["spec"]):
+        assert spec["securityContext"]["fsGroup"] == 10001
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_the_broker_gets_its_memory_limit_and_its_budgets(helm_bin, tmp_path):
+    docs = render(helm_bin, tmp_path)
+    b = container(one(docs, "Deployment", "broker"))
+    limit = next(e for e in b["env"] if e["name"] == "RUNNABLE_K8S_MEMORY_LIMIT")
+    assert limit["valueFrom"] == {"resourceFieldRef": {"containerName": "broker", "resource": "limits.memory",
+                                                       "divisor": "1"}}
+    assert b["resources"]["limits"]["memory"] == "512Mi"
+    assert {"--queue-size=40000", "--client-queue-size=10000", "--client-queue-bytes=67108864",
+            "--max-unread-bytes=67108864"} <= set(b["command"])
+    # The store and the queue's bytes follow the memory limit unless set.
+    assert not any(a.startswith(("--runnable-store-bytes", "--queue-bytes")) for a in b["command"])
+    on = container(one(render(helm_bin, tmp_path, EVERYTHING_ON), "Deployment", "broker"))
+    assert {"--queue-bytes=100000000", "--runnable-store-bytes=50000000"} <= set(on["command"])
+    assert {"name": "A", "value": "1"} in on["env"]  # broker.extraEnv still comes along
 
 
 @pytest.mark.cluster

@@ -36,6 +36,11 @@ CHART_VALUES: dict[str, tuple[str, Any]] = {
     "service.port": ("BROKER_PORT", None),
     "broker.maxMessageBytes": ("MAX_MESSAGE_BYTES", None),
     "broker.queueSize": ("QUEUE_SIZE", None),
+    "broker.clientQueueSize": ("CLIENT_QUEUE_SIZE", None),
+    "broker.clientQueueBytes": ("CLIENT_QUEUE_BYTES", None),
+    "broker.maxUnreadBytes": ("MAX_UNREAD_BYTES", None),
+    # The chart hands the container's limit to the broker, whose budgets derive from it.
+    "broker.resources.limits.memory": ("BROKER_MEMORY_LIMIT", lambda limit: f"{limit // 2**20}Mi"),
     "broker.queueTimeout": ("QUEUE_TIMEOUT", None),
     "autoscaling.minReplicas": ("AUTOSCALE_MIN", None),
     "autoscaling.maxReplicas": ("AUTOSCALE_MAX", None),
@@ -51,6 +56,9 @@ CLI_DEFAULTS: dict[str, dict[str, str]] = {
         "bind": "BROKER_BIND",
         "max_message_bytes": "MAX_MESSAGE_BYTES",
         "queue_size": "QUEUE_SIZE",
+        "client_queue_size": "CLIENT_QUEUE_SIZE",
+        "client_queue_bytes": "CLIENT_QUEUE_BYTES",
+        "max_unread_bytes": "MAX_UNREAD_BYTES",
         "queue_timeout": "QUEUE_TIMEOUT",
         "max_worker_slots": "MAX_WORKER_SLOTS",
         "autoscale_min": "AUTOSCALE_MIN",
@@ -177,6 +185,47 @@ def test_no_flag_repeats_a_default_as_a_literal(path: str) -> None:
         and repr(keyword.value.value) in owned
     ]
     assert repeated == [], f"{path}: use worker.defaults instead of"
+
+
+def test_broker_budgets_follow_the_memory_limit_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pool.cli import broker_budget_options, memory_bytes
+
+    monkeypatch.delenv("RUNNABLE_K8S_MEMORY_LIMIT", raising=False)
+    plain = broker_budget_options(build_parser().parse_args(["broker"]))
+    assert plain == {"runnable_store_bytes": defaults.RUNNABLE_STORE_BYTES, "queue_bytes": defaults.QUEUE_BYTES,
+                     "client_queue_size": defaults.CLIENT_QUEUE_SIZE,
+                     "client_queue_bytes": defaults.CLIENT_QUEUE_BYTES, "max_unread_bytes": defaults.MAX_UNREAD_BYTES}
+    # The chart's default limit gives the module's defaults: the two agree.
+    assert defaults.broker_budgets(defaults.BROKER_MEMORY_LIMIT) == {
+        "runnable_store_bytes": defaults.RUNNABLE_STORE_BYTES, "queue_bytes": defaults.QUEUE_BYTES}
+    gib = broker_budget_options(build_parser().parse_args(["broker", "--memory-limit", "1Gi"]))
+    assert {k: gib[k] for k in ("runnable_store_bytes", "queue_bytes")} == defaults.broker_budgets(2**30)
+    fixed = broker_budget_options(build_parser().parse_args(
+        ["broker", "--memory-limit", "1Gi", "--queue-bytes", "5000"]))
+    assert fixed["queue_bytes"] == 5000 and fixed["runnable_store_bytes"] == 2**30 * 3 // 16
+    # What the chart does: the Downward API's limit in bytes, in the environment.
+    monkeypatch.setenv("RUNNABLE_K8S_MEMORY_LIMIT", str(256 * 2**20))
+    from_env = broker_budget_options(build_parser().parse_args(["broker"]))
+    assert from_env["runnable_store_bytes"] == 256 * 2**20 * 3 // 16
+    for text, expected in (("536870912", 2**29), ("512Mi", 2**29), ("1Gi", 2**30), ("500M", 500 * 10**6),
+                           ("64ki", 2**16)):
+        assert memory_bytes(text) == expected
+    for bad in ("", "lots", "-1", "0", "1.5Gi", "12Qi"):
+        with pytest.raises(ValueError, match="not a memory size"):
+            memory_bytes(bad)
+
+
+@pytest.mark.timeout(30)
+def test_a_broker_with_a_bad_memory_limit_says_so_and_exits() -> None:
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pool", "broker", "--bind", "tcp://127.0.0.1:0", "--announce"],
+                            capture_output=True, text=True, timeout=20,
+                            env={**os.environ, "RUNNABLE_K8S_MEMORY_LIMIT": "half the machine"})
+    assert result.returncode == 2
+    assert "not a memory size: 'half the machine'" in result.stderr and "READY" not in result.stdout
 
 
 # ---------------------------------------------------------------------------- the library

@@ -105,16 +105,16 @@ the port runs code on the workers.
 {{- define "worker-pool.validate" -}}
 {{- if .Values.curve.enabled }}
 {{- if not .Values.curve.existingSecret }}
-{{- fail "curve.existingSecret is required when curve.enabled is true: create the keys with `runnable-k8s keys ./keys` and `kubectl create secret generic runnable-k8s-curve --from-file=./keys`, then pass --set curve.existingSecret=runnable-k8s-curve (or set curve.enabled=false, see README)" }}
+{{- fail "curve.existingSecret is required when curve.enabled is true: create the keys and their Secrets with `runnable-k8s keys ./keys --k8s-secret runnable-k8s-curve -n NAMESPACE`, then pass --set curve.existingSecret=runnable-k8s-curve (the prefix of the Secrets) (or set curve.enabled=false, see README)" }}
 {{- end }}
 {{- else }}
 {{- /* A NetworkPolicy (and a private-network promise) covers only Pod-to-Pod traffic inside the
 cluster: a port opened on the node, a NodePort or a LoadBalancer is reached from outside it. */}}
 {{- if .Values.broker.hostNetwork }}
-{{- fail "curve.enabled=false is refused with broker.hostNetwork=true: the broker's plaintext port is then open on the node itself, where no NetworkPolicy applies, and anyone who reaches it runs code on the workers. Turn CURVE keys on (runnable-k8s keys ./keys; kubectl create secret generic runnable-k8s-curve --from-file=./keys; --set curve.enabled=true,curve.existingSecret=runnable-k8s-curve) or set broker.hostNetwork=false" }}
+{{- fail "curve.enabled=false is refused with broker.hostNetwork=true: the broker's plaintext port is then open on the node itself, where no NetworkPolicy applies, and anyone who reaches it runs code on the workers. Turn CURVE keys on (runnable-k8s keys ./keys --k8s-secret runnable-k8s-curve; --set curve.enabled=true,curve.existingSecret=runnable-k8s-curve) or set broker.hostNetwork=false" }}
 {{- end }}
 {{- if ne .Values.service.type "ClusterIP" }}
-{{- fail (printf "curve.enabled=false is refused with service.type=%s: a %s Service opens the broker's plaintext port outside the cluster, where no NetworkPolicy applies, and anyone who reaches it runs code on the workers. Turn CURVE keys on (runnable-k8s keys ./keys; kubectl create secret generic runnable-k8s-curve --from-file=./keys; --set curve.enabled=true,curve.existingSecret=runnable-k8s-curve) or set service.type=ClusterIP (laptops can still use pool=\"k8s://NAMESPACE/RELEASE\")" .Values.service.type .Values.service.type) }}
+{{- fail (printf "curve.enabled=false is refused with service.type=%s: a %s Service opens the broker's plaintext port outside the cluster, where no NetworkPolicy applies, and anyone who reaches it runs code on the workers. Turn CURVE keys on (runnable-k8s keys ./keys --k8s-secret runnable-k8s-curve; --set curve.enabled=true,curve.existingSecret=runnable-k8s-curve) or set service.type=ClusterIP (laptops can still use pool=\"k8s://NAMESPACE/RELEASE\")" .Values.service.type .Values.service.type) }}
 {{- end }}
 {{- if not (or .Values.networkPolicy.enabled .Values.curve.insecureAcknowledged) }}
 {{- fail "curve.enabled=false runs the broker with --insecure: anyone who reaches it runs code on the workers. Enable networkPolicy.enabled, or set curve.insecureAcknowledged=true if the network is private" }}
@@ -125,30 +125,41 @@ cluster: a port opened on the node, a NodePort or a LoadBalancer is reached from
 {{- end }}
 {{- end }}
 
-{{/* The Secret volume of CURVE keys for a role: "broker", "worker" or "client". */}}
-{{- define "worker-pool.curveVolume" -}}
-- name: curve-keys
+{{/*
+CURVE keys, one Secret per role, made by `runnable-k8s keys DIR --k8s-secret PREFIX` with
+PREFIX = curve.existingSecret. Call with (dict "ctx" $ "role" "broker"|"worker"|"client").
+The broker gets its pair and the two allow-lists (PREFIX-clients, PREFIX-workers) at separate
+paths: Secret volumes are read-only, so one cannot be mounted inside another. Workers get only
+PREFIX-worker (their pair + broker.key), the helm test Pod only its client's pair + broker.key.
+*/}}
+{{- define "worker-pool.curveSecrets" -}}
+{{- $prefix := .ctx.Values.curve.existingSecret }}
+{{- if eq .role "broker" }}
+{{- list (list "curve-keys" (printf "%s-broker" $prefix) "/etc/runnable-k8s/keys") (list "curve-client-keys" (printf "%s-clients" $prefix) "/etc/runnable-k8s/client-keys") (list "curve-worker-keys" (printf "%s-workers" $prefix) "/etc/runnable-k8s/worker-keys") | toJson }}
+{{- else if eq .role "worker" }}
+{{- list (list "curve-keys" (printf "%s-worker" $prefix) "/etc/runnable-k8s/keys") | toJson }}
+{{- else }}
+{{- list (list "curve-keys" (printf "%s-client-%s" $prefix .ctx.Values.curve.testClient) "/etc/runnable-k8s/keys") | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret volumes of a role's CURVE keys, 0440: readable by the Pod's fsGroup, no one else. */}}
+{{- define "worker-pool.curveVolumes" -}}
+{{- range (include "worker-pool.curveSecrets" . | fromJsonArray) }}
+- name: {{ index . 0 }}
   secret:
-    secretName: {{ .ctx.Values.curve.existingSecret }}
+    secretName: {{ index . 1 }}
     defaultMode: 0440
-    items:
-      - key: broker.key
-        path: broker.key
-      {{- if eq .role "broker" }}
-      - key: broker.key_secret
-        path: broker.key_secret
-      - key: worker.key
-        path: authorized/worker.key
-      {{- range .ctx.Values.curve.authorizedClientKeys }}
-      - key: {{ . }}
-        path: authorized/{{ . }}
-      {{- end }}
-      {{- else }}
-      - key: {{ .role }}.key
-        path: {{ .role }}.key
-      - key: {{ .role }}.key_secret
-        path: {{ .role }}.key_secret
-      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Where a role's containers mount those volumes. */}}
+{{- define "worker-pool.curveMounts" -}}
+{{- range (include "worker-pool.curveSecrets" . | fromJsonArray) }}
+- name: {{ index . 0 }}
+  mountPath: {{ index . 2 }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/*
