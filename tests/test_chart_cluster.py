@@ -1,5 +1,6 @@
 """The worker-pool chart on the real single-node test cluster (tests/cluster): helm install with
-CurveZMQ keys from a Secret, warm calls from the host, worker concurrency, helm test, scaling the
+CurveZMQ keys split into one Secret per role (a client added and revoked with no broker restart),
+warm calls from the host, worker concurrency, helm test, scaling the
 worker Deployment through its scale subresource (scale-down drains), helm uninstall; and the
 autoscaler's RBAC, least privilege, with a real ServiceAccount token; and the broker Pod's
 autoscaler moving the worker Deployment with load, with metrics served on the metrics port.
@@ -12,7 +13,7 @@ cluster"). The worker image there is built from this checkout, so lambdas travel
 
 from __future__ import annotations
 
-import base64
+import shutil
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from langchain_core.runnables import RunnableLambda
 from pool import RunnableK8s
 from pool.client.connection import Connection
 from pool.errors import RunnableK8sError
-from pool.keys import create_key_directory
+from pool.keys import add_client, create_key_directory, is_allow_list, key_secret_manifests, revoke_client
 from tests.support.gate import open_gate, wait_at_gate
 from tests.support.helm import CHART, helm, values_file
 from tests.support.ports import free_port
@@ -85,12 +86,40 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
     return max(sum(1 for s, e in intervals if s <= start < e) for start, _ in intervals)
 
 
-def create_key_secret(core, namespace: str, name: str, keys: Path) -> None:
-    """What `kubectl create secret generic NAME --from-file=KEYS` makes: one entry per top-level file."""
-    from kubernetes import client
+def create_key_secrets(core, namespace: str, prefix: str, tree: Path) -> Path:
+    """What `runnable-k8s keys TREE --k8s-secret PREFIX` makes: one Secret per role (PREFIX-broker,
+    -clients, -workers, -worker, -client-NAME). Returns the folder of the tree's client "default"."""
+    for manifest in key_secret_manifests(tree, prefix):
+        core.create_namespaced_secret(namespace, manifest)
+    return tree / "clients" / "default"
 
-    data = {f.name: base64.b64encode(f.read_bytes()).decode() for f in sorted(keys.iterdir()) if f.is_file()}
-    core.create_namespaced_secret(namespace, client.V1Secret(metadata=client.V1ObjectMeta(name=name), data=data))
+
+def replace_allow_lists(core, namespace: str, prefix: str, tree: Path) -> None:
+    """What a re-run of `runnable-k8s keys TREE --k8s-secret PREFIX` does after --client/--revoke."""
+    for manifest in key_secret_manifests(tree, prefix):
+        name = manifest["metadata"]["name"]
+        if is_allow_list(manifest):
+            core.replace_namespaced_secret(name, namespace, manifest)
+        elif name not in {s.metadata.name for s in core.list_namespaced_secret(namespace).items}:
+            core.create_namespaced_secret(namespace, manifest)
+
+
+def key_files_seen_by_the_worker():
+    """A task for a worker Pod (a warm call): what it can see of the keys, as the kubelet mounted
+    them. Nested, so it travels by value (the worker image has no tests package)."""
+
+    def task(_):
+        import os
+
+        base = "/etc/runnable-k8s"
+        data = os.path.join(base, "keys", "..data")
+        files = {}
+        for name in sorted(os.listdir(data)):
+            info = os.stat(os.path.join(data, name))
+            files[name] = {"mode": oct(info.st_mode & 0o777), "uid": info.st_uid, "gid": info.st_gid}
+        return {"mounts": sorted(os.listdir(base)), "files": files, "uid": os.getuid(), "groups": os.getgroups()}
+
+    return task
 
 
 def ready_pods(core, namespace: str, component: str) -> list[str]:
@@ -131,8 +160,8 @@ def scale(apps, namespace: str, replicas: int) -> None:
 def test_the_chart_runs_a_keyed_warm_pool_that_scales_and_drains(helm_bin, k8s_node, k8s_namespace, tmp_path):
     cp = k8s_node.control_plane
     core, apps, ns, kubeconfig = cp.core(), cp.apps(), k8s_namespace, cp.kubeconfig
-    keys = create_key_directory(tmp_path / "keys")
-    create_key_secret(core, ns, "pool-keys", keys)
+    tree = create_key_directory(tmp_path / "keys")
+    keys = create_key_secrets(core, ns, "pool-keys", tree)
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     require_health_dir(core, ns)
@@ -204,6 +233,58 @@ def test_the_chart_runs_a_keyed_warm_pool_that_scales_and_drains(helm_bin, k8s_n
         assert "Phase:          Succeeded" in test.stdout, test.stdout
         assert not pods_left(core, ns, "test")  # a passed test Pod is deleted (hook-succeeded)
 
+        # Keys per role, as the kubelet mounted them: the worker Pod has its own Secret only, its
+        # files root-owned with the Pod's fsGroup, readable by no other user (0440).
+        seen = RunnableK8s(bound=RunnableLambda(key_files_seen_by_the_worker()), pool=address,
+                           keys=str(keys), mode="warm", timeout=60).invoke(None)
+        print("worker key files as mounted:", seen)
+        assert seen["mounts"] == ["keys"], seen  # no client-keys, no worker-keys: the broker's only
+        assert set(seen["files"]) == {"worker.key", "worker.key_secret", "broker.key"}, seen
+        secret_file = seen["files"]["worker.key_secret"]
+        assert secret_file["uid"] == 0 and secret_file["gid"] == 10001, seen
+        assert int(secret_file["mode"], 8) & 0o037 == 0, seen  # nobody outside the group; group read-only
+
+        # Adding a client with no broker restart: its key reaches the broker through the replaced
+        # PREFIX-clients Secret (the kubelet refreshes the volume, the broker re-reads the folder).
+        broker_pods = ready_pods(core, ns, "broker")
+        added = add_client(tree, "web")
+        replace_allow_lists(core, ns, "pool-keys", tree)
+        t0 = time.monotonic()
+        web = RunnableK8s(bound=RunnableLambda(lambda x: x + 1), pool=address, keys=str(added), mode="warm",
+                          timeout=30, connect_timeout=5)
+
+        def web_is_served() -> bool:
+            Connection.close_all(address)
+            try:
+                return web.invoke(1) == 2
+            except RunnableK8sError:
+                return False
+
+        wait_for(web_is_served, 150, "the added client to be allowed by the running broker", interval=2)
+        timings["added client allowed after"] = time.monotonic() - t0
+        # Revoking it: refused again, the broker Pod still the same one.
+        kept = tmp_path / "web-copy"
+        shutil.copytree(added, kept)
+        revoke_client(tree, "web")
+        replace_allow_lists(core, ns, "pool-keys", tree)
+        t0 = time.monotonic()
+        revoked = RunnableK8s(bound=RunnableLambda(lambda x: x + 1), pool=address, keys=str(kept), mode="warm",
+                              timeout=30, connect_timeout=5)
+
+        def revoked_is_refused() -> bool:
+            Connection.close_all(address)
+            try:
+                revoked.invoke(1)
+            except RunnableK8sError:
+                return True
+            return False
+
+        wait_for(revoked_is_refused, 150, "the revoked client to be refused by the running broker", interval=2)
+        timings["revoked client refused after"] = time.monotonic() - t0
+        assert ready_pods(core, ns, "broker") == broker_pods  # no restart
+        assert RunnableK8s(bound=RunnableLambda(lambda x: x + 1), pool=address, keys=str(keys), mode="warm",
+                           timeout=30).invoke(1) == 2  # the other client is untouched
+
         # Scale 1 -> 3 with `runnable-k8s scale --release` (it finds the worker Deployment by the
         # chart's labels and uses the scale subresource): three workers serve.
         t0 = time.monotonic()
@@ -266,8 +347,8 @@ def test_the_brokers_autoscaler_scales_the_workers_with_load_and_serves_metrics(
     loopback, so KUBERNETES_SERVICE_HOST/PORT point there.)"""
     cp = k8s_node.control_plane
     core, apps, ns, kubeconfig = cp.core(), cp.apps(), k8s_namespace, cp.kubeconfig
-    keys = create_key_directory(tmp_path / "keys")
-    create_key_secret(core, ns, "pool-keys", keys)
+    tree = create_key_directory(tmp_path / "keys")
+    keys = create_key_secrets(core, ns, "pool-keys", tree)
     require_health_dir(core, ns)
     port, metrics_port, gate_port = free_port(), free_port(), free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -367,8 +448,8 @@ def test_a_pod_network_broker_is_reached_from_the_host_through_k8s_address(helm_
     worker's --health-dir, a worker that has no broker yet is not Ready."""
     cp = k8s_node.control_plane
     core, ns, kubeconfig = cp.core(), k8s_namespace, cp.kubeconfig
-    keys = create_key_directory(tmp_path / "keys")
-    create_key_secret(core, ns, "pool-keys", keys)
+    tree = create_key_directory(tmp_path / "keys")
+    keys = create_key_secrets(core, ns, "pool-keys", tree)
     require_health_dir(core, ns)
     values = {
         "image": {"repository": "runnable-k8s-worker", "tag": "latest", "pullPolicy": "Never"},
