@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grace-period", type=float, default=defaults.WORKER_GRACE_PERIOD,
                         help="seconds to finish running tasks after SIGTERM (default %(default)s)")
     parser.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
-                        help="CurveZMQ key directory (needs worker.key_secret and broker.key)")
+                        help="the workers' CurveZMQ key folder, DIR/worker of `runnable-k8s keys DIR` "
+                             "(worker.key, worker.key_secret, broker.key)")
     parser.add_argument("--insecure", action="store_true",
                         default=os.environ.get("RUNNABLE_K8S_INSECURE", "") not in ("", "0"),
                         help="allow plaintext (no --keys) to a broker that is not on this machine: only "
