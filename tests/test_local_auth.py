@@ -124,6 +124,10 @@ def test_a_local_pool_on_a_port_wants_its_keys_and_a_keyless_peer_never_register
     with LocalPool(workers=1, concurrency=2, port=0) as pool:
         assert pool.address.startswith("tcp://127.0.0.1:") and pool.transport == "curve"
         assert pool.keys_dir is not None and stat.S_IMODE(Path(pool.keys_dir).parent.stat().st_mode) == 0o700
+        # What clients are handed is one client's folder: its pair and the broker's public key only.
+        assert sorted(p.name for p in Path(pool.keys_dir).iterdir()) == ["broker.key", "client.key",
+                                                                          "client.key_secret"]
+        assert stat.S_IMODE(Path(pool.keys_dir).stat().st_mode) == 0o700
         with keyless_dealer(pool.address) as (sock, monitor):
             environment = {**P.environment(), "pid": os.getpid(), "concurrency": 64}
             sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(environment)])
