@@ -19,6 +19,7 @@ import zmq
 from pool.broker import events as E
 from pool.broker.allow_list import AllowList
 from pool.broker.core import BrokerCore
+from pool.broker.outbox import Outbox
 from pool.broker.state import RunnableStore, WorkerState
 from pool.keys import BrokerKeys
 from worker import defaults, transport
@@ -29,7 +30,6 @@ __all__ = ["Broker", "BrokerConfigError", "RunnableStore", "WorkerState", "is_lo
 
 log = logging.getLogger("runnable_k8s.broker")
 
-_GONE = (zmq.EHOSTUNREACH, zmq.EAGAIN)  # router_mandatory: the peer's connection is gone
 # Commands whose sender's key decides whether they are allowed: a client key may say HELLO, a
 # worker key READY (every other command only acts on what these two set up).
 _KEYED_COMMANDS = frozenset({P.HELLO, P.READY})
@@ -83,7 +83,10 @@ class Broker:
         self.socket = self._context.socket(zmq.ROUTER)
         self.socket.linger = 0
         self.socket.router_mandatory = 1  # an unroutable peer raises instead of vanishing silently
-        self.socket.sndhwm = 0  # never drop a RESULT because a client is slow to read
+        # Finite, so a peer that never reads cannot make ZeroMQ queue without bound; nothing is
+        # dropped at the mark: the outbox keeps what ZeroMQ will not take, within its own budget.
+        # Set before bind: it applies to connections accepted afterwards.
+        self.socket.sndhwm = defaults.BROKER_SNDHWM
         self.socket.rcvhwm = 0
         # The application-level limit answers politely; this one protects memory from a peer that
         # ignores it (libzmq drops such a connection).
@@ -99,6 +102,7 @@ class Broker:
             self.socket.curve_publickey = keys.public
             self.socket.curve_server = True
         self.endpoint = self._bind(bind)
+        self.outbox = Outbox(self.socket, max_unread_bytes=max_unread_bytes)
         self.core = BrokerCore(
             now=time.monotonic(), endpoint=self.endpoint, max_message_bytes=max_message_bytes,
             queue_size=queue_size, queue_timeout=queue_timeout, runnable_store_bytes=runnable_store_bytes,
@@ -127,8 +131,12 @@ class Broker:
         handle, clock = self.core.handle, time.monotonic
         next_tick = clock() + P.HEARTBEAT_INTERVAL
         log.info("broker listening on %s", self.endpoint)
+        outbox = self.outbox
         while self._running:
-            if poller.poll(min(max(0, int((next_tick - clock()) * 1000)), 250)):
+            wait = min(max(0, int((next_tick - clock()) * 1000)), 250)
+            if outbox.has_backlog:  # replies wait for a slow peer: come back soon to retry them
+                wait = min(wait, 5)
+            if poller.poll(wait):
                 for _ in range(_BATCH):  # drain what is there before ticking
                     try:
                         frames = transport.recv_frames(self.socket, keep_frame=1)
@@ -136,6 +144,9 @@ class Broker:
                         break
                     self._carry_out(handle(self._decode(frames), clock()))
             now = clock()
+            if outbox.has_backlog or outbox.in_flight_bytes:
+                for peer, unread in outbox.flush(now):
+                    self._carry_out(handle(E.PeerStalled(peer, unread), now))
             if now >= next_tick:
                 if self.allow_list is not None and self.allow_list.refresh():
                     allowed = self.allow_list.current
@@ -161,17 +172,13 @@ class Broker:
         return E.decode(frames, user_id)
 
     def _carry_out(self, effects: list[E.Effect]) -> None:
-        send_frames, socket = transport.send_frames, self.socket
+        send, now = self.outbox.send, time.monotonic()
         i = 0
         while i < len(effects):  # grows when a failed send makes the core answer with more
             effect = effects[i]
             i += 1
             if effect.__class__ is E.Send:
-                try:
-                    send_frames(socket, [effect.peer, *effect.frames])
-                except zmq.ZMQError as exc:
-                    if exc.errno not in _GONE:
-                        raise
+                if not send(effect.peer, effect.frames, now):  # the peer's connection is gone
                     effects.extend(self.core.handle(E.SendFailed(effect.peer, effect.frames), time.monotonic()))
             elif effect.__class__ is E.Latency:
                 if self.latency_hook is not None:
@@ -201,4 +208,4 @@ class Broker:
 
     def status(self) -> dict[str, Any]:
         """The numbers ``runnable-k8s status`` prints (and the autoscaler reads)."""
-        return self.core.status(time.monotonic())
+        return {**self.core.status(time.monotonic()), "outbox": self.outbox.status()}
