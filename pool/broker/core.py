@@ -78,6 +78,9 @@ class BrokerCore:
         self.client_queue_size = client_queue_size
         self.client_queue_bytes = client_queue_bytes
         self.held_bytes = 0  # input bytes of all tasks held (queued or running)
+        # Numbers of the socket side (the outbox), refreshed by the loop every tick, so that a
+        # STATUS answer shows them without the core reaching into I/O.
+        self.io_status: dict[str, Any] = {}
         self.max_worker_slots = max_worker_slots
         self.started_at = now
         self.now = now
@@ -643,6 +646,7 @@ class BrokerCore:
             "clients": len(self.clients),
             "runnables_stored": len(self.runnables),
             "counters": dict(self.counters),
+            "outbox": dict(self.io_status),
         }
 
     _rules: ClassVar[dict[type, Callable[[BrokerCore, Any], None]]] = {

@@ -148,6 +148,7 @@ class Broker:
                 for peer, unread in outbox.flush(now):
                     self._carry_out(handle(E.PeerStalled(peer, unread), now))
             if now >= next_tick:
+                self.core.io_status = outbox.status()
                 if self.allow_list is not None and self.allow_list.refresh():
                     allowed = self.allow_list.current
                     self._carry_out(handle(E.KeysChanged(allowed.clients, allowed.workers), now))
@@ -208,4 +209,5 @@ class Broker:
 
     def status(self) -> dict[str, Any]:
         """The numbers ``runnable-k8s status`` prints (and the autoscaler reads)."""
-        return {**self.core.status(time.monotonic()), "outbox": self.outbox.status()}
+        self.core.io_status = self.outbox.status()
+        return self.core.status(time.monotonic())
