@@ -89,9 +89,14 @@ def test_metrics_count_tasks_by_outcome_latency_slots_and_workers() -> None:
         assert value(busy, "runnable_k8s_slots_busy") == 6
         assert value(busy, "runnable_k8s_slots_free") == 0
         assert value(busy, "runnable_k8s_queue_depth") == 2
+        assert value(busy, "runnable_k8s_held_bytes") > 0  # the 8 tasks' inputs, held until they end
+        assert value(busy, "runnable_k8s_runnable_store_bytes") > 0
         thread.join(30)
         after = eventually(port, lambda s: value(s, "runnable_k8s_tasks_total", outcome="done") == 13)
         assert value(after, "runnable_k8s_task_latency_seconds_count") == 13
+        assert eventually(port, lambda s: value(s, "runnable_k8s_held_bytes") == 0)
+        assert value(after, "runnable_k8s_clients_dropped_total") == 0
+        assert value(after, "runnable_k8s_unread_bytes") == 0
 
 
 @pytest.mark.timeout(20)

@@ -95,6 +95,12 @@ class BrokerMetrics:
             ("workers_draining", "Workers finishing their tasks before they leave.",
              len(status.get("workers", ())) - len(ready)),
             ("clients", "Clients connected to the broker.", status.get("clients", 0)),
+            ("held_bytes", "Input bytes of the tasks the broker holds (queued or running).",
+             status.get("held_bytes", 0)),
+            ("runnable_store_bytes", "Bytes of runnables the broker keeps so each is sent once.",
+             status.get("runnable_store_bytes", 0)),
+            ("unread_bytes", "Reply bytes waiting for peers that have not read them yet.",
+             status.get("outbox", {}).get("unread_bytes", 0)),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
@@ -108,6 +114,11 @@ class BrokerMetrics:
                                   value=counters.get("workers_lost", 0))
         yield CounterMetricFamily(f"{PREFIX}_malformed_messages", "Messages dropped as malformed.",
                                   value=counters.get("malformed", 0))
+        yield CounterMetricFamily(f"{PREFIX}_clients_dropped",
+                                  "Clients dropped because they did not read their replies.",
+                                  value=counters.get("clients_dropped", 0))
+        yield CounterMetricFamily(f"{PREFIX}_refused", "Tasks and peers refused (queue full, unknown key, ...).",
+                                  value=counters.get("refused", 0))
         yield HistogramMetricFamily(f"{PREFIX}_task_latency_seconds",
                                     "Seconds from a task's submission to its result, as the broker sees it.",
                                     buckets=self.latency.cumulative(), sum_value=self.latency.sum)
