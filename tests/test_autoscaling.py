@@ -314,3 +314,15 @@ def test_the_broker_driven_thread_takes_its_time_from_the_injected_clock() -> No
         assert autoscaler.history[-1][:3] == (1060.0, 4, 1)
     finally:
         autoscaler.stop()
+
+
+def test_the_policy_scales_on_calls_in_flight_per_worker_not_on_slots() -> None:
+    """A worker of 256 slots (awaiting LLM calls) is not asked to carry 256 calls before the pool
+    grows: the policy aims for ``in_flight`` calls per worker, capped at the worker's slots."""
+    settings = AutoscaleSettings(min=1, max=100, in_flight=64)
+    many_slots, _ = decide(Load(queued=0, running=300, slots_per_worker=256), 1, settings, PolicyState(), 0.0)
+    assert many_slots.replicas == 5  # ceil(300 / 64), not ceil(300 / 256) = 2
+    few_slots, _ = decide(Load(queued=20, running=8, slots_per_worker=4), 1, settings, PolicyState(), 0.0)
+    assert few_slots.replicas == 7  # a worker never counts for more calls than its slots
+    with pytest.raises(ValueError, match="in_flight"):
+        AutoscaleSettings(in_flight=0)

@@ -29,8 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--stdio", action="store_true", help="run one task read from stdin (ephemeral mode)")
     parser.add_argument("--concurrency", type=int,
                         default=_env_int("RUNNABLE_K8S_CONCURRENCY", defaults.WORKER_CONCURRENCY),
-                        help="tasks run at once (LLM calls mostly wait on the network, so more than cores; "
-                             "env RUNNABLE_K8S_CONCURRENCY; default %(default)s)")
+                        help="tasks this worker takes at once: the slots the broker sees. Runnables that await "
+                             "(chat models, retrievers, graphs) wait on one event loop, so hundreds fit "
+                             "(env RUNNABLE_K8S_CONCURRENCY; default %(default)s)")
+    parser.add_argument("--threads", type=int, default=_env_int("RUNNABLE_K8S_THREADS", defaults.WORKER_THREADS),
+                        help="threads for sync code; sync tasks beyond them wait in the worker "
+                             "(env RUNNABLE_K8S_THREADS; default %(default)s)")
     parser.add_argument("--cache-size", type=int, default=defaults.WORKER_CACHE_SIZE,
                         help="deserialized runnables kept warm (default %(default)s)")
     parser.add_argument("--grace-period", type=float, default=defaults.WORKER_GRACE_PERIOD,
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             from worker.curve import load_peer_keys
 
             keys = load_peer_keys(args.keys, "worker")
-        worker = WarmWorker(args.connect, concurrency=args.concurrency, cache_size=args.cache_size,
+        worker = WarmWorker(args.connect, concurrency=args.concurrency, threads=args.threads,
+                            cache_size=args.cache_size,
                             grace_period=args.grace_period, keys=keys, exit_with_parent=args.exit_with_parent,
                             health_dir=args.health_dir, insecure=args.insecure)
     except (OSError, ValueError) as exc:  # unusable keys, or plaintext to a remote broker: say why

@@ -13,10 +13,16 @@ should not be cut off half-way.
 from __future__ import annotations
 
 # ---- worker -------------------------------------------------------------------------------
-# Tasks one worker runs at once. Was 4 in code and 8 in the chart: 8 won. An LLM call spends its
-# time waiting on the network, so a slot is cheap, and 8 keeps a 1-vCPU worker busy without
-# thrashing on CPU-bound runnables.
-WORKER_CONCURRENCY = 8
+# Tasks one worker takes at once (the slots the broker sees). Was 8, one per thread: a pool of two
+# workers then served 16 LLM calls at a time, each thread idle while the model answered. Runnables
+# that await (chat models, retrievers, LangGraph graphs) now wait on the worker's event loop, where a
+# waiting call costs a coroutine, so a worker holds hundreds; 256 is the broker's cap on slots
+# (MAX_WORKER_SLOTS). Memory, not threads, bounds it: each call holds its input and output.
+WORKER_CONCURRENCY = 256
+# Threads for sync code (a RunnableLambda over a plain function, a sync-only library). 8 keeps a
+# 1-vCPU worker busy without thrashing on CPU-bound work; sync tasks past it wait in the worker,
+# and a draining worker hands those back to the broker unstarted.
+WORKER_THREADS = 8
 # Deserialized runnables a worker keeps (and so their warm HTTP connection pools).
 WORKER_CACHE_SIZE = 64
 # Seconds a worker told to stop (SIGTERM) may spend finishing its tasks. Was 25 in code and 60 in
@@ -82,7 +88,13 @@ LOCAL_WORKERS = 2
 # ---- autoscaler (DESIGN §6) ---------------------------------------------------------------
 AUTOSCALE_MIN = 1
 AUTOSCALE_MAX = 10
-# Tasks (queued + running) per worker slot the policy aims for; 1.0 = every slot busy.
+# Calls in flight (queued + running) per worker the policy aims for, never more than a worker's
+# slots: the autoscaler scales on calls, not on threads. A worker holds up to WORKER_CONCURRENCY
+# awaiting LLM calls, but each streamed call still costs it some CPU, and a burst should find a
+# worker with room: 64 per worker. For sync-only workloads, the worker's threads (8) fit better.
+AUTOSCALE_IN_FLIGHT = 64
+# A multiplier on that: 1.0 = aim for exactly AUTOSCALE_IN_FLIGHT; 0.5 keeps half of it free for
+# bursts; 2.0 lets twice as many wait.
 AUTOSCALE_TARGET = 1.0
 # Scale-down stabilization: the highest recommendation of this many seconds wins. Was 300 in code
 # and 60 in the chart: 300 won, the HorizontalPodAutoscaler's own default, because LLM traffic

@@ -1,9 +1,14 @@
 """Running one task's runnable, for the warm worker and the one-shot (stdio) worker alike.
 
-Sync runnables run on the calling thread and async-only ones on an event loop (DESIGN §4). The
-choice is made per runnable, not per call: LangChain's async methods on a sync runnable either
-re-dispatch to a thread anyway or refuse to stream a sync generator, and its sync methods on an
-async-only runnable refuse outright.
+Where a runnable runs is chosen per runnable, not per call (DESIGN §4):
+
+* async-only ones (an ``async def`` lambda) can only run on an event loop;
+* ones that wait on the network and can await it natively (chat models, LLMs, retrievers,
+  embeddings, tools, LangGraph graphs, lambdas given an async twin) run on the warm worker's
+  event loop too, where hundreds of calls can wait at once for the cost of a coroutine each
+  (:func:`prefers_event_loop`), unless a part can only stream synchronously;
+* the rest (sync code) runs on a thread: LangChain's async methods would only hand it to a thread
+  anyway, and a sync generator cannot be streamed asynchronously at all.
 
 Entry points, all taking and returning encoded bytes (``codec``):
 
@@ -50,28 +55,62 @@ def failure(exc: BaseException, trusted: bool = False) -> tuple[bytes, str, byte
     return P.E_REMOTE, f"{type(exc).__name__}: {exc}", codec.dump_exception(exc, trusted)
 
 
-def is_async_only(runnable: Any, _seen: set[int] | None = None) -> bool:
-    """True if some part of ``runnable`` can only run asynchronously (an ``async def`` lambda)."""
-    seen = _seen if _seen is not None else set()
-    if id(runnable) in seen:
-        return False
-    seen.add(id(runnable))
-    if isinstance(runnable, RunnableLambda):
-        return not hasattr(runnable, "func")
-    if isinstance(runnable, RunnableGenerator):
-        return not hasattr(runnable, "_transform")
-    values = getattr(runnable, "__dict__", {}).values() if isinstance(runnable, Runnable) else ()
-    return any(_has_async_only(value, seen) for value in values)
+def parts(runnable: Any) -> Iterator[Runnable]:
+    """``runnable`` and every runnable inside it (steps, branches, bound runnables, fallbacks),
+    each once, found through the objects' fields as LangChain composes them."""
+    seen: set[int] = set()
+    stack = [runnable]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Runnable):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            yield value
+            stack.extend(getattr(value, "__dict__", {}).values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
 
 
-def _has_async_only(value: Any, seen: set[int]) -> bool:
-    if isinstance(value, Runnable):
-        return is_async_only(value, seen)
-    if isinstance(value, (list, tuple)):
-        return any(_has_async_only(item, seen) for item in value)
-    if isinstance(value, dict):
-        return any(_has_async_only(item, seen) for item in value.values())
+def _async_only(part: Runnable) -> bool:
+    if isinstance(part, RunnableLambda):
+        return not hasattr(part, "func")
+    if isinstance(part, RunnableGenerator):
+        return not hasattr(part, "_transform")
     return False
+
+
+def is_async_only(runnable: Any) -> bool:
+    """True if some part of ``runnable`` can only run asynchronously (an ``async def`` lambda)."""
+    return any(_async_only(part) for part in parts(runnable))
+
+
+# Where LangChain keeps the kinds of objects that wait on the network and await it natively.
+# Matched by the class's modules rather than by isinstance so that deciding costs no import.
+_AWAITING_MODULES = ("langchain_core.language_models", "langchain_core.retrievers", "langchain_core.embeddings",
+                     "langchain_core.tools", "langchain_core.vectorstores", "langgraph.")
+
+
+def _awaits_natively(part: Runnable) -> bool:
+    if isinstance(part, RunnableLambda):
+        return hasattr(part, "afunc")  # an async def, or a sync func given its async twin
+    if isinstance(part, RunnableGenerator):
+        return hasattr(part, "_atransform")
+    return any(cls.__module__.startswith(_AWAITING_MODULES) for cls in type(part).__mro__)
+
+
+def prefers_event_loop(runnable: Any) -> bool:
+    """True if ``runnable`` should run on an event loop: it has a part that can only run there,
+    or a part that waits on the network and awaits it natively, and no part that can only
+    stream synchronously (a sync generator, which ``astream`` refuses)."""
+    found = list(parts(runnable))
+    if any(_async_only(part) for part in found):
+        return True
+    if any(isinstance(part, RunnableGenerator) and not hasattr(part, "_atransform") for part in found):
+        return False
+    return any(_awaits_natively(part) for part in found)
 
 
 def config_from_wire(data: dict[str, Any]) -> RunnableConfig:

@@ -1,11 +1,17 @@
-"""Where a warm worker's tasks run: task threads for sync runnables, one event loop for async ones.
+"""Where a warm worker's tasks run: one event loop for runnables that await, threads for the rest.
 
 The worker's I/O thread (``worker.warm``) owns the broker socket and never runs user code. It hands
 each task to a :class:`TaskRunner`, which runs it
 
-* on one of ``concurrency`` task threads fed by a queue, for a sync runnable (most of them: an
-  LLM client blocks its thread while it waits on the network), or
-* on one asyncio loop in its own thread, for a runnable with an ``async def`` part.
+* on one asyncio loop in its own thread, for a runnable that awaits (a chat model, a retriever, a
+  LangGraph graph, an ``async def`` part: ``execution.prefers_event_loop``). An LLM call spends
+  its time waiting on the network, and on the loop a waiting call costs a coroutine, not a
+  thread: hundreds wait at once. Sync parts of such a chain go to the loop's executor, which is
+  the same bounded pool of ``threads``;
+* on one of ``threads`` task threads fed by a queue, for sync code. A worker takes more tasks
+  than it has threads (its ``concurrency``, the slots the broker sees); sync ones wait in the
+  queue for a thread, and a draining worker hands those back to the broker unstarted
+  (:meth:`TaskRunner.withdraw`).
 
 Either way the task's reply frames (CHUNK, RESULT, ERROR: exactly what the broker will receive)
 go back through a per-thread inproc PUSH socket to the I/O thread, which forwards them unless the
@@ -44,7 +50,7 @@ QUEUED, RUNNING, ON_LOOP, DONE, ABANDONED = range(5)
 @dataclass
 class CachedRunnable:
     runnable: Runnable
-    async_only: bool
+    on_loop: bool  # runs on the event loop (``execution.prefers_event_loop``), else on a thread
 
 
 class RunnableCache:
@@ -95,26 +101,36 @@ class Job:
 class TaskRunner:
     """Runs jobs off the I/O thread; their frames come back on :attr:`replies_endpoint`."""
 
-    def __init__(self, context: zmq.Context, concurrency: int, cache: RunnableCache, endpoint: str) -> None:
+    def __init__(self, context: zmq.Context, threads: int, cache: RunnableCache, endpoint: str) -> None:
         self.cache = cache
         self.replies_endpoint = endpoint
         self.max_message_bytes = defaults.MAX_MESSAGE_BYTES  # the I/O thread updates it on WELCOME
+        self.threads = threads
         self._context = context
         self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._local = threading.local()
         self._loop: asyncio.AbstractEventLoop | None = None
-        for _ in range(concurrency):
+        for _ in range(threads):
             self._start_thread()
 
     # ------------------------------------------------------------------ I/O thread side
 
     def start(self, job: Job) -> None:
-        if job.cached is not None and job.cached.async_only:
+        if job.cached is not None and job.cached.on_loop:
             job.state = ON_LOOP
             job.future = self._on_loop(self._run_async(job, job.cached))
         else:
             self._queue.put(job)
+
+    def withdraw(self, job: Job) -> bool:
+        """Take back a job no thread has started yet (True), so a draining worker can hand it
+        to another worker instead of running it here; a started job is left alone (False)."""
+        with self._lock:
+            if job.state != QUEUED:
+                return False
+            job.state = ABANDONED  # a thread that reaches it skips it
+            return True
 
     def abandon(self, job: Job) -> None:
         """Stop caring about ``job``: whatever it sends from now on is dropped by the I/O thread."""
@@ -155,7 +171,7 @@ class TaskRunner:
     def _run_sync(self, job: Job) -> None:
         try:
             cached = job.cached or self._load(job)
-            if cached.async_only:
+            if cached.on_loop:
                 with self._lock:
                     if job.state == RUNNING:
                         job.state = ON_LOOP
@@ -184,7 +200,7 @@ class TaskRunner:
             runnable = codec.loads(job.blob)
         except Exception as exc:
             raise execution.StageError("the runnable could not be rebuilt on the worker", exc) from exc
-        cached = CachedRunnable(runnable, execution.is_async_only(runnable))
+        cached = CachedRunnable(runnable, execution.prefers_event_loop(runnable))
         self.cache.put(job.header.digest, cached)
         job.blob = b""
         return cached
@@ -201,6 +217,10 @@ class TaskRunner:
 
     def _serve_loop(self, ready: threading.Event) -> None:
         self._loop = asyncio.new_event_loop()
+        # Sync parts of a chain on the loop (LangChain's run_in_executor) share the worker's bound
+        # on threads instead of asyncio's default of min(32, CPUs + 4) more.
+        self._loop.set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="rk8s-loop-sync"))
         asyncio.set_event_loop(self._loop)
         ready.set()
         self._loop.run_forever()

@@ -70,6 +70,7 @@ class WarmWorker:
         address: str,
         *,
         concurrency: int = defaults.WORKER_CONCURRENCY,
+        threads: int = defaults.WORKER_THREADS,
         cache_size: int = defaults.WORKER_CACHE_SIZE,
         grace_period: float = defaults.WORKER_GRACE_PERIOD,
         keys: PeerKeys | None = None,
@@ -81,6 +82,8 @@ class WarmWorker:
         refusal = transport.plaintext_refusal(address, keys, insecure, "this worker", "--insecure")
         if refusal is not None:
             raise ValueError(refusal)
+        if concurrency < 1 or threads < 1:
+            raise ValueError("--concurrency and --threads must be 1 or more")
         self.address = address
         self.concurrency = concurrency
         self.grace_period = grace_period
@@ -105,7 +108,8 @@ class WarmWorker:
         self._replies.linger = 0
         endpoint = f"inproc://rk8s-worker-replies-{next(_endpoints)}"
         self._replies.bind(endpoint)
-        self.runner = TaskRunner(self._context, concurrency, self.cache, endpoint)
+        # No more threads than slots: a worker never has more sync tasks than it has slots.
+        self.runner = TaskRunner(self._context, min(threads, concurrency), self.cache, endpoint)
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_r, False)
         os.set_blocking(self._wakeup_w, False)
@@ -141,7 +145,18 @@ class WarmWorker:
             self.draining_since = time.monotonic()
             self.health.ready(False)
             self._send([P.PROTOCOL, P.DRAINING])
+            self._hand_back_unstarted()
             self._fence()
+
+    def _hand_back_unstarted(self) -> None:
+        """Sync tasks still waiting for a thread go back to the broker for another worker, rather
+        than keep this one alive (or be cut off at the end of its grace period)."""
+        withdrawn = [task_id for task_id, job in self.jobs.items() if self.runner.withdraw(job)]
+        for task_id in withdrawn:
+            del self.jobs[task_id]
+            self._send(P.error_frames(task_id, P.E_REQUEUE, "worker is draining"))
+        if withdrawn:
+            log.info("draining: handed %d unstarted tasks back to the broker", len(withdrawn))
 
     def _fence(self) -> None:
         """Ask the broker something right after DRAINING: it answers in order, so once its answer

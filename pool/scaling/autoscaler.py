@@ -95,9 +95,9 @@ class Autoscaler:
     def _start(self, target: Callable[[], None], name: str) -> None:
         if self._thread is not None:
             raise RuntimeError("this autoscaler is already running")
-        log.info("autoscaling %s: min %d, max %d, target %g, window %gs, idle to zero %gs",
-                 self.scaler.describe(), self.settings.min, self.settings.max, self.settings.target,
-                 self.settings.window, self.settings.idle)
+        log.info("autoscaling %s: min %d, max %d, %d calls in flight per worker x %g, window %gs, idle to zero %gs",
+                 self.scaler.describe(), self.settings.min, self.settings.max, self.settings.in_flight,
+                 self.settings.target, self.settings.window, self.settings.idle)
         self._thread = threading.Thread(target=target, name=name, daemon=True)
         self._thread.start()
 

@@ -7,9 +7,11 @@ next state. The same function drives a local pool's process count and a Deployme
 
 The rules, in order:
 
-1. Load asks for ``ceil((queued + running) / (slots_per_worker * target))`` workers: with
-   ``target=1.0`` every slot is busy; ``0.5`` keeps half the slots free for bursts; ``2.0``
-   lets one task wait per busy slot.
+1. Load asks for ``ceil((queued + running) / (min(in_flight, slots_per_worker) * target))``
+   workers: it scales on calls in flight per worker, not on threads (a worker holds hundreds of
+   awaiting LLM calls), and never counts on more calls per worker than its slots. With
+   ``target=1.0`` each worker carries ``in_flight`` calls; ``0.5`` keeps half of that free for
+   bursts; ``2.0`` lets twice as many wait.
 2. That is clamped to ``[min, max]``. With ``min == 0`` the floor stays 1 until the pool has been
    idle (nothing queued, nothing running) for ``idle`` seconds; only then 0 (like KEDA's
    ``cooldownPeriod``, this replaces the window for the last step to zero).
@@ -41,8 +43,9 @@ class AutoscaleSettings:
     Args:
         min: fewest workers; 0 allows scale to zero after ``idle`` seconds without tasks.
         max: most workers.
-        target: queued + running tasks per worker slot to aim for: 1.0 keeps every slot busy and
-            no queue; below 1 keeps free slots for bursts; above 1 accepts a queue (fewer workers).
+        in_flight: calls (queued + running) per worker to aim for, capped at a worker's slots.
+        target: a multiplier on that: below 1 keeps room for bursts; above 1 accepts more waiting
+            (fewer workers).
         window: seconds of recommendations a scale-down looks back over (stabilization).
         idle: seconds without queued or running tasks before scaling to zero (only when min == 0).
         slots_per_worker: slots of a worker before any has registered (None: learnt from the
@@ -52,6 +55,7 @@ class AutoscaleSettings:
     min: int = defaults.AUTOSCALE_MIN
     max: int = defaults.AUTOSCALE_MAX
     target: float = defaults.AUTOSCALE_TARGET
+    in_flight: int = defaults.AUTOSCALE_IN_FLIGHT
     window: float = defaults.AUTOSCALE_WINDOW
     idle: float = defaults.AUTOSCALE_IDLE
     slots_per_worker: int | None = None
@@ -61,6 +65,8 @@ class AutoscaleSettings:
             raise ValueError(f"autoscaling needs 0 <= min <= max and max >= 1 (got min={self.min}, max={self.max})")
         if not self.target > 0:
             raise ValueError(f"autoscaling target must be more than 0 tasks per slot (got {self.target})")
+        if self.in_flight < 1:
+            raise ValueError(f"autoscaling in_flight must be 1 or more calls per worker (got {self.in_flight})")
         if self.window < 0 or self.idle < 0:
             raise ValueError("autoscaling window and idle must be 0 or more seconds")
         if self.slots_per_worker is not None and self.slots_per_worker < 1:
@@ -103,7 +109,8 @@ def decide(load: Load, replicas: int, settings: AutoscaleSettings, state: Policy
     idle_since = None if tasks else (state.idle_since if state.idle_since is not None else now)
     idle_for = 0.0 if idle_since is None else now - idle_since
 
-    per_worker = max(1, load.slots_per_worker) * settings.target
+    per_worker_calls = min(settings.in_flight, max(1, load.slots_per_worker))
+    per_worker = per_worker_calls * settings.target
     wanted = math.ceil(tasks / per_worker) if tasks else 0
     if settings.min > 0:
         floor = settings.min
@@ -115,8 +122,8 @@ def decide(load: Load, replicas: int, settings: AutoscaleSettings, state: Policy
 
     history = (*((t, r) for t, r in state.history if now - t < settings.window), (now, recommendation))
     next_state = PolicyState(history, idle_since)
-    load_text = (f"{tasks} tasks ({load.queued} queued + {load.running} running) over "
-                 f"{load.slots_per_worker} slots/worker at target {settings.target:g}")
+    load_text = (f"{tasks} tasks ({load.queued} queued + {load.running} running) at "
+                 f"{per_worker_calls} calls/worker × target {settings.target:g}")
 
     if recommendation >= replicas:
         if recommendation == replicas:
