@@ -113,7 +113,8 @@ def _broker_extras(args: argparse.Namespace, broker: Any) -> list[Any]:
         from pool.scaling.policy import AutoscaleSettings
 
         settings = AutoscaleSettings(min=args.autoscale_min, max=args.autoscale_max, target=args.autoscale_target,
-                                     window=args.autoscale_window, idle=args.autoscale_idle)
+                                     in_flight=args.autoscale_in_flight, window=args.autoscale_window,
+                                     idle=args.autoscale_idle)
         scaler = deployment_scaler(args.autoscale_namespace, args.autoscale_deployment,
                                    kubeconfig=args.autoscale_kubeconfig)
         autoscaler = Autoscaler(settings, scaler).start()
@@ -127,7 +128,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with LocalPool(workers=args.workers, concurrency=args.concurrency, port=args.port,
+    with LocalPool(workers=args.workers, concurrency=args.concurrency, threads=args.threads, port=args.port,
                    secure=False if args.insecure else None, log_level=args.log_level) as pool:
         print(f"local pool with {args.workers} workers at {pool.address}", flush=True)
         if pool.keys_dir:
@@ -401,9 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fewest workers; 0 allows scale to zero (default %(default)s)")
     scaling.add_argument("--autoscale-max", type=int, default=defaults.AUTOSCALE_MAX, metavar="N",
                          help="most workers (default %(default)s)")
+    scaling.add_argument("--autoscale-in-flight", type=int, default=defaults.AUTOSCALE_IN_FLIGHT, metavar="N",
+                         help="calls in flight (queued + running) per worker to aim for, capped at a worker's "
+                              "slots: the pool scales on calls, not threads (default %(default)s)")
     scaling.add_argument("--autoscale-target", type=float, default=defaults.AUTOSCALE_TARGET, metavar="F",
-                         help="queued + running tasks per worker slot to aim for (1.0: every slot busy, "
-                              "no queue; lower keeps free slots for bursts; default %(default)s)")
+                         help="a multiplier on --autoscale-in-flight (lower keeps room for bursts; "
+                              "default %(default)s)")
     scaling.add_argument("--autoscale-window", type=float, default=defaults.AUTOSCALE_WINDOW, metavar="S",
                          help="scale-down stabilization: seconds of recommendations a scale-down honours "
                               "(default %(default)s)")
@@ -417,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     local = add("local", help="run a local pool (broker + workers) in the foreground")
     local.add_argument("--workers", type=int, default=defaults.LOCAL_WORKERS, metavar="N",
                        help="worker processes (default %(default)s)")
+    local.add_argument("--threads", type=int, default=defaults.WORKER_THREADS, metavar="N",
+                       help="threads for sync code per worker (default %(default)s)")
     local.add_argument("--concurrency", type=int, default=defaults.WORKER_CONCURRENCY, metavar="N",
                        help="tasks each worker runs at once (default %(default)s)")
     local.add_argument("--port", type=int, default=None,

@@ -60,7 +60,8 @@ class LocalPool:
 
     Args:
         workers: worker processes to start (``scale`` changes it later).
-        concurrency: tasks each worker runs at once.
+        concurrency: tasks each worker takes at once (the slots the broker sees).
+        threads: threads for sync code in each worker (awaiting runnables need none).
         port: listen on ``tcp://127.0.0.1:port`` instead of ipc (0: any free port); with keys
             unless ``secure=False``.
         secure: None (the default) picks as above; True: tcp with CurveZMQ keys; False: plaintext tcp.
@@ -76,6 +77,7 @@ class LocalPool:
         workers: int = defaults.LOCAL_WORKERS,
         *,
         concurrency: int = defaults.WORKER_CONCURRENCY,
+        threads: int = defaults.WORKER_THREADS,
         port: int | None = None,
         secure: bool | None = None,
         env: dict[str, str] | None = None,
@@ -89,6 +91,7 @@ class LocalPool:
             raise ValueError("workers must be 0 or more")
         self.initial_workers = workers
         self.concurrency = concurrency
+        self.threads = threads
         self.port = port
         self.secure = secure
         # "ipc": socket file in a 0700 folder; "curve": tcp with keys; "plaintext": tcp without.
@@ -249,7 +252,8 @@ class LocalPool:
     def _spawn_worker(self) -> subprocess.Popen[bytes]:
         command = [
             sys.executable, "-m", "worker", "--connect", self.address,
-            "--concurrency", str(self.concurrency), "--exit-with-parent", str(os.getpid()),
+            "--concurrency", str(self.concurrency), "--threads", str(self.threads),
+            "--exit-with-parent", str(os.getpid()),
             "--log-level", self.log_level,
             *(["--keys", self._worker_keys_dir] if self._worker_keys_dir else []),
             *self.worker_args,

@@ -286,7 +286,8 @@ def test_every_optional_feature_renders_as_configured(helm_bin, tmp_path):
     # The autoscaler's flags, exactly as the broker CLI names them; replicas left to it.
     assert [a for a in b["command"] if a.startswith("--autoscale")] == [
         "--autoscale-deployment=rel-worker-pool-worker", "--autoscale-namespace=team-a", "--autoscale-min=0",
-        "--autoscale-max=20", "--autoscale-target=0.8", "--autoscale-window=45", "--autoscale-idle=600"]
+        "--autoscale-max=20", "--autoscale-in-flight=64", "--autoscale-target=0.8", "--autoscale-window=45",
+        "--autoscale-idle=600"]
     assert "replicas" not in worker["spec"]
     assert "--metrics-port=9100" in b["command"] and "--metrics-bind=0.0.0.0" in b["command"]  # Prometheus reaches it
     assert b["command"][-1] == "--queue-size=50"

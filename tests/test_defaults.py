@@ -30,6 +30,7 @@ CHART = ROOT / "charts" / "worker-pool"
 # values.yaml path -> (name in worker.defaults, how the module's value reads in the chart)
 CHART_VALUES: dict[str, tuple[str, Any]] = {
     "worker.concurrency": ("WORKER_CONCURRENCY", None),
+    "worker.threads": ("WORKER_THREADS", None),
     "worker.cacheSize": ("WORKER_CACHE_SIZE", None),
     "worker.gracePeriodSeconds": ("WORKER_GRACE_PERIOD", None),
     "broker.port": ("BROKER_PORT", None),
@@ -45,6 +46,7 @@ CHART_VALUES: dict[str, tuple[str, Any]] = {
     "autoscaling.minReplicas": ("AUTOSCALE_MIN", None),
     "autoscaling.maxReplicas": ("AUTOSCALE_MAX", None),
     "autoscaling.targetTasksPerSlot": ("AUTOSCALE_TARGET", None),
+    "autoscaling.targetInFlightPerWorker": ("AUTOSCALE_IN_FLIGHT", None),
     "autoscaling.stabilizationWindowSeconds": ("AUTOSCALE_WINDOW", None),
     "autoscaling.scaleToZeroIdleSeconds": ("AUTOSCALE_IDLE", None),
     "image.repository": ("EPHEMERAL_IMAGE", lambda image: image.rsplit(":", 1)[0]),
@@ -64,15 +66,17 @@ CLI_DEFAULTS: dict[str, dict[str, str]] = {
         "autoscale_min": "AUTOSCALE_MIN",
         "autoscale_max": "AUTOSCALE_MAX",
         "autoscale_target": "AUTOSCALE_TARGET",
+        "autoscale_in_flight": "AUTOSCALE_IN_FLIGHT",
         "autoscale_window": "AUTOSCALE_WINDOW",
         "autoscale_idle": "AUTOSCALE_IDLE",
     },
     # No port: a local pool listens on an ipc:// socket only its user can open (--port N: tcp with keys).
-    "local": {"workers": "LOCAL_WORKERS", "concurrency": "WORKER_CONCURRENCY"},
+    "local": {"workers": "LOCAL_WORKERS", "concurrency": "WORKER_CONCURRENCY", "threads": "WORKER_THREADS"},
     "status": {"connect_timeout": "CONNECT_TIMEOUT"},
     "gc": {"older_than": "GC_OLDER_THAN"},
 }
-WORKER_CLI_DEFAULTS = {"concurrency": "WORKER_CONCURRENCY", "cache_size": "WORKER_CACHE_SIZE",
+WORKER_CLI_DEFAULTS = {"concurrency": "WORKER_CONCURRENCY", "threads": "WORKER_THREADS",
+                       "cache_size": "WORKER_CACHE_SIZE",
                        "grace_period": "WORKER_GRACE_PERIOD"}
 
 
@@ -239,6 +243,7 @@ def test_local_pool_defaults_match_the_module() -> None:
     params = signature_defaults(LocalPool)
     assert params["workers"] == defaults.LOCAL_WORKERS
     assert params["concurrency"] == defaults.WORKER_CONCURRENCY
+    assert params["threads"] == defaults.WORKER_THREADS
     # No port: an embedded pool listens on an ipc:// socket file of its own (two run side by side),
     # and secure=None means "reachable only by this user" (ipc, or keys when a port is given).
     assert params["port"] is None
@@ -248,15 +253,16 @@ def test_local_pool_defaults_match_the_module() -> None:
 def test_warm_worker_defaults_match_the_module() -> None:
     params = signature_defaults(WarmWorker)
     assert params["concurrency"] == defaults.WORKER_CONCURRENCY
+    assert params["threads"] == defaults.WORKER_THREADS
     assert params["cache_size"] == defaults.WORKER_CACHE_SIZE
     assert params["grace_period"] == defaults.WORKER_GRACE_PERIOD
 
 
 def test_autoscaler_defaults_match_the_module() -> None:
     settings = AutoscaleSettings()
-    assert (settings.min, settings.max, settings.target, settings.window, settings.idle) == (
-        defaults.AUTOSCALE_MIN, defaults.AUTOSCALE_MAX, defaults.AUTOSCALE_TARGET, defaults.AUTOSCALE_WINDOW,
-        defaults.AUTOSCALE_IDLE)
+    assert (settings.min, settings.max, settings.target, settings.in_flight, settings.window, settings.idle) == (
+        defaults.AUTOSCALE_MIN, defaults.AUTOSCALE_MAX, defaults.AUTOSCALE_TARGET, defaults.AUTOSCALE_IN_FLIGHT,
+        defaults.AUTOSCALE_WINDOW, defaults.AUTOSCALE_IDLE)
 
     class Scaler:
         def current(self) -> int:

@@ -123,7 +123,7 @@ def decide(load: Load, replicas: int, settings: AutoscaleSettings, state: Policy
     history = (*((t, r) for t, r in state.history if now - t < settings.window), (now, recommendation))
     next_state = PolicyState(history, idle_since)
     load_text = (f"{tasks} tasks ({load.queued} queued + {load.running} running) at "
-                 f"{per_worker_calls} calls/worker × target {settings.target:g}")
+                 f"{per_worker_calls} calls/worker x target {settings.target:g}")
 
     if recommendation >= replicas:
         if recommendation == replicas:
