@@ -30,7 +30,7 @@ from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableLambda
 
-from pool.bench import workloads
+from pool.bench import llm, soak, workloads
 from pool.bench.measure import BareFloor, environment, percentiles, time_calls, timed_samples
 from pool.client.runnable import DEFAULT_IMAGE, RunnableK8s
 from pool.local import LocalPool
@@ -55,10 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to measure")
     what.add_argument("--modes", type=_csv(str), default=list(MODES), metavar="warm,ephemeral",
                       help="modes to compare (default: both)")
-    what.add_argument("--workload", type=_csv(str), default=list(workloads.WORKLOADS),
+    what.add_argument("--workload", type=_csv(str), default=list(workloads.DEFAULT_WORKLOADS),
                       metavar="echo,io,stream",
                       help="echo: trivial; io: an asyncio fake LLM call of fixed latency; stream: a streaming "
-                           "fake chat model (time to first chunk). Comma-separated; default all three")
+                           "fake chat model (time to first chunk); llm: a fake chat model with log-normal latency "
+                           "and streamed tokens, many calls in flight, warm against in-process (opt-in). "
+                           "Comma-separated; default echo,io,stream")
     what.add_argument("--calls", type=int, default=2000, metavar="N",
                       help="sequential warm calls per echo latency figure (default 2000)")
     what.add_argument("--slow-calls", type=int, default=100, metavar="N",
@@ -66,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--ephemeral-calls", type=int, default=10, metavar="N",
                       help="sequential ephemeral calls per latency figure, and the independent calls of each "
                            "ephemeral throughput run (at least the concurrency); default 10")
-    what.add_argument("--concurrency", type=_csv(int), default=[1, 8, 64], metavar="1,8,64",
-                      help="calls in flight for the throughput figures")
+    what.add_argument("--concurrency", type=_csv(int), default=None, metavar="1,8,64",
+                      help="calls in flight for the throughput figures (default 1,8,64); the llm workload "
+                           "uses the highest (default 1000, see --llm-in-flight)")
     what.add_argument("--ephemeral-max-in-flight", type=int, default=8, metavar="N",
                       help="skip ephemeral throughput runs above this concurrency (a Pod or a Python process "
                            "per call in flight); default 8")
@@ -88,6 +91,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--stream-chunks", type=int, default=20, metavar="N")
     what.add_argument("--stream-chunk-ms", type=float, default=2.0, metavar="MS",
                       help="gap between streamed chunks (the first comes at once); default 2")
+    what.add_argument("--llm-latency-ms", type=float, default=500.0, metavar="MS",
+                      help="llm workload: median latency of a call (log-normal); default 500")
+    what.add_argument("--llm-sigma", type=float, default=0.5, metavar="S",
+                      help="llm workload: standard deviation of the latency's logarithm (0: fixed); default 0.5")
+    what.add_argument("--llm-tokens", type=int, default=20, metavar="N",
+                      help="llm workload: tokens streamed, spread evenly over the call's latency; default 20")
+    what.add_argument("--llm-in-flight", type=int, default=None, metavar="N",
+                      help="llm workload: calls in flight (default: the highest --concurrency when given, "
+                           f"else {llm.DEFAULT_IN_FLIGHT})")
+    what.add_argument("--llm-calls", type=int, default=None, metavar="N",
+                      help="llm workload: streamed calls per run (default twice the calls in flight)")
     what.add_argument("--no-big-runnable", action="store_true",
                       help="skip the repeated-call figure with a 1 KB against a 1 MB runnable")
 
@@ -117,6 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     out.add_argument("--replot", metavar="JSON",
                      help="measure nothing: print the table of an earlier --json file (and --plot it)")
+
+    soak.add_arguments(parser)
 
 
 # ---------------------------------------------------------------------- progress
@@ -284,13 +300,22 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.payload: Any = os.urandom(args.payload_bytes) if args.payload_bytes > 0 else 1
-        self.workloads = list(dict.fromkeys(args.workload))
-        self.modes = list(dict.fromkeys(args.modes))
-        self.concurrency = sorted(set(args.concurrency))
-        self.scaling = sorted({n for n in args.workers if n > 0})
-        for name in self.workloads:
+        chosen = list(dict.fromkeys(args.workload))
+        for name in chosen:
             if name not in workloads.WORKLOADS:
-                raise SystemExit(f"runnable-k8s bench: unknown workload {name!r} (echo, io, stream)")
+                raise SystemExit(f"runnable-k8s bench: unknown workload {name!r} ({', '.join(workloads.WORKLOADS)})")
+        # llm is measured its own way (pool.bench.llm): many streamed calls in flight, warm mode only
+        self.llm = "llm" in chosen
+        self.workloads = [name for name in chosen if name != "llm"]
+        self.modes = list(dict.fromkeys(args.modes))
+        if self.llm and "warm" not in self.modes:
+            print("runnable-k8s bench: the llm workload runs in warm mode only (1,000 calls in flight); "
+                  "skipped", file=sys.stderr)
+        self.concurrency = sorted(set(args.concurrency or [1, 8, 64]))
+        self.llm_in_flight = args.llm_in_flight or (max(args.concurrency) if args.concurrency
+                                                    else llm.DEFAULT_IN_FLIGHT)
+        self.llm_calls = args.llm_calls or 2 * self.llm_in_flight
+        self.scaling = sorted({n for n in args.workers if n > 0})
         for mode in self.modes:
             if mode not in MODES:
                 raise SystemExit(f"runnable-k8s bench: unknown mode {mode!r} (warm, ephemeral)")
@@ -300,12 +325,17 @@ class Bench:
     def runnable(self, workload: str) -> Runnable:
         a = self.args
         return workloads.build(workload, io_latency_ms=a.io_latency_ms, stream_chunks=a.stream_chunks,
-                                     stream_chunk_ms=a.stream_chunk_ms)
+                               stream_chunk_ms=a.stream_chunk_ms, llm_latency_ms=a.llm_latency_ms,
+                               llm_tokens=a.llm_tokens, llm_sigma=a.llm_sigma)
 
     # -------------------------------------------------------------- planning (for the progress bar)
 
     def plan(self) -> int:
         steps = len(self.workloads)  # in-process
+        if self.llm and "warm" in self.modes:
+            steps += 2  # llm: in-process, warm
+        if not self.workloads:
+            return steps
         if "warm" in self.modes:
             steps += 2  # floor latency + floor throughput
             steps += len(self.workloads) * (1 + len(self.concurrency))
@@ -450,6 +480,28 @@ class Bench:
             per_workload[workload] = figures
         return {"workloads": per_workload}
 
+    def llm_run(self, progress: Progress) -> dict[str, Any]:
+        """The llm workload: the same fake chat model, ``llm_in_flight`` streamed calls at once, in
+        this process's asyncio loop (the reference) and on the warm pool."""
+        a = self.args
+        in_flight, calls = self.llm_in_flight, self.llm_calls
+        warmup = min(in_flight, 100)  # ships the model to the workers, opens the connections
+        model = self.runnable("llm")
+        result: dict[str, Any] = {
+            "in_flight": in_flight, "calls": calls, "warmup_calls": warmup,
+            "settings": {"latency_ms": a.llm_latency_ms, "sigma": a.llm_sigma, "tokens": a.llm_tokens,
+                         "model": type(model).__name__, "call": "astream"},
+        }
+        with progress.step(f"llm: in-process, {in_flight} in flight") as tick:
+            result["in_process"] = llm.measure(model, calls, in_flight, warmup, tick)
+        with progress.step(f"llm: warm, {in_flight} in flight") as tick, \
+                self._warm_pool(a.pool_workers) as (address, pool_info):
+            remote = RunnableK8s(bound=model, pool=address, mode="warm", keys=a.keys, timeout=600)
+            result["warm"] = llm.measure(remote, calls, in_flight, warmup, tick)
+            result["pool"] = pool_info
+        result["ratios"] = llm.ratios(result["warm"], result["in_process"])
+        return result
+
     def scaling_run(self, progress: Progress) -> dict[str, Any]:
         a = self.args
         in_flight = a.scaling_in_flight or max(max(self.concurrency), 2 * max(self.scaling) * a.slots)
@@ -483,8 +535,8 @@ class Bench:
         progress = Progress(self.plan(), enabled=not a.no_progress)
         try:
             results["in_process"] = {"workloads": self.in_process(progress)}
-            for mode in self.modes:  # in the order given: `--modes ephemeral,warm` needs a cluster first
-                if mode == "warm":
+            for mode in self.modes if self.workloads else []:  # in the order given: `--modes ephemeral,warm`
+                if mode == "warm":                                 # needs a cluster first
                     results["floor"] = self.floor(progress)
                     results["modes"]["warm"] = self.warm(progress)
                 else:
@@ -492,6 +544,8 @@ class Bench:
             results["modes"] = {mode: results["modes"][mode] for mode in MODES if mode in results["modes"]}
             if self.scaling:
                 results["scaling"] = self.scaling_run(progress)
+            if self.llm and "warm" in self.modes:
+                results["llm"] = self.llm_run(progress)
         finally:
             progress.close()
         finished = dt.datetime.now(dt.timezone.utc)
@@ -523,6 +577,9 @@ class Bench:
             "payload_bytes": a.payload_bytes, "io_latency_ms": a.io_latency_ms, "stream_chunks": a.stream_chunks,
             "stream_chunk_ms": a.stream_chunk_ms, "scaling_in_flight": a.scaling_in_flight, "pool": a.pool,
             "pool_workers": a.pool_workers, "slots": a.slots, "scaling_workers": self.scaling,
+            "llm": self.llm, "llm_latency_ms": a.llm_latency_ms, "llm_sigma": a.llm_sigma,
+            "llm_tokens": a.llm_tokens, "llm_in_flight": self.llm_in_flight if self.llm else None,
+            "llm_calls": self.llm_calls if self.llm else None,
         }
 
 
@@ -588,6 +645,8 @@ def summarize(results: dict[str, Any]) -> None:
     if "1" in scaling.get("throughput_by_workers", {}) and "4" in scaling["throughput_by_workers"]:
         measured = round(scaling["throughput_by_workers"]["4"] / scaling["throughput_by_workers"]["1"], 3)
         goals["io_throughput_4_workers_over_1"] = {"measured": measured, "goal": 3.5, "met": measured >= 3.5}
+    if "llm" in results:
+        goals.update(llm.goals(results["llm"]))
     results["goals"] = goals
 
 
@@ -634,6 +693,8 @@ def run(args: argparse.Namespace) -> int:
     """The ``runnable-k8s bench`` entry point: measure, print the table, write JSON and PNG."""
     from pool.bench import report
 
+    if args.soak is not None:
+        return soak.run(args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401 - fail before measuring for minutes, not after
@@ -649,7 +710,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         report.write_json(results, args.json)
         print(f"[bench] wrote {args.json}", file=sys.stderr, flush=True)
-    if args.plot:
+    if args.plot and not results["in_process"]["workloads"]:
+        print("[bench] --plot draws the echo/io/stream figures; the llm workload's are in the table and JSON only",
+              file=sys.stderr, flush=True)
+    elif args.plot:
         report.plot(results, args.plot)
         print(f"[bench] wrote {args.plot}", file=sys.stderr, flush=True)
     return 0

@@ -43,15 +43,22 @@ def format_table(results: dict[str, Any]) -> str:
     modes = results["modes"]
     in_process = results["in_process"]["workloads"]
     lines = []
-    warm_pool = modes.get("warm", {}).get("pool", {})
+    warm_pool = modes.get("warm", {}).get("pool", {}) or (results.get("llm") or {}).get("pool", {})
     pool_text = (f"LocalPool({warm_pool.get('workers')} workers x {warm_pool.get('slots')} slots)"
                  if warm_pool.get("local") else f"pool {warm_pool.get('address')}") if warm_pool else "no warm pool"
-    lines.append(f"runnable-k8s bench: {', '.join(modes)}; warm = {pool_text}; "
+    lines.append(f"runnable-k8s bench: {', '.join(modes) or 'llm workload, warm'}; warm = {pool_text}; "
                  f"ephemeral launcher = {settings.get('launcher')}; payload {settings.get('payload_bytes')} B")
     lines.append(f"machine: {env.get('cpus')} CPUs ({env.get('cpu_model')}), Python {env.get('python')}, "
                  f"langchain-core {env.get('langchain_core')}, pyzmq {env.get('pyzmq')}, load at end "
                  f"{env.get('load_average_at_end')}")
     lines.append("")
+    if not in_process and results.get("llm"):  # `--workload llm` alone: its section and its goals
+        from pool.bench.llm import format_section
+
+        lines.extend(format_section(results["llm"]))
+        lines.append("")
+        lines.extend(_goal_lines(results.get("goals", {})))
+        return "\n".join(lines).rstrip()
     header = f"{'workload':8} {'runs as':32} {'calls':>6} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}"
     header += "".join(f" {'/s @' + c:>9}" for c in concurrency)
     lines.append(header)
@@ -121,6 +128,12 @@ def format_table(results: dict[str, Any]) -> str:
                          f"(ideal {_fmt(scaling['ideal_by_workers'][str(n)]).strip()})")
         lines.append("")
 
+    if results.get("llm"):
+        from pool.bench.llm import format_section
+
+        lines.extend(format_section(results["llm"]))
+        lines.append("")
+
     ratios = results.get("ratios", {})
     if ratios:
         lines.append("ratios")
@@ -129,15 +142,21 @@ def format_table(results: dict[str, Any]) -> str:
                 value = ", ".join(f"{k} {v:,}x" for k, v in value.items())
             lines.append(f"  {key.replace('_', ' '):48} {value}")
         lines.append("")
-    goals = results.get("goals", {})
+    lines.extend(_goal_lines(results.get("goals", {})))
+    return "\n".join(lines).rstrip()
+
+
+def _goal_lines(goals: dict[str, Any]) -> list[str]:
+    lines = []
     if goals:
         lines.append("goals")
         for key, goal in goals.items():
             verdict = "MET" if goal["met"] else "NOT MET"
             extra = f" ({goal['launcher']} launcher, {goal['workload']})" if "launcher" in goal else ""
-            lines.append(f"  {key.replace('_', ' ')}{extra}: {goal['measured']:,}x, "
-                         f"goal >= {goal['goal']:,}x: {verdict}")
-    return "\n".join(lines).rstrip()
+            unit, compare = goal.get("unit", "x"), goal.get("compare", ">=")
+            lines.append(f"  {key.replace('_', ' ')}{extra}: {goal['measured']:,}{unit}, "
+                         f"goal {compare} {goal['goal']:,}{unit}: {verdict}")
+    return lines
 
 
 # ---------------------------------------------------------------------- JSON
