@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.support.helm import CHART, helm, values_file
+from worker import defaults
 
 SUPPORTED_KUBERNETES = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # not in the Kubernetes schemas
@@ -198,7 +199,9 @@ def test_defaults_render_a_keyed_pool_with_meaningful_probes(helm_bin, tmp_path)
     w = container(worker)
     assert worker["spec"]["replicas"] == 2
     assert w["command"][:4] == ["python", "-m", "worker", "--connect=tcp://rel-worker-pool-broker.team-a.svc:5555"]
-    assert "--concurrency=8" in w["command"] and "--health-dir=/tmp/health" in w["command"]
+    # The programs' own defaults (worker/defaults.py; tests/test_defaults.py checks values.yaml agrees).
+    assert f"--concurrency={defaults.WORKER_CONCURRENCY}" in w["command"]
+    assert f"--threads={defaults.WORKER_THREADS}" in w["command"] and "--health-dir=/tmp/health" in w["command"]
     assert w["readinessProbe"]["exec"]["command"] == ["test", "-f", "/tmp/health/ready"]
     assert w["livenessProbe"]["exec"]["command"] == [
         "sh", "-c", "test $(( $(date +%s) - $(stat -c %Y /tmp/health/alive) )) -lt 30"]
