@@ -148,3 +148,11 @@ def test_a_message_with_more_frames_than_any_command_is_malformed_and_dropped():
     assert pool.core.counters["malformed"] == 1
     # Every message the protocol itself sends fits.
     assert len(P.error_frames(b"t" * 16, P.E_REMOTE, "message", b"detail")) <= P.MAX_FRAMES
+
+
+def test_a_peer_that_leaves_is_forgotten_by_the_outbox():
+    pool = Pool()
+    pool.hello(FLOODER)
+    pool.ready(b"w1")
+    assert E.Forget(FLOODER) in pool(E.Bye(FLOODER))
+    assert E.Forget(b"w1") in pool.tick(100.0)  # the worker stopped heartbeating

@@ -68,8 +68,10 @@ QUEUE_BYTES = BROKER_MEMORY_LIMIT * 6 // 16
 # queue, in messages). A client's own ZeroMQ thread reads as fast as the network allows whatever
 # its program does, so only a peer that stopped reading altogether gets here.
 BROKER_SNDHWM = 1000
-# Reply bytes the broker keeps for one client that does not read; past it (or after
-# UNREAD_TIMEOUT seconds without progress) the client is dropped and its tasks cancelled.
+# Reply bytes the broker lets ZeroMQ hold for one peer that has not read them; as much again may
+# wait in the broker's own backlog for it. Past twice this (or after UNREAD_TIMEOUT seconds
+# without progress) the client is dropped and its tasks cancelled. Per connection: the bound on
+# what one peer can pin is in pool/broker/outbox.py.
 MAX_UNREAD_BYTES = 64 * 1024 * 1024
 UNREAD_TIMEOUT = 30.0
 

@@ -288,6 +288,7 @@ class BrokerCore:
             self._remove_worker(event.peer, "said goodbye")
         elif event.peer in self.clients:
             self._remove_client(event.peer)
+        self._out.append(E.Forget(event.peer))
 
     def _remove_client(self, identity: bytes) -> None:
         state = self.clients.pop(identity, None)
@@ -494,11 +495,13 @@ class BrokerCore:
         for worker in list(self.workers.values()):
             if worker.expiry < now:
                 self._remove_worker(worker.identity, "disconnected" if worker.unreachable else "stopped heartbeating")
+                self._out.append(E.Forget(worker.identity))
             elif not worker.unreachable:
                 self._send(worker.identity, [P.PROTOCOL, P.HEARTBEAT])
         for client in list(self.clients.values()):
             if client.expiry < now:
                 self._remove_client(client.identity)
+                self._out.append(E.Forget(client.identity))
         for task in self.queues.expired(now):
             self._forget(task)
             self.counters["failed"] += 1

@@ -163,12 +163,18 @@ class Latency(NamedTuple):
     seconds: float
 
 
+class Forget(NamedTuple):
+    """``peer`` left (BYE, or it stopped heartbeating): drop whatever still waits to be sent to it."""
+
+    peer: bytes
+
+
 class WakeObservers(NamedTuple):
     """Run the status hooks now: a task arrived at a pool with no workers, and an autoscaler at
     zero should not wait for the next tick to start one."""
 
 
-Effect = Send | Latency | WakeObservers
+Effect = Send | Latency | Forget | WakeObservers
 
 # ---------------------------------------------------------------------------- decoding
 

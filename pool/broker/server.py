@@ -181,6 +181,8 @@ class Broker:
             if effect.__class__ is E.Send:
                 if not send(effect.peer, effect.frames, now):  # the peer's connection is gone
                     effects.extend(self.core.handle(E.SendFailed(effect.peer, effect.frames), time.monotonic()))
+            elif effect.__class__ is E.Forget:
+                self.outbox.forget(effect.peer)
             elif effect.__class__ is E.Latency:
                 if self.latency_hook is not None:
                     self.latency_hook(effect.seconds)
