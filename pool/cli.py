@@ -206,6 +206,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     try:
         for name in added + revoked:
             K.validate_client_name(name)
+        if len(set(added)) != len(added) or len(set(revoked)) != len(revoked):
+            raise ValueError("a client is named twice in --client or --revoke")
         if set(added) & set(revoked):
             raise ValueError(f"--client and --revoke name the same client: {sorted(set(added) & set(revoked))}")
         if not K.is_key_tree(directory):

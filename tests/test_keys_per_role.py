@@ -263,3 +263,9 @@ def test_revoke_and_add_through_the_library_keep_the_secrets_out_of_the_allow_li
     secrets = {m["metadata"]["name"]: set(m["data"]) for m in key_secret_manifests(tree, "p")}
     assert secrets["p-clients"] == {"web.key", "extra.key"}
     assert "p-client-default" not in secrets and "p-client-extra" in secrets
+
+
+def test_a_client_named_twice_is_refused_before_anything_is_written(tmp_path):
+    result = run_keys(str(tmp_path / "keys"), "--client", "web", "--client", "web")
+    assert result.returncode != 0 and "named twice" in result.stderr
+    assert not (tmp_path / "keys").exists()
