@@ -22,9 +22,12 @@ step  call                                                        calls
 
 (a batch item is a call: each is a task for the pool). Every result is checked against its input,
 every error against the one asked for; anything else is an *unexpected* error and is reported.
+Each call has a timeout (``--soak-timeout``, 120 s; 0 for none), as an application's calls
+usually do: a worker keeps some state per task until its deadline, which the soak shows.
 
 Every ``--soak-interval`` seconds (and at the start, at the end of the warm-up and at the end) a
-thread samples the client (this process), the broker and each worker: resident memory (``VmRSS``
+thread samples the client (this process; the last sample is taken while the callers' asyncio loop is
+still open, like the others), the broker and each worker: resident memory (``VmRSS``
 of ``/proc/PID/status``) and open file descriptors (the entries of ``/proc/PID/fd``). The warm-up is
 the first ``--soak-warmup`` (10%) of the calls; growth is measured from the first sample after it to
 the last sample: RSS growth in % and the fd delta per process, against issue 11's goal (RSS growth
@@ -68,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="concurrent callers in the soak (default 32)")
     soak.add_argument("--soak-interval", type=float, default=2.0, metavar="S",
                       help="seconds between RSS/fd samples (default 2)")
+    soak.add_argument("--soak-timeout", type=float, default=120.0, metavar="S",
+                      help="each call's timeout (RunnableK8s(timeout=...)); 0: none. Default 120")
     soak.add_argument("--soak-warmup", type=float, default=0.1, metavar="FRACTION",
                       help="share of the calls (and of SECONDS) before the baseline sample (default 0.1)")
 
@@ -125,6 +130,9 @@ class Sampler:
         return self
 
     def stop(self) -> None:
+        """Stop the thread and take the last sample (once)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join()
         self.sample("end")
@@ -136,10 +144,12 @@ class Sampler:
 class Mix:
     """The callers' state: counters, the inputs, and the unexpected errors seen."""
 
-    def __init__(self, address: str, keys: str | None, warmup_calls: int, on_warm: Any) -> None:
-        self.plain = RunnableK8s(bound=workloads.soak_runnable(), pool=address, mode="warm", keys=keys, timeout=120)
+    def __init__(self, address: str, keys: str | None, warmup_calls: int, on_warm: Any,
+                 timeout: float | None = 120.0) -> None:
+        self.plain = RunnableK8s(bound=workloads.soak_runnable(), pool=address, mode="warm", keys=keys,
+                                 timeout=timeout)
         self.streamer = RunnableK8s(bound=workloads.soak_stream_runnable(), pool=address, mode="warm", keys=keys,
-                                    timeout=120)
+                                    timeout=timeout)
         self.small = os.urandom(100)
         self.big = os.urandom(10 * 1024)
         self.counts = {"calls": 0, "operations": 0, "expected_errors": 0, "unexpected_errors": 0}
@@ -209,7 +219,7 @@ class Mix:
             self.on_warm()
 
 
-async def _drive(mix: Mix, in_flight: int, calls: int, seconds: float) -> float:
+async def _drive(mix: Mix, in_flight: int, calls: int, seconds: float, sampler: Sampler) -> float:
     started = time.monotonic()
     deadline = started + seconds
     next_op = 0
@@ -222,7 +232,10 @@ async def _drive(mix: Mix, in_flight: int, calls: int, seconds: float) -> float:
             await mix.one(i)
 
     await asyncio.gather(*(caller() for _ in range(in_flight)))
-    return time.monotonic() - started
+    finished = time.monotonic() - started
+    # The last sample while this loop (its epoll and self-pipe fds) is still open, like the others.
+    sampler.stop()
+    return finished
 
 
 # ---------------------------------------------------------------------- figures
@@ -271,7 +284,8 @@ def format_report(results: dict[str, Any]) -> str:
     env, s, r = results["environment"], results["settings"], results["run"]
     lines = [
         f"runnable-k8s bench --soak: LocalPool({s['workers']} workers x {s['slots']} slots), "
-        f"{s['in_flight']} callers in flight, at least {s['calls']:,} calls and {s['seconds']:g} s",
+        f"{s['in_flight']} callers in flight, at least {s['calls']:,} calls and {s['seconds']:g} s; "
+        f"call timeout {s['call_timeout_s'] if s['call_timeout_s'] else 'none'}",
         f"machine: {env.get('cpus')} CPUs ({env.get('cpu_model')}), Python {env.get('python')}, "
         f"langchain-core {env.get('langchain_core')}, pyzmq {env.get('pyzmq')}; load at start "
         f"{env.get('load_average_at_start')}, at end {env.get('load_average_at_end')}",
@@ -327,10 +341,10 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 sampler.sample("baseline")
                 warm_index.append(len(sampler.samples) - 1)
 
-        mix = Mix(pool.address, pool.keys_dir, warmup_calls, on_warm)
+        mix = Mix(pool.address, pool.keys_dir, warmup_calls, on_warm, timeout=args.soak_timeout or None)
         sampler = Sampler(processes, args.soak_interval, mix.counts).start()
         try:
-            duration = asyncio.run(_drive(mix, args.soak_in_flight, calls, seconds))
+            duration = asyncio.run(_drive(mix, args.soak_in_flight, calls, seconds, sampler))
         finally:
             sampler.stop()
     samples = sampler.samples
@@ -351,6 +365,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         "kind": "soak",
         "settings": {"seconds": seconds, "calls": calls, "in_flight": args.soak_in_flight,
                      "interval_s": args.soak_interval, "warmup_fraction": args.soak_warmup,
+                     "call_timeout_s": args.soak_timeout or None,
                      "workers": args.pool_workers, "slots": args.slots, "mix": list(STEPS), "batch_size": BATCH},
         "environment": env,
         "run": {"duration_s": round(duration, 2), **mix.counts,
