@@ -4,6 +4,10 @@
 #   bash scripts/bench.sh            # local, then cluster
 #   bash scripts/bench.sh local      # warm vs a fresh local process per call -> docs/bench/local.{json,png,txt}
 #   bash scripts/bench.sh cluster    # warm vs a real Pod per call           -> docs/bench/cluster.{json,png,txt}
+#   bash scripts/bench.sh llm        # LLM-shaped traffic, 1,000 and 100 in flight -> docs/bench/llm{,-100}.{json,txt}
+#   bash scripts/bench.sh soak       # 100,000-call soak, with and without call timeouts
+#                                    #   -> docs/bench/soak{,-no-timeout}.{json,txt}
+# (llm and soak are not part of `all`.)
 #
 # The cluster run uses the cluster in KUBECONFIG; without one, the repository's single-node test
 # cluster (tests/cluster): reused when it is up, else started here and stopped again at the end
@@ -42,9 +46,23 @@ run_cluster() {
     --json "$OUT/cluster.json" --plot "$OUT/cluster.png" | tee "$OUT/cluster.txt"
 }
 
+run_llm() {
+  "$PY" -m pool bench --workload llm ${EXTRA:-} --json "$OUT/llm.json" | tee "$OUT/llm.txt"
+  "$PY" -m pool bench --workload llm --llm-in-flight 100 --llm-calls 1000 ${EXTRA:-} \
+    --json "$OUT/llm-100.json" | tee "$OUT/llm-100.txt"
+}
+
+run_soak() {
+  "$PY" -m pool bench --soak 0 --soak-calls 100000 ${EXTRA:-} --json "$OUT/soak.json" | tee "$OUT/soak.txt"
+  "$PY" -m pool bench --soak 0 --soak-calls 100000 --soak-timeout 0 ${EXTRA:-} \
+    --json "$OUT/soak-no-timeout.json" | tee "$OUT/soak-no-timeout.txt"
+}
+
 case "$what" in
   local) run_local ;;
   cluster) run_cluster ;;
+  llm) run_llm ;;
+  soak) run_soak ;;
   all) run_local; run_cluster ;;
-  *) echo "usage: bash scripts/bench.sh [local|cluster|all]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/bench.sh [local|cluster|llm|soak|all]" >&2; exit 2 ;;
 esac
