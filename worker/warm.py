@@ -42,26 +42,54 @@ _endpoints = itertools.count()
 
 
 class Deadlines:
-    """Task deadlines, soonest first (entries of finished tasks are skipped when they come up)."""
+    """Task deadlines, soonest first.
+
+    A finished task's entry is dropped from the live set at once and from the heap when it comes
+    up, or when stale entries outnumber live ones (then the heap is rebuilt). Before, finished
+    tasks' entries stayed until their deadline passed: with a 120 s timeout at 1,000 calls/s a
+    worker held 120,000 of them (the soak benchmark found it as RSS growth)."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, bytes]] = []
+        self._live: dict[bytes, int] = {}  # task id -> the order number of its current entry
         self._order = itertools.count()
 
     def add(self, deadline: float, task_id: bytes) -> None:
-        heapq.heappush(self._heap, (deadline, next(self._order), task_id))
+        order = next(self._order)
+        self._live[task_id] = order
+        heapq.heappush(self._heap, (deadline, order, task_id))
+
+    def discard(self, task_id: bytes) -> None:
+        if self._live.pop(task_id, None) is not None and len(self._heap) > 2 * len(self._live) + 1024:
+            live = self._live
+            self._heap = [entry for entry in self._heap if live.get(entry[2]) == entry[1]]
+            heapq.heapify(self._heap)
+
+    def _drop_stale(self) -> None:
+        heap, live = self._heap, self._live
+        while heap and live.get(heap[0][2]) != heap[0][1]:
+            heapq.heappop(heap)
 
     def next(self) -> float | None:
+        self._drop_stale()
         return self._heap[0][0] if self._heap else None
 
     def expired(self, now: float) -> list[bytes]:
         gone = []
+        self._drop_stale()
         while self._heap and self._heap[0][0] <= now:
-            gone.append(heapq.heappop(self._heap)[2])
+            task_id = heapq.heappop(self._heap)[2]
+            del self._live[task_id]
+            gone.append(task_id)
+            self._drop_stale()
         return gone
+
+    def __len__(self) -> int:
+        return len(self._heap)
 
     def clear(self) -> None:
         self._heap.clear()
+        self._live.clear()
 
 
 class WarmWorker:
@@ -154,6 +182,7 @@ class WarmWorker:
         withdrawn = [task_id for task_id, job in self.jobs.items() if self.runner.withdraw(job)]
         for task_id in withdrawn:
             del self.jobs[task_id]
+            self.deadlines.discard(task_id)
             self._send(P.error_frames(task_id, P.E_REQUEUE, "worker is draining"))
         if withdrawn:
             log.info("draining: handed %d unstarted tasks back to the broker", len(withdrawn))
@@ -311,6 +340,7 @@ class WarmWorker:
                 if task_id in self.jobs:
                     self._send(frames)
             elif self.jobs.pop(task_id, None) is not None:
+                self.deadlines.discard(task_id)
                 self._send(frames)
 
     def _handle(self, frames: list[bytes]) -> None:
@@ -368,6 +398,7 @@ class WarmWorker:
         """Answer for a task now (cancelled, timed out) and drop whatever it sends later."""
         job = self.jobs.pop(task_id, None)
         if job is not None:
+            self.deadlines.discard(task_id)
             self.runner.abandon(job)
             self._send(P.error_frames(task_id, code, message))
 
