@@ -45,7 +45,8 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
             the pool answers, else ephemeral, saying so in the log).
         timeout: seconds a call may take; past it the task is cancelled and ``TaskTimeout`` raised.
         retries: times the pool re-runs a task whose worker died before it streamed anything.
-        keys: CurveZMQ key directory (``runnable-k8s keys``); default ``RUNNABLE_K8S_KEYS``.
+        keys: this client's own CurveZMQ key folder, ``DIR/clients/NAME`` of ``runnable-k8s keys DIR``
+            (its pair and the broker's public key); default ``RUNNABLE_K8S_KEYS``.
         launcher: for ephemeral mode, ``"kubernetes"`` (a Pod) or ``"local"`` (a subprocess).
         trust_workers: decode what workers send back (outputs, chunks, exceptions) with full
             pickle, so any picklable object returns. Off by default: outputs then travel as data
