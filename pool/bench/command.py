@@ -31,7 +31,7 @@ from typing import Any
 from langchain_core.runnables import Runnable, RunnableLambda
 
 from pool.bench import llm, soak, workloads
-from pool.bench.measure import BareFloor, environment, percentiles, time_calls, timed_samples
+from pool.bench.measure import BareFloor, cpu_model, environment, memory_gb, percentiles, time_calls, timed_samples
 from pool.client.runnable import DEFAULT_IMAGE, RunnableK8s
 from pool.local import LocalPool
 from worker import defaults
@@ -561,7 +561,7 @@ class Bench:
             "duration_s": round((finished - started).total_seconds(), 1),
             "load_average_at_start": self.load_at_start,
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-            "cpu_model": _cpu_model(), "memory_gb": _memory_gb(),
+            "cpu_model": cpu_model(), "memory_gb": memory_gb(),
             "command": "runnable-k8s bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         })
         if "ephemeral" in self.modes and self.args.launcher == "kubernetes":
@@ -648,28 +648,6 @@ def summarize(results: dict[str, Any]) -> None:
     if "llm" in results:
         goals.update(llm.goals(results["llm"]))
     results["goals"] = goals
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _memory_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return None
 
 
 def _cluster_info(kubeconfig: str | None) -> dict[str, Any]:

@@ -48,7 +48,7 @@ import time
 from typing import Any
 
 from pool.bench import workloads
-from pool.bench.measure import environment
+from pool.bench.measure import cpu_model, environment, memory_gb
 from pool.client.runnable import RunnableK8s
 from pool.local import LocalPool
 
@@ -321,8 +321,6 @@ def format_report(results: dict[str, Any]) -> str:
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    from pool.bench.command import _cpu_model, _memory_gb
-
     seconds, calls = max(0.0, args.soak), max(0, args.soak_calls)
     warmup_calls = int(calls * args.soak_warmup)
     warmup_seconds = seconds * args.soak_warmup
@@ -358,7 +356,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 "finished_at": finished_at.isoformat(timespec="seconds"),
                 "load_average_at_start": load_at_start,
                 "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-                "cpu_model": _cpu_model(), "memory_gb": _memory_gb(),
+                "cpu_model": cpu_model(), "memory_gb": memory_gb(),
                 "command": "runnable-k8s bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
                                                             else sys.argv[1:])})
     return {
