@@ -123,11 +123,23 @@ def test_a_worker_holding_the_runnable_is_preferred_and_gets_the_task_without_it
     pool.ready(b"w1", slots=4)
     first = new_id()
     assert task_frames(pool.submit(first), first)[2] == RUNNABLE  # w1 gets the bytes once...
-    pool.ready(b"w2", slots=4)  # ...then an idle newcomer arrives
+    pool.result(b"w1", first)
+    pool.ready(b"w2", slots=4)  # ...then a newcomer arrives, as idle as w1
     second = new_id()
     effects = pool.submit(second, send_bytes=False)
-    assert tasks_sent(effects) == [(b"w1", second)]  # busier, but it holds the runnable
+    assert tasks_sent(effects) == [(b"w1", second)]  # equally loaded: the one holding the runnable
     assert task_frames(effects, second)[2] == b""
+
+
+def test_a_less_loaded_worker_gets_the_task_and_the_runnables_bytes(pool):
+    pool.ready(b"w1", slots=4)
+    first = new_id()
+    pool.submit(first)  # w1 is busy with it, and holds the runnable
+    pool.ready(b"w2", slots=4)
+    second = new_id()
+    effects = pool.submit(second, send_bytes=False)
+    assert tasks_sent(effects) == [(b"w2", second)]  # load first: the broker sends the stored bytes
+    assert task_frames(effects, second)[2] == RUNNABLE
 
 
 def test_among_workers_that_hold_nothing_the_least_loaded_gets_the_task(pool):

@@ -156,3 +156,14 @@ def test_a_peer_that_leaves_is_forgotten_by_the_outbox():
     pool.ready(b"w1")
     assert E.Forget(FLOODER) in pool(E.Bye(FLOODER))
     assert E.Forget(b"w1") in pool.tick(100.0)  # the worker stopped heartbeating
+
+
+def test_tasks_of_one_runnable_spread_over_workers_of_many_slots():
+    """Before: every task went to the worker that got the runnable first (it "held" it), until its
+    256 slots were full; the other worker idled."""
+    pool = Pool()
+    pool.hello()
+    pool.ready(b"w1", slots=256)
+    pool.ready(b"w2", slots=256)
+    sent_to = [worker for _ in range(64) for worker, _ in tasks_sent(pool.submit(new_id()))]
+    assert sent_to.count(b"w1") == 32 and sent_to.count(b"w2") == 32

@@ -22,11 +22,21 @@ def candidate(name: str, slots: int = 4, busy: int = 0, holds: bool = False, las
 
 
 @pytest.mark.timeout(5)
-def test_a_worker_holding_the_runnable_is_preferred_even_when_busier():
+def test_a_less_loaded_worker_wins_over_a_busier_one_that_holds_the_runnable():
+    """Workers of hundreds of slots: with the holder first, the first worker took every task."""
     chosen = choose_worker([
-        candidate("idle", busy=0),
-        candidate("holder", busy=3, holds=True),
-        candidate("idle2", busy=1),
+        candidate("holder", slots=256, busy=3, holds=True),
+        candidate("idle", slots=256, busy=0),
+        candidate("idle2", slots=256, busy=1),
+    ])
+    assert chosen == b"idle"
+
+
+@pytest.mark.timeout(5)
+def test_among_equally_loaded_workers_the_one_holding_the_runnable_is_preferred():
+    chosen = choose_worker([
+        candidate("idle", busy=1, last=0.0),
+        candidate("holder", busy=1, holds=True, last=999.0),
     ])
     assert chosen == b"holder"
 

@@ -1,8 +1,14 @@
 """Which worker gets a task: a plain function over plain state, so it is tested without sockets.
 
-The policy (DESIGN §4): only a worker with a free slot, preferring one that already holds the
-task's runnable (it skips sending and deserializing it, and keeps its warm HTTP pools busy), then
-the least loaded, then the one that waited longest since its last task (spreads ties evenly).
+The policy (DESIGN §4): only a worker with a free slot; the least loaded (fraction of its slots
+busy); among equally loaded ones, one that already holds the task's runnable (it skips sending and
+deserializing it, and keeps its warm HTTP pools busy); then the one that waited longest since its
+last task (spreads ties evenly).
+
+Load comes before the runnable since workers take hundreds of tasks each: with the holder first,
+every task of a runnable went to the first worker that got it, until all of its 256 slots were
+busy, while the others idled (CPU-bound code then ran on one worker's threads). Sending the
+runnable once to each worker is cheap next to that; after it, every worker holds it anyway.
 """
 
 from __future__ import annotations
@@ -27,11 +33,11 @@ class Candidate(NamedTuple):
 def choose_worker(candidates: list[Candidate]) -> bytes | None:
     """The identity of the worker to run the next task on, or None when every slot is busy."""
     best: Candidate | None = None
-    best_key: tuple[bool, float, float] | None = None
+    best_key: tuple[float, bool, float] | None = None
     for candidate in candidates:
         if candidate.free <= 0:
             continue
-        key = (not candidate.holds_runnable, candidate.busy / candidate.slots, candidate.last_assigned)
+        key = (candidate.busy / candidate.slots, not candidate.holds_runnable, candidate.last_assigned)
         if best_key is None or key < best_key:
             best, best_key = candidate, key
     return best.identity if best is not None else None
