@@ -21,6 +21,7 @@ from pool.client.connection import Connection
 from pool.errors import AuthenticationFailed
 from pool.keys import add_client, create_key_directory, revoke_client
 from tests.support.ports import free_port
+from tests.support.processes import stop_process
 from tests.support.waiting import wait_for
 from worker import protocol as P
 from worker.curve import load_peer_keys
@@ -47,14 +48,7 @@ def keyed_pool(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         Connection.close_all(address)
         for process in (worker, broker):
             if process is not None:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=5)
-                if process.stdout is not None:
-                    process.stdout.close()
+                stop_process(process)
 
 
 def _call(address: str, client_folder: Path) -> int:

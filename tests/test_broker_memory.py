@@ -43,7 +43,7 @@ from pool.client.connection import Connection
 from pool.keys import create_key_directory
 from tests.support.paths import REPO
 from tests.support.ports import free_port
-from tests.support.processes import is_gone
+from tests.support.processes import stop_process
 from tests.support.waiting import wait_for
 from worker import codec, defaults
 from worker import protocol as P
@@ -100,21 +100,6 @@ class Sampler:
 # ------------------------------------------------------------------------------- processes
 
 
-def _stop(process: subprocess.Popen[Any]) -> None:
-    """End a process this module started, by its PID: SIGTERM, then SIGKILL."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-    for stream in (process.stdout, process.stderr):
-        if stream is not None:
-            stream.close()
-    assert is_gone(process.pid)
-
-
 @contextlib.contextmanager
 def pool_processes(*broker_args: str, keys: Path | None = None, repo: Path = REPO) -> Iterator[tuple[str, int]]:
     """A broker (``python -m pool broker``) on a free 127.0.0.1 port and one worker process
@@ -137,7 +122,7 @@ def pool_processes(*broker_args: str, keys: Path | None = None, repo: Path = REP
         Connection.close_all(address)
         for process in (worker, broker):
             if process is not None:
-                _stop(process)
+                stop_process(process)
 
 
 def client_keys(keys: Path | None) -> Any:

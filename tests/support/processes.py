@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+from typing import Any
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -35,3 +37,18 @@ def is_gone(pid: int) -> bool:
         return True
     fields = _stat_fields(pid)
     return fields is None or fields[0] in ("Z", "X")
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """End a process the test started, by its PID: SIGTERM, then SIGKILL; close its pipes."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+    assert is_gone(process.pid)
