@@ -113,7 +113,6 @@ class Broker:
             max_worker_slots=max_worker_slots, queue_bytes=queue_bytes, client_queue_size=client_queue_size,
             client_queue_bytes=client_queue_bytes,
         )
-        self.max_unread_bytes = max_unread_bytes
         self.counters = self.core.counters  # the same dict: read live by the metrics scrape
 
     def _bind(self, bind: str) -> str:
