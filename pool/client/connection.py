@@ -217,6 +217,10 @@ class Connection:
         self.connect_timeout = connect_timeout
         self.closed = False
         self.broker_info: dict[str, Any] = {}
+        # Workers taking tasks, as last heard (WELCOME, then STATUS): sizes batches' sub-batches.
+        self._workers = 1
+        self._workers_heard = 0.0
+        self._workers_asked = False
         self._ready = threading.Event()
         # Set when a connection attempt has an outcome: WELCOME, or a refusal in _failure.
         self._settled = threading.Event()
@@ -309,6 +313,25 @@ class Connection:
             return sink.get(timeout)
         except queue.Empty:
             raise PoolUnavailable(f"the broker at {self.address} did not answer a status request") from None
+
+    def ready_workers(self) -> int:
+        """Workers taking tasks, as last heard from the broker: at WELCOME, then from a STATUS
+        asked in the background once what was heard is older than ``POOL_SIZE_MAX_AGE`` (this
+        call never waits for it; its answer serves the next caller)."""
+        if not self._workers_asked and time.monotonic() - self._workers_heard > defaults.POOL_SIZE_MAX_AGE:
+            with self._lock:
+                if not self.closed and self._ready.is_set() and not self._workers_asked:
+                    self._workers_asked = True
+                    self._status_waiters.append(_WorkersSink(self))  # type: ignore[arg-type]
+                    self._send([P.PROTOCOL, P.STATUS])
+                    self._receive()
+        return self._workers
+
+    def _heard_workers(self, count: int | None) -> None:
+        if count is not None:
+            self._workers = count
+        self._workers_heard = time.monotonic()
+        self._workers_asked = False
 
     def close(self) -> None:
         if self.closed:
@@ -467,6 +490,7 @@ class Connection:
             self._on_error(body[0], body[1], body[2].decode("utf-8", "replace"), body[3] if len(body) > 3 else b"")
         elif command == P.WELCOME and body:
             self.broker_info = P.decode_json_object(body[0])
+            self._heard_workers(_count(self.broker_info.get("workers")))
             self._failure = None
             self._ready.set()
             self._settled.set()
@@ -512,6 +536,25 @@ class Connection:
         else:
             del self._pending[task_id]
             submission.sink.deliver(Event(task_id, "error", detail, code, message))
+
+
+class _WorkersSink:
+    """Takes a STATUS answer asked for by :meth:`Connection.ready_workers`."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def deliver(self, status: Any) -> None:
+        workers = status.get("workers") if isinstance(status, dict) else None
+        count = sum(1 for w in workers if isinstance(w, dict) and not w.get("draining")) \
+            if isinstance(workers, list) else None
+        self.connection._heard_workers(count)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 @atexit.register
