@@ -83,6 +83,15 @@ def broker_budgets(memory_limit: int) -> dict[str, int]:
 # ---- client -------------------------------------------------------------------------------
 # How long a call waits for the broker to answer its HELLO before PoolUnavailable.
 CONNECT_TIMEOUT = 5.0
+# batch/abatch send items to workers in sub-batches (one task each, run there with the runnable's
+# own batch): about BATCH_PARTS_PER_WORKER of them per ready worker, so every worker gets work and
+# one slow sub-batch does not hold up the end, and never more than BATCH_MAX_ITEMS items in one,
+# so that each item's outcome streams back soon and a lost worker loses little.
+BATCH_PARTS_PER_WORKER = 4
+BATCH_MAX_ITEMS = 256
+# How long the client trusts what it last heard of the pool's size (ready workers) before it
+# asks the broker again (STATUS, answered in the background).
+POOL_SIZE_MAX_AGE = 1.0
 
 # ---- local pool ---------------------------------------------------------------------------
 LOCAL_WORKERS = 2

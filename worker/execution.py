@@ -16,6 +16,12 @@ Entry points, all taking and returning encoded bytes (``codec``):
   async-only runnable is driven on a private event loop.
 * :func:`arun_invoke` / :func:`aiterate_stream`: coroutines, for an event loop that is already
   running (the warm worker's loop for async-only runnables).
+* :func:`iterate_batch` / :func:`aiterate_batch`: a batch task (``protocol`` kind "batch") run
+  with the runnable's own ``batch_as_completed`` / ``abatch_as_completed`` and
+  ``return_exceptions=True`` (so a chat model's own concurrency handling applies), yielding each
+  item as a packed CHUNK frame (``protocol.pack_item`` / ``pack_item_error``) as it finishes. An
+  item that raised, or whose output cannot be encoded or is over the message limit, is that
+  item's error; the other items go on.
 """
 
 from __future__ import annotations
@@ -125,6 +131,39 @@ def decode_input(blob: bytes) -> tuple[Any, dict[str, Any]]:
     return value, kwargs
 
 
+def decode_batch_input(blob: bytes, items: int) -> tuple[list[Any], dict[str, Any]]:
+    """``(values, kwargs)`` of a batch task, checked against the header's item count."""
+    try:
+        values, kwargs = codec.loads(blob)
+        if not isinstance(values, list) or not isinstance(kwargs, dict):
+            raise TypeError("a batch input is (list of values, dict of kwargs)")
+        if len(values) != items:
+            raise ValueError(f"the header says {items} items, the input holds {len(values)}")
+    except Exception as exc:
+        raise StageError("the task's input could not be decoded on the worker", exc) from exc
+    return values, kwargs
+
+
+def pack_outcome(index: int, outcome: Any, trusted: bool, max_bytes: int) -> bytes:
+    """One batch item's CHUNK frame: its encoded output, or (an exception, an output that cannot
+    be encoded or is over ``max_bytes``) its error, with the same codes as a task's ERROR."""
+    if not isinstance(outcome, BaseException):
+        try:
+            packed = P.pack_item(index, encode_output(outcome, trusted))
+            if len(packed) <= max_bytes:
+                return packed
+            outcome = OutputTooLarge(
+                f"the output of batch item {index} is {len(packed)} bytes, over the broker's limit of "
+                f"{max_bytes}; return less data or raise the broker's --max-message-bytes")
+        except StageError as exc:
+            outcome = exc
+    packed = P.pack_item_error(index, *failure(outcome, trusted))
+    if len(packed) > max_bytes:  # an exception too large to send: its type and message will do
+        code, message, _ = failure(outcome, trusted)
+        packed = P.pack_item_error(index, code, message[:4096])
+    return packed
+
+
 def encode_output(value: Any, trusted: bool = False) -> bytes:
     """An output or chunk as data; pickled only when the client trusts its workers. What is not
     data is refused here, on the worker, with a message saying what to return instead."""
@@ -164,6 +203,24 @@ def iterate_stream(runnable: Runnable, async_only: bool, input_blob: bytes,
             close()
 
 
+def iterate_batch(runnable: Runnable, async_only: bool, input_blob: bytes, config: RunnableConfig,
+                  items: int, trusted: bool, max_bytes: int) -> Generator[bytes, None, None]:
+    """Each packed item as it finishes (``batch_as_completed``); closing this iterator between
+    items stops handing out new ones (items already running finish on their threads)."""
+    if async_only:
+        yield from _drive(aiterate_batch(runnable, input_blob, config, items, trusted, max_bytes))
+        return
+    values, kwargs = decode_batch_input(input_blob, items)
+    outcomes = runnable.batch_as_completed(values, config, return_exceptions=True, **kwargs)
+    try:
+        for index, outcome in outcomes:
+            yield pack_outcome(index, outcome, trusted, max_bytes)
+    finally:
+        close = getattr(outcomes, "close", None)
+        if close is not None:
+            close()
+
+
 def _drive(chunks: AsyncGenerator[bytes, None]) -> Iterator[bytes]:
     """An async iterator as a blocking one, on a private event loop."""
     loop = asyncio.new_event_loop()
@@ -199,5 +256,18 @@ async def aiterate_stream(runnable: Runnable, input_blob: bytes,
             yield encode_output(chunk, trusted)
     finally:
         aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def aiterate_batch(runnable: Runnable, input_blob: bytes, config: RunnableConfig, items: int,
+                         trusted: bool, max_bytes: int) -> AsyncGenerator[bytes, None]:
+    values, kwargs = decode_batch_input(input_blob, items)
+    outcomes = runnable.abatch_as_completed(values, config, return_exceptions=True, **kwargs)
+    try:
+        async for index, outcome in outcomes:
+            yield pack_outcome(index, outcome, trusted, max_bytes)
+    finally:
+        aclose = getattr(outcomes, "aclose", None)
         if aclose is not None:
             await aclose()

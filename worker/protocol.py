@@ -49,8 +49,16 @@ before the reader has attached::
                                             worker: CHUNK [chunk] ... then RESULT [output] or ERROR
 
 A task id is 16 random bytes chosen by the client. The JSON header of SUBMIT/TASK is
-:class:`TaskHeader`. Runnables are identified by the digest of their encoded bytes, so a repeated
-call sends only the digest and the worker reuses the runnable it already deserialized.
+:class:`TaskHeader`. A task is an ``invoke`` (RESULT carries the output), a ``stream`` (CHUNKs,
+then an empty RESULT) or a ``batch`` of ``items`` inputs: its input blob is
+``codec.dumps((values, kwargs))``, every item's outcome comes back as one CHUNK as soon as it is
+known, in completion order, packed with :func:`pack_item` / :func:`pack_item_error` (the item's
+index and either its encoded output or its error code, message and detail), and an empty RESULT
+ends the task. An ERROR (worker lost, timeout, cancel) ends it early: the items not reported by
+then have that error, those reported keep theirs.
+
+Runnables are identified by the digest of their encoded bytes, so a repeated call sends only the
+digest and the worker reuses the runnable it already deserialized.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from __future__ import annotations
 import base64
 import json
 import platform
+import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +129,12 @@ E_HELLO_REQUIRED = b"hello-required"  # broker does not know this client (it res
 E_CANCELLED = b"cancelled"  # worker's answer to CANCEL: the client stopped waiting for it
 
 
+# Task kinds; a batch carries ``items`` inputs (at most MAX_ITEMS: the index of an item is a
+# 32-bit number on the wire, and this bound keeps a hostile header's claim small).
+KINDS = ("invoke", "stream", "batch")
+MAX_ITEMS = 65536
+
+
 @dataclass
 class TaskHeader:
     """The JSON header of SUBMIT and TASK.
@@ -130,26 +145,27 @@ class TaskHeader:
     exceptions pickled (any object); otherwise it sends them as data (``codec.dumps_result``).
     """
 
-    kind: str  # "invoke" or "stream"
+    kind: str  # "invoke", "stream" or "batch"
     digest: str
     timeout: float | None = None
     retries: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     trust: bool = False
+    items: int = 1  # inputs in a "batch" task; 1 for the others (and then left out of the JSON)
 
     def to_bytes(self) -> bytes:
         # Built by hand: dataclasses.asdict deep-copies, and this runs once per task.
-        return json.dumps(
-            {"kind": self.kind, "digest": self.digest, "timeout": self.timeout, "retries": self.retries,
-             "config": self.config, "trust": self.trust},
-            separators=(",", ":"),
-        ).encode()
+        raw = {"kind": self.kind, "digest": self.digest, "timeout": self.timeout, "retries": self.retries,
+               "config": self.config, "trust": self.trust}
+        if self.items != 1:
+            raw["items"] = self.items
+        return json.dumps(raw, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TaskHeader:
         raw = json.loads(data)
-        if not isinstance(raw, dict) or raw.get("kind") not in ("invoke", "stream"):
-            raise ValueError("task header must be an object with kind 'invoke' or 'stream'")
+        if not isinstance(raw, dict) or raw.get("kind") not in KINDS:
+            raise ValueError("task header must be an object with kind 'invoke', 'stream' or 'batch'")
         if not isinstance(raw.get("digest"), str):
             raise ValueError("task header needs a string digest")
         timeout = raw.get("timeout")
@@ -161,6 +177,11 @@ class TaskHeader:
         trust = raw.get("trust", False)
         if not isinstance(trust, bool):
             raise ValueError("task header trust must be true or false")
+        items = raw.get("items", 1)
+        if not isinstance(items, int) or isinstance(items, bool) or not 1 <= items <= MAX_ITEMS:
+            raise ValueError(f"task header items must be a whole number from 1 to {MAX_ITEMS}")
+        if items != 1 and raw["kind"] != "batch":
+            raise ValueError("only a batch task has more than one item")
         return cls(
             kind=raw["kind"],
             digest=raw["digest"],
@@ -168,7 +189,49 @@ class TaskHeader:
             retries=int(raw.get("retries") or 0),
             config=config,
             trust=trust,
+            items=items,
         )
+
+
+# One item of a batch task, the data frame of its CHUNK: index (u32), length of the error code
+# (u8, 0 for an output), length of the error message (u32), then the code, the message and the
+# payload (the encoded output, or the error's detail) to the end of the frame.
+_ITEM = struct.Struct(">IBI")
+_MAX_CODE_BYTES = 64
+
+
+def pack_item(index: int, encoded_output: bytes) -> bytes:
+    """A batch item that produced an output (``codec.dumps_output`` bytes)."""
+    return _ITEM.pack(index, 0, 0) + encoded_output
+
+
+def pack_item_error(index: int, code: bytes, message: str, detail: bytes = b"") -> bytes:
+    """A batch item that failed: the same ``(code, message, detail)`` as a task's ERROR."""
+    encoded = message.encode("utf-8", "replace")
+    if not code or len(code) > _MAX_CODE_BYTES:
+        raise ValueError("an item's error code must be 1 to 64 bytes")
+    return _ITEM.pack(index, len(code), len(encoded)) + code + encoded + detail
+
+
+def unpack_item(data: bytes, items: int | None = None) -> tuple[int, bytes | None, str, bytes]:
+    """``(index, code or None, message, payload)`` of a packed item; ``code`` is None for an
+    output (then ``payload`` is the encoded output), else ``payload`` is the error's detail.
+    Raises ValueError for anything malformed, and for an index not below ``items`` when given."""
+    if len(data) < _ITEM.size:
+        raise ValueError(f"a batch item needs at least {_ITEM.size} bytes, got {len(data)}")
+    index, code_length, message_length = _ITEM.unpack_from(data)
+    if items is not None and index >= items:
+        raise ValueError(f"batch item index {index} is out of range for {items} items")
+    start = _ITEM.size
+    if code_length == 0:
+        if message_length:
+            raise ValueError("a batch item with an output carries no message")
+        return index, None, "", bytes(data[start:])
+    if code_length > _MAX_CODE_BYTES or start + code_length + message_length > len(data):
+        raise ValueError("a batch item's error code or message runs past its end")
+    code = bytes(data[start:start + code_length])
+    message = bytes(data[start + code_length:start + code_length + message_length]).decode("utf-8", "replace")
+    return index, code, message, bytes(data[start + code_length + message_length:])
 
 
 def _major_minor(version: str) -> str:

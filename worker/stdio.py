@@ -13,7 +13,7 @@ import os
 import sys
 from typing import BinaryIO
 
-from worker import codec, execution
+from worker import codec, defaults, execution
 from worker import protocol as P
 
 log = logging.getLogger("runnable_k8s.worker")
@@ -69,6 +69,11 @@ def run_stdio(stdin: BinaryIO | None = None) -> int:
         if header.kind == "stream":
             for chunk in execution.iterate_stream(runnable, async_only, input_blob, config, header.trust):
                 send(P.CHUNK, chunk)
+            send(P.RESULT, b"")
+        elif header.kind == "batch":  # not sent by ephemeral mode today, but served like the warm worker
+            for item in execution.iterate_batch(runnable, async_only, input_blob, config, header.items,
+                                                header.trust, defaults.MAX_MESSAGE_BYTES):
+                send(P.CHUNK, item)
             send(P.RESULT, b"")
         else:
             send(P.RESULT, execution.run_invoke(runnable, async_only, input_blob, config, header.trust))

@@ -13,6 +13,11 @@ each task to a :class:`TaskRunner`, which runs it
   queue for a thread, and a draining worker hands those back to the broker unstarted
   (:meth:`TaskRunner.withdraw`).
 
+A batch task (several inputs, ``protocol`` kind "batch") runs the same way, with the runnable's
+own ``batch_as_completed`` on a task thread or ``abatch_as_completed`` on the loop; each item
+goes back as a CHUNK as it finishes (``execution.iterate_batch``), and a task abandoned between
+items stops there, like a stream.
+
 Either way the task's reply frames (CHUNK, RESULT, ERROR: exactly what the broker will receive)
 go back through a per-thread inproc PUSH socket to the I/O thread, which forwards them unless the
 task was cancelled or timed out meanwhile. A task thread never touches the broker socket.
@@ -178,8 +183,11 @@ class TaskRunner:
                         job.future = self._on_loop(self._run_async(job, cached))
                 return
             config = execution.config_from_wire(job.header.config)
-            if job.header.kind == "stream":
-                chunks = execution.iterate_stream(cached.runnable, False, job.input, config, job.header.trust)
+            if job.header.kind == "stream" or job.header.kind == "batch":
+                chunks = (execution.iterate_stream(cached.runnable, False, job.input, config, job.header.trust)
+                          if job.header.kind == "stream" else
+                          execution.iterate_batch(cached.runnable, False, job.input, config, job.header.items,
+                                                  job.header.trust, self.max_message_bytes))
                 try:
                     for chunk in chunks:
                         if job.state == ABANDONED:
@@ -228,9 +236,16 @@ class TaskRunner:
     async def _run_async(self, job: Job, cached: CachedRunnable) -> None:
         try:
             config = execution.config_from_wire(job.header.config)
-            if job.header.kind == "stream":
-                async for chunk in execution.aiterate_stream(cached.runnable, job.input, config, job.header.trust):
-                    self._reply(P.CHUNK, job.task_id, chunk)
+            if job.header.kind == "stream" or job.header.kind == "batch":
+                chunks = (execution.aiterate_stream(cached.runnable, job.input, config, job.header.trust)
+                          if job.header.kind == "stream" else
+                          execution.aiterate_batch(cached.runnable, job.input, config, job.header.items,
+                                                   job.header.trust, self.max_message_bytes))
+                try:
+                    async for chunk in chunks:
+                        self._reply(P.CHUNK, job.task_id, chunk)
+                finally:
+                    await chunks.aclose()
                 self._reply(P.RESULT, job.task_id, b"")
             else:
                 self._reply(P.RESULT, job.task_id,
