@@ -442,7 +442,7 @@ class BrokerCore:
         """Send one task to the worker the policy picks among ``free`` (its environment's)."""
         digest = task.header.digest
         chosen = choose_worker([
-            Candidate(w.identity, w.slots, len(w.running), digest in w.runnables, w.last_assigned)
+            Candidate(w.identity, w.slots, w.busy, digest in w.runnables, w.last_assigned)
             for w in free.values()
         ])
         if chosen is None:
@@ -455,7 +455,7 @@ class BrokerCore:
             self._send(task.client, P.error_frames(task.task_id, P.E_NEED_RUNNABLE, NEED_RUNNABLE_MESSAGE))
             return
         task.worker = chosen
-        worker.running.add(task.task_id)
+        worker.occupy(task.task_id, task.header.items)
         worker.last_assigned = self.now
         self._refresh(worker)
         self._send_task(worker, task, blob)
@@ -475,7 +475,7 @@ class BrokerCore:
         worker = self.workers.get(task.worker) if task.worker else None
         task.worker = None
         if worker is not None:
-            worker.running.discard(task.task_id)
+            worker.vacate(task.task_id)
             self._refresh(worker)
             self._dispatch(worker.env_key)
 
@@ -521,7 +521,7 @@ class BrokerCore:
                 # The worker vanished (without a BYE) before the task reached it: the task never
                 # started, so it goes back to the front of the queue for another worker.
                 log.info("task %s goes back to the queue", task.task_id.hex()[:8])
-                worker.running.discard(task.task_id)
+                worker.vacate(task.task_id)
                 task.worker = None
                 self.queues.push(task, front=True)
             self._worker_unreachable(worker)
@@ -616,11 +616,13 @@ class BrokerCore:
     # ------------------------------------------------------------------ reports
 
     def info(self) -> dict[str, Any]:
-        """What a peer learns at WELCOME."""
+        """What a peer learns at WELCOME. ``workers`` (those taking tasks now) is how a client
+        first sizes the sub-batches of a batch; it refreshes it from STATUS later."""
         return {
             "protocol": P.PROTOCOL_VERSION,
             "max_message_bytes": self.max_message_bytes,
             "heartbeat_interval": P.HEARTBEAT_INTERVAL,
+            "workers": sum(1 for w in self.workers.values() if not w.draining),
         }
 
     def status(self, now: float) -> dict[str, Any]:
@@ -631,7 +633,7 @@ class BrokerCore:
                 "pid": w.environment.get("pid"),
                 "host": w.environment.get("host"),
                 "slots": w.slots,
-                "busy": len(w.running),
+                "busy": w.busy,
                 "draining": w.draining,
                 "cached_runnables": len(w.runnables),
             }
@@ -642,7 +644,7 @@ class BrokerCore:
             "uptime_s": round(now - self.started_at, 1),
             "workers": workers,
             "slots": sum(w.slots for w in self.workers.values() if not w.draining),
-            "busy": sum(len(w.running) for w in self.workers.values()),
+            "busy": sum(w.busy for w in self.workers.values()),
             "queued": len(self.queues),
             "held_bytes": self.held_bytes,
             "runnable_store_bytes": self.runnables.size,

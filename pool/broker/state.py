@@ -29,7 +29,10 @@ class WorkerState:
     env_key: EnvKey
     slots: int
     expiry: float
-    running: set[bytes] = field(default_factory=set)
+    # Task id -> the slots it occupies: 1, or for a batch task of k items min(k, slots), so that
+    # ``busy`` (what scheduling, status and the autoscaler read) counts calls, not tasks.
+    running: dict[bytes, int] = field(default_factory=dict)
+    busy: int = 0
     runnables: OrderedDict[str, None] = field(default_factory=OrderedDict)  # digests it holds
     cache_size: int = 64
     draining: bool = False
@@ -45,9 +48,19 @@ class WorkerState:
         while len(self.runnables) > self.cache_size:
             self.runnables.popitem(last=False)
 
+    def occupy(self, task_id: bytes, items: int) -> None:
+        """Count a task as running here: a batch of ``items`` takes that many slots, at most all
+        of them (it needs one free slot to be sent, and may fill the worker up)."""
+        weight = min(items, self.slots)
+        self.busy += weight - self.running.get(task_id, 0)
+        self.running[task_id] = weight
+
+    def vacate(self, task_id: bytes) -> None:
+        self.busy -= self.running.pop(task_id, 0)
+
     @property
     def takes_tasks(self) -> bool:
-        return not self.draining and len(self.running) < self.slots
+        return not self.draining and self.busy < self.slots
 
 
 @dataclass(slots=True)

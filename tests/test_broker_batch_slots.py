@@ -1,0 +1,77 @@
+"""The broker's slot accounting for batch tasks (issue 11), event by event with no socket: a
+batch of k items takes min(k, slots) of its worker's slots, so ``busy`` (scheduling, status, the
+autoscaler's calls in flight) counts items, not tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pool.broker import events as E
+from tests.test_broker_core import CLIENT, RUNNABLE, Pool, new_id, sent, tasks_sent
+from worker import protocol as P
+from worker.codec import digest
+
+
+def submit_batch(pool: Pool, task_id: bytes, items: int, **header: Any) -> list[E.Effect]:
+    data = P.TaskHeader("batch", digest(RUNNABLE), items=items, **header).to_bytes()
+    return pool(E.Submit(CLIENT, task_id, data, RUNNABLE, b"input"))
+
+
+def busy(pool: Pool, worker: bytes) -> int:
+    return next(w["busy"] for w in pool.core.status(pool.now)["workers"] if w["id"] == worker.hex()[-8:])
+
+
+def test_a_batch_takes_a_slot_per_item_and_gives_them_back():
+    pool = Pool()
+    pool.hello()
+    pool.ready(b"w1", slots=4)
+    batch = new_id()
+    assert tasks_sent(submit_batch(pool, batch, 3)) == [(b"w1", batch)]
+    assert busy(pool, b"w1") == 3 and pool.core.status(pool.now)["busy"] == 3
+    first, second = new_id(), new_id()
+    assert tasks_sent(pool.submit(first)) == [(b"w1", first)]  # the fourth slot
+    assert tasks_sent(pool.submit(second)) == [] and pool.core.queued == 1  # full: it waits
+    pool(E.Chunk(b"w1", batch, P.pack_item(0, b"x")))  # items reported still hold their slots until the end
+    assert busy(pool, b"w1") == 4
+    assert tasks_sent(pool.result(b"w1", batch)) == [(b"w1", second)]  # three slots free: the queue moves
+    assert busy(pool, b"w1") == 2
+
+
+def test_a_batch_larger_than_the_worker_takes_all_its_slots_and_no_more():
+    pool = Pool()
+    pool.hello()
+    pool.ready(b"w1", slots=4)
+    batch = new_id()
+    assert tasks_sent(submit_batch(pool, batch, 100)) == [(b"w1", batch)]
+    assert busy(pool, b"w1") == 4
+    pool.error(b"w1", batch, P.E_TIMEOUT)
+    assert busy(pool, b"w1") == 0
+
+
+def test_least_loaded_scheduling_counts_items():
+    pool = Pool()
+    pool.hello()
+    pool.ready(b"w1", slots=4)
+    pool.ready(b"w2", slots=4)
+    batch = new_id()
+    (target, _), = tasks_sent(submit_batch(pool, batch, 3))
+    other = b"w2" if target == b"w1" else b"w1"
+    for _ in range(3):  # the other worker is the less loaded one until it holds 3 as well
+        task = new_id()
+        assert tasks_sent(pool.submit(task)) == [(other, task)]
+
+
+def test_a_lost_worker_retries_an_unstreamed_batch_and_fails_a_streamed_one():
+    pool = Pool()
+    pool.hello()
+    pool.ready(b"w1", slots=4)
+    unstreamed, streamed = new_id(), new_id()
+    submit_batch(pool, unstreamed, 2, retries=1)
+    submit_batch(pool, streamed, 2, retries=1)
+    pool(E.Chunk(b"w1", streamed, P.pack_item(1, b"x")))
+    effects = pool.tick(10.0)  # w1 stopped heartbeating
+    errors = [(body[0], body[1]) for peer, command, body in sent(effects) if command == P.ERROR]
+    assert errors == [(streamed, P.E_WORKER_LOST)]  # the client sends its unreported items again
+    assert pool.core.queued == 1
+    pool.ready(b"w2", slots=4)
+    assert pool.core.tasks[unstreamed].worker == b"w2" and busy(pool, b"w2") == 2
