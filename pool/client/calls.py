@@ -28,6 +28,10 @@ class RemoteCall:
     timeout: float | None = None
     retries: int = 0
     trust_workers: bool = False  # decode outputs with full pickle (DESIGN §5); else data only
+    # The input value and kwargs themselves, so that the warm pool can send several calls of one
+    # batch as one task (``encode_batch_input``); None for a call built without them.
+    value: Any = field(default=None, compare=False, repr=False)
+    kwargs: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 def encode_runnable(runnable: Any) -> tuple[bytes, str]:
@@ -43,6 +47,14 @@ def encode_input(value: Any, kwargs: dict[str, Any]) -> bytes:
         return codec.dumps((value, kwargs))
     except codec.CodecError as exc:
         raise SerializationError(f"the input cannot be sent to a worker: {exc}") from exc
+
+
+def encode_batch_input(values: list[Any], kwargs: dict[str, Any]) -> bytes:
+    """The input of a batch task (``protocol``, kind "batch"): every item's value, one kwargs."""
+    try:
+        return codec.dumps((values, kwargs))
+    except codec.CodecError as exc:
+        raise SerializationError(f"the inputs cannot be sent to a worker: {exc}") from exc
 
 
 def decode_output(data: bytes, trusted: bool = False) -> Any:

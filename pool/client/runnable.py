@@ -5,7 +5,10 @@
 It is a Runnable like any other: the client-side run is traced through LangChain's
 ``_call_with_config`` / ``_batch_with_config`` / ``_transform_stream_with_config`` helpers, it
 streams inside a ``RunnableSequence`` (which calls ``transform``), and ``with_retry`` /
-``with_fallbacks`` work because ``batch`` honours ``return_exceptions``. The runnable is encoded
+``with_fallbacks`` work because ``batch`` honours ``return_exceptions``. ``batch`` hands the
+backend one call per item, each with its own config and run manager (``_batch_with_config``), and
+gets back one outcome per item, exceptions as values; the warm backend sends them in sub-batches
+(``warm_backend.plan_sub_batches``). The runnable is encoded
 once per instance; its digest lets workers reuse what they already deserialized.
 """
 
@@ -132,7 +135,8 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
             self._encoded = encode_runnable(self.bound)
         blob, digest = self._encoded
         return RemoteCall(blob, digest, encode_input(value, kwargs), wire_config(config), self.timeout, self.retries,
-                          self.trust_workers or os.environ.get(TRUST_WORKERS_ENV, "").lower() in ("1", "true", "yes"))
+                          self.trust_workers or os.environ.get(TRUST_WORKERS_ENV, "").lower() in ("1", "true", "yes"),
+                          value, kwargs)
 
     def _backend(self) -> modes.Backend:
         return modes.choose_backend(self)

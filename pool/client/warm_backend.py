@@ -1,7 +1,11 @@
 """Warm mode: calls go to a broker over the process's shared connection.
 
 Every way of calling (invoke, stream, batch, as completed; sync and async) is one loop over task
-events. Whatever ends a call early (its timeout, an exception in the caller such as
+events. A batch travels as sub-batches (:func:`plan_sub_batches`): several items in one task, run
+on the worker with the runnable's own ``batch_as_completed`` / ``abatch_as_completed``, each
+item's outcome streamed back as it finishes; ``max_concurrency`` counts items, not tasks.
+
+Whatever ends a call early (its timeout, an exception in the caller such as
 KeyboardInterrupt, a consumer closing a stream, a cancelled asyncio task) reaches a ``finally``
 that cancels the task, so the worker stops and its slot is freed.
 """
@@ -9,14 +13,17 @@ that cancels the task, so the worker stops and its slot is freed.
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from pool.client.calls import RemoteCall, decode_output
+from pool.client.calls import RemoteCall, decode_output, encode_batch_input
 from pool.client.connection import Connection, Event, LoopSink, Submission, ThreadSink
-from pool.errors import TaskTimeout, error_from_wire
+from pool.errors import PayloadTooLarge, ProtocolError, TaskTimeout, error_from_wire
+from worker import defaults
 from worker import protocol as P
 
 
@@ -27,70 +34,181 @@ def _timeout_error(call: RemoteCall) -> TaskTimeout:
     )
 
 
+class _Unit:
+    """What one task carries: one call, or (a sub-batch) several calls of one batch that share
+    their wire config, kwargs, timeout and retries. ``left``: positions not reported yet."""
+
+    __slots__ = ("indices", "calls", "retries", "batch", "left")
+
+    def __init__(self, indices: list[int], calls: list[RemoteCall], retries: int, batch: bool) -> None:
+        self.indices = indices  # the caller's index of each item
+        self.calls = calls
+        self.retries = retries
+        self.batch = batch  # sent as a "batch" task (more than one item)
+        self.left = set(range(len(calls)))
+
+
+def _singles(calls: Sequence[RemoteCall]) -> list[_Unit]:
+    return [_Unit([i], [call], call.retries, False) for i, call in enumerate(calls)]
+
+
+def plan_sub_batches(calls: Sequence[RemoteCall], workers: int, max_concurrency: int | None) -> list[_Unit]:
+    """Calls of one batch grouped into sub-batches: calls go together when their wire config,
+    kwargs (one object per ``batch()`` call), runnable, timeout, retries and trust are the same.
+    A group of n becomes ``min(n, max(1, workers) * BATCH_PARTS_PER_WORKER)`` parts of equal size,
+    none over ``BATCH_MAX_ITEMS`` nor over ``max_concurrency``; a part of one item is a plain
+    invoke task. Parts keep the order of their first item."""
+    groups: dict[Any, list[int]] = {}
+    for index, call in enumerate(calls):
+        if call.kwargs is None:
+            key: Any = ("alone", index)
+        else:
+            key = (json.dumps(call.config, sort_keys=True, default=str), id(call.kwargs), call.digest,
+                   call.timeout, call.retries, call.trust_workers)
+        groups.setdefault(key, []).append(index)
+    units = []
+    for indices in groups.values():
+        n = len(indices)
+        parts = min(n, max(1, workers) * defaults.BATCH_PARTS_PER_WORKER)
+        size = min(-(-n // parts), defaults.BATCH_MAX_ITEMS, max_concurrency or n)
+        for start in range(0, n, size):
+            chunk = indices[start:start + size]
+            units.append(_Unit(chunk, [calls[i] for i in chunk], calls[chunk[0]].retries, len(chunk) > 1))
+    units.sort(key=lambda unit: unit.indices[0])
+    return units
+
+
 class _Calls:
-    """One caller's tasks: submitted at most ``window`` at a time, with their deadlines.
+    """One caller's tasks: submitted while at most ``window`` items are in flight, with their
+    deadlines.
 
     ``handle`` and ``timeouts`` turn events into ``(index, final, value)`` items: a streamed chunk
-    (``final`` False), or the call's outcome (``final`` True: its output, or the exception to raise
+    (``final`` False), or an item's outcome (``final`` True: its output, or the exception to raise
     or return). The sync and async drivers below only wait for events and pass them here.
+
+    A sub-batch task reports each item as a CHUNK (``protocol.unpack_item``) and ends with an
+    empty RESULT; when it ends early (an ERROR, its deadline, a malformed item) the items not
+    reported yet get that error and those reported keep theirs. A worker lost after some items
+    were reported (the broker retries a task only when nothing of it streamed) sends the rest
+    again as a new sub-batch if the calls have retries left.
     """
 
     def __init__(self, connection: Connection, calls: Sequence[RemoteCall], kind: str, sink: Any,
-                 window: int | None = None) -> None:
+                 window: int | None = None, units: list[_Unit] | None = None) -> None:
         self.connection = connection
-        self.calls = calls
         self.kind = kind
         self.sink = sink
         self.window = window or len(calls)
-        self.next_index = 0
-        self.open: dict[bytes, tuple[int, RemoteCall, float | None]] = {}
+        self.units: deque[_Unit] = deque(units if units is not None else _singles(calls))
+        self.in_flight = 0  # items submitted and not reported
+        self.open: dict[bytes, tuple[_Unit, float | None]] = {}
 
     @property
     def done(self) -> bool:
-        return self.next_index >= len(self.calls) and not self.open
+        return not self.units and not self.open
 
     def refill(self) -> None:
-        while self.next_index < len(self.calls) and len(self.open) < self.window:
-            call = self.calls[self.next_index]
-            self.connection.check_size(call.runnable, call.input)
+        units = self.units
+        while units and (not self.open or self.in_flight + len(units[0].calls) <= self.window):
+            unit = units.popleft()
+            first = unit.calls[0]
+            blob = first.input if not unit.batch else encode_batch_input(
+                [call.value for call in unit.calls], first.kwargs or {})
+            try:
+                self.connection.check_size(first.runnable, blob)
+            except PayloadTooLarge:
+                if not unit.batch:
+                    raise
+                units.extendleft(reversed(_singles_of(unit)))  # each item on its own: only a too large one fails
+                continue
             task_id = self.connection.new_task_id()
-            header = P.TaskHeader(self.kind, call.digest, call.timeout, call.retries, call.config,
-                                  call.trust_workers).to_bytes()
-            deadline = time.monotonic() + call.timeout if call.timeout is not None else None
-            self.open[task_id] = (self.next_index, call, deadline)
-            self.connection.submit(Submission(task_id, header, call.digest, call.runnable, call.input, self.sink))
-            self.next_index += 1
+            header = P.TaskHeader("batch" if unit.batch else self.kind, first.digest, first.timeout, unit.retries,
+                                  first.config, first.trust_workers, len(unit.calls)).to_bytes()
+            deadline = time.monotonic() + first.timeout if first.timeout is not None else None
+            self.open[task_id] = (unit, deadline)
+            self.in_flight += len(unit.calls)
+            self.connection.submit(Submission(task_id, header, first.digest, first.runnable, blob, self.sink))
 
     def wait_time(self) -> float | None:
-        deadlines = [d for _, _, d in self.open.values() if d is not None]
+        deadlines = [d for _, d in self.open.values() if d is not None]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _end(self, task_id: bytes, unit: _Unit, cancel: bool) -> None:
+        del self.open[task_id]
+        self.in_flight -= len(unit.left)
+        if cancel:
+            self.connection.cancel(task_id)
+
+    def _fail_left(self, unit: _Unit, error: Any) -> list[tuple[int, bool, Any]]:
+        """Each unreported item's outcome: ``error(call)``, a new exception per item."""
+        out = [(unit.indices[p], True, error(unit.calls[p])) for p in sorted(unit.left)]
+        unit.left.clear()
+        return out
 
     def handle(self, event: Event) -> list[tuple[int, bool, Any]]:
         entry = self.open.get(event.task_id)
         if entry is None:
             return []  # a late event of a task given up on
+        unit = entry[0]
+        if unit.batch:
+            out = self._handle_batch(event, unit)
+            self.refill()
+            return out
+        index, call = unit.indices[0], unit.calls[0]
         if event.kind == "chunk":
             try:
-                return [(entry[0], False, decode_output(event.data, entry[1].trust_workers))]
+                return [(index, False, decode_output(event.data, call.trust_workers))]
             except Exception as exc:  # noqa: BLE001 - a refused chunk ends the call with its error
-                del self.open[event.task_id]
-                self.connection.cancel(event.task_id)
+                self._end(event.task_id, unit, cancel=True)
                 self.refill()
-                return [(entry[0], True, exc)]
-        del self.open[event.task_id]
+                return [(index, True, exc)]
+        self._end(event.task_id, unit, cancel=False)
         self.refill()
         if self.kind == "stream" and event.kind == "result":
-            return [(entry[0], True, None)]  # the end of the stream
-        return [(entry[0], True, _outcome(event, entry[1].trust_workers))]
+            return [(index, True, None)]  # the end of the stream
+        return [(index, True, _outcome(event, call.trust_workers))]
+
+    def _handle_batch(self, event: Event, unit: _Unit) -> list[tuple[int, bool, Any]]:
+        task_id = event.task_id
+        if event.kind == "chunk":
+            try:
+                position, code, message, payload = P.unpack_item(event.data, len(unit.calls))
+                if position not in unit.left:
+                    raise ValueError(f"batch item {position} was reported twice")
+            except ValueError as exc:  # a broken worker: end the task, never guess
+                self._end(task_id, unit, cancel=True)
+                why = f"a worker sent a malformed batch item ({exc}); the items not reported yet failed"
+                return self._fail_left(unit, lambda call: ProtocolError(why))
+            unit.left.discard(position)
+            self.in_flight -= 1
+            trusted = unit.calls[position].trust_workers
+            outcome = (error_from_wire(code, message, payload, trusted) if code is not None
+                       else _decoded(payload, trusted))
+            return [(unit.indices[position], True, outcome)]
+        self._end(task_id, unit, cancel=False)
+        if event.kind == "result":
+            return self._fail_left(unit, lambda call: ProtocolError(
+                "the worker ended a batch task without reporting every item"))
+        reported = len(unit.left) < len(unit.calls)
+        if event.code == P.E_WORKER_LOST and reported and unit.retries > 0 and unit.left:
+            positions = sorted(unit.left)
+            calls = [unit.calls[p] for p in positions]
+            self.units.appendleft(_Unit([unit.indices[p] for p in positions], calls, unit.retries - 1,
+                                        len(calls) > 1))
+            unit.left.clear()
+            return []
+        return self._fail_left(unit, lambda call: error_from_wire(event.code, event.message, event.data,
+                                                                  call.trust_workers))
 
     def timeouts(self) -> list[tuple[int, bool, Any]]:
         now = time.monotonic()
-        gone = [(task_id, i, call) for task_id, (i, call, d) in self.open.items() if d is not None and d <= now]
-        for task_id, _, _ in gone:
-            del self.open[task_id]
-            self.connection.cancel(task_id)
+        gone = [(task_id, unit) for task_id, (unit, d) in self.open.items() if d is not None and d <= now]
+        out = []
+        for task_id, unit in gone:
+            self._end(task_id, unit, cancel=True)
+            out.extend(self._fail_left(unit, _timeout_error))
         self.refill()
-        return [(i, True, _timeout_error(call)) for _, i, call in gone]
+        return out
 
     def cancel_all(self) -> None:
         for task_id in list(self.open):
@@ -98,14 +216,22 @@ class _Calls:
             self.connection.cancel(task_id)
 
 
+def _singles_of(unit: _Unit) -> list[_Unit]:
+    return [_Unit([i], [call], unit.retries, False) for i, call in zip(unit.indices, unit.calls, strict=True)]
+
+
+def _decoded(data: bytes, trusted: bool) -> Any:
+    try:
+        return decode_output(data, trusted)
+    except Exception as exc:  # noqa: BLE001 - reported like any other failed call
+        return exc
+
+
 def _outcome(event: Event, trusted: bool) -> Any:
     """The value of a result event, or the exception of an error event (returned, not raised)."""
     if event.kind == "error":
         return error_from_wire(event.code, event.message, event.data, trusted)
-    try:
-        return decode_output(event.data, trusted)
-    except Exception as exc:  # noqa: BLE001 - reported like any other failed call
-        return exc
+    return _decoded(event.data, trusted)
 
 
 def _value(outcome: Any) -> Any:
@@ -122,13 +248,19 @@ class WarmBackend:
         # The caller's own patience: the shared connection may have been made by another caller.
         self.connect_timeout = connect_timeout
 
+    def _plan(self, calls: Sequence[RemoteCall], window: int | None) -> list[_Unit] | None:
+        if len(calls) < 2:
+            return None
+        return plan_sub_batches(calls, self.connection.ready_workers(), window)
+
     # ------------------------------------------------------------------ sync
 
-    def _run(self, calls: Sequence[RemoteCall], kind: str,
-             window: int | None = None) -> Iterator[tuple[int, bool, Any]]:
+    def _run(self, calls: Sequence[RemoteCall], kind: str, window: int | None = None,
+             sub_batches: bool = False) -> Iterator[tuple[int, bool, Any]]:
         self.connection.ensure_ready(self.connect_timeout)
         sink = ThreadSink()
-        state = _Calls(self.connection, calls, kind, sink, window)
+        units = self._plan(calls, window) if sub_batches else None
+        state = _Calls(self.connection, calls, kind, sink, window, units)
         try:
             state.refill()
             while not state.done:
@@ -155,7 +287,7 @@ class WarmBackend:
     def as_completed(self, calls: Sequence[RemoteCall], max_concurrency: int | None) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, output or exception)`` as each call finishes; at most
         ``max_concurrency`` in flight."""
-        for index, _, outcome in self._run(calls, "invoke", max_concurrency):
+        for index, _, outcome in self._run(calls, "invoke", max_concurrency, sub_batches=True):
             yield index, outcome
 
     def stream(self, call: RemoteCall) -> Iterator[Any]:
@@ -167,13 +299,14 @@ class WarmBackend:
 
     # ------------------------------------------------------------------ async
 
-    async def _arun(self, calls: Sequence[RemoteCall], kind: str,
-                    window: int | None = None) -> AsyncGenerator[tuple[int, bool, Any], None]:
+    async def _arun(self, calls: Sequence[RemoteCall], kind: str, window: int | None = None,
+                    sub_batches: bool = False) -> AsyncGenerator[tuple[int, bool, Any], None]:
         if not self.connection.ready:
             # Only while connecting: a thread waits for the handshake so the loop does not.
             await asyncio.get_running_loop().run_in_executor(None, self.connection.ensure_ready, self.connect_timeout)
         sink = LoopSink()
-        state = _Calls(self.connection, calls, kind, sink, window)
+        units = self._plan(calls, window) if sub_batches else None
+        state = _Calls(self.connection, calls, kind, sink, window, units)
         try:
             state.refill()
             while not state.done:
@@ -200,7 +333,7 @@ class WarmBackend:
     async def abatch(self, calls: Sequence[RemoteCall], max_concurrency: int | None,
                      return_exceptions: bool) -> list[Any]:
         results: list[Any] = [None] * len(calls)
-        iterator = self._arun(calls, "invoke", max_concurrency)
+        iterator = self._arun(calls, "invoke", max_concurrency, sub_batches=True)
         try:
             async for index, _, outcome in iterator:
                 results[index] = outcome if return_exceptions else _value(outcome)
