@@ -20,8 +20,9 @@ STDERR_TAIL_BYTES = 4096
 
 
 class ProcessChannel:
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], deadline: float | None = None) -> None:
         self.proc = proc
+        self.deadline = deadline  # the call's (time.monotonic()), for writes the worker does not take
         self._buffer = bytearray()
         self._stderr_tail: deque[bytes] = deque()
         self._stderr_size = 0
@@ -44,12 +45,30 @@ class ProcessChannel:
                 self._stderr_size -= len(self._stderr_tail.popleft())
 
     def write(self, data: bytes) -> None:
+        """Write to the worker's stdin without blocking past the call's deadline.
+
+        The session writes the TASK while the worker is still starting, so more than a pipe's
+        buffer (64 KiB) waits until the worker reads it: written as the pipe takes it, and a
+        ``TimeoutError`` if the deadline passes first (a worker stuck in its start-up)."""
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(data)
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            pass  # the worker is gone; reading will report why
+            fd = self.proc.stdin.fileno()
+            os.set_blocking(fd, False)
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[os.write(fd, view):]
+                    continue
+                except BlockingIOError:
+                    pass
+                remaining = None if self.deadline is None else self.deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError()
+                select.select([], [fd], [], remaining)
+        except TimeoutError:
+            raise  # an OSError too, but not a worker that is gone
+        except (OSError, ValueError):
+            pass  # the worker is gone (or abort() closed its stdin); reading will report why
 
     def read_line(self, timeout: float | None) -> bytes:
         assert self.proc.stdout is not None
@@ -122,4 +141,4 @@ class LocalLauncher:
             [sys.executable, "-m", "worker", "--stdio", "--log-level", "WARNING"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
         )
-        return ProcessChannel(proc)
+        return ProcessChannel(proc, deadline)

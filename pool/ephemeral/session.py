@@ -23,7 +23,10 @@ from worker import protocol as P
 class Channel(Protocol):
     """A started one-shot worker's stdin and stdout."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        """Send ``data`` (it may wait for the worker to read; raises ``TimeoutError`` once the
+        call's deadline passed, and nothing when the worker is gone: reading says why)."""
+        ...
 
     def read_line(self, timeout: float | None) -> bytes:
         """The next line (b"" once the worker's output ended); raises ``TimeoutError``."""
@@ -70,13 +73,18 @@ class Session:
         try:
             if aborted:
                 raise asyncio.CancelledError()
-            channel.write(P.stdio_line(P.HELLO, P.encode_json(P.environment())))
+            # The worker is starting (a Python process importing LangChain, or a Pod's container):
+            # frame HELLO and the TASK now and send both at once, so that they wait in its stdin
+            # while it starts instead of the TASK following READY a round trip later. The worker
+            # reads them in the same order as before: HELLO, (READY), TASK; one that refuses HELLO
+            # answers ERROR and exits without reading the TASK.
+            header = P.TaskHeader(self.kind, self.call.digest, self.call.timeout, 0, self.call.config,
+                                  self.call.trust_workers)
+            self._write(channel, P.stdio_line(P.HELLO, P.encode_json(P.environment()))
+                        + P.stdio_line(P.TASK, header.to_bytes(), self.call.runnable, self.call.input))
             command, _ = self._next(channel)
             if command != P.READY:
                 raise WorkerLost(f"the one-shot worker answered HELLO with {P.COMMAND_NAMES.get(command)}")
-            header = P.TaskHeader(self.kind, self.call.digest, self.call.timeout, 0, self.call.config,
-                                  self.call.trust_workers)
-            channel.write(P.stdio_line(P.TASK, header.to_bytes(), self.call.runnable, self.call.input))
             while True:
                 command, fields = self._next(channel)
                 if command == P.CHUNK and fields:
@@ -86,6 +94,12 @@ class Session:
                     return
         finally:
             self.abort()
+
+    def _write(self, channel: Channel, data: bytes) -> None:
+        try:
+            channel.write(data)
+        except TimeoutError:  # a channel that knows the deadline (a pipe the worker does not empty)
+            raise self._timeout() from None
 
     def _next(self, channel: Channel) -> tuple[bytes, list[bytes]]:
         while True:
