@@ -30,7 +30,7 @@ from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableLambda
 
-from pool.bench import llm, soak, workloads
+from pool.bench import ephemeral_floor, llm, soak, workloads
 from pool.bench.measure import BareFloor, cpu_model, environment, memory_gb, percentiles, time_calls, timed_samples
 from pool.client.runnable import DEFAULT_IMAGE, RunnableK8s
 from pool.local import LocalPool
@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--ephemeral-calls", type=int, default=10, metavar="N",
                       help="sequential ephemeral calls per latency figure, and the independent calls of each "
                            "ephemeral throughput run (at least the concurrency); default 10")
+    what.add_argument("--floor-runs", type=int, default=None, metavar="N",
+                      help="ephemeral mode's floors, measured in the same run: N bare Python + langchain_core "
+                           "starts (and, with --launcher kubernetes, N minimal Pods created until Running); "
+                           "default: --ephemeral-calls")
     what.add_argument("--concurrency", type=_csv(int), default=None, metavar="1,8,64",
                       help="calls in flight for the throughput figures (default 1,8,64); the llm workload "
                            "uses the highest (default 1000, see --llm-in-flight)")
@@ -344,6 +348,7 @@ class Bench:
         if "ephemeral" in self.modes:
             eph_conc = [c for c in self.concurrency if c <= self.args.ephemeral_max_in_flight]
             steps += len(self.workloads) * (1 + len(eph_conc))
+            steps += 3 if self.args.launcher == "kubernetes" else 2  # its floors
         return steps
 
     # -------------------------------------------------------------- pieces
@@ -428,9 +433,34 @@ class Bench:
                            k8s_secret_name=a.secret)
         result = self._mode("ephemeral", progress, lambda r: RunnableK8s(bound=r, **options))
         result["launcher"] = a.launcher
+        result["floor"] = self.ephemeral_floor(progress)
         if a.launcher == "kubernetes":
             result["cluster"] = {"namespace": a.namespace, "image": a.image, "image_pull_policy": a.image_pull_policy}
         return result
+
+    def ephemeral_floor(self, progress: Progress) -> dict[str, Any]:
+        """What a fresh worker per call cannot go below, measured right after ephemeral mode:
+        Python + langchain_core's start (bare, and running one RunnableLambda) and, on
+        Kubernetes, a minimal Pod's create -> Running (:mod:`pool.bench.ephemeral_floor`)."""
+        a = self.args
+        runs = max(1, a.floor_runs or a.ephemeral_calls)
+        floor: dict[str, Any] = {}
+        with progress.step("ephemeral floor: bare Python + langchain_core start") as tick:
+            floor["bare_start"] = {**_summary(ephemeral_floor.start_floor(runs, tick=tick)),
+                                   "command": f'python -c "{ephemeral_floor.BARE_START}"'}
+        with progress.step("ephemeral floor: Python start running one RunnableLambda") as tick:
+            floor["runnable_start"] = {
+                **_summary(ephemeral_floor.start_floor(runs, ephemeral_floor.RUNNABLE_START, tick=tick)),
+                "command": f'python -c "{ephemeral_floor.RUNNABLE_START}"'}
+        if a.launcher == "kubernetes":
+            from pool.ephemeral.k8s_launcher import KubernetesLauncher
+
+            launcher = KubernetesLauncher(namespace=a.namespace, image=a.image, image_pull_policy=a.image_pull_policy,
+                                          k8s_config=a.kubeconfig or os.environ.get("KUBECONFIG"))
+            with progress.step("ephemeral floor: minimal Pod, create -> Running") as tick:
+                floor["pod_start"] = {**_summary(ephemeral_floor.pod_floor(launcher, runs, tick=tick)),
+                                      "command": " ".join(ephemeral_floor.POD_FLOOR_COMMAND)}
+        return floor
 
     def _mode(self, mode: str, progress: Progress, wrap: Callable[[Runnable], RunnableK8s]) -> dict[str, Any]:
         a = self.args
@@ -574,6 +604,7 @@ class Bench:
             "modes": self.modes, "workloads": self.workloads, "launcher": a.launcher, "concurrency": self.concurrency,
             "calls": a.calls, "slow_calls": a.slow_calls, "ephemeral_calls": a.ephemeral_calls,
             "ephemeral_max_in_flight": a.ephemeral_max_in_flight, "throughput_seconds": a.throughput_seconds,
+            "floor_runs": a.floor_runs or a.ephemeral_calls,
             "payload_bytes": a.payload_bytes, "io_latency_ms": a.io_latency_ms, "stream_chunks": a.stream_chunks,
             "stream_chunk_ms": a.stream_chunk_ms, "scaling_in_flight": a.scaling_in_flight, "pool": a.pool,
             "pool_workers": a.pool_workers, "slots": a.slots, "scaling_workers": self.scaling,
@@ -622,6 +653,7 @@ def summarize(results: dict[str, Any]) -> None:
             name: round(modes["ephemeral"]["overhead"][name]["p50_ms_over_in_process"]
                         / modes["warm"]["overhead"][name]["p50_ms_over_in_process"], 1)
             for name in warm if name in eph and modes["warm"]["overhead"][name]["p50_ms_over_in_process"] > 0}
+    ratios.update(ephemeral_floor_ratios(modes.get("ephemeral", {})))
     if "warm" in modes and "floor" in results and "echo" in modes["warm"]["workloads"]:
         warm_echo = modes["warm"]["workloads"]["echo"]
         floor_plus = results["floor"]["p50_ms"] + in_process["echo"]["p50_ms"]
@@ -641,6 +673,9 @@ def summarize(results: dict[str, Any]) -> None:
         goals["warm_p50_speedup_over_ephemeral"] = {"workload": "echo", "launcher": launcher,
                                                     "measured": speedup["echo"], "goal": target,
                                                     "met": speedup["echo"] >= target}
+    floor_goal = _ephemeral_floor_goal(ratios, launcher)
+    if floor_goal is not None:
+        goals["ephemeral_p50_over_its_floor"] = floor_goal
     scaling = results.get("scaling", {})
     if "1" in scaling.get("throughput_by_workers", {}) and "4" in scaling["throughput_by_workers"]:
         measured = round(scaling["throughput_by_workers"]["4"] / scaling["throughput_by_workers"]["1"], 3)
@@ -648,6 +683,33 @@ def summarize(results: dict[str, Any]) -> None:
     if "llm" in results:
         goals.update(llm.goals(results["llm"]))
     results["goals"] = goals
+
+
+# Ephemeral mode's goal (issue 11): a call's p50 within 1.3 x its floor measured in the same run.
+EPHEMERAL_FLOOR_GOAL = 1.3
+
+
+def ephemeral_floor_ratios(ephemeral: dict[str, Any]) -> dict[str, Any]:
+    """Ephemeral p50 of each workload over each of its floors (``Bench.ephemeral_floor``)."""
+    floor, workloads = ephemeral.get("floor") or {}, ephemeral.get("workloads") or {}
+    ratios: dict[str, Any] = {}
+    for key, name in (("bare_start", "ephemeral_p50_over_bare_python_start"),
+                      ("runnable_start", "ephemeral_p50_over_runnable_python_start"),
+                      ("pod_start", "ephemeral_p50_over_minimal_pod_start")):
+        if key in floor and floor[key]["p50_ms"] > 0:
+            ratios[name] = {workload: round(w["p50_ms"] / floor[key]["p50_ms"], 2) for workload, w in workloads.items()}
+    return ratios
+
+
+def _ephemeral_floor_goal(ratios: dict[str, Any], launcher: str | None) -> dict[str, Any] | None:
+    """Echo p50 over the floor the issue names: the bare start (local), the minimal Pod (kubernetes)."""
+    key = ("ephemeral_p50_over_minimal_pod_start" if launcher == "kubernetes"
+           else "ephemeral_p50_over_bare_python_start")
+    measured = ratios.get(key, {}).get("echo")
+    if measured is None:
+        return None
+    return {"workload": "echo", "launcher": launcher, "measured": measured, "goal": EPHEMERAL_FLOOR_GOAL,
+            "compare": "<=", "met": measured <= EPHEMERAL_FLOOR_GOAL}
 
 
 def _cluster_info(kubeconfig: str | None) -> dict[str, Any]:

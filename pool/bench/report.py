@@ -16,6 +16,14 @@ WORKLOAD_STYLES = {"echo": "-", "io": "--", "stream": ":"}
 WORKLOAD_MARKERS = {"echo": "o", "io": "s", "stream": "^"}
 
 
+# Ephemeral mode's floors (pool.bench.ephemeral_floor), shown under its echo row, same run.
+EPHEMERAL_FLOOR_ROWS = (
+    ("bare_start", "floor: python + langchain_core"),          # python -c "import langchain_core.runnables"
+    ("runnable_start", "floor: python + a RunnableLambda"),    # ... and invoke one RunnableLambda
+    ("pod_start", "floor: minimal Pod -> Running"),            # create -> phase Running, a sleeping Pod
+)
+
+
 def _ephemeral_label(results: dict[str, Any]) -> str:
     launcher = results["modes"].get("ephemeral", {}).get("launcher", "local")
     return "ephemeral (a Pod per call)" if launcher == "kubernetes" else "ephemeral (a process per call)"
@@ -82,6 +90,10 @@ def format_table(results: dict[str, Any]) -> str:
                 continue
             label = "warm" if mode == "warm" else _ephemeral_label(results)
             lines.append(row(workload, label, w, w.get("throughput_by_concurrency")))
+            if mode == "ephemeral" and workload == "echo":
+                for key, floor_label in EPHEMERAL_FLOOR_ROWS:
+                    if key in (figures.get("floor") or {}):
+                        lines.append(row(workload, floor_label, figures["floor"][key]))
             if mode == "warm" and workload == "echo" and figures.get("big_runnable"):
                 big = figures["big_runnable"]
                 lines.append(row(workload, "warm, 1 KB runnable (repeated)", big["runnable_1kb"]))
@@ -106,6 +118,13 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{'':8} {'':32} {'':>6} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}")
         for workload, figures in pod_rows:
             lines.append(row(workload, "Pod start + attach", figures))
+        lines.append("")
+
+    floor = modes.get("ephemeral", {}).get("floor") or {}
+    if floor:
+        lines.append("ephemeral mode's floors (same run, p50 of " + str(settings.get("floor_runs", "N")) + " runs): "
+                     + "; ".join(f"{label.removeprefix('floor: ')} = {floor[key].get('command', key)}"
+                                 for key, label in EPHEMERAL_FLOOR_ROWS if key in floor))
         lines.append("")
 
     lines.append("overhead over in-process (p50, ms added to the same runnable run in this process)")

@@ -1,0 +1,94 @@
+"""The floors of ephemeral mode, measured by ``runnable-k8s bench`` in the same run (issue 11).
+
+A fresh worker per call cannot cost less than
+
+* starting Python with LangChain: ``python -c "import langchain_core.runnables"`` with the
+  bench's own interpreter (:func:`start_floor`). langchain-core 1.x imports that package lazily,
+  so this start does not load ``Runnable`` itself, nor the callbacks, tracers and langsmith
+  client that any ``Runnable.invoke`` needs; the bench therefore also times a start that runs one
+  ``RunnableLambda`` (:data:`RUNNABLE_START`), the least a process that runs a Runnable does;
+* on Kubernetes, a Pod's start: create -> phase Running of a minimal Pod, the runner Pods' own
+  manifest and image with a command that only sleeps, watched like a runner Pod and deleted after
+  (:func:`pod_floor`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+BARE_START = "import langchain_core.runnables"
+RUNNABLE_START = "from langchain_core.runnables import RunnableLambda; RunnableLambda(lambda x: x).invoke(1)"
+POD_FLOOR_COMMAND = ["sleep", "600"]  # the worker image has coreutils; killed by the delete
+
+
+def timed_start(code: str, python: str = sys.executable) -> float:
+    """Seconds ``python -c CODE`` took from spawn to exit (it must succeed)."""
+    started = time.perf_counter()
+    subprocess.run([python, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE, check=True)
+    return time.perf_counter() - started
+
+
+def start_floor(runs: int, code: str = BARE_START, python: str = sys.executable,
+                tick: Callable[[str], None] | None = None) -> list[float]:
+    """Seconds each of ``runs`` sequential ``python -c CODE`` starts took."""
+    samples = []
+    for i in range(runs):
+        if tick is not None:
+            tick(f"start {i + 1}/{runs}")
+        samples.append(timed_start(code, python))
+    return samples
+
+
+def floor_pod_manifest(launcher: Any) -> dict[str, Any]:
+    """A runner Pod of ``launcher`` (a :class:`~pool.ephemeral.k8s_launcher.KubernetesLauncher`:
+    same image, pull policy, labels, security context and overrides) that only sleeps."""
+    manifest: dict[str, Any] = launcher.manifest(None)
+    container = manifest["spec"]["containers"][0]
+    container["command"] = list(POD_FLOOR_COMMAND)
+    container["stdin"] = container["stdinOnce"] = False
+    manifest["spec"]["activeDeadlineSeconds"] = 120
+    return manifest
+
+
+def time_pod_start(launcher: Any) -> float:
+    """Seconds from create to phase Running of one minimal Pod (then deleted, in every outcome)."""
+    from kubernetes.client.rest import ApiException
+
+    from pool.errors import PodFailed
+    from pool.k8s.api import api_error
+
+    core = launcher.core()
+    manifest = floor_pod_manifest(launcher)
+    name = manifest["metadata"]["name"]
+    try:
+        started = time.perf_counter()
+        try:
+            core.create_namespaced_pod(launcher.namespace, manifest)
+        except ApiException as exc:
+            raise api_error(exc, "create", "pods", launcher.namespace, error=PodFailed) from exc
+        try:
+            launcher._wait_running(core, name, None)  # the runner Pods' own watch, up to its start timeout
+            return time.perf_counter() - started
+        finally:
+            try:
+                core.delete_namespaced_pod(name, launcher.namespace, grace_period_seconds=0)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+    finally:
+        core.api_client.close()
+
+
+def pod_floor(launcher: Any, runs: int, tick: Callable[[str], None] | None = None) -> list[float]:
+    """Seconds each of ``runs`` sequential minimal Pods took from create to Running."""
+    samples = []
+    for i in range(runs):
+        if tick is not None:
+            tick(f"Pod {i + 1}/{runs}")
+        samples.append(time_pod_start(launcher))
+    return samples
