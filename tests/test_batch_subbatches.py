@@ -12,6 +12,7 @@ import asyncio
 import glob
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from pool import LocalPool, TaskTimeout
 from pool.client.calls import RemoteCall
 from pool.client.warm_backend import plan_sub_batches
 from tests.support.remote import remote
-from worker import defaults
+from worker import codec, defaults, execution
 from worker import protocol as P
 
 pytestmark = pytest.mark.timeout(60)
@@ -228,6 +229,51 @@ def test_task_header_items():
                 b'{"kind":"invoke","digest":"d","items":3}', b'{"kind":"batches","digest":"d"}'):
         with pytest.raises(ValueError):
             P.TaskHeader.from_bytes(bad)
+
+
+# ---------------------------------------------------------------------- the worker's side (no pool)
+
+
+def _unpacked(frames: list[bytes], items: int) -> dict[int, tuple[bytes | None, str, bytes]]:
+    out = {}
+    for frame in frames:
+        index, code, message, payload = P.unpack_item(frame, items)
+        out[index] = (code, message, payload)
+    return out
+
+
+def test_a_worker_batch_runs_the_runnables_own_batch_and_packs_each_item():
+    blob = codec.dumps(([1, 2, 3], {}))
+    frames = list(execution.iterate_batch(MarkingLambda(double), False, blob, {}, 3, False, 1 << 20))
+    items = _unpacked(frames, 3)
+    assert sorted(items) == [0, 1, 2]
+    outputs = [codec.loads_output(items[i][2], False) for i in range(3)]
+    assert outputs == [("batch", 3, 2), ("batch", 3, 4), ("batch", 3, 6)]
+
+
+def test_an_item_error_or_an_item_too_large_is_that_items_own():
+    def outcome(x: int) -> Any:
+        if x == 0:
+            raise KeyError("zero")
+        if x == 1:
+            return "x" * 10_000
+        if x == 2:
+            return threading.Lock()  # not data: cannot be sent back untrusted
+        return x
+
+    blob = codec.dumps(([0, 1, 2, 3], {}))
+    frames = list(execution.iterate_batch(RunnableLambda(outcome), False, blob, {}, 4, False, 1000))
+    items = _unpacked(frames, 4)
+    assert items[0][0] == P.E_REMOTE and "KeyError" in items[0][1]
+    assert items[1][0] == P.E_PAYLOAD_TOO_LARGE and "batch item 1" in items[1][1]
+    assert items[2][0] == P.E_SERIALIZATION
+    assert items[3][0] is None and codec.loads_output(items[3][2], False) == 3
+
+
+def test_a_batch_input_that_does_not_match_its_header_fails_the_task():
+    for blob, items in ((codec.dumps(([1, 2], {})), 3), (codec.dumps((1, {})), 1), (b"garbage", 2)):
+        with pytest.raises(execution.StageError):
+            list(execution.iterate_batch(RunnableLambda(double), False, blob, {}, items, False, 1000))
 
 
 # ---------------------------------------------------------------------- losing a worker

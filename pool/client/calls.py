@@ -29,7 +29,8 @@ class RemoteCall:
     retries: int = 0
     trust_workers: bool = False  # decode outputs with full pickle (DESIGN §5); else data only
     # The input value and kwargs themselves, so that the warm pool can send several calls of one
-    # batch as one task (``encode_batch_input``); None for a call built without them.
+    # batch as one task (``encode_batch_input``); None for a call built without them. A call with
+    # them may leave ``input`` empty (b""): then the warm backend encodes it when it sends it alone.
     value: Any = field(default=None, compare=False, repr=False)
     kwargs: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 

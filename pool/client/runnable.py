@@ -29,6 +29,7 @@ from pydantic import ConfigDict, PrivateAttr
 
 from pool.client import modes
 from pool.client.calls import RemoteCall, encode_input, encode_runnable, wire_config
+from pool.client.warm_backend import WarmBackend
 from worker import defaults
 
 DEFAULT_IMAGE = defaults.EPHEMERAL_IMAGE
@@ -130,11 +131,15 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     # ------------------------------------------------------------------ building calls
 
-    def _call(self, value: Any, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RemoteCall:
+    def _call(self, value: Any, config: RunnableConfig | None, kwargs: dict[str, Any],
+              encode: bool = True) -> RemoteCall:
+        """The call of ``value``; with ``encode`` False its input is left for the backend to encode
+        (``RemoteCall.value``/``kwargs``): the warm backend sends a batch's items together."""
         if self._encoded is None:
             self._encoded = encode_runnable(self.bound)
         blob, digest = self._encoded
-        return RemoteCall(blob, digest, encode_input(value, kwargs), wire_config(config), self.timeout, self.retries,
+        return RemoteCall(blob, digest, encode_input(value, kwargs) if encode else b"", wire_config(config),
+                          self.timeout, self.retries,
                           self.trust_workers or os.environ.get(TRUST_WORKERS_ENV, "").lower() in ("1", "true", "yes"),
                           value, kwargs)
 
@@ -172,8 +177,10 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     def _batch(self, values: list[Input], config: list[RunnableConfig], limit: int | None,
                **kwargs: Any) -> list[Any]:
-        calls = [self._call(v, c, kwargs) for v, c in zip(values, config, strict=True)]
-        return self._backend().batch(calls, limit, return_exceptions=True)
+        backend = self._backend()
+        encode = not isinstance(backend, WarmBackend)
+        calls = [self._call(v, c, kwargs, encode) for v, c in zip(values, config, strict=True)]
+        return backend.batch(calls, limit, return_exceptions=True)
 
     async def abatch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None,
                      *, return_exceptions: bool = False, **kwargs: Any) -> list[Output]:
@@ -185,8 +192,9 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     async def _abatch(self, values: list[Input], config: list[RunnableConfig], limit: int | None,
                       **kwargs: Any) -> list[Any]:
-        calls = [self._call(v, c, kwargs) for v, c in zip(values, config, strict=True)]
         backend = await modes.achoose_backend(self)
+        encode = not isinstance(backend, WarmBackend)
+        calls = [self._call(v, c, kwargs, encode) for v, c in zip(values, config, strict=True)]
         return await backend.abatch(calls, limit, return_exceptions=True)
 
     # ------------------------------------------------------------------ stream

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from pool.client.calls import RemoteCall, decode_output, encode_batch_input
+from pool.client.calls import RemoteCall, decode_output, encode_batch_input, encode_input
 from pool.client.connection import Connection, Event, LoopSink, Submission, ThreadSink
 from pool.errors import PayloadTooLarge, ProtocolError, TaskTimeout, error_from_wire
 from worker import defaults
@@ -112,8 +112,10 @@ class _Calls:
         while units and (not self.open or self.in_flight + len(units[0].calls) <= self.window):
             unit = units.popleft()
             first = unit.calls[0]
-            blob = first.input if not unit.batch else encode_batch_input(
-                [call.value for call in unit.calls], first.kwargs or {})
+            if unit.batch:
+                blob = encode_batch_input([call.value for call in unit.calls], first.kwargs or {})
+            else:
+                blob = first.input or encode_input(first.value, first.kwargs or {})
             try:
                 self.connection.check_size(first.runnable, blob)
             except PayloadTooLarge:
