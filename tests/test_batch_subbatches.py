@@ -24,6 +24,7 @@ from pool import LocalPool, TaskTimeout
 from pool.client.calls import RemoteCall
 from pool.client.warm_backend import plan_sub_batches
 from tests.support.remote import remote
+from tests.support.waiting import wait_for
 from worker import codec, defaults, execution
 from worker import protocol as P
 
@@ -153,6 +154,24 @@ def test_a_timeout_fails_only_the_items_not_reported(pool):
 def test_kwargs_reach_every_item(pool):
     runnable = remote(pool, RunnableLambda(lambda x, **kw: x)).bind(extra=1)  # bound kwargs on the client
     assert runnable.batch(list(range(N))) == list(range(N))
+
+
+def test_a_timed_out_batch_on_the_event_loop_cancels_its_items(pool, tmp_path):
+    cancelled = str(tmp_path / "cancelled")
+
+    async def slow_zero(x: int) -> int:
+        if x == 0:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                Path(cancelled).touch()
+                raise
+        return x
+
+    runnable = remote(pool, RunnableLambda(lambda x: x, afunc=slow_zero), timeout=1.0)
+    results = runnable.batch(list(range(16)), return_exceptions=True)
+    assert isinstance(results[0], TaskTimeout) and results[1:] == list(range(1, 16))
+    wait_for(lambda: os.path.exists(cancelled), 10, "the timed-out item's task to be cancelled on the worker")
 
 
 # ---------------------------------------------------------------------- sizing (no pool)

@@ -27,6 +27,7 @@ Entry points, all taking and returning encoded bytes (``codec``):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncGenerator, Generator, Iterator
 from typing import Any
 
@@ -260,14 +261,45 @@ async def aiterate_stream(runnable: Runnable, input_blob: bytes,
             await aclose()
 
 
+# The tasks a batch started on the loop (see track_tasks): an async batch runs its items as tasks
+# of their own (``asyncio.as_completed``), which closing the batch's iterator does not cancel.
+_batch_tasks: contextvars.ContextVar[set[asyncio.Task[Any]] | None] = contextvars.ContextVar(
+    "rk8s_batch_tasks", default=None)
+
+
+def track_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Have ``loop`` note every task created inside :func:`aiterate_batch` (its items' tasks, and
+    theirs), so that a batch cancelled, timed out or abandoned cancels its items too."""
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        context = kwargs.get("context")
+        owner = context.get(_batch_tasks) if context is not None else _batch_tasks.get()
+        if owner is not None:
+            owner.add(task)
+        return task
+
+    loop.set_task_factory(factory)
+
+
 async def aiterate_batch(runnable: Runnable, input_blob: bytes, config: RunnableConfig, items: int,
                          trusted: bool, max_bytes: int) -> AsyncGenerator[bytes, None]:
     values, kwargs = decode_batch_input(input_blob, items)
+    started: set[asyncio.Task[Any]] = set()
+    token = _batch_tasks.set(started)
     outcomes = runnable.abatch_as_completed(values, config, return_exceptions=True, **kwargs)
     try:
         async for index, outcome in outcomes:
             yield pack_outcome(index, outcome, trusted, max_bytes)
     finally:
-        aclose = getattr(outcomes, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        try:
+            aclose = getattr(outcomes, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            try:
+                _batch_tasks.reset(token)
+            except ValueError:  # finalized from another context (garbage-collected): nothing to undo there
+                pass
+            for task in started:
+                task.cancel()  # a no-op for those done

@@ -230,6 +230,7 @@ class TaskRunner:
         self._loop.set_default_executor(
             concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="rk8s-loop-sync"))
         asyncio.set_event_loop(self._loop)
+        execution.track_tasks(self._loop)  # a batch given up on cancels its items' tasks too
         ready.set()
         self._loop.run_forever()
 
