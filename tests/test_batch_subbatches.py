@@ -14,11 +14,12 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.runnables import RunnableConfig, RunnableLambda
+from langchain_core.runnables import RunnableConfig, RunnableGenerator, RunnableLambda
 
 from pool import LocalPool, TaskTimeout
 from pool.client.calls import RemoteCall
@@ -35,17 +36,31 @@ pytestmark = pytest.mark.timeout(60)
 N = 40
 
 
-class MarkingLambda(RunnableLambda):
+class Marking:
     """Says which of its own batch methods ran each item, and how many items that batch held."""
 
     def batch_as_completed(self, inputs, config=None, *, return_exceptions=False, **kwargs):  # type: ignore[no-untyped-def]
-        for index, out in super().batch_as_completed(inputs, config, return_exceptions=return_exceptions, **kwargs):
+        for index, out in super().batch_as_completed(  # type: ignore[misc]
+                inputs, config, return_exceptions=return_exceptions, **kwargs):
             yield index, out if isinstance(out, BaseException) else ("batch", len(inputs), out)
 
     async def abatch_as_completed(self, inputs, config=None, *, return_exceptions=False, **kwargs):  # type: ignore[no-untyped-def]
-        async for index, out in super().abatch_as_completed(inputs, config, return_exceptions=return_exceptions,
-                                                            **kwargs):
+        async for index, out in super().abatch_as_completed(  # type: ignore[misc]
+                inputs, config, return_exceptions=return_exceptions, **kwargs):
             yield index, out if isinstance(out, BaseException) else ("abatch", len(inputs), out)
+
+
+class MarkingLambda(Marking, RunnableLambda):
+    pass
+
+
+class MarkingGenerator(Marking, RunnableGenerator):
+    pass
+
+
+def doubled(chunks: Iterator[int]) -> Iterator[int]:
+    for chunk in chunks:
+        yield chunk * 2
 
 
 def double(x: int) -> int:
@@ -73,22 +88,24 @@ def test_batch_results_are_in_order_and_equal_to_a_local_batch(pool):
     assert asyncio.run(remote(pool, runnable).abatch(inputs)) == runnable.batch(inputs)
 
 
-def test_the_runnables_own_batch_runs_on_a_thread_worker(pool):
-    outputs = remote(pool, MarkingLambda(double)).batch(list(range(N)))
+def test_the_runnables_own_abatch_runs_on_the_event_loop(pool):
+    # An async runnable and a sync one alike: a sync one's items then run on the loop's executor,
+    # the worker's bounded pool of threads.
+    for runnable in (MarkingLambda(double, afunc=adouble), MarkingLambda(double)):
+        outputs = asyncio.run(remote(pool, runnable).abatch(list(range(N))))
+        assert [out for _, _, out in outputs] == [x * 2 for x in range(N)]
+        assert {how for how, _, _ in outputs} == {"abatch"}
+        assert max(size for _, size, _ in outputs) > 1  # items travelled together
+        outputs = remote(pool, runnable).batch(list(range(N)))
+        assert {how for how, _, _ in outputs} == {"abatch"}
+
+
+def test_the_runnables_own_batch_runs_on_a_thread_when_it_cannot_run_async(pool):
+    # A sync generator has no async path: its batch runs with batch_as_completed on a task thread.
+    outputs = remote(pool, MarkingGenerator(doubled)).batch(list(range(N)))
     assert [out for _, _, out in outputs] == [x * 2 for x in range(N)]
     assert {how for how, _, _ in outputs} == {"batch"}
-    assert max(size for _, size, _ in outputs) > 1  # items travelled together
-
-
-def test_the_runnables_own_abatch_runs_on_the_event_loop(pool):
-    # A lambda with an async twin runs on the worker's event loop: there the batch is an abatch.
-    outputs = asyncio.run(remote(pool, MarkingLambda(double, afunc=adouble)).abatch(list(range(N))))
-    assert [out for _, _, out in outputs] == [x * 2 for x in range(N)]
-    assert {how for how, _, _ in outputs} == {"abatch"}
     assert max(size for _, size, _ in outputs) > 1
-    # A sync batch of it goes to the loop as well.
-    outputs = remote(pool, MarkingLambda(double, afunc=adouble)).batch(list(range(N)))
-    assert {how for how, _, _ in outputs} == {"abatch"}
 
 
 def test_per_item_errors_with_and_without_return_exceptions(pool):

@@ -120,6 +120,15 @@ def prefers_event_loop(runnable: Any) -> bool:
     return any(_awaits_natively(part) for part in found)
 
 
+def runs_async(runnable: Any) -> bool:
+    """True if ``runnable`` works through its async methods: no part can only stream
+    synchronously (a sync generator, whose async path raises). A batch of such a runnable runs on
+    the warm worker's event loop even when its parts are sync: ``abatch_as_completed`` then hands
+    each sync item to the loop's executor, the worker's bounded pool of threads, so a batch stays
+    within ``threads`` (``batch_as_completed`` would start a thread pool of its own per batch)."""
+    return not any(isinstance(part, RunnableGenerator) and not hasattr(part, "_atransform") for part in parts(runnable))
+
+
 def config_from_wire(data: dict[str, Any]) -> RunnableConfig:
     return RunnableConfig(**{key: data[key] for key in WIRE_CONFIG_KEYS if data.get(key) is not None})  # type: ignore[typeddict-item]
 

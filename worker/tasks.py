@@ -13,10 +13,14 @@ each task to a :class:`TaskRunner`, which runs it
   queue for a thread, and a draining worker hands those back to the broker unstarted
   (:meth:`TaskRunner.withdraw`).
 
-A batch task (several inputs, ``protocol`` kind "batch") runs the same way, with the runnable's
-own ``batch_as_completed`` on a task thread or ``abatch_as_completed`` on the loop; each item
-goes back as a CHUNK as it finishes (``execution.iterate_batch``), and a task abandoned between
-items stops there, like a stream.
+A batch task (several inputs, ``protocol`` kind "batch") runs with the runnable's own
+``abatch_as_completed`` on the loop, sync runnables included: their items then run on the loop's
+executor, the same bounded pool of ``threads``, where ``batch_as_completed`` on a task thread
+would start a thread pool of its own per batch and break the worker's bound on threads. Only a
+runnable that cannot run asynchronously (a sync generator part) has its batch run with
+``batch_as_completed`` on a task thread. Each item goes back as a CHUNK as it finishes
+(``execution.iterate_batch``); a batch abandoned on the loop is cancelled with its items' tasks,
+one on a thread stops before its next item, like a stream.
 
 Either way the task's reply frames (CHUNK, RESULT, ERROR: exactly what the broker will receive)
 go back through a per-thread inproc PUSH socket to the I/O thread, which forwards them unless the
@@ -56,6 +60,10 @@ QUEUED, RUNNING, ON_LOOP, DONE, ABANDONED = range(5)
 class CachedRunnable:
     runnable: Runnable
     on_loop: bool  # runs on the event loop (``execution.prefers_event_loop``), else on a thread
+    batch_on_loop: bool = False  # its batches run on the loop even so (``execution.runs_async``)
+
+    def loop_for(self, kind: str) -> bool:
+        return self.on_loop or (kind == "batch" and self.batch_on_loop)
 
 
 class RunnableCache:
@@ -122,7 +130,7 @@ class TaskRunner:
     # ------------------------------------------------------------------ I/O thread side
 
     def start(self, job: Job) -> None:
-        if job.cached is not None and job.cached.on_loop:
+        if job.cached is not None and job.cached.loop_for(job.header.kind):
             job.state = ON_LOOP
             job.future = self._on_loop(self._run_async(job, job.cached))
         else:
@@ -176,7 +184,7 @@ class TaskRunner:
     def _run_sync(self, job: Job) -> None:
         try:
             cached = job.cached or self._load(job)
-            if cached.on_loop:
+            if cached.loop_for(job.header.kind):
                 with self._lock:
                     if job.state == RUNNING:
                         job.state = ON_LOOP
@@ -208,7 +216,7 @@ class TaskRunner:
             runnable = codec.loads(job.blob)
         except Exception as exc:
             raise execution.StageError("the runnable could not be rebuilt on the worker", exc) from exc
-        cached = CachedRunnable(runnable, execution.prefers_event_loop(runnable))
+        cached = CachedRunnable(runnable, execution.prefers_event_loop(runnable), execution.runs_async(runnable))
         self.cache.put(job.header.digest, cached)
         job.blob = b""
         return cached
