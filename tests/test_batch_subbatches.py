@@ -9,17 +9,17 @@ format of an item is checked here too, with hostile input.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import glob
 import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.runnables import RunnableConfig, RunnableGenerator, RunnableLambda
+from langchain_core.runnables import RunnableConfig, RunnableLambda
 
 from pool import LocalPool, TaskTimeout
 from pool.client.calls import RemoteCall
@@ -54,15 +54,6 @@ class MarkingLambda(Marking, RunnableLambda):
     pass
 
 
-class MarkingGenerator(Marking, RunnableGenerator):
-    pass
-
-
-def doubled(chunks: Iterator[int]) -> Iterator[int]:
-    for chunk in chunks:
-        yield chunk * 2
-
-
 def double(x: int) -> int:
     return x * 2
 
@@ -88,24 +79,23 @@ def test_batch_results_are_in_order_and_equal_to_a_local_batch(pool):
     assert asyncio.run(remote(pool, runnable).abatch(inputs)) == runnable.batch(inputs)
 
 
-def test_the_runnables_own_abatch_runs_on_the_event_loop(pool):
-    # An async runnable and a sync one alike: a sync one's items then run on the loop's executor,
-    # the worker's bounded pool of threads.
-    for runnable in (MarkingLambda(double, afunc=adouble), MarkingLambda(double)):
-        outputs = asyncio.run(remote(pool, runnable).abatch(list(range(N))))
-        assert [out for _, _, out in outputs] == [x * 2 for x in range(N)]
-        assert {how for how, _, _ in outputs} == {"abatch"}
-        assert max(size for _, size, _ in outputs) > 1  # items travelled together
-        outputs = remote(pool, runnable).batch(list(range(N)))
-        assert {how for how, _, _ in outputs} == {"abatch"}
-
-
-def test_the_runnables_own_batch_runs_on_a_thread_when_it_cannot_run_async(pool):
-    # A sync generator has no async path: its batch runs with batch_as_completed on a task thread.
-    outputs = remote(pool, MarkingGenerator(doubled)).batch(list(range(N)))
+def test_the_runnables_own_batch_runs_on_a_thread_worker(pool):
+    outputs = remote(pool, MarkingLambda(double)).batch(list(range(N)))
     assert [out for _, _, out in outputs] == [x * 2 for x in range(N)]
     assert {how for how, _, _ in outputs} == {"batch"}
+    assert max(size for _, size, _ in outputs) > 1  # items travelled together
+    outputs = asyncio.run(remote(pool, MarkingLambda(double)).abatch(list(range(N))))
+    assert {how for how, _, _ in outputs} == {"batch"}  # where it runs is the worker's choice
+
+
+def test_the_runnables_own_abatch_runs_on_the_event_loop(pool):
+    # A lambda with an async twin runs on the worker's event loop: there the batch is an abatch.
+    outputs = asyncio.run(remote(pool, MarkingLambda(double, afunc=adouble)).abatch(list(range(N))))
+    assert [out for _, _, out in outputs] == [x * 2 for x in range(N)]
+    assert {how for how, _, _ in outputs} == {"abatch"}
     assert max(size for _, size, _ in outputs) > 1
+    outputs = remote(pool, MarkingLambda(double, afunc=adouble)).batch(list(range(N)))
+    assert {how for how, _, _ in outputs} == {"abatch"}
 
 
 def test_per_item_errors_with_and_without_return_exceptions(pool):
@@ -285,6 +275,24 @@ def test_a_worker_batch_runs_the_runnables_own_batch_and_packs_each_item():
     assert sorted(items) == [0, 1, 2]
     outputs = [codec.loads_output(items[i][2], False) for i in range(3)]
     assert outputs == [("batch", 3, 2), ("batch", 3, 4), ("batch", 3, 6)]
+
+
+def test_a_sync_batch_runs_its_items_on_the_pool_it_is_given():
+    execution.share_batch_threads()  # as the warm worker does
+    shared = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="shared-batch")
+
+    def thread_names(pool: concurrent.futures.Executor | None) -> set[str]:
+        blob = codec.dumps(([1, 2, 3, 4], {}))
+        runnable = RunnableLambda(lambda x: threading.current_thread().name)
+        frames = list(execution.iterate_batch(runnable, False, blob, {}, 4, False, 1 << 20, pool))
+        return {codec.loads_output(payload, False) for _, _, payload in _unpacked(frames, 4).values()}
+
+    try:
+        assert all(name.startswith("shared-batch") for name in thread_names(shared))
+        assert not any(name.startswith("shared-batch") for name in thread_names(None))  # LangChain's own pool
+        assert RunnableLambda(double).batch([1, 2, 3]) == [2, 4, 6]  # other batches as before
+    finally:
+        shared.shutdown()
 
 
 def test_an_item_error_or_an_item_too_large_is_that_items_own():

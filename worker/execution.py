@@ -27,7 +27,11 @@ Entry points, all taking and returning encoded bytes (``codec``):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import contextvars
+import functools
+import threading
 from collections.abc import AsyncGenerator, Generator, Iterator
 from typing import Any
 
@@ -120,15 +124,6 @@ def prefers_event_loop(runnable: Any) -> bool:
     return any(_awaits_natively(part) for part in found)
 
 
-def runs_async(runnable: Any) -> bool:
-    """True if ``runnable`` works through its async methods: no part can only stream
-    synchronously (a sync generator, whose async path raises). A batch of such a runnable runs on
-    the warm worker's event loop even when its parts are sync: ``abatch_as_completed`` then hands
-    each sync item to the loop's executor, the worker's bounded pool of threads, so a batch stays
-    within ``threads`` (``batch_as_completed`` would start a thread pool of its own per batch)."""
-    return not any(isinstance(part, RunnableGenerator) and not hasattr(part, "_atransform") for part in parts(runnable))
-
-
 def config_from_wire(data: dict[str, Any]) -> RunnableConfig:
     return RunnableConfig(**{key: data[key] for key in WIRE_CONFIG_KEYS if data.get(key) is not None})  # type: ignore[typeddict-item]
 
@@ -214,21 +209,76 @@ def iterate_stream(runnable: Runnable, async_only: bool, input_blob: bytes,
 
 
 def iterate_batch(runnable: Runnable, async_only: bool, input_blob: bytes, config: RunnableConfig,
-                  items: int, trusted: bool, max_bytes: int) -> Generator[bytes, None, None]:
+                  items: int, trusted: bool, max_bytes: int,
+                  threads: concurrent.futures.Executor | None = None) -> Generator[bytes, None, None]:
     """Each packed item as it finishes (``batch_as_completed``); closing this iterator between
-    items stops handing out new ones (items already running finish on their threads)."""
+    items stops handing out new ones (items already running finish on their threads).
+
+    ``threads``: a bounded pool that the batch's items run on instead of the thread pool
+    LangChain's ``batch_as_completed`` starts per call (see :func:`share_batch_threads`), so that
+    a worker's sync code stays within its ``--threads`` however many batches it runs."""
     if async_only:
         yield from _drive(aiterate_batch(runnable, input_blob, config, items, trusted, max_bytes))
         return
     values, kwargs = decode_batch_input(input_blob, items)
+    _batch_threads.pool = threads
     outcomes = runnable.batch_as_completed(values, config, return_exceptions=True, **kwargs)
     try:
         for index, outcome in outcomes:
+            _batch_threads.pool = None  # the batch has its executor: nested ones get their own
             yield pack_outcome(index, outcome, trusted, max_bytes)
     finally:
+        _batch_threads.pool = None
         close = getattr(outcomes, "close", None)
         if close is not None:
             close()
+
+
+# The pool the batch started on this thread hands its items to (iterate_batch), read once by the
+# get_executor_for_config that share_batch_threads installs.
+_batch_threads = threading.local()
+
+
+class _SharedThreads(concurrent.futures.Executor):
+    """A batch's view of a shared pool: it copies the context as LangChain's own executor does,
+    and leaving the batch does not shut the pool down."""
+
+    def __init__(self, pool: concurrent.futures.Executor) -> None:
+        self._pool = pool
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        return self._pool.submit(functools.partial(contextvars.copy_context().run, fn, *args, **kwargs))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
+
+
+def share_batch_threads() -> None:
+    """Let :func:`iterate_batch` give a batch a shared pool (the warm worker calls this once).
+
+    LangChain's ``Runnable.batch_as_completed`` takes its executor from
+    ``langchain_core.runnables.base.get_executor_for_config``, a new thread pool per call, with no
+    way to pass one in. This wraps that function in this process: inside ``iterate_batch`` with a
+    pool, the batch's first call gets the shared pool; every other call (nested batches, other
+    threads, a langchain-core without the function) behaves exactly as before."""
+    from langchain_core.runnables import base
+
+    original = getattr(base, "get_executor_for_config", None)
+    if original is None or getattr(original, "_rk8s_shared", False):
+        return
+
+    @contextlib.contextmanager
+    def get_executor_for_config(config: RunnableConfig | None) -> Iterator[concurrent.futures.Executor]:
+        pool = getattr(_batch_threads, "pool", None)
+        if pool is None:
+            with original(config) as executor:
+                yield executor
+            return
+        _batch_threads.pool = None
+        yield _SharedThreads(pool)
+
+    get_executor_for_config._rk8s_shared = True  # type: ignore[attr-defined]
+    base.get_executor_for_config = get_executor_for_config
 
 
 def _drive(chunks: AsyncGenerator[bytes, None]) -> Iterator[bytes]:

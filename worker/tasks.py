@@ -13,14 +13,13 @@ each task to a :class:`TaskRunner`, which runs it
   queue for a thread, and a draining worker hands those back to the broker unstarted
   (:meth:`TaskRunner.withdraw`).
 
-A batch task (several inputs, ``protocol`` kind "batch") runs with the runnable's own
-``abatch_as_completed`` on the loop, sync runnables included: their items then run on the loop's
-executor, the same bounded pool of ``threads``, where ``batch_as_completed`` on a task thread
-would start a thread pool of its own per batch and break the worker's bound on threads. Only a
-runnable that cannot run asynchronously (a sync generator part) has its batch run with
-``batch_as_completed`` on a task thread. Each item goes back as a CHUNK as it finishes
-(``execution.iterate_batch``); a batch abandoned on the loop is cancelled with its items' tasks,
-one on a thread stops before its next item, like a stream.
+A batch task (several inputs, ``protocol`` kind "batch") goes to the loop or a thread as an
+invoke of the same runnable would, and runs with the runnable's own ``abatch_as_completed`` there
+or ``batch_as_completed`` here. On a thread, the batch's items run on one more bounded pool of
+``threads`` shared by all batches (``execution.share_batch_threads``), not on a thread pool of
+their own per batch as LangChain would start: the worker's bound on threads holds. Each item
+goes back as a CHUNK as it finishes (``execution.iterate_batch``); a batch abandoned on the loop
+is cancelled with its items' tasks, one on a thread stops before its next item, like a stream.
 
 Either way the task's reply frames (CHUNK, RESULT, ERROR: exactly what the broker will receive)
 go back through a per-thread inproc PUSH socket to the I/O thread, which forwards them unless the
@@ -60,10 +59,6 @@ QUEUED, RUNNING, ON_LOOP, DONE, ABANDONED = range(5)
 class CachedRunnable:
     runnable: Runnable
     on_loop: bool  # runs on the event loop (``execution.prefers_event_loop``), else on a thread
-    batch_on_loop: bool = False  # its batches run on the loop even so (``execution.runs_async``)
-
-    def loop_for(self, kind: str) -> bool:
-        return self.on_loop or (kind == "batch" and self.batch_on_loop)
 
 
 class RunnableCache:
@@ -124,13 +119,16 @@ class TaskRunner:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Where sync batches' items run (threads start only when used): see the module docstring.
+        self._batch_threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rk8s-batch")
+        execution.share_batch_threads()
         for _ in range(threads):
             self._start_thread()
 
     # ------------------------------------------------------------------ I/O thread side
 
     def start(self, job: Job) -> None:
-        if job.cached is not None and job.cached.loop_for(job.header.kind):
+        if job.cached is not None and job.cached.on_loop:
             job.state = ON_LOOP
             job.future = self._on_loop(self._run_async(job, job.cached))
         else:
@@ -184,7 +182,7 @@ class TaskRunner:
     def _run_sync(self, job: Job) -> None:
         try:
             cached = job.cached or self._load(job)
-            if cached.loop_for(job.header.kind):
+            if cached.on_loop:
                 with self._lock:
                     if job.state == RUNNING:
                         job.state = ON_LOOP
@@ -195,7 +193,7 @@ class TaskRunner:
                 chunks = (execution.iterate_stream(cached.runnable, False, job.input, config, job.header.trust)
                           if job.header.kind == "stream" else
                           execution.iterate_batch(cached.runnable, False, job.input, config, job.header.items,
-                                                  job.header.trust, self.max_message_bytes))
+                                                  job.header.trust, self.max_message_bytes, self._batch_threads))
                 try:
                     for chunk in chunks:
                         if job.state == ABANDONED:
@@ -216,7 +214,7 @@ class TaskRunner:
             runnable = codec.loads(job.blob)
         except Exception as exc:
             raise execution.StageError("the runnable could not be rebuilt on the worker", exc) from exc
-        cached = CachedRunnable(runnable, execution.prefers_event_loop(runnable), execution.runs_async(runnable))
+        cached = CachedRunnable(runnable, execution.prefers_event_loop(runnable))
         self.cache.put(job.header.digest, cached)
         job.blob = b""
         return cached
