@@ -155,3 +155,112 @@ def test_modules_registered_by_value_still_travel_by_value(tmp_path):
     reader = "import sys; from worker import codec; print(codec.loads(sys.stdin.buffer.read())[0].x)"
     out = subprocess.run([sys.executable, "-c", reader], input=data, capture_output=True, timeout=60, check=True)
     assert out.stdout.decode().strip() == "42"
+
+
+# ---------------------------------------------------------------------------- module-level sentinels
+
+
+class _SentinelRef:
+    """Pickles as the codec's sentinel reference with any names: what a hostile sender can write."""
+
+    def __init__(self, *names):
+        self.names = names
+
+    def __reduce__(self):
+        return codec._sentinel, self.names
+
+
+@pytest.mark.timeout(60)
+def test_a_module_level_sentinel_travels_by_reference_and_stays_itself():
+    import inspect
+
+    data = codec.dumps([inspect._sentinel, inspect._sentinel])
+    assert b"_sentinel" in data and b"inspect" in data
+    first, second = codec.loads(data)
+    assert first is inspect._sentinel and second is inspect._sentinel
+    local = object()  # not module-level: by value, as before
+    assert type(codec.loads(codec.dumps(local))) is object
+
+
+@pytest.mark.timeout(60)
+def test_a_module_imported_after_the_first_scan_is_indexed_too(tmp_path, monkeypatch):
+    import inspect
+
+    codec.dumps(inspect._sentinel)  # the index exists now
+    (tmp_path / "late_sentinel_mod.py").write_text("LATE = object()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "late_sentinel_mod", raising=False)
+    import late_sentinel_mod
+
+    data = codec.dumps({"x": late_sentinel_mod.LATE})
+    assert b"late_sentinel_mod" in data
+    assert codec.loads(data)["x"] is late_sentinel_mod.LATE
+
+
+@pytest.mark.timeout(60)
+def test_sentinels_of_main_and_of_modules_pickled_by_value_still_travel_by_value(tmp_path):
+    (tmp_path / "by_value_sentinels.py").write_text("TOKEN = object()\n")
+    program = (
+        "import sys, cloudpickle\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import by_value_sentinels\n"
+        "cloudpickle.register_pickle_by_value(by_value_sentinels)\n"
+        "from worker import codec\n"
+        "MAIN_TOKEN = object()\n"
+        "t = by_value_sentinels.TOKEN\n"
+        "sys.stdout.buffer.write(codec.dumps([t, t, MAIN_TOKEN, lambda x: x is MAIN_TOKEN]))\n"
+    )
+    data = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60, check=True).stdout
+    reader = ("import sys; from worker import codec; a, b, m, f = codec.loads(sys.stdin.buffer.read()); "
+              "print(a is b, type(a) is object, f(m))")
+    out = subprocess.run([sys.executable, "-c", reader], input=data, capture_output=True, timeout=60, check=True)
+    assert out.stdout.decode().split() == ["True", "True", "True"]  # identity kept within one payload
+
+
+@pytest.mark.timeout(60)
+def test_scanning_for_sentinels_imports_nothing_and_leaves_lazy_modules_unloaded(tmp_path, monkeypatch):
+    import importlib.util
+
+    (tmp_path / "lazy_sentinel_mod.py").write_text("import sys\nsys.modules['lazy_was_loaded'] = sys\nX = object()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_sentinel_mod", raising=False)
+    monkeypatch.delitem(sys.modules, "lazy_was_loaded", raising=False)
+    spec = importlib.util.find_spec("lazy_sentinel_mod")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lazy_sentinel_mod"] = module
+    spec.loader.exec_module(module)  # registered, not executed yet
+    codec.dumps([object(), RunnableLambda(lambda x: x)])  # meets an unknown object(): a scan
+    assert "lazy_was_loaded" not in sys.modules
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("names, says", [
+    ((("os", "system"),), "not a module-level object()"),            # a function: refused, not called
+    ((("os", "path"),), "not a module-level object()"),              # a module
+    ((("os.path", "join"),), "not a module-level object()"),
+    ((("os", "path.join"),), "not a module attribute name"),         # no attribute chains
+    ((("builtins", "__import__"),), "not a module-level object()"),
+    ((("__main__", "x"),), "not a module attribute name"),
+    ((("os;rm", "x"),), "not a module attribute name"),
+    ((("no_such_module_for_rk8s", "X"),), "cannot be found on this side"),
+    ((("inspect", "no_such_attribute"),), "cannot be found on this side"),
+    ((), "malformed"),
+    ((("inspect", "_sentinel"),) * 5, "malformed"),
+    (("inspect", "_sentinel"), "malformed"),                         # not pairs
+    (((b"inspect", "_sentinel"),), "malformed"),
+])
+def test_hostile_sentinel_references_are_refused(names, says):
+    import pickle
+
+    with pytest.raises(codec.CodecError, match=says):
+        codec.loads(pickle.dumps(_SentinelRef(*names)))
+
+
+@pytest.mark.timeout(60)
+def test_a_sentinel_reference_resolves_the_first_name_it_can():
+    import inspect
+    import pickle
+
+    payload = pickle.dumps(_SentinelRef(("no_such_module_for_rk8s", "X"), ("inspect", "_sentinel")))
+    assert codec.loads(payload) is inspect._sentinel

@@ -15,6 +15,9 @@ What to know when using it (the README repeats this):
   its own defaults.
 * Anything pickled *by value*, such as a key captured in a lambda's closure, travels in the clear
   inside the (CurveZMQ-encrypted) channel. Keep secrets in the worker's environment instead.
+* Module-level sentinels (``MISSING = object()`` in a library, as LangGraph's ``PASSTHROUGH``)
+  travel by reference, module and attribute name, so ``is`` checks hold on the worker; the worker
+  must be able to import that module (see "Module-level sentinels" below).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import io
 import os
 import pickle
 import sys
+import threading
 import traceback
 import types
 import uuid
@@ -95,8 +99,182 @@ def _incomplete_fields(tree: Any) -> list[str]:
     return sorted(str(name) for name, value in kwargs.items() if not _is_complete(value))
 
 
+# ---------------------------------------------------------------------- module-level sentinels
+#
+# A library's ``MISSING = object()`` is compared with ``is``; pickled by value it comes back as a
+# new object and every such check fails (a compiled LangGraph graph stops working after one plain
+# cloudpickle round trip: ``PASSTHROUGH``, ``MISSING``...). So an instance of exactly ``object``
+# that is a module-level name of an importable module travels as a reference: ``_sentinel`` with
+# the names it has (a sentinel is often re-exported; the worker takes the first it can import).
+# A few module-level singletons of another class that LangGraph also compares with ``is`` are
+# named in ``_NAMED_SINGLETONS``; nothing else is.
+#
+# The encoding side never imports anything: it indexes by identity the module-level ``object()``
+# instances of the modules already in ``sys.modules`` (not ``__main__``, not modules without an
+# import spec), the first time it meets an exact ``object`` instance, and again, for the modules
+# imported since, when it meets one it does not know and ``len(sys.modules)`` changed. A runnable
+# with no exact ``object`` instance in it pays one ``type(obj) is object`` test per object.
+# Modules registered with ``cloudpickle.register_pickle_by_value`` keep travelling by value.
+
+_NAMED_SINGLETONS = frozenset({
+    ("langgraph.pregel._read", "DEFAULT_BOUND"),  # a RunnableCallable; PregelNode checks ``is DEFAULT_BOUND``
+    ("langgraph.store.base", "NOT_PROVIDED"),     # NotProvided(); ``ttl is NOT_PROVIDED``
+})
+#: At most this many names travel per sentinel (and are tried on the receiving side).
+_MAX_SENTINEL_NAMES = 4
+# A module's namespace, read through ModuleType's own descriptor (not the module's class).
+_MODULE_DICT: Any = vars(types.ModuleType)["__dict__"].__get__
+_NOT_SCANNED = ("__main__", "__mp_main__")
+
+
+class _SentinelIndex:
+    """Module-level sentinels by identity; the index holds them, so an id is never reused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[int, tuple[object, list[tuple[str, str]]]] = {}
+        self._scanned: set[str] = set()
+        self._modules_scanned = -1
+        self._named: dict[int, tuple[object, list[tuple[str, str]]]] = {}
+        self._modules_named = -1
+
+    def named(self) -> dict[int, tuple[object, list[tuple[str, str]]]]:
+        """The ``_NAMED_SINGLETONS`` whose modules are imported, by id (cheap: once per encoding)."""
+        if len(sys.modules) != self._modules_named:
+            with self._lock:
+                self._modules_named = len(sys.modules)
+                named: dict[int, tuple[object, list[tuple[str, str]]]] = {}
+                for module_name, attribute in sorted(_NAMED_SINGLETONS):
+                    namespace = _namespace(sys.modules.get(module_name))
+                    if namespace is not None and attribute in namespace:
+                        value = namespace[attribute]
+                        named[id(value)] = (value, [(module_name, attribute)])
+                self._named = named
+        return self._named
+
+    def names(self, obj: object) -> tuple[tuple[str, str], ...] | None:
+        """The names ``obj`` (an exact ``object`` instance) has at module level, or None."""
+        entry = self._objects.get(id(obj))
+        if entry is None and len(sys.modules) != self._modules_scanned:
+            self._scan()
+            entry = self._objects.get(id(obj))
+        if entry is None:
+            return None
+        return _usable_names(entry[1])
+
+    def _scan(self) -> None:
+        with self._lock:
+            modules = list(sys.modules.items())
+            self._modules_scanned = len(modules)
+            for module_name, module in modules:
+                if module_name in self._scanned:
+                    continue
+                self._scanned.add(module_name)
+                if module_name.split(".", 1)[0] in _NOT_SCANNED:
+                    continue
+                namespace = _namespace(module)
+                if namespace is None or namespace.get("__spec__") is None:
+                    continue  # not a module, or one that cannot be imported by name
+                for attribute, value in list(namespace.items()):
+                    if type(value) is object and isinstance(attribute, str):
+                        entry = self._objects.setdefault(id(value), (value, []))
+                        entry[1].append((module_name, attribute))
+
+
+def _namespace(module: Any) -> dict[str, Any] | None:
+    """A module's own namespace, read without calling anything of its class (a lazy module's
+    ``__getattribute__`` would import it)."""
+    if not isinstance(module, types.ModuleType):
+        return None
+    try:
+        namespace = _MODULE_DICT(module)
+    except Exception:  # noqa: BLE001 - a module object of an odd kind: not scanned
+        return None
+    return namespace if type(namespace) is dict else None
+
+
+def _usable_names(names: list[tuple[str, str]]) -> tuple[tuple[str, str], ...] | None:
+    """The names to send: not in a module pickled by value; real module names before aliases."""
+    by_value = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
+    usable = [
+        (module_name, attribute) for module_name, attribute in names
+        if not any(module_name == m or module_name.startswith(m + ".") for m in by_value)
+    ]
+    if not usable:
+        return None
+
+    def rank(name: tuple[str, str]) -> tuple[bool, int, str, str]:
+        module = sys.modules.get(name[0])
+        alias = getattr(module, "__name__", None) != name[0]
+        return alias, name[0].count("."), name[0], name[1]
+
+    return tuple(sorted(usable, key=rank)[:_MAX_SENTINEL_NAMES])
+
+
+_SENTINELS = _SentinelIndex()
+
+
+def _sentinel_reduction(obj: object, named: dict[int, tuple[object, list[tuple[str, str]]]]) -> Any:
+    """The reduction of a module-level sentinel (``_sentinel`` and its names), or None."""
+    if type(obj) is object:
+        names = _SENTINELS.names(obj)
+    else:
+        entry = named.get(id(obj))
+        names = tuple(entry[1]) if entry is not None and entry[0] is obj else None
+    return (_sentinel, names) if names else None
+
+
+def _sentinel(*names: Any) -> Any:
+    """Runs on the receiving side, called by pickle: the sentinel named ``module.attribute``.
+
+    Only a single attribute of a module is looked up, in the module's namespace (no ``getattr``,
+    no chain), and it must be an instance of exactly ``object`` there, or one of the few named
+    singletons; anything else is refused with a :class:`CodecError`.
+    """
+    if not 1 <= len(names) <= _MAX_SENTINEL_NAMES or not all(
+            type(name) is tuple and len(name) == 2 and all(type(part) is str for part in name) for name in names):
+        raise CodecError("a malformed sentinel reference (expected 1 to "
+                         f"{_MAX_SENTINEL_NAMES} (module, attribute) pairs of strings)")
+    problems = []
+    for module_name, attribute in names:
+        parts = module_name.split(".")
+        if not all(part.isidentifier() for part in parts) or parts[0] in _NOT_SCANNED or not attribute.isidentifier():
+            raise CodecError(f"a sentinel reference to {module_name!r}.{attribute!r}, which is not a module "
+                             "attribute name: refused")
+        module = sys.modules.get(module_name)
+        if module is None:
+            try:
+                module = importlib.import_module(module_name)
+            except Exception as exc:  # noqa: BLE001 - reported below, with the other names tried
+                problems.append(f"module {module_name} cannot be imported here ({type(exc).__name__}: {exc})")
+                continue
+        namespace = _namespace(module)
+        if namespace is None or attribute not in namespace:
+            problems.append(f"{module_name}.{attribute} does not exist here")
+            continue
+        value = namespace[attribute]
+        if type(value) is object or (module_name, attribute) in _NAMED_SINGLETONS:
+            return value
+        raise CodecError(f"the sentinel {module_name}.{attribute} is a {type(value).__module__}."
+                         f"{type(value).__qualname__} here, not a module-level object(): refused")
+    first_module, first_attribute = names[0]
+    raise CodecError(
+        f"the sentinel {first_module}.{first_attribute} (a module-level object() the sender refers to) "
+        f"cannot be found on this side: {'; '.join(problems)}. Install the module that defines it, "
+        "at the sender's version, where the object is decoded"
+    )
+
+
 class _HybridPickler(cloudpickle.Pickler):
+    def __init__(self, file: io.BytesIO, named: dict[int, tuple[object, list[tuple[str, str]]]]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._named = named
+
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is object or id(obj) in self._named:
+            sentinel = _sentinel_reduction(obj, self._named)
+            if sentinel is not None:
+                return sentinel
         # Classes are never Serializable *instances*; skip them cheaply.
         if isinstance(obj, Serializable) and not isinstance(obj, type):
             secrets = _declared_secrets(obj)
@@ -151,6 +329,10 @@ class _DataPickler(pickle.Pickler):
     and secrets stay out of the bytes."""
 
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is object:  # (the named singletons are runnables or not data: hybrid route)
+            names = _SENTINELS.names(obj)
+            if names:
+                return _sentinel, names
         if (isinstance(obj, Serializable) and not isinstance(obj, type)
                 and (isinstance(obj, Runnable) or obj.lc_secrets)):
             raise _NeedsHybrid
@@ -189,7 +371,7 @@ def dumps(obj: Any) -> bytes:
             return data
     buffer = io.BytesIO()
     try:
-        _HybridPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        _HybridPickler(buffer, _SENTINELS.named()).dump(obj)
     except Exception as exc:
         raise CodecError(
             f"cannot serialize {type(obj).__name__}: {exc}. Objects that hold live resources "
