@@ -14,7 +14,7 @@ from langchain_core.runnables import RunnableLambda
 
 from pool import RunnableK8s, TaskTimeout
 from pool.bench import ephemeral_floor
-from pool.bench.command import Bench, Progress, add_arguments, summarize
+from pool.bench.command import Bench, add_arguments, summarize
 from pool.bench.report import format_table
 from pool.client.calls import RemoteCall, encode_input, encode_runnable
 from pool.ephemeral.local_launcher import ProcessChannel
@@ -107,16 +107,18 @@ def _bench_args(*argv: str) -> argparse.Namespace:
 
 
 @pytest.mark.timeout(120)
-def test_the_bench_measures_the_start_floors_with_this_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the real bare start; a stand-in for the one running a RunnableLambda (seconds on a busy machine)
-    monkeypatch.setattr(ephemeral_floor, "RUNNABLE_START", "import sys")
-    bench = Bench(_bench_args("--modes", "ephemeral", "--launcher", "local", "--floor-runs", "1"))
-    floor = bench.ephemeral_floor(Progress(0, enabled=False))
-    assert set(floor) == {"bare_start", "runnable_start"}  # no Pod floor with the local launcher
-    for figures in floor.values():
-        assert figures["calls"] == 1 and figures["p50_ms"] > 0
-    assert floor["bare_start"]["command"] == 'python -c "import langchain_core.runnables"'
-    assert floor["runnable_start"]["command"] == 'python -c "import sys"'
+def test_the_bench_measures_the_start_floors_after_each_call() -> None:
+    bench = Bench(_bench_args("--modes", "ephemeral", "--launcher", "local"))
+    probes = bench.ephemeral_floor_probes()
+    assert set(probes) == {"bare_start", "runnable_start"}  # no Pod floor with the local launcher
+    assert probes["bare_start"][0] == 'python -c "import langchain_core.runnables"'
+    assert "RunnableLambda(lambda x: x).invoke(1)" in probes["runnable_start"][0]
+    bare = probes["bare_start"][1]  # the real start, with this interpreter (the other: seconds when busy)
+    calls: list[int] = []
+    samples, floors = ephemeral_floor.interleaved(lambda: calls.append(len(calls)), {"bare_start": bare},
+                                                  calls=2, warmup=1)
+    assert calls == [0, 1, 2] and len(samples) == 2
+    assert len(floors["bare_start"]) == 2 and all(s > 0 for s in floors["bare_start"])
 
 
 def _figures(p50: float) -> dict:
@@ -127,7 +129,8 @@ def _figures(p50: float) -> dict:
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("launcher", ["local", "kubernetes"])
 def test_the_report_shows_each_floor_and_the_ratio_to_it(launcher: str) -> None:
-    floor = {"bare_start": {**_figures(200.0), "command": 'python -c "import langchain_core.runnables"'},
+    floor = {"workload": "echo",
+             "bare_start": {**_figures(200.0), "command": 'python -c "import langchain_core.runnables"'},
              "runnable_start": {**_figures(400.0), "command": "python -c ..."}}
     if launcher == "kubernetes":
         floor["pod_start"] = {**_figures(1000.0), "command": "sleep 600"}

@@ -67,11 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="sequential warm calls per io/stream latency figure (default 100)")
     what.add_argument("--ephemeral-calls", type=int, default=10, metavar="N",
                       help="sequential ephemeral calls per latency figure, and the independent calls of each "
-                           "ephemeral throughput run (at least the concurrency); default 10")
-    what.add_argument("--floor-runs", type=int, default=None, metavar="N",
-                      help="ephemeral mode's floors, measured in the same run: N bare Python + langchain_core "
-                           "starts (and, with --launcher kubernetes, N minimal Pods created until Running); "
-                           "default: --ephemeral-calls")
+                           "ephemeral throughput run (at least the concurrency); after each call of the first "
+                           "workload, one run of each of ephemeral mode's floors (a bare Python + "
+                           "langchain_core start; the same running a RunnableLambda; with --launcher "
+                           "kubernetes a minimal Pod's create -> Running); default 10")
     what.add_argument("--concurrency", type=_csv(int), default=None, metavar="1,8,64",
                       help="calls in flight for the throughput figures (default 1,8,64); the llm workload "
                            "uses the highest (default 1000, see --llm-in-flight)")
@@ -348,7 +347,6 @@ class Bench:
         if "ephemeral" in self.modes:
             eph_conc = [c for c in self.concurrency if c <= self.args.ephemeral_max_in_flight]
             steps += len(self.workloads) * (1 + len(eph_conc))
-            steps += 3 if self.args.launcher == "kubernetes" else 2  # its floors
         return steps
 
     # -------------------------------------------------------------- pieces
@@ -433,58 +431,62 @@ class Bench:
                            k8s_secret_name=a.secret)
         result = self._mode("ephemeral", progress, lambda r: RunnableK8s(bound=r, **options))
         result["launcher"] = a.launcher
-        result["floor"] = self.ephemeral_floor(progress)
         if a.launcher == "kubernetes":
             result["cluster"] = {"namespace": a.namespace, "image": a.image, "image_pull_policy": a.image_pull_policy}
         return result
 
-    def ephemeral_floor(self, progress: Progress) -> dict[str, Any]:
-        """What a fresh worker per call cannot go below, measured right after ephemeral mode:
-        Python + langchain_core's start (bare, and running one RunnableLambda) and, on
-        Kubernetes, a minimal Pod's create -> Running (:mod:`pool.bench.ephemeral_floor`)."""
+    def ephemeral_floor_probes(self) -> dict[str, tuple[str, Callable[[], float]]]:
+        """What a fresh worker per call cannot go below (:mod:`pool.bench.ephemeral_floor`), as
+        key -> (command, a probe returning the seconds one run took): Python + langchain_core's
+        start (bare, and running one RunnableLambda) and, on Kubernetes, a minimal Pod's
+        create -> Running."""
         a = self.args
-        runs = max(1, a.floor_runs or a.ephemeral_calls)
-        floor: dict[str, Any] = {}
-        with progress.step("ephemeral floor: bare Python + langchain_core start") as tick:
-            floor["bare_start"] = {**_summary(ephemeral_floor.start_floor(runs, tick=tick)),
-                                   "command": f'python -c "{ephemeral_floor.BARE_START}"'}
-        with progress.step("ephemeral floor: Python start running one RunnableLambda") as tick:
-            floor["runnable_start"] = {
-                **_summary(ephemeral_floor.start_floor(runs, ephemeral_floor.RUNNABLE_START, tick=tick)),
-                "command": f'python -c "{ephemeral_floor.RUNNABLE_START}"'}
+        # read at call time, so that a test can swap the slow one for a stand-in
+        bare, runnable = ephemeral_floor.BARE_START, ephemeral_floor.RUNNABLE_START
+        probes: dict[str, tuple[str, Callable[[], float]]] = {
+            "bare_start": (f'python -c "{bare}"', lambda: ephemeral_floor.timed_start(bare)),
+            "runnable_start": (f'python -c "{runnable}"', lambda: ephemeral_floor.timed_start(runnable)),
+        }
         if a.launcher == "kubernetes":
             from pool.ephemeral.k8s_launcher import KubernetesLauncher
 
             launcher = KubernetesLauncher(namespace=a.namespace, image=a.image, image_pull_policy=a.image_pull_policy,
                                           k8s_config=a.kubeconfig or os.environ.get("KUBECONFIG"))
-            with progress.step("ephemeral floor: minimal Pod, create -> Running") as tick:
-                floor["pod_start"] = {**_summary(ephemeral_floor.pod_floor(launcher, runs, tick=tick)),
-                                      "command": " ".join(ephemeral_floor.POD_FLOOR_COMMAND)}
-        return floor
+            probes["pod_start"] = (" ".join(ephemeral_floor.POD_FLOOR_COMMAND) + " (create -> Running)",
+                                   lambda: ephemeral_floor.time_pod_start(launcher))
+        return probes
 
     def _mode(self, mode: str, progress: Progress, wrap: Callable[[Runnable], RunnableK8s]) -> dict[str, Any]:
         a = self.args
         per_workload: dict[str, Any] = {}
+        floor_figures: dict[str, Any] = {}
         ephemeral = mode == "ephemeral"
         for workload in self.workloads:
             remote = wrap(self.runnable(workload))
             figures: dict[str, Any] = {}
             launch_times: contextlib.AbstractContextManager[list[float]] = (
                 _launch_times(a.launcher) if ephemeral else contextlib.nullcontext([]))
-            with progress.step(f"{mode} {workload}: latency") as tick, launch_times as launches:
+            # ephemeral mode's floors: one of each after each call of its first workload
+            probes = self.ephemeral_floor_probes() if ephemeral and workload == self.workloads[0] else {}
+            with progress.step(f"{mode} {workload}: latency" + (" and floors" if probes else "")) as tick, \
+                    launch_times as launches:
                 if ephemeral:
                     n, warmup = a.ephemeral_calls, 1
                 else:
                     n, warmup = (a.calls, 50) if workload == "echo" else (a.slow_calls, 5)
-                if workload == "stream":
-                    firsts: list[float] = []
-                    samples = timed_samples(_timed_stream(remote, self.payload, firsts), n, warmup, tick)
-                    firsts = firsts[warmup:]
-                    figures.update(_summary(samples))
-                    figures["ttfc"] = _summary(firsts)
+                firsts: list[float] = []
+                call = (_timed_stream(remote, self.payload, firsts) if workload == "stream"
+                        else _run_stream_or_invoke(workload, remote, self.payload))
+                if probes:
+                    samples, floors = ephemeral_floor.interleaved(
+                        call, {key: probe for key, (_, probe) in probes.items()}, n, warmup, tick)
+                    floor_figures[workload] = {key: {**_summary(floors[key]), "command": command}
+                                               for key, (command, _) in probes.items()}
                 else:
-                    samples = timed_samples(_run_stream_or_invoke(workload, remote, self.payload), n, warmup, tick)
-                    figures.update(_summary(samples))
+                    samples = timed_samples(call, n, warmup, tick)
+                figures.update(_summary(samples))
+                if workload == "stream":
+                    figures["ttfc"] = _summary(firsts[warmup:])
             if ephemeral and a.launcher == "kubernetes" and len(launches) > warmup:
                 # create -> scheduled -> running -> attached, per call (the rest is the session and delete)
                 figures["pod_start_and_attach"] = _summary(launches[warmup:])
@@ -508,7 +510,10 @@ class Bench:
                                            or (max(measured) if measured else None))
             figures["best_throughput_per_s"] = max(measured) if measured else None
             per_workload[workload] = figures
-        return {"workloads": per_workload}
+        result: dict[str, Any] = {"workloads": per_workload}
+        for workload, floor in floor_figures.items():
+            result["floor"] = {"workload": workload, **floor}
+        return result
 
     def llm_run(self, progress: Progress) -> dict[str, Any]:
         """The llm workload: the same fake chat model, ``llm_in_flight`` streamed calls at once, in
@@ -604,7 +609,7 @@ class Bench:
             "modes": self.modes, "workloads": self.workloads, "launcher": a.launcher, "concurrency": self.concurrency,
             "calls": a.calls, "slow_calls": a.slow_calls, "ephemeral_calls": a.ephemeral_calls,
             "ephemeral_max_in_flight": a.ephemeral_max_in_flight, "throughput_seconds": a.throughput_seconds,
-            "floor_runs": a.floor_runs or a.ephemeral_calls,
+            "floor_runs": a.ephemeral_calls,
             "payload_bytes": a.payload_bytes, "io_latency_ms": a.io_latency_ms, "stream_chunks": a.stream_chunks,
             "stream_chunk_ms": a.stream_chunk_ms, "scaling_in_flight": a.scaling_in_flight, "pool": a.pool,
             "pool_workers": a.pool_workers, "slots": a.slots, "scaling_workers": self.scaling,
@@ -690,7 +695,7 @@ EPHEMERAL_FLOOR_GOAL = 1.3
 
 
 def ephemeral_floor_ratios(ephemeral: dict[str, Any]) -> dict[str, Any]:
-    """Ephemeral p50 of each workload over each of its floors (``Bench.ephemeral_floor``)."""
+    """Ephemeral p50 of each workload over each of its floors (``Bench.ephemeral_floor_probes``)."""
     floor, workloads = ephemeral.get("floor") or {}, ephemeral.get("workloads") or {}
     ratios: dict[str, Any] = {}
     for key, name in (("bare_start", "ephemeral_p50_over_bare_python_start"),
@@ -705,10 +710,12 @@ def _ephemeral_floor_goal(ratios: dict[str, Any], launcher: str | None) -> dict[
     """Echo p50 over the floor the issue names: the bare start (local), the minimal Pod (kubernetes)."""
     key = ("ephemeral_p50_over_minimal_pod_start" if launcher == "kubernetes"
            else "ephemeral_p50_over_bare_python_start")
-    measured = ratios.get(key, {}).get("echo")
-    if measured is None:
+    by_workload = ratios.get(key, {})
+    workload = "echo" if "echo" in by_workload else next(iter(by_workload), None)
+    if workload is None:
         return None
-    return {"workload": "echo", "launcher": launcher, "measured": measured, "goal": EPHEMERAL_FLOOR_GOAL,
+    measured = by_workload[workload]
+    return {"workload": workload, "launcher": launcher, "measured": measured, "goal": EPHEMERAL_FLOOR_GOAL,
             "compare": "<=", "met": measured <= EPHEMERAL_FLOOR_GOAL}
 
 

@@ -1,4 +1,5 @@
-"""The floors of ephemeral mode, measured by ``runnable-k8s bench`` in the same run (issue 11).
+"""The floors of ephemeral mode, measured by ``runnable-k8s bench`` in the same run (issue 11),
+one of each after each of ephemeral mode's sequential calls (:func:`interleaved`).
 
 A fresh worker per call cannot cost less than
 
@@ -31,6 +32,26 @@ def timed_start(code: str, python: str = sys.executable) -> float:
     subprocess.run([python, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                    stderr=subprocess.PIPE, check=True)
     return time.perf_counter() - started
+
+
+def interleaved(call: Callable[[], Any], probes: dict[str, Callable[[], float]], calls: int, warmup: int,
+                tick: Callable[[str], None] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+    """Seconds each of ``calls`` sequential ``call()`` took (after ``warmup`` untimed ones), with
+    one run of each floor probe (returning its own seconds) after each call: on a machine shared
+    with others, a call and its floors are then measured under the same load."""
+    for _ in range(warmup):
+        call()
+    samples: list[float] = []
+    floors: dict[str, list[float]] = {key: [] for key in probes}
+    for i in range(calls):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+        for key, probe in probes.items():
+            floors[key].append(probe())
+        if tick is not None:
+            tick(f"call {i + 1}/{calls} and its floors")
+    return samples, floors
 
 
 def start_floor(runs: int, code: str = BARE_START, python: str = sys.executable,

@@ -90,7 +90,7 @@ def format_table(results: dict[str, Any]) -> str:
                 continue
             label = "warm" if mode == "warm" else _ephemeral_label(results)
             lines.append(row(workload, label, w, w.get("throughput_by_concurrency")))
-            if mode == "ephemeral" and workload == "echo":
+            if mode == "ephemeral" and workload == (figures.get("floor") or {}).get("workload", "echo"):
                 for key, floor_label in EPHEMERAL_FLOOR_ROWS:
                     if key in (figures.get("floor") or {}):
                         lines.append(row(workload, floor_label, figures["floor"][key]))
@@ -122,7 +122,7 @@ def format_table(results: dict[str, Any]) -> str:
 
     floor = modes.get("ephemeral", {}).get("floor") or {}
     if floor:
-        lines.append("ephemeral mode's floors (same run, p50 of " + str(settings.get("floor_runs", "N")) + " runs): "
+        lines.append(f"ephemeral mode's floors (one run of each after each {floor.get('workload', 'echo')} call): "
                      + "; ".join(f"{label.removeprefix('floor: ')} = {floor[key].get('command', key)}"
                                  for key, label in EPHEMERAL_FLOOR_ROWS if key in floor))
         lines.append("")
