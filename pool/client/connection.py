@@ -310,9 +310,11 @@ class Connection:
             self._send([P.PROTOCOL, P.STATUS])
             self._receive()
         try:
-            return sink.get(timeout)
+            answer: dict[str, Any] = sink.get(timeout)
         except queue.Empty:
             raise PoolUnavailable(f"the broker at {self.address} did not answer a status request") from None
+        _WorkersSink(self).deliver(answer)  # what it says of the workers is news for ready_workers too
+        return answer
 
     def ready_workers(self) -> int:
         """Workers taking tasks, as last heard from the broker: at WELCOME, then from a STATUS
