@@ -199,6 +199,36 @@ def test_stream_with_subgraphs_yields_the_subgraphs_chunks_too(pool):
     assert got == expected
 
 
+def talking_graph() -> Any:
+    """One node that streams a fake model's tokens and writes a custom event."""
+    from langgraph.config import get_stream_writer
+
+    model = GenericFakeChatModel(messages=iter([AIMessage("Pikachu is an Electric type")]))
+
+    def talk(state: MessagesState) -> dict[str, Any]:
+        get_stream_writer()({"progress": "thinking"})
+        return {"messages": [model.invoke(state["messages"])]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("talk", talk)
+    graph.add_edge(START, "talk")
+    graph.add_edge("talk", END)
+    return graph.compile()
+
+
+def test_messages_and_custom_modes_stream_the_graphs_tokens_and_events(pool):
+    # The model runs inside the graph, on the worker: its tokens are the graph's "messages" chunks.
+    def summary(items: list[Any]) -> list[Any]:
+        return [(mode, (data[0].content, data[1]["langgraph_node"]) if mode == "messages" else data)
+                for mode, data in items]
+
+    question = {"messages": [HumanMessage("What type is Pikachu?")]}
+    expected = summary(list(talking_graph().stream(question, stream_mode=["messages", "custom"])))
+    assert expected[0] == ("custom", {"progress": "thinking"}) and len(expected) > 3
+    got = summary(list(remote(pool, talking_graph()).stream(question, stream_mode=["messages", "custom"])))
+    assert got == expected
+
+
 def test_a_graph_with_a_tool_node_returns_the_same_final_state_as_locally(pool):
     question = {"messages": [HumanMessage("What is 6 times 7?")]}
     expected = tool_graph().invoke(question)
