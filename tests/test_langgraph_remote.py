@@ -5,6 +5,7 @@ of one worker (so that a worker-side in-memory checkpointer can be shown to reme
 
 from __future__ import annotations
 
+import asyncio
 import operator
 import sys
 import uuid
@@ -21,6 +22,7 @@ from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
 
 from pool import LocalPool, SerializationError
+from tests.support.fake_openai import FAKE_KEY
 from tests.support.remote import remote
 from worker import codec
 
@@ -124,8 +126,9 @@ def without_task_ids(item: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def pool() -> Any:
-    with LocalPool(workers=1, concurrency=4) as p:
+def pool(fake_openai) -> Any:
+    """One worker, which (only) holds the fake OpenAI server's key."""
+    with LocalPool(workers=1, concurrency=4, env={"OPENAI_API_KEY": FAKE_KEY}) as p:
         yield p
 
 
@@ -236,6 +239,30 @@ def test_a_graph_with_a_tool_node_returns_the_same_final_state_as_locally(pool):
     assert expected["messages"][2].content == "42"
     got = remote(pool, tool_graph()).invoke(question)
     assert messages_summary(got) == messages_summary(expected)
+
+
+def test_batch_and_abatch_return_the_same_states_as_locally(pool):
+    graph = counter_graph()
+    inputs = [{"n": n, "path": []} for n in range(1, 6)]
+    expected = graph.batch(inputs)
+    assert remote(pool, graph).batch(inputs) == expected
+    assert asyncio.run(remote(pool, graph).abatch(inputs)) == expected
+
+
+def test_a_create_agent_graph_with_a_chat_model_and_a_tool_runs_remotely(pool, fake_openai):
+    # langchain v1's agent: ChatOpenAI (against the local OpenAI-compatible server; the key is the
+    # worker's) calls the tool once, then answers. The model travels as LangChain data, the
+    # graph around it by cloudpickle, its sentinels by reference.
+    from langchain.agents import create_agent
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="gpt-4o-mini", base_url=fake_openai.base_url, api_key="sk-refused-by-the-server")
+    agent = create_agent(model=llm, tools=[multiply])
+    state = remote(pool, agent).invoke({"messages": [HumanMessage("What is 6 times 7?")]})
+    kinds = [m.type for m in state["messages"]]
+    assert kinds == ["human", "ai", "tool", "ai"]
+    assert state["messages"][1].tool_calls[0]["name"] == "multiply"
+    assert state["messages"][2].name == "multiply"
 
 
 def test_a_thread_id_reaches_the_worker_and_its_in_memory_checkpointer(pool):
