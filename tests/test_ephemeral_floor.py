@@ -187,3 +187,33 @@ def test_the_pod_floor_on_the_test_cluster(k8s_node, k8s_namespace) -> None:
     core = k8s_node.control_plane.core()
     wait_for(lambda: not core.list_namespaced_pod(k8s_namespace, label_selector=RUNNER_SELECTOR).items, 30,
              "every floor Pod to be deleted", interval=0.5)
+
+
+class StuckAttach:
+    """An attach stream whose worker does not read its stdin yet: a large send waits."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.sent: list[int] = []
+
+    def write_stdin(self, text: str) -> None:
+        if len(text) > 64 * 1024:
+            self.release.wait(30)
+        self.sent.append(len(text))
+
+
+@pytest.mark.timeout(30)
+def test_a_large_task_to_a_pod_still_ends_at_the_deadline() -> None:
+    import time
+
+    from pool.ephemeral.k8s_launcher import PodChannel
+
+    ws = StuckAttach()
+    channel = PodChannel(None, None, "runner", ws, deadline=time.monotonic() + 0.3)  # type: ignore[arg-type]
+    channel.write(b"small line\n")  # sent directly
+    with pytest.raises(TimeoutError):
+        channel.write(b"x" * (1 << 20))
+    ws.release.set()  # what closing the stream does to the helper's send
+    assert ws.sent[0] == len("small line\n")

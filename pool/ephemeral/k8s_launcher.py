@@ -37,6 +37,9 @@ from worker import defaults
 
 log = logging.getLogger("runnable_k8s.ephemeral")
 
+# Writes up to this size fit the buffers between here and the worker's stdin: sent directly.
+SMALL_WRITE_BYTES = 64 * 1024
+
 # Waiting reasons that will not fix themselves within a call: fail at once with the reason.
 FATAL_WAITING_REASONS = {
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
@@ -47,17 +50,43 @@ FATAL_WAITING_REASONS = {
 class PodChannel:
     """The attached stdin/stdout of a runner Pod; closing it deletes the Pod."""
 
-    def __init__(self, launcher: KubernetesLauncher, core: client.CoreV1Api, name: str, ws: Any) -> None:
+    def __init__(self, launcher: KubernetesLauncher, core: client.CoreV1Api, name: str, ws: Any,
+                 deadline: float | None = None) -> None:
         self.launcher = launcher
         self.core = core
         self.name = name
         self.ws = ws
+        self.deadline = deadline  # the call's (time.monotonic()), for writes the worker does not take
         self._buffer = ""
         self._closed = False
         self._lock = threading.Lock()
 
     def write(self, data: bytes) -> None:
-        self.ws.write_stdin(data.decode("ascii"))  # stdio lines are base64: plain ASCII
+        """Send ``data`` to the worker's stdin (stdio lines are base64: plain ASCII).
+
+        The session sends the TASK while the worker is still starting: a large one can wait in the
+        attach stream until the worker reads it, so it is sent from a helper thread and the call's
+        deadline still applies (``TimeoutError``; the session then closes the stream, which ends
+        the helper's send)."""
+        text = data.decode("ascii")
+        if self.deadline is None or len(data) <= SMALL_WRITE_BYTES:
+            self.ws.write_stdin(text)
+            return
+        failed: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                self.ws.write_stdin(text)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                failed.append(exc)
+
+        sender = threading.Thread(target=send, daemon=True, name=f"runnable-k8s-attach-{self.name}")
+        sender.start()
+        sender.join(max(0.0, self.deadline - time.monotonic()))
+        if sender.is_alive():
+            raise TimeoutError()
+        if failed:
+            raise failed[0]
 
     def read_line(self, timeout: float | None) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -152,7 +181,7 @@ class KubernetesLauncher:
         except BaseException:
             self.delete(core, name)
             raise
-        return PodChannel(self, core, name, ws)
+        return PodChannel(self, core, name, ws, deadline)
 
     def _wait_running(self, core: client.CoreV1Api, name: str, deadline: float | None) -> None:
         start_deadline = time.monotonic() + self.start_timeout
