@@ -137,7 +137,7 @@ def test_the_report_shows_each_floor_and_the_ratio_to_it(launcher: str) -> None:
     results: dict = {
         "in_process": {"workloads": {"echo": _figures(0.1)}},
         "modes": {"ephemeral": {"launcher": launcher, "floor": floor, "workloads": {"echo": _figures(500.0)}}},
-        "settings": {"concurrency": [1], "launcher": launcher, "floor_runs": 3}, "environment": {},
+        "settings": {"concurrency": [1], "launcher": launcher}, "environment": {},
     }
     summarize(results)
     ratios = results["ratios"]

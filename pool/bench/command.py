@@ -441,7 +441,6 @@ class Bench:
         start (bare, and running one RunnableLambda) and, on Kubernetes, a minimal Pod's
         create -> Running."""
         a = self.args
-        # read at call time, so that a test can swap the slow one for a stand-in
         bare, runnable = ephemeral_floor.BARE_START, ephemeral_floor.RUNNABLE_START
         probes: dict[str, tuple[str, Callable[[], float]]] = {
             "bare_start": (f'python -c "{bare}"', lambda: ephemeral_floor.timed_start(bare)),
@@ -609,7 +608,6 @@ class Bench:
             "modes": self.modes, "workloads": self.workloads, "launcher": a.launcher, "concurrency": self.concurrency,
             "calls": a.calls, "slow_calls": a.slow_calls, "ephemeral_calls": a.ephemeral_calls,
             "ephemeral_max_in_flight": a.ephemeral_max_in_flight, "throughput_seconds": a.throughput_seconds,
-            "floor_runs": a.ephemeral_calls,
             "payload_bytes": a.payload_bytes, "io_latency_ms": a.io_latency_ms, "stream_chunks": a.stream_chunks,
             "stream_chunk_ms": a.stream_chunk_ms, "scaling_in_flight": a.scaling_in_flight, "pool": a.pool,
             "pool_workers": a.pool_workers, "slots": a.slots, "scaling_workers": self.scaling,

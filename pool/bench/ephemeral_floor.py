@@ -4,13 +4,13 @@ one of each after each of ephemeral mode's sequential calls (:func:`interleaved`
 A fresh worker per call cannot cost less than
 
 * starting Python with LangChain: ``python -c "import langchain_core.runnables"`` with the
-  bench's own interpreter (:func:`start_floor`). langchain-core 1.x imports that package lazily,
+  bench's own interpreter (:func:`timed_start`). langchain-core 1.x imports that package lazily,
   so this start does not load ``Runnable`` itself, nor the callbacks, tracers and langsmith
   client that any ``Runnable.invoke`` needs; the bench therefore also times a start that runs one
   ``RunnableLambda`` (:data:`RUNNABLE_START`), the least a process that runs a Runnable does;
 * on Kubernetes, a Pod's start: create -> phase Running of a minimal Pod, the runner Pods' own
   manifest and image with a command that only sleeps, watched like a runner Pod and deleted after
-  (:func:`pod_floor`).
+  (:func:`time_pod_start`).
 """
 
 from __future__ import annotations
@@ -52,17 +52,6 @@ def interleaved(call: Callable[[], Any], probes: dict[str, Callable[[], float]],
         if tick is not None:
             tick(f"call {i + 1}/{calls} and its floors")
     return samples, floors
-
-
-def start_floor(runs: int, code: str = BARE_START, python: str = sys.executable,
-                tick: Callable[[str], None] | None = None) -> list[float]:
-    """Seconds each of ``runs`` sequential ``python -c CODE`` starts took."""
-    samples = []
-    for i in range(runs):
-        if tick is not None:
-            tick(f"start {i + 1}/{runs}")
-        samples.append(timed_start(code, python))
-    return samples
 
 
 def floor_pod_manifest(launcher: Any) -> dict[str, Any]:
