@@ -112,9 +112,12 @@ def _incomplete_fields(tree: Any) -> list[str]:
 # The encoding side never imports anything: it indexes by identity the module-level ``object()``
 # instances of the modules already in ``sys.modules`` (not ``__main__``, not modules without an
 # import spec), the first time it meets an exact ``object`` instance, and again, for the modules
-# imported since, when it meets one it does not know and ``len(sys.modules)`` changed. A runnable
-# with no exact ``object`` instance in it pays one ``type(obj) is object`` test per object.
-# Modules registered with ``cloudpickle.register_pickle_by_value`` keep travelling by value.
+# imported since, when it meets one it does not know and ``len(sys.modules)`` changed (the first
+# scan reads every module's namespace once: tens of milliseconds with LangChain and LangGraph
+# imported; later ones read only the new modules). A runnable with no exact ``object`` instance in
+# it pays a type test and a look-up in a dict of two per object; data (the C pickler) pays the type
+# test only (the named singletons live inside graphs, which take the hybrid route). Modules
+# registered with ``cloudpickle.register_pickle_by_value`` keep travelling by value.
 
 _NAMED_SINGLETONS = frozenset({
     ("langgraph.pregel._read", "DEFAULT_BOUND"),  # a RunnableCallable; PregelNode checks ``is DEFAULT_BOUND``
@@ -204,8 +207,8 @@ def _usable_names(names: list[tuple[str, str]]) -> tuple[tuple[str, str], ...] |
         return None
 
     def rank(name: tuple[str, str]) -> tuple[bool, int, str, str]:
-        module = sys.modules.get(name[0])
-        alias = getattr(module, "__name__", None) != name[0]
+        namespace = _namespace(sys.modules.get(name[0]))
+        alias = namespace is None or namespace.get("__name__") != name[0]
         return alias, name[0].count("."), name[0], name[1]
 
     return tuple(sorted(usable, key=rank)[:_MAX_SENTINEL_NAMES])
@@ -329,7 +332,7 @@ class _DataPickler(pickle.Pickler):
     and secrets stay out of the bytes."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is object:  # (the named singletons are runnables or not data: hybrid route)
+        if type(obj) is object:  # module-level object() sentinels (not the named singletons: see above)
             names = _SENTINELS.names(obj)
             if names:
                 return _sentinel, names
