@@ -234,6 +234,14 @@ def test_hostile_items_are_refused(data):
         P.unpack_item(data, items=4)
 
 
+def test_the_brokers_header_only_read_of_an_item():
+    assert P.item_failed(P.pack_item(1, b"x" * 100), 2) is False
+    assert P.item_failed(P.pack_item_error(1, P.E_REMOTE, "m", b"d"), 2) is True
+    for bad in (b"", P.pack_item(2, b"x"), struct.pack(">IBI", 0, 3, 99) + b"abc"):
+        with pytest.raises(ValueError):
+            P.item_failed(bad, 2)
+
+
 def test_an_item_index_out_of_range_is_refused():
     with pytest.raises(ValueError, match="out of range"):
         P.unpack_item(P.pack_item(4, b"x"), items=4)

@@ -75,3 +75,21 @@ def test_a_lost_worker_retries_an_unstreamed_batch_and_fails_a_streamed_one():
     assert pool.core.queued == 1
     pool.ready(b"w2", slots=4)
     assert pool.core.tasks[unstreamed].worker == b"w2" and busy(pool, b"w2") == 2
+
+
+def test_counters_count_a_batchs_items():
+    pool = Pool()
+    pool.hello()
+    pool.ready(b"w1", slots=8)
+    done, lost = new_id(), new_id()
+    submit_batch(pool, done, 3)
+    submit_batch(pool, lost, 4)
+    pool(E.Chunk(b"w1", done, P.pack_item(0, b"x")))
+    pool(E.Chunk(b"w1", done, P.pack_item_error(2, P.E_REMOTE, "ValueError: no")))
+    pool(E.Chunk(b"w1", done, b"\x00"))  # malformed: forwarded for the client to refuse, counted as nothing
+    pool(E.Chunk(b"w1", done, P.pack_item(1, b"y")))
+    pool.result(b"w1", done)
+    pool(E.Chunk(b"w1", lost, P.pack_item(3, b"x")))
+    pool.error(b"w1", lost, P.E_TIMEOUT)  # the three items not reported fail with it
+    counters = pool.core.status(pool.now)["counters"]
+    assert (counters["submitted"], counters["done"], counters["failed"]) == (7, 3, 4)

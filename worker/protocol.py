@@ -213,6 +213,17 @@ def pack_item_error(index: int, code: bytes, message: str, detail: bytes = b"") 
     return _ITEM.pack(index, len(code), len(encoded)) + code + encoded + detail
 
 
+def item_failed(data: bytes, items: int) -> bool:
+    """Whether a packed item is an error (True) or an output (False), reading its header only (the
+    broker counts items with it, without copying the payload). Raises ValueError as unpack_item."""
+    if len(data) < _ITEM.size:
+        raise ValueError(f"a batch item needs at least {_ITEM.size} bytes, got {len(data)}")
+    index, code_length, message_length = _ITEM.unpack_from(data)
+    if index >= items or code_length > _MAX_CODE_BYTES or _ITEM.size + code_length + message_length > len(data):
+        raise ValueError("malformed batch item")
+    return bool(code_length > 0)
+
+
 def unpack_item(data: bytes, items: int | None = None) -> tuple[int, bytes | None, str, bytes]:
     """``(index, code or None, message, payload)`` of a packed item; ``code`` is None for an
     output (then ``payload`` is the encoded output), else ``payload`` is the error's detail.

@@ -202,7 +202,7 @@ class BrokerCore:
         state.tasks.add(task_id)
         state.held_bytes += task.size
         self.held_bytes += task.size
-        self.counters["submitted"] += 1
+        self.counters["submitted"] += header.items
         free = self._free.get(task.env_key)
         if free:  # a free worker means nothing of this environment waits: skip the queue
             self._assign(task, free)
@@ -259,7 +259,7 @@ class BrokerCore:
         self._cancel(task)
 
     def _cancel(self, task: Task) -> None:
-        self.counters["cancelled"] += 1
+        self.counters["cancelled"] += task.header.items - task.reported
         if task.worker is None:
             self.queues.discard(task)
             self._forget(task)
@@ -361,6 +361,8 @@ class BrokerCore:
         task = self._task_of(event.peer, event.task_id)
         if task is not None and not task.cancelled:
             task.streamed = True
+            if task.header.kind == "batch":
+                self._count_item(task, event.chunk)
             self._send(task.client, [P.PROTOCOL, P.CHUNK, task.task_id, event.chunk])
 
     def _on_result(self, event: E.Result) -> None:
@@ -370,7 +372,10 @@ class BrokerCore:
         if task is None:
             return
         if not task.cancelled:  # reply first, then refill the slot
-            self.counters["done"] += 1
+            if task.header.kind == "batch":  # its items were counted one by one
+                self.counters["failed"] += task.header.items - task.reported
+            else:
+                self.counters["done"] += 1
             self._send(task.client, [P.PROTOCOL, P.RESULT, task.task_id, event.output])
             self._out.append(E.Latency(self.now - task.queued_at))
         self._release(task)
@@ -404,8 +409,19 @@ class BrokerCore:
         self._forget(task)
         if task.cancelled:
             return
-        self.counters["failed"] += 1
+        self.counters["failed"] += task.header.items - task.reported
         self._send(task.client, [P.PROTOCOL, P.ERROR, *event.body])
+
+    def _count_item(self, task: Task, chunk: bytes) -> None:
+        """Count a batch item as done or failed as it goes by (counters count calls, not tasks);
+        a malformed one is the client's to refuse, and counts as nothing here."""
+        try:
+            failed = P.item_failed(chunk, task.header.items)
+        except ValueError:
+            return
+        if task.reported < task.header.items:
+            task.reported += 1
+            self.counters["failed" if failed else "done"] += 1
 
     def _on_draining(self, event: E.Draining) -> None:
         state = self._known_worker(event.peer)
@@ -504,7 +520,7 @@ class BrokerCore:
                 self._out.append(E.Forget(client.identity))
         for task in self.queues.expired(now):
             self._forget(task)
-            self.counters["failed"] += 1
+            self.counters["failed"] += task.header.items - task.reported
             waiting = "no workers are connected" if not self.workers else "every worker slot stayed busy"
             self._send(task.client, P.error_frames(task.task_id, P.E_QUEUE_TIMEOUT, (
                 f"the task waited {now - task.queued_at:.1f}s in the broker's queue and {waiting}; "
@@ -605,7 +621,7 @@ class BrokerCore:
                 self.queues.push(task, front=True)
             else:
                 self._forget(task)
-                self.counters["failed"] += 1
+                self.counters["failed"] += task.header.items - task.reported
                 self._send(task.client, P.error_frames(task.task_id, P.E_WORKER_LOST, (
                     f"the worker running this task {why} (pid {worker.environment.get('pid')} on "
                     f"{worker.environment.get('host')}); retry the call, or pass retries=N to "

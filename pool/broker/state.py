@@ -87,6 +87,7 @@ class Task:
     worker: bytes | None = None
     retries_left: int = 0
     streamed: bool = False
+    reported: int = 0  # items of a batch task counted so far (BrokerCore._count_item)
     cancelled: bool = False
     queued: bool = False  # waiting in Queues; False marks a stale queue entry to skip
     size: int = 0  # bytes it holds in the broker (header + input), counted against the budgets
