@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/cpu_per_hop.py                    # echo and io, 64 and 1,024 in flight
     .venv/bin/python scripts/cpu_per_hop.py --calls 20000 --in-flight 256 --workload io
+    .venv/bin/python scripts/cpu_per_hop.py --calls 2000 --in-flight 100 --workload llm   # 20 streamed tokens
 
 A default ``LocalPool`` (its broker and workers are processes of their own) runs each workload
 with N calls in flight; the CPU time (user + system, from /proc/PID/stat) each process spent over
@@ -20,9 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import Runnable, RunnableLambda
 
 from pool import LocalPool, RunnableK8s
+from pool.bench import fake_llm
+from pool.bench.llm import prompts
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -41,19 +44,33 @@ async def io_call(x: object) -> object:
     return x
 
 
-async def drive(remote: RunnableK8s, calls: int, in_flight: int) -> None:
-    await remote.abatch(list(range(calls)), config={"max_concurrency": in_flight})
+async def drive(remote: RunnableK8s, calls: int, in_flight: int, streamed: bool = False) -> None:
+    if not streamed:
+        await remote.abatch(list(range(calls)), config={"max_concurrency": in_flight})
+        return
+    inputs = iter(prompts(calls))
+
+    async def caller() -> None:
+        for prompt in inputs:  # shared iterator: each caller takes the next prompt
+            async for _ in remote.astream(prompt):
+                pass
+
+    await asyncio.gather(*(caller() for _ in range(in_flight)))
 
 
 def measure(pool: LocalPool, workload: str, calls: int, in_flight: int) -> dict[str, float]:
-    runnable = RunnableLambda(echo) if workload == "echo" else RunnableLambda(io_call)
+    streamed = workload == "llm"
+    if streamed:  # 20 streamed tokens over a 50 ms reply: the per-token path, not the model's wait
+        runnable: Runnable = fake_llm.build(median_ms=50.0, tokens=20)
+    else:
+        runnable = RunnableLambda(echo) if workload == "echo" else RunnableLambda(io_call)
     remote = RunnableK8s(bound=runnable, pool=pool.address, mode="warm", timeout=300)
-    asyncio.run(drive(remote, min(calls, 2 * in_flight), in_flight))  # warm: runnable cached everywhere
+    asyncio.run(drive(remote, min(calls, 2 * in_flight), in_flight, streamed))  # warm: runnable cached everywhere
     pids = {"client": os.getpid(), "broker": pool.pids[0]}
     pids.update({f"worker-{i}": pid for i, pid in enumerate(pool.pids[1:], 1)})
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     start = time.monotonic()
-    asyncio.run(drive(remote, calls, in_flight))
+    asyncio.run(drive(remote, calls, in_flight, streamed))
     wall = time.monotonic() - start
     used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     row = {name: seconds / calls * 1e6 for name, seconds in used.items()}

@@ -22,8 +22,8 @@ goes back as a CHUNK as it finishes (``execution.iterate_batch``); a batch aband
 is cancelled with its items' tasks, one on a thread stops before its next item, like a stream.
 
 Either way the task's reply frames (CHUNK, RESULT, ERROR: exactly what the broker will receive)
-go back through a per-thread inproc PUSH socket to the I/O thread, which forwards them unless the
-task was cancelled or timed out meanwhile. A task thread never touches the broker socket.
+go back through a :class:`~worker.replies.ReplyQueue` to the I/O thread, which forwards them unless
+the task was cancelled or timed out meanwhile. A task thread never touches the broker socket.
 
 A task the I/O thread gives up on (cancelled, timed out, worker draining past its grace period)
 is *abandoned*: an async task is cancelled; a sync stream stops before its next chunk; a sync
@@ -43,11 +43,11 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
 from langchain_core.runnables import Runnable
 
-from worker import codec, defaults, execution, transport
+from worker import codec, defaults, execution
 from worker import protocol as P
+from worker.replies import ReplyQueue
 
 log = logging.getLogger("runnable_k8s.worker")
 
@@ -107,21 +107,21 @@ class Job:
 
 
 class TaskRunner:
-    """Runs jobs off the I/O thread; their frames come back on :attr:`replies_endpoint`."""
+    """Runs jobs off the I/O thread; their frames come back through :attr:`replies`."""
 
-    def __init__(self, context: zmq.Context, threads: int, cache: RunnableCache, endpoint: str) -> None:
+    def __init__(self, threads: int, cache: RunnableCache, replies: ReplyQueue) -> None:
         self.cache = cache
-        self.replies_endpoint = endpoint
+        self.replies = replies
         self.max_message_bytes = defaults.MAX_MESSAGE_BYTES  # the I/O thread updates it on WELCOME
         self.threads = threads
-        self._context = context
         self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._local = threading.local()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Where sync batches' items run (threads start only when used): see the module docstring.
         self._batch_threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rk8s-batch")
         execution.share_batch_threads()
+        self._loop_thread: int | None = None
+        self._wake_scheduled = False
         for _ in range(threads):
             self._start_thread()
 
@@ -158,26 +158,21 @@ class TaskRunner:
         threading.Thread(target=self._serve, name="rk8s-task", daemon=True).start()
 
     def _serve(self) -> None:
-        try:
-            while True:
-                job = self._queue.get()
+        while True:
+            job = self._queue.get()
+            with self._lock:
+                if job.state != QUEUED:
+                    continue  # abandoned while it waited
+                job.state = RUNNING
+            try:
+                self._run_sync(job)
+            finally:
                 with self._lock:
-                    if job.state != QUEUED:
-                        continue  # abandoned while it waited
-                    job.state = RUNNING
-                try:
-                    self._run_sync(job)
-                finally:
-                    with self._lock:
-                        abandoned = job.state == ABANDONED
-                        if job.state == RUNNING:
-                            job.state = DONE
-                if abandoned:
-                    return  # a replacement thread took this one's place
-        finally:
-            sock = getattr(self._local, "socket", None)
-            if sock is not None:
-                sock.close(linger=0)
+                    abandoned = job.state == ABANDONED
+                    if job.state == RUNNING:
+                        job.state = DONE
+            if abandoned:
+                return  # a replacement thread took this one's place
 
     def _run_sync(self, job: Job) -> None:
         try:
@@ -231,6 +226,7 @@ class TaskRunner:
 
     def _serve_loop(self, ready: threading.Event) -> None:
         self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.get_ident()
         # Sync parts of a chain on the loop (LangChain's run_in_executor) share the worker's bound
         # on threads instead of asyncio's default of min(32, CPUs + 4) more.
         self._loop.set_default_executor(
@@ -273,13 +269,16 @@ class TaskRunner:
         self._send([P.PROTOCOL, command, task_id, data])
 
     def _send(self, frames: list[bytes]) -> None:
-        sock = getattr(self._local, "socket", None)
-        if sock is None:
-            sock = self._local.socket = self._context.socket(zmq.PUSH)
-            sock.sndhwm = 0
-            sock.linger = 0
-            sock.connect(self.replies_endpoint)
-        send = sock.send
-        for frame in frames[:-1]:
-            send(frame, zmq.SNDMORE, copy=len(frame) < transport.COPY_THRESHOLD)
-        send(frames[-1], 0, copy=len(frames[-1]) < transport.COPY_THRESHOLD)
+        if threading.get_ident() == self._loop_thread:
+            self.replies.put_quiet(frames)
+            if not self._wake_scheduled:
+                self._wake_scheduled = True
+                assert self._loop is not None
+                self._loop.call_soon(self._wake)
+        else:
+            self.replies.put(frames)
+
+    def _wake(self) -> None:
+        """Once per loop iteration that produced replies: wake the I/O thread for all of them."""
+        self._wake_scheduled = False
+        self.replies.wake()

@@ -1,9 +1,9 @@
 """The long-lived worker: connects to a broker, runs up to N tasks at once, keeps runnables warm.
 
 The main thread is the I/O thread, in the style of the zguide's ``mdwrkapi.py``: it blocks in one
-``zmq.Poller`` on the broker socket and on the inproc socket where task threads push their
-replies (see ``worker.tasks``), forwards those replies, heartbeats, and keeps each task's deadline.
-It never runs user code, so heartbeats keep flowing while a 60 s LLM call is in progress.
+``zmq.Poller`` on the broker socket and on the queue where task threads and the event loop put
+their replies (``worker.replies``), forwards those replies, heartbeats, and keeps each task's
+deadline. It never runs user code, so heartbeats keep flowing while a 60 s LLM call is in progress.
 
 Cancel and timeout are answered by the I/O thread at once (``CANCEL`` -> cancelled, deadline ->
 timeout), and whatever the task sends later is dropped. On SIGTERM the worker tells the broker it
@@ -28,6 +28,7 @@ from worker import defaults, transport
 from worker import protocol as P
 from worker.curve import PeerKeys
 from worker.health import HealthFiles
+from worker.replies import ReplyQueue
 from worker.tasks import CachedRunnable, Job, RunnableCache, TaskRunner
 
 log = logging.getLogger("runnable_k8s.worker")
@@ -37,8 +38,6 @@ RECONNECT_DELAY = 1.0
 FAREWELL_LINGER_MS = 1000
 
 __all__ = ["CachedRunnable", "RunnableCache", "WarmWorker"]
-
-_endpoints = itertools.count()
 
 
 class Deadlines:
@@ -126,18 +125,11 @@ class WarmWorker:
         self._fenced = False
         self.exit_code: int | None = None
         self._drain_requested = False
-        # Two contexts: the broker socket's can be terminated (flushing BYE) at exit even while a
-        # task thread stuck in an uninterruptible call still holds its inproc reply socket.
         self._broker_context = zmq.Context()
-        self._context = zmq.Context()
         self._socket: zmq.Socket | None = None
-        self._replies = self._context.socket(zmq.PULL)
-        self._replies.rcvhwm = 0
-        self._replies.linger = 0
-        endpoint = f"inproc://rk8s-worker-replies-{next(_endpoints)}"
-        self._replies.bind(endpoint)
+        self._replies = ReplyQueue()
         # No more threads than slots: a worker never has more sync tasks than it has slots.
-        self.runner = TaskRunner(self._context, min(threads, concurrency), self.cache, endpoint)
+        self.runner = TaskRunner(min(threads, concurrency), self.cache, self._replies)
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_r, False)
         os.set_blocking(self._wakeup_w, False)
@@ -160,10 +152,9 @@ class WarmWorker:
             self.jobs.clear()
             if self._socket is not None:
                 self._socket.close(linger=0)
-            self._replies.close(linger=0)
+            self._replies.close()
             restore()
             self._broker_context.term()
-            # No self._context.term(): a task thread stuck in a call still holds its reply socket.
         return self.exit_code
 
     def drain(self) -> None:
@@ -214,7 +205,7 @@ class WarmWorker:
     def _idle(self, seconds: float) -> None:
         """Wait between sessions, still noticing signals and dropping stale task replies."""
         poller = zmq.Poller()
-        poller.register(self._replies, zmq.POLLIN)
+        poller.register(self._replies.fileno(), zmq.POLLIN)
         poller.register(self._wakeup_r, zmq.POLLIN)
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not self._drain_requested:
@@ -233,7 +224,8 @@ class WarmWorker:
             self._fence()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._replies, zmq.POLLIN)
+        replies_fd = self._replies.fileno()
+        poller.register(replies_fd, zmq.POLLIN)
         poller.register(self._wakeup_r, zmq.POLLIN)
         broker_expiry = time.monotonic() + P.HEARTBEAT_EXPIRY
         next_heartbeat = time.monotonic() + P.HEARTBEAT_INTERVAL
@@ -246,7 +238,7 @@ class WarmWorker:
                 events = dict(poller.poll(max(0, int((wake_at - time.monotonic()) * 1000)) + 1))
                 if sock in events and self._receive(sock):
                     broker_expiry = time.monotonic() + P.HEARTBEAT_EXPIRY
-                if self._replies in events:
+                if replies_fd in events:
                     self._forward_replies()
                 if self._wakeup_r in events:
                     self._read_wakeups()
@@ -329,12 +321,7 @@ class WarmWorker:
 
     def _forward_replies(self) -> None:
         """Pass task threads' frames to the broker, unless their task was given up meanwhile."""
-        replies = self._replies
-        for _ in range(1000):
-            try:
-                frames = transport.recv_frames(replies)
-            except zmq.Again:
-                return
+        for frames in self._replies.take(1000):
             task_id = frames[2]
             if frames[1] == P.CHUNK:
                 if task_id in self.jobs:
