@@ -2,7 +2,8 @@
 # Regenerate docs/bench/ (see docs/bench/README.md):
 #
 #   bash scripts/bench.sh            # local, then cluster
-#   bash scripts/bench.sh local      # warm vs a fresh local process per call -> docs/bench/local.{json,png,txt}
+#   bash scripts/bench.sh local      # warm vs a fresh local process per call -> docs/bench/local.{json,png,txt},
+#                                    #   then the io workload at 1,024 in flight -> docs/bench/io-1024.{json,txt}
 #   bash scripts/bench.sh cluster    # warm vs a real Pod per call           -> docs/bench/cluster.{json,png,txt}
 #   bash scripts/bench.sh llm        # LLM-shaped traffic, 1,000 and 100 in flight -> docs/bench/llm{,-100}.{json,txt}
 #   bash scripts/bench.sh soak       # 100,000-call soak, with and without call timeouts
@@ -24,8 +25,10 @@ what=${1:-all}
 
 run_local() {
   "$PY" -m pool bench --modes warm,ephemeral --launcher local --workload echo,io,stream \
-    --concurrency 1,8,64 --ephemeral-max-in-flight 64 --workers 1,2,4 --slots 4 ${EXTRA:-} \
+    --concurrency 1,8,64 --ephemeral-max-in-flight 64 --workers 1,2,4 ${EXTRA:-} \
     --json "$OUT/local.json" --plot "$OUT/local.png" | tee "$OUT/local.txt"
+  "$PY" -m pool bench --modes warm --workload io --concurrency 64,1024 --workers 0 ${EXTRA:-} \
+    --json "$OUT/io-1024.json" | tee "$OUT/io-1024.txt"
 }
 
 STARTED_CLUSTER=""
