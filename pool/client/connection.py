@@ -10,9 +10,27 @@ for sync callers, or, for async callers, a per-event-loop mailbox that wakes the
 batch of events, so an awaiting coroutine holds no thread. Many calls are in flight at once;
 events carry the task id.
 
-The I/O thread also says HELLO (again after a broker restart), heartbeats, notices a lost broker
-(a TCP disconnect at once, a silent one after the heartbeat expiry) and fails every call in flight
-with ``PoolUnavailable`` instead of letting it hang.
+The I/O thread also says HELLO (again after a broker restart), heartbeats, and notices a lost
+broker: a disconnect at once, a silent one after the heartbeat expiry, a restarted one when it
+answers RECONNECT or HELLO_REQUIRED (it no longer knows this client). No call is left to hang.
+
+Broker loss. Each task in flight is kept whole (:class:`Submission`: header, digest, runnable
+bytes, input, sink), so that it can be sent again. When the broker is lost, a task is *held* if its
+header's ``retries`` is 1 or more and nothing of it has reached its caller yet (no stream chunk, no
+batch item): once a broker answers HELLO again it is resubmitted there with ``retries`` one less,
+its ``timeout`` reduced by the time already spent, the runnable's bytes included (a new broker has
+no runnable store) and a new wire task id (so that a late reply of the first run, from a worker that
+re-registers with the new broker, is never taken for it; the caller keeps seeing its own id). If no
+broker answers within the connection's connect timeout, or the call's own timeout passes first, it
+fails as before (``PoolUnavailable`` or ``TaskTimeout``). The others fail at once with
+``PoolUnavailable`` saying why: with ``retries=0`` that the broker was lost while the call was in
+flight and that ``retries=1`` would resubmit it; a stream that had yielded chunks, or a batch task
+that had reported items, that running it again would repeat them. A task submitted while the
+connection is re-establishing waits for the broker the same way (it has not been sent anywhere).
+
+This is at-least-once for calls with retries, as the broker's own retry after a lost worker already
+is: a task that a worker finished but whose RESULT was lost with the broker runs again; and its
+first run may still be going on a worker when the second starts.
 """
 
 from __future__ import annotations
@@ -153,13 +171,26 @@ class LoopSink:
 
 @dataclass(slots=True)
 class Submission:
+    """A task in flight, with everything it takes to send it again after a broker loss.
+
+    ``task_id`` is the caller's name for the task (its events carry it); ``wire_id`` is the id it
+    has on the wire now, a new one each time it is resubmitted. ``delivered``: a chunk (or batch
+    item) reached the caller, so it must not run again whole. ``hold_until``: while set, the task
+    waits for a broker to say WELCOME and fails at that time (monotonic) if none does; ``held_why``
+    says what happened to the broker it was in flight on."""
+
     task_id: bytes
     header: bytes
     digest: str
     runnable: bytes
     input: bytes
     sink: Any
-    awaiting_hello: bool = False
+    wire_id: bytes = b""
+    delivered: bool = False
+    sent: bool = False  # went to a broker at least once (a resubmission then gets a new wire id)
+    sent_at: float = 0.0
+    hold_until: float | None = None
+    held_why: str = ""
 
 
 _MONITORED = (
@@ -230,7 +261,9 @@ class Connection:
         self._ids = itertools.count()
         # Everything below is used under _lock only: the socket and what is in flight on it.
         self._lock = threading.Lock()
-        self._pending: dict[bytes, Submission] = {}
+        self._pending: dict[bytes, Submission] = {}  # by wire id
+        self._wire_ids: dict[bytes, bytes] = {}  # caller's task id -> wire id, for resubmitted tasks only
+        self._hold_deadline: float | None = None  # the soonest hold_until of a held task
         self._status_waiters: collections.deque[ThreadSink] = collections.deque()
         self._sent_digests: set[str] = set()
         self._last_seen = time.monotonic()
@@ -286,18 +319,28 @@ class Connection:
 
     def submit(self, submission: Submission) -> None:
         with self._lock:
-            if self.closed or not self._ready.is_set():
+            if self.closed or (self._failure is not None and not self._ready.is_set()):
+                why = f"the connection to {self.address} is closed" if self.closed else str(self._failure)
                 submission.sink.deliver(Event(submission.task_id, "error", code=P.E_POOL_UNAVAILABLE,
-                                              message=f"lost the connection to {self.address}"))
+                                              message=why))
                 return
-            self._pending[submission.task_id] = submission
+            submission.wire_id = submission.wire_id or submission.task_id
+            self._pending[submission.wire_id] = submission
+            if not self._ready.is_set():  # the broker is being reached again: wait for it, unsent
+                self._hold(submission, time.monotonic(), "")
+                self._wake_io_thread()  # it watches the hold's deadline
+                return
             self._send_submission(submission)
             self._receive()
 
     def cancel(self, task_id: bytes) -> None:
         with self._lock:
-            if not self.closed and self._pending.pop(task_id, None) is not None:
-                self._send([P.PROTOCOL, P.CANCEL, task_id])
+            if self.closed:
+                return
+            wire_id = self._wire_ids.pop(task_id, task_id)
+            submission = self._pending.pop(wire_id, None)
+            if submission is not None and submission.hold_until is None:
+                self._send([P.PROTOCOL, P.CANCEL, wire_id])
                 self._receive()
 
     def status(self, timeout: float = 5.0, connect_timeout: float | None = None) -> dict[str, Any]:
@@ -359,7 +402,10 @@ class Connection:
         first_time = submission.digest not in self._sent_digests
         blob = submission.runnable if (first_time or with_runnable) else b""
         self._sent_digests.add(submission.digest)
-        self._send([P.PROTOCOL, P.SUBMIT, submission.task_id, submission.header, blob, submission.input])
+        if not submission.sent:
+            submission.sent = True
+            submission.sent_at = time.monotonic()
+        self._send([P.PROTOCOL, P.SUBMIT, submission.wire_id, submission.header, blob, submission.input])
 
     def _send(self, frames: list[bytes]) -> None:
         try:
@@ -402,7 +448,11 @@ class Connection:
         poller.register(self._sock.getsockopt(zmq.FD), zmq.POLLIN)
         try:
             while True:
-                events = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1))
+                wake_at = next_beat
+                hold_deadline = self._hold_deadline
+                if hold_deadline is not None and hold_deadline < wake_at:
+                    wake_at = hold_deadline
+                events = dict(poller.poll(max(0, int((wake_at - time.monotonic()) * 1000)) + 1))
                 if self._wake_in in events:
                     while True:
                         try:
@@ -418,6 +468,8 @@ class Connection:
                         self._on_monitor()
                     self._receive()
                     now = time.monotonic()
+                    if self._hold_deadline is not None and now >= self._hold_deadline:
+                        self._expire_held(now)
                     if now >= next_beat:
                         next_beat = now + P.HEARTBEAT_INTERVAL
                         if self._ready.is_set():
@@ -465,29 +517,122 @@ class Connection:
                 self._lost(f"the connection to the broker at {self.address} dropped")
 
     def _lost(self, why: str) -> None:
-        log.warning("%s; calls in flight fail with PoolUnavailable", why)
+        """The broker is gone (or no longer knows this client): hold what may be resubmitted,
+        fail the rest, and wait for a broker to answer HELLO."""
         self._ready.clear()
         self._settled.clear()
         self._sent_digests.clear()
-        self._fail_all(PoolUnavailable, why + "; retry the call once the broker is back")
+        now = time.monotonic()
+        held = failed = 0
+        for wire_id, submission in list(self._pending.items()):
+            if submission.hold_until is not None:
+                continue  # already waiting for a broker
+            refusal = self._resubmittable(submission, why, now)
+            if refusal is None:
+                held += 1
+                continue
+            failed += 1
+            self._drop(wire_id, submission)
+            submission.sink.deliver(Event(submission.task_id, "error", code=P.E_POOL_UNAVAILABLE, message=refusal))
+        while self._status_waiters:
+            self._status_waiters.popleft().deliver({"error": why})
+        log.warning("%s; of the calls in flight, %d wait to be resubmitted and %d failed with PoolUnavailable",
+                    why, held, failed)
+
+    def _resubmittable(self, submission: Submission, why: str, now: float) -> str | None:
+        """Hold ``submission`` for the next broker with one retry less and return None, or say
+        why it cannot be run again."""
+        try:
+            header = P.TaskHeader.from_bytes(submission.header)
+        except ValueError:  # never sent by this client's own code; nothing to resubmit
+            return f"lost the broker connection ({why}) while the call was in flight"
+        if submission.delivered:
+            what = "reported some of its batch items" if header.kind == "batch" else "yielded chunks"
+            return (f"lost the broker connection ({why}) while the call was in flight; it had already "
+                    f"{what}, so it is not resubmitted (running it again would repeat them); retry the "
+                    "call if that is safe")
+        if header.retries < 1:
+            return (f"lost the broker connection ({why}) while the call was in flight; it was not "
+                    "resubmitted because it has retries=0: with retries=1 (RunnableK8s(..., retries=1)) "
+                    "it would be resubmitted to the next broker this client reaches")
+        header.retries -= 1
+        submission.header = header.to_bytes()
+        self._hold(submission, now, why)
+        return None
+
+    def _hold(self, submission: Submission, now: float, why: str) -> None:
+        submission.hold_until = until = now + self.connect_timeout
+        submission.held_why = why
+        if self._hold_deadline is None or until < self._hold_deadline:
+            self._hold_deadline = until
+
+    def _expire_held(self, now: float) -> None:
+        """Fail the held tasks whose wait for a broker is over."""
+        soonest: float | None = None
+        for wire_id, submission in list(self._pending.items()):
+            until = submission.hold_until
+            if until is None:
+                continue
+            if until > now:
+                soonest = until if soonest is None or until < soonest else soonest
+                continue
+            self._drop(wire_id, submission)
+            lost = (f"lost the broker connection ({submission.held_why}) while the call was in flight, and "
+                    if submission.held_why else "")
+            submission.sink.deliver(Event(submission.task_id, "error", code=P.E_POOL_UNAVAILABLE, message=(
+                f"{lost}no runnable-k8s broker answered at {self.address} within the connect timeout of "
+                f"{self.connect_timeout:g}s, so the call was not {'re' if lost else ''}submitted")))
+        self._hold_deadline = soonest
+
+    def _resubmit_held(self) -> None:
+        """A broker said WELCOME: send it every held task, with its runnable (it may be a new
+        broker, with no runnable store) and, if the task was sent before, a new wire id."""
+        self._hold_deadline = None
+        for wire_id, submission in list(self._pending.items()):
+            if submission.hold_until is None:
+                continue
+            submission.hold_until = None
+            submission.held_why = ""
+            if submission.sent:
+                header = P.TaskHeader.from_bytes(submission.header)  # parsed when it was held
+                if header.timeout is not None:  # relative on the wire: what is left of it now
+                    now = time.monotonic()
+                    header.timeout = max(0.001, header.timeout - (now - submission.sent_at))
+                    submission.header = header.to_bytes()
+                    submission.sent_at = now
+                del self._pending[wire_id]
+                submission.wire_id = self.new_task_id()
+                self._pending[submission.wire_id] = submission
+                self._wire_ids[submission.task_id] = submission.wire_id
+            self._send_submission(submission, with_runnable=True)
+
+    def _drop(self, wire_id: bytes, submission: Submission) -> None:
+        """Forget a task in flight (its caller gets, or got, its last event)."""
+        self._pending.pop(wire_id, None)
+        if wire_id != submission.task_id:
+            self._wire_ids.pop(submission.task_id, None)
 
     def _fail_all(self, error: type[RunnableK8sError], message: str) -> None:
         code = P.E_UNAUTHORIZED if error is AuthenticationFailed else P.E_POOL_UNAVAILABLE
-        for task_id, submission in list(self._pending.items()):
-            submission.sink.deliver(Event(task_id, "error", code=code, message=message))
+        for submission in list(self._pending.values()):
+            submission.sink.deliver(Event(submission.task_id, "error", code=code, message=message))
         self._pending.clear()
+        self._wire_ids.clear()
+        self._hold_deadline = None
         while self._status_waiters:
             self._status_waiters.popleft().deliver({"error": message})
 
     def _on_message(self, command: bytes, body: list[bytes]) -> None:
         if command == P.RESULT and len(body) == 2:
-            submission = self._pending.pop(body[0], None)
-            if submission is not None:
-                submission.sink.deliver(Event(body[0], "result", body[1]))
+            submission = self._pending.get(body[0])
+            if submission is not None and submission.hold_until is None:
+                self._drop(body[0], submission)
+                submission.sink.deliver(Event(submission.task_id, "result", body[1]))
         elif command == P.CHUNK and len(body) == 2:
             submission = self._pending.get(body[0])
-            if submission is not None:
-                submission.sink.deliver(Event(body[0], "chunk", body[1]))
+            if submission is not None and submission.hold_until is None:
+                submission.delivered = True
+                submission.sink.deliver(Event(submission.task_id, "chunk", body[1]))
         elif command == P.ERROR and len(body) >= 3:
             self._on_error(body[0], body[1], body[2].decode("utf-8", "replace"), body[3] if len(body) > 3 else b"")
         elif command == P.WELCOME and body:
@@ -496,17 +641,13 @@ class Connection:
             self._failure = None
             self._ready.set()
             self._settled.set()
-            for submission in self._pending.values():
-                if submission.awaiting_hello:
-                    submission.awaiting_hello = False
-                    self._send_submission(submission, with_runnable=True)
+            if self._hold_deadline is not None:
+                self._resubmit_held()
         elif command == P.STATUS and body:
             if self._status_waiters:
                 self._status_waiters.popleft().deliver(P.decode_json_object(body[0]))
-        elif command == P.RECONNECT:
-            self._ready.clear()
-            self._settled.clear()
-            self._sent_digests.clear()
+        elif command == P.RECONNECT:  # a broker that does not know this client: a new one
+            self._lost(f"the broker at {self.address} restarted (it no longer knew this client)")
             self._hello()
         elif command != P.HEARTBEAT:
             log.warning("ignored an unexpected %s from the broker", P.COMMAND_NAMES.get(command, command))
@@ -525,19 +666,19 @@ class Connection:
             log.error("broker: %s", message)
             return
         submission = self._pending.get(task_id)
-        if submission is None:
-            return
+        if submission is None or submission.hold_until is not None:
+            return  # a late answer about a task given up on, or about its wire id before a loss
         if code == P.E_NEED_RUNNABLE:
             self._send_submission(submission, with_runnable=True)
         elif code == P.E_HELLO_REQUIRED:
-            submission.awaiting_hello = True
-            self._ready.clear()
-            self._settled.clear()
-            self._sent_digests.clear()
+            # This task was refused, not run: it waits for the broker as it is. The others in
+            # flight were sent to a broker that is gone (or that forgot this client).
+            self._hold(submission, time.monotonic(), "")
+            self._lost(f"the broker at {self.address} restarted (it no longer knew this client)")
             self._hello()
         else:
-            del self._pending[task_id]
-            submission.sink.deliver(Event(task_id, "error", detail, code, message))
+            self._drop(task_id, submission)
+            submission.sink.deliver(Event(submission.task_id, "error", detail, code, message))
 
 
 class _WorkersSink:
