@@ -32,13 +32,14 @@ import contextlib
 import contextvars
 import functools
 import threading
-from collections.abc import AsyncGenerator, Generator, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator, RunnableLambda
 
 from worker import codec
 from worker import protocol as P
+from worker.callback_events import EventRecorder, TokenEventRecorder
 from worker.protocol import WIRE_CONFIG_KEYS
 
 
@@ -122,6 +123,15 @@ def prefers_event_loop(runnable: Any) -> bool:
     if any(isinstance(part, RunnableGenerator) and not hasattr(part, "_atransform") for part in found):
         return False
     return any(_awaits_natively(part) for part in found)
+
+
+def task_config(header: P.TaskHeader, emit_event: Callable[[bytes], None]) -> RunnableConfig:
+    """The config a task runs with: the wire's part of the caller's config, plus, when the caller
+    listens to callbacks, a recorder that relays them (``worker.callback_events``)."""
+    config = config_from_wire(header.config)
+    if header.events:
+        config["callbacks"] = [(TokenEventRecorder if header.tokens else EventRecorder)(emit_event)]
+    return config
 
 
 def config_from_wire(data: dict[str, Any]) -> RunnableConfig:

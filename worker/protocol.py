@@ -23,6 +23,8 @@ Client -> broker
 Worker -> broker
     READY      [json environment]                      -> WELCOME or ERROR (then the worker exits)
     CHUNK      [task id, encoded chunk]                 forwarded to the client as is
+    EVENT      [task id, encoded callback event]        forwarded as is (only for a header with
+                                                        ``events``: worker.callback_events)
     RESULT     [task id, encoded output]                forwarded; frees the slot
     ERROR      [task id, code, message, detail]         forwarded (unless the broker handles code)
     DRAINING   []                                       stop sending me tasks (SIGTERM)
@@ -47,6 +49,7 @@ before the reader has attached::
     client: HELLO [json environment]        worker: READY [json environment] (or ERROR incompatible)
     client: TASK  [json header, runnable, input]
                                             worker: CHUNK [chunk] ... then RESULT [output] or ERROR
+                                            (EVENT [event] lines among them when asked for)
 
 A task id is 16 random bytes chosen by the client. The JSON header of SUBMIT/TASK is
 :class:`TaskHeader`. A task is an ``invoke`` (RESULT carries the output), a ``stream`` (CHUNKs,
@@ -56,6 +59,12 @@ known, in completion order, packed with :func:`pack_item` / :func:`pack_item_err
 index and either its encoded output or its error code, message and detail), and an empty RESULT
 ends the task. An ERROR (worker lost, timeout, cancel) ends it early: the items not reported by
 then have that error, those reported keep theirs.
+
+A header with ``events`` true asks the worker to relay the callbacks the runnable raises
+(``worker.callback_events``): each is an EVENT, in order with the task's CHUNKs, before its
+RESULT. The client asks only when a handler listens on its side (``pool.client.callback_relay``);
+``tokens`` says one of them streams tokens (as ``astream_events`` does), so that a chat model
+invoked on the worker streams there as it would on the client.
 
 Runnables are identified by the digest of their encoded bytes, so a repeated call sends only the
 digest and the worker reuses the runnable it already deserialized.
@@ -81,6 +90,7 @@ WELCOME = b"W"
 SUBMIT = b"S"
 TASK = b"T"
 CHUNK = b"C"
+EVENT = b"V"
 RESULT = b"R"
 ERROR = b"E"
 CANCEL = b"X"
@@ -92,7 +102,7 @@ RECONNECT = b"!"
 BYE = b"B"
 
 COMMAND_NAMES = {
-    HELLO: "HELLO", WELCOME: "WELCOME", SUBMIT: "SUBMIT", TASK: "TASK", CHUNK: "CHUNK",
+    HELLO: "HELLO", WELCOME: "WELCOME", SUBMIT: "SUBMIT", TASK: "TASK", CHUNK: "CHUNK", EVENT: "EVENT",
     RESULT: "RESULT", ERROR: "ERROR", CANCEL: "CANCEL", STATUS: "STATUS", READY: "READY",
     DRAINING: "DRAINING", HEARTBEAT: "HEARTBEAT", RECONNECT: "RECONNECT", BYE: "BYE",
 }
@@ -152,6 +162,8 @@ class TaskHeader:
     config: dict[str, Any] = field(default_factory=dict)
     trust: bool = False
     items: int = 1  # inputs in a "batch" task; 1 for the others (and then left out of the JSON)
+    events: bool = False  # relay callback events (EVENT messages); left out of the JSON when false
+    tokens: bool = False  # and the caller streams tokens (astream_events, LangGraph "messages"): models stream
 
     def to_bytes(self) -> bytes:
         # Built by hand: dataclasses.asdict deep-copies, and this runs once per task.
@@ -159,6 +171,10 @@ class TaskHeader:
                "config": self.config, "trust": self.trust}
         if self.items != 1:
             raw["items"] = self.items
+        if self.events:
+            raw["events"] = True
+        if self.tokens:
+            raw["tokens"] = True
         return json.dumps(raw, separators=(",", ":")).encode()
 
     @classmethod
@@ -182,6 +198,9 @@ class TaskHeader:
             raise ValueError(f"task header items must be a whole number from 1 to {MAX_ITEMS}")
         if items != 1 and raw["kind"] != "batch":
             raise ValueError("only a batch task has more than one item")
+        events, tokens = raw.get("events", False), raw.get("tokens", False)
+        if not isinstance(events, bool) or not isinstance(tokens, bool):
+            raise ValueError("task header events and tokens must be true or false")
         return cls(
             kind=raw["kind"],
             digest=raw["digest"],
@@ -190,6 +209,8 @@ class TaskHeader:
             config=config,
             trust=trust,
             items=items,
+            events=events,
+            tokens=tokens,
         )
 
 

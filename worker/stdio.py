@@ -65,7 +65,7 @@ def run_stdio(stdin: BinaryIO | None = None) -> int:
         except codec.CodecError as exc:
             raise execution.StageError("the runnable could not be rebuilt on the worker", exc) from exc
         async_only = execution.is_async_only(runnable)
-        config = execution.config_from_wire(header.config)
+        config = execution.task_config(header, lambda data: send(P.EVENT, data))
         if header.kind == "stream":
             for chunk in execution.iterate_stream(runnable, async_only, input_blob, config, header.trust):
                 send(P.CHUNK, chunk)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import queue
 import threading
@@ -183,7 +184,7 @@ class TaskRunner:
                         job.state = ON_LOOP
                         job.future = self._on_loop(self._run_async(job, cached))
                 return
-            config = execution.config_from_wire(job.header.config)
+            config = execution.task_config(job.header, functools.partial(self._event, job.task_id))
             if job.header.kind == "stream" or job.header.kind == "batch":
                 chunks = (execution.iterate_stream(cached.runnable, False, job.input, config, job.header.trust)
                           if job.header.kind == "stream" else
@@ -238,7 +239,7 @@ class TaskRunner:
 
     async def _run_async(self, job: Job, cached: CachedRunnable) -> None:
         try:
-            config = execution.config_from_wire(job.header.config)
+            config = execution.task_config(job.header, functools.partial(self._event, job.task_id))
             if job.header.kind == "stream" or job.header.kind == "batch":
                 chunks = (execution.aiterate_stream(cached.runnable, job.input, config, job.header.trust)
                           if job.header.kind == "stream" else
@@ -267,6 +268,14 @@ class TaskRunner:
                 f"{self.max_message_bytes}; return less data or raise the broker's --max-message-bytes"
             )
         self._send([P.PROTOCOL, command, task_id, data])
+
+    def _event(self, task_id: bytes, data: bytes) -> None:
+        """A callback event of the task (only when its caller listens): in order with its chunks."""
+        if len(data) > self.max_message_bytes:
+            log.warning("a callback event of %d bytes is over the broker's message limit and was not relayed",
+                        len(data))
+            return
+        self._send([P.PROTOCOL, P.EVENT, task_id, data])
 
     def _send(self, frames: list[bytes]) -> None:
         if threading.get_ident() == self._loop_thread:

@@ -323,7 +323,7 @@ class WarmWorker:
         """Pass task threads' frames to the broker, unless their task was given up meanwhile."""
         for frames in self._replies.take(1000):
             task_id = frames[2]
-            if frames[1] == P.CHUNK:
+            if frames[1] == P.CHUNK or frames[1] == P.EVENT:
                 if task_id in self.jobs:
                     self._send(frames)
             elif self.jobs.pop(task_id, None) is not None:

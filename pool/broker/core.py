@@ -365,6 +365,16 @@ class BrokerCore:
                 self._count_item(task, event.chunk)
             self._send(task.client, [P.PROTOCOL, P.CHUNK, task.task_id, event.chunk])
 
+    def _on_callback_event(self, event: E.CallbackEvent) -> None:
+        """Forwarded like a chunk, but it does not count as streamed: a task that only reported
+        callbacks before its worker died may still be retried (its handlers then see the lost
+        attempt's runs start without an end, and the retry's runs start afresh)."""
+        if self._known_worker(event.peer) is None:
+            return
+        task = self._task_of(event.peer, event.task_id)
+        if task is not None and not task.cancelled and task.header.events:
+            self._send(task.client, [P.PROTOCOL, P.EVENT, task.task_id, event.data])
+
     def _on_result(self, event: E.Result) -> None:
         if self._known_worker(event.peer) is None:
             return
@@ -679,6 +689,7 @@ class BrokerCore:
         E.Bye: _on_bye,
         E.Ready: _on_ready,
         E.Chunk: _on_chunk,
+        E.CallbackEvent: _on_callback_event,
         E.Result: _on_result,
         E.WorkerError: _on_error,
         E.Draining: _on_draining,

@@ -75,6 +75,15 @@ class Chunk:
 
 
 @dataclass(slots=True)
+class CallbackEvent:
+    """A callback a worker relays for a task whose client listens (``worker.callback_events``)."""
+
+    peer: bytes
+    task_id: bytes
+    data: bytes
+
+
+@dataclass(slots=True)
 class Result:
     peer: bytes
     task_id: bytes
@@ -144,8 +153,8 @@ class ForeignProtocol:
     protocol: bytes
 
 
-Event = (Hello | Submit | Cancel | StatusRequest | Heartbeat | Bye | Ready | Chunk | Result | WorkerError | Draining
-         | Tick | SendFailed | PeerStalled | KeysChanged | Malformed | ForeignProtocol)
+Event = (Hello | Submit | Cancel | StatusRequest | Heartbeat | Bye | Ready | Chunk | CallbackEvent | Result
+         | WorkerError | Draining | Tick | SendFailed | PeerStalled | KeysChanged | Malformed | ForeignProtocol)
 
 # ---------------------------------------------------------------------------- effects
 
@@ -207,6 +216,7 @@ _DECODERS: dict[bytes, _Decoder] = {
     P.BYE: lambda peer, body, user: Bye(peer),
     P.READY: lambda peer, body, user: Ready(peer, _json_or_empty(body), user),
     P.CHUNK: lambda peer, body, user: Chunk(peer, body[0], body[1]),
+    P.EVENT: lambda peer, body, user: CallbackEvent(peer, body[0], body[1]),
     P.RESULT: lambda peer, body, user: Result(peer, body[0], body[1]),
     P.ERROR: _error,
     P.DRAINING: lambda peer, body, user: Draining(peer),
