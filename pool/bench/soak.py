@@ -20,7 +20,8 @@ step  call                                                        calls
 9     ``astream`` (3 chunks)                                      1
 ====  =========================================================  =====
 
-(a batch item is a call; a batch travels to the workers in sub-batches, see ``pool.client.warm_backend``). Every result is checked against its input,
+(a batch item is a call; a batch travels to the workers in sub-batches, see
+``pool.client.warm_backend``). Every result is checked against its input,
 every error against the one asked for; anything else is an *unexpected* error and is reported.
 Each call has a timeout (``--soak-timeout``, 120 s; 0 for none), as an application's calls
 usually do: a worker keeps some state per task until its deadline, which the soak shows.

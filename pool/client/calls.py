@@ -33,6 +33,9 @@ class RemoteCall:
     # them may leave ``input`` empty (b""): then the warm backend encodes it when it sends it alone.
     value: Any = field(default=None, compare=False, repr=False)
     kwargs: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    # Where the worker's callback events are replayed (``pool.client.callback_relay``), when
+    # something listens to this call's callbacks; None asks the worker for no events.
+    relay: Any = field(default=None, compare=False, repr=False)
 
 
 def encode_runnable(runnable: Any) -> tuple[bytes, str]:

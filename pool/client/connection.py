@@ -65,7 +65,7 @@ class Event:
     """Something that happened to a task: a chunk, its result, or an error code from the pool."""
 
     task_id: bytes
-    kind: str  # "chunk" | "result" | "error"
+    kind: str  # "chunk" | "event" (a relayed callback) | "result" | "error"
     data: bytes = b""
     code: bytes = b""
     message: str = ""
@@ -633,6 +633,12 @@ class Connection:
             if submission is not None and submission.hold_until is None:
                 submission.delivered = True
                 submission.sink.deliver(Event(submission.task_id, "chunk", body[1]))
+        elif command == P.EVENT and len(body) == 2:
+            # A relayed callback: not "delivered" output, so a call that reported only callbacks
+            # may still be resubmitted after a broker loss (its handlers then see a new attempt).
+            submission = self._pending.get(body[0])
+            if submission is not None and submission.hold_until is None:
+                submission.sink.deliver(Event(submission.task_id, "event", body[1]))
         elif command == P.ERROR and len(body) >= 3:
             self._on_error(body[0], body[1], body[2].decode("utf-8", "replace"), body[3] if len(body) > 3 else b"")
         elif command == P.WELCOME and body:

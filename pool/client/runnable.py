@@ -27,7 +27,7 @@ from langchain_core.runnables.utils import ConfigurableFieldSpec, Input, Output
 from langchain_core.utils.pydantic import TypeBaseModel
 from pydantic import ConfigDict, PrivateAttr
 
-from pool.client import modes
+from pool.client import callback_relay, modes
 from pool.client.calls import RemoteCall, encode_input, encode_runnable, wire_config
 from pool.client.warm_backend import WarmBackend
 from worker import defaults
@@ -132,16 +132,22 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     # ------------------------------------------------------------------ building calls
 
     def _call(self, value: Any, config: RunnableConfig | None, kwargs: dict[str, Any],
-              encode: bool = True) -> RemoteCall:
+              encode: bool = True, run_manager: Any = None) -> RemoteCall:
         """The call of ``value``; with ``encode`` False its input is left for the backend to encode
-        (``RemoteCall.value``/``kwargs``): the warm backend sends a batch's items together."""
+        (``RemoteCall.value``/``kwargs``): the warm backend sends a batch's items together. With a
+        ``run_manager`` that has listeners, the worker relays its callbacks and they are replayed
+        under that run (``pool.client.callback_relay``)."""
         if self._encoded is None:
             self._encoded = encode_runnable(self.bound)
         blob, digest = self._encoded
+        trusted = self.trust_workers or os.environ.get(TRUST_WORKERS_ENV, "").lower() in ("1", "true", "yes")
+        relay: Any = None
+        if callback_relay.listening(run_manager):
+            relay = (callback_relay.AsyncCallbackRelay(run_manager, trusted)
+                     if isinstance(run_manager, AsyncCallbackManagerForChainRun)
+                     else callback_relay.CallbackRelay(run_manager, trusted))
         return RemoteCall(blob, digest, encode_input(value, kwargs) if encode else b"", wire_config(config),
-                          self.timeout, self.retries,
-                          self.trust_workers or os.environ.get(TRUST_WORKERS_ENV, "").lower() in ("1", "true", "yes"),
-                          value, kwargs)
+                          self.timeout, self.retries, trusted, value, kwargs, relay)
 
     def _backend(self) -> modes.Backend:
         return modes.choose_backend(self)
@@ -153,7 +159,7 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     def _invoke(self, value: Input, run_manager: CallbackManagerForChainRun, config: RunnableConfig,
                 **kwargs: Any) -> Output:
-        output: Output = self._backend().invoke(self._call(value, config, kwargs))
+        output: Output = self._backend().invoke(self._call(value, config, kwargs, run_manager=run_manager))
         return output
 
     async def ainvoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Output:
@@ -162,7 +168,7 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     async def _ainvoke(self, value: Input, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
                        **kwargs: Any) -> Output:
         backend = await modes.achoose_backend(self)
-        output: Output = await backend.ainvoke(self._call(value, config, kwargs))
+        output: Output = await backend.ainvoke(self._call(value, config, kwargs, run_manager=run_manager))
         return output
 
     # ------------------------------------------------------------------ batch
@@ -175,11 +181,11 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         return self._batch_with_config(functools.partial(self._batch, limit=limit), inputs, config,
                                        return_exceptions=return_exceptions, **kwargs)
 
-    def _batch(self, values: list[Input], config: list[RunnableConfig], limit: int | None,
-               **kwargs: Any) -> list[Any]:
+    def _batch(self, values: list[Input], run_manager: list[CallbackManagerForChainRun],
+               config: list[RunnableConfig], limit: int | None, **kwargs: Any) -> list[Any]:
         backend = self._backend()
         encode = not isinstance(backend, WarmBackend)
-        calls = [self._call(v, c, kwargs, encode) for v, c in zip(values, config, strict=True)]
+        calls = [self._call(v, c, kwargs, encode, m) for v, c, m in zip(values, config, run_manager, strict=True)]
         return backend.batch(calls, limit, return_exceptions=True)
 
     async def abatch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None,
@@ -190,11 +196,11 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         return await self._abatch_with_config(functools.partial(self._abatch, limit=limit), inputs, config,
                                               return_exceptions=return_exceptions, **kwargs)
 
-    async def _abatch(self, values: list[Input], config: list[RunnableConfig], limit: int | None,
-                      **kwargs: Any) -> list[Any]:
+    async def _abatch(self, values: list[Input], run_manager: list[AsyncCallbackManagerForChainRun],
+                      config: list[RunnableConfig], limit: int | None, **kwargs: Any) -> list[Any]:
         backend = await modes.achoose_backend(self)
         encode = not isinstance(backend, WarmBackend)
-        calls = [self._call(v, c, kwargs, encode) for v, c in zip(values, config, strict=True)]
+        calls = [self._call(v, c, kwargs, encode, m) for v, c, m in zip(values, config, run_manager, strict=True)]
         return await backend.abatch(calls, limit, return_exceptions=True)
 
     # ------------------------------------------------------------------ stream
@@ -211,7 +217,9 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         value = _UNSET
         for chunk in values:  # like Runnable.transform: the remote side needs the whole input
             value = chunk if value is _UNSET else _add(value, chunk)
-        yield from self._backend().stream(self._call(value, config, kwargs))
+        if value is _UNSET:
+            return  # no input, no call (as LangChain's own transform)
+        yield from self._backend().stream(self._call(value, config, kwargs, run_manager=run_manager))
 
     async def astream(self, input: Input, config: RunnableConfig | None = None,
                       **kwargs: Any) -> AsyncIterator[Output]:
@@ -231,8 +239,10 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         value = _UNSET
         async for chunk in values:
             value = chunk if value is _UNSET else _add(value, chunk)
+        if value is _UNSET:
+            return  # no input, no call (as LangChain's own transform)
         backend = await modes.achoose_backend(self)
-        async for chunk in backend.astream(self._call(value, config, kwargs)):
+        async for chunk in backend.astream(self._call(value, config, kwargs, run_manager=run_manager)):
             yield chunk
 
 

@@ -26,6 +26,10 @@ from pool.errors import PayloadTooLarge, ProtocolError, TaskTimeout, error_from_
 from worker import defaults
 from worker import protocol as P
 
+# What the event handling below yields: (the caller's index, final, value); final is False for a
+# chunk, True for an outcome, None for a relayed callback event.
+_Item = tuple[int, bool | None, Any]
+
 
 def _timeout_error(call: RemoteCall) -> TaskTimeout:
     return TaskTimeout(
@@ -60,7 +64,7 @@ def plan_sub_batches(calls: Sequence[RemoteCall], workers: int, max_concurrency:
     invoke task. Parts keep the order of their first item."""
     groups: dict[Any, list[int]] = {}
     for index, call in enumerate(calls):
-        if call.kwargs is None:
+        if call.kwargs is None or call.relay is not None:  # a listened-to call's events need a task of its own
             key: Any = ("alone", index)
         else:
             key = (json.dumps(call.config, sort_keys=True, default=str), id(call.kwargs), call.digest,
@@ -84,7 +88,9 @@ class _Calls:
 
     ``handle`` and ``timeouts`` turn events into ``(index, final, value)`` items: a streamed chunk
     (``final`` False), or an item's outcome (``final`` True: its output, or the exception to raise
-    or return). The sync and async drivers below only wait for events and pass them here.
+    or return), or a relayed callback event (``final`` None: the drivers below replay it into the
+    call's ``relay`` before they go on, so callbacks keep their order with chunks and the result).
+    The sync and async drivers only wait for events and pass them here.
 
     A sub-batch task reports each item as a CHUNK (``protocol.unpack_item``) and ends with an
     empty RESULT; when it ends early (an ERROR, its deadline, a malformed item) the items not
@@ -125,7 +131,9 @@ class _Calls:
                 continue
             task_id = self.connection.new_task_id()
             header = P.TaskHeader("batch" if unit.batch else self.kind, first.digest, first.timeout, unit.retries,
-                                  first.config, first.trust_workers, len(unit.calls)).to_bytes()
+                                  first.config, first.trust_workers, len(unit.calls),
+                                  events=not unit.batch and first.relay is not None,
+                                  tokens=not unit.batch and first.relay is not None and first.relay.tokens).to_bytes()
             deadline = time.monotonic() + first.timeout if first.timeout is not None else None
             self.open[task_id] = (unit, deadline)
             self.in_flight += len(unit.calls)
@@ -141,13 +149,13 @@ class _Calls:
         if cancel:
             self.connection.cancel(task_id)
 
-    def _fail_left(self, unit: _Unit, error: Any) -> list[tuple[int, bool, Any]]:
+    def _fail_left(self, unit: _Unit, error: Any) -> list[_Item]:
         """Each unreported item's outcome: ``error(call)``, a new exception per item."""
-        out = [(unit.indices[p], True, error(unit.calls[p])) for p in sorted(unit.left)]
+        out: list[_Item] = [(unit.indices[p], True, error(unit.calls[p])) for p in sorted(unit.left)]
         unit.left.clear()
         return out
 
-    def handle(self, event: Event) -> list[tuple[int, bool, Any]]:
+    def handle(self, event: Event) -> list[_Item]:
         entry = self.open.get(event.task_id)
         if entry is None:
             return []  # a late event of a task given up on
@@ -157,6 +165,8 @@ class _Calls:
             self.refill()
             return out
         index, call = unit.indices[0], unit.calls[0]
+        if event.kind == "event":
+            return [(index, None, event.data)] if call.relay is not None else []
         if event.kind == "chunk":
             try:
                 return [(index, False, decode_output(event.data, call.trust_workers))]
@@ -170,8 +180,10 @@ class _Calls:
             return [(index, True, None)]  # the end of the stream
         return [(index, True, _outcome(event, call.trust_workers))]
 
-    def _handle_batch(self, event: Event, unit: _Unit) -> list[tuple[int, bool, Any]]:
+    def _handle_batch(self, event: Event, unit: _Unit) -> list[_Item]:
         task_id = event.task_id
+        if event.kind == "event":
+            return []  # not asked for: a sub-batch never carries a listened-to call
         if event.kind == "chunk":
             try:
                 position, code, message, payload = P.unpack_item(event.data, len(unit.calls))
@@ -202,7 +214,7 @@ class _Calls:
         return self._fail_left(unit, lambda call: error_from_wire(event.code, event.message, event.data,
                                                                   call.trust_workers))
 
-    def timeouts(self) -> list[tuple[int, bool, Any]]:
+    def timeouts(self) -> list[_Item]:
         now = time.monotonic()
         gone = [(task_id, unit) for task_id, (unit, d) in self.open.items() if d is not None and d <= now]
         out = []
@@ -258,7 +270,7 @@ class WarmBackend:
     # ------------------------------------------------------------------ sync
 
     def _run(self, calls: Sequence[RemoteCall], kind: str, window: int | None = None,
-             sub_batches: bool = False) -> Iterator[tuple[int, bool, Any]]:
+             sub_batches: bool = False) -> Iterator[_Item]:
         self.connection.ensure_ready(self.connect_timeout)
         sink = ThreadSink()
         units = self._plan(calls, window) if sub_batches else None
@@ -271,7 +283,11 @@ class WarmBackend:
                 except queue.Empty:
                     yield from state.timeouts()
                     continue
-                yield from state.handle(event)
+                for item in state.handle(event):
+                    if item[1] is None:
+                        calls[item[0]].relay.replay(item[2])
+                    else:
+                        yield item
         finally:
             state.cancel_all()
 
@@ -302,7 +318,7 @@ class WarmBackend:
     # ------------------------------------------------------------------ async
 
     async def _arun(self, calls: Sequence[RemoteCall], kind: str, window: int | None = None,
-                    sub_batches: bool = False) -> AsyncGenerator[tuple[int, bool, Any], None]:
+                    sub_batches: bool = False) -> AsyncGenerator[_Item, None]:
         if not self.connection.ready:
             # Only while connecting: a thread waits for the handshake so the loop does not.
             await asyncio.get_running_loop().run_in_executor(None, self.connection.ensure_ready, self.connect_timeout)
@@ -319,7 +335,10 @@ class WarmBackend:
                         yield item
                     continue
                 for item in state.handle(event):
-                    yield item
+                    if item[1] is None:
+                        await calls[item[0]].relay.replay(item[2])
+                    else:
+                        yield item
         finally:
             state.cancel_all()
 

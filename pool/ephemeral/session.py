@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -48,10 +48,14 @@ class Launcher(Protocol):
 class Session:
     """One call on one fresh worker."""
 
-    def __init__(self, launcher: Launcher, call: RemoteCall, kind: str) -> None:
+    def __init__(self, launcher: Launcher, call: RemoteCall, kind: str,
+                 on_event: Callable[[bytes], None] | None = None) -> None:
         self.launcher = launcher
         self.call = call
         self.kind = kind
+        # Where relayed callback events go (the call's relay, on the caller's side); when None
+        # the worker is asked for none.
+        self.on_event = on_event
         self.deadline = time.monotonic() + call.timeout if call.timeout is not None else None
         self._channel: Channel | None = None
         self._aborted = False
@@ -79,7 +83,8 @@ class Session:
             # reads them in the same order as before: HELLO, (READY), TASK; one that refuses HELLO
             # answers ERROR and exits without reading the TASK.
             header = P.TaskHeader(self.kind, self.call.digest, self.call.timeout, 0, self.call.config,
-                                  self.call.trust_workers)
+                                  self.call.trust_workers, events=self.on_event is not None,
+                                  tokens=self.call.relay is not None and self.call.relay.tokens)
             self._write(channel, P.stdio_line(P.HELLO, P.encode_json(P.environment()))
                         + P.stdio_line(P.TASK, header.to_bytes(), self.call.runnable, self.call.input))
             command, _ = self._next(channel)
@@ -89,6 +94,8 @@ class Session:
                 command, fields = self._next(channel)
                 if command == P.CHUNK and fields:
                     yield command, fields[0]
+                elif command == P.EVENT and fields and self.on_event is not None:
+                    self.on_event(fields[0])
                 elif command == P.RESULT:
                     yield command, fields[0] if fields else b""
                     return
@@ -148,14 +155,14 @@ class EphemeralBackend:
         self.launcher = launcher
 
     def invoke(self, call: RemoteCall) -> Any:
-        return Session(self.launcher, call, "invoke").invoke()
+        return Session(self.launcher, call, "invoke", _sync_relay(call)).invoke()
 
     def stream(self, call: RemoteCall) -> Iterator[Any]:
-        yield from Session(self.launcher, call, "stream").stream()
+        yield from Session(self.launcher, call, "stream", _sync_relay(call)).stream()
 
     def batch(self, calls: Sequence[RemoteCall], max_concurrency: int | None, return_exceptions: bool) -> list[Any]:
         """One worker per item, in parallel, at most ``max_concurrency`` at once."""
-        sessions = [Session(self.launcher, call, "invoke") for call in calls]
+        sessions = [Session(self.launcher, call, "invoke", _sync_relay(call)) for call in calls]
 
         def run(session: Session) -> Any:
             try:
@@ -180,7 +187,7 @@ class EphemeralBackend:
         return results
 
     async def ainvoke(self, call: RemoteCall) -> Any:
-        session = Session(self.launcher, call, "invoke")
+        session = Session(self.launcher, call, "invoke", _async_relay(call))
         try:
             return await asyncio.get_running_loop().run_in_executor(None, session.invoke)
         except asyncio.CancelledError:
@@ -207,7 +214,7 @@ class EphemeralBackend:
 
     async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
         """Chunks from a thread driving the session, handed over as they come."""
-        session = Session(self.launcher, call, "stream")
+        session = Session(self.launcher, call, "stream", _async_relay(call))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -237,3 +244,24 @@ class EphemeralBackend:
                     return
         finally:
             session.abort()  # the pump thread ends as soon as its worker is gone
+
+
+def _sync_relay(call: RemoteCall) -> Callable[[bytes], None] | None:
+    return call.relay.replay if call.relay is not None else None
+
+
+def _async_relay(call: RemoteCall) -> Callable[[bytes], None] | None:
+    """For a session driven on a thread: each event is replayed on the caller's loop (async
+    handlers live there) and the thread waits for it, so events keep their order with chunks."""
+    if call.relay is None:
+        return None
+    loop = asyncio.get_running_loop()
+    replay = call.relay.replay
+
+    def on_event(data: bytes) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(replay(data), loop).result()
+        except RuntimeError:
+            pass  # the caller's loop is closed: nobody is listening any more
+
+    return on_event
