@@ -14,6 +14,7 @@ once per instance; its digest lets workers reuse what they already deserialized.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -21,7 +22,11 @@ from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
-from langchain_core.runnables.config import get_config_list
+from langchain_core.runnables.config import (
+    get_async_callback_manager_for_config,
+    get_callback_manager_for_config,
+    get_config_list,
+)
 from langchain_core.runnables.graph import Graph
 from langchain_core.runnables.utils import ConfigurableFieldSpec, Input, Output
 from langchain_core.utils.pydantic import TypeBaseModel
@@ -202,6 +207,86 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         encode = not isinstance(backend, WarmBackend)
         calls = [self._call(v, c, kwargs, encode, m) for v, c, m in zip(values, config, run_manager, strict=True)]
         return await backend.abatch(calls, limit, return_exceptions=True)
+
+    # ------------------------------------------------------------------ as completed
+
+    def _item_runs(self, inputs: Sequence[Input], config: RunnableConfig | Sequence[RunnableConfig] | None,
+                   ) -> tuple[list[RunnableConfig], list[CallbackManagerForChainRun]]:
+        """One traced run per item, as LangChain's ``_batch_with_config`` starts them."""
+        configs = get_config_list(config, len(inputs))
+        runs = [get_callback_manager_for_config(c).on_chain_start(
+            None, value, name=c.get("run_name") or self.get_name(), run_id=c.pop("run_id", None))
+            for value, c in zip(inputs, configs, strict=True)]
+        return configs, runs
+
+    async def _aitem_runs(self, inputs: Sequence[Input], config: RunnableConfig | Sequence[RunnableConfig] | None,
+                          ) -> tuple[list[RunnableConfig], list[AsyncCallbackManagerForChainRun]]:
+        configs = get_config_list(config, len(inputs))
+        runs = list(await asyncio.gather(*(get_async_callback_manager_for_config(c).on_chain_start(
+            None, value, name=c.get("run_name") or self.get_name(), run_id=c.pop("run_id", None))
+            for value, c in zip(inputs, configs, strict=True))))
+        return configs, runs
+
+    def batch_as_completed(self, inputs: Sequence[Input],  # type: ignore[override]
+                           config: RunnableConfig | Sequence[RunnableConfig] | None = None, *,
+                           return_exceptions: bool = False,
+                           **kwargs: Any) -> Iterator[tuple[int, Output | Exception]]:
+        """Each item's ``(index, output)`` as it finishes, the items travelling in sub-batches like
+        :meth:`batch` (LangChain's default would start a thread per item to call ``invoke``)."""
+        if not inputs:
+            return
+        backend = self._backend()
+        if not isinstance(backend, WarmBackend):
+            yield from super().batch_as_completed(inputs, config, return_exceptions=return_exceptions, **kwargs)  # type: ignore[call-overload]
+            return
+        configs, runs = self._item_runs(inputs, config)
+        calls = [self._call(value, c, kwargs, False, run) for value, c, run in zip(inputs, configs, runs, strict=True)]
+        ended: set[int] = set()
+        try:
+            for index, outcome in backend.as_completed(calls, configs[0].get("max_concurrency")):
+                ended.add(index)
+                if isinstance(outcome, Exception):
+                    runs[index].on_chain_error(outcome)
+                    if not return_exceptions:
+                        raise outcome
+                else:
+                    runs[index].on_chain_end(outcome)
+                yield index, outcome
+        finally:
+            for index in set(range(len(calls))) - ended:  # the caller stopped early, or one raised
+                runs[index].on_chain_error(asyncio.CancelledError("not awaited: batch_as_completed was closed"))
+
+    async def abatch_as_completed(self, inputs: Sequence[Input],  # type: ignore[override]
+                                  config: RunnableConfig | Sequence[RunnableConfig] | None = None, *,
+                                  return_exceptions: bool = False,
+                                  **kwargs: Any) -> AsyncIterator[tuple[int, Output | Exception]]:
+        """:meth:`batch_as_completed` for a coroutine."""
+        if not inputs:
+            return
+        backend = await modes.achoose_backend(self)
+        if not isinstance(backend, WarmBackend):
+            async for item in super().abatch_as_completed(inputs, config, return_exceptions=return_exceptions,  # type: ignore[call-overload]
+                                                          **kwargs):
+                yield item
+            return
+        configs, runs = await self._aitem_runs(inputs, config)
+        calls = [self._call(value, c, kwargs, False, run) for value, c, run in zip(inputs, configs, runs, strict=True)]
+        ended: set[int] = set()
+        iterator = backend.aas_completed(calls, configs[0].get("max_concurrency"))
+        try:
+            async for index, outcome in iterator:
+                ended.add(index)
+                if isinstance(outcome, Exception):
+                    await runs[index].on_chain_error(outcome)
+                    if not return_exceptions:
+                        raise outcome
+                else:
+                    await runs[index].on_chain_end(outcome)
+                yield index, outcome
+        finally:
+            await iterator.aclose()  # type: ignore[attr-defined]
+            for index in set(range(len(calls))) - ended:
+                await runs[index].on_chain_error(asyncio.CancelledError("not awaited: abatch_as_completed was closed"))
 
     # ------------------------------------------------------------------ stream
 

@@ -362,6 +362,16 @@ class WarmBackend:
             await iterator.aclose()
         return results
 
+    async def aas_completed(self, calls: Sequence[RemoteCall],
+                            max_concurrency: int | None) -> AsyncIterator[tuple[int, Any]]:
+        """:meth:`as_completed` for a coroutine."""
+        iterator = self._arun(calls, "invoke", max_concurrency, sub_batches=True)
+        try:
+            async for index, _, outcome in iterator:
+                yield index, outcome
+        finally:
+            await iterator.aclose()
+
     async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
         iterator = self._arun([call], "stream")
         try:

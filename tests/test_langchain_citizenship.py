@@ -1,4 +1,5 @@
-"""The callback relay (issue 12, DESIGN §4a): a remote model looks local to LangChain's callbacks.
+"""A good LangChain citizen (issue 12, DESIGN §4a): the callback relay (a remote model looks local
+to LangChain's callbacks), ``batch_as_completed`` on the pool, an empty ``transform``.
 
 Real chains, real chat models (``ChatOpenAI`` against the fake OpenAI server on 127.0.0.1, and
 LangChain's ``GenericFakeChatModel``), a real local pool: what ``astream_events``, a callback
@@ -262,3 +263,60 @@ def test_an_event_value_that_is_not_data_travels_as_its_repr():
     data = callback_events.encode_event("on_chain_end", ({"out": Opaque()},), {"run_id": uuid.uuid4()})
     event = codec.loads_result(data)
     assert event["args"] == ["{'out': <opaque thing>}"]
+
+
+# ---------------------------------------------------------------------------- batch_as_completed
+
+
+class Marking(RunnableLambda):
+    """Marks the outputs of its own batch_as_completed: shows the worker ran a sub-batch."""
+
+    def batch_as_completed(self, inputs, config=None, *, return_exceptions=False, **kwargs):  # type: ignore[no-untyped-def]
+        for index, out in super().batch_as_completed(inputs, config, return_exceptions=return_exceptions, **kwargs):
+            yield index, out if isinstance(out, BaseException) else ("batch", out)
+
+    async def abatch_as_completed(self, inputs, config=None, *, return_exceptions=False, **kwargs):  # type: ignore[no-untyped-def]
+        async for index, out in super().abatch_as_completed(inputs, config, return_exceptions=return_exceptions,
+                                                            **kwargs):
+            yield index, out if isinstance(out, BaseException) else ("batch", out)
+
+
+def _check(x: int) -> int:
+    if x == 3:
+        raise ValueError("three")
+    return x * 10
+
+
+def test_batch_as_completed_runs_in_sub_batches_on_the_pool(pool):
+    wrapped = remote(pool, Marking(_check))
+    got = dict(wrapped.batch_as_completed(list(range(8)), return_exceptions=True))
+    assert sorted(got) == list(range(8))
+    assert isinstance(got[3], ValueError) and str(got[3]) == "three"
+    # Marked: the worker ran the items with the runnable's own batch_as_completed (4 sub-batches of 2).
+    assert {i: v for i, v in got.items() if i != 3} == {i: ("batch", i * 10) for i in range(8) if i != 3}
+
+
+def test_batch_as_completed_traces_one_run_per_item_and_relays_each_items_callbacks(pool):
+    wrapped = remote(pool, Marking(_check))
+    handler = Recorder()
+    got = dict(wrapped.batch_as_completed([1, 2, 3], config={"callbacks": [handler]}, return_exceptions=True))
+    assert got[0] == 10 and got[1] == 20 and isinstance(got[2], ValueError)  # listened to: single tasks
+    starts = [kw for name, kw, _ in handler.calls if name == "on_chain_start"]
+    roots = [kw["run_id"] for kw in starts if kw.get("parent_run_id") is None]
+    assert len(roots) == 3
+    remote_runs = [kw for kw in starts if kw.get("parent_run_id") in roots]
+    assert sorted(kw["parent_run_id"] for kw in remote_runs) == sorted(roots)  # each item's remote run under its own
+    assert [name for name, _, _ in handler.calls].count("on_chain_error") == 2  # the remote run's and the wrapper's
+
+
+def test_abatch_as_completed_too_and_an_error_raises_without_return_exceptions(pool):
+    wrapped = remote(pool, Marking(_check))
+
+    async def collect(values: list[int]) -> dict[int, Any]:
+        return {i: v async for i, v in wrapped.abatch_as_completed(values)}
+
+    values = [1, 2, 4, 5, 6, 7, 8, 9]  # 8 items, 1 worker: 4 sub-batches of 2
+    assert asyncio.run(collect(values)) == {i: ("batch", v * 10) for i, v in enumerate(values)}
+    with pytest.raises(ValueError, match="three"):
+        asyncio.run(collect([1, 2, 3, 4, 5, 6, 7, 8]))
+    assert list(wrapped.batch_as_completed([])) == []
