@@ -130,7 +130,11 @@ def test_a_local_pool_on_a_port_wants_its_keys_and_a_keyless_peer_never_register
         assert stat.S_IMODE(Path(pool.keys_dir).stat().st_mode) == 0o700
         with keyless_dealer(pool.address) as (sock, monitor):
             environment = {**P.environment(), "pid": os.getpid(), "concurrency": 64}
-            sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(environment)])
+            # Without blocking: once the broker has refused the handshake the DEALER has no pipe,
+            # and a blocking send would wait forever (seen on a busy machine). Queued or not, READY
+            # must not register the peer.
+            with contextlib.suppress(zmq.Again):
+                sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(environment)], flags=zmq.NOBLOCK)
             assert wait_for_event(monitor, HANDSHAKE_FAILED, 10) is not None, "the keyless handshake was not refused"
             assert not sock.poll(500), "the broker answered a peer without keys"
         # The keyed client works, and the pool has only its own worker.
