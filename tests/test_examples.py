@@ -49,3 +49,37 @@ def test_sample_runs_with_chatopenai(sample):
         out = run_example(sample, env)
         assert fake.requests, "the sample never reached the (fake) OpenAI API"
     assert "".join(DEFAULT_CHUNKS) in out.replace("/", "")
+
+
+# Issue 12: a LangGraph agent run remotely, and create_agent with a remote model and a local tool.
+AGENT_EXAMPLES = ["langgraph_remote_agent.py", "create_agent_remote_model.py"]
+
+
+@pytest.mark.parametrize("example", AGENT_EXAMPLES)
+def test_agent_example_streams_tokens_and_uses_its_tool(example):
+    with FakeOpenAI(api_key="sk-sample") as fake:
+        env = {**clean_env(), "OPENAI_API_KEY": fake.api_key, "OPENAI_BASE_URL": fake.base_url}
+        out = run_example(example, env)
+        requests = list(fake.requests)
+    # The model asked for the tool, got its result, then answered: two requests, the tool's
+    # result in the second.
+    assert len(requests) == 2, out
+    assert [t["function"]["name"] for t in requests[0]["tools"]] == ["pokedex"]
+    tool_messages = [m for m in requests[1]["messages"] if m["role"] == "tool"]
+    assert len(tool_messages) == 1 and tool_messages[0]["content"].startswith("Pokédex: ")
+    # Token by token (one item per streamed chunk of the server), then the final state.
+    assert "|".join(DEFAULT_CHUNKS) + "|" in out
+    assert "ai: calls pokedex(" in out
+    assert "tool: Pokédex: " in out
+    assert f"ai: {''.join(DEFAULT_CHUNKS)}" in out
+    if example == "create_agent_remote_model.py":  # only the model went to the pool, not the tool
+        pid = out.split("this process: ", 1)[1].split(";", 1)[0]
+        assert f"runs locally, in process {pid}]" in out
+
+
+@pytest.mark.parametrize("example", AGENT_EXAMPLES)
+def test_agent_example_without_an_api_key_says_what_it_needs(example):
+    result = subprocess.run([sys.executable, str(REPO / "examples" / example)], capture_output=True, text=True,
+                            timeout=100, env=clean_env(), cwd=REPO, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert "Set OPENAI_API_KEY" in result.stderr

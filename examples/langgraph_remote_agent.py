@@ -1,0 +1,86 @@
+"""A whole LangGraph agent runs on a worker of the pool; its tokens stream back as it thinks.
+
+The graph is the classic tool-calling loop: a ``model`` node (ChatOpenAI with a tool bound), a
+``tools`` node (LangGraph's ``ToolNode``) and ``tools_condition`` between them. Wrapped in
+``RunnableK8s``, the compiled graph travels to a worker and runs there: nodes, tool and model.
+``stream_mode="messages"`` yields the model's tokens as the worker produces them, then the
+example prints the final state (question, tool call, tool result, answer).
+
+Run it (from a checkout, after ``pip install -e ".[test]"``, which brings LangGraph)::
+
+    OPENAI_API_KEY=sk-... python examples/langgraph_remote_agent.py "What type is Pikachu?"
+
+``OPENAI_BASE_URL`` points ChatOpenAI at another OpenAI-compatible server. The key is not sent
+with the task: the workers read it from their own environment (a ``LocalPool`` inherits this
+process's). ``RUNNABLE_K8S_POOL`` set: that pool is used instead of a local one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from langchain_core.messages import AIMessageChunk, HumanMessage
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
+
+from pool import LocalPool, RunnableK8s
+
+POKEDEX = {"pikachu": "Electric", "bulbasaur": "Grass/Poison", "charmander": "Fire", "squirtle": "Water"}
+
+
+@tool
+def pokedex(name: str) -> str:
+    """Look a Pokémon up in the Pokédex and return its type."""
+    return f"Pokédex: {name} is {POKEDEX.get(name.strip().lower(), 'not in this small Pokédex')}."
+
+
+def build_agent():
+    """model -> (tool calls?) -> tools -> model -> ... -> END; compiled, ready to run anywhere."""
+    # base_url None: the OpenAI API. The key is left out of the task and resolved on the worker.
+    llm = ChatOpenAI(model="gpt-4o-mini", base_url=os.environ.get("OPENAI_BASE_URL")).bind_tools([pokedex])
+
+    def model(state: MessagesState):
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("model", model)
+    builder.add_node("tools", ToolNode([pokedex]))
+    builder.add_edge(START, "model")
+    builder.add_conditional_edges("model", tools_condition)  # tool calls -> "tools", else END
+    builder.add_edge("tools", "model")
+    return builder.compile()
+
+
+def main(address: str) -> None:
+    agent = RunnableK8s(bound=build_agent(), pool=address)  # the whole graph runs on a worker
+    question = sys.argv[1] if len(sys.argv) > 1 else "What type is Pikachu? Use the Pokédex."
+    inputs = {"messages": [HumanMessage(question)]}
+
+    # Two stream modes at once: "messages" gives the tokens, "values" the state after each step.
+    print("tokens of the model node, streamed from the worker (each followed by |):")
+    state = None
+    for mode, data in agent.stream(inputs, stream_mode=["messages", "values"]):
+        if mode == "values":
+            state = data
+            continue
+        chunk, metadata = data
+        if isinstance(chunk, AIMessageChunk) and metadata["langgraph_node"] == "model" and chunk.content:
+            print(chunk.content, end="|", flush=True)
+    print()
+
+    print("\nfinal state:")
+    for message in state["messages"]:
+        calls = ", ".join(f"{c['name']}({c['args']})" for c in getattr(message, "tool_calls", []))
+        print(f"  {message.type:>5}: {message.content or 'calls ' + calls}")
+
+if __name__ == "__main__":
+    if not os.environ.get("OPENAI_API_KEY"):
+        sys.exit("Set OPENAI_API_KEY (and OPENAI_BASE_URL for an OpenAI-compatible server) to run this example.")
+    if os.environ.get("RUNNABLE_K8S_POOL"):
+        main(os.environ["RUNNABLE_K8S_POOL"])
+    else:
+        with LocalPool(workers=1) as pool:  # broker + 1 worker process on 127.0.0.1, stopped at the end
+            main(pool.address)
