@@ -123,6 +123,7 @@ class WarmWorker:
         self.draining_since: float | None = None
         # Draining ends only once the broker has surely stopped sending tasks: see _fence.
         self._fenced = False
+        self._ready_sent_at: float | None = None  # a READY the broker has not answered yet
         self.exit_code: int | None = None
         self._drain_requested = False
         self._broker_context = zmq.Context()
@@ -218,7 +219,7 @@ class WarmWorker:
         sock = transport.dealer_socket(self._broker_context, self.keys)
         sock.connect(self.address)
         self._socket = sock
-        self._send([P.PROTOCOL, P.READY, P.encode_json(self._environment())])
+        self._register()
         if self.draining_since is not None:
             self._send([P.PROTOCOL, P.DRAINING])
             self._fence()
@@ -294,6 +295,19 @@ class WarmWorker:
             self.grace_period = 0.0
             self._drain_requested = True
 
+    def _register(self, again: bool = False) -> None:
+        """Say READY. A broker that restarted answers *every* message it gets from this worker
+        with RECONNECT until the worker is registered again (heartbeats, replies of the old
+        broker's tasks queued meanwhile): answered one by one, those became a burst of READYs,
+        and each READY after the first made the broker drop this worker as re-registered and fail
+        the tasks it had just given it. So while a READY is unanswered, RECONNECTs are ignored
+        for one heartbeat interval."""
+        now = time.monotonic()
+        if again and self._ready_sent_at is not None and now - self._ready_sent_at < P.HEARTBEAT_INTERVAL:
+            return
+        self._ready_sent_at = now
+        self._send([P.PROTOCOL, P.READY, P.encode_json(self._environment())])
+
     def _environment(self) -> dict[str, Any]:
         return {**P.environment(), "pid": os.getpid(), "concurrency": self.concurrency,
                 "cache_size": self.cache.max_items}
@@ -340,8 +354,9 @@ class WarmWorker:
         elif command == P.CANCEL and body:
             self._give_up(body[0], P.E_CANCELLED, "cancelled")
         elif command == P.RECONNECT:
-            self._send([P.PROTOCOL, P.READY, P.encode_json(self._environment())])
+            self._register(again=True)
         elif command == P.WELCOME and body:
+            self._ready_sent_at = None
             info = P.decode_json_object(body[0])
             self.runner.max_message_bytes = int(info.get("max_message_bytes", self.runner.max_message_bytes))
             log.info("connected to broker %s", self.address)
