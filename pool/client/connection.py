@@ -177,7 +177,8 @@ class Submission:
     has on the wire now, a new one each time it is resubmitted. ``delivered``: a chunk (or batch
     item) reached the caller, so it must not run again whole. ``hold_until``: while set, the task
     waits for a broker to say WELCOME and fails at that time (monotonic) if none does; ``held_why``
-    says what happened to the broker it was in flight on."""
+    says what happened to the broker it was in flight on. ``patience``: how long the caller waits
+    for a broker when the task is held (its ``connect_timeout``; None: the connection's)."""
 
     task_id: bytes
     header: bytes
@@ -191,6 +192,7 @@ class Submission:
     sent_at: float = 0.0
     hold_until: float | None = None
     held_why: str = ""
+    patience: float | None = None
 
 
 _MONITORED = (
@@ -561,10 +563,13 @@ class Connection:
         return None
 
     def _hold(self, submission: Submission, now: float, why: str) -> None:
-        submission.hold_until = until = now + self.connect_timeout
+        submission.hold_until = until = now + self._patience(submission)
         submission.held_why = why
         if self._hold_deadline is None or until < self._hold_deadline:
             self._hold_deadline = until
+
+    def _patience(self, submission: Submission) -> float:
+        return self.connect_timeout if submission.patience is None else submission.patience
 
     def _expire_held(self, now: float) -> None:
         """Fail the held tasks whose wait for a broker is over."""
@@ -581,7 +586,7 @@ class Connection:
                     if submission.held_why else "")
             submission.sink.deliver(Event(submission.task_id, "error", code=P.E_POOL_UNAVAILABLE, message=(
                 f"{lost}no runnable-k8s broker answered at {self.address} within the connect timeout of "
-                f"{self.connect_timeout:g}s, so the call was not {'re' if lost else ''}submitted")))
+                f"{self._patience(submission):g}s, so the call was not {'re' if lost else ''}submitted")))
         self._hold_deadline = soonest
 
     def _resubmit_held(self) -> None:

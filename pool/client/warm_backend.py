@@ -100,8 +100,10 @@ class _Calls:
     """
 
     def __init__(self, connection: Connection, calls: Sequence[RemoteCall], kind: str, sink: Any,
-                 window: int | None = None, units: list[_Unit] | None = None) -> None:
+                 window: int | None = None, units: list[_Unit] | None = None,
+                 patience: float | None = None) -> None:
         self.connection = connection
+        self.patience = patience  # the caller's connect_timeout: how long a call waits for a broker
         self.kind = kind
         self.sink = sink
         self.window = window or len(calls)
@@ -137,7 +139,8 @@ class _Calls:
             deadline = time.monotonic() + first.timeout if first.timeout is not None else None
             self.open[task_id] = (unit, deadline)
             self.in_flight += len(unit.calls)
-            self.connection.submit(Submission(task_id, header, first.digest, first.runnable, blob, self.sink))
+            self.connection.submit(Submission(task_id, header, first.digest, first.runnable, blob, self.sink,
+                                              patience=self.patience))
 
     def wait_time(self) -> float | None:
         deadlines = [d for _, d in self.open.values() if d is not None]
@@ -274,7 +277,7 @@ class WarmBackend:
         self.connection.ensure_ready(self.connect_timeout)
         sink = ThreadSink()
         units = self._plan(calls, window) if sub_batches else None
-        state = _Calls(self.connection, calls, kind, sink, window, units)
+        state = _Calls(self.connection, calls, kind, sink, window, units, self.connect_timeout)
         try:
             state.refill()
             while not state.done:
@@ -324,7 +327,7 @@ class WarmBackend:
             await asyncio.get_running_loop().run_in_executor(None, self.connection.ensure_ready, self.connect_timeout)
         sink = LoopSink()
         units = self._plan(calls, window) if sub_batches else None
-        state = _Calls(self.connection, calls, kind, sink, window, units)
+        state = _Calls(self.connection, calls, kind, sink, window, units, self.connect_timeout)
         try:
             state.refill()
             while not state.done:
