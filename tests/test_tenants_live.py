@@ -21,8 +21,10 @@ from tests.support.waiting import wait_for
 FLOOD = 45
 CLIENT_LIMIT = 30
 
+# Separate concurrent calls, one task each (a batch of equal items would travel as a few
+# sub-batches, a handful of tasks, and never fill the per-client queue).
 FLOODER = textwrap.dedent("""
-    import sys, time
+    import asyncio, sys, time
     from langchain_core.runnables import RunnableLambda
     from pool import RunnableK8s
     from pool.errors import PoolOverloaded
@@ -32,8 +34,11 @@ FLOODER = textwrap.dedent("""
         return x
 
     remote = RunnableK8s(bound=RunnableLambda(slow), pool=sys.argv[1], timeout=120)
-    results = remote.batch(list(range(int(sys.argv[2]))), return_exceptions=True,
-                           config={"max_concurrency": int(sys.argv[2])})
+
+    async def flood(n):
+        return await asyncio.gather(*(remote.ainvoke(i) for i in range(n)), return_exceptions=True)
+
+    results = asyncio.run(flood(int(sys.argv[2])))
     refused = sum(isinstance(r, PoolOverloaded) for r in results)
     print(f"done={sum(isinstance(r, int) for r in results)} refused={refused}", flush=True)
 """)
