@@ -7,7 +7,8 @@
         chain.invoke({"question": "..."})
 """
 
-from pool.client.runnable import RunnableK8s
+from typing import TYPE_CHECKING, Any
+
 from pool.errors import (
     AuthenticationFailed,
     IncompatibleWorker,
@@ -24,7 +25,27 @@ from pool.errors import (
     TaskTimeout,
     WorkerLost,
 )
-from pool.local import LocalPool
+
+if TYPE_CHECKING:
+    from pool.client.runnable import RunnableK8s
+    from pool.local import LocalPool
+
+# Imported on first use (PEP 562): a broker process (``python -m pool broker``) imports ``pool``
+# too, and needs neither LangChain's Runnable machinery nor the local pool's launcher; importing
+# them here made every broker start (a restart after a crash included) pay about a second more.
+_LAZY = {"RunnableK8s": "pool.client.runnable", "LocalPool": "pool.local"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pool' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AuthenticationFailed",

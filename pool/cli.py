@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.set_defaults(func=cmd_gc)
 
     bench = add("bench", help="compare warm and ephemeral calls, against in-process and bare ZeroMQ")
-    from pool.bench.command import add_arguments as add_bench_arguments
+    from pool.bench.arguments import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)

@@ -8,7 +8,6 @@ wire never carries client-side classes.
 from __future__ import annotations
 
 from worker import protocol
-from worker.codec import CodecError, load_exception
 
 
 class RunnableK8sError(Exception):
@@ -111,6 +110,8 @@ def error_from_wire(code: bytes, message: str, detail: bytes, trusted: bool = Fa
     detail that names anything but data becomes a :class:`SerializationError`, and nothing runs.
     """
     if code == protocol.E_REMOTE:
+        from worker.codec import CodecError, load_exception  # here: a broker imports this module, not the codec
+
         try:
             info = load_exception(detail, trusted)
         except CodecError as exc:

@@ -71,3 +71,29 @@ def test_a_one_shot_worker_runs_its_task_without_heavy_modules_or_the_warm_loop(
     warm = next(x for x in proc.stderr.decode().splitlines() if x.startswith("WARM "))
     # It speaks the protocol as text lines: no warm loop and no pyzmq, paid for on every ephemeral call.
     assert ast.literal_eval(warm.removeprefix("WARM ")) == [], "the one-shot worker loaded the warm loop or pyzmq"
+
+
+@pytest.mark.timeout(60)
+def test_the_broker_command_loads_no_langchain_so_a_crashed_broker_is_back_fast():
+    """A broker process (``runnable-k8s broker``, and the one LocalPool starts) routes bytes: it
+    never needs LangChain, cloudpickle or pydantic. Importing them cost every broker start about
+    a second of CPU (a restart after a crash included)."""
+    script = ("import sys\nimport pool.cli, pool.broker.server\npool.cli.build_parser()\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'langchain_core', 'cloudpickle', 'pydantic'}))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert proc.stdout.decode().strip() == "[]"
+    help_run = subprocess.run([sys.executable, "-X", "importtime", "-m", "pool", "broker", "--help"],
+                              capture_output=True, cwd=ROOT, timeout=60)
+    assert help_run.returncode == 0 and b"--bind" in help_run.stdout
+    assert b"langchain_core" not in help_run.stderr and b"cloudpickle" not in help_run.stderr
+
+
+def test_the_bench_command_line_defaults_agree_with_the_bench():
+    from pool.bench import arguments, llm, workloads
+
+    assert arguments.DEFAULT_WORKLOADS == workloads.DEFAULT_WORKLOADS
+    assert arguments.LLM_DEFAULT_IN_FLIGHT == llm.DEFAULT_IN_FLIGHT
+    from pool.client.runnable import DEFAULT_IMAGE
+
+    assert arguments.DEFAULT_IMAGE == DEFAULT_IMAGE

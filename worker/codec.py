@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import decimal
 import enum
-import hashlib
 import importlib
 import io
 import os
@@ -47,6 +46,8 @@ from langchain_core.load import dumpd, load
 from langchain_core.load.serializable import Serializable
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel
+
+from worker.protocol import content_digest as protocol_digest
 
 # Which LangChain classes load() may rebuild on a worker. Whoever can submit a task already runs
 # arbitrary code there (cloudpickle), so "all" adds no new power; it is named explicitly because
@@ -395,9 +396,7 @@ def loads(data: bytes) -> Any:
         ) from exc
 
 
-def digest(data: bytes) -> str:
-    """Content digest used to name a runnable in the worker caches."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+digest = protocol_digest  # the content digest naming a runnable (worker.protocol: the broker needs it too)
 
 
 @dataclass

@@ -73,6 +73,7 @@ digest and the worker reuses the runnable it already deserialized.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import platform
 import struct
@@ -264,6 +265,12 @@ def unpack_item(data: bytes, items: int | None = None) -> tuple[int, bytes | Non
     code = bytes(data[start:start + code_length])
     message = bytes(data[start + code_length:start + code_length + message_length]).decode("utf-8", "replace")
     return index, code, message, bytes(data[start + code_length + message_length:])
+
+
+def content_digest(data: bytes) -> str:
+    """The digest naming a runnable's encoded bytes (TaskHeader.digest): workers cache runnables
+    by it, and the broker checks that bytes match it without importing the codec."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _major_minor(version: str) -> str:

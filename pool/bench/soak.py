@@ -60,24 +60,6 @@ CALLS_PER_STEP = {"abatch": 10, "batch": 10}
 BATCH = 10
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    soak = parser.add_argument_group("soak (an endurance run instead of the benchmark)")
-    soak.add_argument("--soak", type=float, default=None, metavar="SECONDS",
-                      help="run the soak: a LocalPool (--pool-workers, --slots) kept busy with a mix of invoke, "
-                           "batch, stream and failing calls for at least SECONDS and at least --soak-calls calls, "
-                           "client/broker/worker RSS and open fds sampled; writes --json, prints the report")
-    soak.add_argument("--soak-calls", type=int, default=100_000, metavar="N",
-                      help="at least this many calls (a batch item counts as one); default 100,000")
-    soak.add_argument("--soak-in-flight", type=int, default=32, metavar="N",
-                      help="concurrent callers in the soak (default 32)")
-    soak.add_argument("--soak-interval", type=float, default=2.0, metavar="S",
-                      help="seconds between RSS/fd samples (default 2)")
-    soak.add_argument("--soak-timeout", type=float, default=120.0, metavar="S",
-                      help="each call's timeout (RunnableK8s(timeout=...)); 0: none. Default 120")
-    soak.add_argument("--soak-warmup", type=float, default=0.1, metavar="FRACTION",
-                      help="share of the calls (and of SECONDS) before the baseline sample (default 0.1)")
-
-
 # ---------------------------------------------------------------------- /proc
 
 

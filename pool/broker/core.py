@@ -24,7 +24,6 @@ from pool.broker.scheduling import Candidate, choose_worker
 from pool.broker.state import ClientState, EnvKey, Queues, RunnableStore, Task, WorkerState, env_key
 from worker import defaults
 from worker import protocol as P
-from worker.codec import digest as content_digest
 
 log = logging.getLogger("runnable_k8s.broker")
 
@@ -179,7 +178,7 @@ class BrokerCore:
             self._refuse(client, task_id, P.E_BAD_REQUEST, "task id must be 16 new random bytes")
             return
         if runnable:
-            if content_digest(runnable) != header.digest:
+            if P.content_digest(runnable) != header.digest:
                 self._refuse(client, task_id, P.E_BAD_REQUEST, "runnable bytes do not match their digest")
                 return
             self.runnables.put(header.digest, runnable)

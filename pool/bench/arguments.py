@@ -1,0 +1,142 @@
+"""The ``runnable-k8s bench`` command line, apart from the bench itself.
+
+``runnable-k8s`` builds every subcommand's parser at start; keeping these definitions free of
+LangChain (and of the bench's workloads) lets ``runnable-k8s broker`` start in a fraction of a
+second, which is also how fast a crashed broker is back.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from worker import defaults
+
+# Kept in step with pool.bench.DEFAULT_WORKLOADS and pool.bench.LLM_DEFAULT_IN_FLIGHT
+# (tests/test_bench.py checks they agree).
+DEFAULT_WORKLOADS = ("echo", "io", "stream")
+LLM_DEFAULT_IN_FLIGHT = 1000
+DEFAULT_IMAGE = defaults.EPHEMERAL_IMAGE
+
+MODES = ("warm", "ephemeral")
+EPHEMERAL_TIMEOUT = 300.0
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        return values
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``runnable-k8s bench``."""
+    what = parser.add_argument_group("what to measure")
+    what.add_argument("--modes", type=_csv(str), default=list(MODES), metavar="warm,ephemeral",
+                      help="modes to compare (default: both)")
+    what.add_argument("--workload", type=_csv(str), default=list(DEFAULT_WORKLOADS),
+                      metavar="echo,io,stream",
+                      help="echo: trivial; io: an asyncio fake LLM call of fixed latency; stream: a streaming "
+                           "fake chat model (time to first chunk); llm: a fake chat model with log-normal latency "
+                           "and streamed tokens, many calls in flight, warm against in-process (opt-in). "
+                           "Comma-separated; default echo,io,stream")
+    what.add_argument("--calls", type=int, default=2000, metavar="N",
+                      help="sequential warm calls per echo latency figure (default 2000)")
+    what.add_argument("--slow-calls", type=int, default=100, metavar="N",
+                      help="sequential warm calls per io/stream latency figure (default 100)")
+    what.add_argument("--ephemeral-calls", type=int, default=10, metavar="N",
+                      help="sequential ephemeral calls per latency figure, and the independent calls of each "
+                           "ephemeral throughput run (at least the concurrency); after each call of the first "
+                           "workload, one run of each of ephemeral mode's floors (a bare Python + "
+                           "langchain_core start; the same running a RunnableLambda; with --launcher "
+                           "kubernetes a minimal Pod's create -> Running); default 10")
+    what.add_argument("--concurrency", type=_csv(int), default=None, metavar="1,8,64",
+                      help="calls in flight for the throughput figures (default 1,8,64); the llm workload "
+                           "uses the highest (default 1000, see --llm-in-flight)")
+    what.add_argument("--ephemeral-max-in-flight", type=int, default=8, metavar="N",
+                      help="skip ephemeral throughput runs above this concurrency (a Pod or a Python process "
+                           "per call in flight); default 8")
+    what.add_argument("--throughput-seconds", type=float, default=2.0, metavar="S",
+                      help="how long each warm throughput run keeps its calls in flight (default 2)")
+    what.add_argument("--floor-tasks", type=int, default=10000, metavar="N",
+                      help="tasks per bare-floor throughput figure (default 10000)")
+    what.add_argument("--workers", type=_csv(int), default=[1, 2, 4], metavar="1,2,4",
+                      help="scaling run: io throughput against this many warm workers (local pool only); "
+                           "'0' skips it")
+    what.add_argument("--scaling-in-flight", type=int, default=None, metavar="N",
+                      help="calls in flight in the scaling run (default: the larger of the highest --concurrency "
+                           "and twice the slots of the most workers)")
+    what.add_argument("--payload-bytes", type=int, default=100, metavar="N",
+                      help="size of each call's input (bytes; echo and io return it); default 100")
+    what.add_argument("--io-latency-ms", type=float, default=50.0, metavar="MS",
+                      help="latency of the io workload's fake LLM call (default 50)")
+    what.add_argument("--stream-chunks", type=int, default=20, metavar="N")
+    what.add_argument("--stream-chunk-ms", type=float, default=2.0, metavar="MS",
+                      help="gap between streamed chunks (the first comes at once); default 2")
+    what.add_argument("--llm-latency-ms", type=float, default=500.0, metavar="MS",
+                      help="llm workload: median latency of a call (log-normal); default 500")
+    what.add_argument("--llm-sigma", type=float, default=0.5, metavar="S",
+                      help="llm workload: standard deviation of the latency's logarithm (0: fixed); default 0.5")
+    what.add_argument("--llm-tokens", type=int, default=20, metavar="N",
+                      help="llm workload: tokens streamed, spread evenly over the call's latency; default 20")
+    what.add_argument("--llm-in-flight", type=int, default=None, metavar="N",
+                      help="llm workload: calls in flight (default: the highest --concurrency when given, "
+                           f"else {LLM_DEFAULT_IN_FLIGHT})")
+    what.add_argument("--llm-calls", type=int, default=None, metavar="N",
+                      help="llm workload: streamed calls per run (default twice the calls in flight)")
+    what.add_argument("--no-big-runnable", action="store_true",
+                      help="skip the repeated-call figure with a 1 KB against a 1 MB runnable")
+
+    warm = parser.add_argument_group("warm mode")
+    warm.add_argument("--pool", metavar="ADDRESS",
+                      help="a running pool (tcp://..., k8s://NS/RELEASE); "
+                           "default: a LocalPool started and stopped here")
+    warm.add_argument("--pool-workers", type=int, default=defaults.LOCAL_WORKERS, metavar="N",
+                      help="workers of that LocalPool (and of the bare floor); default %(default)s")
+    warm.add_argument("--slots", type=int, default=defaults.WORKER_CONCURRENCY, metavar="N",
+                      help="tasks each local worker runs at once (the worker's default, %(default)s)")
+    warm.add_argument("--keys", metavar="DIR", help="CurveZMQ client keys for --pool")
+
+    eph = parser.add_argument_group("ephemeral mode")
+    eph.add_argument("--launcher", choices=("local", "kubernetes"), default="local",
+                     help="local: a subprocess per call; kubernetes: a real Pod per call (default local)")
+    eph.add_argument("--kubeconfig", metavar="PATH", help="default: KUBECONFIG, then ~/.kube/config")
+    eph.add_argument("--namespace", default="default")
+    eph.add_argument("--image", default=DEFAULT_IMAGE, help=f"worker image (default {DEFAULT_IMAGE})")
+    eph.add_argument("--image-pull-policy", default=None, choices=("Always", "IfNotPresent", "Never"))
+    eph.add_argument("--secret", default=None, metavar="NAME",
+                     help="Secret passed to runner Pods with envFrom (default none: the workloads need no keys)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    out.add_argument("--plot", metavar="PATH", help="write a PNG: latency distributions and throughput")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    out.add_argument("--replot", metavar="JSON",
+                     help="measure nothing: print the table of an earlier --json file (and --plot it)")
+
+    add_soak_arguments(parser)
+
+
+# ---------------------------------------------------------------------- progress
+
+
+def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
+    soak = parser.add_argument_group("soak (an endurance run instead of the benchmark)")
+    soak.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                      help="run the soak: a LocalPool (--pool-workers, --slots) kept busy with a mix of invoke, "
+                           "batch, stream and failing calls for at least SECONDS and at least --soak-calls calls, "
+                           "client/broker/worker RSS and open fds sampled; writes --json, prints the report")
+    soak.add_argument("--soak-calls", type=int, default=100_000, metavar="N",
+                      help="at least this many calls (a batch item counts as one); default 100,000")
+    soak.add_argument("--soak-in-flight", type=int, default=32, metavar="N",
+                      help="concurrent callers in the soak (default 32)")
+    soak.add_argument("--soak-interval", type=float, default=2.0, metavar="S",
+                      help="seconds between RSS/fd samples (default 2)")
+    soak.add_argument("--soak-timeout", type=float, default=120.0, metavar="S",
+                      help="each call's timeout (RunnableK8s(timeout=...)); 0: none. Default 120")
+    soak.add_argument("--soak-warmup", type=float, default=0.1, metavar="FRACTION",
+                      help="share of the calls (and of SECONDS) before the baseline sample (default 0.1)")
