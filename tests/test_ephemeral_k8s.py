@@ -140,3 +140,27 @@ def test_gc_never_deletes_kept_pods_and_deletes_a_named_owners_leftovers(k8s_nod
     assert delete_leftover_runners(core, k8s_namespace, older_than=0) == []  # owner alive, within its deadline
     assert delete_leftover_runners(core, k8s_namespace, older_than=0, owner=owner_id()) == [name]
     assert runner_pods(k8s_node, k8s_namespace) == []
+
+
+def test_a_pod_per_call_relays_the_remote_models_callbacks(k8s_node, k8s_namespace):
+    """Issue 12 on the real cluster: a chat model run in a fresh Pod shows in ``astream_events`` as
+    if it ran here (start, every token, end), nested under the RunnableK8s run."""
+    import asyncio
+
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    model = GenericFakeChatModel(messages=iter([AIMessage(content="tokens from a pod")] * 3))
+    wrapped = in_pod(k8s_node, k8s_namespace, model)
+
+    async def events() -> list[dict]:
+        return [e async for e in wrapped.astream_events("hi", version="v2")]
+
+    seen = asyncio.run(events())
+    model_events = [e for e in seen if e["event"].startswith("on_chat_model")]
+    names = [e["event"] for e in model_events]
+    assert names[0] == "on_chat_model_start" and names[-1] == "on_chat_model_end"
+    assert "".join(e["data"]["chunk"].content for e in model_events if e["event"] == "on_chat_model_stream") == \
+        "tokens from a pod"
+    assert model_events[0]["parent_ids"] == [seen[0]["run_id"]]  # under the RunnableK8s run
+    assert runner_pods(k8s_node, k8s_namespace) == []
