@@ -93,3 +93,17 @@ def test_counters_count_a_batchs_items():
     pool.error(b"w1", lost, P.E_TIMEOUT)  # the three items not reported fail with it
     counters = pool.core.status(pool.now)["counters"]
     assert (counters["submitted"], counters["done"], counters["failed"]) == (7, 3, 4)
+
+
+def test_status_counts_the_calls_a_queued_batch_holds_so_the_autoscaler_sees_them():
+    pool = Pool()
+    pool.hello()
+    pool.ready(b"w1", slots=1)
+    running, waiting = new_id(), new_id()
+    submit_batch(pool, running, 2)
+    submit_batch(pool, waiting, 3)
+    status = pool.core.status(pool.now)
+    assert (status["busy"], status["queued"], status["queued_tasks"]) == (1, 3, 1)
+    pool.error(b"w1", running, P.E_TIMEOUT)  # the waiting batch moves up: nothing queued
+    status = pool.core.status(pool.now)
+    assert (status["queued"], status["queued_tasks"]) == (0, 0)

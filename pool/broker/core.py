@@ -670,7 +670,9 @@ class BrokerCore:
             "workers": workers,
             "slots": sum(w.slots for w in self.workers.values() if not w.draining),
             "busy": sum(w.busy for w in self.workers.values()),
-            "queued": len(self.queues),
+            # Calls, like "busy": a waiting sub-batch counts its items (the autoscaler's demand).
+            "queued": self.queues.items,
+            "queued_tasks": len(self.queues),
             "held_bytes": self.held_bytes,
             "runnable_store_bytes": self.runnables.size,
             "clients": len(self.clients),

@@ -145,6 +145,7 @@ class Queues:
         self._deadlines: list[tuple[float, int, Task]] = []
         self._pushes = 0  # heap tie-break: Tasks do not compare
         self._live = 0
+        self.items = 0  # calls waiting: a sub-batch task counts its items (the autoscaler's demand)
 
     def __len__(self) -> int:
         return self._live
@@ -169,6 +170,7 @@ class Queues:
             tasks.append(task)
         task.queued = True
         self._live += 1
+        self.items += task.header.items
         self._by_client[task.client] += 1
         self._pushes += 1
         heapq.heappush(self._deadlines, (task.queue_deadline, self._pushes, task))
@@ -185,7 +187,7 @@ class Queues:
                 task = tasks.popleft()
                 if task.queued:
                     task.queued = False
-                    self._taken(client)
+                    self._taken(task)
                     if tasks:
                         clients.move_to_end(client)  # its next task waits for the others' turn
                     else:
@@ -196,8 +198,10 @@ class Queues:
             del self._by_env[key]
         return None
 
-    def _taken(self, client: bytes) -> None:
+    def _taken(self, task: Task) -> None:
+        client = task.client
         self._live -= 1
+        self.items -= task.header.items
         left = self._by_client[client] - 1
         if left:
             self._by_client[client] = left
@@ -209,7 +213,7 @@ class Queues:
         if not task.queued:
             return
         task.queued = False
-        self._taken(task.client)
+        self._taken(task)
         clients = self._by_env[task.env_key]
         tasks = clients.get(task.client)
         if tasks is not None and len(tasks) > 2 * self.of_client(task.client) + _COMPACT_SLACK:
