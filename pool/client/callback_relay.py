@@ -17,6 +17,7 @@ skipped: a handler never receives an end for a run it was not told had started.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from langchain_core.callbacks.manager import (
@@ -50,8 +51,19 @@ def _streams_tokens(handler: Any) -> bool:
     return isinstance(handler, _StreamingCallbackHandler)
 
 
+# What replaying one event takes: the call to make, its arguments, and what to do with its result
+# (keep the run manager a start returned, forget a run that ended). Sync and async relays differ
+# only in whether they await the call.
+_Step = tuple[Callable[..., Any], list[Any], dict[str, Any], Callable[[Any], None]]
+
+
+def _nothing(result: Any) -> None:
+    pass
+
+
 class _Relay:
     _configure: Any  # CallbackManager.configure or its async twin
+    _handle_event: Any  # handle_event or its async twin
 
     def __init__(self, parent: Any, trusted: bool) -> None:
         self.parent = parent
@@ -61,7 +73,7 @@ class _Relay:
         self.tokens = any(_streams_tokens(h) for h in parent.handlers)
         self.runs: dict[str, Any] = {}  # remote run id -> the local run manager
 
-    def _decode(self, data: bytes) -> tuple[str, list[Any], dict[str, Any], str | None, Any] | None:
+    def _decode(self, data: bytes) -> tuple[str, list[Any], dict[str, Any]] | None:
         try:
             event = decode_output(data, self.trusted)
             method, args, kwargs = event["method"], list(event["args"]), dict(event["kwargs"])
@@ -70,8 +82,30 @@ class _Relay:
             return None
         if method not in RELAYED:
             return None
-        run_id = kwargs.get("run_id")
-        return method, args, kwargs, str(run_id) if run_id is not None else None, kwargs.get("parent_run_id")
+        return method, args, kwargs
+
+    def _step(self, data: bytes) -> _Step | None:
+        """How to replay one event, or None to skip it (undecodable, not relayed, or about a run
+        this relay never saw start)."""
+        decoded = self._decode(data)
+        if decoded is None:
+            return None
+        method, args, kwargs = decoded
+        run_id = str(kwargs.get("run_id"))
+        if method in START_EVENTS:
+            def started(result: Any) -> None:
+                self.runs[run_id] = result[0] if isinstance(result, list) else result
+
+            start = getattr(self._child_manager(kwargs), method)
+            return start, args, {"run_id": uuid7(), **self._rest(kwargs)}, started
+        run = self.runs.get(run_id)
+        if run is None:
+            return None
+        if method == "on_custom_event":
+            return (self._handle_event, [run.handlers, method, "ignore_custom_event", *args],
+                    {"run_id": run.run_id, "tags": run.tags, "metadata": run.metadata}, _nothing)
+        ended = method.endswith(("_end", "_error"))
+        return getattr(run, method), args, self._rest(kwargs), (lambda _: self.runs.pop(run_id)) if ended else _nothing
 
     def _child_manager(self, kwargs: dict[str, Any]) -> Any:
         """The callback manager a new run starts from: its mapped parent's child, with the remote
@@ -97,55 +131,29 @@ class CallbackRelay(_Relay):
     """Replays events into a sync run (``invoke``, ``stream``, ``batch``)."""
 
     _configure = staticmethod(CallbackManager.configure)
+    _handle_event = staticmethod(handle_event)
 
     def __init__(self, parent: CallbackManagerForChainRun, trusted: bool = False) -> None:
         super().__init__(parent, trusted)
 
     def replay(self, data: bytes) -> None:
-        decoded = self._decode(data)
-        if decoded is None:
-            return
-        method, args, kwargs, run_id, _ = decoded
-        if method in START_EVENTS:
-            started = getattr(self._child_manager(kwargs), method)(*args, run_id=uuid7(), **self._rest(kwargs))
-            self.runs[run_id or ""] = started[0] if isinstance(started, list) else started
-            return
-        run = self.runs.get(run_id or "")
-        if run is None:
-            return
-        if method == "on_custom_event":
-            handle_event(run.handlers, method, "ignore_custom_event", *args, run_id=run.run_id, tags=run.tags,
-                         metadata=run.metadata)
-            return
-        getattr(run, method)(*args, **self._rest(kwargs))
-        if method.endswith(("_end", "_error")):
-            del self.runs[run_id or ""]
+        step = self._step(data)
+        if step is not None:
+            call, args, kwargs, then = step
+            then(call(*args, **kwargs))
 
 
 class AsyncCallbackRelay(_Relay):
     """Replays events into an async run (``ainvoke``, ``astream``, ``abatch``)."""
 
     _configure = staticmethod(AsyncCallbackManager.configure)
+    _handle_event = staticmethod(ahandle_event)
 
     def __init__(self, parent: AsyncCallbackManagerForChainRun, trusted: bool = False) -> None:
         super().__init__(parent, trusted)
 
     async def replay(self, data: bytes) -> None:
-        decoded = self._decode(data)
-        if decoded is None:
-            return
-        method, args, kwargs, run_id, _ = decoded
-        if method in START_EVENTS:
-            started = await getattr(self._child_manager(kwargs), method)(*args, run_id=uuid7(), **self._rest(kwargs))
-            self.runs[run_id or ""] = started[0] if isinstance(started, list) else started
-            return
-        run = self.runs.get(run_id or "")
-        if run is None:
-            return
-        if method == "on_custom_event":
-            await ahandle_event(run.handlers, method, "ignore_custom_event", *args, run_id=run.run_id, tags=run.tags,
-                                metadata=run.metadata)
-            return
-        await getattr(run, method)(*args, **self._rest(kwargs))
-        if method.endswith(("_end", "_error")):
-            del self.runs[run_id or ""]
+        step = self._step(data)
+        if step is not None:
+            call, args, kwargs, then = step
+            then(await call(*args, **kwargs))
