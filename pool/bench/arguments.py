@@ -13,14 +13,13 @@ from typing import Any
 
 from worker import defaults
 
-# Kept in step with pool.bench.DEFAULT_WORKLOADS and pool.bench.LLM_DEFAULT_IN_FLIGHT
-# (tests/test_bench.py checks they agree).
+# The bench's defaults live here, with the command line, so that this module stays free of
+# LangChain (the bench reads them from the parsed arguments).
 DEFAULT_WORKLOADS = ("echo", "io", "stream")
-LLM_DEFAULT_IN_FLIGHT = 1000
+LLM_DEFAULT_IN_FLIGHT = 1000  # calls in flight when the llm workload runs and --concurrency was not given
 DEFAULT_IMAGE = defaults.EPHEMERAL_IMAGE
 
 MODES = ("warm", "ephemeral")
-EPHEMERAL_TIMEOUT = 300.0
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:

@@ -31,12 +31,12 @@ from typing import Any
 from langchain_core.runnables import Runnable, RunnableLambda
 
 from pool.bench import ephemeral_floor, llm, soak, workloads
-from pool.bench.arguments import MODES, add_arguments  # noqa: F401 - add_arguments: the old import path
+from pool.bench.arguments import LLM_DEFAULT_IN_FLIGHT, MODES, add_arguments  # noqa: F401 - add_arguments: the old import path
 from pool.bench.measure import BareFloor, cpu_model, environment, memory_gb, percentiles, time_calls, timed_samples
 from pool.client.runnable import RunnableK8s
 from pool.local import LocalPool
 
-EPHEMERAL_TIMEOUT = 300.0
+EPHEMERAL_TIMEOUT = 300.0  # an ephemeral call's timeout in the bench (a Pod may need a while)
 
 
 class Progress:
@@ -214,7 +214,7 @@ class Bench:
                   "skipped", file=sys.stderr)
         self.concurrency = sorted(set(args.concurrency or [1, 8, 64]))
         self.llm_in_flight = args.llm_in_flight or (max(args.concurrency) if args.concurrency
-                                                    else llm.DEFAULT_IN_FLIGHT)
+                                                    else LLM_DEFAULT_IN_FLIGHT)
         self.llm_calls = args.llm_calls or 2 * self.llm_in_flight
         self.scaling = sorted({n for n in args.workers if n > 0})
         for mode in self.modes:

@@ -29,9 +29,6 @@ from langchain_core.runnables import Runnable
 
 from pool.bench.measure import percentiles
 
-# Calls in flight when the llm workload runs and --concurrency was not given.
-DEFAULT_IN_FLIGHT = 1000
-
 
 def prompts(count: int, offset: int = 0) -> list[str]:
     return [f"bench prompt {i}" for i in range(offset, offset + count)]

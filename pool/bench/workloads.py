@@ -27,7 +27,6 @@ from langchain_core.messages import AIMessageChunk
 from langchain_core.runnables import Runnable, RunnableGenerator, RunnableLambda
 
 WORKLOADS = ("echo", "io", "stream", "llm")
-DEFAULT_WORKLOADS = ("echo", "io", "stream")
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
