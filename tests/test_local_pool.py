@@ -32,6 +32,17 @@ def slow_worker_pid(seconds: float) -> int:
     return os.getpid()
 
 
+def slow_worker_pid_marking_start(marker_and_seconds: tuple[str, float]) -> int:
+    """Writes its pid to ``marker`` once it runs: the broker's "busy" only says the task was sent,
+    and a draining worker hands back a task its threads have not started yet."""
+    marker, seconds = marker_and_seconds
+    with open(marker + ".tmp", "w") as out:
+        out.write(str(os.getpid()))
+    os.replace(marker + ".tmp", marker)
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def wait_until_gone(pids: list[int], timeout: float) -> list[int]:
     """The pids still alive after waiting up to ``timeout`` seconds."""
     with contextlib.suppress(AssertionError):
@@ -126,22 +137,25 @@ def test_scaling_rejects_a_negative_worker_count():
 
 
 @pytest.mark.timeout(45)
-def test_a_worker_sigtermed_mid_task_finishes_it_takes_no_new_task_and_exits_zero():
+def test_a_worker_sigtermed_mid_task_finishes_it_takes_no_new_task_and_exits_zero(tmp_path):
+    marker = str(tmp_path / "started")
     with LocalPool(workers=2, concurrency=2) as pool:
         outcome: list[Any] = []
 
         def caller() -> None:
             try:
-                outcome.append(remote(pool, slow_worker_pid).invoke(2.0))
+                outcome.append(remote(pool, slow_worker_pid_marking_start).invoke((marker, 2.0)))
             except BaseException as exc:  # noqa: BLE001 - inspected below
                 outcome.append(exc)
 
         thread = threading.Thread(target=caller)
         thread.start()
-        busy = wait_for(lambda: [w["pid"] for w in pool.status()["workers"] if w["busy"]], 10,
-                        "the task to start on a worker")
-        assert len(busy) == 1, busy
-        victim = next(p for p in pool._workers if p.pid == busy[0])
+        # Wait for the task to run, not just to be sent (CI once SIGTERMed a worker whose thread had
+        # not picked the task up yet: it was handed back and ran on the other worker, as designed).
+        wait_for(lambda: os.path.exists(marker), 10, "the task to start on a worker")
+        with open(marker) as started:
+            running_on = int(started.read())
+        victim = next(p for p in pool._workers if p.pid == running_on)
         victim.send_signal(signal.SIGTERM)
 
         # While it drains (it still has a free slot), new calls go to the other worker only. On a
