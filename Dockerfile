@@ -16,9 +16,13 @@
 #   FROM registry.example.com/team/runnable-k8s-worker:0.1.0
 #   RUN pip install langchain-openai
 ARG PYTHON_VERSION=3.11
+# The base of both stages. Any image with `python` (PYTHON_VERSION), `pip` and `python -m venv`
+# and the Debian tools groupadd/useradd will do; the test cluster builds this file with buildah
+# from a local stand-in (tests/cluster/worker-image.sh).
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 
 # ---- build: the project's wheel and its dependencies, as wheels ---------------------------------
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM ${BASE_IMAGE} AS build
 ARG EXTRAS=""
 ARG PIP_PACKAGES=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -31,7 +35,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels/project . \
  && pip wheel --wheel-dir /wheels/deps "${project}${EXTRAS:+[$EXTRAS]}" ${PIP_PACKAGES}
 
 # ---- runtime: slim Python, a virtualenv at /opt/venv, a non-root user ---------------------------
-FROM python:${PYTHON_VERSION}-slim
+FROM ${BASE_IMAGE}
 ARG EXTRAS=""
 ARG PIP_PACKAGES=""
 ARG UID=10001

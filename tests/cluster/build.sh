@@ -4,12 +4,13 @@
 #   bash tests/cluster/build.sh deps       # Debian packages only (apt-get, needs root)
 #   bash tests/cluster/build.sh binaries   # kube-apiserver, kube-controller-manager, kube-scheduler,
 #                                          # kubelet, helm, pause -> $CACHE/bin
-#   bash tests/cluster/build.sh images     # worker + pause OCI layouts -> $CACHE/images
+#   bash tests/cluster/build.sh images     # worker (Dockerfile, buildah) + pause OCI layouts -> $CACHE/images
 # CACHE = ${RUNNABLE_K8S_CLUSTER_CACHE:-$HOME/.cache/runnable-k8s-cluster}; a second run reuses it.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-APT_PKGS=(etcd-server containerd runc containernetworking-plugins iptables debootstrap openssl iproute2 tar)
+# buildah builds the worker image from the project's Dockerfile (worker-image.sh).
+APT_PKGS=(etcd-server containerd runc containernetworking-plugins iptables debootstrap buildah openssl iproute2 tar)
 
 deps() {
   local missing=()

@@ -65,6 +65,8 @@ SERVICE_CIDR = "10.235.0.0/24"  # Service ClusterIPs: no kube-proxy; blackholed 
 BRIDGE = "rk8s0"
 CNI_NETWORK = "rk8s-test"
 WORKER_IMAGE = "docker.io/library/runnable-k8s-worker:latest"
+# The project's Dockerfile built with buildah (tests/cluster/worker-image.sh).
+WORKER_LAYOUT = IMAGES / "worker-dockerfile.oci"
 PAUSE_IMAGE = "docker.io/library/runnable-k8s-pause:test"
 # Any image pull is sent to a dead local proxy, so nothing is ever fetched from the network.
 NO_NETWORK_ENV = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -634,7 +636,7 @@ def up_node(state: dict) -> None:
     log("containerd ready")
     import_image(state, IMAGES / "pause.oci", PAUSE_IMAGE)
     try:
-        import_image(state, IMAGES / "worker.oci", WORKER_IMAGE)
+        import_image(state, WORKER_LAYOUT, WORKER_IMAGE)
         state["worker_image"] = WORKER_IMAGE
     except ClusterError as e:
         log(f"worker image not available: {e}")

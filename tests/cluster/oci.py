@@ -6,6 +6,10 @@ their diff_ids, the manifest lists them as blobs, and index.json names the image
 `io.containerd.image.name` annotation that `ctr images import` reads.
 
     python oci.py OUTDIR NAME[,NAME...] CONFIG_JSON LAYER.tar [LAYER.tar ...]
+    python oci.py --name OUTDIR NAME      # name the one image of an existing layout
+
+The second form names a layout written by another tool (`buildah push ... oci:DIR:REF`), which
+sets only `org.opencontainers.image.ref.name`, for `ctr images import`.
 
 Layers are hard-linked into OUTDIR/blobs (copied if that fails).  CONFIG_JSON is the
 image's `config` section (Env, Cmd, Entrypoint, WorkingDir, ...).
@@ -68,9 +72,10 @@ def write_layout(outdir: str, names: list[str], config: dict, layers: list[str])
         "layers": layer_descs,
     }
     man_digest, man_size = _put_blob(outdir, json.dumps(manifest, sort_keys=True).encode())
-    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}
+    manifests: list[dict] = []
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests}
     for name in names:
-        index["manifests"].append({
+        manifests.append({
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": man_digest, "size": man_size,
             "platform": {"architecture": "amd64", "os": "linux"},
@@ -84,7 +89,23 @@ def write_layout(outdir: str, names: list[str], config: dict, layers: list[str])
     return man_digest
 
 
+def name_layout(outdir: str, name: str) -> None:
+    """Annotate the single manifest of OUTDIR's index.json with the full image NAME."""
+    path = os.path.join(outdir, "index.json")
+    with open(path) as f:
+        index = json.load(f)
+    manifests = index.get("manifests", [])
+    if len(manifests) != 1:
+        raise SystemExit(f"oci.py: {path} holds {len(manifests)} manifests, expected exactly 1")
+    manifests[0].setdefault("annotations", {})["io.containerd.image.name"] = name
+    with open(path, "w") as f:
+        json.dump(index, f, sort_keys=True)
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[1] == "--name":
+        name_layout(argv[2], argv[3])
+        return 0
     if len(argv) < 5:
         print(__doc__, file=sys.stderr)
         return 2
