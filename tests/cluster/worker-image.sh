@@ -30,13 +30,22 @@ command -v buildah >/dev/null || die "buildah missing (bash tests/cluster/build.
 # The storage driver is fixed at the storage's first use: overlay where the kernel allows it
 # (root, ext4/xfs), else vfs (works anywhere, copies every layer in full).
 if [[ ! -s "$BH/driver" ]]; then
-  if buildah --root "$BH/probe" --runroot "$BH/probe-run" --storage-driver overlay images >/dev/null 2>&1; then
+  if buildah --root "$BH/probe" --runroot "$BH/probe-run" --storage-driver overlay info >/dev/null 2>&1; then
     echo overlay > "$BH/driver"; else echo vfs > "$BH/driver"; fi
   rm -rf "$BH/probe" "$BH/probe-run"
 fi
 DRIVER="$(cat "$BH/driver")"
 export TMPDIR="$BH/tmp"  # buildah's big temporary files (commit, push) stay in the cache too
-bh() { buildah --root "$BH/storage" --runroot "$BH/run" --storage-driver "$DRIVER" "$@"; }
+# As root, containers/image keeps a blob-info cache in /var/lib/containers/cache and buildah has
+# no flag to move it: each buildah call runs in a private mount namespace where /var/lib is an
+# empty tmpfs and /var/lib/containers is $BH/varlib, so nothing of it lands on the machine.
+mkdir -p "$BH/varlib"
+in_ns() {
+  unshare --mount --propagation private bash -c 'mount -t tmpfs -o size=1m,mode=0755 rk8s-varlib /var/lib \
+    && mkdir /var/lib/containers && mount --bind "$0" /var/lib/containers && exec "$@"' "$BH/varlib" "$@"
+}
+BH_FLAGS=(--root "$BH/storage" --runroot "$BH/run" --storage-driver "$DRIVER")
+bh() { in_ns buildah "${BH_FLAGS[@]}" "$@"; }
 label_of() { bh inspect --type image --format "{{index .OCIv1.Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
 
 # ---- 1. base image: debootstrap root -> buildah storage, cached by recipe -------------------
@@ -63,9 +72,9 @@ else
   ctr_name="rk8s-pybase-$$"
   bh rm "$ctr_name" >/dev/null 2>&1 || true
   bh from --name "$ctr_name" scratch >/dev/null
-  mnt="$(bh mount "$ctr_name")"
-  tar --numeric-owner -xpf "$r/rootfs.tar" -C "$mnt"
-  bh umount "$ctr_name" >/dev/null
+  # The container's mount exists only in the namespace: mount, untar and unmount in the same one.
+  in_ns bash -c 'set -e; mnt="$(buildah "${@:3}" mount "$1")"; tar --numeric-owner -xpf "$2" -C "$mnt"
+    buildah "${@:3}" umount "$1" >/dev/null' sh "$ctr_name" "$r/rootfs.tar" "${BH_FLAGS[@]}"
   # The config python:3.11-slim has (PATH, LANG, CMD), plus the recipe to find it cached.
   bh config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env LANG=C.UTF-8 --cmd '["python3"]' --os linux --arch amd64 \
