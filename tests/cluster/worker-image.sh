@@ -23,9 +23,12 @@ IMAGE="localhost/runnable-k8s-worker:latest"
 NAME="docker.io/library/runnable-k8s-worker:latest"
 # A new path while the engine-free image (worker.oci) is still imported by other branches.
 OUT="$IMG/worker-dockerfile.oci"
-EXTRAS="${RUNNABLE_K8S_IMAGE_EXTRAS-openai}"
+EXTRAS="${RUNNABLE_K8S_IMAGE_EXTRAS:-openai}"
 BH="$CACHE/buildah"
 mkdir -p "$BH/storage" "$BH/run" "$BH/tmp"
+# One build at a time per cache (buildah's storage is locked, but the layout's .tmp is not).
+exec 8>"$BH/lock"
+flock -w 1200 8 || die "another worker image build holds $BH/lock for 20 min"
 command -v buildah >/dev/null || die "buildah missing (bash tests/cluster/build.sh deps, or apt-get install buildah)"
 # The storage driver is fixed at the storage's first use: overlay where the kernel allows it
 # (root, ext4/xfs), else vfs (works anywhere, copies every layer in full).
