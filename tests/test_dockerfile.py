@@ -3,12 +3,15 @@
 tests/cluster/worker-image.sh builds THE Dockerfile with buildah from a local stand-in for
 python:3.11-slim, passed as `--build-arg BASE_IMAGE=...`; if a stage stopped using BASE_IMAGE,
 that stage would try to pull python:slim (impossible there) or, worse, silently differ from what
-`docker build .` produces. These checks read the file only: fast, no engine needed.
+`docker build .` produces. The first checks read the file only (fast, no engine needed); the last
+runs the built image as a Pod on the test cluster (`-m cluster`).
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+import pytest
 
 DOCKERFILE = Path(__file__).resolve().parent.parent / "Dockerfile"
 
@@ -56,3 +59,47 @@ def test_the_image_runs_as_the_non_root_user_the_chart_expects() -> None:
     assert uid == "10001" and users == ["${UID}:${UID}"], (uid, users)
     values = (DOCKERFILE.parent / "charts" / "worker-pool" / "values.yaml").read_text()
     assert re.search(r"^\s+runAsUser: 10001$", values, re.M), "chart's runAsUser differs from the image's UID"
+
+
+# The probe a Pod of the worker image runs: who it is, where, which Python, what it can import.
+_PROBE = (
+    "import importlib.util as u, json, os, sys; "
+    "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'cwd': os.getcwd(), "
+    "'home': os.environ.get('HOME'), 'prefix': sys.prefix, 'python': sys.version_info[:2], "
+    "'modules': {m: bool(u.find_spec(m)) for m in ('worker', 'pool', 'langchain_openai', 'zmq')}}))"
+)
+
+
+@pytest.mark.cluster
+def test_the_cluster_runs_the_image_built_from_this_dockerfile(k8s_node, k8s_namespace) -> None:
+    """A Pod of the cluster's worker image, with no securityContext, shows the Dockerfile's
+    choices (UID 10001, WORKDIR /home/app, the venv, the openai extra): the engine-free image
+    it replaced ran as root in / and would fail here."""
+    import json
+    import time
+
+    from kubernetes import client
+
+    core = k8s_node.control_plane.core()
+    core.create_namespaced_pod(k8s_namespace, client.V1Pod(
+        metadata=client.V1ObjectMeta(name="dockerfile-probe"),
+        spec=client.V1PodSpec(
+            restart_policy="Never", termination_grace_period_seconds=1, automount_service_account_token=False,
+            containers=[client.V1Container(name="main", image=k8s_node.worker_image, image_pull_policy="Never",
+                                           command=["python", "-c", _PROBE])])))
+    deadline = time.monotonic() + 120
+    phase = None
+    while time.monotonic() < deadline:
+        phase = core.read_namespaced_pod("dockerfile-probe", k8s_namespace).status.phase
+        if phase in ("Succeeded", "Failed"):
+            break
+        time.sleep(0.5)
+    logs = core.read_namespaced_pod_log("dockerfile-probe", k8s_namespace)
+    core.delete_namespaced_pod("dockerfile-probe", k8s_namespace, grace_period_seconds=0)
+    assert phase == "Succeeded", (phase, logs)
+    seen = json.loads(logs.strip().splitlines()[-1])
+    print("worker image as a Pod sees it:", seen)
+    assert (seen["uid"], seen["gid"]) == (10001, 10001), seen
+    assert seen["cwd"] == "/home/app" and seen["home"] == "/home/app", seen
+    assert seen["prefix"] == "/opt/venv" and seen["python"] == [3, 11], seen
+    assert all(seen["modules"].values()), seen
