@@ -61,6 +61,30 @@ def test_the_image_runs_as_the_non_root_user_the_chart_expects() -> None:
     assert re.search(r"^\s+runAsUser: 10001$", values, re.M), "chart's runAsUser differs from the image's UID"
 
 
+
+def test_the_image_build_key_follows_content_not_mtimes(tmp_path: Path) -> None:
+    """worker-image.sh skips `buildah build` while this key is unchanged: it must change with any
+    byte or path the Dockerfile COPYs or with the build arguments, and with nothing else."""
+    import os
+
+    from tests.cluster.image_key import key
+
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "a.py").write_text("x = 1\n")
+    (tmp_path / "Dockerfile").write_text("FROM ${BASE_IMAGE}\n")
+    paths = ["Dockerfile", "pool"]
+    first = key(str(tmp_path), "EXTRAS=openai", paths)
+    os.utime(tmp_path / "pool" / "a.py", (0, 0))  # a fresh checkout resets mtimes
+    (tmp_path / "pool" / "__pycache__").mkdir()
+    (tmp_path / "pool" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")  # .dockerignore'd
+    assert key(str(tmp_path), "EXTRAS=openai", paths) == first
+    assert key(str(tmp_path), "EXTRAS=", paths) != first
+    (tmp_path / "pool" / "a.py").write_text("x = 2\n")
+    assert key(str(tmp_path), "EXTRAS=openai", paths) != first
+    (tmp_path / "pool" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pool" / "a.py").rename(tmp_path / "pool" / "b.py")
+    assert key(str(tmp_path), "EXTRAS=openai", paths) != first
+
 # The probe a Pod of the worker image runs: who it is, where, which Python, what it can import.
 _PROBE = (
     "import importlib.util as u, json, os, sys; "
