@@ -4,6 +4,8 @@ Everything runs as local processes of this machine, bound to 127.0.0.1:
 
   control-plane tier: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
   node tier:          + containerd (private config/root/state/socket) + kubelet (one node)
+                      + kube-proxy (iptables mode: Service ClusterIPs -> Pod IPs)
+                      + CoreDNS on the pod bridge's address (cluster.local only, no forwarding)
 
 All state lives under one folder (STATE_DIR, default /tmp/rk8s-cluster); `state.json` there
 records every PID this module started and every host change it made (bridge, route,
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
+import shlex
 import shutil
 import signal
 import ssl
@@ -61,9 +65,22 @@ LOCK_FILE = Path(os.environ.get("RUNNABLE_K8S_CLUSTER_LOCK") or f"{STATE_DIR}.lo
 NODE_NAME = "localhost"
 POD_CIDR = "10.234.0.0/24"      # pods' own addresses: exist only on the bridge below
 POD_GATEWAY = "10.234.0.1"      # the bridge's address in the host namespace
-SERVICE_CIDR = "10.235.0.0/24"  # Service ClusterIPs: no kube-proxy; blackholed on the host
+SERVICE_CIDR = "10.235.0.0/24"  # Service ClusterIPs: kube-proxy DNATs them; the rest is blackholed
+# CoreDNS listens on the bridge's host address: Pods reach it on their own link, hostNetwork Pods
+# as a local address (a ClusterIP would not do for them: the Service range is blackholed on the host).
+CLUSTER_DNS = POD_GATEWAY
+CLUSTER_DOMAIN = "cluster.local"
 BRIDGE = "rk8s0"
 CNI_NETWORK = "rk8s-test"
+# Host firewall rules `up` adds (and `down` removes), each inserted at the top of its chain.
+HOST_RULES = [
+    # Pod addresses talk to Pods and to this host, nothing is forwarded anywhere else
+    ["FORWARD", "-s", POD_CIDR, "!", "-d", POD_CIDR, "-j", "DROP"],
+    ["FORWARD", "-d", POD_CIDR, "!", "-s", POD_CIDR, "-j", "DROP"],
+    # the bridge address (CoreDNS, NodePorts) answers Pods (via the bridge) and this host only
+    ["INPUT", "-d", f"{POD_GATEWAY}/32", "!", "-i", BRIDGE, "-m", "addrtype", "!", "--src-type", "LOCAL",
+     "-j", "DROP"],
+]
 WORKER_IMAGE = "docker.io/library/runnable-k8s-worker:latest"
 # The project's Dockerfile built with buildah (tests/cluster/worker-image.sh).
 WORKER_LAYOUT = IMAGES / "worker-dockerfile.oci"
@@ -73,7 +90,14 @@ NO_NETWORK_ENV = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127
                   "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
                   "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
 SYSCTLS = ["net.ipv4.ip_forward", "vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic",
-           "kernel.panic_on_oops", "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes"]
+           "kernel.panic_on_oops", "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes",
+           # set by up (bridged Service replies must pass conntrack to be un-DNATed)
+           "net.bridge.bridge-nf-call-iptables",
+           # what kube-proxy could touch; its configuration tells it to leave them alone
+           "net.ipv4.conf.all.route_localnet", "net.netfilter.nf_conntrack_max",
+           "net.netfilter.nf_conntrack_tcp_timeout_established",
+           "net.netfilter.nf_conntrack_tcp_timeout_close_wait", "net.netfilter.nf_conntrack_tcp_be_liberal",
+           "net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream"]
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -279,6 +303,10 @@ def make_pki(pki: Path) -> None:
         "scheduler": ("/CN=system:kube-scheduler", []),
         "kubelet": (f"/O=system:nodes/CN=system:node:{NODE_NAME}", ["IP:127.0.0.1", "DNS:localhost",
                                                                    f"DNS:{NODE_NAME}"]),
+        # bound to the built-in ClusterRole system:node-proxier
+        "kube-proxy": ("/CN=system:kube-proxy", []),
+        # bound at `up` to a ClusterRole that reads Services, EndpointSlices, namespaces (COREDNS_RBAC)
+        "coredns": ("/CN=system:coredns", []),
     }
     for name, (subj, sans) in leaves.items():
         ext = pki / f"{name}.ext"
@@ -310,11 +338,14 @@ def write_kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
     path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML; every kubeconfig reader accepts it
 
 
-def api_get(state: dict, path: str, timeout: float = 5) -> tuple[int, bytes]:
+def api_get(state: dict, path: str, timeout: float = 5, method: str = "GET",
+            body: dict | None = None) -> tuple[int, bytes]:
     pki = Path(state["pki"])
     ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
-    req = urllib.request.Request(state["server"] + path)
+    req = urllib.request.Request(state["server"] + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"} if body is not None else {})
     try:
         with urllib.request.urlopen(req, context=ctx, timeout=timeout) as r:
             return r.status, r.read()
@@ -330,7 +361,8 @@ def require_bins(names: list[str]) -> None:
 
 
 def require_host_tools(names: list[str]) -> dict[str, str]:
-    found, missing = {}, []
+    found: dict[str, str] = {}
+    missing: list[str] = []
     for n in names:
         p = shutil.which(n, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin")
         (found.__setitem__(n, p) if p else missing.append(n))
@@ -349,7 +381,7 @@ def up_control_plane(state: dict) -> None:
     etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
     server = f"https://127.0.0.1:{api_port}"
     state.update(pki=str(pki), server=server, api_port=api_port, etcd_port=etcd_port)
-    for user in ("admin", "controller-manager", "scheduler", "kubelet"):
+    for user in ("admin", "controller-manager", "scheduler", "kubelet", "kube-proxy", "coredns"):
         write_kubeconfig(STATE_DIR / f"{user}.kubeconfig", server, pki, user)
     state["kubeconfig"] = str(STATE_DIR / "admin.kubeconfig")
     save_state(state)
@@ -416,7 +448,7 @@ def up_control_plane(state: dict) -> None:
 # ---------------------------------------------------------------------------- host net
 def _iptables_chains(cmd: str) -> dict[str, list[str]]:
     out = {}
-    for table in ("filter", "nat", "mangle"):
+    for table in ("filter", "nat", "mangle", "raw"):
         p = run([cmd, "-t", table, "-S"], check=False)
         out[table] = [line.split()[1] for line in p.stdout.splitlines() if line.startswith(("-N ", "-P "))]
     return out
@@ -438,14 +470,19 @@ def setup_host_network(state: dict) -> None:
     host["var_log_pods_existed"] = Path("/var/log/pods").exists()
     host["run_containerd_existed"] = Path("/run/containerd").exists()
     save_state(state)
-    # Service ClusterIPs have no dataplane here (no kube-proxy): packets to them must not follow
-    # the host's default route, so the whole range is blackholed while the cluster is up.
+    # kube-proxy DNATs packets to a Service's ClusterIP in PREROUTING (Pods) and OUTPUT (host),
+    # before routing; what it did not DNAT (no such Service or port) must not follow the host's
+    # default route, so the whole range is blackholed while the cluster is up. (The host's own
+    # connect() to a ClusterIP fails at the route lookup, before OUTPUT: see README.)
     if run(["ip", "route", "replace", "blackhole", SERVICE_CIDR], check=False).returncode == 0:
         host["blackhole_route"] = SERVICE_CIDR
     # Pod addresses may talk to each other and to the bridge address on this host, never be
-    # forwarded anywhere else (the bridge plugin turns on ip_forward for its gateway).
-    rules = [["FORWARD", "-s", POD_CIDR, "!", "-d", POD_CIDR, "-j", "DROP"],
-             ["FORWARD", "-d", POD_CIDR, "!", "-s", POD_CIDR, "-j", "DROP"]]
+    # forwarded anywhere else (the bridge plugin turns on ip_forward for its gateway); after
+    # kube-proxy's DNAT a Service's backend is a Pod, so the same two rules cover Service traffic.
+    # The INPUT rule keeps what listens on the bridge address (CoreDNS) to the Pods and this host:
+    # a neighbour routing 10.234.0.1 to this machine is dropped. pin_host_rules() puts them back
+    # in front after kube-proxy prepended its own jumps.
+    rules = HOST_RULES
     # The pod bridge is made here (not by the CNI plugin on the first Pod) because its address
     # is also the node's InternalIP, which must exist before the kubelet starts.
     if not Path(f"/sys/class/net/{BRIDGE}").exists():
@@ -459,6 +496,27 @@ def setup_host_network(state: dict) -> None:
         run(["iptables", "-w", "-I", *rule[:1], "1", *rule[1:]])
         host["iptables_rules"].append(rule)
         save_state(state)
+    # Pod -> Service -> Pod: the request is routed through the host (DNAT), the reply is bridged
+    # Pod to Pod; only with this does the reply pass conntrack and get its source un-DNATed.
+    _set_sysctl("net.bridge.bridge-nf-call-iptables", "1")
+
+
+def _set_sysctl(key: str, value: str) -> None:
+    path = Path("/proc/sys/" + key.replace(".", "/"))
+    if not path.exists():
+        raise ClusterError(f"sysctl {key} missing ({path}); for bridged Service replies load br_netfilter: "
+                           "modprobe br_netfilter")
+    if path.read_text().strip() != value:
+        path.write_text(value)
+
+
+def pin_host_rules(state: dict) -> None:
+    """Move our DROP rules back to the top of their chains: kube-proxy prepends its jumps
+    (KUBE-FORWARD accepts marked and established packets), and ours must be seen first."""
+    for rule in state.get("host", {}).get("iptables_rules", []):
+        while run(["iptables", "-w", "-C", *rule], check=False).returncode == 0:
+            run(["iptables", "-w", "-D", *rule], check=False)
+        run(["iptables", "-w", "-I", rule[0], "1", *rule[1:]])
 
 
 def teardown_host_network(state: dict) -> list[str]:
@@ -476,9 +534,10 @@ def teardown_host_network(state: dict) -> list[str]:
                 continue
             rules = run([cmd, "-t", table, "-S"], check=False).stdout.splitlines()
             for line in rules:
-                parts = line.split()
-                if parts[:1] == ["-A"] and any(f"-j {c}" in line or f"-g {c}" in line for c in new) \
-                        and parts[1] not in new:
+                # shlex: kube-proxy's rules carry quoted comments ("kubernetes service portals")
+                parts = shlex.split(line)
+                if parts[:1] == ["-A"] and parts[1] not in new and \
+                        any(a in ("-j", "-g") and b in new for a, b in itertools.pairwise(parts)):
                     run([cmd, "-w", "-t", table, "-D", *parts[1:]], check=False)
             for c in new:
                 run([cmd, "-w", "-t", table, "-F", c], check=False)
@@ -549,8 +608,11 @@ def cni_config(d: Path) -> dict:
         "plugins": [{
             "type": "bridge", "bridge": BRIDGE, "isGateway": True, "isDefaultGateway": False,
             "ipMasq": False, "hairpinMode": True,
+            # No default route: a Pod reaches the pod range on its link and the Service range
+            # through the bridge's host address (where kube-proxy's DNAT applies), nothing else.
             "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR, "gateway": POD_GATEWAY}]],
-                     "dataDir": str(d / "cni" / "ipam")},  # no "routes": pods get no default route
+                     "routes": [{"dst": SERVICE_CIDR, "gw": POD_GATEWAY}],
+                     "dataDir": str(d / "cni" / "ipam")},
         }],
     }
 
@@ -567,6 +629,9 @@ def kubelet_config(state: dict, d: Path) -> dict:
         "authorization": {"mode": "AlwaysAllow"},
         "containerRuntimeEndpoint": f"unix://{d}/containerd/containerd.sock",
         "cgroupDriver": "cgroupfs", "failCgroupV1": False, "failSwapOn": False,
+        # ClusterFirst Pods (and hostNetwork ones with ClusterFirstWithHostNet) ask CoreDNS;
+        # dnsPolicy Default Pods get resolvConf (nameserver 127.0.0.1: nothing answers).
+        "clusterDNS": [CLUSTER_DNS], "clusterDomain": CLUSTER_DOMAIN,
         "resolvConf": str(d / "resolv.conf"),
         "podLogsDir": str(d / "pod-logs"),
         "makeIPTablesUtilChains": False,
@@ -580,6 +645,80 @@ def kubelet_config(state: dict, d: Path) -> dict:
         "syncFrequency": "10s", "fileCheckFrequency": "10s",
         "shutdownGracePeriod": "0s",
     }
+
+
+def kube_proxy_config(state: dict) -> dict:
+    """iptables mode, everything it could change on the host beyond its own chains turned off."""
+    return {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(STATE_DIR / "kube-proxy.kubeconfig")},
+        "hostnameOverride": NODE_NAME, "mode": "iptables",
+        # Pods' own traffic to a Service keeps its source; only other sources (hairpin, the host)
+        # are masqueraded, to the bridge address, on the way to a Pod.
+        "clusterCIDR": POD_CIDR, "detectLocalMode": "ClusterCIDR",
+        "healthzBindAddress": f"127.0.0.1:{state['kube_proxy_healthz_port']}",
+        "metricsBindAddress": f"127.0.0.1:{state['kube_proxy_metrics_port']}",
+        "enableProfiling": False,
+        # NodePorts only on the bridge address (not on this machine's real interfaces), and not
+        # on 127.0.0.1 (that would need net.ipv4.conf.all.route_localnet=1).
+        "nodePortAddresses": [f"{POD_GATEWAY}/32"],
+        "iptables": {"localhostNodePorts": False, "masqueradeAll": False, "minSyncPeriod": "1s",
+                     "syncPeriod": "30s"},
+        # 0: leave nf_conntrack_max and the conntrack timeouts as they are (no sysctl written)
+        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+    }
+
+
+# Read access for CoreDNS's kubernetes plugin (what kubeadm grants system:coredns).
+COREDNS_RBAC = [
+    ("/apis/rbac.authorization.k8s.io/v1/clusterroles", {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "system:coredns"},
+        "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"],
+                   "verbs": ["list", "watch"]},
+                  {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}]}),
+    ("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "system:coredns"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:coredns"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:coredns"}]}),
+]
+
+
+def _reverse_zone(cidr: str) -> str:
+    """10.234.0.0/24 -> 0.234.10.in-addr.arpa (the /24s this cluster uses)."""
+    net, bits = cidr.split("/")
+    if bits != "24":
+        raise ClusterError(f"reverse zone for {cidr}: only /24 ranges are supported")
+    return ".".join(reversed(net.split(".")[:3])) + ".in-addr.arpa"
+
+
+def corefile(state: dict) -> str:
+    """cluster.local and the two ranges' reverse zones from the API, and an immediate NXDOMAIN
+    for every other name: no forward plugin, so no query ever leaves this machine."""
+    zones = " ".join([CLUSTER_DOMAIN, _reverse_zone(POD_CIDR), _reverse_zone(SERVICE_CIDR)])
+    return f"""\
+# runnable-k8s test cluster: cluster names only, nothing forwarded (see tests/cluster/README.md)
+{zones} {{
+    bind {CLUSTER_DNS}
+    kubernetes {zones} {{
+        kubeconfig {STATE_DIR / "coredns.kubeconfig"}
+        pods disabled
+        ttl 5
+    }}
+    ready 127.0.0.1:{state["coredns_ready_port"]}
+    errors
+    log
+}}
+. {{
+    bind {CLUSTER_DNS}
+    template ANY ANY {{
+        rcode NXDOMAIN
+    }}
+    errors
+    log
+}}
+"""
 
 
 def ctr(state: dict, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -613,7 +752,7 @@ def import_image(state: dict, layout: Path, name: str) -> None:
 def up_node(state: dict) -> None:
     tools = require_host_tools(["containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "ip",
                                 "tar", "nsenter", "mount"])
-    require_bins(["kubelet"])
+    require_bins(["kubelet", "kube-proxy", "coredns"])
     if not Path("/usr/lib/cni/bridge").exists():
         raise ClusterError("CNI plugins missing (/usr/lib/cni/bridge): apt-get install containernetworking-plugins")
     d = STATE_DIR / "node"
@@ -624,12 +763,15 @@ def up_node(state: dict) -> None:
     (cd / "config.toml").write_text(containerd_config(cd))
     conf = cni_config(cd)
     (cd / "cni" / "net.d" / "10-rk8s.conflist").write_text(json.dumps(conf, indent=2))
+    # For dnsPolicy Default Pods (and the kubelet's own view): no DNS server answers here.
+    # ClusterFirst Pods get CoreDNS (CLUSTER_DNS) instead; it answers cluster names only.
     (d / "resolv.conf").write_text("# runnable-k8s test cluster: no DNS server, nothing leaves this machine\n"
                                    "nameserver 127.0.0.1\noptions ndots:1 timeout:1 attempts:1\n")
     state["containerd_sock"] = str(cd / "containerd.sock")
     state["node_dir"] = str(d)
     save_state(state)
     setup_host_network(state)
+    start_coredns(state)  # needs only the API and the bridge address
 
     spawn(state, "containerd", [tools["containerd"], "--config", str(cd / "config.toml"), "--log-level", "warn"])
     wait_for("containerd socket", lambda: ctr(state, "version", check=False).returncode == 0, 30, state, "containerd")
@@ -650,6 +792,11 @@ def up_node(state: dict) -> None:
         f"--kubeconfig={STATE_DIR / 'kubelet.kubeconfig'}", f"--root-dir={d / 'kubelet'}",
         f"--hostname-override={NODE_NAME}", f"--node-ip={POD_GATEWAY}", "--v=1",
     ])
+    t_kubelet = time.time()
+    # kube-proxy reads the node's addresses at start: wait for the kubelet to register it.
+    wait_for(f"node {NODE_NAME} registered", lambda: api_get(state, f"/api/v1/nodes/{NODE_NAME}")[0] == 200,
+             60, state, "kubelet", interval=0.3)
+    start_kube_proxy(state)
 
     def node_ready():
         code, body = api_get(state, f"/api/v1/nodes/{NODE_NAME}")
@@ -663,9 +810,52 @@ def up_node(state: dict) -> None:
         wait_for(f"node {NODE_NAME} Ready", node_ready, 120, state, "kubelet", interval=1)
     except ClusterError as e:
         raise ClusterError(f"{e}\nlast Ready message: {state.get('node_ready_message')}") from None
+    log(f"node {NODE_NAME} Ready {time.time() - t_kubelet:.1f}s after the kubelet started")
+    wait_kube_proxy(state)
     state["tiers"] = sorted(set(state.get("tiers", [])) | {"node"})
     save_state(state)
-    log(f"node {NODE_NAME} Ready")
+
+
+def start_coredns(state: dict) -> None:
+    for path, obj in COREDNS_RBAC:
+        code, body = api_get(state, path, method="POST", body=obj)
+        if code not in (201, 409):
+            raise ClusterError(f"creating {obj['kind']} system:coredns failed ({code}): {body[:500]!r}")
+    state["coredns_ready_port"] = free_port()
+    conf = STATE_DIR / "Corefile"
+    conf.write_text(corefile(state))
+    state["corefile"] = str(conf)
+    t0 = time.time()
+    spawn(state, "coredns", [str(BIN / "coredns"), "-conf", str(conf), "-pidfile", ""])
+    url = f"http://127.0.0.1:{state['coredns_ready_port']}/ready"
+
+    def ready():  # the ready plugin: 200 once the kubernetes plugin has synced with the API
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    wait_for("CoreDNS ready", ready, 60, state, "coredns", interval=0.1)
+    log(f"coredns ready on {CLUSTER_DNS}:53 (cluster.local only) {time.time() - t0:.1f}s after start")
+
+
+def start_kube_proxy(state: dict) -> None:
+    state["kube_proxy_healthz_port"], state["kube_proxy_metrics_port"] = free_port(), free_port()
+    conf = STATE_DIR / "kube-proxy-config.json"
+    conf.write_text(json.dumps(kube_proxy_config(state), indent=2))
+    state["t_kube_proxy"] = time.time()
+    spawn(state, "kube-proxy", [str(BIN / "kube-proxy"), f"--config={conf}", "--v=1"])
+
+
+def wait_kube_proxy(state: dict) -> None:
+    """Healthy once its first sync wrote the rules; then our DROP rules go back in front."""
+    url = f"http://127.0.0.1:{state['kube_proxy_healthz_port']}/healthz"
+
+    def synced():
+        with urllib.request.urlopen(url, timeout=2) as r:
+            if r.status != 200:
+                return False
+        return "KUBE-FORWARD" in run(["iptables", "-w", "-S", "FORWARD"]).stdout
+    wait_for("kube-proxy's first sync", synced, 60, state, "kube-proxy", interval=0.1)
+    pin_host_rules(state)
+    log(f"kube-proxy synced (iptables mode) {time.time() - state['t_kube_proxy']:.1f}s after start")
 
 
 def _mounts_under(prefix: str) -> list[str]:
@@ -678,7 +868,7 @@ def _mounts_under(prefix: str) -> list[str]:
 
 
 def _cgroup_procs(root: Path) -> set[int]:
-    pids = set()
+    pids: set[int] = set()
     for f in root.rglob("cgroup.procs"):
         with contextlib.suppress(OSError, ValueError):
             pids.update(int(x) for x in f.read_text().split())
@@ -686,11 +876,13 @@ def _cgroup_procs(root: Path) -> set[int]:
 
 
 def down_node(state: dict) -> list[str]:
-    problems = []
+    problems: list[str] = []
     d = Path(state.get("node_dir", STATE_DIR / "node"))
     pids = state.get("pids", {})
-    if "kubelet" in pids:
-        stop_pid("kubelet", pids["kubelet"])
+    # kube-proxy first: stopped, it no longer rewrites the chains the host teardown removes.
+    for name in ("kube-proxy", "coredns", "kubelet"):
+        if name in pids:
+            stop_pid(name, pids[name])
     before = set(state.get("host", {}).get("cgroups_before", []))
     # Every container process (pause included) sits in the kubelet's /kubepods cgroups: kill them.
     t0 = time.time()
@@ -805,7 +997,7 @@ def status() -> dict:
         with contextlib.suppress(Exception):
             if api_get(state, "/readyz", timeout=3)[0] == 200:
                 tiers.append("control-plane")
-    node_alive = alive.get("kubelet") and alive.get("containerd")
+    node_alive = all(alive.get(n) for n in ("kubelet", "containerd", "kube-proxy", "coredns"))
     if "control-plane" in tiers and "node" in state.get("tiers", []) and node_alive:
         with contextlib.suppress(Exception):
             code, body = api_get(state, f"/api/v1/nodes/{NODE_NAME}", timeout=3)
@@ -899,11 +1091,21 @@ def leftovers() -> list[str]:
         found.append(f"route {SERVICE_CIDR}")
     if run(["iptables", "-S", "FORWARD"], check=False).stdout.count(POD_CIDR):
         found.append("iptables FORWARD rules for the pod range")
+    if run(["iptables", "-S", "INPUT"], check=False).stdout.count(f"{POD_GATEWAY}/32"):
+        found.append(f"iptables INPUT rule for {POD_GATEWAY}")
+    # kube-proxy's own chains (no other kube-proxy runs on a machine that runs this cluster)
+    for tool in ("iptables", "ip6tables"):
+        for table in ("nat", "filter", "mangle"):
+            chains = [line.split()[1] for line in run([tool, "-t", table, "-S"], check=False).stdout.splitlines()
+                      if line.startswith("-N KUBE-")]
+            if chains:
+                found.append(f"{tool} {table} chains: {' '.join(chains[:8])}{' ...' if len(chains) > 8 else ''}")
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
                 cmd = (proc / "cmdline").read_bytes()
-                if str(STATE_DIR).encode() in cmd or str(BIN).encode() in cmd:
+                # a path under them (not the lock file /tmp/rk8s-cluster.lock of a queued run)
+                if f"{STATE_DIR}/".encode() in cmd or f"{BIN}/".encode() in cmd:
                     shown = cmd.replace(b"\0", b" ")[:120].decode(errors="replace")
                     found.append(f"process {proc.name}: {shown}")
     return found

@@ -7,7 +7,8 @@ Session fixtures
   k8s_control_plane -> ControlPlane(kubeconfig, server, api_client, ...): a ready API server
                        (etcd, apiserver, controller-manager, scheduler). No node needed.
   k8s_node          -> Node(name, worker_image, control_plane, ...): the control plane plus one
-                       Ready node (containerd + kubelet) holding the worker image.
+                       Ready node (containerd + kubelet + kube-proxy + CoreDNS) holding the
+                       worker image; Pods reach Services by ClusterIP and by name.
   helm_bin          -> str: path of the pinned helm CLI (no cluster needed).
 Function fixtures
   k8s_namespace     -> str: a fresh namespace on the control plane, deleted afterwards.
@@ -23,7 +24,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -36,7 +37,7 @@ WORKER_IMAGE = "runnable-k8s-worker:latest"  # as a Pod spec names it (imagePull
 class ControlPlane:
     kubeconfig: str            # admin kubeconfig (system:masters), for the kubernetes client and helm
     server: str                # https://127.0.0.1:PORT
-    api_client: object         # kubernetes.client.ApiClient bound to that kubeconfig
+    api_client: Any            # kubernetes.client.ApiClient bound to that kubeconfig
     state_dir: str
     service_cidr: str = cluster.SERVICE_CIDR
 
@@ -69,6 +70,9 @@ class Node:
     control_plane: ControlPlane
     pod_cidr: str = cluster.POD_CIDR
     host_ip: str = cluster.POD_GATEWAY   # the node's InternalIP (the pod bridge's host address)
+    service_cidr: str = cluster.SERVICE_CIDR  # ClusterIPs: kube-proxy DNATs them for Pods
+    cluster_dns: str = cluster.CLUSTER_DNS    # CoreDNS (cluster.local only), ClusterFirst Pods' nameserver
+    cluster_domain: str = cluster.CLUSTER_DOMAIN
     extra: dict = field(default_factory=dict)
 
 
