@@ -3,11 +3,14 @@
 Control-plane tier: Pods without a node (create / watch / delete), the Deployment scale
 subresource, RBAC refusals, helm install.  Node tier: a real Pod of the worker image attached
 through the API, a Deployment of it scaled 1 -> 3 -> 1, port-forward, a hostNetwork Pod
-reaching a server on the host's 127.0.0.1, and the Pod network's isolation.
+reaching a server on the host's 127.0.0.1, the Pod network's isolation, and Services: a Pod
+reaches one by ClusterIP and by DNS name (kube-proxy + CoreDNS), a hostNetwork Pod resolves
+Service names, and nothing a Pod sends or asks for leaves this machine.
 """
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -27,12 +30,12 @@ def _k8s():
 
 
 def _pod(name, command, *, stdin=False, host_network=False, image="runnable-k8s-worker:latest",
-         node_selector=None, labels=None, ports=None):
+         node_selector=None, labels=None, ports=None, dns_policy=None):
     client = _k8s()
     return client.V1Pod(
         metadata=client.V1ObjectMeta(name=name, labels=labels or {"app": name}),
         spec=client.V1PodSpec(
-            restart_policy="Never", host_network=host_network, node_selector=node_selector,
+            restart_policy="Never", host_network=host_network, node_selector=node_selector, dns_policy=dns_policy,
             termination_grace_period_seconds=1, automount_service_account_token=False,
             containers=[client.V1Container(
                 name="main", image=image, image_pull_policy="Never", command=command,
@@ -295,7 +298,7 @@ def test_host_network_pod_reaches_the_hosts_loopback(k8s_node, k8s_namespace):
     srv.listen()
     srv.settimeout(60)
     port = srv.getsockname()[1]
-    got = {}
+    got: dict[str, object] = {}
 
     def accept():
         try:
@@ -319,24 +322,43 @@ def test_host_network_pod_reaches_the_hosts_loopback(k8s_node, k8s_namespace):
         core.delete_namespaced_pod("hostnet", k8s_namespace, grace_period_seconds=0)
 
 
+def _hex_ip(field: str) -> str:
+    """An address of /proc/net/route (little-endian hex) as dotted quad."""
+    return socket.inet_ntoa(bytes.fromhex(field)[::-1])
+
+
 def test_pod_network_stays_on_this_machine(k8s_node, k8s_namespace):
+    """A Pod's routes: its own link (the pod range) and the Service range via the bridge's host
+    address, no default route; its DNS server is CoreDNS on that address (dnsPolicy ClusterFirst),
+    while dnsPolicy Default gets the node's resolv.conf, where nothing answers."""
+    from . import cluster
     core = k8s_node.control_plane.core()
-    probe = ["python3", "-c",
+    probe = ["python", "-c",
              "print(open('/etc/resolv.conf').read()); print(open('/proc/net/route').read())"]
+    default_dns = _pod("netcheck-default", ["python", "-c", "print(open('/etc/resolv.conf').read())"],
+                       dns_policy="Default")
     core.create_namespaced_pod(k8s_namespace, _pod("netcheck", probe))
+    core.create_namespaced_pod(k8s_namespace, default_dns)
     try:
-        deadline = time.time() + 60
-        while core.read_namespaced_pod("netcheck", k8s_namespace).status.phase != "Succeeded":
-            assert time.time() < deadline, core.read_namespaced_pod("netcheck", k8s_namespace).status
-            time.sleep(0.3)
+        for name in ("netcheck", "netcheck-default"):
+            deadline = time.time() + 60
+            while core.read_namespaced_pod(name, k8s_namespace).status.phase != "Succeeded":
+                assert time.time() < deadline, core.read_namespaced_pod(name, k8s_namespace).status
+                time.sleep(0.3)
         out = core.read_namespaced_pod_log("netcheck", k8s_namespace)
         nameservers = [line.split()[1] for line in out.splitlines() if line.startswith("nameserver")]
+        assert nameservers == [cluster.CLUSTER_DNS], out
+        assert f"search {k8s_namespace}.svc.cluster.local svc.cluster.local cluster.local" in out, out
+        routes = {(_hex_ip(r[1]), _hex_ip(r[7]), _hex_ip(r[2]))  # destination, mask, gateway
+                  for r in (line.split() for line in out.splitlines()) if r and r[0] == "eth0"}
+        assert routes == {("10.234.0.0", "255.255.255.0", "0.0.0.0"),
+                          ("10.235.0.0", "255.255.255.0", cluster.POD_GATEWAY)}, f"unexpected routes:\n{out}"
+        out = core.read_namespaced_pod_log("netcheck-default", k8s_namespace)
+        nameservers = [line.split()[1] for line in out.splitlines() if line.startswith("nameserver")]
         assert nameservers and all(ns.startswith("127.") for ns in nameservers), out
-        routes = [line.split() for line in out.splitlines()[1:] if line.startswith("eth0")]
-        assert routes, out
-        assert all(r[1] != "00000000" for r in routes), f"pod has a default route:\n{out}"
     finally:
-        core.delete_namespaced_pod("netcheck", k8s_namespace, grace_period_seconds=0)
+        for name in ("netcheck", "netcheck-default"):
+            core.delete_namespaced_pod(name, k8s_namespace, grace_period_seconds=0)
 
 
 def test_missing_image_fails_fast_without_network(k8s_node, k8s_namespace):
@@ -362,12 +384,249 @@ def test_missing_image_fails_fast_without_network(k8s_node, k8s_namespace):
 
 
 def test_cluster_processes_listen_on_loopback_only(k8s_node):
-    """Every TCP/UDP socket the cluster's processes listen on is bound to 127.0.0.1."""
+    """Every TCP/UDP socket the cluster's processes listen on is bound to 127.0.0.1, except
+    CoreDNS's port 53 on the pod bridge's address (which exists only on this machine)."""
     from . import cluster
-    pids = {str(info["pid"]) for info in cluster.load_state().get("pids", {}).values()}
+    pids = {name: str(info["pid"]) for name, info in cluster.load_state().get("pids", {}).items()}
     out = subprocess.run(["ss", "-ltunpH"], capture_output=True, text=True, check=True).stdout
-    ours = [line for line in out.splitlines() if any(f"pid={p}," in line for p in pids)]
-    assert ours, out  # etcd, kube-apiserver, kubelet and containerd's streaming server listen
-    for line in ours:
+    ours = {line: name for line in out.splitlines() for name, p in pids.items() if f"pid={p}," in line}
+    assert ours, out  # etcd, kube-apiserver, kubelet, kube-proxy, CoreDNS and containerd's streaming server
+    assert {"kube-proxy", "coredns"} <= set(ours.values()), out  # kube-proxy: healthz + metrics; CoreDNS: ready
+    for line, name in ours.items():
         local = line.split()[4]
-        assert local.rsplit(":", 1)[0] == "127.0.0.1", line
+        if name == "coredns" and local == f"{cluster.CLUSTER_DNS}:53":
+            continue
+        assert local.rsplit(":", 1)[0] == "127.0.0.1", (name, line)
+    dns = {line.split()[0] for line, name in ours.items() if line.split()[4] == f"{cluster.CLUSTER_DNS}:53"}
+    assert dns == {"udp", "tcp"}, out
+
+
+# ------------------------------------------------------------------ Services and DNS
+ECHO_SERVER = ("import socket\n"
+               "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+               "s.bind(('0.0.0.0', 8080)); s.listen()\n"
+               "while True:\n"
+               "    c, peer = s.accept(); data = c.recv(100)\n"
+               "    c.sendall(b'pong:' + data + b' from:' + peer[0].encode()); c.close()\n")
+
+
+def _echo_service(core, ns: str, name: str = "echo") -> str:
+    """A Pod of the worker image answering on 8080 behind a Service on port 80; returns the
+    ClusterIP once the Pod is Ready (so the Service has an endpoint)."""
+    client = _k8s()
+    pod = _pod(name, ["python", "-c", ECHO_SERVER], ports=[8080])
+    pod.spec.containers[0].readiness_probe = client.V1Probe(
+        tcp_socket=client.V1TCPSocketAction(port=8080), period_seconds=1)
+    core.create_namespaced_pod(ns, pod)
+    svc = core.create_namespaced_service(ns, client.V1Service(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1ServiceSpec(selector={"app": name},
+                                  ports=[client.V1ServicePort(name="echo", port=80, target_port=8080)])))
+    deadline = time.time() + 60
+    while not any(c.type == "Ready" and c.status == "True"
+                  for c in core.read_namespaced_pod(name, ns).status.conditions or []):
+        assert time.time() < deadline, core.read_namespaced_pod(name, ns).status
+        time.sleep(0.3)
+    return svc.spec.cluster_ip
+
+
+def _run_probe(core, ns: str, name: str, code: str, *, host_network=False, dns_policy=None,
+               timeout: float = 90) -> dict:
+    """Run ``code`` (Python printing one JSON line last) in a Pod of the worker image; its result."""
+    core.create_namespaced_pod(ns, _pod(name, ["python", "-c", code], host_network=host_network,
+                                        dns_policy=dns_policy))
+    try:
+        deadline = time.time() + timeout
+        while (phase := core.read_namespaced_pod(name, ns).status.phase) not in ("Succeeded", "Failed"):
+            assert time.time() < deadline, core.read_namespaced_pod(name, ns).status
+            time.sleep(0.3)
+        out = core.read_namespaced_pod_log(name, ns)
+        assert phase == "Succeeded", out
+        return json.loads(out.strip().splitlines()[-1])
+    finally:
+        core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+
+
+CONNECT_PROBE = """\
+import json, socket, time
+out = {"resolv.conf": open("/etc/resolv.conf").read()}
+for host in %r:
+    deadline = time.time() + 30  # kube-proxy writes a new Service's rules within about a second
+    while True:
+        try:
+            addr = socket.getaddrinfo(host, 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+            with socket.create_connection((host, 80), timeout=5) as s:
+                s.sendall(b"ping"); s.shutdown(socket.SHUT_WR)
+                out[host] = {"addr": addr, "reply": s.recv(200).decode()}
+            break
+        except OSError as e:
+            if time.time() > deadline:
+                out[host] = {"error": repr(e)}
+                break
+            time.sleep(0.3)
+print(json.dumps(out))
+"""
+
+
+def test_a_pod_reaches_a_service_by_cluster_ip_and_dns_name(k8s_node, k8s_namespace):
+    """kube-proxy DNATs the ClusterIP to the Pod; CoreDNS answers the full name and, through the
+    Pod's search path, the short name; the server sees the client Pod's own address (no SNAT)."""
+    core, ns = k8s_node.control_plane.core(), k8s_namespace
+    cluster_ip = _echo_service(core, ns)
+    assert cluster_ip.startswith("10.235.0."), cluster_ip
+    names = [cluster_ip, f"echo.{ns}.svc.cluster.local", "echo", f"echo.{ns}"]
+    t0 = time.monotonic()
+    out = _run_probe(core, ns, "client", CONNECT_PROBE % (names,))
+    client_ip = None
+    print(f"probe Pod ran in {time.monotonic() - t0:.1f}s")
+    for name in names:
+        assert "error" not in out[name], out
+        assert out[name]["addr"] == cluster_ip, (name, out)
+        reply, _, seen_from = out[name]["reply"].partition(" from:")
+        assert reply == "pong:ping", out
+        assert seen_from.startswith("10.234.0.") and seen_from != k8s_node.host_ip, out  # the Pod itself
+        client_ip = client_ip or seen_from
+        assert seen_from == client_ip, out
+
+
+def test_a_host_network_pod_resolves_service_names(k8s_node, k8s_namespace):
+    """dnsPolicy ClusterFirstWithHostNet: a hostNetwork Pod asks CoreDNS too (the bridge address
+    is local to the host namespace), so chart Pods on the host network can find Services by name."""
+    from . import cluster
+    client = _k8s()
+    core, ns = k8s_node.control_plane.core(), k8s_namespace
+    svc = core.create_namespaced_service(ns, client.V1Service(
+        metadata=client.V1ObjectMeta(name="named"),
+        spec=client.V1ServiceSpec(selector={"app": "nothing"}, ports=[client.V1ServicePort(port=80)])))
+    names = [f"named.{ns}.svc.cluster.local", "named", "kubernetes.default"]
+    code = ("import json, socket\n"
+            "out = {'resolv.conf': open('/etc/resolv.conf').read()}\n"
+            f"for name in {names!r}:\n"
+            "    try:\n"
+            "        out[name] = socket.gethostbyname(name)\n"
+            "    except OSError as e:\n"
+            "        out[name] = repr(e)\n"
+            "print(json.dumps(out))\n")
+    out = _run_probe(core, ns, "hostdns", code, host_network=True, dns_policy="ClusterFirstWithHostNet")
+    assert f"nameserver {cluster.CLUSTER_DNS}" in out["resolv.conf"], out
+    assert out[names[0]] == out["named"] == svc.spec.cluster_ip, out
+    assert out["kubernetes.default"] == "10.235.0.1", out
+
+
+NOTHING_LEAVES_PROBE = """\
+import json, socket, time
+out = {}
+for name in ("example.com", "example.com.", "pypi.org"):
+    t0 = time.monotonic()
+    try:
+        out[name] = {"resolved": socket.getaddrinfo(name, 443)[0][4][0]}
+    except socket.gaierror as e:
+        out[name] = {"gaierror": e.errno, "message": str(e)}
+    out[name]["seconds"] = round(time.monotonic() - t0, 3)
+t0 = time.monotonic()
+try:
+    socket.create_connection(("1.1.1.1", 443), timeout=20).close()
+    out["1.1.1.1"] = {"connected": True}
+except OSError as e:
+    out["1.1.1.1"] = {"errno": e.errno, "message": repr(e)}
+out["1.1.1.1"]["seconds"] = round(time.monotonic() - t0, 3)
+print(json.dumps(out))
+"""
+
+
+def test_nothing_a_pod_asks_for_leaves_the_machine(k8s_node, k8s_namespace):
+    """Any name outside cluster.local gets NXDOMAIN from CoreDNS at once (EAI_NONAME, not the
+    EAI_AGAIN of a timeout: nothing was forwarded), and a public address has no route at all
+    (ENETUNREACH, not a connect timeout: no packet left the Pod)."""
+    import errno
+    core = k8s_node.control_plane.core()
+    out = _run_probe(core, k8s_namespace, "offline", NOTHING_LEAVES_PROBE)
+    print({k: v["seconds"] for k, v in out.items()})
+    for name in ("example.com", "example.com.", "pypi.org"):
+        assert out[name].get("gaierror") == socket.EAI_NONAME, out
+    assert out["1.1.1.1"].get("errno") == errno.ENETUNREACH, out
+
+
+def _dns_query(server: str, name: str, qtype: int = 1, timeout: float = 5) -> tuple[int, list[str]]:
+    """One DNS question over UDP: (rcode, the A records of the answer)."""
+    import struct
+    qid = int.from_bytes(os.urandom(2), "big")
+    question = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
+    packet = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + question + struct.pack(">HH", qtype, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(packet, (server, 53))
+        reply = s.recv(4096)
+    rid, flags, _, ancount, _, _ = struct.unpack(">HHHHHH", reply[:12])
+    assert rid == qid
+    pos = 12 + len(question) + 4
+    addrs = []
+    for _ in range(ancount):
+        while reply[pos] != 0 and reply[pos] < 0xC0:  # the owner name (labels or a pointer)
+            pos += reply[pos] + 1
+        pos += 2 if reply[pos] >= 0xC0 else 1
+        rtype, _, _, rdlen = struct.unpack(">HHIH", reply[pos:pos + 10])
+        if rtype == 1:
+            addrs.append(socket.inet_ntoa(reply[pos + 10:pos + 10 + rdlen]))
+        pos += 10 + rdlen
+    return flags & 0xF, addrs
+
+
+def test_service_wiring_on_the_host_keeps_everything_local(k8s_node, k8s_namespace):
+    """What kube-proxy and CoreDNS do to the host, read back from it: DNAT only into the pod range,
+    masquerading only of Service traffic on its way to a Pod (out of the bridge), our DROP rules
+    ahead of kube-proxy's, the Service range still blackholed, a Corefile with no forwarding, and
+    none of the sysctls kube-proxy could touch changed."""
+    from . import cluster
+    core = k8s_node.control_plane.core()
+    cluster_ip = _echo_service(core, k8s_namespace)
+    state = cluster.load_state()
+
+    # CoreDNS: cluster names from the API; any other name NXDOMAIN from CoreDNS itself.
+    fqdn = f"echo.{k8s_namespace}.svc.cluster.local"
+    deadline = time.time() + 10
+    while _dns_query(cluster.CLUSTER_DNS, fqdn) != (0, [cluster_ip]):
+        assert time.time() < deadline, _dns_query(cluster.CLUSTER_DNS, fqdn)
+        time.sleep(0.2)
+    assert _dns_query(cluster.CLUSTER_DNS, "example.com") == (3, [])
+    assert _dns_query(cluster.CLUSTER_DNS, "no-such-service.default.svc.cluster.local") == (3, [])
+    corefile = Path(state["corefile"]).read_text()
+    plugins = {line.split()[0] for line in corefile.splitlines() if line.strip() and not line.strip().startswith("#")}
+    assert not plugins & {"forward", "proxy", "grpc", "etcd", "file", "auto", "secondary"}, corefile
+    servers = [line for line in corefile.splitlines() if line.endswith("{") and not line.startswith((" ", "#"))]
+    assert len(servers) == corefile.count(f"    bind {cluster.CLUSTER_DNS}\n") == 2, corefile  # no :53 elsewhere
+
+    # kube-proxy's nat rules: every DNAT goes into the pod range (Services have only Pod endpoints
+    # here), and every address in it is on the bridge.
+    nat = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True, check=True).stdout
+    dnat = [line.split("--to-destination ")[1].split()[0].rsplit(":", 1)[0]
+            for line in nat.splitlines() if "-j DNAT" in line]
+    assert dnat, nat  # at least the echo Service's endpoint
+    import ipaddress
+    assert all(ipaddress.ip_address(a) in ipaddress.ip_network(cluster.POD_CIDR) for a in dnat), dnat
+    route = subprocess.run(["ip", "route", "get", dnat[0]], capture_output=True, text=True, check=True).stdout
+    assert f"dev {cluster.BRIDGE}" in route, route
+    # Masquerading: only kube-proxy's, gated on the mark that only its Service chains set (and
+    # those DNAT into the pod range, out of the bridge): nothing leaves through another interface.
+    masq = [line for line in nat.splitlines() if "-j MASQUERADE" in line or "-j SNAT" in line]
+    ours = [line for line in masq if "KUBE-" in line or "CNI-" in line or cluster.POD_CIDR in line]
+    assert ours and all(line.startswith("-A KUBE-POSTROUTING ") for line in ours), masq
+    post = [line for line in nat.splitlines() if line.startswith("-A KUBE-POSTROUTING ")]
+    assert "! --mark 0x4000/0x4000 -j RETURN" in post[0], post
+    marks = [line.split()[1] for line in nat.splitlines() if "-j KUBE-MARK-MASQ" in line]
+    assert all(c.startswith(("KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-SERVICES", "KUBE-NODEPORTS"))
+               for c in marks), marks
+    # Our DROP rules come first, ahead of kube-proxy's KUBE-FORWARD (which accepts marked packets).
+    fwd = subprocess.run(["iptables", "-w", "-S", "FORWARD"], capture_output=True, text=True, check=True).stdout
+    first = fwd.splitlines()[1:3]
+    assert all(cluster.POD_CIDR in line and line.endswith("-j DROP") for line in first), fwd
+    assert "-j KUBE-FORWARD" in fwd, fwd
+    # The Service range stays blackholed: what kube-proxy did not DNAT dies here.
+    blackhole = subprocess.run(["ip", "route", "show", "type", "blackhole"], capture_output=True, text=True).stdout
+    assert cluster.SERVICE_CIDR in blackhole, blackhole
+    # kube-proxy left the conntrack limits and timeouts (and route_localnet) as they were.
+    for key, before in state["host"]["sysctls"].items():
+        if key.startswith(("net.netfilter.", "net.ipv4.conf.all.route_localnet")):
+            now = Path("/proc/sys/" + key.replace(".", "/")).read_text().strip()
+            assert now == before, (key, before, now)
+
