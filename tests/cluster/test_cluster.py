@@ -9,6 +9,7 @@ Service names, and nothing a Pod sends or asks for leaves this machine.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -410,9 +411,9 @@ ECHO_SERVER = ("import socket\n"
                "    c.sendall(b'pong:' + data + b' from:' + peer[0].encode()); c.close()\n")
 
 
-def _echo_service(core, ns: str, name: str = "echo") -> str:
+def _echo_service(core, ns: str, name: str = "echo", service_type: str = "ClusterIP"):
     """A Pod of the worker image answering on 8080 behind a Service on port 80; returns the
-    ClusterIP once the Pod is Ready (so the Service has an endpoint)."""
+    Service once the Pod is Ready (so the Service has an endpoint)."""
     client = _k8s()
     pod = _pod(name, ["python", "-c", ECHO_SERVER], ports=[8080])
     pod.spec.containers[0].readiness_probe = client.V1Probe(
@@ -420,14 +421,14 @@ def _echo_service(core, ns: str, name: str = "echo") -> str:
     core.create_namespaced_pod(ns, pod)
     svc = core.create_namespaced_service(ns, client.V1Service(
         metadata=client.V1ObjectMeta(name=name),
-        spec=client.V1ServiceSpec(selector={"app": name},
+        spec=client.V1ServiceSpec(selector={"app": name}, type=service_type,
                                   ports=[client.V1ServicePort(name="echo", port=80, target_port=8080)])))
     deadline = time.time() + 60
     while not any(c.type == "Ready" and c.status == "True"
                   for c in core.read_namespaced_pod(name, ns).status.conditions or []):
         assert time.time() < deadline, core.read_namespaced_pod(name, ns).status
         time.sleep(0.3)
-    return svc.spec.cluster_ip
+    return svc
 
 
 def _run_probe(core, ns: str, name: str, code: str, *, host_network=False, dns_policy=None,
@@ -472,7 +473,7 @@ def test_a_pod_reaches_a_service_by_cluster_ip_and_dns_name(k8s_node, k8s_namesp
     """kube-proxy DNATs the ClusterIP to the Pod; CoreDNS answers the full name and, through the
     Pod's search path, the short name; the server sees the client Pod's own address (no SNAT)."""
     core, ns = k8s_node.control_plane.core(), k8s_namespace
-    cluster_ip = _echo_service(core, ns)
+    cluster_ip = _echo_service(core, ns).spec.cluster_ip
     assert cluster_ip.startswith("10.235.0."), cluster_ip
     names = [cluster_ip, f"echo.{ns}.svc.cluster.local", "echo", f"echo.{ns}"]
     t0 = time.monotonic()
@@ -538,7 +539,6 @@ def test_nothing_a_pod_asks_for_leaves_the_machine(k8s_node, k8s_namespace):
     """Any name outside cluster.local gets NXDOMAIN from CoreDNS at once (EAI_NONAME, not the
     EAI_AGAIN of a timeout: nothing was forwarded), and a public address has no route at all
     (ENETUNREACH, not a connect timeout: no packet left the Pod)."""
-    import errno
     core = k8s_node.control_plane.core()
     out = _run_probe(core, k8s_namespace, "offline", NOTHING_LEAVES_PROBE)
     print({k: v["seconds"] for k, v in out.items()})
@@ -576,11 +576,31 @@ def test_service_wiring_on_the_host_keeps_everything_local(k8s_node, k8s_namespa
     """What kube-proxy and CoreDNS do to the host, read back from it: DNAT only into the pod range,
     masquerading only of Service traffic on its way to a Pod (out of the bridge), our DROP rules
     ahead of kube-proxy's, the Service range still blackholed, a Corefile with no forwarding, and
-    none of the sysctls kube-proxy could touch changed."""
+    none of the sysctls kube-proxy could touch changed. The host reaches a NodePort on the bridge
+    address (its way into a Service: ClusterIPs are blackholed for it)."""
     from . import cluster
     core = k8s_node.control_plane.core()
-    cluster_ip = _echo_service(core, k8s_namespace)
+    svc = _echo_service(core, k8s_namespace, service_type="NodePort")
+    cluster_ip, node_port = svc.spec.cluster_ip, svc.spec.ports[0].node_port
     state = cluster.load_state()
+
+    # From the host: the NodePort on 10.234.0.1 answers (masqueraded to the bridge address on its
+    # way to the Pod); the ClusterIP does not route at all.
+    deadline = time.time() + 10
+    while True:
+        try:
+            with socket.create_connection((cluster.POD_GATEWAY, node_port), timeout=5) as conn:
+                conn.sendall(b"host")
+                conn.shutdown(socket.SHUT_WR)
+                assert conn.recv(200) == f"pong:host from:{cluster.POD_GATEWAY}".encode()
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+    with pytest.raises(OSError) as refused:
+        socket.create_connection((cluster_ip, 80), timeout=5)
+    assert refused.value.errno == errno.EINVAL, refused.value  # the blackhole, at the route lookup
 
     # CoreDNS: cluster names from the API; any other name NXDOMAIN from CoreDNS itself.
     fqdn = f"echo.{k8s_namespace}.svc.cluster.local"
