@@ -5,10 +5,11 @@ worker Deployment through its scale subresource (scale-down drains), helm uninst
 autoscaler's RBAC, least privilege, with a real ServiceAccount token; and the broker Pod's
 autoscaler moving the worker Deployment with load, with metrics served on the metrics port.
 
-The test cluster has no DNS and no kube-proxy, so the broker runs with hostNetwork on a free host
-port, and the workers and the helm test Pod (hostNetwork too) reach it at tcp://127.0.0.1:PORT;
-the host reaches it there as well (see charts/worker-pool/README.md, "On the project's test
-cluster"). The worker image there is built from this checkout, so lambdas travel by value.
+Most tests here run the broker with hostNetwork on a free host port, so that this test process on
+the host reaches it at tcp://127.0.0.1:PORT, and the workers and the helm test Pod (hostNetwork too)
+reach it there as well (see charts/worker-pool/README.md, "On the project's test cluster"); the
+chart's default wiring through its Service is tests/test_chart_services_cluster.py's, and the
+k8s:// test below. The worker image there is built from this checkout, so lambdas travel by value.
 """
 
 from __future__ import annotations
@@ -443,9 +444,9 @@ def test_a_pod_network_broker_is_reached_from_the_host_through_k8s_address(helm_
                                                                           tmp_path):
     """The default wiring, without hostNetwork: the broker in its own Pod network namespace, found
     by `pool="k8s://NAMESPACE/RELEASE"` from the host (a port-forward through the API server, by the
-    chart's labels and port name). With no DNS here, the workers and the helm test Pod use the
-    broker Pod's IP (a helm upgrade sets worker.brokerAddress once the broker runs). With the
-    worker's --health-dir, a worker that has no broker yet is not Ready."""
+    chart's labels and port name). The workers start pointed at an address where no broker listens,
+    and with the worker's --health-dir they are not Ready; a helm upgrade then gives them the chart's
+    default address (the broker Service's name, resolved by the cluster's DNS) and they serve."""
     cp = k8s_node.control_plane
     core, ns, kubeconfig = cp.core(), k8s_namespace, cp.kubeconfig
     tree = create_key_directory(tmp_path / "keys")
@@ -455,7 +456,7 @@ def test_a_pod_network_broker_is_reached_from_the_host_through_k8s_address(helm_
         "image": {"repository": "runnable-k8s-worker", "tag": "latest", "pullPolicy": "Never"},
         "curve": {"enabled": True, "existingSecret": "pool-keys"},
         "broker": {"resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
-        # First pointed at a port where no broker listens (the Service name would not resolve here).
+        # First pointed at a port where no broker listens.
         "worker": {"replicas": 1, "concurrency": 2, "gracePeriodSeconds": 5, "brokerAddress": "tcp://127.0.0.1:9",
                    "probes": {"enabled": True}, "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
     }
@@ -476,7 +477,7 @@ def test_a_pod_network_broker_is_reached_from_the_host_through_k8s_address(helm_
         time.sleep(8)  # several readiness periods
         assert not ready_pods(core, ns, "worker"), describe(core, ns)
         upgrade = helm(helm_bin, "upgrade", RELEASE, str(CHART), "-n", ns, "-f", vf, "--set", "worker.replicas=2",
-                       "--set", f"worker.brokerAddress=tcp://{broker_pod.status.pod_ip}:5555", "--wait",
+                       "--set", "worker.brokerAddress=", "--wait",
                        "--timeout", "120s", tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
         assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr + describe(core, ns)
         assert len(ready_pods(core, ns, "worker")) == 2
