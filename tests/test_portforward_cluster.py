@@ -7,6 +7,7 @@ import socket
 import time
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 from langchain_core.runnables import RunnableLambda
 
 from pool import PoolUnavailable, RunnableK8s
@@ -44,6 +45,16 @@ def wait_ready(core, namespace, name, timeout=90):
              timeout, f"Pod {name} to be Ready", interval=0.5)
 
 
+def pod_exists(core, namespace, name) -> bool:
+    try:
+        core.read_namespaced_pod(name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
 def call_until_served(runnable, timeout=60):
     deadline = time.monotonic() + timeout
     while True:
@@ -69,7 +80,12 @@ def test_a_warm_call_reaches_a_broker_pod_through_port_forward_and_survives_its_
                          mode="warm", k8s_config=k8s_node.control_plane.kubeconfig, connect_timeout=10)
     assert call_until_served(remote) == "broker-a"
 
-    core.delete_namespaced_pod("broker-a", k8s_namespace, grace_period_seconds=0)
+    # A graceful delete (the Pod's 1 s grace): the API object goes only once the kubelet has stopped
+    # its containers. A forced one (grace 0) removed the object at once while broker-a's container
+    # still served the open port-forward for a moment, and a call after broker-b was Ready once got
+    # broker-a's answer.
+    core.delete_namespaced_pod("broker-a", k8s_namespace)
+    wait_for(lambda: not pod_exists(core, k8s_namespace, "broker-a"), 60, "Pod broker-a to be gone", interval=0.5)
     core.create_namespaced_pod(k8s_namespace, broker_pod("broker-b", k8s_node.worker_image))
     wait_ready(core, k8s_namespace, "broker-b")
     assert call_until_served(remote) == "broker-b"  # the same RunnableK8s reconnected by itself
