@@ -26,9 +26,10 @@ from langchain_core.runnables import RunnableGenerator, RunnableLambda
 
 from pool import RunnableK8s
 from pool.client.connection import Connection
-from pool.errors import PoolUnavailable
+from pool.errors import AuthenticationFailed, PoolUnavailable
 from pool.local import _read_line
 from tests.support.processes import stop_process
+from tests.support.relay import Relay
 from tests.support.waiting import wait_for
 
 # How long a caller waits for the new broker: it is a new process, which on a loaded 2-core
@@ -86,8 +87,10 @@ class Pool:
         self.broker.wait(10)
         stop_process(self.broker)  # closes its pipe
 
-    def restart_broker(self) -> None:
+    def restart_broker(self, gap: float = 0.0) -> None:
+        """Kill the broker and start a new one ``gap`` seconds later."""
         self.kill_broker()
+        time.sleep(gap)
         self.start_broker()
 
     def ready_workers(self) -> int:
@@ -128,9 +131,11 @@ def pool(shared_pool: Pool) -> Pool:
 Spans = list[tuple[float, float]]
 
 
-def _callers(remote: RunnableK8s, pool: Pool, calls_each: int) -> tuple[list[Any], list[BaseException], Spans]:
+def _callers(remote: RunnableK8s, pool: Pool, calls_each: int,
+             gap: float = 0.0) -> tuple[list[Any], list[BaseException], Spans]:
     """CALLERS threads each make ``calls_each`` invoke calls; the broker is killed and restarted
-    while the first round is in flight. Returns wrong results, errors, and each call's span."""
+    (``gap`` seconds later) while the first round is in flight. Returns wrong results, errors,
+    and each call's span."""
     wrong: list[Any] = []
     errors: list[BaseException] = []
     spans: Spans = []
@@ -159,7 +164,7 @@ def _callers(remote: RunnableK8s, pool: Pool, calls_each: int) -> tuple[list[Any
     started.wait()
     time.sleep(CALL_SECONDS / 2)  # the first round is on the workers
     killed_at = time.monotonic()
-    pool.restart_broker()
+    pool.restart_broker(gap)
     for thread in threads:
         thread.join(60)
     assert not any(thread.is_alive() for thread in threads), "a caller hung"
@@ -181,6 +186,26 @@ def test_sync_calls_in_flight_when_the_broker_is_killed_are_resubmitted_with_ret
     assert errors == [] and wrong == []
     assert len(spans) - 1 == CALLERS * 3
     assert _in_flight_at_kill(spans) > 0, "no call was in flight when the broker was killed"
+
+
+@pytest.mark.timeout(60)
+def test_calls_held_behind_a_relay_that_closes_connections_while_no_broker_listens_are_resubmitted(pool):
+    """The k8s:// port-forward accepts ZeroMQ's reconnections and closes them at once while no
+    broker Pod is ready: to the client, a peer that closes the connection during the handshake,
+    which is also how a broker refusing a client's keys looks. A client that was welcomed with
+    these keys before must keep holding its calls for the next broker, not fail them all as
+    refused (the relay here stands in for the port-forward; the broker is away for a second)."""
+    with Relay(pool.address) as relay:
+        remote = RunnableK8s(bound=RunnableLambda(_slow_double), pool=relay.address, mode="warm", retries=1,
+                             timeout=30, connect_timeout=PATIENCE)
+        try:
+            assert remote.invoke(1) == 2
+            wrong, errors, spans = _callers(remote, pool, calls_each=3, gap=1.0)
+        finally:
+            Connection.close_all(relay.address)
+        assert errors == [] and wrong == []
+        assert relay.refused > 0, "no reconnection met the relay without a broker"
+        assert _in_flight_at_kill(spans) > 0, "no call was in flight when the broker was killed"
 
 
 @pytest.mark.timeout(60)
@@ -297,3 +322,34 @@ def test_when_no_broker_comes_back_calls_in_flight_fail_within_the_connect_timeo
     message = str(error)
     assert "lost the broker connection" in message and "no runnable-k8s broker answered" in message, message
     assert f"{connect_timeout:g}s" in message, message
+
+
+@pytest.mark.timeout(60)
+def test_behind_a_relay_with_no_broker_calls_in_flight_fail_within_the_connect_timeout_saying_why(pool):
+    connect_timeout = 1.5
+    with Relay(pool.address) as relay:
+        remote = RunnableK8s(bound=RunnableLambda(_slow_double), pool=relay.address, mode="warm", retries=1,
+                             timeout=30, connect_timeout=connect_timeout)
+        try:
+            assert remote.invoke(1) == 2
+            outcome: dict[str, Any] = {}
+
+            def call() -> None:
+                try:
+                    outcome["value"] = remote.invoke(21)
+                except Exception as exc:  # noqa: BLE001 - checked below
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=call, daemon=True)
+            thread.start()
+            time.sleep(CALL_SECONDS / 2)
+            pool.kill_broker()
+            thread.join(connect_timeout + 20)  # a guard against a hang, not a speed check
+            assert not thread.is_alive(), "the call hung with no broker"
+        finally:
+            Connection.close_all(relay.address)
+    error = outcome.get("error")
+    assert isinstance(error, PoolUnavailable) and not isinstance(error, AuthenticationFailed), repr(outcome)
+    message = str(error)
+    assert "lost the broker connection" in message and f"{connect_timeout:g}s" in message, message
+    assert "closed" in message and "during the handshake" in message and "k8s://" in message, message

@@ -22,7 +22,10 @@ its ``timeout`` reduced by the time already spent, the runnable's bytes included
 no runnable store) and a new wire task id (so that a late reply of the first run, from a worker that
 re-registers with the new broker, is never taken for it; the caller keeps seeing its own id). If no
 broker answers within the connection's connect timeout, or the call's own timeout passes first, it
-fails as before (``PoolUnavailable`` or ``TaskTimeout``). The others fail at once with
+fails as before (``PoolUnavailable`` or ``TaskTimeout``). Meanwhile a peer that closes the
+connection during the handshake is taken for a relay with no broker behind it (the ``k8s://``
+port-forward between two broker Pods), not for a refusal of this client's keys, once a broker has
+welcomed these keys on this connection. The others fail at once with
 ``PoolUnavailable`` saying why: with ``retries=0`` that the broker was lost while the call was in
 flight and that ``retries=1`` would resubmit it; a stream that had yielded chunks, or a batch task
 that had reported items, that running it again would repeat them. A task submitted while the
@@ -258,6 +261,10 @@ class Connection:
         # Set when a connection attempt has an outcome: WELCOME, or a refusal in _failure.
         self._settled = threading.Event()
         self._failure: BaseException | None = None
+        # A broker has welcomed this connection (so its keys were accepted), and the handshakes
+        # a peer closed since the last WELCOME (see _on_monitor).
+        self._welcomed = False
+        self._dropped_handshakes = 0
         # Task ids: unique per connection, random across connections and processes.
         self._id_prefix = os.urandom(P.TASK_ID_BYTES - 8)
         self._ids = itertools.count()
@@ -301,7 +308,7 @@ class Connection:
         if self._failure is not None:
             raise self._failure
         raise PoolUnavailable(
-            f"no runnable-k8s broker answered at {self.address} within {timeout:g}s. "
+            f"no runnable-k8s broker answered at {self.address} within {timeout:g}s{self._dropped_why()}. "
             "Start one (`runnable-k8s local`, or the Helm chart), check the address, or use "
             "mode='auto' to fall back to ephemeral Pods."
         )
@@ -505,6 +512,17 @@ class Connection:
             event = message["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._hello()
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self._welcomed:
+                # The peer closed the connection during the handshake. A broker refusing a key
+                # does that, and so does a relay with no broker behind it: the k8s:// port-forward
+                # while the old broker Pod is gone and the new one not ready, a load balancer with
+                # no backend. This connection was welcomed with these keys before, so it is taken
+                # for the relay: the held calls wait for the next broker for as long as their
+                # patience (a broker that really refuses the keys now fails them then, saying so).
+                self._dropped_handshakes += 1
+                if self._dropped_handshakes == 1:
+                    log.info("the peer at %s closed the connection during the handshake; waiting for a "
+                             "broker to answer", self.address)
             elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
                            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 self._failure = AuthenticationFailed(
@@ -586,8 +604,16 @@ class Connection:
                     if submission.held_why else "")
             submission.sink.deliver(Event(submission.task_id, "error", code=P.E_POOL_UNAVAILABLE, message=(
                 f"{lost}no runnable-k8s broker answered at {self.address} within the connect timeout of "
-                f"{self._patience(submission):g}s, so the call was not {'re' if lost else ''}submitted")))
+                f"{self._patience(submission):g}s, so the call was not {'re' if lost else ''}submitted"
+                + self._dropped_why())))
         self._hold_deadline = soonest
+
+    def _dropped_why(self) -> str:
+        if not self._dropped_handshakes:
+            return ""
+        return (f"; the peer there closed {self._dropped_handshakes} connection attempts during the handshake "
+                "(a relay such as a k8s:// port-forward with no ready broker Pod behind it, or a broker that "
+                "no longer accepts this client's CurveZMQ keys)")
 
     def _resubmit_held(self) -> None:
         """A broker said WELCOME: send it every held task, with its runnable (it may be a new
@@ -650,6 +676,8 @@ class Connection:
             self.broker_info = P.decode_json_object(body[0])
             self._heard_workers(_count(self.broker_info.get("workers")))
             self._failure = None
+            self._welcomed = True
+            self._dropped_handshakes = 0
             self._ready.set()
             self._settled.set()
             if self._hold_deadline is not None:
