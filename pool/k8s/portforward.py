@@ -59,6 +59,7 @@ class BrokerForward:
             raise PoolUnavailable(f"cannot reach {address}: no Kubernetes configuration ({exc}); "
                                   "set KUBECONFIG or pass k8s_config=") from exc
         self.closed = False
+        self._failing = False  # the last forward attempt found no broker Pod, or could not reach it
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.local_address = f"tcp://127.0.0.1:{self._listener.getsockname()[1]}"
         self.find_broker()  # fail now, with a clear message, if there is no broker to reach
@@ -103,9 +104,16 @@ class BrokerForward:
                                   ports=str(port))
             remote = forward.socket(port)
         except Exception as exc:  # noqa: BLE001 - ZeroMQ will reconnect and we try again
-            log.warning("port-forward to the broker of %s/%s failed: %s", self.namespace, self.release, exc)
+            # ZeroMQ retries every 100 ms while the broker Pod is replaced: one warning per outage.
+            level = logging.DEBUG if self._failing else logging.WARNING
+            self._failing = True
+            log.log(level, "port-forward to the broker of %s/%s failed (retrying while ZeroMQ reconnects): %s",
+                    self.namespace, self.release, exc)
             local.close()
             return
+        if self._failing:
+            self._failing = False
+            log.info("port-forwarding to the broker of %s/%s again, Pod %s", self.namespace, self.release, pod)
         log.info("port-forwarding 127.0.0.1 -> %s/%s:%d", self.namespace, pod, port)
         try:
             _pump(local, remote)
