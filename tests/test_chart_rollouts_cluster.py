@@ -54,6 +54,7 @@ from tests.test_chart_cluster import (
     ready_pods,
     require_health_dir,
 )
+from worker.curve import load_peer_keys
 
 pytestmark = pytest.mark.cluster
 
@@ -110,8 +111,16 @@ def host_network_wiring(server: str) -> Wiring:
     }, host_address=f"tcp://127.0.0.1:{port}")
 
 
+def service_wiring() -> Wiring:
+    """The chart's defaults, for a cluster with kube-proxy and cluster DNS: the workers reach the
+    broker by its Service name, the broker's autoscaler the API server by the ``kubernetes``
+    Service, and this host's client the broker through ``k8s://`` (there is no tcp:// from here)."""
+    return Wiring(values={}, host_address=None)
+
+
 @pytest.fixture
 def wiring(k8s_node) -> Wiring:
+    """The one place that decides the wiring (``service_wiring()`` once the test cluster has Services)."""
     return host_network_wiring(k8s_node.control_plane.server)
 
 
@@ -148,6 +157,18 @@ class Release:
         return RunnableK8s(bound=RunnableLambda(echo_after_a_nap()), pool=self.address(path), keys=str(self.keys),
                            k8s_config=self.cp.kubeconfig, mode="warm", timeout=60, retries=retries,
                            connect_timeout=PATIENCE)
+
+    def counters(self) -> dict[str, int]:
+        """The broker's counters (``runnable-k8s status``), asked with the client's keys."""
+        from pool.k8s.portforward import BrokerForward
+
+        address = (self.wiring.host_address
+                   or BrokerForward.shared(self.address("k8s"), self.cp.kubeconfig).local_address)
+        connection = Connection(address, load_peer_keys(self.keys, "client"), 30.0)
+        try:
+            return dict(connection.status(timeout=10)["counters"])
+        finally:
+            connection.close()
 
     def helm(self, *args: str, timeout: float = 150):
         return helm(self.helm_bin, *args, tmp_path=self.tmp_path, kubeconfig=self.cp.kubeconfig, timeout=timeout)
@@ -323,6 +344,9 @@ def test_deleting_the_broker_pod_under_load_fails_no_call(helm_bin, k8s_node, k8
         assert len(firsts) == CALLERS, f"callers never served after the loss: {set(range(CALLERS)) - set(firsts)}"
         # The workers came back on their own: both registered (Ready) with the new broker.
         wait_for(lambda: len(ready_pods(core, ns, "worker")) == 2, 60, "both workers Ready again", interval=0.5)
+        counters = release.counters()  # the new broker's
+        print("new broker's counters:", counters)
+        assert counters["failed"] == 0 and counters["workers_lost"] == 0, counters
 
 
 def _since(start: float, moment: float | None) -> float | None:
@@ -387,6 +411,10 @@ def test_a_helm_upgrade_rolling_the_workers_under_load_fails_no_call(helm_bin, k
         assert not new_pods & old_pods and len(new_pods) == 2, (old_pods, new_pods)
         # The load really spanned the rollout: old Pods served during it, and so did new ones.
         assert any(served_by[p] for p in old_pods) and any(served_by[p] for p in new_pods), served_by
+        counters = release.counters()
+        print("broker counters:", counters)
+        assert counters["failed"] == 0 and counters["workers_lost"] == 0 and counters["retried"] == 0, counters
+        assert counters["done"] == len(callers.snapshot()) + 1, counters  # each call once, and the first one
         # No container was restarted (a liveness probe failing a working worker would show here).
         pods = core.list_namespaced_pod(ns, label_selector=f"app.kubernetes.io/instance={RELEASE}").items
         restarts = [c.restart_count for p in pods for c in p.status.container_statuses or []]
@@ -408,7 +436,7 @@ def replica_history(apps, ns: str, stop: threading.Event, seen: list[tuple[float
 def test_the_autoscaler_scaling_the_workers_down_under_load_fails_no_call(helm_bin, k8s_node, k8s_namespace,
                                                                           tmp_path, wiring):
     """autoscaling.enabled, 4 calls in flight per worker aimed for: 12 callers ask for 3 workers;
-    then 10 of them stop, and the 2 left keep calling while the autoscaler goes back to 1 worker
+    then 9 of them stop, and the 3 left keep calling while the autoscaler goes back to 1 worker
     after its 5 s window. The workers it removes drain (retries=0: nothing is resubmitted)."""
     cp = k8s_node.control_plane
     core, apps, ns = cp.core(), cp.apps(), k8s_namespace
@@ -417,7 +445,7 @@ def test_the_autoscaler_scaling_the_workers_down_under_load_fails_no_call(helm_b
         "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetInFlightPerWorker": 4,
                         "targetTasksPerSlot": 1.0, "stabilizationWindowSeconds": 5, "scaleToZeroIdleSeconds": 600},
     }
-    many, few = 12, 2
+    many, few = 12, 3
     with installed(helm_bin, cp, ns, tmp_path, wiring, values) as release:
         wait_for(lambda: len(ready_pods(core, ns, "worker")) == 1, 90, "one Ready (registered) worker", interval=0.5)
         remote = release.remote("tcp" if wiring.host_address else "k8s", retries=0)
@@ -450,11 +478,17 @@ def test_the_autoscaler_scaling_the_workers_down_under_load_fails_no_call(helm_b
             stop_watch.set()
             watcher.join(10)
         counts = [r for _, r in seen]
+        scaled_down_at = next(t for t, r in seen if r == 1 and t > lowered)
+        removed = high - set(pods_left(core, ns, "worker"))
         during = [c for c in callers.snapshot() if c.error is None and lowered <= c.ended <= left]
+        drained = [c for c in during if c.out["pod"] in removed and c.ended > scaled_down_at]
+        counters = release.counters()
         print(f"\nautoscaler scale-down under load: replicas went {counts}; {len(callers.snapshot())} calls, "
-              f"{len(during)} completed by the {few} remaining callers while 2 of the 3 worker Pods "
-              f"({sorted(high)}) were removed")
+              f"{len(during)} completed by the {few} remaining callers while 2 of the 3 worker Pods were removed, "
+              f"{len(drained)} of them finished by a removed Pod after the scale-down; broker counters {counters}")
         assert [c.error for c in callers.errors] == [], f"{len(callers.errors)} calls failed"
         assert callers.wrong == [], callers.wrong[:5]
         assert 3 in counts and counts[-1] == 1 and counts.index(3) < len(counts) - 1, counts
         assert during, "no call completed while the workers were scaled down"
+        assert counters["failed"] == 0 and counters["workers_lost"] == 0 and counters["retried"] == 0, counters
+        assert counters["done"] == len(callers.snapshot()) + 1, counters  # each call once, and the first one
