@@ -7,6 +7,8 @@
 - ``processes``: child_pids(), is_gone(pid)
 - ``helm``: helm(helm_bin, *args, tmp_path=...), values_file(tmp_path, values), CHART
 - ``fake_openai``: FakeOpenAI, FAKE_KEY, DEFAULT_CHUNKS
+- ``callers``: Callers(remote, count, check): threads calling a pool, every outcome recorded
+- ``relay``: Relay(target): a TCP relay that closes connections while nothing listens (as k8s:// does)
 
 Import the module you need (``from tests.support.waiting import wait_for``); this package
 imports nothing itself, so the cluster CLI (``python -m tests.cluster``) can use ``ports``
