@@ -478,7 +478,7 @@ def test_the_autoscaler_scaling_the_workers_down_under_load_fails_no_call(helm_b
             stop_watch.set()
             watcher.join(10)
         counts = [r for _, r in seen]
-        scaled_down_at = next(t for t, r in seen if r == 1 and t > lowered)
+        scaled_down_at = next((t for t, r in seen if r == 1 and t > lowered), left)
         removed = high - set(pods_left(core, ns, "worker"))
         during = [c for c in callers.snapshot() if c.error is None and lowered <= c.ended <= left]
         drained = [c for c in during if c.out["pod"] in removed and c.ended > scaled_down_at]
