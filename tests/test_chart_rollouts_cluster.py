@@ -66,16 +66,16 @@ PATIENCE = 120.0
 MORE_CALLS = 5
 
 
-def echo_after_a_nap():
-    """A task that sleeps 0.05-0.2 s and returns its input with the Pod that ran it. Nested, so it
-    travels by value (the worker image has no tests package)."""
+def echo_after_a_nap(shortest: float = 0.05, longest: float = 0.2):
+    """A task that sleeps 0.05-0.2 s (or as told) and returns its input with the Pod that ran it.
+    Nested, so it travels by value (the worker image has no tests package)."""
 
     def task(x):
         import os
         import random
         import time
 
-        time.sleep(random.uniform(0.05, 0.2))
+        time.sleep(random.uniform(shortest, longest))
         return {"x": x, "pod": os.environ.get("POD_NAME")}
 
     return task
@@ -153,8 +153,8 @@ class Release:
             pytest.skip("this wiring gives the host no tcp:// address of the broker")
         return self.wiring.host_address
 
-    def remote(self, path: str, retries: int) -> RunnableK8s:
-        return RunnableK8s(bound=RunnableLambda(echo_after_a_nap()), pool=self.address(path), keys=str(self.keys),
+    def remote(self, path: str, retries: int, nap: tuple[float, float] = (0.05, 0.2)) -> RunnableK8s:
+        return RunnableK8s(bound=RunnableLambda(echo_after_a_nap(*nap)), pool=self.address(path), keys=str(self.keys),
                            k8s_config=self.cp.kubeconfig, mode="warm", timeout=60, retries=retries,
                            connect_timeout=PATIENCE)
 
@@ -436,8 +436,10 @@ def replica_history(apps, ns: str, stop: threading.Event, seen: list[tuple[float
 def test_the_autoscaler_scaling_the_workers_down_under_load_fails_no_call(helm_bin, k8s_node, k8s_namespace,
                                                                           tmp_path, wiring):
     """autoscaling.enabled, 4 calls in flight per worker aimed for: 12 callers ask for 3 workers;
-    then 9 of them stop, and the 3 left keep calling while the autoscaler goes back to 1 worker
-    after its 5 s window. The workers it removes drain (retries=0: nothing is resubmitted)."""
+    then 2 callers of longer calls (0.5-1.5 s, so that a removed worker is likely to have one
+    running when it is told to stop) take over from them and keep calling while the autoscaler goes
+    back to 1 worker after its 5 s window. The workers it removes drain (retries=0: nothing is
+    resubmitted)."""
     cp = k8s_node.control_plane
     core, apps, ns = cp.core(), cp.apps(), k8s_namespace
     values = {
@@ -445,7 +447,7 @@ def test_the_autoscaler_scaling_the_workers_down_under_load_fails_no_call(helm_b
         "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetInFlightPerWorker": 4,
                         "targetTasksPerSlot": 1.0, "stabilizationWindowSeconds": 5, "scaleToZeroIdleSeconds": 600},
     }
-    many, few = 12, 3
+    many, few = 12, 2
     with installed(helm_bin, cp, ns, tmp_path, wiring, values) as release:
         wait_for(lambda: len(ready_pods(core, ns, "worker")) == 1, 90, "one Ready (registered) worker", interval=0.5)
         remote = release.remote("tcp" if wiring.host_address else "k8s", retries=0)
@@ -454,17 +456,20 @@ def test_the_autoscaler_scaling_the_workers_down_under_load_fails_no_call(helm_b
         stop_watch = threading.Event()
         watcher = threading.Thread(target=replica_history, args=(apps, ns, stop_watch, seen), daemon=True)
         watcher.start()
-        callers = Callers(remote, many, same_input)
-        callers.start()
+        busy = Callers(remote, many, same_input)
+        steady = Callers(release.remote("tcp" if wiring.host_address else "k8s", retries=0, nap=(0.5, 1.5)),
+                         few, same_input)
+        busy.start()
         try:
             t0 = time.monotonic()
             wait_for(lambda: len(ready_pods(core, ns, "worker")) == 3, 180, "three Ready workers under load",
                      interval=0.5)
             release.timings["load -> 3 Ready workers"] = time.monotonic() - t0
             high = set(pods_left(core, ns, "worker"))
-            callers.wait_until_each_completed(3, 60, since=time.monotonic())  # all three serve a while
+            busy.wait_until_each_completed(3, 60, since=time.monotonic())  # all three serve a while
             lowered = time.monotonic()
-            callers.stop(range(few, many))
+            steady.start()
+            busy.stop()
             wait_for(lambda: apps.read_namespaced_deployment_scale(WORKERS, ns).spec.replicas == 1, 120,
                      "the autoscaler to go back to 1 worker", interval=0.5)
             release.timings["load lowered -> replicas 1"] = time.monotonic() - lowered
@@ -472,23 +477,26 @@ def test_the_autoscaler_scaling_the_workers_down_under_load_fails_no_call(helm_b
                      interval=0.5)
             left = time.monotonic()
             release.timings["load lowered -> one worker Pod left"] = left - lowered
-            callers.wait_until_each_completed(MORE_CALLS, 60, since=left, callers=range(few))
+            steady.wait_until_each_completed(MORE_CALLS, 90, since=left)
         finally:
-            callers.stop()
+            busy.stop()
+            steady.stop()
             stop_watch.set()
             watcher.join(10)
         counts = [r for _, r in seen]
         scaled_down_at = next((t for t, r in seen if r == 1 and t > lowered), left)
         removed = high - set(pods_left(core, ns, "worker"))
-        during = [c for c in callers.snapshot() if c.error is None and lowered <= c.ended <= left]
+        calls = busy.snapshot() + steady.snapshot()
+        during = [c for c in steady.snapshot() if c.error is None and lowered <= c.ended <= left]
         drained = [c for c in during if c.out["pod"] in removed and c.ended > scaled_down_at]
         counters = release.counters()
-        print(f"\nautoscaler scale-down under load: replicas went {counts}; {len(callers.snapshot())} calls, "
+        print(f"\nautoscaler scale-down under load: replicas went {counts}; {len(calls)} calls, "
               f"{len(during)} completed by the {few} remaining callers while 2 of the 3 worker Pods were removed, "
               f"{len(drained)} of them finished by a removed Pod after the scale-down; broker counters {counters}")
-        assert [c.error for c in callers.errors] == [], f"{len(callers.errors)} calls failed"
-        assert callers.wrong == [], callers.wrong[:5]
+        errors = [c.error for c in calls if c.error is not None]
+        assert errors == [], f"{len(errors)} calls failed: {errors[:3]}"
+        assert busy.wrong == [] and steady.wrong == [], (busy.wrong[:5], steady.wrong[:5])
         assert 3 in counts and counts[-1] == 1 and counts.index(3) < len(counts) - 1, counts
         assert during, "no call completed while the workers were scaled down"
         assert counters["failed"] == 0 and counters["workers_lost"] == 0 and counters["retried"] == 0, counters
-        assert counters["done"] == len(callers.snapshot()) + 1, counters  # each call once, and the first one
+        assert counters["done"] == len(calls) + 1, counters  # each call once, and the first one
