@@ -16,10 +16,12 @@ Each asserts that no call failed and that every result is its own input (none lo
 for another), and prints its figures: recovery time after the broker Pod's deletion, calls served
 during the rollout, replicas during the scale-down.
 
-Wiring: the test cluster has no Services yet, so the broker and workers use hostNetwork and meet
-at tcp://127.0.0.1:PORT. That choice is made in one place, :func:`host_network_wiring` (the
-``wiring`` fixture); once the cluster has kube-proxy and CoreDNS, a ``service_wiring`` that leaves
-the chart's defaults (workers at the broker's Service name) can replace it.
+Wiring, chosen per test by the ``wiring`` fixture (``services`` unless a test asks otherwise): the
+chart's defaults, the workers reaching the broker by its Service name (the test cluster has
+kube-proxy and CoreDNS) and this host's client through ``k8s://``; or ``host-network``, the broker
+on a free port of the node that the workers and this host reach at tcp://127.0.0.1:PORT, which the
+autoscaler test needs (the test cluster's API server listens only on the host's loopback, so the
+``kubernetes`` Service has no endpoints for a broker in the Pod network).
 """
 
 from __future__ import annotations
@@ -119,9 +121,14 @@ def service_wiring() -> Wiring:
 
 
 @pytest.fixture
-def wiring(k8s_node) -> Wiring:
-    """The one place that decides the wiring (``service_wiring()`` once the test cluster has Services)."""
-    return host_network_wiring(k8s_node.control_plane.server)
+def wiring(request, k8s_node) -> Wiring:
+    """The one place that decides the wiring: ``services`` (the chart's defaults) unless a test
+    parametrizes it indirectly with ``host-network``."""
+    kind = getattr(request, "param", "services")
+    if kind == "host-network":
+        return host_network_wiring(k8s_node.control_plane.server)
+    assert kind == "services", kind
+    return service_wiring()
 
 
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -290,7 +297,9 @@ def broker_pod(core, ns: str) -> str:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("client_path", ["tcp", "k8s"])
+@pytest.mark.parametrize(("wiring", "client_path"),
+                         [("host-network", "tcp"), ("host-network", "k8s"), ("services", "k8s")],
+                         indirect=["wiring"])
 def test_deleting_the_broker_pod_under_load_fails_no_call(helm_bin, k8s_node, k8s_namespace, tmp_path, wiring,
                                                           client_path):
     """32 callers with retries=1 and a connect timeout longer than the broker's replacement; the
@@ -433,6 +442,7 @@ def replica_history(apps, ns: str, stop: threading.Event, seen: list[tuple[float
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("wiring", ["host-network"], indirect=True)
 def test_the_autoscaler_scaling_the_workers_down_under_load_fails_no_call(helm_bin, k8s_node, k8s_namespace,
                                                                           tmp_path, wiring):
     """autoscaling.enabled, 4 calls in flight per worker aimed for: 12 callers ask for 3 workers;
