@@ -65,9 +65,9 @@ LOCK_FILE = Path(os.environ.get("RUNNABLE_K8S_CLUSTER_LOCK") or f"{STATE_DIR}.lo
 NODE_NAME = "localhost"
 POD_CIDR = "10.234.0.0/24"      # pods' own addresses: exist only on the bridge below
 POD_GATEWAY = "10.234.0.1"      # the bridge's address in the host namespace
-SERVICE_CIDR = "10.235.0.0/24"  # Service ClusterIPs: kube-proxy DNATs them; the rest is blackholed
+SERVICE_CIDR = "10.235.0.0/24"  # Service ClusterIPs: kube-proxy DNATs them; the rest is unreachable
 # CoreDNS listens on the bridge's host address: Pods reach it on their own link, hostNetwork Pods
-# as a local address (a ClusterIP would not do for them: the Service range is blackholed on the host).
+# as a local address (a ClusterIP would not do for them: the Service range is unreachable on the host).
 CLUSTER_DNS = POD_GATEWAY
 CLUSTER_DOMAIN = "cluster.local"
 BRIDGE = "rk8s0"
@@ -472,10 +472,14 @@ def setup_host_network(state: dict) -> None:
     save_state(state)
     # kube-proxy DNATs packets to a Service's ClusterIP in PREROUTING (Pods) and OUTPUT (host),
     # before routing; what it did not DNAT (no such Service or port) must not follow the host's
-    # default route, so the whole range is blackholed while the cluster is up. (The host's own
-    # connect() to a ClusterIP fails at the route lookup, before OUTPUT: see README.)
-    if run(["ip", "route", "replace", "blackhole", SERVICE_CIDR], check=False).returncode == 0:
-        host["blackhole_route"] = SERVICE_CIDR
+    # default route, so the whole range is routed "unreachable" while the cluster is up: the
+    # kernel answers the sender at once (ICMP host unreachable to a Pod, EHOSTUNREACH to the host's
+    # own connect(), which fails at the route lookup, before OUTPUT: see README), as kube-proxy's
+    # REJECT does for a Service with no endpoints in a real cluster. A blackhole route dropped those
+    # packets silently: a worker reconnecting to the broker's Service while the new broker Pod was
+    # not Ready yet sat in SYN retransmits, and came back ~4 s after the broker did.
+    if run(["ip", "route", "replace", "unreachable", SERVICE_CIDR], check=False).returncode == 0:
+        host["service_route"] = SERVICE_CIDR
     # Pod addresses may talk to each other and to the bridge address on this host, never be
     # forwarded anywhere else (the bridge plugin turns on ip_forward for its gateway); after
     # kube-proxy's DNAT a Service's backend is a Pod, so the same two rules cover Service traffic.
@@ -544,8 +548,8 @@ def teardown_host_network(state: dict) -> list[str]:
             for c in new:
                 if run([cmd, "-w", "-t", table, "-X", c], check=False).returncode != 0:
                     problems.append(f"could not delete {cmd} {table} chain {c}")
-    if host.get("blackhole_route"):
-        run(["ip", "route", "del", "blackhole", host["blackhole_route"]], check=False)
+    if host.get("service_route"):
+        run(["ip", "route", "del", "unreachable", host["service_route"]], check=False)
     if Path(f"/sys/class/net/{BRIDGE}").exists():
         run(["ip", "link", "del", BRIDGE], check=False)
     for key, value in host.get("sysctls", {}).items():
@@ -733,14 +737,16 @@ def import_image(state: dict, layout: Path, name: str) -> None:
     p = subprocess.run(["ctr", "--address", state["containerd_sock"], "--namespace", "k8s.io",
                         "images", "import", "--no-unpack=false", "-"], stdin=tar.stdout,
                        capture_output=True, text=True)
-    tar.stdout.close()
+    if tar.stdout is not None:
+        tar.stdout.close()
     tar.wait()
     if p.returncode != 0:
         # older ctr has no --no-unpack flag form with a value; retry plainly
         tar = subprocess.Popen(["tar", "-C", str(layout), "-cf", "-", "."], stdout=subprocess.PIPE)
         p = subprocess.run(["ctr", "--address", state["containerd_sock"], "--namespace", "k8s.io",
                             "images", "import", "-"], stdin=tar.stdout, capture_output=True, text=True)
-        tar.stdout.close()
+        if tar.stdout is not None:
+            tar.stdout.close()
         tar.wait()
     if p.returncode != 0:
         raise ClusterError(f"ctr images import {name} failed: {p.stderr.strip()}")

@@ -531,6 +531,13 @@ try:
 except OSError as e:
     out["1.1.1.1"] = {"errno": e.errno, "message": repr(e)}
 out["1.1.1.1"]["seconds"] = round(time.monotonic() - t0, 3)
+t0 = time.monotonic()
+try:  # a ClusterIP no Service holds: kube-proxy has nothing to DNAT it to
+    socket.create_connection(("10.235.0.254", 80), timeout=20).close()
+    out["unused ClusterIP"] = {"connected": True}
+except OSError as e:
+    out["unused ClusterIP"] = {"errno": e.errno, "message": repr(e)}
+out["unused ClusterIP"]["seconds"] = round(time.monotonic() - t0, 3)
 print(json.dumps(out))
 """
 
@@ -538,13 +545,16 @@ print(json.dumps(out))
 def test_nothing_a_pod_asks_for_leaves_the_machine(k8s_node, k8s_namespace):
     """Any name outside cluster.local gets NXDOMAIN from CoreDNS at once (EAI_NONAME, not the
     EAI_AGAIN of a timeout: nothing was forwarded), and a public address has no route at all
-    (ENETUNREACH, not a connect timeout: no packet left the Pod)."""
+    (ENETUNREACH, not a connect timeout: no packet left the Pod); a ClusterIP kube-proxy has nothing
+    to DNAT to is refused by the host's unreachable route (EHOSTUNREACH, not a timeout: a client
+    retrying a Service whose Pod is being replaced tries again at once)."""
     core = k8s_node.control_plane.core()
     out = _run_probe(core, k8s_namespace, "offline", NOTHING_LEAVES_PROBE)
     print({k: v["seconds"] for k, v in out.items()})
     for name in ("example.com", "example.com.", "pypi.org"):
         assert out[name].get("gaierror") == socket.EAI_NONAME, out
     assert out["1.1.1.1"].get("errno") == errno.ENETUNREACH, out
+    assert out["unused ClusterIP"].get("errno") == errno.EHOSTUNREACH, out
 
 
 def _dns_query(server: str, name: str, qtype: int = 1, timeout: float = 5) -> tuple[int, list[str]]:
@@ -575,9 +585,9 @@ def _dns_query(server: str, name: str, qtype: int = 1, timeout: float = 5) -> tu
 def test_service_wiring_on_the_host_keeps_everything_local(k8s_node, k8s_namespace):
     """What kube-proxy and CoreDNS do to the host, read back from it: DNAT only into the pod range,
     masquerading only of Service traffic on its way to a Pod (out of the bridge), our DROP rules
-    ahead of kube-proxy's, the Service range still blackholed, a Corefile with no forwarding, and
+    ahead of kube-proxy's, the Service range still unreachable, a Corefile with no forwarding, and
     none of the sysctls kube-proxy could touch changed. The host reaches a NodePort on the bridge
-    address (its way into a Service: ClusterIPs are blackholed for it)."""
+    address (its way into a Service: ClusterIPs are unreachable for it)."""
     from . import cluster
     core = k8s_node.control_plane.core()
     svc = _echo_service(core, k8s_namespace, service_type="NodePort")
@@ -600,7 +610,7 @@ def test_service_wiring_on_the_host_keeps_everything_local(k8s_node, k8s_namespa
             time.sleep(0.2)
     with pytest.raises(OSError) as refused:
         socket.create_connection((cluster_ip, 80), timeout=5)
-    assert refused.value.errno == errno.EINVAL, refused.value  # the blackhole, at the route lookup
+    assert refused.value.errno == errno.EHOSTUNREACH, refused.value  # the unreachable route, at once
 
     # CoreDNS: cluster names from the API; any other name NXDOMAIN from CoreDNS itself.
     fqdn = f"echo.{k8s_namespace}.svc.cluster.local"
@@ -641,9 +651,10 @@ def test_service_wiring_on_the_host_keeps_everything_local(k8s_node, k8s_namespa
     first = fwd.splitlines()[1:3]
     assert all(cluster.POD_CIDR in line and line.endswith("-j DROP") for line in first), fwd
     assert "-j KUBE-FORWARD" in fwd, fwd
-    # The Service range stays blackholed: what kube-proxy did not DNAT dies here.
-    blackhole = subprocess.run(["ip", "route", "show", "type", "blackhole"], capture_output=True, text=True).stdout
-    assert cluster.SERVICE_CIDR in blackhole, blackhole
+    # The Service range stays unreachable: what kube-proxy did not DNAT is refused here, never routed on.
+    unreachable = subprocess.run(["ip", "route", "show", "type", "unreachable"], capture_output=True,
+                                 text=True).stdout
+    assert cluster.SERVICE_CIDR in unreachable, unreachable
     # kube-proxy left the conntrack limits and timeouts (and route_localnet) as they were.
     for key, before in state["host"]["sysctls"].items():
         if key.startswith(("net.netfilter.", "net.ipv4.conf.all.route_localnet")):
