@@ -43,10 +43,7 @@ from pool import RunnableK8s
 from pool.client.connection import Connection
 from pool.keys import create_key_directory
 from tests.support.callers import Callers
-from tests.support.helm import CHART, helm, values_file
-from tests.support.ports import free_port
-from tests.support.waiting import wait_for
-from tests.test_chart_cluster import (
+from tests.support.chart_release import (
     RELEASE,
     WORKERS,
     assert_nothing_left,
@@ -56,6 +53,9 @@ from tests.test_chart_cluster import (
     ready_pods,
     require_health_dir,
 )
+from tests.support.helm import CHART, helm, values_file
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 from worker.curve import load_peer_keys
 
 pytestmark = pytest.mark.cluster

@@ -18,8 +18,7 @@ import time
 import pytest
 
 from pool.keys import create_key_directory
-from tests.support.helm import CHART, helm, values_file
-from tests.test_chart_cluster import (
+from tests.support.chart_release import (
     RELEASE,
     WORKERS,
     assert_nothing_left,
@@ -28,6 +27,7 @@ from tests.test_chart_cluster import (
     ready_pods,
     require_health_dir,
 )
+from tests.support.helm import CHART, helm, values_file
 
 pytestmark = pytest.mark.cluster
 BROKER = f"{RELEASE}-worker-pool-broker"  # the chart's Service (and Deployment) name for RELEASE

@@ -8,6 +8,8 @@
 - ``helm``: helm(helm_bin, *args, tmp_path=...), values_file(tmp_path, values), CHART
 - ``fake_openai``: FakeOpenAI, FAKE_KEY, DEFAULT_CHUNKS
 - ``callers``: Callers(remote, count, check): threads calling a pool, every outcome recorded
+- ``chart_release``: RELEASE, WORKERS, ready_pods, pods_left, describe, create_key_secrets,
+  require_health_dir, assert_nothing_left: a release of the chart on the test cluster
 - ``relay``: Relay(target): a TCP relay that closes connections while nothing listens (as k8s:// does)
 
 Import the module you need (``from tests.support.waiting import wait_for``); this package
