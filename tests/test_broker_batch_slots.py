@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from pool.broker import events as E
-from tests.test_broker_core import CLIENT, RUNNABLE, Pool, new_id, sent, tasks_sent
+from tests.support.broker_core import CLIENT, RUNNABLE, Pool, new_id, sent, tasks_sent
 from worker import protocol as P
 from worker.codec import digest
 

@@ -6,7 +6,7 @@ may still be retried)."""
 from __future__ import annotations
 
 from pool.broker import events as E
-from tests.test_broker_core import CLIENT, RUNNABLE, Pool, new_id, sent
+from tests.support.broker_core import CLIENT, RUNNABLE, Pool, new_id, sent
 from worker import protocol as P
 from worker.codec import digest
 

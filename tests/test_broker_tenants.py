@@ -8,7 +8,7 @@ processes are in tests/test_tenants_live.py.
 from __future__ import annotations
 
 from pool.broker import events as E
-from tests.test_broker_core import CLIENT, ENV, Pool, errors_sent, new_id, sent, tasks_sent
+from tests.support.broker_core import CLIENT, ENV, Pool, errors_sent, new_id, sent, tasks_sent
 from worker import protocol as P
 
 FLOODER = b"flooder"

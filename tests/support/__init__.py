@@ -10,6 +10,7 @@
 - ``callers``: Callers(remote, count, check): threads calling a pool, every outcome recorded
 - ``chart_release``: RELEASE, WORKERS, ready_pods, pods_left, describe, create_key_secrets,
   require_health_dir, assert_nothing_left: a release of the chart on the test cluster
+- ``broker_core``: Pool (BrokerCore driven event by event), sent, tasks_sent, errors_sent, task_frames, new_id
 - ``relay``: Relay(target): a TCP relay that closes connections while nothing listens (as k8s:// does)
 
 Import the module you need (``from tests.support.waiting import wait_for``); this package
