@@ -21,7 +21,7 @@ BASE_PKGS="python3,python3-venv,python3-pip,python-is-python3,ca-certificates"
 BASE_IMAGE="localhost/rk8s-python:3.11-slim"
 IMAGE="localhost/runnable-k8s-worker:latest"
 NAME="docker.io/library/runnable-k8s-worker:latest"
-# A new path while the engine-free image (worker.oci) is still imported by other branches.
+# A name of its own: a cache from before the Dockerfile build holds an engine-free worker.oci.
 OUT="$IMG/worker-dockerfile.oci"
 EXTRAS="${RUNNABLE_K8S_IMAGE_EXTRAS:-openai}"
 BH="$CACHE/buildah"
