@@ -36,17 +36,24 @@ def _positive(value: object) -> bool:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench")
     json_path, png_path = out / "bench.json", out / "bench.png"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pool", "bench", "--modes", "warm,ephemeral", "--launcher", "local", *TINY,
-         "--json", str(json_path), "--plot", str(png_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
-    )
+    try:
+        # Alone it takes about a minute; beside the rest of the suite on 2 loaded cores, CI once
+        # saw more than 240 s. On a timeout, the bench's last progress lines say where it was.
+        proc = subprocess.run(
+            [sys.executable, "-m", "pool", "bench", "--modes", "warm,ephemeral", "--launcher", "local", *TINY,
+             "--json", str(json_path), "--plot", str(png_path)],
+            cwd=REPO, capture_output=True, text=True, timeout=420,
+        )
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        pytest.fail(f"the tiny bench did not finish in {exc.timeout:g} s; its last output:\n"
+                    + stderr.replace("\r", "\n")[-3000:], pytrace=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"stdout": proc.stdout, "stderr": proc.stderr, "json": json.loads(json_path.read_text()),
             "png": png_path}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_json_has_every_documented_figure(tiny_run: dict) -> None:
     results = tiny_run["json"]
     assert set(results) >= {"modes", "floor", "environment", "in_process", "scaling", "ratios", "goals", "settings"}
@@ -83,7 +90,7 @@ def test_json_has_every_documented_figure(tiny_run: dict) -> None:
     assert env["cpus"] and env["python"] and env["langchain_core"]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_table_png_and_progress(tiny_run: dict) -> None:
     out = tiny_run["stdout"]
     for text in ("p50 ms", "in-process", "bare pyzmq floor", "warm", "ephemeral (a process per call)",
@@ -94,7 +101,7 @@ def test_table_png_and_progress(tiny_run: dict) -> None:
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 20_000
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(480)
 def test_replot_redraws_table_and_png_from_the_json(tiny_run: dict, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from pool.cli import main
