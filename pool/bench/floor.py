@@ -29,21 +29,29 @@ def run_broker(endpoint: str) -> None:
     print("READY", frontend.getsockopt_string(zmq.LAST_ENDPOINT), backend.getsockopt_string(zmq.LAST_ENDPOINT),
           flush=True)
     free: deque[bytes] = deque()  # one entry per free worker slot
+    workers: set[bytes] = set()  # peers that said READY on the backend
     waiting: deque[list[bytes]] = deque()
     poller = zmq.Poller()
     poller.register(frontend, zmq.POLLIN)
     poller.register(backend, zmq.POLLIN)
+    # Both ports are on 127.0.0.1:*, so a stray peer (a client elsewhere still reconnecting to a
+    # port this run happened to get) may connect: anything that is not a READY, a reply of a worker
+    # that said READY, or a three-frame task is dropped. CI once saw a stray's HELLO taken for a
+    # reply: the stray became a "free slot", got a task and never answered, and the bench hung.
     while True:
         events = dict(poller.poll())
         if backend in events:
             worker, *rest = backend.recv_multipart()
-            if rest[0] == b"READY":
+            if len(rest) == 2 and rest[0] == b"READY" and rest[1].isdigit():
+                workers.add(worker)
                 free.extend([worker] * int(rest[1]))
-            else:  # [client, task id, result]
+            elif worker in workers and len(rest) == 3:  # [client, task id, result]
                 free.append(worker)
                 frontend.send_multipart(rest)
         if frontend in events:
-            waiting.append(frontend.recv_multipart())  # [client, task id, payload]
+            task = frontend.recv_multipart()  # [client, task id, payload]
+            if len(task) == 3:
+                waiting.append(task)
         while waiting and free:
             backend.send_multipart([free.popleft(), *waiting.popleft()])
 
@@ -55,9 +63,16 @@ def run_worker(address: str, slots: int) -> None:
     sock.connect(address)
     sock.send_multipart([b"READY", str(slots).encode()])
     while True:
-        client, task_id, payload = sock.recv_multipart()
-        function, value = cloudpickle.loads(payload)
-        sock.send_multipart([client, task_id, cloudpickle.dumps(function(value))])
+        frames = sock.recv_multipart()
+        if len(frames) != 3:
+            continue
+        client, task_id, payload = frames
+        try:
+            function, value = cloudpickle.loads(payload)
+            reply = cloudpickle.dumps(function(value))
+        except Exception:  # noqa: BLE001 - a malformed task still gets an answer, so its slot is freed
+            reply = b""
+        sock.send_multipart([client, task_id, reply])
 
 
 if __name__ == "__main__":

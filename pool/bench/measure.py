@@ -62,11 +62,13 @@ class BareFloor:
                                   stdout=subprocess.PIPE)
         self.procs.append(broker)
         _, front, back = _read_line(broker, 20).split()
+        self.frontend, self.backend = front, back
         for _ in range(workers):
             self.procs.append(subprocess.Popen([sys.executable, "-m", "pool.bench.floor", "worker", back, str(slots)]))
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.linger = 0
+        self.sock.rcvtimeo = 60_000  # a lost reply fails the bench instead of hanging it
         self.sock.connect(front)
         # Plain pickle: the function by reference, as a worker that has it imported would see it
         # (cloudpickle would carry it by value: its module is registered for that).
