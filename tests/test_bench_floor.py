@@ -6,10 +6,19 @@ bench hung for four minutes."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 import zmq
 
 from pool.bench.measure import BareFloor
+from tests.support.paths import REPO
+from tests.support.processes import is_gone
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -57,3 +66,28 @@ def test_malformed_tasks_on_the_client_port_are_dropped_or_answered_and_the_floo
         assert floor.throughput(40, 4) > 0
     finally:
         context.destroy(0)
+
+
+@pytest.mark.timeout(60)
+def test_the_floor_leaves_when_the_bench_that_started_it_is_killed(tmp_path):
+    # A bench that starts a floor and dies without closing it (os._exit skips every cleanup), as a
+    # bench killed by a timeout does: CI once found its floor broker and workers still running.
+    # The pids go through a file: the floor inherits the parent's stdout, so a pipe would stay open.
+    pids_file = tmp_path / "pids.json"
+    script = ("import json, os, sys\n"
+              "from pool.bench.measure import BareFloor\n"
+              "floor = BareFloor(2, slots=1)\n"
+              "open(sys.argv[1], 'w').write(json.dumps([p.pid for p in floor.procs]))\n"
+              "os._exit(0)\n")
+    parent = subprocess.run([sys.executable, "-c", script, str(pids_file)], cwd=REPO, timeout=40,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert parent.returncode == 0
+    orphans = json.loads(pids_file.read_text())
+    assert len(orphans) == 3
+    try:
+        wait_for(lambda: all(is_gone(pid) for pid in orphans), 15, "the floor's processes to leave")
+    finally:
+        for pid in orphans:
+            if not is_gone(pid):
+                os.kill(pid, signal.SIGKILL)

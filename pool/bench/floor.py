@@ -11,7 +11,10 @@ as a ratio of this one.
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import time
 from collections import deque
 
 import cloudpickle
@@ -75,7 +78,21 @@ def run_worker(address: str, slots: int) -> None:
         sock.send_multipart([client, task_id, reply])
 
 
+def exit_with_parent() -> None:
+    """Leave when the process that started this one is gone: a bench killed mid-run (a timeout,
+    SIGKILL) must not leave its floor broker and workers behind."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 if __name__ == "__main__":
+    exit_with_parent()
     if sys.argv[1] == "broker":
         run_broker(sys.argv[2])
     else:
