@@ -116,7 +116,7 @@ class BrokerForward:
             log.info("port-forwarding to the broker of %s/%s again, Pod %s", self.namespace, self.release, pod)
         log.info("port-forwarding 127.0.0.1 -> %s/%s:%d", self.namespace, pod, port)
         try:
-            _pump(local, remote)
+            pump(local, remote)
         finally:
             for end in (local, remote):
                 try:
@@ -130,7 +130,9 @@ class BrokerForward:
         self._listener.close()
 
 
-def _pump(a: Any, b: Any) -> None:
+def pump(a: Any, b: Any) -> None:
+    """Carry bytes both ways between two sockets until either side closes or fails (a failed send
+    ends the connection like a failed receive, instead of escaping the forwarding thread)."""
     while True:
         readable, _, _ = select.select([a, b], [], [], 1.0)
         for source in readable:
@@ -140,7 +142,10 @@ def _pump(a: Any, b: Any) -> None:
                 return
             if not data:
                 return
-            (b if source is a else a).sendall(data)
+            try:
+                (b if source is a else a).sendall(data)
+            except OSError:
+                return
 
 
 def _zmq_port(pod: Any) -> int:

@@ -13,10 +13,10 @@ so that the fast suite can lose a broker behind a relay.
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
-from typing import Any
+
+from pool.k8s.portforward import pump
 
 
 class Relay:
@@ -70,23 +70,7 @@ class Relay:
             return
         remote.settimeout(None)
         try:
-            _pump(local, remote)
+            pump(local, remote)
         finally:
             local.close()
             remote.close()
-
-
-def _pump(a: Any, b: Any) -> None:
-    while True:
-        readable, _, _ = select.select([a, b], [], [], 1.0)
-        for source in readable:
-            try:
-                data = source.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            try:
-                (b if source is a else a).sendall(data)
-            except OSError:
-                return
