@@ -294,20 +294,16 @@ def test_a_stream_that_yielded_chunks_fails_and_one_that_had_not_is_resubmitted(
     assert got["waiting"] == ["a", "b", "c"]
 
 
-@pytest.mark.timeout(60)
-def test_when_no_broker_comes_back_calls_in_flight_fail_within_the_connect_timeout(pool):
-    connect_timeout = 1.5
-    Connection.close_all(pool.address)  # the next connection is made with this connect timeout
-    remote = RunnableK8s(bound=RunnableLambda(_slow_double), pool=pool.address, mode="warm", retries=1,
-                         timeout=30, connect_timeout=connect_timeout)
-    assert remote.invoke(1) == 2
+def _call_while_the_broker_dies(remote: RunnableK8s, pool: Any, connect_timeout: float) -> dict[str, Any]:
+    """One call, in a thread, whose broker is killed halfway through and never comes back: its
+    value or error, and how long it took."""
     outcome: dict[str, Any] = {}
 
     def call() -> None:
         begun = time.monotonic()
         try:
             outcome["value"] = remote.invoke(21)
-        except Exception as exc:  # noqa: BLE001 - checked below
+        except Exception as exc:  # noqa: BLE001 - checked by the caller
             outcome["error"] = exc
         outcome["seconds"] = time.monotonic() - begun
 
@@ -317,6 +313,17 @@ def test_when_no_broker_comes_back_calls_in_flight_fail_within_the_connect_timeo
     pool.kill_broker()
     thread.join(connect_timeout + 20)  # a guard against a hang, not a speed check
     assert not thread.is_alive(), "the call hung with no broker"
+    return outcome
+
+
+@pytest.mark.timeout(60)
+def test_when_no_broker_comes_back_calls_in_flight_fail_within_the_connect_timeout(pool):
+    connect_timeout = 1.5
+    Connection.close_all(pool.address)  # the next connection is made with this connect timeout
+    remote = RunnableK8s(bound=RunnableLambda(_slow_double), pool=pool.address, mode="warm", retries=1,
+                         timeout=30, connect_timeout=connect_timeout)
+    assert remote.invoke(1) == 2
+    outcome = _call_while_the_broker_dies(remote, pool, connect_timeout)
     error = outcome.get("error")
     assert isinstance(error, PoolUnavailable), repr(outcome)
     message = str(error)
@@ -332,20 +339,7 @@ def test_behind_a_relay_with_no_broker_calls_in_flight_fail_within_the_connect_t
                              timeout=30, connect_timeout=connect_timeout)
         try:
             assert remote.invoke(1) == 2
-            outcome: dict[str, Any] = {}
-
-            def call() -> None:
-                try:
-                    outcome["value"] = remote.invoke(21)
-                except Exception as exc:  # noqa: BLE001 - checked below
-                    outcome["error"] = exc
-
-            thread = threading.Thread(target=call, daemon=True)
-            thread.start()
-            time.sleep(CALL_SECONDS / 2)
-            pool.kill_broker()
-            thread.join(connect_timeout + 20)  # a guard against a hang, not a speed check
-            assert not thread.is_alive(), "the call hung with no broker"
+            outcome = _call_while_the_broker_dies(remote, pool, connect_timeout)
         finally:
             Connection.close_all(relay.address)
     error = outcome.get("error")
