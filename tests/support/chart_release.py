@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pool.keys import key_secret_manifests
+from tests.support.helm import helm
 from tests.support.waiting import wait_for
 
 RELEASE = "pool"
@@ -97,3 +98,13 @@ def assert_nothing_left(cp, ns: str) -> None:
         "helm release secrets": core.list_namespaced_secret(ns, label_selector=f"owner=helm,name={RELEASE}").items,
     }
     assert not any(left.values()), {k: [o.metadata.name for o in v] for k, v in left.items() if v}
+
+
+def helm_test_passes(helm_bin: str, core, namespace: str, tmp_path: Path, kubeconfig: str) -> str:
+    """`helm test` of the release (its hook Pod makes a real call through the pool), asserted to
+    pass; its output."""
+    test = helm(helm_bin, "test", RELEASE, "-n", namespace, "--timeout", "120s", tmp_path=tmp_path,
+                kubeconfig=kubeconfig, timeout=150)
+    assert test.returncode == 0, test.stdout + test.stderr + describe(core, namespace)
+    assert "Phase:          Succeeded" in test.stdout, test.stdout
+    return test.stdout
