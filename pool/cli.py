@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow-list: public keys that may register as workers (default: the workers/ "
                              "folder of --keys)")
     broker.add_argument("--insecure", action="store_true",
-                        help="allow a non-loopback bind without keys (only on a private network)")
+                        help="listen on tcp without keys, 127.0.0.1 included (every user who can reach the port may "
+                             "then run code on the workers or pose as one); ipc:// needs no keys")
     broker.add_argument("--max-message-bytes", type=int, default=defaults.MAX_MESSAGE_BYTES, metavar="N",
                         help="largest task or result in bytes; clients learn it at HELLO (default %(default)s)")
     broker.add_argument("--queue-size", type=int, default=defaults.QUEUE_SIZE, metavar="N",

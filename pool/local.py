@@ -238,6 +238,7 @@ class LocalPool:
             "--bind", self._bind_endpoint(),
             "--announce", "--exit-with-parent", str(os.getpid()), "--log-level", self.log_level,
             *(["--keys", self._broker_keys_dir] if self._broker_keys_dir else []),
+            *(["--insecure"] if self.transport == "plaintext" else []),
             # The broker removes the private folder itself when it stops, so a parent that dies
             # without close() (its children follow it, see --exit-with-parent) leaves nothing behind.
             *(["--remove-on-exit", self._temp_dir] if self._temp_dir else []),

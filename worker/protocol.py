@@ -81,7 +81,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 PROTOCOL = b"RK8S/%d" % PROTOCOL_VERSION
 PROTOCOL_FAMILY = b"RK8S/"
 
@@ -138,6 +138,14 @@ E_NEED_RUNNABLE = b"need-runnable"  # "send this task again with the runnable's 
 E_REQUEUE = b"requeue"  # worker is draining: give this task to another worker
 E_HELLO_REQUIRED = b"hello-required"  # broker does not know this client (it restarted)
 E_CANCELLED = b"cancelled"  # worker's answer to CANCEL: the client stopped waiting for it
+# "This client key's allowance (tasks or bytes held in the broker) is full right now": the task was
+# not taken, and the client sends it again once one of its own tasks has finished (backpressure,
+# not a failure). A task that could never fit is refused with E_QUEUE_FULL instead.
+E_BUSY = b"busy"
+
+# A HELLO's or READY's body (a small JSON environment) is at most this many bytes; a longer one is
+# malformed and is never parsed.
+MAX_HELLO_BYTES = 4096
 
 
 # Task kinds; a batch carries ``items`` inputs (at most MAX_ITEMS: the index of an item is a

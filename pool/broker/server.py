@@ -59,12 +59,13 @@ class Broker:
         client_queue_bytes: int = defaults.CLIENT_QUEUE_BYTES,
         max_unread_bytes: int = defaults.MAX_UNREAD_BYTES,
     ) -> None:
-        if keys is None and not insecure and not is_loopback_endpoint(bind):
+        if keys is None and not insecure and not bind.startswith(("ipc://", "inproc://")):
+            where = "every user of this machine" if is_loopback_endpoint(bind) else "anyone who can reach this port"
             raise BrokerConfigError(
-                f"refusing to listen on {bind} without CurveZMQ keys: anyone who can reach this "
-                "port could run arbitrary code on the workers. Create keys with `runnable-k8s keys "
-                "DIR` and pass --keys DIR, bind to 127.0.0.1, or pass --insecure if the network is "
-                "already private."
+                f"refusing to listen on {bind} without CurveZMQ keys: {where} could run arbitrary "
+                "code on the workers or pose as one. Create keys with `runnable-k8s keys DIR` and "
+                "pass --keys DIR, listen on an ipc:// socket in a folder only you can enter, or "
+                "pass --insecure if every user who can reach the port may use the pool."
             )
         self.requested_bind = bind
         self.keys = keys
