@@ -34,6 +34,22 @@ connection is re-establishing waits for the broker the same way (it has not been
 This is at-least-once for calls with retries, as the broker's own retry after a lost worker already
 is: a task that a worker finished but whose RESULT was lost with the broker runs again; and its
 first run may still be going on a worker when the second starts.
+
+Backpressure. The broker holds at most an allowance of task input per client key (its
+``--client-queue-bytes``). A task that does not fit it *now* is answered ``E_BUSY``: it was not
+taken, so it is kept here and sent again (same wire id) once one of this connection's own tasks
+has finished, or, with none in flight, after a short back-off that grows up to
+``BUSY_BACKOFF_MAX``. When WELCOME names the allowance, sends are also windowed by it (the bytes of
+this connection's tasks in the broker), so that busy round trips are rare and a large input is not
+sent only to be dropped. A task waiting here is *waiting*: its caller's timeout and cancellation
+drop it locally, the broker never heard of it. Waiting tasks go out oldest first. ``E_BUSY`` never
+reaches a caller; ``E_QUEUE_FULL`` (a task that can never fit, or a client past a limit) does, as
+``PoolOverloaded``.
+
+Another release. A broker of another protocol version answers in its own version (an
+``incompatible`` ERROR whose first frame is, say, ``RK8S/1``): every call then fails with
+``IncompatibleWorker`` naming both versions and what to upgrade, instead of waiting for a WELCOME
+that will never come.
 """
 
 from __future__ import annotations
@@ -41,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import heapq
 import itertools
 import logging
 import os
@@ -53,7 +70,7 @@ from typing import Any, ClassVar
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pool.errors import AuthenticationFailed, PayloadTooLarge, PoolUnavailable, RunnableK8sError
+from pool.errors import AuthenticationFailed, IncompatibleWorker, PayloadTooLarge, PoolUnavailable, RunnableK8sError
 from worker import defaults, transport
 from worker import protocol as P
 from worker.curve import PeerKeys
@@ -61,6 +78,12 @@ from worker.curve import PeerKeys
 log = logging.getLogger("runnable_k8s.client")
 
 DEFAULT_CONNECT_TIMEOUT = defaults.CONNECT_TIMEOUT
+# A task the broker answered E_BUSY while none of this connection's tasks is in flight (so no
+# finish will make room) is sent again after this back-off, doubled each time up to the max.
+BUSY_BACKOFF_MIN = 0.05
+BUSY_BACKOFF_MAX = 1.0
+# Names WELCOME may give this client key's byte allowance under (the broker's --client-queue-bytes).
+ALLOWANCE_BYTES_KEYS = ("client_queue_bytes", "client_allowance_bytes")
 
 
 @dataclass(slots=True)
@@ -181,7 +204,11 @@ class Submission:
     item) reached the caller, so it must not run again whole. ``hold_until``: while set, the task
     waits for a broker to say WELCOME and fails at that time (monotonic) if none does; ``held_why``
     says what happened to the broker it was in flight on. ``patience``: how long the caller waits
-    for a broker when the task is held (its ``connect_timeout``; None: the connection's)."""
+    for a broker when the task is held (its ``connect_timeout``; None: the connection's).
+    ``sent_at``: when the header's relative ``timeout`` was last true (it is cut to what is left
+    when the task goes out later). ``waiting``: kept here for the client key's allowance (not in
+    the broker), ``busy_why`` the broker's word on why; ``counted``: its bytes in the window while
+    it is on its way to or in the broker."""
 
     task_id: bytes
     header: bytes
@@ -196,6 +223,15 @@ class Submission:
     hold_until: float | None = None
     held_why: str = ""
     patience: float | None = None
+    waiting: bool = False
+    busy_why: str = ""
+    counted: int = 0
+    seq: int = 0  # the order it came in: waiting tasks go out oldest first
+    with_runnable: bool = False  # send the runnable's bytes with it next time (a new broker)
+
+    def wire_size(self) -> int:
+        """What the broker counts against the client's allowance: header and input."""
+        return len(self.header) + len(self.input)
 
 
 _MONITORED = (
@@ -275,6 +311,16 @@ class Connection:
         self._hold_deadline: float | None = None  # the soonest hold_until of a held task
         self._status_waiters: collections.deque[ThreadSink] = collections.deque()
         self._sent_digests: set[str] = set()
+        # Backpressure: tasks waiting for the allowance (a heap by seq; a task dropped meanwhile
+        # stays in it with waiting False and is skipped), and what is counted as in the broker.
+        self._waiting: list[tuple[int, Submission]] = []
+        self._waiting_count = 0
+        self._window_bytes = 0
+        self._window_tasks = 0
+        self._seq = itertools.count()
+        self._retry_at: float | None = None
+        self._backoff = BUSY_BACKOFF_MIN
+        self._incompatible_logged = False
         self._last_seen = time.monotonic()
         self._context = zmq.Context()
         self._sock, self._monitor = self._new_socket()
@@ -323,6 +369,15 @@ class Connection:
                 "--max-message-bytes."
             )
 
+    def client_allowance(self) -> int | None:
+        """The bytes of task input the broker holds at most for this client key, when its WELCOME
+        says (None: unknown, an older broker)."""
+        for key in ALLOWANCE_BYTES_KEYS:
+            value = _count(self.broker_info.get(key))
+            if value:
+                return value
+        return None
+
     def new_task_id(self) -> bytes:
         return self._id_prefix + next(self._ids).to_bytes(8, "big")
 
@@ -330,27 +385,52 @@ class Connection:
         with self._lock:
             if self.closed or (self._failure is not None and not self._ready.is_set()):
                 why = f"the connection to {self.address} is closed" if self.closed else str(self._failure)
-                submission.sink.deliver(Event(submission.task_id, "error", code=P.E_POOL_UNAVAILABLE,
-                                              message=why))
+                code = P.E_POOL_UNAVAILABLE if self.closed else _failure_code(self._failure)
+                submission.sink.deliver(Event(submission.task_id, "error", code=code, message=why))
                 return
             submission.wire_id = submission.wire_id or submission.task_id
+            submission.sent_at = time.monotonic()
+            submission.seq = next(self._seq)
             self._pending[submission.wire_id] = submission
             if not self._ready.is_set():  # the broker is being reached again: wait for it, unsent
                 self._hold(submission, time.monotonic(), "")
                 self._wake_io_thread()  # it watches the hold's deadline
                 return
-            self._send_submission(submission)
+            self._offer(submission)
             self._receive()
 
     def cancel(self, task_id: bytes) -> None:
+        """Stop a task: the broker is told only if it has the task (one held for a broker, or
+        waiting for the allowance, is simply forgotten here)."""
         with self._lock:
             if self.closed:
                 return
             wire_id = self._wire_ids.pop(task_id, task_id)
-            submission = self._pending.pop(wire_id, None)
-            if submission is not None and submission.hold_until is None:
+            submission = self._pending.get(wire_id)
+            if submission is None:
+                return
+            in_broker = submission.hold_until is None and not submission.waiting
+            freed = self._drop(wire_id, submission)
+            if in_broker:
                 self._send([P.PROTOCOL, P.CANCEL, wire_id])
+                self._made_room(freed)
                 self._receive()
+
+    def waiting_for_allowance(self, task_id: bytes) -> str | None:
+        """Why the task waits here for the broker's allowance (the broker's own words when it
+        answered busy), or None when it is not waiting."""
+        with self._lock:
+            submission = self._pending.get(self._wire_ids.get(task_id, task_id))
+            if submission is None or not submission.waiting:
+                return None
+            return submission.busy_why or "this client's tasks fill its allowance in the broker"
+
+    def allowance_advice(self) -> str:
+        """How a user gives this client more room in the broker (for messages)."""
+        limit = self.client_allowance()
+        now = f" (now {limit} bytes)" if limit is not None else ""
+        return (f"raise the broker's --client-queue-bytes{now} or --client-queue-size (the chart's broker "
+                "settings), send fewer or smaller calls at once (max_concurrency), or raise timeout= on RunnableK8s")
 
     def status(self, timeout: float = 5.0, connect_timeout: float | None = None) -> dict[str, Any]:
         self.ensure_ready(connect_timeout)
@@ -411,10 +491,96 @@ class Connection:
         first_time = submission.digest not in self._sent_digests
         blob = submission.runnable if (first_time or with_runnable) else b""
         self._sent_digests.add(submission.digest)
-        if not submission.sent:
-            submission.sent = True
-            submission.sent_at = time.monotonic()
+        submission.sent = True
         self._send([P.PROTOCOL, P.SUBMIT, submission.wire_id, submission.header, blob, submission.input])
+
+    # ------------------------------------------------------------------ the allowance (under _lock)
+
+    def _offer(self, submission: Submission) -> None:
+        """Send a task now if the allowance has room and none waits before it; else it waits."""
+        if not self._waiting_count and self._fits(submission.wire_size(), None):
+            self._send_counted(submission)
+            return
+        self._wait(submission)
+        if not self._window_tasks and self._retry_at is None:  # nothing will make room: go now
+            self._pump()
+
+    def _fits(self, size: int, credit: int | None) -> bool:
+        """Whether a task of ``size`` may go: always when nothing is in flight (the broker then
+        takes it, or says it can never fit); else within the allowance WELCOME named, or, not
+        knowing it, while ``credit`` (bytes just freed) lasts (None: no busy answer seen)."""
+        if not self._window_tasks:
+            return True
+        limit = self.client_allowance()
+        if limit is not None:
+            return self._window_bytes + size <= limit
+        return credit is None or credit > 0
+
+    def _wait(self, submission: Submission) -> None:
+        submission.waiting = True
+        self._waiting_count += 1
+        heapq.heappush(self._waiting, (submission.seq, submission))  # seq is unique: never compares tasks
+
+    def _pump(self, freed: int = 0) -> None:
+        """Send the oldest waiting tasks while the window has room (after a finish freed
+        ``freed`` bytes, or the back-off passed)."""
+        credit = freed
+        waiting = self._waiting
+        while waiting:
+            submission = waiting[0][1]
+            if not submission.waiting:  # cancelled or failed meanwhile
+                heapq.heappop(waiting)
+                continue
+            size = submission.wire_size()
+            if not self._fits(size, credit):
+                break
+            heapq.heappop(waiting)
+            submission.waiting = False
+            self._waiting_count -= 1
+            credit -= size
+            self._send_counted(submission)
+        if self._window_tasks or not self._waiting_count:
+            self._retry_at = None
+
+    def _send_counted(self, submission: Submission) -> None:
+        """Send a task, its relative timeout cut to what is left, and count it in the window."""
+        now = time.monotonic()
+        if now - submission.sent_at > 0.01:
+            header = P.TaskHeader.from_bytes(submission.header)
+            if header.timeout is not None:
+                header.timeout = max(0.001, header.timeout - (now - submission.sent_at))
+                submission.header = header.to_bytes()
+            submission.sent_at = now
+        submission.counted = submission.wire_size()
+        self._window_bytes += submission.counted
+        self._window_tasks += 1
+        self._send_submission(submission, with_runnable=submission.with_runnable)
+        submission.with_runnable = False
+
+    def _uncount(self, submission: Submission) -> int:
+        freed = submission.counted
+        if freed:
+            self._window_bytes -= freed
+            self._window_tasks -= 1
+            submission.counted = 0
+        return freed
+
+    def _made_room(self, freed: int) -> None:
+        """One of this connection's tasks left the broker: the waiting ones may go."""
+        if freed:
+            self._backoff = BUSY_BACKOFF_MIN
+        if self._waiting_count and self._ready.is_set():
+            self._pump(freed)
+
+    def _busy(self, submission: Submission, why: str) -> None:
+        """The broker did not take the task (the allowance is full now): keep it for later."""
+        self._uncount(submission)
+        submission.busy_why = why
+        self._wait(submission)
+        if not self._window_tasks and self._retry_at is None:
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, BUSY_BACKOFF_MAX)
+            self._wake_io_thread()  # it sleeps until the retry
 
     def _send(self, frames: list[bytes]) -> None:
         try:
@@ -433,7 +599,10 @@ class Connection:
                 return
             self._last_seen = time.monotonic()
             if len(frames) < 2 or frames[0] != P.PROTOCOL:
-                log.warning("ignored a malformed message from the broker")
+                if frames[0] != P.PROTOCOL and frames[0].startswith(P.PROTOCOL_FAMILY):
+                    self._on_foreign_protocol(frames)
+                else:
+                    log.warning("ignored a malformed message from the broker")
                 continue
             try:
                 self._on_message(frames[1], frames[2:])
@@ -458,9 +627,9 @@ class Connection:
         try:
             while True:
                 wake_at = next_beat
-                hold_deadline = self._hold_deadline
-                if hold_deadline is not None and hold_deadline < wake_at:
-                    wake_at = hold_deadline
+                for deadline in (self._hold_deadline, self._retry_at):
+                    if deadline is not None and deadline < wake_at:
+                        wake_at = deadline
                 events = dict(poller.poll(max(0, int((wake_at - time.monotonic()) * 1000)) + 1))
                 if self._wake_in in events:
                     while True:
@@ -479,6 +648,10 @@ class Connection:
                     now = time.monotonic()
                     if self._hold_deadline is not None and now >= self._hold_deadline:
                         self._expire_held(now)
+                    if self._retry_at is not None and now >= self._retry_at:
+                        self._retry_at = None
+                        if self._ready.is_set():
+                            self._pump()
                     if now >= next_beat:
                         next_beat = now + P.HEARTBEAT_INTERVAL
                         if self._ready.is_set():
@@ -544,9 +717,18 @@ class Connection:
         self._sent_digests.clear()
         now = time.monotonic()
         held = failed = 0
+        self._waiting.clear()
+        self._waiting_count = self._window_bytes = self._window_tasks = 0
+        self._retry_at = None
         for wire_id, submission in list(self._pending.items()):
+            submission.counted = 0  # the window starts empty with the next broker
             if submission.hold_until is not None:
                 continue  # already waiting for a broker
+            if submission.waiting:  # never taken by the broker: it waits for the next one as it is
+                submission.waiting = False
+                self._hold(submission, now, "")
+                held += 1
+                continue
             refusal = self._resubmittable(submission, why, now)
             if refusal is None:
                 held += 1
@@ -616,49 +798,53 @@ class Connection:
                 "no longer accepts this client's CurveZMQ keys)")
 
     def _resubmit_held(self) -> None:
-        """A broker said WELCOME: send it every held task, with its runnable (it may be a new
-        broker, with no runnable store) and, if the task was sent before, a new wire id."""
+        """A broker said WELCOME: offer it every held task (oldest first, within the allowance),
+        with its runnable (it may be a new broker, with no runnable store) and, if the task was
+        sent before, a new wire id; its timeout is cut to what is left when it goes."""
         self._hold_deadline = None
-        for wire_id, submission in list(self._pending.items()):
-            if submission.hold_until is None:
-                continue
+        held = sorted((s for s in self._pending.values() if s.hold_until is not None), key=lambda s: s.seq)
+        for submission in held:
             submission.hold_until = None
             submission.held_why = ""
+            submission.with_runnable = True
             if submission.sent:
-                header = P.TaskHeader.from_bytes(submission.header)  # parsed when it was held
-                if header.timeout is not None:  # relative on the wire: what is left of it now
-                    now = time.monotonic()
-                    header.timeout = max(0.001, header.timeout - (now - submission.sent_at))
-                    submission.header = header.to_bytes()
-                    submission.sent_at = now
-                del self._pending[wire_id]
+                del self._pending[submission.wire_id]
                 submission.wire_id = self.new_task_id()
                 self._pending[submission.wire_id] = submission
                 self._wire_ids[submission.task_id] = submission.wire_id
-            self._send_submission(submission, with_runnable=True)
+            self._offer(submission)
 
-    def _drop(self, wire_id: bytes, submission: Submission) -> None:
-        """Forget a task in flight (its caller gets, or got, its last event)."""
+    def _drop(self, wire_id: bytes, submission: Submission) -> int:
+        """Forget a task in flight (its caller gets, or got, its last event); return the bytes
+        it freed in the window."""
         self._pending.pop(wire_id, None)
         if wire_id != submission.task_id:
             self._wire_ids.pop(submission.task_id, None)
+        if submission.waiting:  # left in the heap, skipped there
+            submission.waiting = False
+            self._waiting_count -= 1
+        return self._uncount(submission)
 
     def _fail_all(self, error: type[RunnableK8sError], message: str) -> None:
-        code = P.E_UNAUTHORIZED if error is AuthenticationFailed else P.E_POOL_UNAVAILABLE
+        code = _failure_code(error)
         for submission in list(self._pending.values()):
             submission.sink.deliver(Event(submission.task_id, "error", code=code, message=message))
         self._pending.clear()
         self._wire_ids.clear()
         self._hold_deadline = None
+        self._waiting.clear()
+        self._waiting_count = self._window_bytes = self._window_tasks = 0
+        self._retry_at = None
         while self._status_waiters:
             self._status_waiters.popleft().deliver({"error": message})
 
     def _on_message(self, command: bytes, body: list[bytes]) -> None:
         if command == P.RESULT and len(body) == 2:
             submission = self._pending.get(body[0])
-            if submission is not None and submission.hold_until is None:
-                self._drop(body[0], submission)
+            if submission is not None and submission.hold_until is None and not submission.waiting:
+                freed = self._drop(body[0], submission)
                 submission.sink.deliver(Event(submission.task_id, "result", body[1]))
+                self._made_room(freed)
         elif command == P.CHUNK and len(body) == 2:
             submission = self._pending.get(body[0])
             if submission is not None and submission.hold_until is None:
@@ -694,9 +880,8 @@ class Connection:
     def _on_error(self, task_id: bytes, code: bytes, message: str, detail: bytes) -> None:
         if not task_id:  # about the connection, not a task
             if code == P.E_INCOMPATIBLE:
-                from pool.errors import IncompatibleWorker
-
                 self._failure = IncompatibleWorker(f"the broker at {self.address} refused this client: {message}")
+                self._fail_all(IncompatibleWorker, str(self._failure))
                 self._settled.set()
             elif code == P.E_UNAUTHORIZED:  # a key the broker knows, but not as a client's (or revoked)
                 self._failure = AuthenticationFailed(f"the broker at {self.address} refused this client: {message}")
@@ -705,9 +890,11 @@ class Connection:
             log.error("broker: %s", message)
             return
         submission = self._pending.get(task_id)
-        if submission is None or submission.hold_until is not None:
+        if submission is None or submission.hold_until is not None or submission.waiting:
             return  # a late answer about a task given up on, or about its wire id before a loss
-        if code == P.E_NEED_RUNNABLE:
+        if code == P.E_BUSY:
+            self._busy(submission, message)
+        elif code == P.E_NEED_RUNNABLE:
             self._send_submission(submission, with_runnable=True)
         elif code == P.E_HELLO_REQUIRED:
             # This task was refused, not run: it waits for the broker as it is. The others in
@@ -716,8 +903,36 @@ class Connection:
             self._lost(f"the broker at {self.address} restarted (it no longer knew this client)")
             self._hello()
         else:
-            self._drop(task_id, submission)
+            freed = self._drop(task_id, submission)
             submission.sink.deliver(Event(submission.task_id, "error", detail, code, message))
+            self._made_room(freed)
+
+    def _on_foreign_protocol(self, frames: list[bytes]) -> None:
+        """A broker of another release answered (in its own protocol version, which is all it
+        can do): nothing will ever be welcomed here, so every call fails now, saying what to
+        upgrade. A broker upgraded later is welcomed as usual (HELLO goes on every second)."""
+        theirs = frames[0].decode("ascii", "replace")
+        said = frames[4].decode("utf-8", "replace") if len(frames) > 4 and frames[1] == P.ERROR else ""
+        try:
+            older = int(theirs[len(P.PROTOCOL_FAMILY):]) < P.PROTOCOL_VERSION
+        except ValueError:
+            older = True
+        ours = P.PROTOCOL.decode()
+        if older:
+            advice = ("the pool runs an older runnable-k8s release than this client. Upgrade the pool first: "
+                      "`helm upgrade` the runnable-k8s chart to this client's release (or restart `runnable-k8s "
+                      "broker` and its workers from it), then the other clients (`pip install -U runnable-k8s`)")
+        else:
+            advice = ("this client is older than the pool. Upgrade it (`pip install -U runnable-k8s`, the pool's "
+                      "release)")
+        self._failure = IncompatibleWorker(
+            f"the broker at {self.address} speaks protocol {theirs} but this client speaks {ours}: {advice}"
+            + (f". The broker said: {said}" if said else ""))
+        if not self._incompatible_logged:
+            self._incompatible_logged = True
+            log.error("%s", self._failure)
+        self._fail_all(IncompatibleWorker, str(self._failure))
+        self._settled.set()
 
 
 class _WorkersSink:
@@ -733,6 +948,16 @@ class _WorkersSink:
         count = sum(1 for w in workers if isinstance(w, dict) and not w.get("draining")) \
             if isinstance(workers, list) else None
         self.connection._heard_workers(count)
+
+
+def _failure_code(error: BaseException | type[BaseException] | None) -> bytes:
+    """The error code a call fails with when the connection itself failed with ``error``."""
+    kind = error if isinstance(error, type) else type(error)
+    if issubclass(kind, IncompatibleWorker):
+        return P.E_INCOMPATIBLE
+    if issubclass(kind, AuthenticationFailed):
+        return P.E_UNAUTHORIZED
+    return P.E_POOL_UNAVAILABLE
 
 
 def _count(value: Any) -> int | None:

@@ -2,7 +2,8 @@
 
 ``mode="warm"`` uses the pool and never falls back; ``mode="ephemeral"`` never uses the pool;
 ``mode="auto"`` uses the pool when one is configured and answers, else ephemeral, and says which
-in the log once per address.
+in the log once per address. A pool that answers from another runnable-k8s release is not a pool
+that is down: auto mode raises ``IncompatibleWorker`` then, rather than hide it behind ephemeral Pods.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pool.client.calls import RemoteCall
 from pool.client.connection import Connection
 from pool.client.warm_backend import WarmBackend
 from pool.ephemeral.session import EphemeralBackend
-from pool.errors import PoolUnavailable, RunnableK8sError
+from pool.errors import IncompatibleWorker, PoolUnavailable, RunnableK8sError
 from pool.k8s.address import is_k8s_address
 from worker.curve import PeerKeys, load_peer_keys
 
@@ -130,6 +131,8 @@ def probe(runnable: Placement, address: str) -> tuple[bool, str]:
         status = connection_for(runnable, address).status(timeout=PROBE_TIMEOUT, connect_timeout=PROBE_TIMEOUT)
         ready = [w for w in status.get("workers", []) if not w.get("draining")]
         result = (True, "") if ready else (False, f"the pool at {address} has no workers (scaled to zero)")
+    except IncompatibleWorker:
+        raise  # a pool of another release answered: falling back would hide that it needs upgrading
     except RunnableK8sError as exc:
         result = (False, f"the pool at {address} did not answer ({exc})")
     with _probe_lock:

@@ -5,6 +5,13 @@ events. A batch travels as sub-batches (:func:`plan_sub_batches`): several items
 on the worker with the runnable's own ``batch_as_completed`` / ``abatch_as_completed``, each
 item's outcome streamed back as it finishes; ``max_concurrency`` counts items, not tasks.
 
+The broker's allowance for this client (its ``--client-queue-bytes``) shapes the flow without
+failing anyone: the connection holds back what does not fit yet (``connection``, backpressure); a
+sub-batch larger than a share of the allowance is cut smaller here, so that several travel at once
+and none is refused for good; a sub-batch the broker still refuses as never fitting
+(``E_QUEUE_FULL``) goes again item by item. A call that times out while waiting for the allowance
+says so, and how to raise it.
+
 Whatever ends a call early (its timeout, an exception in the caller such as
 KeyboardInterrupt, a consumer closing a stream, a cancelled asyncio task) reaches a ``finally``
 that cancels the task, so the worker stops and its slot is freed.
@@ -36,6 +43,16 @@ def _timeout_error(call: RemoteCall) -> TaskTimeout:
         f"the call did not finish within its timeout of {call.timeout:g}s and was cancelled on the "
         "worker; raise timeout= on RunnableK8s, or add workers if calls wait in the queue"
     )
+
+
+def _allowance_timeout(why: str, advice: str) -> Any:
+    """``_timeout_error`` for a task that never left this client: it waited for the allowance."""
+    def error(call: RemoteCall) -> TaskTimeout:
+        return TaskTimeout(
+            f"the call did not finish within its timeout of {call.timeout:g}s: it was still waiting for this "
+            f"client's allowance in the broker and never reached a worker ({why}); {advice}"
+        )
+    return error
 
 
 class _Unit:
@@ -131,6 +148,8 @@ class _Calls:
                     raise
                 units.extendleft(reversed(_singles_of(unit)))  # each item on its own: only a too large one fails
                 continue
+            if unit.batch and self._too_big_a_share(unit, blob):
+                continue
             task_id = self.connection.new_task_id()
             header = P.TaskHeader("batch" if unit.batch else self.kind, first.digest, first.timeout, unit.retries,
                                   first.config, first.trust_workers, len(unit.calls),
@@ -141,6 +160,23 @@ class _Calls:
             self.in_flight += len(unit.calls)
             self.connection.submit(Submission(task_id, header, first.digest, first.runnable, blob, self.sink,
                                               patience=self.patience))
+
+    def _too_big_a_share(self, unit: _Unit, blob: bytes) -> bool:
+        """Cut a sub-batch holding more than a share of this client's allowance in the broker
+        into parts that fit the share (put back first in line, in order) and return True: whole,
+        it would travel alone, or never fit at all."""
+        allowance = self.connection.client_allowance()
+        if allowance is None:
+            return False
+        share = allowance // defaults.BATCH_PARTS_PER_WORKER
+        if len(blob) <= share:
+            return False
+        per_item = max(1, len(blob) // len(unit.calls))
+        size = max(1, min(len(unit.calls) - 1, share // per_item))
+        parts = [_Unit(unit.indices[i:i + size], unit.calls[i:i + size], unit.retries, len(unit.calls[i:i + size]) > 1)
+                 for i in range(0, len(unit.calls), size)]
+        self.units.extendleft(reversed(parts))
+        return True
 
     def wait_time(self) -> float | None:
         deadlines = [d for _, d in self.open.values() if d is not None]
@@ -207,6 +243,11 @@ class _Calls:
             return self._fail_left(unit, lambda call: ProtocolError(
                 "the worker ended a batch task without reporting every item"))
         reported = len(unit.left) < len(unit.calls)
+        if event.code == P.E_QUEUE_FULL and not reported and len(unit.calls) > 1:
+            # Refused as never fitting in the broker whole: each item on its own may.
+            self.units.extendleft(reversed(_singles_of(unit)))
+            unit.left.clear()
+            return []
         if event.code == P.E_WORKER_LOST and reported and unit.retries > 0 and unit.left:
             positions = sorted(unit.left)
             calls = [unit.calls[p] for p in positions]
@@ -222,8 +263,11 @@ class _Calls:
         gone = [(task_id, unit) for task_id, (unit, d) in self.open.items() if d is not None and d <= now]
         out = []
         for task_id, unit in gone:
+            waiting = self.connection.waiting_for_allowance(task_id)
             self._end(task_id, unit, cancel=True)
-            out.extend(self._fail_left(unit, _timeout_error))
+            error = (_timeout_error if waiting is None
+                     else _allowance_timeout(waiting, self.connection.allowance_advice()))
+            out.extend(self._fail_left(unit, error))
         self.refill()
         return out
 
