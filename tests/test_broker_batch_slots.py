@@ -18,7 +18,8 @@ def submit_batch(pool: Pool, task_id: bytes, items: int, **header: Any) -> list[
 
 
 def busy(pool: Pool, worker: bytes) -> int:
-    return next(w["busy"] for w in pool.core.status(pool.now)["workers"] if w["id"] == worker.hex()[-8:])
+    name = f"w{pool.core.workers[worker].serial}"  # STATUS names workers by the broker's serial
+    return next(w["busy"] for w in pool.core.status(pool.now)["workers"] if w["id"] == name)
 
 
 def test_a_batch_takes_a_slot_per_item_and_gives_them_back():

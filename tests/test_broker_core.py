@@ -106,14 +106,16 @@ def test_a_client_no_connected_worker_can_serve_is_refused_as_incompatible_at_on
     assert pool.core.counters["refused"] == 1
 
 
-def test_a_full_queue_refuses_the_next_task():
+def test_a_full_queue_answers_the_next_task_busy_so_its_client_sends_it_again_later():
     pool = Pool(queue_size=2)
     pool.hello()
     pool.submit(new_id())
     pool.submit(new_id())
     task_id = new_id()
-    assert errors_sent(pool.submit(task_id)) == [(CLIENT, task_id, P.E_QUEUE_FULL)]
-    assert pool.core.queued == 2
+    effects = pool.submit(task_id)
+    assert errors_sent(effects) == [(CLIENT, task_id, P.E_BUSY)]  # before: queue-full, a failed call
+    assert "--queue-size" in sent(effects)[0][2][2].decode()
+    assert pool.core.queued == 2 and pool.core.counters["busy"] == 1
 
 
 def test_a_task_arriving_at_a_pool_without_workers_wakes_the_observers(pool):
@@ -417,9 +419,9 @@ def test_a_worker_of_another_protocol_version_is_refused(pool):
 
 def test_with_keys_configured_only_an_authorized_worker_key_may_register():
     pool = Pool(worker_keys=frozenset({b"good-key"}))
-    assert errors_sent(pool.ready(b"impostor", user_id="client-key")) == [(b"impostor", b"", P.E_UNAUTHORIZED)]
+    assert errors_sent(pool.ready(b"impostor", key=b"client-key")) == [(b"impostor", b"", P.E_UNAUTHORIZED)]
     assert errors_sent(pool.ready(b"anonymous")) == [(b"anonymous", b"", P.E_UNAUTHORIZED)]
-    assert sent(pool.ready(b"worker", user_id="good-key"))[0][1] == P.WELCOME
+    assert sent(pool.ready(b"worker", key=b"good-key"))[0][1] == P.WELCOME
     assert list(pool.core.workers) == [b"worker"]
     assert pool.core.counters["refused"] == 2
 
@@ -447,9 +449,15 @@ def test_a_ready_with_a_non_numeric_concurrency_is_malformed_not_fatal(pool):
     assert pool.core.counters["malformed"] == 1 and not pool.core.workers
 
 
-def test_a_peer_of_another_protocol_version_is_told_so(pool):
-    event = E.decode([b"peer", b"RK8S/2", P.HELLO, b"{}"])
-    assert errors_sent(pool(event)) == [(b"peer", b"", P.E_INCOMPATIBLE)]
+def test_a_peer_of_another_protocol_version_is_told_so_in_its_own_protocol_with_what_to_upgrade(pool):
+    event = E.decode([b"peer", b"RK8S/1", P.HELLO, b"{}"])
+    (reply,) = [e for e in pool(event) if isinstance(e, E.Send)]
+    protocol, command, task_id, code, message, _ = reply.frames
+    assert (reply.peer, protocol, command, task_id, code) == (b"peer", b"RK8S/1", P.ERROR, b"", P.E_INCOMPATIBLE)
+    text = message.decode()
+    assert "RK8S/1" in text and P.PROTOCOL.decode() in text
+    assert "helm upgrade" in text and "pip install -U runnable-k8s" in text
+    assert text.index("helm upgrade") < text.index("pip install")  # the pool first, then the clients
 
 
 # ---------------------------------------------------------------------------- deadlines and reports

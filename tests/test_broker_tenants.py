@@ -39,7 +39,8 @@ def test_a_flooding_client_fills_its_own_queue_and_another_clients_call_is_still
     refused = [new_id() for _ in range(101)]
     codes = [errors_sent(pool.submit(task_id, FLOODER)) for task_id in refused]
     assert all(not c for c in codes[:100])
-    assert codes[100] == [(FLOODER, refused[100], P.E_QUEUE_FULL)]
+    # Past its own allowance the flooder is told to wait (busy), not failed (queue-full).
+    assert codes[100] == [(FLOODER, refused[100], P.E_BUSY)]
     message = sent(pool.submit(new_id(), FLOODER))[0][2][2].decode()
     assert "this client already has 100 tasks waiting" in message and "--client-queue-size" in message
     theirs = new_id()
@@ -61,7 +62,7 @@ def test_the_input_bytes_a_client_holds_are_bounded_and_freed_when_its_tasks_end
         ids.append(new_id())
         assert errors_sent(pool.submit(ids[-1], FLOODER)) == []
     over = new_id()
-    assert errors_sent(pool.submit(over, FLOODER)) == [(FLOODER, over, P.E_QUEUE_FULL)]
+    assert errors_sent(pool.submit(over, FLOODER)) == [(FLOODER, over, P.E_BUSY)]
     pool.ready(b"w1", slots=len(ids))
     for task_id in ids:
         pool.result(b"w1", task_id)
@@ -70,10 +71,20 @@ def test_the_input_bytes_a_client_holds_are_bounded_and_freed_when_its_tasks_end
     assert errors_sent(pool.submit(new_id(), FLOODER)) == []
 
 
-def test_one_task_larger_than_a_clients_byte_budget_is_still_accepted_when_it_holds_nothing():
-    pool = Pool(client_queue_bytes=10, queue_bytes=10)
+def test_one_task_larger_than_a_clients_byte_allowance_is_refused_as_queue_full_naming_the_option():
+    """It could never fit, so waiting would not help: the only refusal that is a failure. (Before,
+    it was taken when the client held nothing, past the allowance it was meant to stay within.)"""
+    pool = Pool(client_queue_bytes=10, queue_bytes=10_000)
     pool.hello()
-    assert errors_sent(pool.submit(new_id())) == []
+    task_id = new_id()
+    effects = pool.submit(task_id)
+    assert errors_sent(effects) == [(CLIENT, task_id, P.E_QUEUE_FULL)]
+    assert "--client-queue-bytes 10" in sent(effects)[0][2][2].decode()
+    pool = Pool(client_queue_bytes=10_000, queue_bytes=10)
+    pool.hello()
+    effects = pool.submit(task_id)
+    assert errors_sent(effects) == [(CLIENT, task_id, P.E_QUEUE_FULL)]
+    assert "--queue-bytes 10" in sent(effects)[0][2][2].decode()
 
 
 def test_a_client_that_does_not_read_its_replies_is_dropped_and_its_tasks_cancelled():
@@ -95,18 +106,18 @@ def test_a_client_that_does_not_read_its_replies_is_dropped_and_its_tasks_cancel
 
 def test_with_keys_only_a_client_key_may_say_hello_and_a_worker_key_may_not():
     pool = Pool(client_keys=frozenset({b"client-key"}), worker_keys=frozenset({b"worker-key"}))
-    assert errors_sent(pool(E.Hello(b"w", ENV, "worker-key"))) == [(b"w", b"", P.E_UNAUTHORIZED)]
-    assert errors_sent(pool(E.Hello(b"anon", ENV, None))) == [(b"anon", b"", P.E_UNAUTHORIZED)]
-    assert sent(pool(E.Hello(CLIENT, ENV, "client-key")))[0][1] == P.WELCOME
+    assert errors_sent(pool(E.Hello(b"w", ENV, key=b"worker-key"))) == [(b"w", b"", P.E_UNAUTHORIZED)]
+    assert errors_sent(pool(E.Hello(b"anon", ENV))) == [(b"anon", b"", P.E_UNAUTHORIZED)]
+    assert sent(pool(E.Hello(CLIENT, ENV, key=b"client-key")))[0][1] == P.WELCOME
     assert list(pool.core.clients) == [CLIENT]
-    assert errors_sent(pool.ready(b"c", user_id="client-key")) == [(b"c", b"", P.E_UNAUTHORIZED)]
+    assert errors_sent(pool.ready(b"c", key=b"client-key")) == [(b"c", b"", P.E_UNAUTHORIZED)]
 
 
 def test_revoking_a_client_key_fails_its_calls_and_closes_it_off_without_a_restart():
     pool = Pool(client_keys=frozenset({b"alice", b"bob"}), worker_keys=frozenset({b"worker-key"}))
-    pool(E.Hello(b"alice-conn", ENV, "alice"))
-    pool(E.Hello(b"bob-conn", ENV, "bob"))
-    pool.ready(b"w1", slots=1, user_id="worker-key")
+    pool(E.Hello(b"alice-conn", ENV, key=b"alice"))
+    pool(E.Hello(b"bob-conn", ENV, key=b"bob"))
+    pool.ready(b"w1", slots=1, key=b"worker-key")
     running, queued, bobs = new_id(), new_id(), new_id()
     pool.submit(running, b"alice-conn")
     pool.submit(queued, b"alice-conn")
@@ -116,10 +127,14 @@ def test_revoking_a_client_key_fails_its_calls_and_closes_it_off_without_a_resta
                                                    (b"alice-conn", queued, P.E_UNAUTHORIZED)])
     assert (b"w1", P.CANCEL, [running]) in sent(effects)
     assert list(pool.core.clients) == [b"bob-conn"]
-    # Alice's connection is still open (CurveZMQ checks keys only at the handshake): her next
-    # SUBMIT needs a HELLO, and that HELLO is refused.
-    assert errors_sent(pool.submit(new_id(), b"alice-conn"))[0][2] == P.E_HELLO_REQUIRED
-    assert errors_sent(pool(E.Hello(b"alice-conn", ENV, "alice"))) == [(b"alice-conn", b"", P.E_UNAUTHORIZED)]
+    # CurveZMQ checks keys only at the handshake: Alice's connection is cut now, and whatever was
+    # still on its way from it is refused (before: her STATUS was still answered).
+    alice_fd = pool.fds[b"alice-conn"]
+    assert E.Disconnect(alice_fd) in effects
+    assert sent(pool.submit(new_id(), b"alice-conn")) == []
+    assert sent(pool(E.StatusRequest(b"alice-conn"))) == []
+    assert errors_sent(pool(E.Hello(b"alice-conn", ENV, key=b"alice"))) == [(b"alice-conn", b"", P.E_UNAUTHORIZED)]
+    assert b"alice-conn" not in pool.core.clients
     # Bob's task runs once the cancelled one's slot is free.
     assert tasks_sent(pool.error(b"w1", running, P.E_CANCELLED)) == [(b"w1", bobs)]
     assert pool.core.counters["peers_revoked"] == 1
@@ -127,11 +142,11 @@ def test_revoking_a_client_key_fails_its_calls_and_closes_it_off_without_a_resta
 
 def test_revoking_a_worker_key_takes_that_worker_out_and_its_task_goes_to_another():
     pool = Pool(client_keys=frozenset({b"client-key"}), worker_keys=frozenset({b"old", b"new"}))
-    pool(E.Hello(CLIENT, ENV, "client-key"))
-    pool.ready(b"w-old", slots=1, user_id="old")
+    pool(E.Hello(CLIENT, ENV, key=b"client-key"))
+    pool.ready(b"w-old", slots=1, key=b"old")
     task_id = new_id()
     assert tasks_sent(pool.submit(task_id, retries=1)) == [(b"w-old", task_id)]
-    pool.ready(b"w-new", slots=1, user_id="new")
+    pool.ready(b"w-new", slots=1, key=b"new")
     effects = pool(E.KeysChanged(frozenset({b"client-key"}), frozenset({b"new"})))
     assert (b"w-old", b"", P.E_UNAUTHORIZED) in errors_sent(effects)
     assert tasks_sent(effects) == [(b"w-new", task_id)]

@@ -23,6 +23,13 @@ WORKER_CONCURRENCY = 256
 # 1-vCPU worker busy without thrashing on CPU-bound work; sync tasks past it wait in the worker,
 # and a draining worker hands those back to the broker unstarted.
 WORKER_THREADS = 8
+# Input bytes of unfinished tasks the broker sends one worker: a quarter of the memory limit the
+# worker reports in its READY (its cgroup's memory.max), or this when it reports none. 256 slots of
+# 4 MiB inputs are 1 GiB before the runnable makes anything of them, which ran a 1 GiB worker Pod
+# out of memory; a quarter leaves the rest for outputs, copies and the runnable's own work. A worker
+# holding nothing still gets one task larger than this, or that task could never run.
+WORKER_INPUT_BUDGET = 256 * 1024 * 1024
+WORKER_INPUT_BUDGET_DIVISOR = 4
 # Deserialized runnables a worker keeps (and so their warm HTTP connection pools).
 WORKER_CACHE_SIZE = 64
 # Seconds a worker told to stop (SIGTERM) may spend finishing its tasks. Was 25 in code and 60 in
@@ -74,6 +81,15 @@ BROKER_SNDHWM = 1000
 # what one peer can pin is in pool/broker/outbox.py.
 MAX_UNREAD_BYTES = 64 * 1024 * 1024
 UNREAD_TIMEOUT = 30.0
+# Messages ZeroMQ keeps for the broker from one connection before it stops reading from it (the
+# ROUTER's RCVHWM). Was 0 (no limit): one peer sending 40 HELLOs of 8 MB faster than the broker
+# read them took it to 393 MB. The broker reads as fast as it can; this only bounds the backlog
+# of a peer that sends faster than that.
+BROKER_RCVHWM = 1000
+# Connections one client key may have open at once (--max-connections-per-key). Budgets are per
+# key, so more connections buy nothing, but each still costs the broker buffers; a program with a
+# RunnableK8s per thread or process needs one each, hence well above a handful.
+MAX_CONNECTIONS_PER_KEY = 64
 
 
 def broker_budgets(memory_limit: int) -> dict[str, int]:

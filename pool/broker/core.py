@@ -6,6 +6,14 @@ test can expire a worker or a queued task by passing a later ``now``, in microse
 process, socket or sleep (tests/test_broker_core.py); the socket loop (``server``) is then only a
 translator. The model is h11 and dask's worker state machine; the rules are DESIGN §4 and §5.
 
+Who a peer is. The ROUTER's routing id is only an address: libzmq picks one per connection, but a
+peer can choose its own and take over the id of one that left. So every event carries the
+connection it came from (its fd) and the CurveZMQ key that connection authenticated with, and
+before any rule runs (``_admit``): a state registered under that routing id by another
+connection or key is dropped as a lost peer (libzmq never has two live connections under one id,
+so that connection is gone), the key must still be allowed, and the command must be one of the
+key's role. Budgets belong to a client key across all its connections (``state.Tenant``).
+
 Cost: a task is queued by its environment key and handed out oldest first from that queue only;
 one dispatch compares the free workers of that environment, never the queue. Tasks that leave
 the queue early are marked and skipped (see ``state.Queues``).
@@ -17,18 +25,44 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pool.broker import events as E
+from pool.broker.log_limit import PeerLog
 from pool.broker.scheduling import Candidate, choose_worker
-from pool.broker.state import ClientState, EnvKey, Queues, RunnableStore, Task, WorkerState, env_key
+from pool.broker.state import (
+    ClientState,
+    EnvKey,
+    Queues,
+    RunnableStore,
+    Task,
+    Tenant,
+    WorkerState,
+    env_key,
+    fingerprint,
+)
 from worker import defaults
 from worker import protocol as P
 
 log = logging.getLogger("runnable_k8s.broker")
 
 COUNTERS = ("submitted", "done", "failed", "cancelled", "retried", "workers_lost", "malformed", "refused",
-            "runnable_bytes_received", "slots_clamped", "clients_dropped", "peers_revoked")
+            "runnable_bytes_received", "slots_clamped", "clients_dropped", "peers_revoked",
+            # tasks answered E_BUSY (their key's or the broker's allowance was full for now)
+            "busy",
+            # states dropped because another connection or key used their routing id
+            "peers_replaced",
+            # messages not acted on because of who sent them: a command of the other role, a
+            # key no longer allowed, a reply for a task not sent to that connection, a CANCEL of
+            # another client's task
+            "messages_refused",
+            # connections closed by the broker (revoked keys) and by their peer (the monitor)
+            "connections_cut", "connections_closed")
+# Commands by role: with keys, a client key may send only the first, a worker key only the second
+# (STATUS, HEARTBEAT and BYE are either's: a client asks for STATUS, a draining worker fences with it).
+_CLIENT_COMMANDS: frozenset[type] = frozenset({E.Hello, E.Submit, E.Cancel})
+_WORKER_COMMANDS: frozenset[type] = frozenset({E.Ready, E.Chunk, E.CallbackEvent, E.Result, E.WorkerError,
+                                               E.Draining})
 NEED_RUNNABLE_MESSAGE = "send the runnable again"
 # A task that waited less than this is sent with its header untouched (re-encoding costs more
 # than the worker's deadline loses).
@@ -55,16 +89,21 @@ class BrokerCore:
         queue_bytes: int = defaults.QUEUE_BYTES,
         client_queue_size: int = defaults.CLIENT_QUEUE_SIZE,
         client_queue_bytes: int = defaults.CLIENT_QUEUE_BYTES,
+        max_connections_per_key: int = defaults.MAX_CONNECTIONS_PER_KEY,
+        worker_input_budget: int = defaults.WORKER_INPUT_BUDGET,
     ) -> None:
-        """``client_keys`` / ``worker_keys``: the Z85 public keys allowed to say HELLO / READY
-        (None: any peer, for a broker without CurveZMQ); the folders only name them in refusals.
-        ``max_worker_slots``: the most slots a worker gets, whatever its READY claims.
+        """``client_keys`` / ``worker_keys``: the Z85 public keys allowed to act as clients /
+        workers (None: any peer, for a broker without CurveZMQ); the folders only name them in
+        refusals. ``max_worker_slots``: the most slots a worker gets, whatever its READY claims.
         ``queue_size``/``queue_bytes`` bound what all clients' tasks hold in the broker,
-        ``client_queue_size``/``client_queue_bytes`` what one client's do."""
+        ``client_queue_size``/``client_queue_bytes`` what one client key's do (all its
+        connections together), ``max_connections_per_key`` how many connections it may have.
+        ``worker_input_budget``: input bytes in flight to a worker that did not report its memory."""
         if max_worker_slots < 1:
             raise ValueError("max_worker_slots must be 1 or more")
-        if min(queue_size, queue_bytes, client_queue_size, client_queue_bytes) < 1:
-            raise ValueError("queue sizes and byte budgets must be 1 or more")
+        if min(queue_size, queue_bytes, client_queue_size, client_queue_bytes, max_connections_per_key,
+               worker_input_budget) < 1:
+            raise ValueError("queue sizes, byte budgets and connection caps must be 1 or more")
         self.endpoint = endpoint
         self.max_message_bytes = max_message_bytes
         self.queue_size = queue_size
@@ -76,6 +115,8 @@ class BrokerCore:
         self.queue_bytes = queue_bytes
         self.client_queue_size = client_queue_size
         self.client_queue_bytes = client_queue_bytes
+        self.max_connections_per_key = max_connections_per_key
+        self.worker_input_budget = worker_input_budget
         self.held_bytes = 0  # input bytes of all tasks held (queued or running)
         # Numbers of the socket side (the outbox), refreshed by the loop every tick, so that a
         # STATUS answer shows them without the core reaching into I/O.
@@ -85,6 +126,12 @@ class BrokerCore:
         self.now = now
         self.workers: dict[bytes, WorkerState] = {}
         self.clients: dict[bytes, ClientState] = {}
+        self.tenants: dict[bytes, Tenant] = {}  # by client key (by routing id without keys)
+        # Every connection seen with a key (fd -> key), registered or not: a revoked key's
+        # connections are cut even if they only ever asked for STATUS.
+        self.connections: dict[int, bytes] = {}
+        self._peer_of_fd: dict[int, bytes] = {}  # fd -> routing id of what registered on it
+        self._serial = 0
         self.tasks: dict[bytes, Task] = {}
         self.queues = Queues()
         self.runnables = RunnableStore(runnable_store_bytes)
@@ -94,6 +141,7 @@ class BrokerCore:
         self._free: dict[EnvKey, dict[bytes, WorkerState]] = {}
         self._workers_by_env: Counter[EnvKey] = Counter()
         self._out: list[E.Effect] = []
+        self.peer_log = PeerLog(log)
 
     @property
     def queued(self) -> int:
@@ -105,11 +153,103 @@ class BrokerCore:
         out: list[E.Effect] = []
         self._out = out
         try:
-            self._rules[event.__class__](self, event)
+            if not isinstance(event, E.FromPeer) or self._admit(event):
+                self._rules[event.__class__](self, event)
         except Exception:  # one bad message must not stop the pool
             self.counters["malformed"] += 1
-            log.warning("dropped a message that could not be handled: %s", type(event).__name__, exc_info=True)
+            if isinstance(event, E.FromPeer):
+                self._warn(event, "dropped a %s that could not be handled", type(event).__name__, exc_info=True)
+            else:
+                log.warning("could not handle %s", type(event).__name__, exc_info=True)
         return out
+
+    # ------------------------------------------------------------------ who sent it
+
+    def _admit(self, event: E.FromPeer) -> bool:
+        """Whether the rules may act on this message, by who sent it (see the module's docstring).
+        Runs before every rule: a few dict look-ups."""
+        peer, fd, key = event.peer, event.fd, event.key
+        if key is not None:
+            self.connections[fd] = key
+        client = self.clients.get(peer)
+        if client is not None and (client.fd != fd or client.key != key):
+            self._replaced(client, None)
+        worker = self.workers.get(peer)
+        if worker is not None and (worker.fd != fd or worker.key != key):
+            self._replaced(None, worker)
+        kind = event.__class__
+        if kind is E.Malformed or kind is E.ForeignProtocol:
+            return True
+        clients_ok = self.client_keys is None or key in self.client_keys
+        workers_ok = self.worker_keys is None or key in self.worker_keys
+        if not clients_ok and not workers_ok:  # revoked while connected, or never allowed
+            self.counters["messages_refused"] += 1
+            self._warn(event, "refused a %s: its key is in no allow-list (revoked?)", kind.__name__)
+            if kind is E.Hello or kind is E.Ready:
+                self._refuse_registration(event)
+            self._disconnect(fd)
+            return False
+        if (kind in _CLIENT_COMMANDS and not clients_ok) or (kind in _WORKER_COMMANDS and not workers_ok):
+            if kind is E.Hello or kind is E.Ready:
+                self._refuse_registration(event)
+            else:
+                self.counters["messages_refused"] += 1
+                role = "client" if kind in _CLIENT_COMMANDS else "worker"
+                self._warn(event, "refused a %s: it is a %s command and this key is not a %s key", kind.__name__,
+                           role, role)
+            return False
+        return True
+
+    def _replaced(self, client: ClientState | None, worker: WorkerState | None) -> None:
+        """Another connection (or key) sent a message under this state's routing id, so the
+        connection that registered it is gone: drop it as a lost peer. No handover: whoever
+        sends now registers anew, and gets nothing of the old state (tasks, replies, budget)."""
+        self.counters["peers_replaced"] += 1
+        if client is not None:
+            log.info("%s: its connection is gone (another one uses its routing id); its %d tasks are cancelled",
+                     client.label, len(client.tasks))
+            self._remove_client(client.identity)
+            self._out.append(E.Forget(client.identity))
+        if worker is not None:
+            self._remove_worker(worker.identity, "lost its connection")
+            self._out.append(E.Forget(worker.identity))
+
+    def _refuse_registration(self, event: E.FromPeer) -> None:
+        """A HELLO or READY from a key not allowed in that role: say so (its peer needs to know)."""
+        self.counters["refused"] += 1
+        if event.__class__ is E.Hello:
+            self._warn(event, "refused a client whose key is not in the client allow-list %s", self.client_keys_dir)
+            self._send(event.peer, P.error_frames(b"", P.E_UNAUTHORIZED, (
+                "this key may not connect as a client: the broker accepts clients only with the public keys in "
+                "its clients/ allow-list (add one with `runnable-k8s keys DIR --client NAME`)"
+            )))
+        else:
+            self._warn(event, "refused a worker whose key is not one of the %d keys in the worker allow-list %s",
+                       len(self.worker_keys or ()), self.worker_keys_dir)
+            self._send(event.peer, P.error_frames(b"", P.E_UNAUTHORIZED, (
+                "this key may not register as a worker: the broker accepts workers only with the public "
+                "keys in its workers/ allow-list (the worker folder of `runnable-k8s keys DIR`)"
+            )))
+
+    def _disconnect(self, fd: int) -> None:
+        if fd >= 0:
+            self.counters["connections_cut"] += 1
+            self.connections.pop(fd, None)
+            self._out.append(E.Disconnect(fd))
+
+    def _warn(self, event: E.FromPeer, message: str, *args: Any, exc_info: bool = False) -> None:
+        """A warning about bad input, a few per peer (key, or connection) per interval."""
+        if event.key is not None:
+            who: object = event.key
+            label = f"key {fingerprint(event.key)}"
+        else:
+            who = event.fd if event.fd >= 0 else event.peer
+            label = f"connection fd {event.fd}" if event.fd >= 0 else "a peer"
+        self.peer_log.warning(who, label, self.now, message, *args, exc_info=exc_info)
+
+    def _next_serial(self) -> int:
+        self._serial += 1
+        return self._serial
 
     def _send(self, peer: bytes, frames: list[bytes]) -> None:
         self._out.append(E.Send(peer, frames))
@@ -121,44 +261,65 @@ class BrokerCore:
 
     def _on_malformed(self, event: E.Malformed) -> None:
         self.counters["malformed"] += 1
-        log.warning("dropped %s from %s", event.reason, event.peer.hex()[-8:])
+        self._warn(event, "dropped %s", event.reason)
 
     def _on_foreign_protocol(self, event: E.ForeignProtocol) -> None:
+        """Answered in the peer's own protocol frame, so that an older client can read it."""
         self.counters["malformed"] += 1
-        self._send(event.peer, P.error_frames(b"", P.E_INCOMPATIBLE, (
-            f"this broker speaks {P.PROTOCOL.decode()} but the peer sent "
-            f"{event.protocol.decode(errors='replace')}; use the same runnable-k8s release on both"
-        )))
+        theirs = event.protocol.decode(errors="replace")
+        try:
+            newer = int(theirs.rpartition("/")[2]) > P.PROTOCOL_VERSION
+        except ValueError:
+            newer = False
+        if newer:
+            advice = ("this peer is newer than the pool: upgrade the pool first (helm upgrade the chart, or "
+                      "restart the broker and workers with the new runnable-k8s release)")
+        else:
+            advice = ("upgrade the pool first if it is not yet on the new release (helm upgrade the chart, or "
+                      "restart the broker and workers with it), then this client: pip install -U runnable-k8s")
+        message = f"this broker speaks {P.PROTOCOL.decode()} but this peer speaks {theirs}; {advice}"
+        self._send(event.peer, [event.protocol, P.ERROR, b"", P.E_INCOMPATIBLE, message.encode(), b""])
 
     # ------------------------------------------------------------------ clients
 
     def _on_hello(self, event: E.Hello) -> None:
-        environment = event.environment
+        peer, environment, key = event.peer, event.environment, event.key
         if environment.get("protocol") != P.PROTOCOL_VERSION:
-            self._send(event.peer, P.error_frames(b"", P.E_INCOMPATIBLE, (
-                f"client protocol {environment.get('protocol')} is not this broker's {P.PROTOCOL_VERSION}"
+            self._send(peer, P.error_frames(b"", P.E_INCOMPATIBLE, (
+                f"client protocol {environment.get('protocol')} is not this broker's {P.PROTOCOL_VERSION}; "
+                "use the same runnable-k8s release on the client and the pool"
             )))
             return
-        key = self._allowed_key(event.user_id, self.client_keys)
-        if key is False:
+        known = self.clients.get(peer)  # the same connection (``_admit`` dropped any other's)
+        tenant = self.tenants.get(key if key is not None else peer)
+        if (known is None and key is not None and tenant is not None
+                and len(tenant.connections) >= self.max_connections_per_key):
             self.counters["refused"] += 1
-            log.warning("refused a client whose key is not in the client allow-list %s", self.client_keys_dir)
-            self._send(event.peer, P.error_frames(b"", P.E_UNAUTHORIZED, (
-                "this key may not connect as a client: the broker accepts clients only with the public keys in "
-                "its clients/ allow-list (add one with `runnable-k8s keys DIR --client NAME`)"
+            self._warn(event, "refused a client connection: its key already has %d", len(tenant.connections))
+            self._send(peer, P.error_frames(b"", P.E_UNAUTHORIZED, (
+                f"this client key already has {len(tenant.connections)} connections open to the broker, its "
+                f"limit (--max-connections-per-key {self.max_connections_per_key}); close some (one RunnableK8s "
+                "per process is enough: it is safe to share between threads) or start the broker with a "
+                "higher --max-connections-per-key"
             )))
             return
-        known = self.clients.get(event.peer)
-        self.clients[event.peer] = ClientState(
-            event.peer, environment, env_key(environment), self._expiry(),
-            known.tasks if known is not None else set(), key, known.held_bytes if known is not None else 0)
-        self._send(event.peer, [P.PROTOCOL, P.WELCOME, P.encode_json(self.info())])
+        if tenant is None:
+            tenant = self.tenants[key if key is not None else peer] = Tenant(key if key is not None else peer)
+        tenant.connections.add(peer)
+        if known is not None:
+            known.environment, known.env_key, known.expiry = environment, env_key(environment), self._expiry()
+        else:
+            self.clients[peer] = ClientState(peer, environment, env_key(environment), self._expiry(), key=key,
+                                             fd=event.fd, serial=self._next_serial(), tenant=tenant)
+            if event.fd >= 0:
+                self._peer_of_fd[event.fd] = peer
+        self._send(peer, [P.PROTOCOL, P.WELCOME, P.encode_json(self.info())])
 
     def _on_submit(self, event: E.Submit) -> None:
         client, task_id, runnable = event.peer, event.task_id, event.runnable
         self.counters["runnable_bytes_received"] += len(runnable)
         state = self.clients.get(client)
-        if state is None:
+        if state is None or state.tenant is None:
             self._send(client, P.error_frames(task_id, P.E_HELLO_REQUIRED, "say HELLO first"))
             return
         state.expiry = self._expiry()
@@ -185,9 +346,16 @@ class BrokerCore:
         elif self.runnables.get(header.digest) is None:
             self._send(client, P.error_frames(task_id, P.E_NEED_RUNNABLE, NEED_RUNNABLE_MESSAGE))
             return
-        full = self._over_budget(state, client, len(event.header) + len(event.input_blob))
-        if full:
-            self._refuse(client, task_id, P.E_QUEUE_FULL, full)
+        held = len(event.header) + len(event.input_blob)
+        full = self._over_budget(state.tenant, held)
+        if full is not None:
+            code, why = full
+            if code == P.E_BUSY:  # backpressure: the client sends it again when one of its tasks ends
+                self.counters["busy"] += 1
+                log.debug("task %s not taken now: %s", task_id.hex()[:8], why)
+                self._send(client, P.error_frames(task_id, P.E_BUSY, why))
+            else:
+                self._refuse(client, task_id, code, why)
             return
         problem = self._incompatible_with_all(state)
         if problem:
@@ -196,46 +364,52 @@ class BrokerCore:
         now = self.now
         queue_timeout = self.queue_timeout if header.timeout is None else min(self.queue_timeout, header.timeout)
         task = Task(task_id, client, header, event.header, event.input_blob, state.env_key, now, now + queue_timeout,
-                    retries_left=header.retries, size=len(event.header) + len(event.input_blob))
+                    retries_left=header.retries, size=held, owner=state.tenant.name)
         self.tasks[task_id] = task
         state.tasks.add(task_id)
-        state.held_bytes += task.size
-        self.held_bytes += task.size
+        state.held_bytes += held
+        state.tenant.held_bytes += held
+        self.held_bytes += held
         self.counters["submitted"] += header.items
         free = self._free.get(task.env_key)
-        if free:  # a free worker means nothing of this environment waits: skip the queue
-            self._assign(task, free)
-        else:
+        # A free worker and nothing of this environment waiting: skip the queue. (Something may
+        # wait while a worker is free: a task that fits no worker's input budget now; a new task
+        # waits behind it rather than starve it.)
+        if not (free and not self.queues.live_in(task.env_key) and self._assign(task, free)):
             self.queues.push(task)
         if not self.workers:
             self._out.append(E.WakeObservers())
 
-    def _over_budget(self, state: ClientState, client: bytes, size: int) -> str | None:
-        """Why one more task of ``size`` bytes would not fit, or None. A client's own limits come
-        first, so a client at its limit learns it is its own backlog, not the pool's."""
-        advice = "retry later, send fewer calls at once (max_concurrency), or add workers (runnable-k8s scale)"
-        waiting = self.queues.of_client(client)
+    def _over_budget(self, tenant: Tenant, size: int) -> tuple[bytes, str] | None:
+        """Whether one more task of ``size`` bytes fits now: None, ``E_BUSY`` when it fits the
+        allowances on its own but not beside what is held now (the client waits for one of its
+        tasks to end and sends it again), or ``E_QUEUE_FULL`` when it never could. A client's
+        own limits come first, so a client at its limit learns it is its own backlog."""
+        if size > self.client_queue_bytes:
+            return P.E_QUEUE_FULL, (
+                f"this task holds {size} bytes of input, more than one client may have held in the broker "
+                f"(--client-queue-bytes {self.client_queue_bytes}); send a smaller input, or start the broker "
+                "with a larger --client-queue-bytes")
+        if size > self.queue_bytes:
+            return P.E_QUEUE_FULL, (
+                f"this task holds {size} bytes of input, more than the broker holds for all clients "
+                f"(--queue-bytes {self.queue_bytes}); send a smaller input, or give the broker a larger "
+                "--queue-bytes (or --memory-limit)")
+        later = "it is sent again when one of this client's tasks finishes"
+        waiting = self.queues.of_client(tenant.name)
         if waiting >= self.client_queue_size:
-            return (f"this client already has {waiting} tasks waiting in the broker's queue, its limit "
-                    f"(--client-queue-size {self.client_queue_size}); {advice}")
-        if state.held_bytes and state.held_bytes + size > self.client_queue_bytes:
-            return (f"this client's tasks already hold {state.held_bytes} bytes of input in the broker; one "
-                    f"more of {size} bytes would pass its limit (--client-queue-bytes {self.client_queue_bytes}); "
-                    f"{advice}")
+            return P.E_BUSY, (f"this client already has {waiting} tasks waiting in the broker's queue, its limit "
+                              f"(--client-queue-size {self.client_queue_size}); {later}")
+        if tenant.held_bytes + size > self.client_queue_bytes:
+            return P.E_BUSY, (f"this client's tasks already hold {tenant.held_bytes} bytes of input in the broker; "
+                              f"one more of {size} bytes would pass its limit (--client-queue-bytes "
+                              f"{self.client_queue_bytes}); {later}")
         if len(self.queues) >= self.queue_size:
-            return f"the broker's queue is full ({self.queue_size} tasks waiting); {advice}"
-        if self.held_bytes and self.held_bytes + size > self.queue_bytes:
-            return (f"the broker holds {self.held_bytes} bytes of task input, its limit (--queue-bytes "
-                    f"{self.queue_bytes}); {advice}")
+            return P.E_BUSY, f"the broker's queue is full ({self.queue_size} tasks waiting, --queue-size); {later}"
+        if self.held_bytes + size > self.queue_bytes:
+            return P.E_BUSY, (f"the broker holds {self.held_bytes} bytes of task input, near its limit "
+                              f"(--queue-bytes {self.queue_bytes}); {later}")
         return None
-
-    @staticmethod
-    def _allowed_key(user_id: str | None, allowed: frozenset[bytes] | None) -> bytes | Literal[False] | None:
-        """The peer's key when it is allowed, None when keys are off, False when it is refused."""
-        if allowed is None:
-            return None
-        key = user_id.encode() if user_id is not None else None
-        return key if key is not None and key in allowed else False
 
     def _refuse(self, client: bytes, task_id: bytes, code: bytes, message: str) -> None:
         """Tell a client why its task will not run (a bad request also counts as malformed)."""
@@ -253,8 +427,12 @@ class BrokerCore:
 
     def _on_cancel(self, event: E.Cancel) -> None:
         task = self.tasks.get(event.task_id)
-        if task is None or task.client != event.peer:
+        if task is None:
             return  # already finished: nothing to cancel
+        if task.client != event.peer:  # not this connection's task (a guessed or stolen id)
+            self.counters["messages_refused"] += 1
+            self._warn(event, "refused a CANCEL of a task another client submitted")
+            return
         self._cancel(task)
 
     def _cancel(self, task: Task) -> None:
@@ -293,50 +471,60 @@ class BrokerCore:
         state = self.clients.pop(identity, None)
         if state is None:
             return
+        if self._peer_of_fd.get(state.fd) == identity:
+            del self._peer_of_fd[state.fd]
         for task_id in list(state.tasks):
             task = self.tasks.get(task_id)
             if task is not None:
                 self._cancel(task)
+        tenant = state.tenant
+        if tenant is not None:
+            tenant.connections.discard(identity)
+            self._drop_tenant_if_idle(tenant)
+
+    def _drop_tenant_if_idle(self, tenant: Tenant) -> None:
+        if not tenant.connections and tenant.held_bytes <= 0 and self.tenants.get(tenant.name) is tenant:
+            del self.tenants[tenant.name]
 
     # ------------------------------------------------------------------ workers
 
     def _on_ready(self, event: E.Ready) -> None:
         worker, environment = event.peer, event.environment
-        # With keys, only the keys of the worker allow-list may serve tasks (a client key may not).
-        key = self._allowed_key(event.user_id, self.worker_keys)
-        if key is False:
-            self.counters["refused"] += 1
-            log.warning("refused a worker whose key is not one of the %d keys in the worker allow-list %s",
-                        len(self.worker_keys or ()), self.worker_keys_dir)
-            self._send(worker, P.error_frames(b"", P.E_UNAUTHORIZED, (
-                "this key may not register as a worker: the broker accepts workers only with the public "
-                "keys in its workers/ allow-list (the worker folder of `runnable-k8s keys DIR`)"
-            )))
-            return
         if environment.get("protocol") != P.PROTOCOL_VERSION:
             self._send(worker, P.error_frames(b"", P.E_INCOMPATIBLE, (
-                f"worker protocol {environment.get('protocol')} is not this broker's {P.PROTOCOL_VERSION}"
+                f"worker protocol {environment.get('protocol')} is not this broker's {P.PROTOCOL_VERSION}; "
+                "run the broker and the workers from the same runnable-k8s release"
             )))
             return
         slots = max(1, int(environment.get("concurrency", 1)))  # a ValueError here is a malformed READY
-        if slots > self.max_worker_slots:  # a worker's word is not trusted beyond the cap
-            self.counters["slots_clamped"] += 1
-            log.warning("worker %s (pid %s on %s) claimed %d slots; it gets %d (--max-worker-slots)",
-                        worker.hex()[-8:], environment.get("pid"), environment.get("host"), slots,
-                        self.max_worker_slots)
-            slots = self.max_worker_slots
         cache_size = max(1, int(environment.get("cache_size", 64)))
         if worker in self.workers:
             self._remove_worker(worker, "re-registered")
         state = WorkerState(worker, environment, env_key(environment), slots, self._expiry(), cache_size=cache_size,
-                            key=key)
+                            key=event.key, fd=event.fd, serial=self._next_serial(),
+                            input_budget=self._input_budget(environment))
+        if slots > self.max_worker_slots:  # a worker's word is not trusted beyond the cap
+            self.counters["slots_clamped"] += 1
+            log.warning("worker %s claimed %d slots; it gets %d (--max-worker-slots)", state.label, slots,
+                        self.max_worker_slots)
+            state.slots = self.max_worker_slots
         self.workers[worker] = state
+        if event.fd >= 0:
+            self._peer_of_fd[event.fd] = worker
         self._workers_by_env[state.env_key] += 1
         self._refresh(state)
-        log.info("worker %s ready with %d slots (pid %s on %s)", worker.hex()[-8:], slots,
-                 environment.get("pid"), environment.get("host"))
+        log.info("worker %s ready with %d slots and an input budget of %d bytes", state.label, state.slots,
+                 state.input_budget)
         self._send(worker, [P.PROTOCOL, P.WELCOME, P.encode_json(self.info())])
         self._dispatch(state.env_key)
+
+    def _input_budget(self, environment: dict[str, Any]) -> int:
+        """Input bytes this worker may have in flight: a fraction of the memory limit its READY
+        reports (``memory_limit``, from its cgroup), or the default when it reports none."""
+        limit = environment.get("memory_limit")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return max(1, limit // defaults.WORKER_INPUT_BUDGET_DIVISOR)
+        return self.worker_input_budget
 
     def _known_worker(self, worker: bytes) -> WorkerState | None:
         """The worker's state (its message proves it alive), or None after asking it to READY again."""
@@ -349,9 +537,14 @@ class BrokerCore:
         return state
 
     def _task_of(self, worker: bytes, task_id: bytes) -> Task | None:
+        """The task, if it was sent to this worker (``_admit`` made sure the message comes from
+        the connection that registered it); a reply about any other task is not acted on."""
         task = self.tasks.get(task_id)
-        if task is None or task.worker != worker:
-            return None  # a late reply for a task that was cancelled or reassigned
+        if task is None:
+            return None  # a late reply for a task that finished or was cancelled
+        if task.worker != worker:  # reassigned since, or never this worker's
+            self.counters["messages_refused"] += 1
+            return None
         return task
 
     def _on_chunk(self, event: E.Chunk) -> None:
@@ -395,7 +588,7 @@ class BrokerCore:
         if state is None:
             return
         if not event.task_id:
-            log.warning("worker %s reported: %s", event.peer.hex()[-8:], event.body[2:3])
+            self._warn(event, "worker %s reported: %s", state.label, event.body[2:3])
             return
         task = self._task_of(event.peer, event.task_id)
         if task is None:
@@ -437,7 +630,7 @@ class BrokerCore:
         if state is not None:
             state.draining = True
             self._refresh(state)
-            log.info("worker %s is draining (%d tasks left)", event.peer.hex()[-8:], len(state.running))
+            log.info("worker %s is draining (%d tasks left)", state.label, len(state.running))
 
     # ------------------------------------------------------------------ scheduling
 
@@ -454,36 +647,44 @@ class BrokerCore:
                 del self._free[worker.env_key]
 
     def _dispatch(self, key: EnvKey) -> None:
-        """Give this environment's queued tasks, oldest first, to its workers with free slots."""
+        """Give this environment's queued tasks, in turn by client and oldest first, to its workers
+        with free slots. A task that fits no free worker's input budget now stays first in line
+        and dispatch stops there: it goes out when a worker's tasks finish (``_release`` calls
+        this again), and tasks behind it wait rather than starve it. So one call costs at most
+        one look at the free workers per task sent, plus one for the task that waits."""
         free = self._free.get(key)
         while free:
             task = self.queues.pop(key)
             if task is None:
                 return
-            self._assign(task, free)
+            if not self._assign(task, free):
+                self.queues.push(task, front=True)
+                return
             free = self._free.get(key)
 
-    def _assign(self, task: Task, free: dict[bytes, WorkerState]) -> None:
-        """Send one task to the worker the policy picks among ``free`` (its environment's)."""
-        digest = task.header.digest
+    def _assign(self, task: Task, free: dict[bytes, WorkerState]) -> bool:
+        """Send one task to the worker the policy picks among ``free`` (its environment's) whose
+        input budget it fits; False (nothing done) when it fits none of them now."""
+        digest, size = task.header.digest, task.size
         chosen = choose_worker([
             Candidate(w.identity, w.slots, w.busy, digest in w.runnables, w.last_assigned)
-            for w in free.values()
+            for w in free.values() if w.fits(size)
         ])
         if chosen is None:
-            raise AssertionError("every worker in the free index has a free slot")
+            return False
         worker = free.pop(chosen)  # re-inserted last by _refresh: exact ties go to the least recent
         blob = b"" if digest in worker.runnables else self.runnables.get(digest)
         if blob is None:  # evicted from the store while queued: the client sends it again
             self._refresh(worker)
             self._forget(task)
             self._send(task.client, P.error_frames(task.task_id, P.E_NEED_RUNNABLE, NEED_RUNNABLE_MESSAGE))
-            return
+            return True
         task.worker = chosen
-        worker.occupy(task.task_id, task.header.items)
+        worker.occupy(task.task_id, task.header.items, size)
         worker.last_assigned = self.now
         self._refresh(worker)
         self._send_task(worker, task, blob)
+        return True
 
     def _send_task(self, worker: WorkerState, task: Task, blob: bytes) -> None:
         header, header_bytes = task.header, task.header_bytes
@@ -509,14 +710,19 @@ class BrokerCore:
             return
         self.held_bytes -= task.size
         client = self.clients.get(task.client)
-        if client is not None:
+        if client is not None and task.task_id in client.tasks:  # not a later connection's, at the same id
             client.tasks.discard(task.task_id)
             client.held_bytes -= task.size
+        tenant = self.tenants.get(task.owner)
+        if tenant is not None:
+            tenant.held_bytes -= task.size
+            self._drop_tenant_if_idle(tenant)
 
     # ------------------------------------------------------------------ liveness
 
     def _on_tick(self, event: E.Tick) -> None:
         now = self.now
+        self.peer_log.tick(now)
         for worker in list(self.workers.values()):
             if worker.expiry < now:
                 self._remove_worker(worker.identity, "disconnected" if worker.unreachable else "stopped heartbeating")
@@ -538,7 +744,7 @@ class BrokerCore:
 
     def _on_send_failed(self, event: E.SendFailed) -> None:
         peer, frames = event.peer, event.frames
-        log.info("peer %s is gone; dropped a %s", peer.hex()[-8:], P.COMMAND_NAMES.get(frames[1], "?"))
+        log.info("a peer is gone; dropped a %s to it", P.COMMAND_NAMES.get(frames[1], "?"))
         worker = self.workers.get(peer)
         if worker is not None:
             task = self.tasks.get(frames[2]) if frames[1] == P.TASK else None
@@ -558,44 +764,67 @@ class BrokerCore:
         peer = event.peer
         if peer in self.clients:
             self.counters["clients_dropped"] += 1
-            log.warning("dropped client %s: %d bytes of replies wait for it and it does not read them; its "
-                        "%d tasks are cancelled", peer.hex()[-8:], event.unread_bytes, len(self.clients[peer].tasks))
+            log.warning("dropped %s: %d bytes of replies wait for it and it does not read them; its "
+                        "%d tasks are cancelled", self.clients[peer].label, event.unread_bytes,
+                        len(self.clients[peer].tasks))
             self._remove_client(peer)
         elif peer in self.workers:
-            log.warning("worker %s does not read what the broker sends (%d bytes wait)", peer.hex()[-8:],
+            log.warning("worker %s does not read what the broker sends (%d bytes wait)", self.workers[peer].label,
                         event.unread_bytes)
             self._worker_unreachable(self.workers[peer])
 
     def _on_keys_changed(self, event: E.KeysChanged) -> None:
         """Take effect at once for peers already connected: CurveZMQ checks a key only at the
-        handshake, so a revoked peer's open connection is closed off here."""
+        handshake, so every connection of a revoked key is cut here (registered or not), and any
+        message still on its way from one is refused by ``_admit``."""
         self.client_keys, self.worker_keys = event.client_keys, event.worker_keys
         for client in [c for c in self.clients.values() if c.key is not None and c.key not in event.client_keys]:
             self.counters["peers_revoked"] += 1
-            log.warning("client %s: its key was taken out of the allow-list; its %d tasks fail",
-                        client.identity.hex()[-8:], len(client.tasks))
-            self.clients.pop(client.identity)
+            log.warning("%s: its key was taken out of the allow-list; its %d tasks fail and its connection is cut",
+                        client.label, len(client.tasks))
             for task_id in list(client.tasks):
-                task = self.tasks.get(task_id)
-                if task is None:
-                    continue
-                self._send(client.identity, P.error_frames(task_id, P.E_UNAUTHORIZED, (
-                    "this client's key was taken out of the broker's allow-list while the call ran"
-                )))
-                self._cancel(task)
+                if task_id in self.tasks:
+                    self._send(client.identity, P.error_frames(task_id, P.E_UNAUTHORIZED, (
+                        "this client's key was taken out of the broker's allow-list while the call ran"
+                    )))
+            self._remove_client(client.identity)
+            self._disconnect(client.fd)
+            self._out.append(E.Forget(client.identity))
         for worker in [w for w in self.workers.values() if w.key is not None and w.key not in event.worker_keys]:
             self.counters["peers_revoked"] += 1
             self._send(worker.identity, P.error_frames(b"", P.E_UNAUTHORIZED, (
                 "this worker's key was taken out of the broker's allow-list"
             )))
             self._remove_worker(worker.identity, "had its key revoked")
+            self._disconnect(worker.fd)
+            self._out.append(E.Forget(worker.identity))
+        allowed = event.client_keys | event.worker_keys
+        for fd in [fd for fd, key in self.connections.items() if key not in allowed]:
+            self._disconnect(fd)
+
+    def _on_connection_closed(self, event: E.ConnectionClosed) -> None:
+        """The peer's connection closed: what registered on it is gone now. A worker's tasks are
+        retried or fail as on any lost worker; a client's are cancelled."""
+        fd = event.fd
+        self.counters["connections_closed"] += 1
+        self.connections.pop(fd, None)
+        peer = self._peer_of_fd.pop(fd, None)
+        if peer is None:
+            return
+        client = self.clients.get(peer)
+        if client is not None and client.fd == fd:
+            self._remove_client(peer)
+        worker = self.workers.get(peer)
+        if worker is not None and worker.fd == fd:
+            self._remove_worker(peer, "lost its connection")
+        self._out.append(E.Forget(peer))
 
     def _worker_unreachable(self, worker: WorkerState) -> None:
         """A send to this worker failed: its connection is gone. What it sent before leaving (its
         last results, its BYE) may still be waiting to be read, so it is not removed at once: it
         gets no more tasks, its BYE removes it, or else the next tick does (its tasks then fail)."""
         if not worker.unreachable:
-            log.info("worker %s is unreachable", worker.identity.hex()[-8:])
+            log.info("worker %s is unreachable", worker.label)
         worker.unreachable = True
         worker.draining = True
         worker.expiry = min(worker.expiry, self.now)
@@ -605,6 +834,8 @@ class BrokerCore:
         worker = self.workers.pop(identity, None)
         if worker is None:
             return
+        if self._peer_of_fd.get(worker.fd) == identity:
+            del self._peer_of_fd[worker.fd]
         self._workers_by_env[worker.env_key] -= 1
         if not self._workers_by_env[worker.env_key]:
             del self._workers_by_env[worker.env_key]
@@ -613,7 +844,7 @@ class BrokerCore:
         if not said_goodbye:
             self.counters["workers_lost"] += 1
         log.log(logging.INFO if said_goodbye else logging.WARNING, "worker %s removed: %s (%d tasks running)",
-                identity.hex()[-8:], why, len(worker.running))
+                worker.label, why, len(worker.running))
         running = [self.tasks[t] for t in worker.running if t in self.tasks]
         # Newest first, each to the front: the oldest ends up first in the queue again.
         for task in sorted(running, key=lambda t: t.queued_at, reverse=True):
@@ -648,19 +879,32 @@ class BrokerCore:
             "max_message_bytes": self.max_message_bytes,
             "heartbeat_interval": P.HEARTBEAT_INTERVAL,
             "workers": sum(1 for w in self.workers.values() if not w.draining),
+            # A client's allowances, so it can keep its own window of tasks within them (past
+            # them a task is answered "busy" and sent again later): per client key, all its
+            # connections together, and for the whole broker.
+            "client_queue_size": self.client_queue_size,
+            "client_queue_bytes": self.client_queue_bytes,
+            "queue_size": self.queue_size,
+            "queue_bytes": self.queue_bytes,
+            "max_connections_per_key": self.max_connections_per_key,
         }
 
     def status(self, now: float) -> dict[str, Any]:
         """The numbers ``runnable-k8s status`` prints (and the autoscaler and metrics read)."""
         workers = [
             {
-                "id": w.identity.hex()[-8:],
+                # The broker's own serial, never the routing id (an address a peer can choose,
+                # and use to pose as this worker); "key" tells apart workers of different keys.
+                "id": f"w{w.serial}",
+                "key": fingerprint(w.key),
                 "pid": w.environment.get("pid"),
                 "host": w.environment.get("host"),
                 "slots": w.slots,
                 "busy": w.busy,
                 "draining": w.draining,
                 "cached_runnables": len(w.runnables),
+                "input_bytes": w.input_bytes,
+                "input_budget": w.input_budget,
             }
             for w in self.workers.values()
         ]
@@ -676,6 +920,7 @@ class BrokerCore:
             "held_bytes": self.held_bytes,
             "runnable_store_bytes": self.runnables.size,
             "clients": len(self.clients),
+            "client_keys": sum(1 for t in self.tenants.values() if t.connections),
             "runnables_stored": len(self.runnables),
             "counters": dict(self.counters),
             "outbox": dict(self.io_status),
@@ -698,6 +943,7 @@ class BrokerCore:
         E.SendFailed: _on_send_failed,
         E.PeerStalled: _on_peer_stalled,
         E.KeysChanged: _on_keys_changed,
+        E.ConnectionClosed: _on_connection_closed,
         E.Malformed: _on_malformed,
         E.ForeignProtocol: _on_foreign_protocol,
     }

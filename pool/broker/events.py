@@ -8,25 +8,41 @@ core like any other, and a test can feed the core garbage without a socket.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from worker import protocol as P
+
+# ---------------------------------------------------------------------------- who sent it
+
+
+@dataclass(slots=True)
+class FromPeer:
+    """What every received message carries besides its content: who sent it.
+
+    ``peer`` is the ROUTER's routing id, only the address replies go to: libzmq gives one per
+    connection, but a peer may choose its own, and take over the id of a peer that left. So each
+    message also carries the connection it came from (``fd``, the socket's file descriptor) and
+    the CurveZMQ key that connection was authenticated with (``key``, Z85; None without keys). The
+    core acts on a message only for the state that this same connection and key registered."""
+
+    peer: bytes
+    fd: int = field(default=-1, kw_only=True)
+    key: bytes | None = field(default=None, kw_only=True)
+
 
 # ---------------------------------------------------------------------------- events from clients
 
 
 @dataclass(slots=True)
-class Hello:
-    peer: bytes
+class Hello(FromPeer):
     environment: dict[str, Any]
-    user_id: str | None = None  # the CURVE public key (Z85) it connected with, when keys are on
 
 
 @dataclass(slots=True)
-class Submit:
-    peer: bytes
+class Submit(FromPeer):
     task_id: bytes
     header: bytes  # still JSON: a bad header is answered with the task's id, so the core parses it
     runnable: bytes  # b"" when the client expects the broker to hold it
@@ -34,73 +50,81 @@ class Submit:
 
 
 @dataclass(slots=True)
-class Cancel:
-    peer: bytes
+class Cancel(FromPeer):
     task_id: bytes
 
 
 @dataclass(slots=True)
-class StatusRequest:
-    peer: bytes  # a client asking, or a draining worker's fence
+class StatusRequest(FromPeer):
+    """A client asking, or a draining worker's fence."""
 
 
 # ---------------------------------------------------------------------------- events from either
 
 
 @dataclass(slots=True)
-class Heartbeat:
-    peer: bytes
+class Heartbeat(FromPeer):
+    pass
 
 
 @dataclass(slots=True)
-class Bye:
-    peer: bytes
+class Bye(FromPeer):
+    pass
 
 
 # ---------------------------------------------------------------------------- events from workers
 
 
 @dataclass(slots=True)
-class Ready:
-    peer: bytes
+class Ready(FromPeer):
     environment: dict[str, Any]
-    user_id: str | None = None  # the CURVE public key (Z85) it connected with, when keys are on
 
 
 @dataclass(slots=True)
-class Chunk:
-    peer: bytes
+class Chunk(FromPeer):
     task_id: bytes
     chunk: bytes
 
 
 @dataclass(slots=True)
-class CallbackEvent:
+class CallbackEvent(FromPeer):
     """A callback a worker relays for a task whose client listens (``worker.callback_events``)."""
 
-    peer: bytes
     task_id: bytes
     data: bytes
 
 
 @dataclass(slots=True)
-class Result:
-    peer: bytes
+class Result(FromPeer):
     task_id: bytes
     output: bytes
 
 
 @dataclass(slots=True)
-class WorkerError:
-    peer: bytes
+class WorkerError(FromPeer):
     task_id: bytes  # b"" for a message about the worker itself, not a task
     code: bytes
     body: tuple[bytes, ...]  # forwarded to the client as is
 
 
 @dataclass(slots=True)
-class Draining:
-    peer: bytes
+class Draining(FromPeer):
+    pass
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@dataclass(slots=True)
+class Malformed(FromPeer):
+    reason: str
+
+
+@dataclass(slots=True)
+class ForeignProtocol(FromPeer):
+    """A runnable-k8s peer of another protocol version: it deserves a clear answer, not silence."""
+
+    protocol: bytes
 
 
 # ---------------------------------------------------------------------------- events of the loop
@@ -131,30 +155,25 @@ class PeerStalled:
 
 
 @dataclass(slots=True)
+class ConnectionClosed:
+    """The connection with file descriptor ``fd`` closed (the socket monitor saw it go): whatever
+    registered on it is gone now, not at its next missed heartbeat."""
+
+    fd: int
+
+
+@dataclass(slots=True)
 class KeysChanged:
     """The allow-lists were re-read: the Z85 public keys that may now be clients and workers.
-    Peers whose key was taken out are dropped."""
+    Peers whose key was taken out are dropped and their connections cut."""
 
     client_keys: frozenset[bytes]
     worker_keys: frozenset[bytes]
 
 
-@dataclass(slots=True)
-class Malformed:
-    peer: bytes
-    reason: str
-
-
-@dataclass(slots=True)
-class ForeignProtocol:
-    """A runnable-k8s peer of another protocol version: it deserves a clear answer, not silence."""
-
-    peer: bytes
-    protocol: bytes
-
-
 Event = (Hello | Submit | Cancel | StatusRequest | Heartbeat | Bye | Ready | Chunk | CallbackEvent | Result
-         | WorkerError | Draining | Tick | SendFailed | PeerStalled | KeysChanged | Malformed | ForeignProtocol)
+         | WorkerError | Draining | Tick | SendFailed | PeerStalled | ConnectionClosed | KeysChanged | Malformed
+         | ForeignProtocol)
 
 # ---------------------------------------------------------------------------- effects
 
@@ -178,67 +197,86 @@ class Forget(NamedTuple):
     peer: bytes
 
 
+class Disconnect(NamedTuple):
+    """Close the connection with file descriptor ``fd`` now (its key was revoked, or it is no
+    longer allowed at all): CurveZMQ checks a key only at the handshake, so an open connection
+    would otherwise keep talking."""
+
+    fd: int
+
+
 class WakeObservers(NamedTuple):
     """Run the status hooks now: a task arrived at a pool with no workers, and an autoscaler at
     zero should not wait for the next tick to start one."""
 
 
-Effect = Send | Latency | Forget | WakeObservers
+Effect = Send | Latency | Forget | Disconnect | WakeObservers
 
 # ---------------------------------------------------------------------------- decoding
 
+# Another version of this protocol: echoed back in the refusal, so it is kept short and plain.
+_FOREIGN_PROTOCOL = re.compile(rb"RK8S/[0-9]{1,6}")
 
-def _json_or_empty(body: list[bytes]) -> dict[str, Any]:
-    return P.decode_json_object(body[0]) if body else {}
+
+def _environment(name: str, body: list[bytes]) -> dict[str, Any]:
+    """A HELLO's or READY's JSON body, refused unparsed past ``P.MAX_HELLO_BYTES``: parsing a
+    hostile 8 MB body cost the broker about 35 MB and a third of a second for each message."""
+    if not body:
+        return {}
+    if len(body[0]) > P.MAX_HELLO_BYTES:
+        raise ValueError(f"{name} body of {len(body[0])} bytes, over the limit of {P.MAX_HELLO_BYTES}")
+    return P.decode_json_object(body[0])
 
 
-def _submit(peer: bytes, body: list[bytes], user_id: str | None) -> Submit:
+def _submit(peer: bytes, body: list[bytes], fd: int, key: bytes | None) -> Submit:
     if len(body) != 4:
         raise ValueError(f"SUBMIT has {len(body)} body frames, expected 4")
-    return Submit(peer, body[0], body[1], body[2], body[3])
+    return Submit(peer, body[0], body[1], body[2], body[3], fd=fd, key=key)
 
 
-def _error(peer: bytes, body: list[bytes], user_id: str | None) -> WorkerError:
+def _error(peer: bytes, body: list[bytes], fd: int, key: bytes | None) -> WorkerError:
     task_id = body[0] if body else b""
     if task_id and len(body) < 2:
         raise ValueError("ERROR about a task has no code")
-    return WorkerError(peer, task_id, body[1] if len(body) > 1 else b"", tuple(body))
+    return WorkerError(peer, task_id, body[1] if len(body) > 1 else b"", tuple(body), fd=fd, key=key)
 
 
-_Decoder = Callable[[bytes, list[bytes], "str | None"], Event]
+_Decoder = Callable[[bytes, list[bytes], int, "bytes | None"], Event]
 
 _DECODERS: dict[bytes, _Decoder] = {
-    P.HELLO: lambda peer, body, user: Hello(peer, _json_or_empty(body), user),
+    P.HELLO: lambda peer, body, fd, key: Hello(peer, _environment("HELLO", body), fd=fd, key=key),
     P.SUBMIT: _submit,
-    P.CANCEL: lambda peer, body, user: Cancel(peer, body[0] if body else b""),
-    P.STATUS: lambda peer, body, user: StatusRequest(peer),
-    P.HEARTBEAT: lambda peer, body, user: Heartbeat(peer),
-    P.BYE: lambda peer, body, user: Bye(peer),
-    P.READY: lambda peer, body, user: Ready(peer, _json_or_empty(body), user),
-    P.CHUNK: lambda peer, body, user: Chunk(peer, body[0], body[1]),
-    P.EVENT: lambda peer, body, user: CallbackEvent(peer, body[0], body[1]),
-    P.RESULT: lambda peer, body, user: Result(peer, body[0], body[1]),
+    P.CANCEL: lambda peer, body, fd, key: Cancel(peer, body[0] if body else b"", fd=fd, key=key),
+    P.STATUS: lambda peer, body, fd, key: StatusRequest(peer, fd=fd, key=key),
+    P.HEARTBEAT: lambda peer, body, fd, key: Heartbeat(peer, fd=fd, key=key),
+    P.BYE: lambda peer, body, fd, key: Bye(peer, fd=fd, key=key),
+    P.READY: lambda peer, body, fd, key: Ready(peer, _environment("READY", body), fd=fd, key=key),
+    P.CHUNK: lambda peer, body, fd, key: Chunk(peer, body[0], body[1], fd=fd, key=key),
+    P.EVENT: lambda peer, body, fd, key: CallbackEvent(peer, body[0], body[1], fd=fd, key=key),
+    P.RESULT: lambda peer, body, fd, key: Result(peer, body[0], body[1], fd=fd, key=key),
     P.ERROR: _error,
-    P.DRAINING: lambda peer, body, user: Draining(peer),
+    P.DRAINING: lambda peer, body, fd, key: Draining(peer, fd=fd, key=key),
 }
 
 
-def decode(frames: list[bytes], user_id: str | None = None) -> Event:
-    """One received message, ``[identity, protocol, command, *body]``, as an event."""
+def decode(frames: list[bytes], fd: int = -1, key: bytes | None = None) -> Event:
+    """One received message, ``[identity, protocol, command, *body]``, as an event from the
+    connection ``fd`` authenticated with ``key``."""
     peer = frames[0]
     if len(frames) < 3:
-        return Malformed(peer, f"a message of {len(frames)} frames (too short)")
+        return Malformed(peer, f"a message of {len(frames)} frames (too short)", fd=fd, key=key)
     if len(frames) > P.MAX_FRAMES + 1:  # + the identity the ROUTER put first
-        return Malformed(peer, f"a message of {len(frames) - 1} frames (no command has more than {P.MAX_FRAMES})")
+        return Malformed(peer, f"a message of {len(frames) - 1} frames (no command has more than {P.MAX_FRAMES})",
+                         fd=fd, key=key)
     protocol, command, body = frames[1], frames[2], frames[3:]
     if protocol != P.PROTOCOL:
-        if protocol.startswith(P.PROTOCOL_FAMILY):
-            return ForeignProtocol(peer, protocol)
-        return Malformed(peer, "a message that is not runnable-k8s protocol")
+        if _FOREIGN_PROTOCOL.fullmatch(protocol):
+            return ForeignProtocol(peer, protocol, fd=fd, key=key)
+        return Malformed(peer, "a message that is not runnable-k8s protocol", fd=fd, key=key)
     decoder = _DECODERS.get(command)
     if decoder is None:
-        return Malformed(peer, f"unknown command {command[:16]!r}")
+        return Malformed(peer, f"unknown command {command[:16]!r}", fd=fd, key=key)
     try:
-        return decoder(peer, body, user_id)
+        return decoder(peer, body, fd, key)
     except Exception as exc:  # noqa: BLE001 - bad JSON, missing frames, deep nesting: all malformed
-        return Malformed(peer, f"a bad {P.COMMAND_NAMES[command]}: {exc!r}"[:300])
+        return Malformed(peer, f"a bad {P.COMMAND_NAMES[command]}: {exc!r}"[:300], fd=fd, key=key)

@@ -5,11 +5,18 @@ owns the socket and the clock and nothing else: it decodes each message into an 
 (``events.decode``), lets ``core.BrokerCore`` apply every rule, and sends what the core returns.
 A send that fails because the peer is gone goes back to the core as an event. The broker never
 trusts a message: anything malformed is logged, counted and dropped, never fatal.
+
+Every event says who sent it: the connection's file descriptor (``zmq.SRCFD`` of the message)
+and, with keys, the CurveZMQ key that connection authenticated with (its ``User-Id``). The
+routing id the ROUTER puts first is only where replies go (a peer can choose it).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
+import socket as stdlib_socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,10 +37,33 @@ __all__ = ["Broker", "BrokerConfigError", "RunnableStore", "WorkerState", "is_lo
 
 log = logging.getLogger("runnable_k8s.broker")
 
-# Commands whose sender's key decides whether they are allowed: a client key may say HELLO, a
-# worker key READY (every other command only acts on what these two set up).
-_KEYED_COMMANDS = frozenset({P.HELLO, P.READY})
 _BATCH = 1000  # messages read before the clock is looked at again, so a busy broker still ticks
+_SRCFD = int(zmq.SRCFD)
+
+
+def _connection_guard_module() -> Any:
+    """``pool.broker.connections`` (per-connection limits, cutting a connection, seeding routing
+    ids), when this release has it; the broker runs without it, cutting with ``_shutdown``."""
+    try:
+        return importlib.import_module("pool.broker.connections")
+    except ImportError:
+        return None
+
+
+def _shutdown(fd: int) -> None:
+    """Close one connection of the ROUTER under libzmq: shut its socket down, so libzmq reads
+    the end of it and drops the connection as if the peer had left (ZeroMQ has no call to close
+    one peer of a ROUTER). Used only without ``pool.broker.connections``, whose ``cut`` does it."""
+    try:
+        sock = stdlib_socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return  # already closed
+    try:
+        sock.shutdown(stdlib_socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 class BrokerConfigError(ValueError):
@@ -58,6 +88,7 @@ class Broker:
         client_queue_size: int = defaults.CLIENT_QUEUE_SIZE,
         client_queue_bytes: int = defaults.CLIENT_QUEUE_BYTES,
         max_unread_bytes: int = defaults.MAX_UNREAD_BYTES,
+        max_connections_per_key: int = defaults.MAX_CONNECTIONS_PER_KEY,
     ) -> None:
         if keys is None and not insecure and not bind.startswith(("ipc://", "inproc://")):
             where = "every user of this machine" if is_loopback_endpoint(bind) else "anyone who can reach this port"
@@ -81,6 +112,9 @@ class Broker:
         self._context = zmq.Context()
         self._authenticator = None
         self.allow_list: AllowList | None = None
+        connections = _connection_guard_module()
+        if connections is not None:
+            connections.seed_routing_ids()  # before the ROUTER exists: its routing ids are not guessable
         self.socket = self._context.socket(zmq.ROUTER)
         self.socket.linger = 0
         self.socket.router_mandatory = 1  # an unroutable peer raises instead of vanishing silently
@@ -88,7 +122,9 @@ class Broker:
         # dropped at the mark: the outbox keeps what ZeroMQ will not take, within its own budget.
         # Set before bind: it applies to connections accepted afterwards.
         self.socket.sndhwm = defaults.BROKER_SNDHWM
-        self.socket.rcvhwm = 0
+        # Finite too: a peer sending faster than the broker reads waits (TCP backpressure) instead
+        # of growing the broker (40 HELLOs of 8 MB from one connection took it to 393 MB at 0).
+        self.socket.rcvhwm = defaults.BROKER_RCVHWM
         # The application-level limit answers politely; this one protects memory from a peer that
         # ignores it (libzmq drops such a connection).
         self.socket.maxmsgsize = max_message_bytes + 1024 * 1024
@@ -102,6 +138,9 @@ class Broker:
             self.socket.curve_secretkey = keys.secret
             self.socket.curve_publickey = keys.public
             self.socket.curve_server = True
+        self.guard: Any = None
+        if connections is not None:
+            self.guard = connections.ConnectionGuard(self.socket, max_message_bytes)
         self.endpoint = self._bind(bind)
         self.outbox = Outbox(self.socket, max_unread_bytes=max_unread_bytes)
         self.core = BrokerCore(
@@ -112,7 +151,7 @@ class Broker:
             client_keys_dir=str(keys.client_keys_dir) if keys is not None else "",
             worker_keys_dir=str(keys.worker_keys_dir) if keys is not None else "",
             max_worker_slots=max_worker_slots, queue_bytes=queue_bytes, client_queue_size=client_queue_size,
-            client_queue_bytes=client_queue_bytes,
+            client_queue_bytes=client_queue_bytes, max_connections_per_key=max_connections_per_key,
         )
         self.counters = self.core.counters  # the same dict: read live by the metrics scrape
 
@@ -128,21 +167,39 @@ class Broker:
         self._running = True
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        guard = self.guard
+        monitor = guard.monitor_socket if guard is not None else None
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         handle, clock = self.core.handle, time.monotonic
         next_tick = clock() + P.HEARTBEAT_INTERVAL
         log.info("broker listening on %s", self.endpoint)
         outbox = self.outbox
+        closed: list[int] = []  # connections the monitor saw close, handled once their messages are read
         while self._running:
             wait = min(max(0, int((next_tick - clock()) * 1000)), 250)
             if outbox.has_backlog:  # replies wait for a slow peer: come back soon to retry them
                 wait = min(wait, 5)
-            if poller.poll(wait):
+            ready = dict(poller.poll(wait))
+            if monitor is not None and monitor in ready:
+                closed.extend(guard.drain())
+            drained = True
+            if self.socket in ready:
+                drained = False
                 for _ in range(_BATCH):  # drain what is there before ticking
                     try:
                         frames = transport.recv_frames(self.socket, keep_frame=1)
                     except zmq.Again:
+                        drained = True
                         break
                     self._carry_out(handle(self._decode(frames), clock()))
+            if closed and drained:
+                # After the socket is read dry: what a peer sent before it left (a worker's last
+                # results, its BYE) is handled before its state is dropped.
+                now = clock()
+                for fd in closed:
+                    self._carry_out(handle(E.ConnectionClosed(fd), now))
+                closed.clear()
             now = clock()
             if outbox.has_backlog or outbox.in_flight_bytes:
                 for peer, unread in outbox.flush(now):
@@ -152,25 +209,36 @@ class Broker:
                 if self.allow_list is not None and self.allow_list.refresh():
                     allowed = self.allow_list.current
                     self._carry_out(handle(E.KeysChanged(allowed.clients, allowed.workers), now))
+                if guard is not None:
+                    for fd in guard.check(now):
+                        log.warning("cut connection fd %d: over its limits", fd)
+                        guard.cut(fd)
                 self._carry_out(handle(E.Tick(), now))
                 self._run_status_hooks()
                 next_tick = now + P.HEARTBEAT_INTERVAL
         log.info("broker stopped")
 
     def _decode(self, frames: list[Any]) -> E.Event:
-        """An event from a received message, whose protocol frame is still a ``zmq.Frame``."""
+        """An event from a received message, whose protocol frame is still a ``zmq.Frame``: it
+        tells the connection the message came from and, with keys, the key it authenticated with."""
         if len(frames) < 2:
             return E.Malformed(frames[0], "a message with no frames")
         protocol: zmq.Frame = frames[1]
-        user_id: str | None = None
-        if self.keys is not None and len(frames) > 2 and frames[2] in _KEYED_COMMANDS:
+        try:
+            fd = protocol.get(_SRCFD)
+        except zmq.ZMQError:
+            fd = -1
+        key: bytes | None = None
+        if self.keys is not None:
             try:
-                user = protocol.get("User-Id")  # the CURVE key it connected with: may it act in this role?
+                user = protocol.get("User-Id")  # the CURVE key it connected with
             except zmq.ZMQError:
                 user = None
-            user_id = user if isinstance(user, str) else None
+            key = user.encode() if isinstance(user, str) else None
         frames[1] = protocol.bytes
-        return E.decode(frames, user_id)
+        if self.guard is not None:
+            self.guard.note(fd, sum(len(frame) for frame in frames), time.monotonic())
+        return E.decode(frames, fd, key)
 
     def _carry_out(self, effects: list[E.Effect]) -> None:
         send, now = self.outbox.send, time.monotonic()
@@ -183,11 +251,21 @@ class Broker:
                     effects.extend(self.core.handle(E.SendFailed(effect.peer, effect.frames), time.monotonic()))
             elif effect.__class__ is E.Forget:
                 self.outbox.forget(effect.peer)
+            elif effect.__class__ is E.Disconnect:
+                self._cut(effect.fd)
             elif effect.__class__ is E.Latency:
                 if self.latency_hook is not None:
                     self.latency_hook(effect.seconds)
             elif effect.__class__ is E.WakeObservers:
                 self._run_status_hooks()
+
+    def _cut(self, fd: int) -> None:
+        """Close one connection now (its key was revoked, or it is not allowed at all)."""
+        log.info("closing connection fd %d", fd)
+        if self.guard is not None:
+            self.guard.cut(fd)
+        else:
+            _shutdown(fd)
 
     def _run_status_hooks(self) -> None:
         if not self.status_hooks:
@@ -204,6 +282,8 @@ class Broker:
         self._running = False
 
     def close(self) -> None:
+        if getattr(self, "guard", None) is not None:
+            self.guard.close()
         self.socket.close(linger=0)
         if self._authenticator is not None:
             self._authenticator.stop()

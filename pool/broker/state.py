@@ -6,6 +6,7 @@ them directly and keeps each file small enough to read whole.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -22,9 +23,15 @@ def env_key(environment: dict[str, Any]) -> EnvKey:
     return tuple(environment.get(key) for key in P.COMPATIBILITY_KEYS)
 
 
+def fingerprint(key: bytes | None) -> str:
+    """A short, stable name for a key in logs and STATUS (8 hex digits of its SHA-256): enough to
+    tell peers apart and match them with ``runnable-k8s keys`` output, and nothing to reuse."""
+    return hashlib.sha256(key).hexdigest()[:8] if key is not None else ""
+
+
 @dataclass(slots=True)
 class WorkerState:
-    identity: bytes
+    identity: bytes  # the ROUTER routing id replies go to: an address, never a name (peers choose it)
     environment: dict[str, Any]
     env_key: EnvKey
     slots: int
@@ -33,6 +40,14 @@ class WorkerState:
     # ``busy`` (what scheduling, status and the autoscaler read) counts calls, not tasks.
     running: dict[bytes, int] = field(default_factory=dict)
     busy: int = 0
+    fd: int = -1  # the connection it registered on: messages from any other are not its own
+    serial: int = 0  # the broker's own name for it ("w<serial>" in STATUS and logs)
+    # Input bytes of the tasks sent to it and not finished, and the most it may hold: a worker
+    # gets a task only if it fits, or if it holds nothing (one larger task still runs). 256 slots
+    # of large inputs would otherwise run a worker Pod out of memory.
+    input_budget: int = 1
+    input_bytes: int = 0
+    inputs: dict[bytes, int] = field(default_factory=dict)
     runnables: OrderedDict[str, None] = field(default_factory=OrderedDict)  # digests it holds
     cache_size: int = 64
     draining: bool = False
@@ -48,36 +63,68 @@ class WorkerState:
         while len(self.runnables) > self.cache_size:
             self.runnables.popitem(last=False)
 
-    def occupy(self, task_id: bytes, items: int) -> None:
+    @property
+    def label(self) -> str:
+        """How logs name it: the broker's serial, pid and host (never the routing id)."""
+        return f"w{self.serial} (pid {self.environment.get('pid')} on {self.environment.get('host')})"
+
+    def occupy(self, task_id: bytes, items: int, size: int = 0) -> None:
         """Count a task as running here: a batch of ``items`` takes that many slots, at most all
-        of them (it needs one free slot to be sent, and may fill the worker up)."""
+        of them (it needs one free slot to be sent, and may fill the worker up), and its
+        ``size`` input bytes count against the worker's input budget."""
         weight = min(items, self.slots)
         self.busy += weight - self.running.get(task_id, 0)
         self.running[task_id] = weight
+        self.input_bytes += size - self.inputs.get(task_id, 0)
+        self.inputs[task_id] = size
 
     def vacate(self, task_id: bytes) -> None:
         self.busy -= self.running.pop(task_id, 0)
+        self.input_bytes -= self.inputs.pop(task_id, 0)
+
+    def fits(self, size: int) -> bool:
+        """Whether a task of ``size`` input bytes may be sent to it now."""
+        return not self.input_bytes or self.input_bytes + size <= self.input_budget
 
     @property
     def takes_tasks(self) -> bool:
-        return not self.draining and self.busy < self.slots
+        return not self.draining and self.busy < self.slots and self.input_bytes < self.input_budget
 
 
 @dataclass(slots=True)
 class ClientState:
-    identity: bytes
+    identity: bytes  # the ROUTER routing id replies go to
     environment: dict[str, Any]
     env_key: EnvKey
     expiry: float
     tasks: set[bytes] = field(default_factory=set)  # so a client that leaves is cleaned up without a scan
     key: bytes | None = None  # the CurveZMQ public key it connected with (Z85), when keys are on
     held_bytes: int = 0  # input bytes of its tasks the broker holds (queued or running)
+    fd: int = -1  # the connection it said HELLO on: messages from any other are not its own
+    serial: int = 0  # the broker's own name for it ("c<serial>" in logs)
+    tenant: Tenant | None = None  # its key's shared budgets (its own connection's, without keys)
+
+    @property
+    def label(self) -> str:
+        return f"client c{self.serial}" + (f" (key {fingerprint(self.key)})" if self.key is not None else "")
+
+
+@dataclass(slots=True)
+class Tenant:
+    """What all connections of one client key share: the budgets (``client_queue_size`` waiting
+    tasks, ``client_queue_bytes`` held input) and the connection cap. Per key, not per connection,
+    or a key with N connections would get N budgets. Without keys each connection is a tenant
+    (the ipc:// socket's folder is the identity, and every connection in it is trusted alike)."""
+
+    name: bytes  # the key, or the routing id of its one connection without keys
+    connections: set[bytes] = field(default_factory=set)  # routing ids of its registered clients
+    held_bytes: int = 0
 
 
 @dataclass(eq=False, slots=True)
 class Task:
     task_id: bytes
-    client: bytes
+    client: bytes  # routing id of the client connection that sent it (its replies go there)
     header: P.TaskHeader
     header_bytes: bytes
     input_blob: bytes
@@ -91,6 +138,7 @@ class Task:
     cancelled: bool = False
     queued: bool = False  # waiting in Queues; False marks a stale queue entry to skip
     size: int = 0  # bytes it holds in the broker (header + input), counted against the budgets
+    owner: bytes = b""  # its client's tenant (Tenant.name): queues take turns by tenant
 
 
 class RunnableStore:
@@ -139,9 +187,10 @@ class Queues:
     """
 
     def __init__(self) -> None:
-        # environment -> client -> its waiting tasks; the dict's order is the rotation
+        # environment -> tenant -> its waiting tasks; the dict's order is the rotation
         self._by_env: dict[EnvKey, OrderedDict[bytes, deque[Task]]] = {}
-        self._by_client: Counter[bytes] = Counter()  # live entries per client
+        self._by_client: Counter[bytes] = Counter()  # live entries per tenant
+        self._live_by_env: Counter[EnvKey] = Counter()
         self._deadlines: list[tuple[float, int, Task]] = []
         self._pushes = 0  # heap tie-break: Tasks do not compare
         self._live = 0
@@ -150,9 +199,14 @@ class Queues:
     def __len__(self) -> int:
         return self._live
 
-    def of_client(self, client: bytes) -> int:
-        """Tasks this client has waiting (all environments)."""
-        return self._by_client.get(client, 0)
+    def of_client(self, owner: bytes) -> int:
+        """Tasks this tenant (a client key, or one connection without keys) has waiting, in all
+        environments."""
+        return self._by_client.get(owner, 0)
+
+    def live_in(self, key: EnvKey) -> int:
+        """Tasks waiting in one environment (a new task of it may skip the queue only at 0)."""
+        return self._live_by_env.get(key, 0)
 
     def push(self, task: Task, *, front: bool = False) -> None:
         """Queue a task; ``front`` for one that was already waiting or running (requeue, retry):
@@ -160,18 +214,19 @@ class Queues:
         clients = self._by_env.get(task.env_key)
         if clients is None:
             clients = self._by_env[task.env_key] = OrderedDict()
-        tasks = clients.get(task.client)
+        tasks = clients.get(task.owner)
         if tasks is None:
-            tasks = clients[task.client] = deque()
+            tasks = clients[task.owner] = deque()
         if front:
             tasks.appendleft(task)
-            clients.move_to_end(task.client, last=False)
+            clients.move_to_end(task.owner, last=False)
         else:
             tasks.append(task)
         task.queued = True
         self._live += 1
+        self._live_by_env[task.env_key] += 1
         self.items += task.header.items
-        self._by_client[task.client] += 1
+        self._by_client[task.owner] += 1
         self._pushes += 1
         heapq.heappush(self._deadlines, (task.queue_deadline, self._pushes, task))
         if len(self._deadlines) > 2 * self._live + _COMPACT_SLACK:
@@ -199,8 +254,13 @@ class Queues:
         return None
 
     def _taken(self, task: Task) -> None:
-        client = task.client
+        client = task.owner
         self._live -= 1
+        env_left = self._live_by_env[task.env_key] - 1
+        if env_left:
+            self._live_by_env[task.env_key] = env_left
+        else:
+            del self._live_by_env[task.env_key]
         self.items -= task.header.items
         left = self._by_client[client] - 1
         if left:
@@ -215,13 +275,13 @@ class Queues:
         task.queued = False
         self._taken(task)
         clients = self._by_env[task.env_key]
-        tasks = clients.get(task.client)
-        if tasks is not None and len(tasks) > 2 * self.of_client(task.client) + _COMPACT_SLACK:
+        tasks = clients.get(task.owner)
+        if tasks is not None and len(tasks) > 2 * self.of_client(task.owner) + _COMPACT_SLACK:
             live = deque(t for t in tasks if t.queued)
             if live:
-                clients[task.client] = live
+                clients[task.owner] = live
             else:
-                del clients[task.client]
+                del clients[task.owner]
 
     def expired(self, now: float) -> list[Task]:
         """Take out and return every waiting task whose queue deadline is before ``now``."""

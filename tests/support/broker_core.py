@@ -1,6 +1,10 @@
 """The broker's core driven by hand, with no process, socket or clock: a ``Pool`` that feeds
 ``BrokerCore`` events at chosen times, and readers of the messages it returns. Shared by the
-broker-core tests (tests/test_broker_core.py, _batch_slots, _callback_events, _tenants)."""
+broker-core tests (tests/test_broker_core.py, _batch_slots, _callback_events, _tenants, _identity).
+
+Each routing id is one connection unless a test says otherwise: an event without a connection
+(``fd`` -1) gets the one its peer was first seen on, and its key; ``pool.connect(peer, key=...)``
+opens a new connection under that routing id (a peer that reconnected with a chosen id)."""
 
 from __future__ import annotations
 
@@ -30,9 +34,24 @@ class Pool:
     def __init__(self, **settings: Any) -> None:
         self.now = 0.0
         self.core = BrokerCore(now=self.now, **settings)
+        self.fds: dict[bytes, int] = {}  # routing id -> its connection now
+        self.keys: dict[bytes, bytes | None] = {}  # routing id -> the key that connection has
+        self._next_fd = 100
 
     def __call__(self, event: E.Event) -> list[E.Effect]:
+        if isinstance(event, E.FromPeer) and event.fd == -1:
+            if event.peer not in self.fds:
+                self.connect(event.peer, event.key)
+            event.fd = self.fds[event.peer]
+            if event.key is None:
+                event.key = self.keys[event.peer]
         return self.core.handle(event, self.now)
+
+    def connect(self, peer: bytes, key: bytes | None = None) -> int:
+        """A new connection under routing id ``peer`` (authenticated with ``key``); its fd."""
+        self._next_fd += 1
+        self.fds[peer], self.keys[peer] = self._next_fd, key
+        return self._next_fd
 
     def at(self, now: float) -> Pool:
         self.now = now
@@ -43,19 +62,21 @@ class Pool:
         self.at(now)(E.Heartbeat(client))
         return self(E.Tick())
 
-    def hello(self, client: bytes = CLIENT, environment: dict[str, Any] = ENV) -> list[E.Effect]:
-        return self(E.Hello(client, environment))
+    def hello(self, client: bytes = CLIENT, environment: dict[str, Any] = ENV,
+              key: bytes | None = None) -> list[E.Effect]:
+        return self(E.Hello(client, environment, key=key))
 
     def ready(self, worker: bytes, slots: int = 1, environment: dict[str, Any] = ENV,
-              user_id: str | None = None) -> list[E.Effect]:
-        return self(E.Ready(worker, {**environment, "concurrency": slots}, user_id))
+              key: bytes | None = None, **more: Any) -> list[E.Effect]:
+        return self(E.Ready(worker, {**environment, "concurrency": slots, **more}, key=key))
 
     def submit(self, task_id: bytes, client: bytes = CLIENT, runnable: bytes = RUNNABLE, *,
                timeout: float | None = None, retries: int = 0, send_bytes: bool = True,
-               config: dict[str, Any] | None = None, trust: bool = False) -> list[E.Effect]:
+               config: dict[str, Any] | None = None, trust: bool = False,
+               input_blob: bytes = b"input") -> list[E.Effect]:
         header = P.TaskHeader("invoke", digest(runnable), timeout=timeout, retries=retries, config=config or {},
                               trust=trust).to_bytes()
-        return self(E.Submit(client, task_id, header, runnable if send_bytes else b"", b"input"))
+        return self(E.Submit(client, task_id, header, runnable if send_bytes else b"", input_blob))
 
     def result(self, worker: bytes, task_id: bytes) -> list[E.Effect]:
         return self(E.Result(worker, task_id, b"output"))
