@@ -70,5 +70,5 @@ if __name__ == "__main__":
     if os.environ.get("RUNNABLE_K8S_POOL"):
         main(os.environ["RUNNABLE_K8S_POOL"])
     else:
-        with LocalPool(workers=1) as pool:  # broker + 1 worker process on 127.0.0.1, stopped at the end
+        with LocalPool(workers=1) as pool:  # broker + 1 worker behind a private ipc:// socket
             main(pool.address)

@@ -1,9 +1,10 @@
 """Quickstart: a chain whose chat model runs on a warm local worker pool.
 
 Runs on a fresh machine with no API key and no cluster: a ``LocalPool`` (one broker and two
-worker processes on 127.0.0.1) and a fake streaming chat model from langchain-core stand in for a
-Kubernetes pool and ChatOpenAI. It shows invoke, batch and stream, with timings, and that a
-repeated call costs about a round trip because the worker keeps the model warm.
+worker processes behind an ipc:// socket only this user can open) and a fake streaming chat model
+from langchain-core stand in for a Kubernetes pool and ChatOpenAI. It shows invoke, batch and
+stream, with timings, and that a repeated call costs about a round trip because the worker keeps
+the model warm.
 
     python examples/quickstart.py
 """

@@ -1,4 +1,4 @@
-"""Broker RSS under hostile or careless peers (issue 10, finding 4): the figures behind
+"""Broker RSS under hostile or careless peers: the figures behind
 tests/test_broker_memory.py, for this checkout or another one (a commit before a fix).
 
     .venv/bin/python scripts/broker_memory.py                       # this checkout, cases a-d
@@ -6,7 +6,8 @@ tests/test_broker_memory.py, for this checkout or another one (a commit before a
     .venv/bin/python scripts/broker_memory.py --repo /tmp/before     # the broker and worker of COMMIT
 
 Run from the repository root (it uses the raw peers and RSS sampling of tests/test_broker_memory.py;
-the broker and the worker run from ``--repo``). Cases:
+the broker and the worker run from ``--repo``; cases a, b and the last of d run a broker without
+keys, so they pass ``--insecure``). Cases:
 
   a  a client that never reads: HELLO, heartbeats, --calls SUBMITs of 8 MiB echoes (8 MiB results),
      with --max-unread-bytes 16 MiB and --client-queue-bytes 32 MiB;
@@ -14,7 +15,7 @@ the broker and the worker run from ``--repo``). Cases:
   c  a multipart message that never ends (200 frames of 1 MiB, all MORE) from a peer whose CURVE
      key is not on the allow-list;
   d  the same endless message (--endless-frames of 1 MiB) from an *authenticated* client; and the
-     same against a broker without keys (any local process can connect to a loopback broker).
+     same against a broker without keys (``--insecure``: any local process can connect to it).
 
 Each line: RSS after a warm-up call (baseline), the largest sample while the peer misbehaves
 (peak), and the RSS 2 s after the peer has gone (after).
@@ -69,7 +70,7 @@ def settle(pid: int) -> int:
 
 def case_a(repo: Path, calls: int) -> None:
     with pool_processes("--max-unread-bytes", str(MAX_UNREAD), "--client-queue-bytes", str(CLIENT_QUEUE_BYTES),
-                        repo=repo) as (address, pid):
+                        "--insecure", repo=repo) as (address, pid):
         wait_for_workers(address)
         payload = bytes(RESULT)
         assert normal_call(address, value=payload) == payload
@@ -92,7 +93,7 @@ def case_a(repo: Path, calls: int) -> None:
 
 
 def case_b(repo: Path) -> None:
-    with pool_processes("--max-message-bytes", str(MAX_MESSAGE), repo=repo) as (address, pid):
+    with pool_processes("--max-message-bytes", str(MAX_MESSAGE), "--insecure", repo=repo) as (address, pid):
         wait_for_workers(address)
         assert normal_call(address) == 21
         baseline = rss_bytes(pid)
@@ -152,7 +153,7 @@ def case_c_d(repo: Path, frames: int) -> None:
                 line(name, baseline, peak, settle(pid), attempted_mib=count * FRAME // MiB,
                      sent_mib=round(sent / MiB, 1), handshake=handshake,
                      next_call_ok=normal_call(address, keys) == 21)
-    with pool_processes(repo=repo) as (address, pid):
+    with pool_processes("--insecure", repo=repo) as (address, pid):
         wait_for_workers(address)
         assert normal_call(address) == 21
         baseline = rss_bytes(pid)

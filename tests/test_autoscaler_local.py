@@ -263,7 +263,7 @@ class ProcessScaler:
 
 @pytest.mark.timeout(60)
 def test_a_broker_with_no_workers_wakes_its_autoscaler_as_soon_as_a_task_arrives() -> None:
-    broker = Broker("tcp://127.0.0.1:*")
+    broker = Broker("tcp://127.0.0.1:*", insecure=True)
     scaler = ProcessScaler(broker.endpoint)
     clock = Clock()
     autoscaler = Autoscaler(AutoscaleSettings(min=0, max=3, window=600, idle=600), scaler, resync=0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,7 @@ def test_in_process_run_leaves_no_process_behind(tmp_path: Path, capsys: pytest.
     from pool.cli import main
 
     before = child_pids()
+    floor_folders = set(Path(tempfile.gettempdir()).glob("rk8s-floor-*"))
     code = main(["bench", "--modes", "warm,ephemeral", "--launcher", "local", "--workload", "echo,stream",
                  *TINY, "--no-progress", "--json", str(tmp_path / "b.json")])
     assert code == 0
@@ -127,6 +129,7 @@ def test_in_process_run_leaves_no_process_behind(tmp_path: Path, capsys: pytest.
     assert set(results["modes"]["warm"]["workloads"]) == {"echo", "stream"}
     assert "scaling" not in results  # no io workload, no scaling run
     wait_for(lambda: child_pids() <= before, 10, "every process the bench started to exit")
+    assert set(Path(tempfile.gettempdir()).glob("rk8s-floor-*")) <= floor_folders  # the floor's socket folder too
 
 
 @pytest.mark.timeout(120)

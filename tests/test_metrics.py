@@ -101,7 +101,7 @@ def test_metrics_count_tasks_by_outcome_latency_slots_and_workers() -> None:
 
 @pytest.mark.timeout(20)
 def test_metrics_listen_on_loopback_by_default() -> None:
-    broker = Broker("tcp://127.0.0.1:*")
+    broker = Broker("tcp://127.0.0.1:*", insecure=True)
     metrics = BrokerMetrics(broker).attach()
     try:
         port = metrics.serve(0)

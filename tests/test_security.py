@@ -1,7 +1,7 @@
-"""CurveZMQ (DESIGN §5): only allow-listed keys get in, only worker keys register as workers, and a
-broker never listens beyond loopback without keys unless told ``--insecure``.
+"""CurveZMQ: only allow-listed keys get in, only worker keys register as workers, and a
+broker never listens on tcp without keys, loopback included, unless told ``--insecure``.
 
-Every socket here is on 127.0.0.1; the one 0.0.0.0 endpoint below is refused before it is bound.
+Every socket here is on 127.0.0.1 or ipc://; the 0.0.0.0 endpoints below are refused before they are bound.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -215,15 +216,19 @@ def test_a_raw_worker_with_a_worker_key_is_registered_and_given_tasks(secure_poo
 
 
 @pytest.mark.timeout(30)
-def test_the_broker_command_refuses_a_public_bind_without_keys_and_says_what_to_do():
+@pytest.mark.parametrize("bind", [None, "tcp://127.0.0.1:{port}", "tcp://localhost:{port}", "tcp://0.0.0.0:{port}"])
+def test_the_broker_command_refuses_tcp_without_keys_loopback_included_and_says_what_to_do(bind):
+    # None: the default bind (127.0.0.1:5555), which every user of the machine can reach.
+    bind_args = [] if bind is None else ["--bind", bind.format(port=free_port())]
     result = subprocess.run(
-        [sys.executable, "-m", "pool", "broker", "--bind", f"tcp://0.0.0.0:{free_port()}"],
+        [sys.executable, "-m", "pool", "broker", *bind_args, "--announce"],
         capture_output=True, text=True, timeout=20,
         env={k: v for k, v in os.environ.items() if k != "RUNNABLE_K8S_KEYS"},
     )
-    assert result.returncode != 0
-    assert "--insecure" in result.stderr
-    assert "runnable-k8s keys" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.startswith("runnable-k8s broker: refusing to listen on tcp://")
+    assert "--insecure" in result.stderr and "runnable-k8s keys" in result.stderr and "ipc://" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
     assert "READY" not in result.stdout
 
 
@@ -235,6 +240,41 @@ def test_the_broker_class_refuses_a_non_loopback_endpoint_without_keys(endpoint)
     with pytest.raises(BrokerConfigError) as info:
         Broker(endpoint)
     assert "--insecure" in str(info.value) and "runnable-k8s keys" in str(info.value)
+    assert "anyone who can reach this port" in str(info.value)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5555", "tcp://127.0.0.1:*", "tcp://localhost:5555",
+                                      "tcp://[::1]:5555", "tcp://127.8.9.10:5555"])
+def test_the_broker_class_refuses_a_loopback_tcp_endpoint_without_keys(endpoint):
+    # Every user of the machine (and every container sharing its network) reaches a loopback port.
+    with pytest.raises(BrokerConfigError) as info:
+        Broker(endpoint)
+    assert "every user of this machine" in str(info.value)
+    assert "--insecure" in str(info.value) and "ipc://" in str(info.value)
+
+
+@pytest.mark.timeout(10)
+def test_the_broker_class_listens_on_loopback_tcp_without_keys_only_when_told_insecure():
+    broker = Broker("tcp://127.0.0.1:*", insecure=True)
+    try:
+        assert broker.endpoint.startswith("tcp://127.0.0.1:")
+    finally:
+        broker.close()
+
+
+@pytest.mark.timeout(10)
+def test_the_broker_class_needs_no_keys_on_ipc_or_inproc():
+    folder = tempfile.mkdtemp(prefix="rk8s-test-")
+    try:
+        for endpoint in (f"ipc://{folder}/broker.sock", "inproc://keyless-broker"):
+            broker = Broker(endpoint)
+            try:
+                assert broker.endpoint == endpoint
+            finally:
+                broker.close()
+    finally:
+        shutil.rmtree(folder)
 
 
 @pytest.mark.timeout(10)

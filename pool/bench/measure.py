@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import pickle
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,14 +56,27 @@ def time_calls(call: Callable[[], Any], calls: int, warmup: int = 50) -> dict[st
 # ---------------------------------------------------------------------- the bare floor
 
 class BareFloor:
-    """The bare broker and two bare workers as processes, and a DEALER client."""
+    """The bare broker and two bare workers as processes, and a DEALER client.
+
+    Its sockets are ipc:// in a fresh folder only this user may enter (the floor's worker runs any
+    pickle it is sent); the floor's broker removes the folder when it stops or this process dies,
+    and :meth:`close` removes it too."""
 
     def __init__(self, workers: int, slots: int) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
-        broker = subprocess.Popen([sys.executable, "-m", "pool.bench.floor", "broker", "tcp://127.0.0.1:*"],
-                                  stdout=subprocess.PIPE)
-        self.procs.append(broker)
-        _, front, back = _read_line(broker, 20).split()
+        self.folder = tempfile.mkdtemp(prefix="rk8s-floor-")  # mode 0700
+        try:
+            broker = subprocess.Popen([sys.executable, "-m", "pool.bench.floor", "broker", self.folder],
+                                      stdout=subprocess.PIPE)
+            self.procs.append(broker)
+            ready = _read_line(broker, 20).split()
+            if len(ready) != 3 or ready[0] != "READY":
+                raise RuntimeError(f"the bench's bare floor broker did not start (it said {' '.join(ready)!r})")
+        except BaseException:
+            _stop_all(self.procs)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        _, front, back = ready
         self.frontend, self.backend = front, back
         for _ in range(workers):
             self.procs.append(subprocess.Popen([sys.executable, "-m", "pool.bench.floor", "worker", back, str(slots)]))
@@ -96,6 +111,7 @@ class BareFloor:
         self.sock.close(0)
         self.context.term()
         _stop_all(self.procs)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def environment() -> dict[str, Any]:
