@@ -388,6 +388,10 @@ class Connection:
                 code = P.E_POOL_UNAVAILABLE if self.closed else _failure_code(self._failure)
                 submission.sink.deliver(Event(submission.task_id, "error", code=code, message=why))
                 return
+            refusal = self._never_fits(submission)
+            if refusal is not None:
+                submission.sink.deliver(Event(submission.task_id, "error", code=P.E_QUEUE_FULL, message=refusal))
+                return
             submission.wire_id = submission.wire_id or submission.task_id
             submission.sent_at = time.monotonic()
             submission.seq = next(self._seq)
@@ -415,6 +419,23 @@ class Connection:
                 self._send([P.PROTOCOL, P.CANCEL, wire_id])
                 self._made_room(freed)
                 self._receive()
+
+    @property
+    def waiting_tasks(self) -> int:
+        """Tasks kept here for this client's allowance in the broker (not sent, or answered busy)."""
+        return self._waiting_count
+
+    def _never_fits(self, submission: Submission) -> str | None:
+        """Why the broker could never take this task (more input than the whole allowance WELCOME
+        named), or None: refused here rather than sent only to be refused."""
+        limit = self.client_allowance()
+        size = submission.wire_size()
+        if limit is None or size <= limit:
+            return None
+        return (f"this task holds {size} bytes of input, more than this client's whole allowance in the broker "
+                f"(--client-queue-bytes {limit}), so the broker could never take it; raise the broker's "
+                "--client-queue-bytes (the chart's broker settings), or send less data (a reference such as a "
+                "URL instead of the content)")
 
     def waiting_for_allowance(self, task_id: bytes) -> str | None:
         """Why the task waits here for the broker's allowance (the broker's own words when it
