@@ -15,14 +15,21 @@ from typing import BinaryIO
 
 from worker import codec, defaults, execution
 from worker import protocol as P
+from worker.stdio_lines import LineTooLong, read_line
 
 log = logging.getLogger("runnable_k8s.worker")
 
 
+# An ERROR's message and detail are cut to fit a line the client accepts (a huge exception text
+# or pickled exception would otherwise make the client refuse the whole line).
+ERROR_TEXT_BYTES = 64 * 1024
+
+
 def _read_message(stdin: BinaryIO) -> tuple[bytes, list[bytes]] | None:
-    """The next protocol line on stdin (other lines are skipped), or None at end of input."""
+    """The next protocol line on stdin (other lines are skipped), or None at end of input; raises
+    ``LineTooLong`` for a line over ``MAX_LINE_BYTES`` instead of reading all of it."""
     while True:
-        line = stdin.readline()
+        line = read_line(stdin, "the client")
         if not line:
             return None
         message = P.parse_stdio_line(line)
@@ -30,14 +37,54 @@ def _read_message(stdin: BinaryIO) -> tuple[bytes, list[bytes]] | None:
             return message
 
 
+class _Replies:
+    """The one-shot worker's side of stdout: every line it sends fits the client's line limit."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+
+    def send(self, command: bytes, *fields: bytes) -> None:
+        self.out.write(P.stdio_line(command, *fields))
+
+    def output(self, command: bytes, data: bytes) -> None:
+        """A RESULT or CHUNK, refused over the message limit as the warm worker refuses it (the
+        client would refuse its line anyway, with a less useful error)."""
+        if len(data) > defaults.MAX_MESSAGE_BYTES:
+            raise execution.OutputTooLarge(
+                f"the runnable's output is {len(data)} bytes, over the limit of {defaults.MAX_MESSAGE_BYTES} "
+                "for one message; return less data (a reference such as a URL instead)")
+        self.send(command, data)
+
+    def event(self, data: bytes) -> None:
+        if len(data) > defaults.MAX_MESSAGE_BYTES:
+            log.warning("a callback event of %d bytes is over the message limit and was not relayed", len(data))
+            return
+        self.send(P.EVENT, data)
+
+    def error(self, code: bytes, message: str, detail: bytes = b"") -> None:
+        text = message.encode("utf-8", "replace")
+        if len(text) > ERROR_TEXT_BYTES:
+            text = text[:ERROR_TEXT_BYTES] + b"... (cut)"
+        self.send(P.ERROR, b"", code, text, detail if len(detail) <= defaults.MAX_MESSAGE_BYTES else b"")
+
+
 def run_stdio(stdin: BinaryIO | None = None) -> int:
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
-    stdin = stdin or sys.stdin.buffer
+    replies = _Replies(out)
+    try:
+        return _serve(stdin or sys.stdin.buffer, replies)
+    except LineTooLong as exc:
+        log.error("%s; stopping", exc)
+        replies.error(P.E_PAYLOAD_TOO_LARGE,
+                      f"{exc}. A runnable-k8s client of this version never sends one: check that the client and "
+                      "the worker image run the same runnable-k8s")
+        return 2
 
-    def send(command: bytes, *fields: bytes) -> None:
-        out.write(P.stdio_line(command, *fields))
 
+def _serve(stdin: BinaryIO, replies: _Replies) -> int:
+    """HELLO, READY, TASK and its replies: the session of one one-shot worker."""
+    send, send_output, send_event, send_error = replies.send, replies.output, replies.event, replies.error
     hello = _read_message(stdin)
     if hello is None or hello[0] != P.HELLO or not hello[1]:
         log.error("expected HELLO on stdin; got %s", hello and P.COMMAND_NAMES.get(hello[0]))
@@ -45,7 +92,7 @@ def run_stdio(stdin: BinaryIO | None = None) -> int:
     environment = P.environment()
     problem = P.incompatibility(P.decode_json_object(hello[1][0]), environment)
     if problem:
-        send(P.ERROR, b"", P.E_INCOMPATIBLE, f"this worker cannot run the client's objects: {problem}".encode())
+        send_error(P.E_INCOMPATIBLE, f"this worker cannot run the client's objects: {problem}")
         return 3
     send(P.READY, P.encode_json({**environment, "pid": os.getpid()}))
 
@@ -57,7 +104,7 @@ def run_stdio(stdin: BinaryIO | None = None) -> int:
     try:
         header = P.TaskHeader.from_bytes(header_bytes)
     except ValueError as exc:
-        send(P.ERROR, b"", P.E_BAD_REQUEST, f"bad task header: {exc}".encode())
+        send_error(P.E_BAD_REQUEST, f"bad task header: {exc}")
         return 2
     try:
         try:
@@ -65,19 +112,18 @@ def run_stdio(stdin: BinaryIO | None = None) -> int:
         except codec.CodecError as exc:
             raise execution.StageError("the runnable could not be rebuilt on the worker", exc) from exc
         async_only = execution.is_async_only(runnable)
-        config = execution.task_config(header, lambda data: send(P.EVENT, data))
+        config = execution.task_config(header, send_event)
         if header.kind == "stream":
             for chunk in execution.iterate_stream(runnable, async_only, input_blob, config, header.trust):
-                send(P.CHUNK, chunk)
+                send_output(P.CHUNK, chunk)
             send(P.RESULT, b"")
         elif header.kind == "batch":  # not sent by ephemeral mode today, but served like the warm worker
             for item in execution.iterate_batch(runnable, async_only, input_blob, config, header.items,
                                                 header.trust, defaults.MAX_MESSAGE_BYTES):
-                send(P.CHUNK, item)
+                send_output(P.CHUNK, item)
             send(P.RESULT, b"")
         else:
-            send(P.RESULT, execution.run_invoke(runnable, async_only, input_blob, config, header.trust))
+            send_output(P.RESULT, execution.run_invoke(runnable, async_only, input_blob, config, header.trust))
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller as its ERROR
-        code, message, detail = execution.failure(exc, header.trust)
-        send(P.ERROR, b"", code, message.encode(), detail)
+        send_error(*execution.failure(exc, header.trust))
     return 0

@@ -34,6 +34,7 @@ from pool.ephemeral.podspec import (
 from pool.errors import PodFailed, TaskTimeout
 from pool.k8s.api import api_configuration, api_error
 from worker import defaults
+from worker.stdio_lines import take_line
 
 log = logging.getLogger("runnable_k8s.ephemeral")
 
@@ -57,7 +58,7 @@ class PodChannel:
         self.name = name
         self.ws = ws
         self.deadline = deadline  # the call's (time.monotonic()), for writes the worker does not take
-        self._buffer = ""
+        self._buffer = bytearray()
         self._closed = False
         self._lock = threading.Lock()
 
@@ -89,21 +90,26 @@ class PodChannel:
             raise failed[0]
 
     def read_line(self, timeout: float | None) -> bytes:
+        """The next line of the Pod's stdout; ``LineTooLong`` (nothing more is read) for one over
+        the stdio line limit, so an endless line cannot fill this process's memory."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        searched = 0  # the buffer's first bytes hold no newline: not searched again
         while True:
-            newline = self._buffer.find("\n")
-            if newline >= 0:
-                line, self._buffer = self._buffer[: newline + 1], self._buffer[newline + 1:]
-                return line.encode("ascii", "replace")
+            line = take_line(self._buffer, "the one-shot worker's Pod", searched)
+            if line is not None:
+                return line
+            searched = len(self._buffer)
             if self._closed or not self.ws.is_open():
-                line, self._buffer = self._buffer, ""
-                return line.encode("ascii", "replace")
+                line = bytes(self._buffer)
+                self._buffer.clear()
+                return line
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError()
             self.ws.update(timeout=min(remaining, 1.0) if remaining is not None else 1.0)
             if self.ws.peek_stdout():
-                self._buffer += self.ws.read_stdout()
+                # Stdio lines are base64: plain ASCII. Anything else is not ours and is replaced.
+                self._buffer += self.ws.read_stdout().encode("ascii", "replace")
 
     def failure(self) -> BaseException:
         return self.launcher.pod_failure(self.core, self.name, "the Pod ended before sending a result")

@@ -15,8 +15,11 @@ import time
 from collections import deque
 
 from pool.errors import WorkerLost
+from worker.stdio_lines import take_line
 
 STDERR_TAIL_BYTES = 4096
+READ_BYTES = 1 << 20  # one read of the worker's stdout: the most the buffer grows past the line limit
+WORKER = "the one-shot worker"
 
 
 class ProcessChannel:
@@ -71,15 +74,17 @@ class ProcessChannel:
             pass  # the worker is gone (or abort() closed its stdin); reading will report why
 
     def read_line(self, timeout: float | None) -> bytes:
+        """The next line of the worker's stdout; ``LineTooLong`` (nothing more is read) for one
+        over the stdio line limit, so an endless line cannot fill this process's memory."""
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         deadline = None if timeout is None else time.monotonic() + timeout
+        searched = 0  # the buffer's first bytes hold no newline: not searched again
         while True:
-            newline = self._buffer.find(b"\n")
-            if newline >= 0:
-                line = bytes(self._buffer[: newline + 1])
-                del self._buffer[: newline + 1]
+            line = take_line(self._buffer, WORKER, searched)
+            if line is not None:
                 return line
+            searched = len(self._buffer)
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError()
@@ -90,7 +95,7 @@ class ProcessChannel:
             if not ready:
                 raise TimeoutError()
             try:
-                data = os.read(fd, 1 << 20)
+                data = os.read(fd, READ_BYTES)
             except OSError:
                 return b""
             if not data:

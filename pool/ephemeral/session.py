@@ -16,8 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from pool.client.calls import RemoteCall, decode_output
-from pool.errors import TaskTimeout, WorkerLost, error_from_wire
+from pool.errors import PayloadTooLarge, ProtocolError, TaskTimeout, WorkerLost, error_from_wire
+from worker import defaults
 from worker import protocol as P
+from worker.stdio_lines import LINE_SLACK_BYTES, MAX_LINE_BYTES, LineTooLong
+
+
+class WorkerLineTooLong(ProtocolError):
+    """The one-shot worker sent a stdout line over the stdio line limit (``MAX_LINE_BYTES``): it
+    is not a runnable-k8s worker of this version, or something else writes to its stdout. The
+    client read no more of it and stopped the worker."""
 
 
 class Channel(Protocol):
@@ -29,7 +37,8 @@ class Channel(Protocol):
         ...
 
     def read_line(self, timeout: float | None) -> bytes:
-        """The next line (b"" once the worker's output ended); raises ``TimeoutError``."""
+        """The next line (b"" once the worker's output ended); raises ``TimeoutError``, and
+        ``LineTooLong`` for a line over ``MAX_LINE_BYTES`` (having read at most that much of it)."""
         ...
 
     def failure(self) -> BaseException:
@@ -70,6 +79,16 @@ class Session:
 
     def events(self) -> Iterator[tuple[bytes, bytes]]:
         """``(CHUNK, data)`` ... then ``(RESULT, data)``; errors are raised."""
+        header = P.TaskHeader(self.kind, self.call.digest, self.call.timeout, 0, self.call.config,
+                              self.call.trust_workers, events=self.on_event is not None,
+                              tokens=self.call.relay is not None and self.call.relay.tokens)
+        task = P.stdio_line(P.TASK, header.to_bytes(), self.call.runnable, self.call.input)
+        if len(task) > MAX_LINE_BYTES:  # the worker would refuse it: say so before starting one
+            raise PayloadTooLarge(
+                f"the runnable, input and config come to {len(task)} bytes as a line to the one-shot worker, "
+                f"over its limit of {MAX_LINE_BYTES} (the largest message, {defaults.MAX_MESSAGE_BYTES} bytes, "
+                f"as base64, plus {LINE_SLACK_BYTES}). Send less data (pass a reference such as a URL instead)."
+            )
         channel = self.launcher.launch(self.deadline)
         with self._lock:
             self._channel = channel
@@ -82,11 +101,7 @@ class Session:
             # while it starts instead of the TASK following READY a round trip later. The worker
             # reads them in the same order as before: HELLO, (READY), TASK; one that refuses HELLO
             # answers ERROR and exits without reading the TASK.
-            header = P.TaskHeader(self.kind, self.call.digest, self.call.timeout, 0, self.call.config,
-                                  self.call.trust_workers, events=self.on_event is not None,
-                                  tokens=self.call.relay is not None and self.call.relay.tokens)
-            self._write(channel, P.stdio_line(P.HELLO, P.encode_json(P.environment()))
-                        + P.stdio_line(P.TASK, header.to_bytes(), self.call.runnable, self.call.input))
+            self._write(channel, P.stdio_line(P.HELLO, P.encode_json(P.environment())) + task)
             command, _ = self._next(channel)
             if command != P.READY:
                 raise WorkerLost(f"the one-shot worker answered HELLO with {P.COMMAND_NAMES.get(command)}")
@@ -117,6 +132,12 @@ class Session:
                 line = channel.read_line(timeout)
             except TimeoutError:
                 raise self._timeout() from None
+            except LineTooLong as exc:  # the caller's finally stops the worker
+                raise WorkerLineTooLong(
+                    f"{exc}. It is not a runnable-k8s worker of this version, or something else writes to "
+                    "its stdout; it was stopped. Check that the image runs `python -m worker --stdio` from the "
+                    "same runnable-k8s version as this client."
+                ) from None
             if not line:
                 raise channel.failure()
             message = P.parse_stdio_line(line)
