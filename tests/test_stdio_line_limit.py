@@ -211,3 +211,42 @@ def test_a_worker_fed_a_huge_task_line_after_hello_answers_ready_then_an_error_a
     code, text = _error_of(result.stdout)
     assert code == P.E_PAYLOAD_TOO_LARGE and f"longer than {MAX_LINE_BYTES} bytes" in text
     assert taken <= MAX_LINE_BYTES + SLACK, taken
+
+
+# ---------------------------------------------------------------------------- the Pod's attach stream
+
+
+class EndlessAttachStream:
+    """Stands in for the kubernetes client's attach websocket (a third-party object; a real one
+    needs a cluster, where tests/test_ephemeral_k8s.py runs): stdout that never ends a line."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.pending = prefix
+        self.handed = 0
+
+    def is_open(self) -> bool:
+        return True
+
+    def update(self, timeout: float) -> None:
+        self.pending += "x" * MiB
+
+    def peek_stdout(self) -> bool:
+        return bool(self.pending)
+
+    def read_stdout(self) -> str:
+        data, self.pending = self.pending, ""
+        self.handed += len(data)
+        return data
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("prefix", ["", "RK8S/2 RESULT "])
+def test_the_pod_channel_stops_reading_an_endless_line_at_the_cap(prefix):
+    from pool.ephemeral.k8s_launcher import PodChannel
+    from worker.stdio_lines import LineTooLong
+
+    stream = EndlessAttachStream(prefix)
+    channel = PodChannel(None, None, "runner-x", stream)  # type: ignore[arg-type]  # never closed here
+    with pytest.raises(LineTooLong):
+        channel.read_line(30)
+    assert MAX_LINE_BYTES <= stream.handed <= MAX_LINE_BYTES + 2 * MiB
