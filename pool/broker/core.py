@@ -131,6 +131,7 @@ class BrokerCore:
         # connections are cut even if they only ever asked for STATUS.
         self.connections: dict[int, bytes] = {}
         self._peer_of_fd: dict[int, bytes] = {}  # fd -> routing id of what registered on it
+        self.messages = 0  # messages from peers handled so far (E.ConnectionClosed.seen)
         self._serial = 0
         self.tasks: dict[bytes, Task] = {}
         self.queues = Queues()
@@ -169,6 +170,7 @@ class BrokerCore:
         """Whether the rules may act on this message, by who sent it (see the module's docstring).
         Runs before every rule: a few dict look-ups."""
         peer, fd, key = event.peer, event.fd, event.key
+        self.messages += 1
         if key is not None:
             self.connections[fd] = key
         client = self.clients.get(peer)
@@ -204,6 +206,8 @@ class BrokerCore:
         """Another connection (or key) sent a message under this state's routing id, so the
         connection that registered it is gone: drop it as a lost peer. No handover: whoever
         sends now registers anew, and gets nothing of the old state (tasks, replies, budget)."""
+        if client is None and worker is None:
+            return
         self.counters["peers_replaced"] += 1
         if client is not None:
             log.info("%s: its connection is gone (another one uses its routing id); its %d tasks are cancelled",
@@ -246,6 +250,18 @@ class BrokerCore:
             who = event.fd if event.fd >= 0 else event.peer
             label = f"connection fd {event.fd}" if event.fd >= 0 else "a peer"
         self.peer_log.warning(who, label, self.now, message, *args, exc_info=exc_info)
+
+    def _bind_fd(self, fd: int, peer: bytes) -> None:
+        """Note that ``peer`` registered on connection ``fd``. A state another routing id holds on
+        the same fd is gone: the number was reused, so its connection closed."""
+        if fd < 0:
+            return
+        old = self._peer_of_fd.get(fd)
+        if old is not None and old != peer:
+            client, worker = self.clients.get(old), self.workers.get(old)
+            self._replaced(client if client is not None and client.fd == fd else None,
+                           worker if worker is not None and worker.fd == fd else None)
+        self._peer_of_fd[fd] = peer
 
     def _next_serial(self) -> int:
         self._serial += 1
@@ -310,9 +326,9 @@ class BrokerCore:
             known.environment, known.env_key, known.expiry = environment, env_key(environment), self._expiry()
         else:
             self.clients[peer] = ClientState(peer, environment, env_key(environment), self._expiry(), key=key,
-                                             fd=event.fd, serial=self._next_serial(), tenant=tenant)
-            if event.fd >= 0:
-                self._peer_of_fd[event.fd] = peer
+                                             fd=event.fd, serial=self._next_serial(), tenant=tenant,
+                                             since=self.messages)
+            self._bind_fd(event.fd, peer)
         self._send(peer, [P.PROTOCOL, P.WELCOME, P.encode_json(self.info())])
 
     def _on_submit(self, event: E.Submit) -> None:
@@ -508,9 +524,9 @@ class BrokerCore:
             log.warning("worker %s claimed %d slots; it gets %d (--max-worker-slots)", state.label, slots,
                         self.max_worker_slots)
             state.slots = self.max_worker_slots
+        state.since = self.messages
         self.workers[worker] = state
-        if event.fd >= 0:
-            self._peer_of_fd[event.fd] = worker
+        self._bind_fd(event.fd, worker)
         self._workers_by_env[state.env_key] += 1
         self._refresh(state)
         log.info("worker %s ready with %d slots and an input budget of %d bytes", state.label, state.slots,
@@ -805,19 +821,23 @@ class BrokerCore:
     def _on_connection_closed(self, event: E.ConnectionClosed) -> None:
         """The peer's connection closed: what registered on it is gone now. A worker's tasks are
         retried or fail as on any lost worker; a client's are cancelled."""
-        fd = event.fd
+        fd, seen = event.fd, event.seen
         self.counters["connections_closed"] += 1
         self.connections.pop(fd, None)
-        peer = self._peer_of_fd.pop(fd, None)
+        peer = self._peer_of_fd.get(fd)
         if peer is None:
             return
-        client = self.clients.get(peer)
-        if client is not None and client.fd == fd:
+        client, worker = self.clients.get(peer), self.workers.get(peer)
+        gone = False
+        if client is not None and client.fd == fd and (seen is None or client.since <= seen):
             self._remove_client(peer)
-        worker = self.workers.get(peer)
-        if worker is not None and worker.fd == fd:
+            gone = True
+        if worker is not None and worker.fd == fd and (seen is None or worker.since <= seen):
             self._remove_worker(peer, "lost its connection")
-        self._out.append(E.Forget(peer))
+            gone = True
+        if gone:
+            self._peer_of_fd.pop(fd, None)
+            self._out.append(E.Forget(peer))
 
     def _worker_unreachable(self, worker: WorkerState) -> None:
         """A send to this worker failed: its connection is gone. What it sent before leaving (its

@@ -157,9 +157,15 @@ class PeerStalled:
 @dataclass(slots=True)
 class ConnectionClosed:
     """The connection with file descriptor ``fd`` closed (the socket monitor saw it go): whatever
-    registered on it is gone now, not at its next missed heartbeat."""
+    registered on it is gone now, not at its next missed heartbeat.
+
+    ``seen``: how many messages the core had handled when the loop learned of the close. The
+    number is reused at once, and a new connection on it may register before this event is
+    handled (the loop first reads what the old one sent before it left); what registered after
+    ``seen`` is not the closed connection's. None: everything registered on ``fd``."""
 
     fd: int
+    seen: int | None = None
 
 
 @dataclass(slots=True)

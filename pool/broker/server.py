@@ -168,38 +168,38 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         guard = self.guard
-        monitor = guard.monitor_socket if guard is not None else None
-        if monitor is not None:
-            poller.register(monitor, zmq.POLLIN)
+        if guard is not None:
+            poller.register(guard.monitor_socket, zmq.POLLIN)
         handle, clock = self.core.handle, time.monotonic
         next_tick = clock() + P.HEARTBEAT_INTERVAL
         log.info("broker listening on %s", self.endpoint)
         outbox = self.outbox
-        closed: list[int] = []  # connections the monitor saw close, handled once their messages are read
+        # Connections the monitor saw close, with how many messages the core had handled then.
+        # Handled after the next read: what the peer sent before it left (a worker's last
+        # results, its BYE) is already queued then, and is handled before its state is dropped.
+        closed: list[tuple[int, int]] = []
         while self._running:
             wait = min(max(0, int((next_tick - clock()) * 1000)), 250)
             if outbox.has_backlog:  # replies wait for a slow peer: come back soon to retry them
                 wait = min(wait, 5)
             ready = dict(poller.poll(wait))
-            if monitor is not None and monitor in ready:
-                closed.extend(guard.drain())
-            drained = True
             if self.socket in ready:
-                drained = False
                 for _ in range(_BATCH):  # drain what is there before ticking
                     try:
                         frames = transport.recv_frames(self.socket, keep_frame=1)
                     except zmq.Again:
-                        drained = True
                         break
                     self._carry_out(handle(self._decode(frames), clock()))
-            if closed and drained:
-                # After the socket is read dry: what a peer sent before it left (a worker's last
-                # results, its BYE) is handled before its state is dropped.
+            if closed:
                 now = clock()
-                for fd in closed:
-                    self._carry_out(handle(E.ConnectionClosed(fd), now))
+                for fd, seen in closed:
+                    self._carry_out(handle(E.ConnectionClosed(fd, seen), now))
                 closed.clear()
+            if guard is not None:
+                seen = self.core.messages
+                closed.extend((fd, seen) for fd in guard.drain())
+                for fd in guard.check(clock()):  # unfinished messages, silent connections
+                    guard.cut(fd)
             now = clock()
             if outbox.has_backlog or outbox.in_flight_bytes:
                 for peer, unread in outbox.flush(now):
@@ -209,10 +209,6 @@ class Broker:
                 if self.allow_list is not None and self.allow_list.refresh():
                     allowed = self.allow_list.current
                     self._carry_out(handle(E.KeysChanged(allowed.clients, allowed.workers), now))
-                if guard is not None:
-                    for fd in guard.check(now):
-                        log.warning("cut connection fd %d: over its limits", fd)
-                        guard.cut(fd)
                 self._carry_out(handle(E.Tick(), now))
                 self._run_status_hooks()
                 next_tick = now + P.HEARTBEAT_INTERVAL
