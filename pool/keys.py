@@ -16,7 +16,9 @@ they change (``pool.broker.allow_list``), so neither needs a restart.
 
 Every folder is 0700 and every ``*.key_secret`` 0600 from the moment it exists: each pair is written
 into a fresh 0700 folder and moved into place. Every loader refuses a secret key that other users
-could read (``worker.curve.check_secret_file``).
+could read (``worker.curve.check_secret_file``), and a key folder, allow-list folder or public key
+file that other users could change (``worker.curve.check_not_changeable``; a read-only mount, as
+Kubernetes mounts a Secret, is accepted whatever its modes).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from typing import Any
 
 import zmq.auth
 
-from worker.curve import PeerKeys, check_secret_file, load_peer_keys, require
+from worker.curve import PeerKeys, check_not_changeable, check_secret_file, load_peer_keys, require
 
-__all__ = ["BrokerKeys", "PeerKeys", "add_client", "check_secret_file", "client_names", "create_key_directory",
+__all__ = ["BrokerKeys", "PeerKeys", "add_client", "check_not_changeable", "check_secret_file", "client_names",
+           "create_key_directory",
            "is_allow_list", "is_key_tree", "key_secret_manifests", "load_broker_keys", "load_peer_keys",
            "read_allowed_keys", "revoke_client", "validate_client_name"]
 
@@ -81,7 +84,9 @@ def load_broker_keys(
             "could read every secret. Make keys per role with `runnable-k8s keys NEWDIR` and give "
             "each program its own folder (README: Security model)."
         )
+    check_not_changeable(require(directory, "the broker key folder"), "the broker key folder")
     secret_file = check_secret_file(require(directory / "broker.key_secret", "the broker secret key"))
+    check_not_changeable(secret_file, "the broker secret key")
     public, secret = zmq.auth.load_certificate(secret_file)
     if secret is None:
         raise ValueError(f"{secret_file} holds no secret key")
@@ -97,11 +102,14 @@ def read_allowed_keys(directory: Path) -> frozenset[bytes]:
     """The Z85 public keys of the ``*.key`` files in ``directory`` (none if it does not exist).
 
     Hidden files are skipped: a file being written (``.NAME.key.tmp``) and a Kubernetes Secret
-    volume's own ``..data`` entries are not keys."""
+    volume's own ``..data`` entries are not keys. The folder and every key file in it must be
+    unchangeable by other users (``check_not_changeable``): whoever can write either can allow
+    themselves in. A ``PermissionError`` says which path and the chmod or chown that fixes it."""
     if not directory.is_dir():
         return frozenset()
-    return frozenset(zmq.auth.load_certificate(path)[0] for path in sorted(directory.glob("*.key"))
-                     if not path.name.startswith("."))
+    check_not_changeable(directory, "the allow-list folder")
+    paths = [path for path in sorted(directory.glob("*.key")) if not path.name.startswith(".")]
+    return frozenset(zmq.auth.load_certificate(check_not_changeable(path, "the allow-list key"))[0] for path in paths)
 
 
 # ---------------------------------------------------------------------------- making keys

@@ -70,14 +70,78 @@ def check_secret_file(path: Path) -> Path:
     return path
 
 
+def changeable_problem(mode: int, owner: int, euid: int, read_only: bool) -> str | None:
+    """Why a key folder, an allow-list or a public key file with these permission bits and owner
+    must not be trusted, or None. Whoever can change it can swap the keys in it: put their own key
+    on an allow-list, or the key of a broker of theirs where a client or worker looks for the
+    broker's (and talk to it in its place).
+
+    It must belong to this user or to root (as secret key files may) and be writable by nobody
+    else (no group or other write bit). A file system mounted read-only cannot be changed by
+    anyone, whatever the bits say: that is how Kubernetes mounts a Secret (its folder is root's
+    and mode 1777 on a read-only mount, its files root's behind ``..data`` symlinks).
+    """
+    if read_only:
+        return None
+    if owner not in (euid, 0):
+        return f"it is owned by another user (uid {owner}), who can change it"
+    if mode & 0o022:
+        return f"it is {stat.filemode(mode)[1:]} ({mode & 0o7777:04o}): its group or others may change it"
+    return None
+
+
+def _on_read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid with no name (a container's runAsUser)
+        return str(os.geteuid())
+
+
+def check_not_changeable(path: Path, what: str) -> Path:
+    """Refuse ``path`` (``what``: "the key folder", "the allow-list", ...) when another user could
+    change it (see ``changeable_problem``); a symlink is judged by what it points to, and so is
+    the folder that holds that target (a Kubernetes Secret's ``..data``)."""
+    targets = [path]
+    real = Path(os.path.realpath(path))
+    if real != path.absolute():
+        targets.append(real)
+    if not path.is_dir() and real.parent != path.absolute().parent:
+        targets.append(real.parent)
+    for target in targets:
+        info = target.stat()
+        problem = changeable_problem(info.st_mode, info.st_uid, os.geteuid(), _on_read_only_mount(target))
+        if problem is not None:
+            fix = f"`chown {_user_name()} {target}` (as root)" if "owned by" in problem else f"`chmod go-w {target}`"
+            via = f" (where {path} leads)" if target != path else ""
+            raise PermissionError(
+                f"refusing to use {what} {target}{via}: {problem}, and whoever can change it can swap the keys "
+                f"(allow themselves in, or pose as the broker). Run {fix}, or make new keys with "
+                "`runnable-k8s keys DIR`."
+            )
+    return path
+
+
 def load_peer_keys(directory: str | Path, role: str) -> PeerKeys:
     """Load ``role``'s pair ("client" or "worker") and the broker's public key from ``directory``:
-    ``DIR/clients/NAME`` for a client, ``DIR/worker`` for a worker (``runnable-k8s keys DIR``)."""
+    ``DIR/clients/NAME`` for a client, ``DIR/worker`` for a worker (``runnable-k8s keys DIR``).
+    The folder and the broker's public key must be unchangeable by others, the secret private."""
     directory = Path(directory)
     _refuse_wrong_folder(directory, role)
+    check_not_changeable(require(directory, f"the {role} key folder"), f"the {role} key folder")
     secret_file = check_secret_file(require(directory / f"{role}.key_secret", f"the {role} secret key"))
+    check_not_changeable(secret_file, f"the {role} secret key")
     public, secret = zmq.auth.load_certificate(secret_file)
-    server_public, _ = zmq.auth.load_certificate(require(directory / "broker.key", "the broker public key"))
+    broker_file = require(directory / "broker.key", "the broker public key")
+    server_public, _ = zmq.auth.load_certificate(check_not_changeable(broker_file, "the broker public key"))
     if secret is None:
         raise ValueError(f"{directory / f'{role}.key_secret'} holds no secret key")
     return PeerKeys(public=public, secret=secret, server_public=server_public)

@@ -48,10 +48,12 @@ class AllowList:
     """The current allowed keys of a broker, and a cheap check for changes."""
 
     def __init__(self, keys: BrokerKeys) -> None:
+        """Read both allow-lists; an unsafe one (a folder or key file other users could change:
+        ``pool.keys.read_allowed_keys``) raises ``PermissionError``, so the broker does not start
+        with it. Later re-reads keep the previous lists instead (``refresh``)."""
         self._dirs = (keys.client_keys_dir, keys.worker_keys_dir)
-        self._signatures: tuple[object, ...] = ()
-        self.current = AllowedKeys(frozenset(), frozenset())
-        self.refresh()
+        self._signatures = tuple(_signature(directory) for directory in self._dirs)
+        self.current = AllowedKeys(read_allowed_keys(self._dirs[0]), read_allowed_keys(self._dirs[1]))
         if not self.current.clients:
             log.warning("no client keys in %s: no client can connect until one is added", keys.client_keys_dir)
         if not self.current.workers:
@@ -65,7 +67,7 @@ class AllowList:
         self._signatures = signatures
         try:
             updated = AllowedKeys(read_allowed_keys(self._dirs[0]), read_allowed_keys(self._dirs[1]))
-        except (OSError, ValueError) as exc:  # a half-written file: keep the old list, retry next tick
+        except (OSError, ValueError) as exc:  # a half-written file, or one made unsafe: keep the old list
             self._signatures = ()
             log.warning("could not re-read the allow-lists (%s); keeping the previous ones", exc)
             return False
