@@ -27,6 +27,18 @@ def _watch_parent(pid: int, stop: Any) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+class _ParagraphFormatter(argparse.HelpFormatter):
+    """Wraps a description paragraph by paragraph (blank lines kept), for descriptions too long
+    to read as one block."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return "\n\n".join(textwrap.fill(" ".join(part.split()), width, initial_indent=indent,
+                                           subsequent_indent=indent, break_on_hyphens=False)
+                             for part in text.split("\n\n"))
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from pool.broker.server import Broker, BrokerConfigError
     from pool.keys import load_broker_keys
@@ -473,13 +485,30 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     scale.set_defaults(func=cmd_scale)
 
-    gc = add("gc", help="delete leftover ephemeral runner Pods of this project",
-             description="Delete ephemeral runner Pods that their client left behind (it was killed before "
-                         "it could delete them). By default only Pods past their own activeDeadlineSeconds "
-                         "(plus a margin) and older than --older-than, whose owner process does not run on "
-                         "this host: no call can still be using them. Pods labelled "
-                         "runnable-k8s.io/keep=true (k8s_delete_runner_pod=False) are never deleted.")
-    gc.add_argument("--namespace", "-n", default="default")
+    from pool.ephemeral.podspec import KEEP_LABEL, OWNER_LABEL, RUNNER_SELECTOR
+
+    gc = add("gc", help="delete leftover ephemeral runner Pods (never the worker pool's Pods)",
+             formatter_class=_ParagraphFormatter,
+             description=(
+                 "Delete the one-shot runner Pods of ephemeral mode that their client left behind (it was "
+                 "killed before it could delete them).\n\n"
+                 f"Which Pods: only those of the namespace given by --namespace (default 'default'; the "
+                 f"kubeconfig's current namespace is not used) that carry the labels {RUNNER_SELECTOR}, "
+                 "which only ephemeral mode's runner Pods carry. The worker pool's Pods (the chart's broker "
+                 "and workers, app.kubernetes.io/managed-by=Helm) and any other Pod are never listed, so "
+                 "never deleted.\n\n"
+                 "Of those, by default: Pods at least --older-than seconds old (default "
+                 f"{defaults.GC_OLDER_THAN:g}) AND older than their own activeDeadlineSeconds (the default "
+                 f"runner deadline, {defaults.EPHEMERAL_ACTIVE_DEADLINE} s, when they have none) plus "
+                 f"{defaults.GC_DEADLINE_MARGIN:g} s (Kubernetes has stopped them by then), AND whose {OWNER_LABEL} "
+                 "label (HOST-PID-RANDOM of the client process) does not name a process that still runs on "
+                 "this host. With --owner OWNER: that owner's Pods older than --older-than, whatever their "
+                 "deadline. With --all-owners: every runner Pod older than --older-than, whatever its "
+                 f"deadline or owner. Never, in any mode: Pods labelled {KEEP_LABEL}=true "
+                 "(k8s_delete_runner_pod=False); delete those with kubectl. Pods are deleted at once "
+                 "(grace period 0); --dry-run lists them instead."))
+    gc.add_argument("--namespace", "-n", default="default",
+                    help="the one namespace to clean (default: %(default)s; not the kubeconfig's current one)")
     gc.add_argument("--older-than", type=float, default=defaults.GC_OLDER_THAN, metavar="SECONDS",
                     help="only Pods at least this old (default %(default)s: above the longest default "
                          "deadline of a runner Pod; `--owner X --older-than 0` takes all of X's Pods now)")

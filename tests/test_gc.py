@@ -4,14 +4,20 @@ objects (no cluster), and the flags that choose it."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import yaml
 
 from pool.cli import build_parser
 from pool.ephemeral.k8s_launcher import delete_leftover_runners, owner_alive_here, select_leftover_runners
-from pool.ephemeral.podspec import KEEP_LABEL, OWNER_LABEL, parse_owner, runner_pod
+from pool.ephemeral.podspec import KEEP_LABEL, OWNER_LABEL, RUNNER_SELECTOR, parse_owner, runner_pod
+from tests.cluster import cluster
+from tests.support.helm import CHART, helm, values_file
 from worker import defaults
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -142,3 +148,42 @@ def test_the_gc_flags():
     assert parser.parse_args(["gc", "--all-owners", "--dry-run"]).all_owners is True
     with pytest.raises(SystemExit):
         parser.parse_args(["gc", "--owner", "h-1-x", "--all-owners"])
+
+
+def _matches(selector: str, labels: dict[str, str]) -> bool:
+    """Whether ``labels`` satisfy an equality-based label selector (``a=b,c=d``), as the API server
+    applies it to list_namespaced_pod."""
+    return all(labels.get(key) == value for key, value in (term.split("=", 1) for term in selector.split(",")))
+
+
+@pytest.mark.timeout(30)
+def test_the_gc_help_says_exactly_which_pods_it_deletes():
+    result = subprocess.run([sys.executable, "-m", "pool", "gc", "--help"], capture_output=True, text=True,
+                            timeout=20, env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert f"carry the labels {RUNNER_SELECTOR}" in text  # the selector it lists Pods with, verbatim
+    assert "--namespace (default 'default'; the kubeconfig's current namespace is not used)" in text
+    assert "The worker pool's Pods" in text and "never deleted" in text
+    assert f"at least --older-than seconds old (default {defaults.GC_OLDER_THAN:g})" in text
+    assert f"plus {defaults.GC_DEADLINE_MARGIN:g} s" in text and str(defaults.EPHEMERAL_ACTIVE_DEADLINE) in text
+    assert OWNER_LABEL in text and f"{KEEP_LABEL}=true" in text
+
+
+def test_the_selector_gc_lists_with_takes_runner_pods_and_nothing_the_chart_makes(tmp_path):
+    helm_bin = cluster.BIN / "helm"
+    if not os.access(helm_bin, os.X_OK):
+        pytest.skip(f"helm CLI not built ({helm_bin}); run: bash tests/cluster/build.sh binaries")
+    runner = runner_pod(image="i", namespace="n")["metadata"]["labels"]
+    assert _matches(RUNNER_SELECTOR, runner)  # the check itself can say yes
+    for values in ({}, {"curve": {"enabled": False, "insecureAcknowledged": True}, "autoscaling": {"enabled": True},
+                        "commonLabels": {"app.kubernetes.io/name": "runnable-k8s"}}):
+        args = ["template", "rel", str(CHART), "-n", "team-a", "-f", values_file(tmp_path, values)]
+        result = helm(str(helm_bin), *args, tmp_path=tmp_path)
+        assert result.returncode == 0, result.stderr
+        docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"]
+        pod_labels += [d["metadata"]["labels"] for d in docs if d["kind"] == "Pod"]  # the helm test Pod
+        assert len(pod_labels) >= 3
+        for labels in pod_labels:
+            assert not _matches(RUNNER_SELECTOR, labels), labels
