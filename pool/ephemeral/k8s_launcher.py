@@ -384,8 +384,12 @@ def delete_leftover_runners(
     all_owners: bool = False,
     dry_run: bool = False,
 ) -> list[str]:
-    """Delete this project's leftover runner Pods (``runnable-k8s gc``; see
-    :func:`select_leftover_runners` for which); returns their names."""
+    """Delete this project's leftover runner Pods (``runnable-k8s gc``); returns their names.
+
+    Only Pods of ``namespace`` matching ``RUNNER_SELECTOR`` (app.kubernetes.io/managed-by=runnable-k8s,
+    runnable-k8s/role=ephemeral-runner: the labels of ephemeral mode's runner Pods, which the
+    chart's broker and worker Pods never carry) are listed; :func:`select_leftover_runners` says
+    which of them go. Each is deleted with a grace period of 0."""
     pods = core.list_namespaced_pod(namespace, label_selector=RUNNER_SELECTOR).items
     deleted: list[str] = []
     for decision in select_leftover_runners(pods, now=dt.datetime.now(dt.timezone.utc), older_than=older_than,
