@@ -90,6 +90,7 @@ def test_a_client_without_the_allowance_in_welcome_gets_everything_through_busy_
     async def main() -> list[Any]:
         return await asyncio.gather(*(runnable.ainvoke((i, payload)) for i in range(48)), return_exceptions=True)
 
+    busy_before = default_pool.status()["counters"].get("busy", 0)
     try:
         results = asyncio.run(main())
     finally:
@@ -97,6 +98,8 @@ def test_a_client_without_the_allowance_in_welcome_gets_everything_through_busy_
     failures = [r for r in results if isinstance(r, BaseException)]
     assert not failures, f"{len(failures)} of 48 failed, the first: {failures[0]!r}"
     assert results == [i * 10**9 + BIG for i in range(48)]
+    counters = default_pool.status()["counters"]
+    assert counters["busy"] > busy_before  # the broker did answer busy, and nothing of it failed
 
 
 @pytest.fixture(scope="module")

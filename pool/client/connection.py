@@ -82,8 +82,10 @@ DEFAULT_CONNECT_TIMEOUT = defaults.CONNECT_TIMEOUT
 # finish will make room) is sent again after this back-off, doubled each time up to the max.
 BUSY_BACKOFF_MIN = 0.05
 BUSY_BACKOFF_MAX = 1.0
-# Names WELCOME may give this client key's byte allowance under (the broker's --client-queue-bytes).
-ALLOWANCE_BYTES_KEYS = ("client_queue_bytes", "client_allowance_bytes")
+# What WELCOME names the byte allowances under, with the broker options that set them: one client
+# key's tasks together, and all clients' (a task never holds more than the smaller).
+ALLOWANCE_BYTES_KEYS = ("client_queue_bytes", "queue_bytes")
+_ALLOWANCE_OPTIONS = {"client_queue_bytes": "--client-queue-bytes", "queue_bytes": "--queue-bytes"}
 
 
 @dataclass(slots=True)
@@ -371,12 +373,15 @@ class Connection:
 
     def client_allowance(self) -> int | None:
         """The bytes of task input the broker holds at most for this client key, when its WELCOME
-        says (None: unknown, an older broker)."""
-        for key in ALLOWANCE_BYTES_KEYS:
-            value = _count(self.broker_info.get(key))
-            if value:
-                return value
-        return None
+        says (None: unknown, a broker that does not say)."""
+        limit = self._binding_allowance()
+        return None if limit is None else limit[0]
+
+    def _binding_allowance(self) -> tuple[int, str] | None:
+        """The smallest byte allowance WELCOME named, and the broker option that sets it."""
+        named = [(value, _ALLOWANCE_OPTIONS[key]) for key in ALLOWANCE_BYTES_KEYS
+                 if (value := _count(self.broker_info.get(key)))]
+        return min(named) if named else None
 
     def new_task_id(self) -> bytes:
         return self._id_prefix + next(self._ids).to_bytes(8, "big")
@@ -428,14 +433,14 @@ class Connection:
     def _never_fits(self, submission: Submission) -> str | None:
         """Why the broker could never take this task (more input than the whole allowance WELCOME
         named), or None: refused here rather than sent only to be refused."""
-        limit = self.client_allowance()
+        allowance = self._binding_allowance()
         size = submission.wire_size()
-        if limit is None or size <= limit:
+        if allowance is None or size <= allowance[0]:
             return None
+        limit, option = allowance
         return (f"this task holds {size} bytes of input, more than this client's whole allowance in the broker "
-                f"(--client-queue-bytes {limit}), so the broker could never take it; raise the broker's "
-                "--client-queue-bytes (the chart's broker settings), or send less data (a reference such as a "
-                "URL instead of the content)")
+                f"({option} {limit}), so the broker could never take it; raise the broker's {option} (the "
+                "chart's broker settings), or send less data (a reference such as a URL instead of the content)")
 
     def waiting_for_allowance(self, task_id: bytes) -> str | None:
         """Why the task waits here for the broker's allowance (the broker's own words when it
