@@ -19,7 +19,10 @@ class PoolUnavailable(RunnableK8sError):
 
 
 class PoolOverloaded(PoolUnavailable):
-    """The broker's queue is full; retry later or add workers (``runnable-k8s scale``)."""
+    """The broker refused a task for good: it can never fit this client's allowance in the broker
+    (or the client is past one of its limits). A task that fits later is not an error: the client
+    waits for room and sends it again. The message names the limit and the broker option that
+    raises it (``--client-queue-bytes``, ``--queue-bytes``...)."""
 
 
 class AuthenticationFailed(PoolUnavailable):
@@ -61,7 +64,9 @@ class RemoteError(RunnableK8sError):
 class IncompatibleWorker(RunnableK8sError):
     """Client and worker (or broker) cannot exchange objects safely; the message says which
     versions differ. Build the worker image with the client's Python, langchain-core and
-    cloudpickle versions."""
+    cloudpickle versions. When the protocol versions differ (``RK8S/1`` against ``RK8S/2``), the
+    releases do: upgrade the pool first (``helm upgrade`` the chart, or restart the broker and its
+    workers from the new release), then the clients (``pip install -U runnable-k8s``)."""
 
 
 class PayloadTooLarge(RunnableK8sError):
