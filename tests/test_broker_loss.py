@@ -28,6 +28,8 @@ from pool import RunnableK8s
 from pool.client.connection import Connection
 from pool.errors import AuthenticationFailed, PoolUnavailable
 from pool.local import _read_line
+from tests.support.gate import open_gate, wait_at_gate
+from tests.support.ports import free_port
 from tests.support.processes import stop_process
 from tests.support.relay import Relay
 from tests.support.waiting import wait_for
@@ -60,7 +62,8 @@ def _two_part_stream(inputs: Iterator[dict[str, float]]) -> Iterator[str]:
 class Pool:
     """A broker that can be killed and started again on the same address, and two workers."""
 
-    def __init__(self, workers: int = 2) -> None:
+    def __init__(self, workers: int = 2, broker_args: list[str] | None = None) -> None:
+        self.broker_args = broker_args or []
         self.folder = tempfile.mkdtemp(prefix="rk8s-loss-", dir="/tmp" if os.path.isdir("/tmp") else None)
         self.address = f"ipc://{self.folder}/broker.sock"
         self.broker: subprocess.Popen[bytes] | None = None
@@ -76,7 +79,7 @@ class Pool:
     def start_broker(self) -> None:
         self.broker = subprocess.Popen(
             [sys.executable, "-m", "pool", "broker", "--bind", self.address, "--announce",
-             "--exit-with-parent", str(os.getpid()), "--log-level", "WARNING"],
+             "--exit-with-parent", str(os.getpid()), "--log-level", "WARNING", *self.broker_args],
             stdout=subprocess.PIPE)
         line = _read_line(self.broker, 30)
         assert line.startswith("READY "), f"the broker did not start: {line!r}"
@@ -347,3 +350,55 @@ def test_behind_a_relay_with_no_broker_calls_in_flight_fail_within_the_connect_t
     message = str(error)
     assert "lost the broker connection" in message and f"{connect_timeout:g}s" in message, message
     assert "closed" in message and "during the handshake" in message and "k8s://" in message, message
+
+
+def _logging(path: str):  # type: ignore[no-untyped-def]
+    """A task that appends its input's tag to a file, so the test sees every run of it."""
+    def task(x: tuple[str, bytes]) -> int:
+        with open(path, "a") as log:
+            log.write(x[0] + "\n")
+        return len(x[1])
+    return task
+
+
+@pytest.mark.timeout(90)
+def test_a_call_waiting_for_the_allowance_when_the_broker_is_killed_goes_to_the_next_one_and_runs_once(tmp_path):
+    """A task kept in the client for the allowance was never taken by the broker: losing the
+    broker neither fails it (even with retries=0) nor makes it run twice; the next broker gets it.
+    The task that held the allowance was in flight with retries=0, and fails saying so."""
+    mb = 1024 * 1024
+    own = Pool(workers=1, broker_args=["--client-queue-bytes", str(3 * mb)])  # one 2 MB task fits, not two
+    port = free_port()
+    ran = str(tmp_path / "ran.log")
+    outcomes: dict[str, Any] = {}
+
+    def call(name: str, runnable: RunnableK8s, value: Any) -> None:
+        try:
+            outcomes[name] = runnable.invoke(value)
+        except Exception as exc:  # noqa: BLE001 - checked below
+            outcomes[name] = exc
+
+    holder = RunnableK8s(bound=RunnableLambda(wait_at_gate(port, limit=60)), pool=own.address, mode="warm",
+                         retries=0, timeout=60, connect_timeout=PATIENCE)
+    waiter = RunnableK8s(bound=RunnableLambda(_logging(ran)), pool=own.address, mode="warm", retries=0,
+                         timeout=60, connect_timeout=PATIENCE)
+    threads = [threading.Thread(target=call, args=("holder", holder, b"h" * (2 * mb)), daemon=True),
+               threading.Thread(target=call, args=("waiter", waiter, ("waiter", b"w" * (2 * mb))), daemon=True)]
+    try:
+        threads[0].start()
+        wait_for(lambda: Connection.shared(own.address).status()["busy"] == 1, 30, "the holder to start")
+        threads[1].start()
+        connection = Connection.shared(own.address)
+        wait_for(lambda: connection.waiting_tasks == 1, 30, "the second call to wait for the allowance")
+        own.restart_broker()
+        threads[1].join(60)
+        assert not threads[1].is_alive(), "the waiting call hung"
+    finally:
+        with open_gate(port):
+            threads[0].join(60)
+        own.close()
+    assert outcomes["waiter"] == 2 * mb, repr(outcomes["waiter"])
+    with open(ran) as log:
+        assert log.read().split() == ["waiter"]  # once, on the new broker
+    error = outcomes["holder"]
+    assert isinstance(error, PoolUnavailable) and "retries=0" in str(error), repr(error)
