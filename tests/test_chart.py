@@ -61,7 +61,7 @@ EVERYTHING_ON: dict[str, Any] = {
     "networkPolicy": {"enabled": True, "clientPodLabels": {"llm-client": "yes"},
                       "clientNamespaceSelector": {"matchLabels": {"team": "llm"}},
                       "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
-                      "workerEgress": {"enabled": True}},
+                      "workers": {"allowMetadataEgress": True}},
 }
 
 
@@ -107,6 +107,9 @@ BAD_VALUES = {
     "queue bytes not a number": {"broker": {"queueBytes": "lots"}},
     "non-positive autoscaling target": {"autoscaling": {"targetTasksPerSlot": 0}},
     "bad service type": {"service": {"type": "Ingress"}},
+    "metadata egress not a boolean": {"networkPolicy": {"workers": {"allowMetadataEgress": "yes"}}},
+    "egress rules not a list": {"networkPolicy": {"workers": {"egressRules": {"to": []}}}},
+    "the old worker egress switch": {"networkPolicy": {"workerEgress": {"enabled": True}}},
 }
 
 
@@ -163,9 +166,10 @@ def test_helm_lint_strict_is_clean(helm_bin, tmp_path, values):
 def test_every_rendered_manifest_validates_strictly(helm_bin, tmp_path, kube, values):
     docs = render(helm_bin, tmp_path, values, kube=kube)
     kinds = sorted(d["kind"] for d in docs)
-    expected = ["Deployment", "Deployment", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    expected = ["Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy", "Pod", "PodDisruptionBudget",
+                "Service", "ServiceAccount"]
     if values is EVERYTHING_ON:
-        expected += ["NetworkPolicy", "NetworkPolicy", "Role", "RoleBinding", "ServiceMonitor"]
+        expected += ["Role", "RoleBinding", "ServiceMonitor"]
     assert kinds == sorted(expected)
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in CRDS:
@@ -219,7 +223,9 @@ def test_defaults_render_a_keyed_pool_with_meaningful_probes(helm_bin, tmp_path)
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
         assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
-    assert not by_kind(docs, "Role") and not by_kind(docs, "NetworkPolicy")
+    assert not by_kind(docs, "Role")
+    # Both NetworkPolicies are on by default (the next tests look at what they say).
+    assert one(docs, "NetworkPolicy", "broker") and one(docs, "NetworkPolicy", "worker")
 
 
 def key_mounts(pod_spec: dict) -> dict[str, str]:
@@ -369,12 +375,15 @@ def test_probes_can_be_turned_off_and_the_broker_address_overridden(helm_bin, tm
 
 @pytest.mark.cluster
 @pytest.mark.timeout(60)
-def test_an_insecure_broker_needs_a_network_policy_or_an_explicit_acknowledgement(helm_bin, tmp_path):
-    refused = helm(helm_bin, "template", "rel", str(CHART), "--kube-version", "1.33.0",
-                   "--set", "curve.enabled=false", tmp_path=tmp_path)
-    assert refused.returncode != 0 and "--insecure" in refused.stderr and "networkPolicy.enabled" in refused.stderr
-    for allowed in ({"curve": {"enabled": False}, "networkPolicy": {"enabled": True}},
-                    {"curve": {"enabled": False, "insecureAcknowledged": True}}):
+def test_an_insecure_broker_needs_an_explicit_acknowledgement(helm_bin, tmp_path):
+    # The NetworkPolicy is on by default, so it cannot stand for the word a plaintext broker needs.
+    for policy in ("true", "false"):
+        refused = helm(helm_bin, "template", "rel", str(CHART), "--kube-version", "1.33.0",
+                       "--set", "curve.enabled=false", "--set", f"networkPolicy.enabled={policy}", tmp_path=tmp_path)
+        assert refused.returncode != 0 and "--insecure" in refused.stderr
+        assert "curve.insecureAcknowledged=true" in refused.stderr and "runnable-k8s keys" in refused.stderr
+    for allowed in ({"curve": {"enabled": False, "insecureAcknowledged": True}},
+                    {"curve": {"enabled": False, "insecureAcknowledged": True}, "networkPolicy": {"enabled": False}}):
         docs = render(helm_bin, tmp_path, allowed)
         b = container(one(docs, "Deployment", "broker"))
         assert "--insecure" in b["command"] and not any(a.startswith("--keys") for a in b["command"])
@@ -527,41 +536,74 @@ def test_the_metrics_port_is_closed_unless_someone_is_named_to_scrape_it(helm_bi
     assert "closed by the NetworkPolicy: name who may scrape it in metrics.from" in notes
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(60)
-def test_worker_egress_is_off_by_default(helm_bin, tmp_path):
-    docs = render(helm_bin, tmp_path, {"networkPolicy": {"enabled": True}})
-    assert not by_kind(docs, "NetworkPolicy", "worker")
+METADATA_V4, METADATA_V6 = "169.254.169.254/32", "fd00:ec2::254/128"
+
+
+def egress_rules(docs: list[dict]) -> tuple[dict, dict, list[dict]]:
+    """The worker egress policy's DNS rule, broker rule and the rules after them."""
+    policy = one(docs, "NetworkPolicy", "worker")
+    assert policy["spec"]["podSelector"]["matchLabels"] == one(docs, "Deployment", "worker")["spec"]["selector"][
+        "matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    dns, broker, *rest = policy["spec"]["egress"]
+    assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert broker["to"] == [{"podSelector": {"matchLabels": one(docs, "Deployment", "broker")["spec"]["selector"][
+        "matchLabels"]}}]
+    return dns, broker, rest
 
 
 @pytest.mark.cluster
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kube", SUPPORTED_KUBERNETES)
-def test_worker_egress_allows_dns_the_broker_and_public_https(helm_bin, tmp_path, kube):
-    docs = render(helm_bin, tmp_path, {"networkPolicy": {"workerEgress": {"enabled": True}}}, kube=kube)
-    policy = one(docs, "NetworkPolicy", "worker")
-    kubernetes_validate.validate(policy, kube, strict=True)
-    assert policy["spec"]["podSelector"]["matchLabels"] == one(docs, "Deployment", "worker")["spec"]["selector"][
-        "matchLabels"]
-    assert policy["spec"]["policyTypes"] == ["Egress"]
-    dns, broker, https = policy["spec"]["egress"]
-    assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
-    assert broker["to"] == [{"podSelector": {"matchLabels": one(docs, "Deployment", "broker")["spec"]["selector"][
-        "matchLabels"]}}]
+def test_by_default_workers_reach_dns_the_broker_and_every_address_but_the_cloud_metadata_endpoint(
+        helm_bin, tmp_path, kube):
+    docs = render(helm_bin, tmp_path, kube=kube)  # the chart's defaults: the policies are on
+    kubernetes_validate.validate(one(docs, "NetworkPolicy", "worker"), kube, strict=True)
+    kubernetes_validate.validate(one(docs, "NetworkPolicy", "broker"), kube, strict=True)
+    _, broker, rest = egress_rules(docs)
     assert broker["ports"] == [{"port": 5555, "protocol": "TCP"}]
-    assert https["ports"] == [{"port": 443, "protocol": "TCP"}]
-    v4 = https["to"][0]["ipBlock"]
-    assert v4["cidr"] == "0.0.0.0/0" and "169.254.0.0/16" in v4["except"] and "10.0.0.0/8" in v4["except"]
+    (anywhere,) = rest
+    assert "ports" not in anywhere  # any port: an LLM API on 443, a proxy on 3128, ...
+    assert anywhere["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0", "except": [METADATA_V4]}},
+                              {"ipBlock": {"cidr": "::/0", "except": [METADATA_V6]}}]
 
 
 @pytest.mark.cluster
 @pytest.mark.timeout(60)
-def test_worker_egress_rules_can_be_replaced(helm_bin, tmp_path):
+def test_allow_metadata_egress_drops_the_exception(helm_bin, tmp_path):
+    docs = render(helm_bin, tmp_path, {"networkPolicy": {"workers": {"allowMetadataEgress": True}}})
+    _, _, rest = egress_rules(docs)
+    assert rest == [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}]}]
+    assert METADATA_V4 not in json.dumps(docs)
+    kubernetes_validate.validate(one(docs, "NetworkPolicy", "worker"), "1.33", strict=True)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_worker_egress_rules_can_be_replaced_or_emptied(helm_bin, tmp_path):
     proxy = [{"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}], "ports": [{"port": 3128, "protocol": "TCP"}]}]
-    docs = render(helm_bin, tmp_path, {"networkPolicy": {"workerEgress": {"enabled": True, "extraRules": proxy}}})
-    policy = one(docs, "NetworkPolicy", "worker")
-    assert policy["spec"]["egress"][2:] == proxy
-    kubernetes_validate.validate(policy, "1.33", strict=True)
+    docs = render(helm_bin, tmp_path, {"networkPolicy": {"workers": {"egressRules": proxy}}})
+    assert egress_rules(docs)[2] == proxy
+    kubernetes_validate.validate(one(docs, "NetworkPolicy", "worker"), "1.33", strict=True)
+    # An empty list: DNS and the broker only.
+    assert egress_rules(render(helm_bin, tmp_path, {"networkPolicy": {"workers": {"egressRules": []}}}))[2] == []
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_turning_the_network_policy_off_removes_both_policies(helm_bin, tmp_path):
+    docs = render(helm_bin, tmp_path, {"networkPolicy": {"enabled": False}})
+    assert not by_kind(docs, "NetworkPolicy")
+    notes = render_notes(helm_bin, tmp_path / "notes", {"networkPolicy": {"enabled": False}})
+    assert "no NetworkPolicy: every Pod reaches the broker, and the workers reach the cloud metadata endpoint" in notes
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_notes_say_what_the_worker_egress_policy_allows(helm_bin, tmp_path):
+    assert "any address but the cloud metadata endpoint 169.254.169.254" in render_notes(helm_bin, tmp_path)
+    allowed = render_notes(helm_bin, tmp_path / "a", {"networkPolicy": {"workers": {"allowMetadataEgress": True}}})
+    assert "any address, the cloud metadata endpoint included" in allowed
 
 
 @pytest.mark.cluster

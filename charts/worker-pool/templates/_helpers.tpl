@@ -116,8 +116,10 @@ cluster: a port opened on the node, a NodePort or a LoadBalancer is reached from
 {{- if ne .Values.service.type "ClusterIP" }}
 {{- fail (printf "curve.enabled=false is refused with service.type=%s: a %s Service opens the broker's plaintext port outside the cluster, where no NetworkPolicy applies, and anyone who reaches it runs code on the workers. Turn CURVE keys on (runnable-k8s keys ./keys --k8s-secret runnable-k8s-curve; --set curve.enabled=true,curve.existingSecret=runnable-k8s-curve) or set service.type=ClusterIP (laptops can still use pool=\"k8s://NAMESPACE/RELEASE\")" .Values.service.type .Values.service.type) }}
 {{- end }}
-{{- if not (or .Values.networkPolicy.enabled .Values.curve.insecureAcknowledged) }}
-{{- fail "curve.enabled=false runs the broker with --insecure: anyone who reaches it runs code on the workers. Enable networkPolicy.enabled, or set curve.insecureAcknowledged=true if the network is private" }}
+{{- /* The NetworkPolicy is on by default, so it cannot be the deliberate word a plaintext broker
+needs: only curve.insecureAcknowledged is. */}}
+{{- if not .Values.curve.insecureAcknowledged }}
+{{- fail "curve.enabled=false runs the broker with --insecure: every Pod that reaches its port runs code on the workers (with networkPolicy.enabled, only Pods labelled as this release's clients or workers, and only if your CNI enforces NetworkPolicies). Turn CURVE keys on (runnable-k8s keys ./keys --k8s-secret runnable-k8s-curve; --set curve.enabled=true,curve.existingSecret=runnable-k8s-curve), or set curve.insecureAcknowledged=true to accept that" }}
 {{- end }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
@@ -153,7 +155,9 @@ PREFIX-worker (their pair + broker.key), the helm test Pod only its client's pai
 {{- end }}
 {{- end }}
 
-{{/* Where a role's containers mount those volumes. */}}
+{{/* Where a role's containers mount those volumes. readOnly, as the kubelet mounts every Secret
+volume anyway: the key loaders accept the volume's root-owned 3777 folder only on a read-only
+mount (a folder others could write is refused: whoever writes it can swap the keys). */}}
 {{- define "worker-pool.curveMounts" -}}
 {{- range (include "worker-pool.curveSecrets" . | fromJsonArray) }}
 - name: {{ index . 0 }}
