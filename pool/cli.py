@@ -106,7 +106,7 @@ def broker_budget_options(args: argparse.Namespace) -> dict[str, int]:
         if getattr(args, name) is not None:
             budgets[name] = getattr(args, name)
     return {**budgets, "client_queue_size": args.client_queue_size, "client_queue_bytes": args.client_queue_bytes,
-            "max_unread_bytes": args.max_unread_bytes}
+            "max_unread_bytes": args.max_unread_bytes, "max_connections_per_key": args.max_connections_per_key}
 
 
 def _broker_extras(args: argparse.Namespace, broker: Any) -> list[Any]:
@@ -402,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--max-worker-slots", type=int, default=defaults.MAX_WORKER_SLOTS, metavar="N",
                         help="most tasks one worker is given at once, whatever slot count it claims "
                              "(default %(default)s)")
+    broker.add_argument("--max-connections-per-key", type=int, default=defaults.MAX_CONNECTIONS_PER_KEY, metavar="N",
+                        help="connections one client key may have open at once; budgets are per key, so more "
+                             "buy nothing (default %(default)s)")
     broker.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     broker.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
     broker.add_argument("--remove-on-exit", metavar="DIR", help=argparse.SUPPRESS)

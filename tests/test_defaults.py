@@ -63,6 +63,7 @@ CLI_DEFAULTS: dict[str, dict[str, str]] = {
         "max_unread_bytes": "MAX_UNREAD_BYTES",
         "queue_timeout": "QUEUE_TIMEOUT",
         "max_worker_slots": "MAX_WORKER_SLOTS",
+        "max_connections_per_key": "MAX_CONNECTIONS_PER_KEY",
         "autoscale_min": "AUTOSCALE_MIN",
         "autoscale_max": "AUTOSCALE_MAX",
         "autoscale_target": "AUTOSCALE_TARGET",
@@ -198,7 +199,8 @@ def test_broker_budgets_follow_the_memory_limit_unless_given(monkeypatch: pytest
     plain = broker_budget_options(build_parser().parse_args(["broker"]))
     assert plain == {"runnable_store_bytes": defaults.RUNNABLE_STORE_BYTES, "queue_bytes": defaults.QUEUE_BYTES,
                      "client_queue_size": defaults.CLIENT_QUEUE_SIZE,
-                     "client_queue_bytes": defaults.CLIENT_QUEUE_BYTES, "max_unread_bytes": defaults.MAX_UNREAD_BYTES}
+                     "client_queue_bytes": defaults.CLIENT_QUEUE_BYTES, "max_unread_bytes": defaults.MAX_UNREAD_BYTES,
+                     "max_connections_per_key": defaults.MAX_CONNECTIONS_PER_KEY}
     # The chart's default limit gives the module's defaults: the two agree.
     assert defaults.broker_budgets(defaults.BROKER_MEMORY_LIMIT) == {
         "runnable_store_bytes": defaults.RUNNABLE_STORE_BYTES, "queue_bytes": defaults.QUEUE_BYTES}
