@@ -1,9 +1,11 @@
-"""The way back carries data, never code (issue 10, DESIGN §3 and §5).
+"""The way back carries data, never code (DESIGN §3 and §5).
 
 A client does not trust its workers: outputs, streamed chunks and exception details decode on the
-client without running anything the worker (or the broker) chose. Hostile pickles are refused with
-a SerializationError naming what was refused, and their side effect (creating a marker file) never
-happens. A worker refuses, itself, what it cannot send as data, unless the client trusts it.
+client (worker.result_codec: msgpack with type tags, no pickle) without running anything the
+worker (or the broker) chose. Pickles are refused whole, and messages of the data format naming
+what is not data are refused naming it, with a SerializationError; their side effect (creating a
+marker file) never happens. A worker refuses, itself, what it cannot send as data, unless the
+client trusts it. tests/test_result_codec_hostile.py holds the attacks on the format itself.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from langchain_core.documents import Document
 from langchain_core.load.serializable import Serializable
@@ -39,7 +42,7 @@ from pool.ephemeral.local_launcher import ProcessChannel
 from pool.ephemeral.session import EphemeralBackend
 from pool.errors import error_from_wire
 from tests.support.raw_worker import RawWorker
-from worker import codec
+from worker import codec, result_codec
 from worker import protocol as P
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,6 +95,13 @@ DATA: dict[str, Any] = {
     "datetime": datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
     "date": datetime.date(2026, 1, 2), "time": datetime.time(3, 4), "timedelta": datetime.timedelta(hours=3),
     "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"), "decimal": decimal.Decimal("1.25"),
+    "big int": -(2**100), "complex": complex(1, -2), "timezone": datetime.timezone(datetime.timedelta(hours=2), "X"),
+    "ZoneInfo": datetime.datetime(2026, 7, 1, 12, tzinfo=__import__("zoneinfo").ZoneInfo("Europe/Paris")),
+    "non-str keys": {(1, "a"): 1, 2: 2, None: 3, 1.5: 4}, "set of tuples": {(1, (2, 3)), frozenset({4})},
+    "OrderedDict": collections.OrderedDict(b=1, a=2), "deque": collections.deque([1, 2], maxlen=3),
+    "Counter": collections.Counter("abca"), "defaultdict": collections.defaultdict(list, {"a": [1]}),
+    "builtin class": {"type": int}, "IntEnum": __import__("http").HTTPStatus.OK,
+    "nested models": ChatGeneration(message=AIMessageChunk(content=[{"type": "text", "text": "x"}])),
 }
 
 
@@ -106,6 +116,14 @@ def test_exceptions_keep_their_importable_type_without_their_init_being_called()
     info = codec.load_exception(codec.dump_exception(NeedsKeywords("no", status=429)))
     assert type(info.exception) is NeedsKeywords and info.exception.status == 429
     assert isinstance(error_from_wire(P.E_REMOTE, "", codec.dump_exception(KeyError("k"))), KeyError)
+
+
+def test_exception_notes_and_data_attributes_come_back():
+    error = NeedsKeywords("no", status=429)
+    error.add_note("while calling the tool")
+    rebuilt = codec.load_exception(codec.dump_exception(error)).exception
+    assert isinstance(rebuilt, NeedsKeywords) and rebuilt.status == 429
+    assert "while calling the tool" in rebuilt.__notes__
 
 
 def test_openai_errors_keep_their_type_and_data_attributes():
@@ -134,6 +152,11 @@ def test_an_exception_of_a_class_unknown_here_is_a_remote_error_with_type_and_tr
 # ---------------------------------------------------------------------------- hostile payloads
 
 
+def tagged(tag: int, payload: Any) -> bytes:
+    """A message of the data format whose value is tagged ``tag`` (what a hostile worker can write)."""
+    return msgpack.packb([result_codec.MARKER, payload, tag])
+
+
 class Reduces:
     """Pickles as ``func(*args)``: how a hostile worker would write its payload."""
 
@@ -154,13 +177,6 @@ def getattr_chain(marker: Path) -> bytes:
     return (b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(Vos\ntRVsystem\ntR(V" + command + b"\ntR.")
 
 
-class HasAppend(BaseModel):
-    items: list[str] = []
-
-    def append(self, item: str) -> None:  # a method the pickle machinery could be made to call
-        self.items.append(item)
-
-
 HOSTILE: dict[str, Callable[[Path], bytes]] = {
     "os.system": lambda m: pickle.dumps(Reduces(os.system, f"touch {m}")),
     "builtins.eval": lambda m: pickle.dumps(Reduces(builtins.eval, touch(m))),
@@ -170,19 +186,19 @@ HOSTILE: dict[str, Callable[[Path], bytes]] = {
     "copyreg._reconstructor": lambda m: pickle.dumps(Reduces(__import__("copyreg")._reconstructor,
                                                              subprocess.Popen, object, None)),
     "protocol-0 object": lambda m: pickle.dumps(Reduces(os.system, f"touch {m}"), protocol=0),
-    "model named os.system": lambda m: pickle.dumps(Reduces(codec._model, "os", "system", None, {}, set(), None, None)),
-    "model naming a runnable": lambda m: pickle.dumps(Reduces(
-        codec._model, "langchain_core.runnables.base", "RunnableLambda", None, {}, set(), None, None)),
-    "dataclass named subprocess.Popen": lambda m: pickle.dumps(Reduces(
-        codec._dataclass, "subprocess", "Popen", None, {})),
-    "SystemExit as an exception": lambda m: pickle.dumps(Reduces(codec._exception, "builtins", "SystemExit",
-                                                                  None, (0,), {})),
-    "a class with append": lambda m: pickle.dumps(Reduces(
-        codec._model, __name__, "HasAppend", None, {"items": []}, set(), None, None)),
-    "a malformed model state": lambda m: pickle.dumps(Reduces(
-        codec._model, __name__, "Pokemon", None, {"name": "x"}, ["not a set"], None, None)),
     "bytes of a huge size": lambda m: pickle.dumps(Reduces(bytes, 2**40)),
-    "exception named os.system": lambda m: pickle.dumps(Reduces(codec._exception, "os", "system", None, (), {})),
+    # The data format itself, naming what is not data of the tag's kind:
+    "model named os.system": lambda m: tagged(result_codec.MODEL, ["os:system", None, "", [], 0, None, None, None]),
+    "model naming a runnable": lambda m: tagged(result_codec.MODEL, [
+        "langchain_core.runnables.base:RunnableLambda", None, "", [], 0, None, None, None]),
+    "dataclass named subprocess.Popen": lambda m: tagged(result_codec.DATACLASS, ["subprocess:Popen", None,
+                                                                                  {"args": ["touch", str(m)]}]),
+    "SystemExit as an exception": lambda m: tagged(result_codec.EXCEPTION, ["builtins:SystemExit", None, [0], {},
+                                                                             None]),
+    "exception named os.system": lambda m: tagged(result_codec.EXCEPTION, ["os:system", None, [f"touch {m}"], {},
+                                                                            None]),
+    "namedtuple named builtins.eval": lambda m: tagged(result_codec.NAMEDTUPLE, ["builtins:eval", None, [touch(m)]]),
+    "an unknown tag": lambda m: tagged(99, [touch(m)]),
 }
 
 
@@ -202,17 +218,26 @@ def test_a_hostile_error_detail_is_refused_and_runs_nothing(name, tmp_path):
     hostile = HOSTILE[name](marker)
     whole = error_from_wire(P.E_REMOTE, "boom", hostile)
     nested = error_from_wire(P.E_REMOTE, "boom", codec.dumps_result(
-        {"type_name": "x.Y", "message": "m", "traceback": "", "pickled": hostile}))
+        {"type_name": "x.Y", "message": "m", "traceback": "", "exception": hostile}))
     for error in (whole, nested):
         assert isinstance(error, SerializationError) and "refused" in str(error)
     assert not marker.exists()
 
 
-def test_the_refusal_names_the_refused_global(tmp_path):
-    with pytest.raises(SerializationError, match=r"posix\.system|os\.system"):
+def test_the_refusal_names_what_was_refused(tmp_path):
+    with pytest.raises(SerializationError, match="pickle"):
         decode_output(HOSTILE["os.system"](tmp_path / "pwned"))
-    with pytest.raises(SerializationError, match="append"):
-        decode_output(HOSTILE["a class with append"](tmp_path / "pwned"))
+    with pytest.raises(SerializationError, match=r"os\.system, which is not a class"):
+        decode_output(HOSTILE["model named os.system"](tmp_path / "pwned"))
+    with pytest.raises(SerializationError, match=r"RunnableLambda, which is not a pydantic model \(and not a runnable"):
+        decode_output(HOSTILE["model naming a runnable"](tmp_path / "pwned"))
+
+
+def test_a_malformed_message_is_a_serialization_error_naming_the_problem():
+    malformed = tagged(result_codec.MODEL, [f"{__name__}:Pokemon", None, "name,level", ["x", 1], "not a mask",
+                                            None, None, None])
+    with pytest.raises(SerializationError, match="malformed fields set"):
+        decode_output(malformed)
 
 
 def test_trusting_workers_decodes_with_full_pickle():
@@ -303,7 +328,8 @@ ROGUE_ANSWERS: dict[str, Callable[[bytes, bytes], list[list[bytes]]]] = {
 
 
 @pytest.mark.parametrize("how", list(ROGUE_ANSWERS))
-@pytest.mark.parametrize("hostile", ["os.system", "builtins.exec", "subprocess.Popen", "getattr"])
+@pytest.mark.parametrize("hostile", ["os.system", "builtins.exec", "subprocess.Popen", "getattr",
+                                     "dataclass named subprocess.Popen"])
 def test_a_rogue_worker_cannot_run_code_in_the_client(how, hostile, tmp_path):
     marker = tmp_path / "pwned"
     payload = HOSTILE[hostile](marker)

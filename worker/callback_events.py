@@ -8,9 +8,9 @@ listens on its side: the task header's ``events``), the worker adds an :class:`E
 the task's config. Every callback it receives becomes one EVENT message, sent on the same path as
 the task's chunks, so events and chunks keep their order.
 
-An event is data (``codec.dumps_result``): ``{"method", "args", "kwargs"}`` with run ids as
-strings. Values that are not data (a chain input holding a client, an exotic output) travel as
-their ``repr``; an exception travels as the data the result codec makes of it. What a handler
+An event is data (``result_codec.dumps_result``: msgpack, no pickle): ``{"method", "args",
+"kwargs"}`` with run ids as strings. Values that are not data (a chain input holding a client, an
+exotic output) travel as their ``repr``; an exception travels as the data the result codec makes of it. What a handler
 receives is what LangChain gives it; ``serialized`` forms of models hold secrets only as
 references (``{"type": "secret", "id": [...]}``), never their values.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from worker import codec
+from worker import result_codec
 
 # The callbacks relayed, and what the client does with them (pool.client.callback_relay).
 START_EVENTS = ("on_chain_start", "on_chat_model_start", "on_llm_start", "on_tool_start", "on_retriever_start")
@@ -47,7 +47,7 @@ def _plain(value: Any) -> Any:
 
 def _as_data(value: Any) -> Any:
     try:
-        codec.dumps_result(value)
+        result_codec.dumps_result(value)
     except Exception:  # noqa: BLE001 - not data: its repr stands in for it
         text = repr(value)
         return text if len(text) <= REPR_LIMIT else text[:REPR_LIMIT] + "..."
@@ -59,11 +59,11 @@ def encode_event(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     dropped because one of its values cannot travel)."""
     event = {"method": method, "args": list(args), "kwargs": {k: _plain(v) for k, v in kwargs.items()}}
     try:
-        return codec.dumps_result(event)
+        return result_codec.dumps_result(event)
     except Exception:  # noqa: BLE001 - one value refused: send the others as they are
         event["args"] = [_as_data(a) for a in args]
         event["kwargs"] = {k: _as_data(_plain(v)) for k, v in kwargs.items()}
-        return codec.dumps_result(event)
+        return result_codec.dumps_result(event)
 
 
 class EventRecorder(BaseCallbackHandler):
