@@ -117,6 +117,38 @@ def test_a_worker_that_floods_stdout_gets_a_typed_error_bounded_reads_and_is_sto
     assert MAX_LINE_BYTES - 2 * MiB <= written <= MAX_LINE_BYTES + SLACK, written  # no more was read
 
 
+# A "worker" that writes an endless stderr line, then exits without a result.
+STDERR_FLOODER = """
+import os
+chunk = b"e" * (1 << 20)
+for _ in range({chunks}):
+    os.write(2, chunk)
+""".replace("{chunks}", str(FLOOD // MiB))
+
+
+class StderrFloodingLauncher:
+    def launch(self, deadline: float | None) -> ProcessChannel:
+        proc = subprocess.Popen([sys.executable, "-c", STDERR_FLOODER],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return ProcessChannel(proc, deadline)
+
+
+@pytest.mark.timeout(120)
+def test_an_endless_stderr_line_keeps_only_a_tail_in_the_clients_error():
+    # The stderr reader kept whole lines: a worker that never ends one filled the client's memory,
+    # and the WorkerLost message then carried all of it.
+    from pool.ephemeral.local_launcher import STDERR_TAIL_BYTES
+    from pool.errors import WorkerLost
+
+    before = child_pids()
+    with pytest.raises(WorkerLost) as info:
+        EphemeralBackend(StderrFloodingLauncher()).invoke(_call())
+    message = str(info.value)
+    assert "exited with code 0" in message and message.rstrip().endswith("e" * 100)
+    assert len(message) < STDERR_TAIL_BYTES + 1000
+    assert child_pids() <= before
+
+
 @pytest.mark.timeout(60)
 def test_a_task_over_the_line_cap_is_refused_before_any_worker_starts():
     launched: list[float | None] = []

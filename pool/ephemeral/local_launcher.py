@@ -5,6 +5,7 @@ Same program and protocol as an ephemeral Pod, no cluster: what tests, the demo 
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import signal
@@ -13,11 +14,13 @@ import sys
 import threading
 import time
 from collections import deque
+from typing import cast
 
 from pool.errors import WorkerLost
 from worker.stdio_lines import take_line
 
 STDERR_TAIL_BYTES = 4096
+STDERR_READ_BYTES = 64 * 1024
 READ_BYTES = 1 << 20  # one read of the worker's stdout: the most the buffer grows past the line limit
 WORKER = "the one-shot worker"
 
@@ -36,14 +39,22 @@ class ProcessChannel:
         self._stderr_thread.start()
 
     def _drain_stderr(self) -> None:
-        """Keep the pipe from filling up (which would block the worker) and keep a tail for errors."""
+        """Keep the pipe from filling up (which would block the worker) and keep a tail for errors.
+        Read in chunks, not lines: a worker that never ends a stderr line must not fill memory."""
         assert self.proc.stderr is not None
+        stderr = cast(io.BufferedReader, self.proc.stderr)  # Popen's pipes are buffered (bufsize=-1)
         show = bool(os.environ.get("RUNNABLE_K8S_SHOW_WORKER_LOGS"))
-        for line in iter(self.proc.stderr.readline, b""):
+        while True:
+            try:
+                chunk = stderr.read1(STDERR_READ_BYTES)
+            except (OSError, ValueError):  # closed by close()
+                return
+            if not chunk:
+                return
             if show:
-                sys.stderr.buffer.write(line)
-            self._stderr_tail.append(line)
-            self._stderr_size += len(line)
+                sys.stderr.buffer.write(chunk)
+            self._stderr_tail.append(chunk)
+            self._stderr_size += len(chunk)
             while self._stderr_size > STDERR_TAIL_BYTES and len(self._stderr_tail) > 1:
                 self._stderr_size -= len(self._stderr_tail.popleft())
 
@@ -110,7 +121,7 @@ class ProcessChannel:
         except subprocess.TimeoutExpired:
             code = None
         self._stderr_thread.join(1)
-        tail = b"".join(self._stderr_tail).decode("utf-8", "replace").strip()
+        tail = b"".join(self._stderr_tail)[-STDERR_TAIL_BYTES:].decode("utf-8", "replace").strip()
         return WorkerLost(
             f"the one-shot worker (pid {self.proc.pid}) exited with code {code} before sending a result"
             + (f"; its last log lines:\n{tail}" if tail else "")
