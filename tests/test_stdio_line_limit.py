@@ -252,15 +252,25 @@ class EndlessAttachStream:
     """Stands in for the kubernetes client's attach websocket (a third-party object; a real one
     needs a cluster, where tests/test_ephemeral_k8s.py runs): stdout that never ends a line."""
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", line: str = "") -> None:
         self.pending = prefix
+        self.line = line  # what each update brings (default: a MiB of a line that never ends)
         self.handed = 0
+        self.captured = 0  # what the real client also keeps for read_all(), until that is called
+        self.most_captured = 0
 
     def is_open(self) -> bool:
         return True
 
     def update(self, timeout: float) -> None:
-        self.pending += "x" * MiB
+        data = self.line or "x" * MiB
+        self.pending += data
+        self.captured += len(data)
+        self.most_captured = max(self.most_captured, self.captured)
+
+    def read_all(self) -> str:
+        self.captured = 0
+        return ""
 
     def peek_stdout(self) -> bool:
         return bool(self.pending)
@@ -282,3 +292,17 @@ def test_the_pod_channel_stops_reading_an_endless_line_at_the_cap(prefix):
     with pytest.raises(LineTooLong):
         channel.read_line(30)
     assert MAX_LINE_BYTES <= stream.handed <= MAX_LINE_BYTES + 2 * MiB
+
+
+@pytest.mark.timeout(60)
+def test_the_pod_channel_drops_the_kubernetes_clients_copy_of_what_it_read():
+    # The kubernetes client keeps everything an attach stream sent, for read_all(): a worker
+    # writing short lines forever (or a long stream of chunks) would fill memory with no line over
+    # the cap. The channel drops that copy as it reads.
+    from pool.ephemeral.k8s_launcher import PodChannel
+
+    stream = EndlessAttachStream(line="RK8S/2 NOTHING x\n" * 4096)
+    channel = PodChannel(None, None, "runner-x", stream)  # type: ignore[arg-type]
+    for _ in range(20_000):
+        assert channel.read_line(5) == b"RK8S/2 NOTHING x\n"
+    assert stream.handed > 100_000 and stream.most_captured <= len(stream.line)

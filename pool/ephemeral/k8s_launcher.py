@@ -110,6 +110,18 @@ class PodChannel:
             if self.ws.peek_stdout():
                 # Stdio lines are base64: plain ASCII. Anything else is not ours and is replaced.
                 self._buffer += self.ws.read_stdout().encode("ascii", "replace")
+                self._drop_capture()
+
+    def _drop_capture(self) -> None:
+        """The kubernetes client also keeps a copy of all the output it reads (for its
+        ``read_all``), which ``stream()`` gives no way to turn off: dropped as it comes, or a long
+        stream (or a worker writing lines forever) would keep all of it in memory. ``read_all`` also
+        empties the client's other channels: stdout was just read, and nothing here reads another
+        (stderr is not attached; a failure is read from the Pod's status)."""
+        try:
+            self.ws.read_all()
+        except TypeError:  # a client made with capture_all=False keeps nothing
+            pass
 
     def failure(self) -> BaseException:
         return self.launcher.pod_failure(self.core, self.name, "the Pod ended before sending a result")
