@@ -3,18 +3,21 @@
 The hostile peers are hand-written ZMTP over plain TCP (tests/support/zmtp_raw.py): a libzmq
 DEALER never puts an unfinished multipart message on the wire, an attacker's program does. The
 guarded ROUTER runs in a child process looping the way the broker does
-(tests/support/guarded_router.py), so its memory is its own.
+(tests/support/guarded_router.py), so its memory is its own; the last test makes the attack on a
+real broker process.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import pytest
 import zmq
 
 from pool.broker.connections import ConnectionGuard, cut, tcp_bytes_received
+from tests.support.broker_process import hello_frames, insecure_broker, says_welcome
 from tests.support.guarded_router import GuardedRouter, peak_rss_bytes
 from tests.support.waiting import wait_for
 from tests.support.zmtp_raw import RawPeer
@@ -216,3 +219,30 @@ def test_cut_of_a_dead_or_foreign_descriptor_does_nothing() -> None:
         os.close(write_end)
     cut(read_end)  # closed: nothing to do, nothing raised
     assert tcp_bytes_received(read_end) is None
+
+
+@pytest.mark.timeout(90)
+def test_the_broker_cuts_a_never_ending_multipart_message_and_stays_bounded() -> None:
+    """The same attack on ``runnable-k8s broker --insecure --max-message-bytes 8 MiB``: HELLO, then
+    frames that all say "more" at 128 MiB/s for up to 8 s. The broker cuts the connection, its
+    peak resident memory grows by less than 160 MiB (unguarded: ~1 GiB), and it still welcomes
+    an ordinary client."""
+    context: zmq.Context[Any] = zmq.Context()
+    try:
+        with insecure_broker(max_message_bytes=MAX_MESSAGE) as broker:
+            port = int(broker.endpoint.rsplit(":", 1)[1])
+            peer = RawPeer("127.0.0.1", port)
+            peer.send_message(hello_frames())
+            assert not peer.closed(1.0)  # its WELCOME (read and dropped); the connection stays
+            before = peak_rss_bytes(broker.process.pid)
+            broken = _flood(peer, rate=128 * MiB, limit=8)
+            sent = peer.sent
+            assert broken or peer.closed(5), f"the broker never cut the flood ({sent / MiB:.0f} MiB sent)"
+            peer.close()
+            growth = peak_rss_bytes(broker.process.pid) - before
+            print(f"broker cut the flood after {sent / MiB:.0f} MiB; its peak RSS grew {growth / MiB:.0f} MiB")
+            assert growth < 160 * MiB, f"the broker grew {growth / MiB:.0f} MiB"
+            assert broker.process.poll() is None, broker.stderr()[-2000:]
+            assert says_welcome(context, broker.endpoint) is not None, "an ordinary client got no WELCOME"
+    finally:
+        context.destroy(linger=0)

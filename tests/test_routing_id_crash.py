@@ -6,7 +6,7 @@ an explicit id that duplicates an explicit one, but not an automatic one that du
 explicit one: it asserts (``Assertion failed: ok (src/socket_base.cpp:2113)``) and the process
 dies of SIGABRT. The first test REPRODUCES THAT LIBZMQ BEHAVIOUR on a bare, unseeded ROUTER; the
 second shows that ``pool.broker.connections.seed_routing_ids()`` before the ROUTER is created
-takes the attack away.
+takes the attack away; the third makes the attack on a real broker process.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import pytest
+import zmq
 
+from tests.support.broker_process import insecure_broker, says_welcome
 from tests.support.paths import REPO
 
 UNSEEDED_START = 0x6B8B4567  # glibc's first rand() with no srand(): libzmq's first automatic id
@@ -84,3 +87,25 @@ def test_seeded_router_survives_the_preclaim_and_serves_the_ordinary_peer() -> N
     first_id = bytes.fromhex(served[0].split()[1])
     claimed = {b"\x00" + (UNSEEDED_START + k).to_bytes(4, "big") for k in range(CLAIMS)}
     assert len(first_id) == 5 and first_id[0] == 0 and first_id not in claimed
+
+
+@pytest.mark.timeout(90)
+def test_the_broker_survives_a_preclaim_and_serves_an_ordinary_client() -> None:
+    """The same attack on ``runnable-k8s broker``: peers that took the unseeded ROUTER's next
+    automatic ids (and said HELLO, so they are not cut as silent), then an ordinary client. The
+    broker must be alive and answer the client's HELLO (an unseeded broker dies of SIGABRT)."""
+    context: zmq.Context[Any] = zmq.Context()
+    try:
+        with insecure_broker(max_message_bytes=8 * 1024 * 1024) as broker:
+            claimers = []  # kept: a claimer's socket collected would give its id back
+            for k in range(CLAIMS):
+                claimer = says_welcome(context, broker.endpoint,
+                                       routing_id=b"\x00" + (UNSEEDED_START + k).to_bytes(4, "big"))
+                assert claimer is not None, f"claimer {k} got no WELCOME"
+                claimers.append(claimer)
+            client = says_welcome(context, broker.endpoint)
+            alive = broker.process.poll() is None
+            assert alive, f"the broker died ({broker.process.returncode}): {broker.stderr()[-2000:]}"
+            assert client is not None, "the ordinary client got no WELCOME"
+    finally:
+        context.destroy(linger=0)
