@@ -11,41 +11,47 @@ them, which is why it is a separate, small module: it is the security boundary, 
 The format
 ==========
 
-A message is one msgpack value, ``[MARKER, value]``. Plain values stay native and decode in C:
-``str``, ``bytes`` (a ``bytearray`` or ``memoryview`` travels as ``bytes``), ``int`` (64-bit),
-``float``, ``bool``, ``None``, ``list`` and ``dict`` (any keys). Every other supported value is a msgpack *ext* value: a type tag (below) and a payload,
-which is itself msgpack (or raw bytes for the few atoms). The decoder turns an ext value back into
-an object with the tag's handler; an unknown tag is refused. msgpack has no way to refer to a value
-twice, so every element costs at least one byte of the message.
+A message is one msgpack value: ``[MARKER, value]``, or ``[MARKER, payload, tag]`` when the value
+itself is tagged (a streamed chunk is a model; its payload then needs no second msgpack pass).
+Plain values stay native and decode in C: ``str``, ``bytes`` (a ``bytearray`` or ``memoryview``
+travels as ``bytes``), ``int`` (64-bit), ``float``, ``bool``, ``None``, ``list`` and ``dict`` (any
+keys). Every other supported value is a msgpack *ext* value, ``ExtType(tag, payload)``: the
+payload is raw bytes for the few atoms (tags below 10: big int, UUID, Decimal, ZoneInfo key,
+builtin class name) and a msgpack value for the others, decoded with the same rules. The decoder
+turns it back into an object with the tag's builder (``_BUILDERS``), which checks the payload's
+shape; an unknown tag is refused. msgpack cannot refer to a value twice, so every element costs at
+least one byte of the message.
 
 Rebuilding objects
 ==================
 
-Classes are named, never sent: ``"module:qualname"`` and a tracker id. A class is found (:func:`_find_class`)
-only in a module that is *already imported* here (nothing is ever imported, no ``__main__``
-submodule), by walking module and class namespaces (never an attribute of anything else, never a
-descriptor), and it must be of the kind its tag claims (a pydantic model that is not a runnable; a
-dataclass; an Enum; a namedtuple; an Exception). A class the client itself sent by value is found
-through cloudpickle's tracker, which only knows classes this process pickled or unpickled.
+Classes are named, never sent: ``"module:qualname"`` and a tracker id. A class is found
+(:func:`_find_class`) only in a module that is *already imported* here (nothing is ever imported,
+no ``__main__`` submodule), by walking module and class namespaces (never an attribute of anything
+else, never a descriptor), and it must be of the kind its tag claims (a pydantic model that is not
+a runnable; a dataclass; an Enum; a namedtuple; an Exception). A class the client itself sent by
+value is found through cloudpickle's tracker, which only knows classes this process pickled.
 
-Objects are made only through documented constructors: ``model_construct`` (the values are already
-typed: each was decoded by this module), the dataclass's constructor, ``Enum[name]``, a
-namedtuple's ``_make``, ``datetime(...)``, ``UUID(bytes=...)``, ``Decimal(str)``... never by setting
-attributes on an object that existed before decoding. Those constructors are the classes' own code:
-only classes of the claimed kind that the client imported can be named.
+Objects are made only through documented constructors: pydantic's ``model_construct`` (the values
+are already typed: each was decoded by this module; for the commonest classes its own steps,
+inlined: see ``_build_model``), the dataclass's constructor, ``Enum[name]``, a namedtuple's
+``_make``, ``datetime(...)``, ``UUID(bytes=...)``, ``Decimal(str)``... never by setting attributes
+on an object that existed before decoding (exceptions: see ``_build_exception``). Those
+constructors are the classes' own code: only classes of the claimed kind that the client imported
+can be named.
 
 Limits
 ======
 
 Decoding refuses, with a :class:`CodecError`, messages larger than ``Limits.max_bytes``, tagged
 values nested deeper than ``Limits.max_depth`` (msgpack itself stops at 1024 nested lists and dicts
-within one tagged value), containers claiming more than ``Limits.max_items`` elements, and nesting
-that would make it copy ext payloads more than ``Limits.expansion`` times the message's size (each
-tagged value's payload is a copy of its bytes). Dict keys and set elements that are tagged values
-(tuples, big ints...) are hashed as they are made, and more than a few *distinct* values with one
-hash are refused: Python's hash of those types is not randomized, so an attacker could otherwise
-make a dict or set cost time quadratic in its size. Native keys (str and bytes hashes are
-randomized; 64-bit ints and floats admit only a few full collisions) need no such check.
+within one tagged value), lists and dicts claiming more than ``Limits.max_items`` elements, and
+nesting that would make it copy ext payloads more than ``Limits.expansion`` times the message's
+size (each tagged value's payload is a copy of its bytes). Dict keys and set elements that are
+tagged values (tuples, big ints...) are hashed as they are made, and more than a few *distinct*
+values with one hash are refused: Python's hash of those types is not randomized, so an attacker
+could otherwise make a dict or set cost time quadratic in its size. Native keys (str and bytes
+hashes are randomized; 64-bit ints and floats admit only a few full collisions) need no such check.
 """
 
 from __future__ import annotations
@@ -593,9 +599,9 @@ _ZONES: dict[str, zoneinfo.ZoneInfo] = {}
 
 
 def _build_zoneinfo(d: _Decoding, payload: bytes) -> Any:
-    """A ZoneInfo by key, only for a key of this machine's time-zone database, or when the
-    ``tzdata`` package is imported already: ZoneInfo would otherwise import it to look (nothing is
-    imported for a worker)."""
+    """A ZoneInfo by key, only for a key that is a file of this machine's time-zone database or of
+    the ``tzdata`` package when it is imported already: for any other key ZoneInfo would import
+    that package's modules to look for it (nothing is imported for a worker)."""
     key = payload.decode()
     zone = _ZONES.get(key)
     if zone is not None:
@@ -603,8 +609,10 @@ def _build_zoneinfo(d: _Decoding, payload: bytes) -> Any:
     segments = key.split("/")
     if len(key) > 255 or not all(segment and set(segment) <= _ZONE_KEY_CHARS for segment in segments):
         raise Refused(f"the time-zone key {key[:100]!r}")
-    if "tzdata" not in sys.modules and not any(
-            os.path.isfile(os.path.join(path, *segments)) for path in zoneinfo.TZPATH):
+    tzdata = sys.modules.get("tzdata")
+    tzdata_file = getattr(tzdata, "__file__", None) if isinstance(tzdata, types.ModuleType) else None
+    paths = [*zoneinfo.TZPATH, *([os.path.join(os.path.dirname(tzdata_file), "zoneinfo")] if tzdata_file else [])]
+    if not any(os.path.isfile(os.path.join(path, *segments)) for path in paths):
         raise Unresolvable(f"the time zone {key} is not in this machine's time-zone database (zoneinfo.TZPATH); "
                            "install it, or import the tzdata package in the client")
     try:
