@@ -10,7 +10,10 @@ real broker process.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -162,20 +165,33 @@ def test_a_burst_of_whole_messages_beyond_the_bound_is_not_cut() -> None:
             context.destroy(linger=0)
 
 
-@pytest.fixture
-def guarded() -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes], ConnectionGuard, str]:
-    context = zmq.Context()
+@pytest.fixture(params=["tcp", "ipc"])
+def guarded(request: pytest.FixtureRequest) -> Iterator[tuple[zmq.Context[Any], zmq.Socket[Any], ConnectionGuard, str]]:
+    """A ROUTER with a guard, in this process, on tcp or on ipc (a socket file in a private
+    folder, removed at the end)."""
+    context: zmq.Context[Any] = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.linger = 0
     guard = ConnectionGuard(router, MAX_MESSAGE)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    yield context, router, guard, f"tcp://127.0.0.1:{port}"
-    guard.close()
-    context.destroy(linger=0)
+    folder = tempfile.mkdtemp(prefix="rk8s-guard-")  # short: an ipc path has at most 107 bytes
+    try:
+        if request.param == "tcp":
+            endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+        else:
+            endpoint = f"ipc://{folder}/router"
+            router.bind(endpoint)
+        yield context, router, guard, endpoint
+    finally:
+        guard.close()
+        context.destroy(linger=0)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.timeout(30)
-def test_cut_ends_a_live_connection_and_drain_reports_it(guarded) -> None:  # type: ignore[no-untyped-def]
+def test_cut_ends_a_live_connection_and_drain_reports_it(
+        guarded: tuple[zmq.Context[Any], zmq.Socket[Any], ConnectionGuard, str]) -> None:
+    """tcp and ipc: the DEALER sees its connection end, the guard's drain() reports it, nothing
+    more gets through, and a second cut of the same descriptor does nothing."""
     context, router, guard, endpoint = guarded
     dealer = context.socket(zmq.DEALER)
     dealer.linger = 0
@@ -246,3 +262,30 @@ def test_the_broker_cuts_a_never_ending_multipart_message_and_stays_bounded() ->
             assert says_welcome(context, broker.endpoint) is not None, "an ordinary client got no WELCOME"
     finally:
         context.destroy(linger=0)
+
+
+@pytest.mark.timeout(30)
+def test_the_silent_rule_holds_on_tcp_and_ipc(
+        guarded: tuple[zmq.Context[Any], zmq.Socket[Any], ConnectionGuard, str]) -> None:
+    context, router, guard, endpoint = guarded
+    guard.silent_grace = 0.5
+    silent = context.socket(zmq.DEALER)
+    silent.linger = 0
+    silent.connect(endpoint)
+    wait_for(lambda: guard.drain() or guard.live, 10, "the silent connection to be accepted")
+    (silent_fd,) = guard.live
+    talker = context.socket(zmq.DEALER)
+    talker.linger = 0
+    talker.connect(endpoint)
+    talker.send(b"hello")
+    assert router.poll(10_000)
+    frames = router.recv_multipart(copy=False)
+    talker_fd = frames[1].get(zmq.SRCFD)
+    guard.note(talker_fd, len(frames[1]), time.monotonic())
+    assert guard.check(time.monotonic()) == []
+    time.sleep(0.6)
+    assert guard.check(time.monotonic()) == [silent_fd]
+    assert guard.reasons == {silent_fd: "silent"}
+    assert guard.cut(silent_fd)
+    assert guard.cut_counts["silent"] == 1
+    wait_for(lambda: silent_fd in guard.drain(), 10, "the cut silent connection to be reported closed")
