@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 from langchain_openai import ChatOpenAI
 
-from worker import codec
+from worker import codec, result_codec
 
 SECRET = "sk-client-side-secret-123"
 
@@ -102,6 +103,19 @@ def test_exception_that_cannot_be_rebuilt_keeps_its_type_name_and_traceback():
     assert info.exception is None
     assert info.type_name.endswith("LocalError")
     assert "raise LocalError" in info.traceback
+
+
+def test_the_way_back_is_the_result_codec_with_no_pickle_in_it():
+    # worker.codec re-exports the result codec's names, so callers of either direction use one module.
+    assert codec.dumps_result is result_codec.dumps_result and codec.load_exception is result_codec.load_exception
+    assert codec.CodecError is result_codec.CodecError and issubclass(codec.Refused, codec.CodecError)
+    data = codec.dumps_output({"n": 1, "t": (1, 2)}, trusted=False)
+    assert codec.loads_output(data, trusted=False) == {"n": 1, "t": (1, 2)}
+    with pytest.raises(pickle.UnpicklingError):
+        pickle.loads(data)
+    with pytest.raises(codec.Refused, match="pickle"):  # nor does the client decode one as a result
+        codec.loads_output(pickle.dumps({"n": 1}), trusted=False)
+    assert codec.loads_output(codec.dumps_output(len, trusted=True), trusted=True) is len
 
 
 # ---------------------------------------------------------------------------- the data fast path
