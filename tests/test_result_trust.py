@@ -321,6 +321,23 @@ def test_a_real_worker_sends_models_dataclasses_and_enums_back_as_data(pool):
     assert list(remote.stream(1)) == [structured(1)]
 
 
+def test_a_class_the_client_sent_by_value_comes_back_as_itself(pool):
+    @dataclasses.dataclass
+    class Note:  # a local class: cloudpickle sends it by value, with a tracker id
+        text: str
+
+    class Mood(enum.Enum):
+        CALM = "calm"
+
+    def sight(name: str) -> Any:
+        return {"note": Note(name), "mood": Mood.CALM}
+
+    remote = RunnableK8s(bound=RunnableLambda(sight), pool=pool.address, mode="warm", timeout=30)
+    out = remote.invoke("Pikachu")
+    assert type(out["note"]) is Note and out["note"].text == "Pikachu"
+    assert out["mood"] is Mood.CALM
+
+
 ROGUE_ANSWERS: dict[str, Callable[[bytes, bytes], list[list[bytes]]]] = {
     "result": lambda task, payload: [[P.PROTOCOL, P.RESULT, task, payload]],
     "error": lambda task, payload: [P.error_frames(task, P.E_REMOTE, "boom", payload)],

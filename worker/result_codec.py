@@ -67,6 +67,7 @@ import sys
 import traceback
 import types
 import uuid
+import weakref
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -309,9 +310,9 @@ def _encoder_for(cls: type, obj: Any) -> Encode:
         raise Refused(f"the function {getattr(obj, '__module__', None)}.{obj.__qualname__} (code, not data)")
     else:
         raise Refused(f"an object of type {_class_name(cls)}")
+    global _ENCODERS
     if len(_ENCODERS) > _MAX_CACHED_ENCODERS:
-        _ENCODERS.clear()
-        _ENCODERS.update(_BASE_ENCODERS)
+        _ENCODERS = dict(_BASE_ENCODERS)  # a new dict: another thread may be reading the old one
     _ENCODERS[cls] = encode
     return encode
 
@@ -692,13 +693,19 @@ class _ModelShape:
 
 
 _MAX_FIELDS_SETS = 256
-# Model classes found and checked, with their shapes, by name (see _CLASSES).
+# Model classes found and checked, with their shapes, by name (see _CLASSES), and the shapes of
+# classes found through cloudpickle's tracker (which come and go with the code that sent them).
 _MODELS: dict[str, _ModelShape] = {}
+_TRACKED_SHAPES: weakref.WeakKeyDictionary[type, _ModelShape] = weakref.WeakKeyDictionary()
 _object_setattr = object.__setattr__
 
 
 def _model_shape(name: Any, tracker: Any) -> _ModelShape:
     cls = _class(MODEL, name, tracker)
+    if tracker is not None:
+        shape = _TRACKED_SHAPES.get(cls)
+        if shape is not None:
+            return shape
     fields = cls.__pydantic_fields__
     plain = not cls.__pydantic_root_model__ and not cls.__pydantic_post_init__ and all(
         field.alias in (None, key) and field.validation_alias in (None, key) for key, field in fields.items())
@@ -706,6 +713,8 @@ def _model_shape(name: Any, tracker: Any) -> _ModelShape:
                         cls.model_config.get("extra") == "allow", plain, cls.__hash__ is not None, cls.__new__, {})
     if tracker is None:
         _MODELS[name] = shape
+    else:
+        _TRACKED_SHAPES[cls] = shape
     return shape
 
 
@@ -875,6 +884,8 @@ def loads_result(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Any:
     :class:`Unresolvable` when a class is not available here, :class:`CodecError` for malformed
     bytes or bytes over the ``limits``; never anything else.
     """
+    if type(data) is not bytes:
+        data = bytes(data)  # a bytearray or a memoryview (msgpack would take them; startswith below not all)
     size = len(data)
     if size > limits.max_bytes:
         raise CodecError(f"a result of {size} bytes, over the {limits.max_bytes} bytes this client decodes: refused")
