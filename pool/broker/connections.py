@@ -15,7 +15,7 @@ A ROUTER hides its connections behind routing ids, and three abuses follow from 
   it from outside: the kernel's count of bytes received on the connection (Linux ``TCP_INFO``)
   runs ahead of the bytes the broker was handed as whole messages.
 * **Revocation.** CurveZMQ checks a key only at the handshake, and a ROUTER cannot drop one peer.
-  :func:`cut` ends one connection through its file descriptor.
+  :func:`cut` ends one connection through its file descriptor (a reset, for tcp on Linux).
 
 What pyzmq does give: every received frame names the descriptor of the connection it came from
 (``frame.get(zmq.SRCFD)``), and a socket monitor reports each accepted and each ended connection
@@ -119,22 +119,52 @@ def seed_routing_ids() -> None:
 def cut(fd: int) -> None:
     """End the connection on descriptor ``fd`` now, without closing the descriptor.
 
-    ``shutdown(SHUT_RDWR)`` ends the connection in both directions, tcp or ipc: libzmq's next read
-    on it sees the end, so libzmq closes its side and reports the disconnect (the guard's
-    :meth:`~ConnectionGuard.drain` then returns ``fd``), and the peer sees the connection close.
-    The descriptor itself stays libzmq's: closing it here would let the number be reused while
-    libzmq still polls it. A descriptor that is already gone, or is not a socket, is left alone.
+    A tcp connection is reset (Linux: ``connect()`` to an ``AF_UNSPEC`` address disconnects a
+    socket): what the kernel holds for it is dropped and the peer gets a RST at once. A bare
+    ``shutdown()`` is not enough against a flood: Linux keeps taking in data after ``SHUT_RD``,
+    libzmq goes on reading it (and growing) until the queue runs dry, and the sender, facing a
+    full window, learns of the end only when a window probe draws a RST seconds later. Elsewhere,
+    and for ipc, ``shutdown(SHUT_RDWR)`` ends it (a unix socket's writer gets EPIPE at once).
+    Either way libzmq's next read sees the end, closes its side and reports the disconnect (the
+    guard's :meth:`~ConnectionGuard.drain` then returns ``fd``). The descriptor stays libzmq's:
+    closing it here would let the number be reused while libzmq still polls it. A descriptor that
+    is already gone, or is not a socket, is left alone.
     """
     try:
         sock = socket.socket(fileno=fd)
     except OSError:  # EBADF: gone; ENOTSOCK: the number now belongs to something else
         return
     try:
+        if sock.family in _TCP_FAMILIES:
+            _reset(fd)
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:  # ENOTCONN: the connection ended already
+    except OSError:  # ENOTCONN: the connection ended already (or was just reset)
         pass
     finally:
         sock.detach()
+
+
+def _load_connect() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        connect = ctypes.CDLL(None, use_errno=True).connect
+    except (OSError, AttributeError):
+        return None
+    connect.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
+    connect.restype = ctypes.c_int
+    return connect
+
+
+_CONNECT = _load_connect()
+_UNSPEC = ctypes.create_string_buffer(16)  # a sockaddr whose sa_family is AF_UNSPEC (0)
+
+
+def _reset(fd: int) -> bool:
+    """Disconnect tcp socket ``fd`` (Linux's ``tcp_disconnect``: queues purged, RST sent)."""
+    if _CONNECT is None:
+        return False
+    return bool(_CONNECT(fd, _UNSPEC, len(_UNSPEC)) == 0)
 
 
 def tcp_bytes_received(fd: int) -> int | None:
