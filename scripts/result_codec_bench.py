@@ -27,15 +27,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from langchain_core.messages import AIMessageChunk  # noqa: E402
+from langchain_core.messages import AIMessageChunk
 
-from worker import result_codec  # noqa: E402
+from worker import result_codec
 
 
 def nested_json(size: int = 10_000, seed: int = 7) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.repeats):
                 for name, (dumps, loads) in codecs.items():
                     data = encoded[name]
-                    func = (lambda d=dumps: d(value)) if op == "encode" else (lambda l=loads, b=data: l(b))
+                    func = (partial(dumps, value) if op == "encode" else partial(loads, data))
                     runs[name].append(per_op(func, number))
             print(f"{label:<16}{op:<8}" + "".join(f"{statistics.median(r):>10.2f}" for r in runs.values()))
         print(f"{'':<16}{'bytes':<8}" + "".join(f"{len(b):>10}" for b in encoded.values()))

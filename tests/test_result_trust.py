@@ -34,7 +34,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
 from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
 from langchain_core.runnables import RunnableLambda
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, PrivateAttr
 
 from pool import LocalPool, RemoteError, RunnableK8s, SerializationError
 from pool.client.calls import RemoteCall, decode_output, encode_input, encode_runnable
@@ -68,6 +68,15 @@ class Kind(enum.Enum):
 
 
 Point = collections.namedtuple("Point", "x y")
+
+
+class WithPrivate(BaseModel):
+    name: str
+    _cache: dict[str, int] = PrivateAttr(default_factory=dict)
+
+
+class Aliased(BaseModel):
+    name: str = Field(alias="pokemon-name")
 
 
 class NeedsKeywords(Exception):
@@ -110,6 +119,21 @@ def test_outputs_round_trip_as_data_with_their_type(name):
     value = DATA[name]
     out = codec.loads_result(codec.dumps_result(value))
     assert out == value and type(out) is type(value)
+    if isinstance(value, BaseModel):  # what model_construct would make: the same fields set and extra
+        assert out.model_fields_set == value.model_fields_set and out.model_extra == value.model_extra
+
+
+def test_a_model_with_extra_values_private_attributes_and_aliases_comes_back_whole():
+    message = AIMessage("hi", custom="extra value")  # extra="allow": kept, and in the fields set
+    out = codec.loads_result(codec.dumps_result(message))
+    assert out == message and out.model_extra == {"custom": "extra value"} and "custom" in out.model_fields_set
+    private = WithPrivate(name="x")
+    private._cache = {"k": 1}
+    out = codec.loads_result(codec.dumps_result(private))
+    assert out._cache == {"k": 1} and out == private
+    aliased = Aliased(**{"pokemon-name": "Pikachu"})
+    out = codec.loads_result(codec.dumps_result(aliased))
+    assert out == aliased and out.name == "Pikachu"
 
 
 def test_exceptions_keep_their_importable_type_without_their_init_being_called():

@@ -72,7 +72,7 @@ import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 import msgpack  # type: ignore[import-untyped]  # (msgpack ships no type hints)
@@ -674,9 +674,9 @@ def _str_keys(values: Any, what: str) -> Any:
     return values
 
 
-@dataclass(frozen=True)
-class _ModelShape:
-    """What decoding needs to know of a model class, read once per class."""
+class _ModelShape(NamedTuple):
+    """What decoding needs to know of a model class, read once per class (a tuple: the hot path
+    unpacks it at once)."""
 
     cls: Any
     names: list[str]  # the fields, in the class's order
@@ -737,34 +737,35 @@ def _build_model(d: _Decoding, payload: Any) -> Any:
     shape = _MODELS.get(name) if tracker is None else None
     if shape is None:
         shape = _model_shape(name, tracker)
-    cls = shape.cls
-    same = fields == shape.fields
-    names = shape.names if same else _field_names(fields, cls)
+    cls, names, fields_here, allowed, keeps_extra, plain, hashable, new, fields_sets = shape
+    same = fields == fields_here
+    if not same:
+        names = _field_names(fields, cls)
     if type(values) is not list or len(values) != len(names) or (extra is not None and type(extra) is not dict):
         raise CodecError(f"a malformed state for {_class_name(cls)}")
-    cached = shape.fields_sets.get(mask) if same else None
+    cached = fields_sets.get(mask) if same else None
     fields_set = set(cached) if cached is not None else _fields_set(shape, names, same, mask)
     if set_extra is not None:
         if type(set_extra) is not list or not extra or not set(set_extra) <= extra.keys():
             raise CodecError(f"a malformed fields set for {_class_name(cls)}")
         fields_set.update(set_extra)
     values = dict(zip(names, values, strict=False))  # (of one length: checked above)
-    if shape.plain and same and not extra and not private:
+    if plain and same and not extra and not private:
         # Exactly what model_construct does for such a class when every field has a value (its
         # loop over the fields, looking each up by alias and by name, is most of its cost): a
         # fresh instance from the class's own __new__, then its four slots.
-        obj = shape.new(cls)  # the class's own __new__, as model_construct calls it
+        obj = new(cls)  # the class's own __new__, as model_construct calls it
         set_slot = _object_setattr
         set_slot(obj, "__dict__", values)
         set_slot(obj, "__pydantic_fields_set__", fields_set)
-        set_slot(obj, "__pydantic_extra__", {} if shape.extra else None)
+        set_slot(obj, "__pydantic_extra__", {} if keeps_extra else None)
         set_slot(obj, "__pydantic_private__", None)
     else:
         if extra:
             values = {**_str_keys(extra, _class_name(cls)), **values}
         if "_fields_set" in values:
             raise CodecError(f"a field named _fields_set in {_class_name(cls)}")
-        obj = cls.model_construct(fields_set & (shape.allowed | values.keys()), **values)
+        obj = cls.model_construct(fields_set & (allowed | values.keys()), **values)
         if private:
             # Private attributes (the data ones the worker sent) of the fresh instance, through
             # pydantic's own assignment, for the names the class declares.
@@ -772,7 +773,7 @@ def _build_model(d: _Decoding, payload: Any) -> Any:
             for key, value in _str_keys(private, _class_name(cls)).items():
                 if key in declared:
                     setattr(obj, key, value)
-    return d.hashed(obj) if shape.hashable else obj
+    return d.hashed(obj) if hashable else obj
 
 
 def _field_names(fields: Any, cls: type) -> list[str]:
