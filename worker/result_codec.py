@@ -334,7 +334,9 @@ def _model(head: list[Any], bits_by_fields: dict[str, dict[str, int]], obj: Base
     fields = ",".join(values)
     bits = bits_by_fields.get(fields)
     if bits is None:
-        bits = bits_by_fields[fields] = {name: 1 << i for i, name in enumerate(values)}
+        bits = {name: 1 << i for i, name in enumerate(values)}
+        if len(bits_by_fields) < 16:  # (one per order of the fields met: one, unless built oddly)
+            bits_by_fields[fields] = bits
     mask = 0
     set_extra: list[str] | None = None
     for name in obj.__pydantic_fields_set__:
