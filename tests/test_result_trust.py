@@ -345,6 +345,27 @@ def test_a_real_worker_sends_models_dataclasses_and_enums_back_as_data(pool):
     assert list(remote.stream(1)) == [structured(1)]
 
 
+def every_supported_value(_: Any) -> Any:
+    return DATA
+
+
+def raises_with_data(_: Any) -> Any:
+    error = NeedsKeywords("slow down", status=429)
+    error.add_note("from the tool")
+    raise error
+
+
+def test_every_supported_type_round_trips_through_a_real_pool(pool):
+    remote = RunnableK8s(bound=RunnableLambda(every_supported_value), pool=pool.address, mode="warm", timeout=30)
+    for out in (remote.invoke(1), *remote.stream(1), *remote.batch([1, 2])):
+        assert out == DATA
+        assert {name: type(value) for name, value in out.items()} == {name: type(v) for name, v in DATA.items()}
+    failing = RunnableK8s(bound=RunnableLambda(raises_with_data), pool=pool.address, mode="warm", timeout=30)
+    with pytest.raises(NeedsKeywords) as info:
+        failing.invoke(1)
+    assert info.value.status == 429 and "from the tool" in info.value.__notes__
+
+
 def test_a_class_the_client_sent_by_value_comes_back_as_itself(pool):
     @dataclasses.dataclass
     class Note:  # a local class: cloudpickle sends it by value, with a tracker id
