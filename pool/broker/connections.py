@@ -20,8 +20,8 @@ A ROUTER hides its connections behind routing ids, and three abuses follow from 
 What pyzmq does give: every received frame names the descriptor of the connection it came from
 (``frame.get(zmq.SRCFD)``), and a socket monitor reports each accepted and each ended connection
 with its descriptor. The guard keeps the live descriptors from the monitor; the broker's loop
-tells it how many bytes each connection delivered (:meth:`ConnectionGuard.note`) and once a tick
-asks which connections to cut (:meth:`ConnectionGuard.check`).
+tells it how many bytes each connection delivered (:meth:`ConnectionGuard.note`) and, on every
+pass, asks which connections to cut (:meth:`ConnectionGuard.check`).
 
 Portability: the byte accounting needs Linux (``TCP_INFO``'s ``tcpi_bytes_received``, kernel
 4.1 or later); elsewhere (macOS, for one) unfinished messages are not detected, and the rest (the
@@ -107,7 +107,7 @@ def seed_routing_ids() -> None:
     try:
         libc = ctypes.CDLL(None)
         srand = libc.srand
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no process-wide handle
         log.warning("cannot seed libc's rand(): this broker's automatic routing ids are predictable; "
                     "require CurveZMQ keys so that only known peers can connect")
         return
@@ -243,8 +243,9 @@ class ConnectionGuard:
         the time it holds at most ``2 * bound`` plus twice what the peer can send in
         ``check_interval`` (less when it started on a connection that had said nothing yet).
     (b) *silent*: it has sent no whole message within ``silent_grace`` seconds of being accepted
-        (CurveZMQ handshake included), so a connection cannot hold a routing id while saying
-        nothing. Every client and worker speaks at once and heartbeats every second.
+        (CurveZMQ handshake included: the monitor's HANDSHAKE_SUCCEEDED carries no descriptor,
+        ACCEPTED does), so a connection cannot hold a routing id while saying nothing. Every
+        client and worker speaks at once and heartbeats every second.
 
     Descriptor numbers are reused as soon as libzmq closes one, so the guard knows a connection by
     its number and its socket's inode, and :meth:`cut` acts only on a connection it knows is live.
