@@ -140,7 +140,10 @@ def main() -> None:
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.linger = 0
-    router.rcvhwm = 0  # as the broker: ZeroMQ's queue is not what bounds a peer
+    # No receive high-water mark (the broker has a small one): every whole message a peer sends
+    # can wait in ZeroMQ's queue, unread, the hardest case for telling a backlog from an
+    # unfinished message.
+    router.rcvhwm = 0
     router.maxmsgsize = args.max_message_bytes + 1024 * 1024
     guard = ConnectionGuard(router, args.max_message_bytes, silent_grace=args.silent_grace,
                             check_interval=args.check_interval)
