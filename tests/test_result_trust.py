@@ -30,7 +30,7 @@ import msgpack
 import pytest
 from langchain_core.documents import Document
 from langchain_core.load.serializable import Serializable
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
 from langchain_core.runnables import RunnableLambda
@@ -93,6 +93,8 @@ DATA: dict[str, Any] = {
     "AIMessageChunk": AIMessageChunk(content="Pi", tool_call_chunks=[
         {"name": "f", "args": '{"x"', "id": "c1", "index": 0}]),
     "Documents": [Document("page", metadata={"source": "a.txt"}), Document("other")],
+    "ToolMessage": ToolMessage("result", tool_call_id="c1", artifact={"rows": 3}, status="error"),
+    "HumanMessage": HumanMessage("hello", name="ash", id="m1"),
     "ChatGeneration": ChatGeneration(message=AIMessage("x")),
     "Generation": Generation(text="t"),
     "ChatPromptValue": ChatPromptValue(messages=[HumanMessage("h")]),
@@ -119,8 +121,10 @@ def test_outputs_round_trip_as_data_with_their_type(name):
     value = DATA[name]
     out = codec.loads_result(codec.dumps_result(value))
     assert out == value and type(out) is type(value)
-    if isinstance(value, BaseModel):  # what model_construct would make: the same fields set and extra
-        assert out.model_fields_set == value.model_fields_set and out.model_extra == value.model_extra
+    if isinstance(value, BaseModel):  # what model_construct makes of the same state, slot for slot
+        built = type(value).model_construct(set(value.model_fields_set), **value.__dict__, **(value.model_extra or {}))
+        for slot in ("__dict__", "__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__"):
+            assert getattr(out, slot) == getattr(built, slot), slot
 
 
 def test_a_model_with_extra_values_private_attributes_and_aliases_comes_back_whole():
