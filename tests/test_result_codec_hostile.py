@@ -224,7 +224,7 @@ def colliding_pairs(count: int) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("container", ["set", "dict keys"])
 def test_a_hash_collision_flood_is_refused_fast(container, unchanged):
-    pairs = colliding_pairs(5_000)  # quadratic: ~12.5 million tuple comparisons if it were built
+    pairs = colliding_pairs(10_000)  # quadratic: ~50 million tuple comparisons if it were built
     keys = [ext(result_codec.TUPLE, list(pair)) for pair in pairs]
     payload = message(ext(result_codec.SET, keys) if container == "set" else dict.fromkeys(keys, 1))
     seconds, outcome = cpu_seconds(lambda: loads_result(payload))
