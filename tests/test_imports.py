@@ -66,7 +66,7 @@ def test_a_one_shot_worker_runs_its_task_without_heavy_modules_or_the_warm_loop(
     replies = [P.parse_stdio_line(line) for line in proc.stdout.splitlines(keepends=True)]
     results = [fields for message in replies if message for command, fields in [message] if command == P.RESULT]
     assert results, f"no RESULT on stdout: {proc.stdout[:500]!r} / {proc.stderr[-1000:]!r}"
-    assert codec.loads(results[0][0]) == 42
+    assert codec.loads_result(results[0][0]) == 42
     assert loaded == []
     warm = next(x for x in proc.stderr.decode().splitlines() if x.startswith("WARM "))
     # It speaks the protocol as text lines: no warm loop and no pyzmq, paid for on every ephemeral call.
