@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 import zmq
 
-from pool.broker.connections import ConnectionGuard, cut, tcp_bytes_received
+from pool.broker.connections import SLACK_BYTES, ConnectionGuard, cut, tcp_bytes_received
 from tests.support.broker_process import hello_frames, insecure_broker, says_welcome
 from tests.support.guarded_router import GuardedRouter, peak_rss_bytes
 from tests.support.waiting import wait_for
 from tests.support.zmtp_raw import RawPeer
 
 MiB = 1024 * 1024
-MAX_MESSAGE = 8 * MiB  # the guard's bound is this + its 4 MiB of slack
+MAX_MESSAGE = 8 * MiB  # the guard's bound is this + SLACK_BYTES (8 MiB)
 FRAME = b"x" * (64 * 1024)
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads memory from /proc (Linux)")
@@ -58,8 +58,8 @@ def _flood(peer: RawPeer, rate: float | None, limit: float) -> bool:
 def test_a_never_ending_multipart_message_is_cut_and_memory_stays_bounded() -> None:
     """A peer that says hello, then sends 64 KiB frames that all say "more" at 128 MiB/s (a fast
     network's worth) for up to 8 s. Unguarded that is ~1 GiB held by the ROUTER; the guard (bound
-    8 + 4 MiB, a look every 0.25 s) cuts it once past the bound: the ROUTER's peak resident memory
-    grows by less than 160 MiB (2 * bound + twice 0.25 s at 128 MiB/s is 88 MiB, the rest is
+    8 + 8 MiB, a look every 0.25 s) cuts it once past the bound: the ROUTER's peak resident memory
+    grows by less than 160 MiB (2 * bound + twice 0.25 s at 128 MiB/s is 96 MiB, the rest is
     room for a loaded machine), and the ROUTER goes on serving others."""
     with GuardedRouter(max_message_bytes=MAX_MESSAGE) as router:
         peer = RawPeer("127.0.0.1", router.port)
@@ -75,7 +75,7 @@ def test_a_never_ending_multipart_message_is_cut_and_memory_stays_bounded() -> N
         router.wait_line(lambda w: w[0] == "closed" and w[1] == cut_line[1], 10, "the monitor to see the cut")
         growth = peak_rss_bytes(router.pid) - before
         print(f"cut after {sent / MiB:.0f} MiB sent; peak RSS grew {growth / MiB:.0f} MiB")
-        assert sent > MAX_MESSAGE + 4 * MiB, "cut before the bound was passed"
+        assert sent > MAX_MESSAGE + SLACK_BYTES, "cut before the bound was passed"
         assert growth < 160 * MiB, f"the ROUTER grew {growth / MiB:.0f} MiB"
 
         context = zmq.Context()
@@ -144,7 +144,7 @@ def test_a_legitimate_large_message_sent_slowly_is_not_cut() -> None:
 
 @pytest.mark.timeout(60)
 def test_a_burst_of_whole_messages_beyond_the_bound_is_not_cut() -> None:
-    """40 MiB of 1 MiB messages at once (more than the bound, queued ahead of the loop): whole
+    """40 MiB of 1 MiB messages at once (more than the 16 MiB bound, queued ahead of the loop): whole
     messages keep arriving, so nothing is cut and every one is answered."""
     with GuardedRouter(max_message_bytes=MAX_MESSAGE) as router:
         context = zmq.Context()

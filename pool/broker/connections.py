@@ -69,11 +69,12 @@ DEFAULT_SILENT_GRACE = 10.0
 """Seconds a new connection may stay without sending a whole message. Clients say HELLO and
 workers READY as soon as their handshake is done, then heartbeat every second."""
 
-SLACK_BYTES = 4 * 1024 * 1024
+SLACK_BYTES = 8 * 1024 * 1024
 """What a connection may receive beyond ``max_message_bytes`` without delivering a message: the
-1 MiB the broker lets a frame exceed ``max_message_bytes`` by (``MAXMSGSIZE``), the framing of a
-message (2 or 9 bytes a frame, plus 33 under CURVE), the handshake and ZMTP heartbeats, with room
-to spare."""
+1 MiB the broker lets a frame exceed ``max_message_bytes`` by (``MAXMSGSIZE``), whole messages
+still in the kernel's receive queue while libzmq's I/O thread lags (Linux lets that queue grow
+to 6 MiB by default), the framing of a message (2 or 9 bytes a frame, plus 33 under CURVE), the
+handshake and ZMTP heartbeats."""
 
 # struct tcp_info (linux/tcp.h): the u64 tcpi_bytes_received sits at byte 128 on every
 # architecture (the fields before it have fixed sizes and are naturally aligned); kernels before
@@ -237,8 +238,10 @@ class ConnectionGuard:
         received more than ``bound`` bytes on it (``max_message_bytes`` + ``slack_bytes``) that
         did not reach the broker as whole messages, and no whole message came from it since the
         previous check. A legitimate message of ``max_message_bytes``, however slowly it comes,
-        stays under the bound; complete messages queued behind a busy loop do not count, since
-        they keep arriving at the loop. A look that finds messages delivered resets the accounting
+        stays under the bound. Whole messages waiting in ZeroMQ's queue do not count: the loop
+        reads in passes (until the socket is dry, or 1000 messages) and looks between them, and
+        ZeroMQ serves the connections with a message waiting in turn, so each of them delivers
+        one in every pass (up to 1000 such connections). A look that finds messages delivered resets the accounting
         only while what is undelivered stays within the bound, so an unfinished message is cut by
         the time it holds at most ``2 * bound`` plus twice what the peer can send in
         ``check_interval`` (less when it started on a connection that had said nothing yet).
