@@ -106,7 +106,7 @@ def pool_processes(*broker_args: str, keys: Path | None = None, repo: Path = REP
     (concurrency 2) started from ``repo``; yields the address and the broker's PID."""
     address = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{REPO}"}
-    key_args = ["--keys", str(keys / "broker")] if keys else []
+    key_args = ["--keys", str(keys / "broker")] if keys else ["--insecure"]  # plaintext tcp needs the word
     broker = subprocess.Popen(
         [sys.executable, "-m", "pool", "broker", "--bind", address, "--announce", *key_args, *broker_args],
         cwd=repo, env=env, stdout=subprocess.PIPE, text=True)
@@ -443,6 +443,87 @@ def test_an_oversized_frame_drops_the_connection_and_costs_the_broker_nothing() 
         bound = 8 * MiB
         print_figures("b: oversized frame", baseline, peak, bound, disconnects=disconnects)
         assert peak - baseline <= bound
+        assert normal_call(address) == 21
+
+
+# ------------------------------------------------------------------------------- (e) huge HELLOs
+
+HUGE_HELLO = 8 * MiB
+HELLOS_PER_CONNECTION = 40
+FLOOD_CONNECTIONS = 20
+# A HELLO is at most P.MAX_HELLO_BYTES, so a larger one is dropped unparsed as it is read: what it
+# costs is its own bytes while they are read. libzmq allocates a message whole when its size
+# arrives, so a connection holds about three at once: the one libzmq is reading, the one waiting
+# for the loop, and pyzmq's copy of the one the loop handles. Plus 32 MiB for the allocator keeping
+# freed blocks: one connection 3 x 8 + 32 = 56 MiB, the test's bound 96 MiB (measured 32-64 MiB;
+# before: 392 MiB, each HELLO parsed whole while the rest piled up). Twenty connections at once:
+# 20 x 3 x 8 + 32 = 512 MiB (measured 223-290 MiB, once 505 MiB on a loaded machine). That holds
+# while the loop keeps up with what arrives; RCVHWM (defaults.BROKER_RCVHWM) bounds in messages
+# what may pile up when it does not.
+ONE_CONNECTION_BOUND = 96 * MiB
+MANY_CONNECTIONS_BOUND = 512 * MiB
+
+
+def _huge_hello() -> bytes:
+    """A HELLO body of 8 MiB that is valid JSON and costly to parse: a list of four million
+    numbers (about 35 MiB and a third of a second in json.loads)."""
+    head, tail = b'{"protocol": 2, "pad": [', b"0]}"
+    return head + b"0," * ((HUGE_HELLO - len(head) - len(tail)) // 2) + tail
+
+
+def _flood_hellos(address: str, connections: int, body: bytes) -> None:
+    """Send HELLOS_PER_CONNECTION HELLOs of ``body`` on each of ``connections`` connections, then
+    a STATUS on each, and wait for every STATUS answer: a connection's messages are handled in
+    order, so then every HELLO has been read."""
+    context: zmq.Context[Any] = zmq.Context()
+    socks = [context.socket(zmq.DEALER) for _ in range(connections)]
+    try:
+        for sock in socks:
+            sock.linger = 0
+            sock.connect(address)
+        for _ in range(HELLOS_PER_CONNECTION):
+            for sock in socks:
+                sock.send_multipart([P.PROTOCOL, P.HELLO, body], copy=False)
+        for sock in socks:
+            sock.send_multipart([P.PROTOCOL, P.STATUS])
+        deadline = time.monotonic() + 120
+        for sock in socks:
+            while True:  # (a broker that took the HELLOs answers each with WELCOME first)
+                assert sock.poll(max(1, int((deadline - time.monotonic()) * 1000))), \
+                    f"the broker did not read {connections * HELLOS_PER_CONNECTION} HELLOs of 8 MiB in 120 s"
+                if sock.recv_multipart()[1] == P.STATUS:
+                    break
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        context.term()
+
+
+@pytest.mark.timeout(240)
+def test_hellos_of_8_mib_are_dropped_unparsed_and_the_broker_stays_bounded() -> None:
+    """40 HELLOs of 8 MiB from one connection, then 40 from each of 20 connections, as fast as
+    ZeroMQ sends them. Before: each was parsed whole (about 35 MiB and 0.3 s of the loop each),
+    and the ROUTER's RCVHWM was 0, so they piled up: one connection took the broker to 393 MB.
+    Now a HELLO over P.MAX_HELLO_BYTES is malformed before it is parsed and RCVHWM is finite: the
+    growth stays under ONE_CONNECTION_BOUND and MANY_CONNECTIONS_BOUND (derived above), and a
+    normal call is served afterwards."""
+    with pool_processes() as (address, pid):
+        wait_for_workers(address)
+        assert normal_call(address) == 21
+        baseline = rss_bytes(pid)
+        body = _huge_hello()
+        with Sampler(pid) as sampler:
+            _flood_hellos(address, 1, body)
+            one_connection = sampler.peak
+            print_figures("e: 8 MiB HELLOs, one connection", baseline, one_connection, ONE_CONNECTION_BOUND,
+                          hellos=HELLOS_PER_CONNECTION)
+            assert one_connection - baseline <= ONE_CONNECTION_BOUND
+            assert normal_call(address) == 21
+            _flood_hellos(address, FLOOD_CONNECTIONS, body)
+            peak = sampler.peak
+        print_figures(f"e: 8 MiB HELLOs, {FLOOD_CONNECTIONS} connections", baseline, peak, MANY_CONNECTIONS_BOUND,
+                      hellos=FLOOD_CONNECTIONS * HELLOS_PER_CONNECTION)
+        assert peak - baseline <= MANY_CONNECTIONS_BOUND
         assert normal_call(address) == 21
 
 
