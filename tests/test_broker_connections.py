@@ -3,8 +3,8 @@
 The hostile peers are hand-written ZMTP over plain TCP (tests/support/zmtp_raw.py): a libzmq
 DEALER never puts an unfinished multipart message on the wire, an attacker's program does. The
 guarded ROUTER runs in a child process looping the way the broker does
-(tests/support/guarded_router.py), so its memory is its own; the last test makes the attack on a
-real broker process.
+(tests/support/guarded_router.py), so its memory is its own; one test makes the attack on a real
+broker process (test_the_broker_cuts_a_never_ending_multipart_message_and_stays_bounded).
 """
 
 from __future__ import annotations
