@@ -15,12 +15,13 @@ import platform
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 
-from tests.support.broker_process import insecure_broker, says_welcome
+from tests.support.broker_process import insecure_broker, keyed_broker, says_welcome
 from tests.support.paths import REPO
 
 UNSEEDED_START = 0x6B8B4567  # glibc's first rand() with no srand(): libzmq's first automatic id
@@ -91,20 +92,23 @@ def test_seeded_router_survives_the_preclaim_and_serves_the_ordinary_peer() -> N
 
 
 @pytest.mark.timeout(90)
-def test_the_broker_survives_a_preclaim_and_serves_an_ordinary_client() -> None:
+@pytest.mark.parametrize("keys", [False, True], ids=["insecure", "curve"])
+def test_the_broker_survives_a_preclaim_and_serves_an_ordinary_client(keys: bool, tmp_path: Path) -> None:
     """The same attack on ``runnable-k8s broker``: peers that took the unseeded ROUTER's next
     automatic ids (and said HELLO, so they are not cut as silent), then an ordinary client. The
-    broker must be alive and answer the client's HELLO (an unseeded broker dies of SIGABRT)."""
+    broker must be alive and answer the client's HELLO (an unseeded broker dies of SIGABRT). With
+    CurveZMQ keys the claimers hold an allowed client key: a routing id travels after the
+    handshake, so keys limit who can claim, not whether a claim works."""
     context: zmq.Context[Any] = zmq.Context()
     try:
-        with insecure_broker(max_message_bytes=8 * 1024 * 1024) as broker:
+        with (keyed_broker(tmp_path) if keys else insecure_broker(max_message_bytes=8 * 1024 * 1024)) as broker:
             claimers = []  # kept: a claimer's socket collected would give its id back
             for k in range(CLAIMS):
-                claimer = says_welcome(context, broker.endpoint,
+                claimer = says_welcome(context, broker.endpoint, keys=broker.client_keys,
                                        routing_id=b"\x00" + (UNSEEDED_START + k).to_bytes(4, "big"))
                 assert claimer is not None, f"claimer {k} got no WELCOME"
                 claimers.append(claimer)
-            client = says_welcome(context, broker.endpoint)
+            client = says_welcome(context, broker.endpoint, keys=broker.client_keys)
             alive = broker.process.poll() is None
             assert alive, f"the broker died ({broker.process.returncode}): {broker.stderr()[-2000:]}"
             assert client is not None, "the ordinary client got no WELCOME"
