@@ -241,10 +241,11 @@ class ConnectionGuard:
         stays under the bound. Whole messages waiting in ZeroMQ's queue do not count: the loop
         reads in passes (until the socket is dry, or 1000 messages) and looks between them, and
         ZeroMQ serves the connections with a message waiting in turn, so each of them delivers
-        one in every pass (up to 1000 such connections). A look that finds messages delivered resets the accounting
-        only while what is undelivered stays within the bound, so an unfinished message is cut by
-        the time it holds at most ``2 * bound`` plus twice what the peer can send in
-        ``check_interval`` (less when it started on a connection that had said nothing yet).
+        one in every pass (up to 1000 such connections). A look that finds messages delivered
+        resets the accounting only while what is undelivered stays within the bound, so an
+        unfinished message is cut by the time it holds at most ``2 * bound`` plus twice what the
+        peer can send in ``check_interval`` (less when it started on a connection that had said
+        nothing yet).
     (b) *silent*: it has sent no whole message within ``silent_grace`` seconds of being accepted
         (CurveZMQ handshake included: the monitor's HANDSHAKE_SUCCEEDED carries no descriptor,
         ACCEPTED does), so a connection cannot hold a routing id while saying nothing. Every
@@ -269,9 +270,9 @@ class ConnectionGuard:
         self._delivered: defaultdict[int, int] = defaultdict(int)
         self.reasons: dict[int, str] = {}
         self.cut_counts: dict[str, int] = {"silent": 0, "unfinished": 0, "asked": 0}
-        # pyzmq's get_monitor_socket() connects with the default receive high-water mark, past
-        # which libzmq drops events; a lost ACCEPTED would leave a connection unguarded. The
-        # monitor's own socket gets none (events are a few bytes and the loop reads them often).
+        # pyzmq's get_monitor_socket() connects with the default high-water mark: a burst of
+        # connections could fill the event queue, and an ACCEPTED that never arrives would leave a
+        # connection unguarded. This end has none (events are a few bytes, the loop reads them).
         address = f"inproc://runnable-k8s-connections-{id(self):x}"
         router.monitor(address, _EVENTS)
         self.monitor_socket: zmq.Socket[Any] = router.context.socket(zmq.PAIR)
