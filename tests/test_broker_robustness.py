@@ -152,14 +152,21 @@ def test_a_submit_with_a_task_id_that_is_not_16_bytes_is_refused(local_pool, tas
 
 
 @pytest.mark.timeout(30)
-def test_a_foreign_protocol_version_gets_an_incompatible_error_naming_both_versions(local_pool):
+@pytest.mark.parametrize("theirs", [b"RK8S/1", b"RK8S/99"])
+def test_a_foreign_protocol_version_gets_an_incompatible_error_in_its_own_protocol_naming_both_versions(
+        local_pool, theirs):
+    """Answered in the peer's own protocol frame, so that an older client can read it (one of
+    RK8S/1 drops a message of another protocol unread), saying what to upgrade, pool first."""
     before = malformed_count(local_pool)
     with raw_dealer(local_pool.address) as sock:
-        sock.send_multipart([b"RK8S/99", P.HELLO, b"{}"])
+        sock.send_multipart([theirs, P.HELLO, b"{}"])
         answer = reply(sock)
-    assert answer[:2] == [P.PROTOCOL, P.ERROR]
+    assert answer[:2] == [theirs, P.ERROR]
     assert answer[3] == P.E_INCOMPATIBLE
-    assert b"RK8S/99" in answer[4] and P.PROTOCOL in answer[4]
+    assert theirs in answer[4] and P.PROTOCOL in answer[4]
+    assert b"helm upgrade" in answer[4]
+    if theirs == b"RK8S/1":
+        assert b"pip install -U runnable-k8s" in answer[4]
     assert malformed_count(local_pool) > before
     assert_still_serving(local_pool)
 

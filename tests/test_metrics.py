@@ -90,6 +90,7 @@ def test_metrics_count_tasks_by_outcome_latency_slots_and_workers() -> None:
         assert value(busy, "runnable_k8s_slots_free") == 0
         assert value(busy, "runnable_k8s_queue_depth") == 2
         assert value(busy, "runnable_k8s_held_bytes") > 0  # the 8 tasks' inputs, held until they end
+        assert value(busy, "runnable_k8s_worker_input_bytes") > 0  # the 6 running ones' inputs
         assert value(busy, "runnable_k8s_runnable_store_bytes") > 0
         thread.join(30)
         after = eventually(port, lambda s: value(s, "runnable_k8s_tasks_total", outcome="done") == 13)
@@ -97,6 +98,11 @@ def test_metrics_count_tasks_by_outcome_latency_slots_and_workers() -> None:
         assert eventually(port, lambda s: value(s, "runnable_k8s_held_bytes") == 0)
         assert value(after, "runnable_k8s_clients_dropped_total") == 0
         assert value(after, "runnable_k8s_unread_bytes") == 0
+        # Well-behaved peers: nothing refused for its sender, no routing id taken over.
+        assert value(after, "runnable_k8s_messages_refused_total") == 0
+        assert value(after, "runnable_k8s_peers_replaced_total") == 0
+        finished = eventually(port, lambda s: value(s, "runnable_k8s_worker_input_bytes") == 0)
+        assert value(finished, "runnable_k8s_worker_input_bytes") == 0  # no task holds a worker's budget
 
 
 @pytest.mark.timeout(20)
@@ -109,6 +115,8 @@ def test_metrics_listen_on_loopback_by_default() -> None:
         samples = scrape(port)
         assert value(samples, "runnable_k8s_workers") == 0
         assert value(samples, "runnable_k8s_task_latency_seconds_count") == 0
+        for name in ("busy", "messages_refused", "peers_replaced", "connections_cut", "connections_closed"):
+            assert value(samples, f"runnable_k8s_{name}_total") == 0
     finally:
         metrics.close()
         broker.close()

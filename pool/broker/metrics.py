@@ -26,6 +26,16 @@ PREFIX = "runnable_k8s"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
 TASK_OUTCOMES = ("submitted", "done", "failed", "cancelled", "retried", "refused")
+# Counters of who sent what (pool.broker.core.COUNTERS); a rising messages_refused or
+# peers_replaced is a peer probing the pool, or a misconfigured key.
+_IDENTITY_COUNTERS = (
+    ("busy", "Tasks answered 'busy': their client key's or the broker's allowance was full, they are sent again."),
+    ("messages_refused", "Messages not acted on because of their sender: the other role's command, a revoked "
+                         "key, a reply or CANCEL for a task that is not the sender's."),
+    ("peers_replaced", "Peers dropped because another connection or key used their routing id."),
+    ("connections_cut", "Connections the broker closed (a revoked or unknown key)."),
+    ("connections_closed", "Connections that closed (seen by the broker's socket monitor)."),
+)
 
 
 class LatencyHistogram:
@@ -101,6 +111,10 @@ class BrokerMetrics:
              status.get("runnable_store_bytes", 0)),
             ("unread_bytes", "Reply bytes waiting for peers that have not read them yet.",
              status.get("outbox", {}).get("unread_bytes", 0)),
+            ("client_keys", "Client keys with a connection registered (each connection without keys).",
+             status.get("client_keys", 0)),
+            ("worker_input_bytes", "Input bytes of the tasks sent to workers and not finished (all workers).",
+             sum(w.get("input_bytes", 0) for w in status.get("workers", ()))),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
@@ -119,6 +133,8 @@ class BrokerMetrics:
                                   value=counters.get("clients_dropped", 0))
         yield CounterMetricFamily(f"{PREFIX}_refused", "Tasks and peers refused (queue full, unknown key, ...).",
                                   value=counters.get("refused", 0))
+        for name, doc in _IDENTITY_COUNTERS:
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=counters.get(name, 0))
         yield HistogramMetricFamily(f"{PREFIX}_task_latency_seconds",
                                     "Seconds from a task's submission to its result, as the broker sees it.",
                                     buckets=self.latency.cumulative(), sum_value=self.latency.sum)
