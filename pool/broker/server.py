@@ -8,15 +8,15 @@ trusts a message: anything malformed is logged, counted and dropped, never fatal
 
 Every event says who sent it: the connection's file descriptor (``zmq.SRCFD`` of the message)
 and, with keys, the CurveZMQ key that connection authenticated with (its ``User-Id``). The
-routing id the ROUTER puts first is only where replies go (a peer can choose it).
+routing id the ROUTER puts first is only where replies go (a peer can choose it). The socket's
+connections themselves are watched by ``connections.ConnectionGuard``: a closed one becomes
+``E.ConnectionClosed``, and the core's ``E.Disconnect`` (a revoked key) is carried out with its
+``cut``.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import socket as stdlib_socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +25,7 @@ import zmq
 
 from pool.broker import events as E
 from pool.broker.allow_list import AllowList
+from pool.broker.connections import ConnectionGuard, seed_routing_ids
 from pool.broker.core import BrokerCore
 from pool.broker.outbox import Outbox
 from pool.broker.state import RunnableStore, WorkerState
@@ -39,31 +40,6 @@ log = logging.getLogger("runnable_k8s.broker")
 
 _BATCH = 1000  # messages read before the clock is looked at again, so a busy broker still ticks
 _SRCFD = int(zmq.SRCFD)
-
-
-def _connection_guard_module() -> Any:
-    """``pool.broker.connections`` (per-connection limits, cutting a connection, seeding routing
-    ids), when this release has it; the broker runs without it, cutting with ``_shutdown``."""
-    try:
-        return importlib.import_module("pool.broker.connections")
-    except ImportError:
-        return None
-
-
-def _shutdown(fd: int) -> None:
-    """Close one connection of the ROUTER under libzmq: shut its socket down, so libzmq reads
-    the end of it and drops the connection as if the peer had left (ZeroMQ has no call to close
-    one peer of a ROUTER). Used only without ``pool.broker.connections``, whose ``cut`` does it."""
-    try:
-        sock = stdlib_socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return  # already closed
-    try:
-        sock.shutdown(stdlib_socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
 
 
 class BrokerConfigError(ValueError):
@@ -112,9 +88,7 @@ class Broker:
         self._context = zmq.Context()
         self._authenticator = None
         self.allow_list: AllowList | None = None
-        connections = _connection_guard_module()
-        if connections is not None:
-            connections.seed_routing_ids()  # before the ROUTER exists: its routing ids are not guessable
+        seed_routing_ids()  # before the ROUTER exists: its automatic routing ids are not guessable
         self.socket = self._context.socket(zmq.ROUTER)
         self.socket.linger = 0
         self.socket.router_mandatory = 1  # an unroutable peer raises instead of vanishing silently
@@ -138,9 +112,9 @@ class Broker:
             self.socket.curve_secretkey = keys.secret
             self.socket.curve_publickey = keys.public
             self.socket.curve_server = True
-        self.guard: Any = None
-        if connections is not None:
-            self.guard = connections.ConnectionGuard(self.socket, max_message_bytes)
+        # Before bind, so that every connection is watched: closed ones are reported, a connection
+        # of a revoked key can be cut, unfinished messages and silent connections are cut.
+        self.guard = ConnectionGuard(self.socket, max_message_bytes)
         self.endpoint = self._bind(bind)
         self.outbox = Outbox(self.socket, max_unread_bytes=max_unread_bytes)
         self.core = BrokerCore(
@@ -168,8 +142,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         guard = self.guard
-        if guard is not None:
-            poller.register(guard.monitor_socket, zmq.POLLIN)
+        poller.register(guard.monitor_socket, zmq.POLLIN)
         handle, clock = self.core.handle, time.monotonic
         next_tick = clock() + P.HEARTBEAT_INTERVAL
         log.info("broker listening on %s", self.endpoint)
@@ -195,11 +168,10 @@ class Broker:
                 for fd, seen in closed:
                     self._carry_out(handle(E.ConnectionClosed(fd, seen), now))
                 closed.clear()
-            if guard is not None:
-                seen = self.core.messages
-                closed.extend((fd, seen) for fd in guard.drain())
-                for fd in guard.check(clock()):  # unfinished messages, silent connections
-                    guard.cut(fd)
+            seen = self.core.messages
+            closed.extend((fd, seen) for fd in guard.drain())
+            for fd in guard.check(clock()):  # unfinished messages, silent connections
+                guard.cut(fd)
             now = clock()
             if outbox.has_backlog or outbox.in_flight_bytes:
                 for peer, unread in outbox.flush(now):
@@ -232,8 +204,7 @@ class Broker:
                 user = None
             key = user.encode() if isinstance(user, str) else None
         frames[1] = protocol.bytes
-        if self.guard is not None:
-            self.guard.note(fd, sum(len(frame) for frame in frames), time.monotonic())
+        self.guard.note(fd, sum(len(frame) for frame in frames), time.monotonic())
         return E.decode(frames, fd, key)
 
     def _carry_out(self, effects: list[E.Effect]) -> None:
@@ -258,10 +229,7 @@ class Broker:
     def _cut(self, fd: int) -> None:
         """Close one connection now (its key was revoked, or it is not allowed at all)."""
         log.info("closing connection fd %d", fd)
-        if self.guard is not None:
-            self.guard.cut(fd)
-        else:
-            _shutdown(fd)
+        self.guard.cut(fd)
 
     def _run_status_hooks(self) -> None:
         if not self.status_hooks:
@@ -278,8 +246,7 @@ class Broker:
         self._running = False
 
     def close(self) -> None:
-        if getattr(self, "guard", None) is not None:
-            self.guard.close()
+        self.guard.close()
         self.socket.close(linger=0)
         if self._authenticator is not None:
             self._authenticator.stop()
