@@ -29,7 +29,7 @@ import zmq
 
 from pool.broker import events as E
 from pool.keys import create_key_directory, revoke_client
-from tests.support.broker_core import CLIENT, RUNNABLE, Pool, errors_sent, new_id, sent, tasks_sent
+from tests.support.broker_core import RUNNABLE, Pool, errors_sent, new_id, sent, tasks_sent
 from tests.support.ports import free_port
 from tests.support.processes import stop_process
 from tests.support.waiting import wait_for
@@ -314,7 +314,7 @@ def test_a_task_larger_than_the_budget_still_runs_on_a_worker_with_nothing_in_fl
 
 def test_a_head_task_that_fits_nowhere_now_costs_one_look_per_release(monkeypatch):
     """Dispatch never loops on a task no worker can take now: one look at the free workers, and
-    it stays first in line."""
+    it stays first in line, the tasks behind it too (they would starve it)."""
     import pool.broker.core as core_module
 
     calls = []
@@ -329,16 +329,20 @@ def test_a_head_task_that_fits_nowhere_now_costs_one_look_per_release(monkeypatc
     pool.hello()
     for n in range(3):
         pool.ready(b"w%d" % n, slots=10)
-    for _ in range(3):
-        pool.submit(new_id(), input_blob=b"x" * 600)
+    big = [new_id() for _ in range(3)]
+    for task_id in big:
+        pool.submit(task_id, input_blob=b"x" * 600)
+    tiny = new_id()
+    ((holder, _),) = tasks_sent(pool.submit(tiny, input_blob=b"x"))
     head = new_id()
-    pool.submit(head, input_blob=b"x" * 600)
+    assert tasks_sent(pool.submit(head, input_blob=b"x" * 600)) == []
     for _ in range(50):
-        pool.submit(new_id(), input_blob=b"x" * 10)
+        assert tasks_sent(pool.submit(new_id(), input_blob=b"x")) == []
     calls.clear()
-    pool(E.Heartbeat(CLIENT))
-    pool.tick(1.0)
-    assert len(calls) <= 1 and pool.core.queued == 51
+    assert tasks_sent(pool.result(holder, tiny)) == []  # a slot and a few bytes free: not enough
+    assert calls == [0] and pool.core.queued == 51  # one look: none of the three fits it
+    finished = next(task_id for task_id in big if pool.core.tasks[task_id].worker == holder)
+    assert tasks_sent(pool.result(holder, finished))[0] == (holder, head)  # first in line when it fits
 
 
 # ---------------------------------------------------------------------------- bounded input and logs

@@ -173,12 +173,13 @@ class BrokerCore:
         self.messages += 1
         if key is not None:
             self.connections[fd] = key
-        client = self.clients.get(peer)
-        if client is not None and (client.fd != fd or client.key != key):
-            self._replaced(client, None)
-        worker = self.workers.get(peer)
-        if worker is not None and (worker.fd != fd or worker.key != key):
-            self._replaced(None, worker)
+        if fd >= 0:  # (-1: a message the loop could not place, e.g. with no frames; it acts on nothing)
+            client = self.clients.get(peer)
+            if client is not None and (client.fd != fd or client.key != key):
+                self._replaced(client, None)
+            worker = self.workers.get(peer)
+            if worker is not None and (worker.fd != fd or worker.key != key):
+                self._replaced(None, worker)
         kind = event.__class__
         if kind is E.Malformed or kind is E.ForeignProtocol:
             return True
