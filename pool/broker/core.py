@@ -132,7 +132,7 @@ class BrokerCore:
         self.connections: dict[int, bytes] = {}
         self._peer_of_fd: dict[int, bytes] = {}  # fd -> routing id of what registered on it
         self.messages = 0  # messages from peers handled so far (E.ConnectionClosed.seen)
-        self._serial = 0
+        self._serials: Counter[str] = Counter()  # the broker's own names for peers: c1, c2, ...; w1, w2, ...
         self.tasks: dict[bytes, Task] = {}
         self.queues = Queues()
         self.runnables = RunnableStore(runnable_store_bytes)
@@ -264,9 +264,9 @@ class BrokerCore:
                            worker if worker is not None and worker.fd == fd else None)
         self._peer_of_fd[fd] = peer
 
-    def _next_serial(self) -> int:
-        self._serial += 1
-        return self._serial
+    def _next_serial(self, role: str) -> int:
+        self._serials[role] += 1
+        return self._serials[role]
 
     def _send(self, peer: bytes, frames: list[bytes]) -> None:
         self._out.append(E.Send(peer, frames))
@@ -327,7 +327,7 @@ class BrokerCore:
             known.environment, known.env_key, known.expiry = environment, env_key(environment), self._expiry()
         else:
             self.clients[peer] = ClientState(peer, environment, env_key(environment), self._expiry(), key=key,
-                                             fd=event.fd, serial=self._next_serial(), tenant=tenant,
+                                             fd=event.fd, serial=self._next_serial("client"), tenant=tenant,
                                              since=self.messages)
             self._bind_fd(event.fd, peer)
         self._send(peer, [P.PROTOCOL, P.WELCOME, P.encode_json(self.info())])
@@ -518,7 +518,7 @@ class BrokerCore:
         if worker in self.workers:
             self._remove_worker(worker, "re-registered")
         state = WorkerState(worker, environment, env_key(environment), slots, self._expiry(), cache_size=cache_size,
-                            key=event.key, fd=event.fd, serial=self._next_serial(),
+                            key=event.key, fd=event.fd, serial=self._next_serial("worker"),
                             input_budget=self._input_budget(environment))
         if slots > self.max_worker_slots:  # a worker's word is not trusted beyond the cap
             self.counters["slots_clamped"] += 1
