@@ -293,7 +293,8 @@ class BrokerCore:
                       "restart the broker and workers with the new runnable-k8s release)")
         else:
             advice = ("upgrade the pool first if it is not yet on the new release (helm upgrade the chart, or "
-                      "restart the broker and workers with it), then this client: pip install -U runnable-k8s")
+                      "restart the broker and workers with it), then the clients (pip install -U runnable-k8s) "
+                      "and any worker image built from an older release")
         message = f"this broker speaks {P.PROTOCOL.decode()} but this peer speaks {theirs}; {advice}"
         self._send(event.peer, [event.protocol, P.ERROR, b"", P.E_INCOMPATIBLE, message.encode(), b""])
 
@@ -522,8 +523,8 @@ class BrokerCore:
                             input_budget=self._input_budget(environment))
         if slots > self.max_worker_slots:  # a worker's word is not trusted beyond the cap
             self.counters["slots_clamped"] += 1
-            log.warning("worker %s claimed %d slots; it gets %d (--max-worker-slots)", state.label, slots,
-                        self.max_worker_slots)
+            self._warn(event, "worker %s claimed %d slots; it gets %d (--max-worker-slots)", state.label, slots,
+                       self.max_worker_slots)
             state.slots = self.max_worker_slots
         state.since = self.messages
         self.workers[worker] = state
