@@ -171,9 +171,9 @@ class BrokerCore:
         Runs before every rule: a few dict look-ups."""
         peer, fd, key = event.peer, event.fd, event.key
         self.messages += 1
-        if key is not None:
-            self.connections[fd] = key
         if fd >= 0:  # (-1: a message the loop could not place, e.g. with no frames; it acts on nothing)
+            if key is not None:
+                self.connections[fd] = key
             client = self.clients.get(peer)
             if client is not None and (client.fd != fd or client.key != key):
                 self._replaced(client, None)
