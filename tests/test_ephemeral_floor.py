@@ -65,12 +65,14 @@ class ScriptLauncher:
 # waiting for READY gets an answer (a client that waits would time out).
 READS_BOTH_FIRST = """
 import sys
+from worker import codec
 from worker import protocol as P
 stdin, out = sys.stdin.buffer, sys.stdout.buffer
 hello, task = P.parse_stdio_line(stdin.readline()), P.parse_stdio_line(stdin.readline())
 assert hello[0] == P.HELLO and task[0] == P.TASK, (hello, task)
 out.write(P.stdio_line(P.READY, P.encode_json(P.environment())))
-out.write(P.stdio_line(P.RESULT, task[1][2]))  # the encoded input, (value, kwargs), as the result
+# The input, (value, kwargs), as the result: decoded, and sent back as data as a worker does.
+out.write(P.stdio_line(P.RESULT, codec.dumps_result(codec.loads(task[1][2]))))
 out.flush()
 """
 
