@@ -12,6 +12,12 @@
   require_health_dir, assert_nothing_left: a release of the chart on the test cluster
 - ``broker_core``: Pool (BrokerCore driven event by event), sent, tasks_sent, errors_sent, task_frames, new_id
 - ``relay``: Relay(target): a TCP relay that closes connections while nothing listens (as k8s:// does)
+- ``broker_process``: insecure_broker, keyed_broker (a real ``runnable-k8s broker`` process),
+  hello_frames, says_welcome(context, endpoint, routing_id=...)
+- ``guarded_router``: GuardedRouter (a bare ROUTER with a ConnectionGuard in its own process),
+  rss_bytes, peak_rss_bytes
+- ``zmtp_raw``: RawPeer: a hand-written ZMTP peer (a libzmq DEALER cannot send a message that never ends)
+- ``guard_costs``: ``python -m tests.support.guard_costs`` measures what the guard costs the broker loop
 
 Import the module you need (``from tests.support.waiting import wait_for``); this package
 imports nothing itself, so the cluster CLI (``python -m tests.cluster``) can use ``ports``
