@@ -23,6 +23,7 @@ from pool.errors import (
     ScalingError,
     SerializationError,
     TaskTimeout,
+    WorkerLineTooLong,
     WorkerLost,
 )
 
@@ -63,5 +64,6 @@ __all__ = [
     "ScalingError",
     "SerializationError",
     "TaskTimeout",
+    "WorkerLineTooLong",
     "WorkerLost",
 ]

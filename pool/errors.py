@@ -85,6 +85,12 @@ class ProtocolError(RunnableK8sError):
     """A peer sent something this version does not understand."""
 
 
+class WorkerLineTooLong(ProtocolError):
+    """The one-shot worker of ephemeral mode sent a stdout line over the stdio line limit
+    (``worker.stdio_lines.MAX_LINE_BYTES``): it is not a runnable-k8s worker of this version, or
+    something else writes to its stdout. The client read no more of it and stopped the worker."""
+
+
 class PodFailed(RunnableK8sError):
     """An ephemeral Pod could not start or run; ``reason`` is Kubernetes' own (ImagePullBackOff...)."""
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from langchain_core.runnables import RunnableLambda
 
+from pool import WorkerLineTooLong
 from pool.client.calls import RemoteCall, encode_input, encode_runnable
 from pool.ephemeral.local_launcher import READ_BYTES, ProcessChannel
-from pool.ephemeral.session import EphemeralBackend, WorkerLineTooLong
+from pool.ephemeral.session import EphemeralBackend
 from pool.errors import PayloadTooLarge, ProtocolError
 from tests.support.paths import REPO
 from tests.support.processes import child_pids, is_gone

@@ -16,16 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from pool.client.calls import RemoteCall, decode_output
-from pool.errors import PayloadTooLarge, ProtocolError, TaskTimeout, WorkerLost, error_from_wire
+from pool.errors import PayloadTooLarge, TaskTimeout, WorkerLineTooLong, WorkerLost, error_from_wire
 from worker import defaults
 from worker import protocol as P
 from worker.stdio_lines import LINE_SLACK_BYTES, MAX_LINE_BYTES, LineTooLong
-
-
-class WorkerLineTooLong(ProtocolError):
-    """The one-shot worker sent a stdout line over the stdio line limit (``MAX_LINE_BYTES``): it
-    is not a runnable-k8s worker of this version, or something else writes to its stdout. The
-    client read no more of it and stopped the worker."""
 
 
 class Channel(Protocol):
