@@ -199,12 +199,17 @@ def format_status(status: dict[str, Any]) -> str:
         f"broker   {status.get('endpoint')}  up {status.get('uptime_s')}s  clients {status.get('clients')}",
         f"workers  {len(status.get('workers', []))}   slots busy {status.get('busy')}/{status.get('slots')}   "
         f"queued {status.get('queued')}",
-        "tasks    " + "  ".join(f"{k} {v}" for k, v in counters.items()),
-        f"{'worker':10} {'pid':>8} {'host':20} {'busy':>9} {'cached':>7} state",
     ]
+    # Six counters a line: the broker has grown more than one terminal line can hold.
+    items = [f"{k} {v}" for k, v in counters.items()]
+    for start in range(0, len(items), 6):
+        lines.append(("tasks    " if start == 0 else "         ") + "  ".join(items[start:start + 6]))
+    lines.append(f"{'worker':6} {'key':8} {'pid':>8} {'host':20} {'busy':>9} {'cached':>7} {'input MiB':>13} state")
     for w in status.get("workers", []):
-        lines.append(f"{w['id']:10} {w['pid']!s:>8} {str(w['host'])[:20]:20} {w['busy']:>4}/{w['slots']:<4} "
-                     f"{w['cached_runnables']:>7} {'draining' if w['draining'] else 'ready'}")
+        held = f"{w.get('input_bytes', 0) / 2**20:.0f}/{w.get('input_budget', 0) / 2**20:.0f}"
+        lines.append(f"{w['id']:6} {w.get('key') or '-'!s:8} {w['pid']!s:>8} {str(w['host'])[:20]:20} "
+                     f"{w['busy']:>4}/{w['slots']:<4} {w['cached_runnables']:>7} {held:>13} "
+                     f"{'draining' if w['draining'] else 'ready'}")
     return "\n".join(lines)
 
 
