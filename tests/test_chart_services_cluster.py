@@ -64,7 +64,9 @@ def _client_pod(namespace: str, pool: str):
     from kubernetes import client
 
     return client.V1Pod(
-        metadata=client.V1ObjectMeta(name="in-cluster-client"),
+        # The label the chart's NetworkPolicy (on by default) admits to the broker: the test
+        # cluster does not enforce policies, but a client Pod elsewhere needs it.
+        metadata=client.V1ObjectMeta(name="in-cluster-client", labels={f"{RELEASE}-worker-pool-client": "true"}),
         spec=client.V1PodSpec(
             restart_policy="Never", automount_service_account_token=False, termination_grace_period_seconds=1,
             security_context=client.V1PodSecurityContext(run_as_user=10001, run_as_group=10001, fs_group=10001,
