@@ -121,8 +121,8 @@ def error_from_wire(code: bytes, message: str, detail: bytes, trusted: bool = Fa
     detail that names anything but data becomes a :class:`SerializationError`, and nothing runs.
     """
     if code == protocol.E_REMOTE:
-        # Imported here: a broker imports this module, not the result codec (pydantic, LangChain).
-        from worker.result_codec import CodecError, load_exception
+        # Imported here: a broker imports this module, not the codecs (pydantic, LangChain).
+        from worker.codec import CodecError, load_exception
 
         try:
             info = load_exception(detail, trusted)

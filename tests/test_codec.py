@@ -107,7 +107,7 @@ def test_exception_that_cannot_be_rebuilt_keeps_its_type_name_and_traceback():
 
 def test_the_way_back_is_the_result_codec_with_no_pickle_in_it():
     # worker.codec re-exports the result codec's names, so callers of either direction use one module.
-    assert codec.dumps_result is result_codec.dumps_result and codec.load_exception is result_codec.load_exception
+    assert codec.dumps_result is result_codec.dumps_result and codec.loads_result is result_codec.loads_result
     assert codec.CodecError is result_codec.CodecError and issubclass(codec.Refused, codec.CodecError)
     data = codec.dumps_output({"n": 1, "t": (1, 2)}, trusted=False)
     assert codec.loads_output(data, trusted=False) == {"n": 1, "t": (1, 2)}

@@ -41,21 +41,17 @@ from langchain_core.load import dumpd, load
 from langchain_core.load.serializable import Serializable
 from langchain_core.runnables import Runnable
 
-from worker.protocol import content_digest as protocol_digest
-
 # The way back (worker to client) is data, not pickle: worker.result_codec, the security boundary,
 # readable alone. Its names are re-exported here for the callers that take both directions from
 # this module.
+from worker import result_codec
+from worker.protocol import content_digest as protocol_digest
 from worker.result_codec import REFUSAL_ADVICE as REFUSAL_ADVICE
 from worker.result_codec import CodecError as CodecError
 from worker.result_codec import Refused as Refused
 from worker.result_codec import RemoteExceptionInfo as RemoteExceptionInfo
 from worker.result_codec import Unresolvable as Unresolvable
-from worker.result_codec import dump_exception as dump_exception
-from worker.result_codec import dumps_output as dumps_output
 from worker.result_codec import dumps_result as dumps_result
-from worker.result_codec import load_exception as load_exception
-from worker.result_codec import loads_output as loads_output
 from worker.result_codec import loads_result as loads_result
 
 # Which LangChain classes load() may rebuild on a worker. Whoever can submit a task already runs
@@ -402,3 +398,32 @@ def loads(data: bytes) -> Any:
 
 
 digest = protocol_digest  # the content digest naming a runnable (worker.protocol: the broker needs it too)
+
+
+# ---------------------------------------------------------------------- the way back, per call
+#
+# Data (worker.result_codec) unless the client trusts its workers; then this module's pickler,
+# which carries any object. The choice lives here, on the side that knows both formats, so the
+# data module never imports the pickling one.
+
+
+def dumps_output(obj: Any, trusted: bool) -> bytes:
+    """An output or chunk for the way back: data only, or anything picklable when the client
+    trusts its workers."""
+    return dumps(obj) if trusted else dumps_result(obj)
+
+
+def loads_output(data: bytes, trusted: bool) -> Any:
+    """Decode :func:`dumps_output`'s bytes; a full unpickle only when the client trusts its workers."""
+    return loads(data) if trusted else loads_result(data)
+
+
+def dump_exception(exc: BaseException, trusted: bool = False) -> bytes:
+    """An exception for the way back (``result_codec.dump_exception``), the exception itself
+    pickled inside the data envelope when the client trusts its workers."""
+    return result_codec.dump_exception(exc, dumps, loads) if trusted else result_codec.dump_exception(exc)
+
+
+def load_exception(data: bytes, trusted: bool = False) -> RemoteExceptionInfo:
+    """Decode :func:`dump_exception`'s bytes (``result_codec.load_exception``)."""
+    return result_codec.load_exception(data, loads if trusted else loads_result)

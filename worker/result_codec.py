@@ -62,7 +62,6 @@ import datetime
 import decimal
 import enum
 import os
-import pickle
 import sys
 import traceback
 import types
@@ -936,12 +935,13 @@ class RemoteExceptionInfo:
     exception: BaseException | None
 
 
-def dump_exception(exc: BaseException, trusted: bool = False) -> bytes:
+def dump_exception(exc: BaseException, encode: Callable[[Any], bytes] = dumps_result,
+                   decode: Callable[[bytes], Any] = loads_result) -> bytes:
     """Encode an exception with its traceback text as data; never fails.
 
-    The exception itself travels too when it can be rebuilt: as data, or pickled when the client
-    trusts its workers. Otherwise only its type name, message and traceback do, and the client
-    raises ``RemoteError``.
+    The exception itself travels too when ``encode`` can write it and ``decode`` read it back
+    (as data by default; ``worker.codec`` passes its pickler when the client trusts its workers).
+    Otherwise only its type name, message and traceback do, and the client raises ``RemoteError``.
     """
     info: dict[str, Any] = {
         "type_name": f"{type(exc).__module__}.{type(exc).__qualname__}",
@@ -950,17 +950,18 @@ def dump_exception(exc: BaseException, trusted: bool = False) -> bytes:
         "exception": None,
     }
     try:
-        encoded = dumps_output(exc, trusted)
-        loads_output(encoded, trusted)  # an exception that encodes but cannot be rebuilt is common
+        encoded = encode(exc)
+        decode(encoded)  # an exception that encodes but cannot be rebuilt is common
         info["exception"] = encoded
     except Exception:  # noqa: BLE001 - the text above still travels
         pass
     return dumps_result(info)
 
 
-def load_exception(data: bytes, trusted: bool = False) -> RemoteExceptionInfo:
+def load_exception(data: bytes, decode: Callable[[bytes], Any] = loads_result) -> RemoteExceptionInfo:
     """Decode :func:`dump_exception`'s bytes; the remote traceback is attached as a note.
 
+    The envelope is always data; the exception inside is read with ``decode`` (data by default).
     Raises :class:`Refused` when the bytes name something that is not data (nothing was run);
     an exception whose class is not available here comes back with ``exception`` None.
     """
@@ -976,7 +977,7 @@ def load_exception(data: bytes, trusted: bool = False) -> RemoteExceptionInfo:
     rebuilt = None
     if isinstance(info.get("exception"), bytes):
         try:
-            rebuilt = loads_output(info["exception"], trusted)
+            rebuilt = decode(info["exception"])
         except Refused:
             raise
         except CodecError:  # the type is not available here: RemoteError
@@ -988,29 +989,3 @@ def load_exception(data: bytes, trusted: bool = False) -> RemoteExceptionInfo:
     else:
         rebuilt = None
     return RemoteExceptionInfo(info["type_name"], info["message"], info["traceback"], rebuilt)
-
-
-# ====================================================================== trusted workers
-
-
-def dumps_output(obj: Any, trusted: bool) -> bytes:
-    """An output or chunk for the way back: data only, or anything picklable (the outbound codec's
-    pickler) when the client trusts its workers."""
-    if not trusted:
-        return dumps_result(obj)
-    from worker import codec  # the outbound codec imports this module
-
-    return codec.dumps(obj)
-
-
-def loads_output(data: bytes, trusted: bool) -> Any:
-    """Decode :func:`dumps_output`'s bytes; a full unpickle only when the client trusts its workers."""
-    if not trusted:
-        return loads_result(data)
-    try:
-        return pickle.loads(data)
-    except Exception as exc:
-        raise CodecError(
-            f"cannot deserialize: {type(exc).__name__}: {exc}. Usually a module the object needs "
-            "is missing on this side, or a secret it references is not in this environment."
-        ) from exc
