@@ -20,6 +20,7 @@ import pytest
 from pool.broker.allow_list import AllowList
 from pool.broker.server import Broker
 from pool.keys import create_key_directory, load_broker_keys, read_allowed_keys
+from tests.support.as_user import NOBODY, as_user
 from worker.curve import changeable_problem, load_peer_keys, secret_file_problem
 
 # Every file of a fresh key tree (one client, "default"), relative to its top.
@@ -147,7 +148,6 @@ def test_a_worker_given_a_world_readable_secret_exits_with_the_chmod_to_run(tmp_
 
 # ---------------------------------------------------------------------------- folders and allow-lists
 
-NOBODY = 65534
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
 
 # (what to loosen, relative to the top of a fresh tree; the loader that must refuse it)
@@ -277,31 +277,6 @@ def _secret_volume(mount: Path, files: dict[str, bytes], gid: int, read_only: bo
         subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True, capture_output=True)
 
 
-def _as_user(uid: int, work) -> str:
-    """Run ``work()`` in a forked child that became ``uid`` (as a Pod's runAsUser): "ok" or the
-    error it raised."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        outcome = "ok"
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            work()
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            outcome = f"{type(exc).__name__}: {exc}"
-        finally:
-            os.write(write_end, outcome.encode()[:60000])
-            os._exit(0)
-    os.close(write_end)
-    try:
-        os.waitpid(pid, 0)
-        return os.read(read_end, 60000).decode()
-    finally:
-        os.close(read_end)
-
-
 @pytest.fixture
 def volumes() -> Iterator[tuple[Path, list[Path]]]:
     """A folder any user may enter (as /etc is in a container), and the mounts made in it: all
@@ -337,9 +312,9 @@ def test_secrets_mounted_as_kubernetes_mounts_them_load_only_when_read_only(tmp_
 
     # The Pod's user (runAsUser, and fsGroup as its group) loads what each role loads.
     outcomes = {
-        "worker": _as_user(NOBODY, lambda: load_peer_keys(worker, "worker")),
-        "broker": _as_user(NOBODY, lambda: load_broker_keys(broker, client_keys_dir=clients)),
-        "allow-list": _as_user(NOBODY, allow_list),
+        "worker": as_user(NOBODY, lambda: load_peer_keys(worker, "worker")),
+        "broker": as_user(NOBODY, lambda: load_broker_keys(broker, client_keys_dir=clients)),
+        "allow-list": as_user(NOBODY, allow_list),
     }
     if read_only:
         assert outcomes == {"worker": "ok", "broker": "ok", "allow-list": "ok"}

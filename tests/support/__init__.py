@@ -5,6 +5,7 @@
 - ``ports``: free_port(), dead_address()
 - ``remote``: remote(pool_or_address, fn, **kwargs) -> RunnableK8s (warm, with a timeout)
 - ``processes``: child_pids(), is_gone(pid)
+- ``as_user``: as_user(uid, work) -> "ok" or the error (a forked child running as another user), NOBODY
 - ``helm``: helm(helm_bin, *args, tmp_path=...), values_file(tmp_path, values), CHART
 - ``fake_openai``: FakeOpenAI, FAKE_KEY, DEFAULT_CHUNKS
 - ``callers``: Callers(remote, count, check): threads calling a pool, every outcome recorded
