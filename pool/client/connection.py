@@ -290,7 +290,8 @@ class Connection:
         self.keys = keys
         self.connect_timeout = connect_timeout
         self.closed = False
-        self.broker_info: dict[str, Any] = {}
+        self._allowance: tuple[int, str] | None = None  # set with broker_info
+        self.broker_info = {}
         # Workers taking tasks, as last heard (WELCOME, then STATUS): sizes batches' sub-batches.
         self._workers = 1
         self._workers_heard = 0.0
@@ -374,14 +375,24 @@ class Connection:
     def client_allowance(self) -> int | None:
         """The bytes of task input the broker holds at most for this client key, when its WELCOME
         says (None: unknown, a broker that does not say)."""
-        limit = self._binding_allowance()
+        limit = self._allowance
         return None if limit is None else limit[0]
 
     def _binding_allowance(self) -> tuple[int, str] | None:
         """The smallest byte allowance WELCOME named, and the broker option that sets it."""
-        named = [(value, _ALLOWANCE_OPTIONS[key]) for key in ALLOWANCE_BYTES_KEYS
-                 if (value := _count(self.broker_info.get(key)))]
-        return min(named) if named else None
+        return self._allowance
+
+    @property
+    def broker_info(self) -> dict[str, Any]:
+        """What the broker said at WELCOME (its limits, allowances and worker count)."""
+        return self._broker_info
+
+    @broker_info.setter
+    def broker_info(self, info: dict[str, Any]) -> None:
+        # The allowance is read here, once per WELCOME: every submission and every finish asks for it.
+        self._broker_info = info
+        named = [(value, _ALLOWANCE_OPTIONS[key]) for key in ALLOWANCE_BYTES_KEYS if (value := _count(info.get(key)))]
+        self._allowance = min(named) if named else None
 
     def new_task_id(self) -> bytes:
         return self._id_prefix + next(self._ids).to_bytes(8, "big")
