@@ -586,12 +586,12 @@ AUTHENTICATED_FRAMES = 64
 @pytest.mark.timeout(60)
 def test_an_authenticated_endless_message_is_held_until_its_peer_leaves(tmp_path: Path) -> None:
     """Documents a limit, not a guarantee: a peer that holds a client key (or any local process,
-    for a broker without keys) can send a multipart message that never ends, and libzmq keeps
-    every frame until the last one (MAXMSGSIZE bounds a frame, not a message; the broker sees
-    nothing until the message is whole, so it cannot count or cut it). Measured: the broker grows
-    by about what the peer sent (64 MiB here), and the broker keeps serving. Only the keys bound
-    this; scripts/broker_memory.py prints the figures. If this starts failing because the growth
-    went away, the README's Security model can drop the caveat."""
+    for a broker without keys) can keep an unfinished multipart message pinned, and libzmq keeps
+    every frame until the last one (MAXMSGSIZE bounds a frame, not a message). The broker's
+    connection guard cuts such a connection once it has received more than one message's worth
+    (``--max-message-bytes`` plus 8 MiB) with no whole message delivered
+    (tests/test_broker_connections.py); below that, as here (64 MiB), the frames are held until
+    the peer leaves, and the broker keeps serving. scripts/broker_memory.py prints the figures."""
     keys = create_key_directory(tmp_path / "keys")
     broker_key = zmq.auth.load_certificate(keys / "broker" / "broker.key")[0]
     client_public, client_secret = zmq.auth.load_certificate(keys / "clients" / "default" / "client.key_secret")
