@@ -1,4 +1,4 @@
-"""The way back carries data, never code (DESIGN §3 and §5).
+"""The way back carries data, never code (docs/design.md, "The way back is data").
 
 A client does not trust its workers: outputs, streamed chunks and exception details decode on the
 client (worker.result_codec: msgpack with type tags, no pickle) without running anything the

@@ -1,4 +1,5 @@
-"""Serialization of runnables and inputs, the way out to a worker (DESIGN §3).
+"""Serialization of runnables and inputs, the way out to a worker (docs/design.md says why it is
+not the format of the way back).
 
 The way back (outputs, chunks, exceptions, callback events) is data, not pickle:
 :mod:`worker.result_codec`, whose names this module re-exports. Only a client that trusts its
