@@ -168,9 +168,8 @@ class Broker:
                 for fd, seen in closed:
                     self._carry_out(handle(E.ConnectionClosed(fd, seen), now))
                 closed.clear()
-            if guard.monitor_socket in ready:  # a read that finds nothing raises: skip it when idle
-                seen = self.core.messages
-                closed.extend((fd, seen) for fd in guard.drain())
+            seen = self.core.messages
+            closed.extend((fd, seen) for fd in guard.drain())  # every pass: check() and cut() read events too
             for fd in guard.check(clock()):  # unfinished messages, silent connections
                 guard.cut(fd)
             now = clock()
