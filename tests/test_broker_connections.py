@@ -165,6 +165,18 @@ def test_a_burst_of_whole_messages_beyond_the_bound_is_not_cut() -> None:
             context.destroy(linger=0)
 
 
+def _speak(dealer: zmq.Socket[Any], endpoint: str, router: zmq.Socket[Any], guard: ConnectionGuard) -> int:
+    """Connect ``dealer``, send one message, read it on ``router`` as the broker's loop would
+    (noted with the guard) and return the descriptor of its connection."""
+    dealer.connect(endpoint)
+    dealer.send(b"hello")
+    assert router.poll(10_000)
+    frames = router.recv_multipart(copy=False)
+    fd: int = frames[1].get(zmq.SRCFD)
+    guard.note(fd, len(frames[1]), time.monotonic())
+    return fd
+
+
 @pytest.fixture(params=["tcp", "ipc"])
 def guarded(request: pytest.FixtureRequest) -> Iterator[tuple[zmq.Context[Any], zmq.Socket[Any], ConnectionGuard, str]]:
     """A ROUTER with a guard, in this process, on tcp or on ipc (a socket file in a private
@@ -197,12 +209,7 @@ def test_cut_ends_a_live_connection_and_drain_reports_it(
     dealer.linger = 0
     dealer.reconnect_ivl = -1  # once cut, stay cut (so the descriptor does not come back)
     monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-    dealer.connect(endpoint)
-    dealer.send(b"hello")
-    assert router.poll(10_000)
-    frames = router.recv_multipart(copy=False)
-    fd = frames[1].get(zmq.SRCFD)
-    guard.note(fd, len(frames[1]), time.monotonic())
+    fd = _speak(dealer, endpoint, router, guard)
     guard.drain()
     assert fd in guard.live
     if tcp_bytes_received(fd) is not None:  # Linux: the kernel counted the greeting, READY and hello
@@ -276,12 +283,7 @@ def test_the_silent_rule_holds_on_tcp_and_ipc(
     (silent_fd,) = guard.live
     talker = context.socket(zmq.DEALER)
     talker.linger = 0
-    talker.connect(endpoint)
-    talker.send(b"hello")
-    assert router.poll(10_000)
-    frames = router.recv_multipart(copy=False)
-    talker_fd = frames[1].get(zmq.SRCFD)
-    guard.note(talker_fd, len(frames[1]), time.monotonic())
+    _speak(talker, endpoint, router, guard)
     assert guard.check(time.monotonic()) == []
     time.sleep(0.6)
     assert guard.check(time.monotonic()) == [silent_fd]
