@@ -173,7 +173,7 @@ def _speak(dealer: zmq.Socket[Any], endpoint: str, router: zmq.Socket[Any], guar
     assert router.poll(10_000)
     frames = router.recv_multipart(copy=False)
     fd: int = frames[1].get(zmq.SRCFD)
-    guard.note(fd, len(frames[1]), time.monotonic())
+    guard.note(fd, len(frames[1]))
     return fd
 
 

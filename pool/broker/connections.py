@@ -286,11 +286,10 @@ class ConnectionGuard:
         """The descriptors of the connections open as of the last :meth:`drain` or :meth:`check`."""
         return frozenset(self._live)
 
-    def note(self, fd: int, nbytes: int, now: float) -> None:
+    def note(self, fd: int, nbytes: int) -> None:
         """A whole message of ``nbytes`` (its frames' sizes added up) came from connection ``fd``.
 
-        Called for every message, so it only adds to a counter; ``now`` is accepted so that the
-        loop passes the clock it already holds, and is not used."""
+        Called for every message, so it only adds to a counter."""
         self._delivered[fd] += nbytes
 
     def drain(self) -> list[int]:

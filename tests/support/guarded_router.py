@@ -164,7 +164,7 @@ def main() -> None:
                     break
                 fd = frames[-1].get(zmq.SRCFD)
                 size = sum(len(frame) for frame in frames[1:])
-                guard.note(fd, size, time.monotonic())
+                guard.note(fd, size)
                 _say("message", fd, size)
                 try:
                     router.send_multipart([frames[0], b"echo", str(size).encode()], zmq.NOBLOCK)
