@@ -1,4 +1,5 @@
-"""Adding and revoking a client key on a running broker, with no restart (issue 10, finding 3).
+"""Adding and revoking a client key on a running broker, with no restart
+(docs/design.md#trust-one-pool-is-one-trust-domain).
 
 A real broker, worker and clients over CurveZMQ on 127.0.0.1, each role with only its own folder
 of a ``runnable-k8s keys`` tree. ``add_client``/``revoke_client`` are what ``runnable-k8s keys DIR

@@ -1,4 +1,4 @@
-"""The autoscaler on real local processes (DESIGN §6, issue 5): load adds workers up to max, idle
+"""The autoscaler on real local processes (docs/design.md#scaling-and-losing-peers): load adds workers up to max, idle
 removes them, scale-down under a load of 1,000 tasks fails none, a pool scaled to zero wakes for a
 task. Windows and idle times run on an injected clock that the test moves, so when a scale-down
 may happen is exact; only the first test runs on the wall clock, and asserts only what happens

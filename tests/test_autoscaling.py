@@ -1,5 +1,5 @@
-"""The autoscaling policy as plain code (DESIGN §6), and the Autoscaler that applies it: no sockets,
-no processes, a fake scaler, and time only from a fake clock (the policy's ``now``, the
+"""The autoscaling policy as plain code (docs/design.md#scaling-and-losing-peers), and the Autoscaler
+that applies it: no sockets, no processes, a fake scaler, and time only from a fake clock (the policy's ``now``, the
 Autoscaler's injected ``clock``), so every window and idle time is exact."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def test_tiny_soak_samples_every_process(tmp_path: Path) -> None:
                            "--soak-interval", "0.2", "--soak-in-flight", "8", "--pool-workers", "2",
                            "--json", str(path)], cwd=REPO, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "runnable-k8s bench --soak" in proc.stdout and "goal (issue 11)" in proc.stdout
+    assert "runnable-k8s bench --soak" in proc.stdout and "goal: RSS growth" in proc.stdout
     results = json.loads(path.read_text())
     run = results["run"]
     assert run["calls"] >= 500 and run["unexpected_errors"] == 0, run["unexpected"]
@@ -66,7 +66,7 @@ def test_soak_in_process_leaves_nothing_behind(tmp_path: Path, capsys: pytest.Ca
     before = child_pids()
     assert main(["bench", "--soak", "0", "--soak-calls", "300", "--soak-interval", "0.2", "--soak-in-flight", "4",
                  "--json", str(tmp_path / "s.json")]) == 0
-    assert "goal (issue 11)" in capsys.readouterr().out
+    assert "goal: RSS growth" in capsys.readouterr().out
     results = json.loads((tmp_path / "s.json").read_text())
     assert results["growth"]["client"]["pid"] == os.getpid()
     wait_for(lambda: child_pids() <= before, 10, "the soak's pool to exit")

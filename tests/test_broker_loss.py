@@ -1,4 +1,4 @@
-"""Losing the broker while calls are in flight (issue 13, DESIGN §6), with real processes.
+"""Losing the broker while calls are in flight (docs/design.md#scaling-and-losing-peers), with real processes.
 
 A broker and two workers are started here as ``LocalPool`` starts them, on an ``ipc://`` socket
 file in a private temporary folder, so that the broker can be killed (SIGKILL: nothing is said

@@ -1,4 +1,4 @@
-"""Broker memory under hostile or careless peers (issue 10, finding 4): the broker runs in its own
+"""Broker memory under hostile or careless peers: the broker runs in its own
 process, so its RSS (``VmRSS`` in /proc/PID/status) is its memory alone; a real worker process runs
 the tasks, and raw DEALER sockets speak the real protocol (worker/protocol.py) as the peers.
 

@@ -440,7 +440,7 @@ def test_notes_say_how_to_connect_in_the_cluster_and_from_a_laptop(helm_bin, tmp
     assert "llm-client=yes" in everything and "autoscaled 0..20" in everything and ":9100/metrics" in everything
 
 
-# ------------------------------------------------------------------ issue 10: what the chart refuses and admits
+# ------------------------------------------------------------------ what the chart refuses and admits
 INSECURE_FIX = "Turn CURVE keys on"
 
 

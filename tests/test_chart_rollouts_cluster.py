@@ -1,5 +1,6 @@
-"""Losing the broker Pod and rolling the workers under load lose no call (issue 13), on the real
-single-node test cluster (tests/cluster), with the worker-pool chart installed as a user would.
+"""Losing the broker Pod and rolling the workers under load lose no call
+(docs/design.md#scaling-and-losing-peers), on the real single-node
+test cluster (tests/cluster), with the worker-pool chart installed as a user would.
 
 Three disruptions, each while callers on this host keep calling a small remote runnable:
 

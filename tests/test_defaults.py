@@ -1,4 +1,4 @@
-"""One home for defaults (issue 9): ``worker/defaults.py`` decides, and the CLI, the worker program,
+"""One home for defaults: ``worker/defaults.py`` decides, and the CLI, the worker program,
 ``LocalPool``, the autoscaler, the ephemeral launcher, ``RunnableK8s`` and the chart all agree with
 it. The CLI tests change a value in the module and see the flag's default change with it, so they
 fail when a flag goes back to a literal of its own, even an equal one."""

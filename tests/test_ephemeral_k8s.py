@@ -1,4 +1,4 @@
-"""Ephemeral mode on a real Kubernetes: a Pod per call through the attach API (issue 4).
+"""Ephemeral mode on a real Kubernetes: a Pod per call through the attach API (docs/design.md#what-runs-where).
 
 Runs on the single-node test cluster of tests/cluster (``pytest -m cluster``), or on any cluster
 your KUBECONFIG points at if you run it with the ``k8s_node`` fixture replaced (see README).
@@ -143,7 +143,7 @@ def test_gc_never_deletes_kept_pods_and_deletes_a_named_owners_leftovers(k8s_nod
 
 
 def test_a_pod_per_call_relays_the_remote_models_callbacks(k8s_node, k8s_namespace):
-    """Issue 12 on the real cluster: a chat model run in a fresh Pod shows in ``astream_events`` as
+    """Callbacks cross the wire on the real cluster: a chat model run in a fresh Pod shows in ``astream_events`` as
     if it ran here (start, every token, end), nested under the RunnableK8s run."""
     import asyncio
 

@@ -1,4 +1,4 @@
-"""Ephemeral mode on the local launcher: a fresh one-shot worker process per call (issue 4)."""
+"""Ephemeral mode on the local launcher: a fresh one-shot worker process per call (docs/design.md#what-runs-where)."""
 
 from __future__ import annotations
 

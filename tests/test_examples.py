@@ -51,7 +51,7 @@ def test_sample_runs_with_chatopenai(sample):
     assert "".join(DEFAULT_CHUNKS) in out.replace("/", "")
 
 
-# Issue 12: a LangGraph agent run remotely, and create_agent with a remote model and a local tool.
+# A LangGraph agent run remotely, and create_agent with a remote model and a local tool.
 AGENT_EXAMPLES = ["langgraph_remote_agent.py", "create_agent_remote_model.py"]
 
 

@@ -1,4 +1,4 @@
-"""Heavy imports are lazy (DESIGN §2): ``import pool``, the warm worker and the one-shot worker
+"""Heavy imports are lazy (docs/design.md#layout): ``import pool``, the warm worker and the one-shot worker
 (which an ephemeral call starts once per call) load neither the kubernetes client, nor
 prometheus_client, nor matplotlib, nor tqdm until a feature needs them. Each check runs in a fresh
 interpreter, so what the test process itself imported does not count."""

@@ -1,4 +1,4 @@
-"""Ctrl-C during a warm call cancels the task on the worker and frees its slot (DESIGN §4).
+"""Ctrl-C during a warm call cancels the task on the worker and frees its slot (docs/design.md#the-warm-path).
 
 The call runs in a child process (a KeyboardInterrupt in the test process itself would stop pytest).
 The child restores Python's own SIGINT handler first: a process started from a shell that ignores

@@ -1,4 +1,4 @@
-"""Keys per role (issue 10, finding 3; DESIGN §5): `runnable-k8s keys DIR` writes one folder per
+"""Keys per role (docs/design.md#trust-one-pool-is-one-trust-domain): `runnable-k8s keys DIR` writes one folder per
 role, a client's folder holds no secret but its own, clients are added and revoked on a running
 broker without a restart, and a program handed the wrong folder is told which one to pass.
 

@@ -1,4 +1,4 @@
-"""Compiled LangGraph graphs run remotely (issue 12): the codec carries module-level sentinels
+"""Compiled LangGraph graphs run remotely (docs/design.md#serialization): the codec carries module-level sentinels
 (``PASSTHROUGH``, ``MISSING``, ...) by reference, so a graph survives the trip, and LangGraph's own
 stream keywords and ``configurable`` thread ids reach the worker. Real graphs, a real local pool
 of one worker (so that a worker-side in-memory checkpointer can be shown to remember)."""

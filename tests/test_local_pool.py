@@ -1,5 +1,6 @@
-"""LocalPool's process lifecycle (DESIGN §6, §8): it leaves no process behind, scales up and down,
-and a worker told to stop finishes its task first. Each test starts its own pool."""
+"""LocalPool's process lifecycle (docs/design.md#scaling-and-losing-peers and #the-public-surface): it
+leaves no process behind, scales up and down, and a worker told to stop finishes its task first.
+Each test starts its own pool."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The broker's Prometheus metrics, scraped over HTTP from a real broker process (issue 5 item 6)."""
+"""The broker's Prometheus metrics, scraped over HTTP from a real broker process
+(docs/design.md#scaling-and-losing-peers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scaling a worker Deployment on the real test cluster (issue 5 items 4 and 5): DeploymentScaler and
+"""Scaling a worker Deployment on the real test cluster (docs/design.md#scaling-and-losing-peers): DeploymentScaler and
 ``runnable-k8s scale`` move spec.replicas through the scale subresource, a ServiceAccount without
 the verb gets a message naming it, and a broker on this host autoscales the Deployment with load.
 

@@ -2,7 +2,7 @@
 
 The OpenAI API is a local OpenAI-compatible server (tests/support/fake_openai.py). The client
 builds ChatOpenAI with a key the server refuses; the workers hold the right one in their
-environment, so a passing call proves the key came from the worker side (DESIGN §3).
+environment, so a passing call proves the key came from the worker side (docs/design.md#serialization).
 """
 
 from __future__ import annotations

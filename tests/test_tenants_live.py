@@ -1,4 +1,4 @@
-"""A flood from one client delays only that client (issue 10, finding 4), over real processes.
+"""A flood from one client delays only that client, over real processes.
 
 One worker with two slots; a second process (its own client connection) queues more slow calls
 than its per-client limit allows; this process's call is then accepted and runs at the next free

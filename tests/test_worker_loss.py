@@ -1,4 +1,5 @@
-"""A call never hangs: lost workers and brokers turn into errors within seconds (DESIGN §4)."""
+"""A call never hangs: lost workers and brokers turn into errors within seconds
+(docs/design.md#scaling-and-losing-peers)."""
 
 from __future__ import annotations
 

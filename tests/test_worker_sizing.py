@@ -1,4 +1,4 @@
-"""Workers sized for I/O-bound calls (issue 11): awaiting runnables wait on the worker's event loop
+"""Workers sized for I/O-bound calls: awaiting runnables wait on the worker's event loop
 by the hundred; sync code keeps a bounded pool of threads; a draining worker hands back the sync
 tasks no thread has started. Real LocalPool processes and real LangChain objects throughout.
 

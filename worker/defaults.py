@@ -112,7 +112,7 @@ POOL_SIZE_MAX_AGE = 1.0
 # ---- local pool ---------------------------------------------------------------------------
 LOCAL_WORKERS = 2
 
-# ---- autoscaler (DESIGN §6) ---------------------------------------------------------------
+# ---- autoscaler (docs/design.md#scaling-and-losing-peers) ----------------------------------------------
 AUTOSCALE_MIN = 1
 AUTOSCALE_MAX = 10
 # Calls in flight (queued + running) per worker the policy aims for, never more than a worker's
@@ -139,7 +139,8 @@ EPHEMERAL_IMAGE = "runnable-k8s-worker:latest"
 # The Secret whose keys become a runner Pod's environment (envFrom): none unless the caller names
 # one. The original project defaulted to "runnable-k8s-ee" (its Secret of LLM API keys), which
 # still works when passed explicitly (k8s_secret_name="runnable-k8s-ee"). A Pod that receives
-# every key of a Secret nobody asked for is the wrong default (DESIGN §5): the code it runs comes
+# every key of a Secret nobody asked for is the wrong default
+# (docs/design.md#trust-one-pool-is-one-trust-domain): the code it runs comes
 # from the caller, and it should see only the credentials the caller chose to give it.
 EPHEMERAL_SECRET_NAME: str | None = None
 # How long a runner Pod may take from create to Running before the call fails with PodFailed.

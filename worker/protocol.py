@@ -159,7 +159,7 @@ class TaskHeader:
     """The JSON header of SUBMIT and TASK.
 
     ``timeout`` is relative (seconds left when sent) so that no two machines' clocks need agree.
-    ``config`` holds only the JSON-safe part of a RunnableConfig (see DESIGN §4).
+    ``config`` holds only the JSON-safe part of a RunnableConfig (see docs/design.md#the-warm-path).
     ``trust`` is the client's ``trust_workers``: only then may the worker send outputs, chunks and
     exceptions pickled (any object); otherwise it sends them as data (``codec.dumps_result``).
     """
@@ -286,7 +286,7 @@ def _major_minor(version: str) -> str:
 
 
 def environment() -> dict[str, Any]:
-    """What a peer must share with another for objects to cross safely (DESIGN §4).
+    """What a peer must share with another for objects to cross safely (docs/design.md#serialization).
 
     Pickled code refers to Python internals that change between minor versions, and LangChain's
     serialized form and cloudpickle's format can change between their minor releases.
@@ -303,7 +303,7 @@ def environment() -> dict[str, Any]:
     }
 
 
-# What crosses the wire from a RunnableConfig (DESIGN §4): JSON-safe values of these keys only.
+# What crosses the wire from a RunnableConfig (docs/design.md#the-warm-path): JSON-safe values of these keys only.
 # Callbacks, run_id and run_name belong to the client's run and stay there.
 WIRE_CONFIG_KEYS = ("tags", "metadata", "configurable", "recursion_limit", "max_concurrency")
 

@@ -111,7 +111,7 @@ def ratios(warm: dict[str, Any], in_process: dict[str, Any]) -> dict[str, Any]:
 
 
 def goals(figures: dict[str, Any]) -> dict[str, Any]:
-    """Issue 11's goals for this workload: p50 end-to-end <= 1.1 x in-process, time to first token
+    """The goals for this workload: p50 end-to-end <= 1.1 x in-process, time to first token
     <= in-process + 5 ms (p50)."""
     r = figures.get("ratios", {})
     found: dict[str, Any] = {}

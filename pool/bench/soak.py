@@ -31,7 +31,7 @@ thread samples the client (this process; the last sample is taken while the call
 still open, like the others), the broker and each worker: resident memory (``VmRSS``
 of ``/proc/PID/status``) and open file descriptors (the entries of ``/proc/PID/fd``). The warm-up is
 the first ``--soak-warmup`` (10%) of the calls; growth is measured from the first sample after it to
-the last sample: RSS growth in % and the fd delta per process, against issue 11's goal (RSS growth
+the last sample: RSS growth in % and the fd delta per process, against the goal (RSS growth
 < 5%, no fd growth). The least-squares slope of RSS over calls after the warm-up (KB per 10,000
 calls) is reported too: a small leak shows there before it passes 5%.
 """
@@ -292,7 +292,7 @@ def format_report(results: dict[str, Any]) -> str:
                      f"{v('fds_end', 8)} {v('fds_max', 8)} {'PASS' if g['passed'] else 'FAIL':>8}")
     lines.append("")
     goal = results["goal"]
-    lines.append(f"goal (issue 11): RSS growth < {goal['rss_growth_pct_below']:g}% and no fd growth after the "
+    lines.append(f"goal: RSS growth < {goal['rss_growth_pct_below']:g}% and no fd growth after the "
                  f"warm-up, every process: {'MET' if goal['met'] else 'NOT MET'}")
     if r["unexpected"]:
         lines.append("unexpected errors (first ones):")

@@ -1,4 +1,5 @@
-"""The autoscaling policy (DESIGN §6): how many workers the load asks for. Plain code, no I/O.
+"""The autoscaling policy (docs/design.md#scaling-and-losing-peers): how many workers the load
+asks for. Plain code, no I/O.
 
 One call of :func:`decide` takes what the broker knows (queued and running tasks, slots per
 worker), the replica count in force, the settings and the policy's own small state (recent

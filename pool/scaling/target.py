@@ -1,4 +1,4 @@
-"""What the autoscaler moves, and ``scale()`` for doing it by hand (DESIGN §6).
+"""What the autoscaler moves, and ``scale()`` for doing it by hand (docs/design.md#scaling-and-losing-peers).
 
     from pool.scaling import scale
     scale("k8s://team-a/my-pool", 3)   # the release's worker Deployment, via its scale subresource

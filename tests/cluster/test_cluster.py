@@ -365,7 +365,7 @@ def test_pod_network_stays_on_this_machine(k8s_node, k8s_namespace):
 def test_missing_image_fails_fast_without_network(k8s_node, k8s_namespace):
     """Images are never pulled: a Pod naming an image the node lacks gets ErrImagePull /
     ImagePullBackOff within seconds (containerd's proxy is a dead 127.0.0.1 port), which is what
-    issue 4's PodFailed relies on."""
+    ephemeral mode's PodFailed relies on."""
     core = k8s_node.control_plane.core()
     pod = _pod("nopull", ["true"], image="runnable-k8s-does-not-exist:0.0")
     pod.spec.containers[0].image_pull_policy = "IfNotPresent"
