@@ -7,30 +7,65 @@ GIL while the I/O thread wanted it too. Profiled under the ``llm`` workload (20 
 per call), those sends were a quarter of the event loop thread's time.
 
 Here a reply is one ``deque.append`` (atomic under the GIL) and, only when the I/O thread may be
-asleep, one write to an eventfd it polls (a syscall, so a GIL hand-off: the event loop makes it
+asleep, one write to a descriptor it polls (a syscall, so a GIL hand-off: the event loop makes it
 at most once per loop iteration, however many tokens that iteration produced). The I/O thread
 arms the wake-up before it sleeps and looks once more after arming, so no reply waits for a poll
 timeout:
 
-* writer: append, then write the eventfd if the reader is armed (and disarm it); the event loop
-  appends all replies of one loop iteration and wakes the reader once, at the next iteration;
-* reader: disarm, take everything, arm, take whatever arrived between the last take and arming.
+* writer: append, then write the descriptor if the reader is armed (and disarm it); the event
+  loop appends all replies of one loop iteration and wakes the reader once, at the next iteration;
+* reader: disarm, drain the descriptor, take everything, arm, take whatever arrived between the
+  last take and arming.
+
+The descriptor is an eventfd on Linux (one descriptor, a counter that one read resets). Where
+``os.eventfd`` does not exist (macOS, the BSDs) it is a non-blocking pipe instead: the writer
+writes to one end and the reader polls and drains the other. Both are close-on-exec (a worker's
+subprocesses do not inherit them). The semantics are the same: the armed flag keeps at most a
+couple of wake-up tokens outstanding, so one read drains them all (no busy loop), and a full pipe
+only means the reader is already signalled (no wake-up is lost).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import sys
+
+# One wake-up token: an eventfd takes exactly 8 bytes (a native-endian count); a pipe takes any.
+_TOKEN = (1).to_bytes(8, sys.byteorder)
+_DRAIN_BYTES = 4096  # an eventfd read returns 8 bytes (the count); a pipe's few tokens fit at once
+
+HAVE_EVENTFD = hasattr(os, "eventfd")
+"""Whether this system has ``os.eventfd`` (Linux): else the reply queue wakes through a pipe."""
+
+
+def _wake_descriptors(use_eventfd: bool) -> tuple[int, int]:
+    """``(read end, write end)`` of a non-blocking, close-on-exec wake-up channel."""
+    if use_eventfd:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fd, fd
+    read_end, write_end = os.pipe()  # not inheritable (PEP 446): close-on-exec
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    return read_end, write_end
 
 
 class ReplyQueue:
-    """Frames from many producer threads to one consumer thread that waits in a poller."""
+    """Frames from many producer threads to one consumer thread that waits in a poller.
 
-    __slots__ = ("_items", "_fd", "_armed")
+    ``use_eventfd``: None picks an eventfd where the system has one, else a pipe; False forces the
+    pipe (tests run the portable path on Linux with it)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_items", "_fd", "_write_fd", "_armed", "kind")
+
+    def __init__(self, use_eventfd: bool | None = None) -> None:
+        if use_eventfd is None:
+            use_eventfd = HAVE_EVENTFD
+        elif use_eventfd and not HAVE_EVENTFD:
+            raise OSError("os.eventfd is not available on this system (it is Linux-only): pass use_eventfd=None")
         self._items: collections.deque[list[bytes]] = collections.deque()
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fd, self._write_fd = _wake_descriptors(use_eventfd)
+        self.kind = "eventfd" if use_eventfd else "pipe"
         self._armed = True
 
     def fileno(self) -> int:
@@ -52,10 +87,15 @@ class ReplyQueue:
         """Wake the consumer if it may be asleep."""
         if self._armed:
             self._armed = False
-            try:
-                os.eventfd_write(self._fd, 1)
-            except OSError:
-                pass  # closed: the worker is exiting and nobody forwards replies any more
+            self._signal()
+
+    def _signal(self) -> None:
+        try:
+            os.write(self._write_fd, _TOKEN)
+        except OSError:
+            # Closed: the worker is exiting and nobody forwards replies any more. Or a full pipe
+            # (BlockingIOError): the reader is signalled already.
+            pass
 
     def take(self, limit: int) -> list[list[bytes]]:
         """Up to ``limit`` messages, oldest first; arms the wake-up once none is left, so the
@@ -63,7 +103,7 @@ class ReplyQueue:
         if self._fd < 0:
             return []
         try:
-            os.eventfd_read(self._fd)
+            os.read(self._fd, _DRAIN_BYTES)
         except OSError:  # BlockingIOError: nothing was signalled
             pass
         items = self._items
@@ -78,18 +118,19 @@ class ReplyQueue:
             while items and len(taken) < limit:
                 taken.append(popleft())
         if items:
-            os.eventfd_write(self._fd, 1)  # more than ``limit``: come back after other work
+            self._signal()  # more than ``limit``: come back after other work
         return taken
 
     def __len__(self) -> int:
         return len(self._items)
 
     def close(self) -> None:
-        """Release the eventfd. A producer still running (a task stuck in a call) may put later:
+        """Release the descriptors. A producer still running (a task stuck in a call) may put later:
         its frames are dropped, and it no longer writes to the descriptor once disarmed here."""
         self._armed = False
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
-        self._fd = -1
+        for fd in {self._fd, self._write_fd}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fd = self._write_fd = -1
