@@ -129,7 +129,6 @@ def test_a_full_pipe_loses_no_wake_up():
     # The pipe's writer never blocks: a token that does not fit means the reader is signalled.
     queue = ReplyQueue(use_eventfd=False)
     try:
-
         with pytest.raises(BlockingIOError):
             while True:
                 os.write(queue._write_fd, b"x" * 4096)  # fill the pipe as a stuck reader would let it fill

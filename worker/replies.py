@@ -59,9 +59,10 @@ class ReplyQueue:
     __slots__ = ("_items", "_fd", "_write_fd", "_armed", "kind")
 
     def __init__(self, use_eventfd: bool | None = None) -> None:
+        have_eventfd = hasattr(os, "eventfd")  # asked here, not at import: a test may remove it
         if use_eventfd is None:
-            use_eventfd = HAVE_EVENTFD
-        elif use_eventfd and not HAVE_EVENTFD:
+            use_eventfd = have_eventfd
+        elif use_eventfd and not have_eventfd:
             raise OSError("os.eventfd is not available on this system (it is Linux-only): pass use_eventfd=None")
         self._items: collections.deque[list[bytes]] = collections.deque()
         self._fd, self._write_fd = _wake_descriptors(use_eventfd)

@@ -1,0 +1,102 @@
+"""The warm path where ``os.eventfd`` does not exist (macOS, the BSDs): a real LocalPool whose
+broker and worker processes run without it, and this process too.
+
+Linux-only calls must degrade, not break: here the one the warm path used to need (the eventfd
+that wakes a worker's I/O thread, ``worker.replies``) is removed from ``os`` in every process by a
+``sitecustomize`` module on ``PYTHONPATH``, as on a system that never had it, and every way of
+calling still works; the worker says which wake-up it used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from langchain_core.runnables import RunnableGenerator
+
+from pool import LocalPool
+from tests.support.remote import remote
+from worker.replies import ReplyQueue
+
+pytestmark = pytest.mark.timeout(90)
+
+NO_EVENTFD = textwrap.dedent('''
+    """Test-only: make this interpreter look like one without os.eventfd (macOS, the BSDs)."""
+    import os
+
+    for _name in [n for n in dir(os) if n == "eventfd" or n.startswith(("eventfd_", "EFD_"))]:
+        delattr(os, _name)
+''')
+
+
+def _remove_eventfd(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in dir(os) if n == "eventfd" or n.startswith(("eventfd_", "EFD_"))]:
+        monkeypatch.delattr(os, name)
+
+
+@pytest.fixture(scope="module")
+def pool_without_eventfd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPool]:
+    site = tmp_path_factory.mktemp("no-eventfd")
+    (site / "sitecustomize.py").write_text(NO_EVENTFD)
+    path = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    with LocalPool(workers=1, env={"PYTHONPATH": path}) as pool:
+        yield pool
+
+
+def what_the_worker_has(_: Any) -> dict[str, Any]:
+    """From inside the worker process: whether it has os.eventfd, and its reply queue's wake-up."""
+    import gc as gc_module
+    import os as os_module
+    import stat as stat_module
+
+    queues = [o for o in gc_module.get_objects() if type(o).__name__ == "ReplyQueue" and o.fileno() >= 0]
+    return {
+        "has_eventfd": hasattr(os_module, "eventfd"),
+        "kinds": [q.kind for q in queues],
+        "fifo": [stat_module.S_ISFIFO(os_module.fstat(q.fileno()).st_mode) for q in queues],
+    }
+
+
+def test_the_worker_runs_without_eventfd_and_wakes_through_a_pipe(pool_without_eventfd):
+    seen = remote(pool_without_eventfd, what_the_worker_has).invoke(None)
+    assert seen == {"has_eventfd": False, "kinds": ["pipe"], "fifo": [True]}
+
+
+def test_invoke_batch_stream_and_ainvoke_without_eventfd(pool_without_eventfd, monkeypatch):
+    _remove_eventfd(monkeypatch)  # the client side too: nothing in it may need eventfd
+    assert not hasattr(os, "eventfd")
+    factor = 3
+    assert remote(pool_without_eventfd, lambda x: x * factor).invoke(14) == 42
+    assert remote(pool_without_eventfd, lambda x: x + 1).batch(list(range(20))) == list(range(1, 21))
+
+    def tokens(chunks: Iterator[str]) -> Iterator[str]:
+        for text in chunks:
+            for word in text.split():
+                yield word + " "
+
+    streamed = list(remote(pool_without_eventfd, RunnableGenerator(tokens)).stream("one two three four five"))
+    assert "".join(streamed) == "one two three four five "
+    assert len(streamed) >= 2  # streamed as it came, not one final chunk
+
+    async def concurrent() -> list[int]:
+        runnable = remote(pool_without_eventfd, lambda x: x * 2)
+        return list(await asyncio.gather(*(runnable.ainvoke(i) for i in range(8))))
+
+    assert asyncio.run(concurrent()) == [i * 2 for i in range(8)]
+
+
+def test_a_reply_queue_made_without_eventfd_falls_back_to_a_pipe(monkeypatch):
+    _remove_eventfd(monkeypatch)
+    queue = ReplyQueue()
+    try:
+        assert queue.kind == "pipe"
+        assert stat.S_ISFIFO(os.fstat(queue.fileno()).st_mode)
+        with pytest.raises(OSError, match="Linux-only"):
+            ReplyQueue(use_eventfd=True)
+    finally:
+        queue.close()
