@@ -4,14 +4,18 @@ broker and worker processes run without it, and this process too.
 Linux-only calls must degrade, not break: here the one the warm path used to need (the eventfd
 that wakes a worker's I/O thread, ``worker.replies``) is removed from ``os`` in every process by a
 ``sitecustomize`` module on ``PYTHONPATH``, as on a system that never had it, and every way of
-calling still works; the worker says which wake-up it used.
+calling still works; the worker says which wake-up it used. The bench's machine and process
+figures, read from ``/proc`` on Linux, are checked where ``/proc`` is missing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +24,7 @@ import pytest
 from langchain_core.runnables import RunnableGenerator
 
 from pool import LocalPool
+from pool.bench import machine
 from tests.support.remote import remote
 from worker.replies import ReplyQueue
 
@@ -100,3 +105,55 @@ def test_a_reply_queue_made_without_eventfd_falls_back_to_a_pipe(monkeypatch):
             ReplyQueue(use_eventfd=True)
     finally:
         queue.close()
+
+
+# ---------------------------------------------------------------------------- the bench without /proc
+# macOS has no /proc: the bench's machine and process figures then come from psutil or the system's
+# tools. Here /proc is pointed at a folder that does not exist, and the figures must match /proc's.
+
+NO_PROC = "/nonexistent-proc"
+HOLD_FDS = "import os, sys; fds = [os.pipe() for _ in range(8)]; print('ready', flush=True); sys.stdin.read()"
+
+
+@pytest.fixture
+def quiet_child() -> Iterator[int]:
+    """A Python process holding 16 extra descriptors and doing nothing else until its stdin closes."""
+    child = subprocess.Popen([sys.executable, "-c", HOLD_FDS], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        yield child.pid
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(10)
+        child.stdout.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="compares against Linux's /proc")
+def test_process_figures_without_proc_match_procs(quiet_child):
+    by_proc = machine.open_fds(quiet_child)
+    assert by_proc is not None and by_proc >= 16 + 3
+    if machine._psutil() is None and shutil.which("lsof") is None:
+        assert machine.open_fds(quiet_child, proc=NO_PROC) is None  # unknown, not a failure
+    else:
+        assert machine.open_fds(quiet_child, proc=NO_PROC) == by_proc
+    rss, rss_elsewhere = machine.rss_kb(quiet_child), machine.rss_kb(quiet_child, proc=NO_PROC)
+    assert rss is not None and rss_elsewhere is not None
+    assert abs(rss_elsewhere - rss) <= rss // 10
+
+
+def test_process_figures_of_a_process_that_is_gone_are_unknown():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(10)
+    for proc in (machine.PROC, NO_PROC):
+        assert machine.rss_kb(child.pid, proc=proc) is None
+        assert machine.open_fds(child.pid, proc=proc) is None
+
+
+def test_machine_figures_without_proc():
+    model = machine.cpu_model(proc=NO_PROC)
+    assert isinstance(model, str) and model
+    memory = machine.memory_gb(proc=NO_PROC)
+    assert memory is not None and memory > 0
+    if os.path.exists("/proc/meminfo"):
+        assert abs(memory - (machine.memory_gb() or 0)) <= 0.1

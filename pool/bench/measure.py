@@ -1,6 +1,7 @@
 """Measuring helpers of ``runnable-k8s bench`` (``pool.bench.command``): percentiles, timed calls,
 the machine's description, and the bare pyzmq floor (``pool.bench.floor``) that every figure is
-read against."""
+read against. The machine's CPU and memory come from ``pool.bench.machine`` (kept importable from
+here as ``cpu_model`` and ``memory_gb``), which also answers where there is no ``/proc``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Any
 import cloudpickle
 import zmq
 
+from pool.bench.machine import cpu_model as cpu_model  # re-exported: the bench imports them from here
+from pool.bench.machine import memory_gb as memory_gb
 from pool.bench.workloads import echo
 from pool.local import _read_line, _stop_all
 
@@ -127,25 +130,3 @@ def environment() -> dict[str, Any]:
         "langchain_core": langchain_core.__version__,
         "cloudpickle": cloudpickle.__version__,
     }
-
-
-def cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def memory_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return None

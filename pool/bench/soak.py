@@ -60,25 +60,21 @@ CALLS_PER_STEP = {"abatch": 10, "batch": 10}
 BATCH = 10
 
 
-# ---------------------------------------------------------------------- /proc
+# ---------------------------------------------------------------------- process figures
 
 
 def rss_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    """Resident KiB of ``pid``: ``/proc`` on Linux, psutil or ``ps`` elsewhere (None: unknown)."""
+    from pool.bench.machine import rss_kb as measured
+
+    return measured(pid)
 
 
 def open_fds(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
+    """Open descriptors of ``pid``: ``/proc`` on Linux, psutil or ``lsof`` elsewhere (None: unknown)."""
+    from pool.bench.machine import open_fds as counted
+
+    return counted(pid)
 
 
 class Sampler:
