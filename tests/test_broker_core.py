@@ -1,4 +1,5 @@
-"""The broker's rules, driven event by event with no process, socket or clock (DESIGN §4, §5).
+"""The broker's rules, driven event by event with no process, socket or clock (docs/design.md#the-warm-path,
+docs/design.md#trust-one-pool-is-one-trust-domain).
 
 Each test feeds ``BrokerCore`` decoded events at chosen times and reads the messages it returns,
 so a rule about a 120 s queue timeout is checked in microseconds.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-import pool.broker.core as core_module
+import pool.broker.slots as slots_module
 from pool.broker import events as E
 from pool.broker.scheduling import Candidate, choose_worker
 from tests.support.broker_core import (
@@ -509,7 +510,7 @@ def policy_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(len(candidates))
         return choose_worker(candidates)
 
-    monkeypatch.setattr(core_module, "choose_worker", counting)
+    monkeypatch.setattr(slots_module, "choose_worker", counting)
     return calls
 
 

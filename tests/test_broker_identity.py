@@ -315,16 +315,16 @@ def test_a_task_larger_than_the_budget_still_runs_on_a_worker_with_nothing_in_fl
 def test_a_head_task_that_fits_nowhere_now_costs_one_look_per_release(monkeypatch):
     """Dispatch never loops on a task no worker can take now: one look at the free workers, and
     it stays first in line, the tasks behind it too (they would starve it)."""
-    import pool.broker.core as core_module
+    import pool.broker.slots as slots_module
 
     calls = []
-    real = core_module.choose_worker
+    real = slots_module.choose_worker
 
     def counting(candidates):
         calls.append(len(candidates))
         return real(candidates)
 
-    monkeypatch.setattr(core_module, "choose_worker", counting)
+    monkeypatch.setattr(slots_module, "choose_worker", counting)
     pool = Pool(worker_input_budget=1000)
     pool.hello()
     for n in range(3):

@@ -1,4 +1,8 @@
-"""What goes into the broker core (events) and what comes out (effects), as plain data.
+"""What goes into the broker core (its inputs) and what comes out (effects), as plain data.
+
+An "event" in this module is an input of the broker core (a decoded message, or a notice of the
+socket loop), not a LangChain callback event (those are relayed by ``worker.callback_events``);
+``BrokerInput`` names the union.
 
 The socket loop turns each multipart message into one event with :func:`decode` and carries out
 the effects the core returns; the core never sees a socket or a clock. ``decode`` never raises:
@@ -180,6 +184,7 @@ class KeysChanged:
 Event = (Hello | Submit | Cancel | StatusRequest | Heartbeat | Bye | Ready | Chunk | CallbackEvent | Result
          | WorkerError | Draining | Tick | SendFailed | PeerStalled | ConnectionClosed | KeysChanged | Malformed
          | ForeignProtocol)
+BrokerInput = Event  # the clearer name for new code: what BrokerCore.handle takes
 
 # ---------------------------------------------------------------------------- effects
 
@@ -226,12 +231,38 @@ _FOREIGN_PROTOCOL = re.compile(rb"RK8S/[0-9]{1,6}")
 
 def _environment(name: str, body: list[bytes]) -> dict[str, Any]:
     """A HELLO's or READY's JSON body, refused unparsed past ``P.MAX_HELLO_BYTES``: parsing a
-    hostile 8 MB body cost the broker about 35 MB and a third of a second for each message."""
+    hostile 8 MB body cost the broker about 35 MB and a third of a second for each message.
+    The values that name an environment (tasks queue by them) must be plain: a list there would
+    make the rules fail on a value they cannot hash."""
     if not body:
         return {}
     if len(body[0]) > P.MAX_HELLO_BYTES:
         raise ValueError(f"{name} body of {len(body[0])} bytes, over the limit of {P.MAX_HELLO_BYTES}")
-    return P.decode_json_object(body[0])
+    environment = P.decode_json_object(body[0])
+    for key in P.COMPATIBILITY_KEYS:
+        if not isinstance(environment.get(key), (str, int, float, bool, type(None))):
+            raise ValueError(f"{name} gives {key} as a {type(environment[key]).__name__}, not a plain value")
+    return environment
+
+
+def ready_numbers(environment: dict[str, Any]) -> tuple[int, int]:
+    """The slots and the runnable cache size a READY claims (at least 1 each); ValueError when
+    either is not a number. The decoder checks it, so such a READY arrives as :class:`Malformed`;
+    the core asks again for a READY built by hand."""
+    numbers = []
+    for name, default in (("concurrency", 1), ("cache_size", 64)):
+        value = environment.get(name, default)
+        try:
+            numbers.append(max(1, int(value)))
+        except (ValueError, TypeError, OverflowError):
+            raise ValueError(f"READY gives {name} as {str(value)[:40]!r}, not a whole number") from None
+    return numbers[0], numbers[1]
+
+
+def _ready(peer: bytes, body: list[bytes], fd: int, key: bytes | None) -> Ready:
+    environment = _environment("READY", body)
+    ready_numbers(environment)
+    return Ready(peer, environment, fd=fd, key=key)
 
 
 def _submit(peer: bytes, body: list[bytes], fd: int, key: bytes | None) -> Submit:
@@ -256,7 +287,7 @@ _DECODERS: dict[bytes, _Decoder] = {
     P.STATUS: lambda peer, body, fd, key: StatusRequest(peer, fd=fd, key=key),
     P.HEARTBEAT: lambda peer, body, fd, key: Heartbeat(peer, fd=fd, key=key),
     P.BYE: lambda peer, body, fd, key: Bye(peer, fd=fd, key=key),
-    P.READY: lambda peer, body, fd, key: Ready(peer, _environment("READY", body), fd=fd, key=key),
+    P.READY: _ready,
     P.CHUNK: lambda peer, body, fd, key: Chunk(peer, body[0], body[1], fd=fd, key=key),
     P.EVENT: lambda peer, body, fd, key: CallbackEvent(peer, body[0], body[1], fd=fd, key=key),
     P.RESULT: lambda peer, body, fd, key: Result(peer, body[0], body[1], fd=fd, key=key),

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a broker (DESIGN §6, issue 5): the numbers ``runnable-k8s status`` prints.
+"""Prometheus metrics of a broker (docs/design.md#scaling-and-losing-peers): the numbers ``runnable-k8s status`` prints.
 
     runnable-k8s broker ... --metrics-port 9090 [--metrics-bind 0.0.0.0]
     curl -s 127.0.0.1:9090/metrics | grep runnable_k8s_
@@ -35,6 +35,7 @@ _IDENTITY_COUNTERS = (
     ("peers_replaced", "Peers dropped because another connection or key used their routing id."),
     ("connections_cut", "Connections the broker closed (a revoked or unknown key)."),
     ("connections_closed", "Connections that closed (seen by the broker's socket monitor)."),
+    ("rule_errors", "Messages whose rule raised: a bug of the broker, not of the peer (its log has the traceback)."),
 )
 
 

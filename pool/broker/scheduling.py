@@ -1,6 +1,6 @@
 """Which worker gets a task: a plain function over plain state, so it is tested without sockets.
 
-The policy (DESIGN §4): only a worker with a free slot; the least loaded (fraction of its slots
+The policy (docs/design.md#the-warm-path): only a worker with a free slot; the least loaded (fraction of its slots
 busy, where a batch task of k items counts min(k, slots): ``WorkerState.occupy``); among
 equally loaded ones, one that already holds the task's runnable (it skips sending and
 deserializing it, and keeps its warm HTTP pools busy); then the one that waited longest since its

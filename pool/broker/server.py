@@ -17,6 +17,7 @@ connections themselves are watched by ``connections.ConnectionGuard``: a closed 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,7 @@ import zmq
 from pool.broker import events as E
 from pool.broker.allow_list import AllowList
 from pool.broker.connections import ConnectionGuard, seed_routing_ids
-from pool.broker.core import BrokerCore
+from pool.broker.core import STRICT_RULES_ENV, BrokerCore
 from pool.broker.outbox import Outbox
 from pool.broker.state import RunnableStore, WorkerState
 from pool.keys import BrokerKeys
@@ -126,6 +127,9 @@ class Broker:
             worker_keys_dir=str(keys.worker_keys_dir) if keys is not None else "",
             max_worker_slots=max_worker_slots, queue_bytes=queue_bytes, client_queue_size=client_queue_size,
             client_queue_bytes=client_queue_bytes, max_connections_per_key=max_connections_per_key,
+            # A test run's brokers raise on a rule's exception (the loop then stops: the test
+            # fails where the rule crashed); a production broker logs it and keeps serving.
+            strict=os.environ.get(STRICT_RULES_ENV) == "1",
         )
         self.counters = self.core.counters  # the same dict: read live by the metrics scrape
 

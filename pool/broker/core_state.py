@@ -1,0 +1,156 @@
+"""The broker core's state and the few helpers every rule family uses (send, warn, cut).
+
+``BrokerCore`` (``core``) is this state plus the rule families, each a class in its own module
+that adds the rules of one concern: ``slots`` (tasks onto workers' slots), ``departures`` (a peer
+leaving), ``admission`` (who may send what), ``budgets``, ``reports``, ``client_rules``,
+``worker_rules``, ``reply_rules`` and ``liveness``. Every family works on this one state; none
+holds any of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+from pool.broker.events import Disconnect, Effect, FromPeer, Send
+from pool.broker.log_limit import PeerLog
+from pool.broker.state import (
+    ClientState,
+    EnvKey,
+    Queues,
+    RunnableStore,
+    Task,
+    Tenant,
+    WorkerState,
+    fingerprint,
+)
+from worker import defaults
+from worker import protocol as P
+
+log = logging.getLogger("runnable_k8s.broker")
+
+COUNTERS = ("submitted", "done", "failed", "cancelled", "retried", "workers_lost", "malformed", "refused",
+            "runnable_bytes_received", "slots_clamped", "clients_dropped", "peers_revoked",
+            # tasks answered E_BUSY (their key's or the broker's allowance was full for now)
+            "busy",
+            # states dropped because another connection or key used their routing id
+            "peers_replaced",
+            # messages not acted on because of who sent them: a command of the other role, a
+            # key no longer allowed, a reply for a task not sent to that connection, a CANCEL of
+            # another client's task
+            "messages_refused",
+            # connections closed by the broker (revoked keys) and by their peer (the monitor)
+            "connections_cut", "connections_closed",
+            # a rule raised: a bug in the broker, not a bad peer (logged with its traceback)
+            "rule_errors")
+
+
+class CoreState:
+    """The broker's state and its settings. Not thread-safe: one loop owns it."""
+
+    def __init__(
+        self,
+        *,
+        now: float,
+        endpoint: str = "",
+        max_message_bytes: int = defaults.MAX_MESSAGE_BYTES,
+        queue_size: int = defaults.QUEUE_SIZE,
+        queue_timeout: float = defaults.QUEUE_TIMEOUT,
+        runnable_store_bytes: int = defaults.RUNNABLE_STORE_BYTES,
+        client_keys: frozenset[bytes] | None = None,
+        worker_keys: frozenset[bytes] | None = None,
+        client_keys_dir: str = "",
+        worker_keys_dir: str = "",
+        max_worker_slots: int = defaults.MAX_WORKER_SLOTS,
+        queue_bytes: int = defaults.QUEUE_BYTES,
+        client_queue_size: int = defaults.CLIENT_QUEUE_SIZE,
+        client_queue_bytes: int = defaults.CLIENT_QUEUE_BYTES,
+        max_connections_per_key: int = defaults.MAX_CONNECTIONS_PER_KEY,
+        worker_input_budget: int = defaults.WORKER_INPUT_BUDGET,
+        strict: bool = False,
+    ) -> None:
+        """``client_keys`` / ``worker_keys``: the Z85 public keys allowed to act as clients /
+        workers (None: any peer, for a broker without CurveZMQ); the folders only name them in
+        refusals. ``max_worker_slots``: the most slots a worker gets, whatever its READY claims.
+        ``queue_size``/``queue_bytes`` bound what all clients' tasks hold in the broker,
+        ``client_queue_size``/``client_queue_bytes`` what one client key's do (all its
+        connections together), ``max_connections_per_key`` how many connections it may have.
+        ``worker_input_budget``: input bytes in flight to a worker that did not report its memory.
+        ``strict``: a rule that raises raises out of ``handle`` (tests), instead of being logged
+        and counted as ``rule_errors`` while the pool keeps serving (production)."""
+        if max_worker_slots < 1:
+            raise ValueError("max_worker_slots must be 1 or more")
+        if min(queue_size, queue_bytes, client_queue_size, client_queue_bytes, max_connections_per_key,
+               worker_input_budget) < 1:
+            raise ValueError("queue sizes, byte budgets and connection caps must be 1 or more")
+        self.endpoint = endpoint
+        self.strict = strict
+        self.max_message_bytes = max_message_bytes
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self.client_keys = client_keys
+        self.worker_keys = worker_keys
+        self.client_keys_dir = client_keys_dir
+        self.worker_keys_dir = worker_keys_dir
+        self.queue_bytes = queue_bytes
+        self.client_queue_size = client_queue_size
+        self.client_queue_bytes = client_queue_bytes
+        self.max_connections_per_key = max_connections_per_key
+        self.worker_input_budget = worker_input_budget
+        self.held_bytes = 0  # input bytes of all tasks held (queued or running)
+        # Numbers of the socket side (the outbox), refreshed by the loop every tick, so that a
+        # STATUS answer shows them without the core reaching into I/O.
+        self.io_status: dict[str, Any] = {}
+        self.max_worker_slots = max_worker_slots
+        self.started_at = now
+        self.now = now
+        self.workers: dict[bytes, WorkerState] = {}
+        self.clients: dict[bytes, ClientState] = {}
+        self.tenants: dict[bytes, Tenant] = {}  # by client key (by routing id without keys)
+        # Every connection seen with a key (fd -> key), registered or not: a revoked key's
+        # connections are cut even if they only ever asked for STATUS.
+        self.connections: dict[int, bytes] = {}
+        self._peer_of_fd: dict[int, bytes] = {}  # fd -> routing id of what registered on it
+        self.messages = 0  # messages from peers handled so far (events.ConnectionClosed.seen)
+        self._serials: Counter[str] = Counter()  # the broker's own names for peers: c1, c2, ...; w1, w2, ...
+        self.tasks: dict[bytes, Task] = {}
+        self.queues = Queues()
+        self.runnables = RunnableStore(runnable_store_bytes)
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        # Workers that take tasks now (not draining, a slot free), by environment: dispatch looks
+        # only here. Insertion order is assignment order, so exact ties go to the least recent.
+        self._free: dict[EnvKey, dict[bytes, WorkerState]] = {}
+        self._workers_by_env: Counter[EnvKey] = Counter()
+        self._out: list[Effect] = []
+        self.peer_log = PeerLog(log)
+
+    @property
+    def queued(self) -> int:
+        return len(self.queues)
+
+    def _warn(self, event: FromPeer, message: str, *args: Any, exc_info: bool = False) -> None:
+        """A warning about bad input, a few per peer (key, or connection) per interval."""
+        if event.key is not None:
+            who: object = event.key
+            label = f"key {fingerprint(event.key)}"
+        else:
+            who = event.fd if event.fd >= 0 else event.peer
+            label = f"connection fd {event.fd}" if event.fd >= 0 else "a peer"
+        self.peer_log.warning(who, label, self.now, message, *args, exc_info=exc_info)
+
+    def _disconnect(self, fd: int) -> None:
+        if fd >= 0:
+            self.counters["connections_cut"] += 1
+            self.connections.pop(fd, None)
+            self._out.append(Disconnect(fd))
+
+    def _next_serial(self, role: str) -> int:
+        self._serials[role] += 1
+        return self._serials[role]
+
+    def _send(self, peer: bytes, frames: list[bytes]) -> None:
+        self._out.append(Send(peer, frames))
+
+    def _expiry(self) -> float:
+        return self.now + P.HEARTBEAT_EXPIRY
