@@ -1,4 +1,4 @@
-"""The broker's slot accounting for batch tasks (issue 11), event by event with no socket: a
+"""The broker's slot accounting for batch tasks (batches travel as batches), event by event with no socket: a
 batch of k items takes min(k, slots) of its worker's slots, so ``busy`` (scheduling, status, the
 autoscaler's calls in flight) counts items, not tasks."""
 

@@ -1,4 +1,4 @@
-"""The codec carries what cloudpickle alone cannot (DESIGN §3), and keeps secrets out of the bytes."""
+"""The codec carries what cloudpickle alone cannot (docs/design.md#serialization), and keeps secrets out of the bytes."""
 
 from __future__ import annotations
 
