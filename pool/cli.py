@@ -1,4 +1,8 @@
-"""The ``runnable-k8s`` command: run a broker or a local pool, inspect it, make keys, benchmark."""
+"""The runnable-k8s command: run a broker or a local pool, inspect it, make keys, benchmark.
+
+Every Kubernetes API call it makes lives in pool/k8s/ (this module only calls functions there), and
+every refusal is printed as one line that says what to do, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,11 @@ import time
 from typing import Any
 
 from worker import defaults
+from worker.command_line import DeprecatedAlias, add_version
+
+DESCRIPTION = ("Run a runnable-k8s broker or a local pool, see a pool's status, make CurveZMQ keys, scale a "
+               "worker Deployment, clean up ephemeral runner Pods, and benchmark. 'runnable-k8s VERB --help' "
+               "tells more about each verb.")
 
 
 def _watch_parent(pid: int, stop: Any) -> None:
@@ -140,9 +149,10 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with LocalPool(workers=args.workers, concurrency=args.concurrency, threads=args.threads, port=args.port,
+    with LocalPool(workers=args.workers, slots=args.slots, threads=args.threads, port=args.port,
                    secure=False if args.insecure else None, log_level=args.log_level) as pool:
-        print(f"local pool with {args.workers} workers at {pool.address}", flush=True)
+        print(f"local pool with {plural(args.workers, 'worker')} x {plural(args.slots, 'slot')} at {pool.address}",
+              flush=True)
         if pool.keys_dir:
             print(f"  use it:  RunnableK8s(bound=..., pool={pool.address!r}, keys={pool.keys_dir!r})", flush=True)
             print(f"       or  export RUNNABLE_K8S_POOL={pool.address} RUNNABLE_K8S_KEYS={pool.keys_dir}", flush=True)
@@ -160,6 +170,11 @@ def cmd_local(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """``1 worker``, ``2 workers``: a count and its noun, in the right number."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -272,40 +287,15 @@ def _print_new_tree(directory: Any, clients: list[str]) -> None:
 
 
 def _create_key_secrets(directory: Any, args: argparse.Namespace, revoked: list[str]) -> int:
-    from kubernetes.client import CoreV1Api
-    from kubernetes.client.rest import ApiException
-
     from pool.errors import RunnableK8sError
-    from pool.k8s.api import api_client, api_error
-    from pool.keys import is_allow_list, key_secret_manifests
+    from pool.k8s.secrets import write_key_secrets
 
-    prefix, namespace = args.k8s_secret, args.namespace
+    prefix = args.k8s_secret
     try:
-        core = CoreV1Api(api_client(args.kubeconfig))
-        manifest: Any  # the client takes a dict as a V1Secret
-        for manifest in key_secret_manifests(directory, prefix):
-            name = manifest["metadata"]["name"]
-            try:
-                core.create_namespaced_secret(namespace, manifest)
-                print(f"  created Secret {namespace}/{name}")
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-                if is_allow_list(manifest):  # an allow-list follows the folder: clients added or revoked
-                    core.replace_namespaced_secret(name, namespace, manifest)
-                    print(f"  replaced Secret {namespace}/{name} (allow-list)")
-                else:
-                    print(f"  kept the existing Secret {namespace}/{name}")
-        for client in revoked:
-            try:
-                core.delete_namespaced_secret(f"{prefix}-client-{client}", namespace)
-                print(f"  deleted Secret {namespace}/{prefix}-client-{client}")
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-    except ApiException as exc:
-        error = api_error(exc, "create or replace", "secrets", namespace, error=RunnableK8sError)
-        print(f"runnable-k8s keys: {error}", file=sys.stderr)
+        write_key_secrets(directory, prefix, args.namespace, revoked=revoked, kubeconfig=args.kubeconfig)
+    except RunnableK8sError as exc:
+        print(f"runnable-k8s keys: {exc}. The keys in {directory} are kept: run the same command again to store "
+              "them", file=sys.stderr)
         return 1
     print(f"  chart: helm install ... --set curve.existingSecret={prefix}  (the broker mounts {prefix}-broker, "
           f"{prefix}-clients, {prefix}-workers; workers {prefix}-worker; a client Pod {prefix}-client-NAME)")
@@ -325,32 +315,29 @@ def cmd_scale(args: argparse.Namespace) -> int:
     except RunnableK8sError as exc:
         print(f"runnable-k8s scale: {exc}", file=sys.stderr)
         return 1
-    print(f"scaled {scaler.describe()} to {args.replicas} replicas")
+    print(f"scaled {scaler.describe()} to {plural(args.replicas, 'replica')}")
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from kubernetes.client import CoreV1Api
-    from kubernetes.client.rest import ApiException
-
-    from pool.ephemeral.k8s_launcher import delete_leftover_runners
     from pool.errors import RunnableK8sError
-    from pool.k8s.api import api_client, api_error
+    from pool.k8s.cleanup import delete_leftover_runner_pods
 
     try:
-        deleted = delete_leftover_runners(CoreV1Api(api_client(args.kubeconfig)), args.namespace, args.older_than,
-                                          owner=args.owner, all_owners=args.all_owners, dry_run=args.dry_run)
-    except ApiException as exc:
-        error = api_error(exc, "list or delete", "pods", args.namespace, error=RunnableK8sError)
-        print(f"runnable-k8s gc: {error}", file=sys.stderr)
+        deleted = delete_leftover_runner_pods(args.namespace, args.older_than, owner=args.owner,
+                                              all_owners=args.all_owners, dry_run=args.dry_run,
+                                              kubeconfig=args.kubeconfig)
+    except RunnableK8sError as exc:
+        print(f"runnable-k8s gc: {exc}", file=sys.stderr)
         return 1
     verb = "would delete" if args.dry_run else "deleted"
     for name in deleted:
         print(f"{verb} {args.namespace}/{name}")
     which = (f"of owner {args.owner}" if args.owner else "of every owner" if args.all_owners
              else "past their own deadline, owner gone")
-    print(f"{len(deleted)} leftover runner Pods {'to delete' if args.dry_run else 'deleted'} ({which}, older than "
-          f"{args.older_than:g}s; Pods labelled runnable-k8s.io/keep=true are never deleted)", file=sys.stderr)
+    print(f"{plural(len(deleted), 'leftover runner Pod')} {'to delete' if args.dry_run else 'deleted'} ({which}, "
+          f"older than {args.older_than:g}s; Pods labelled runnable-k8s.io/keep=true are never deleted)",
+          file=sys.stderr)
     return 0
 
 
@@ -361,16 +348,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="runnable-k8s", description=__doc__)
+    parser = argparse.ArgumentParser(prog="runnable-k8s", description=DESCRIPTION)
+    add_version(parser, "runnable-k8s")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=os.environ.get("RUNNABLE_K8S_LOG_LEVEL", "WARNING"))
+    common.add_argument("--log-level", default=os.environ.get("RUNNABLE_K8S_LOG_LEVEL", "WARNING"), metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING or ERROR, on stderr (env RUNNABLE_K8S_LOG_LEVEL; "
+                             "default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     add = functools.partial(sub.add_parser, parents=[common])
 
     broker = add("broker", help="run a broker in the foreground")
     broker.add_argument("--bind", default=defaults.BROKER_BIND, help="endpoint to listen on (default %(default)s)")
     broker.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
-                        help="the broker's key folder, DIR/broker from `runnable-k8s keys DIR` (DIR itself "
+                        help="the broker's key folder, DIR/broker from 'runnable-k8s keys DIR' (DIR itself "
                              "is accepted)")
     broker.add_argument("--client-keys", metavar="DIR", default=None,
                         help="allow-list: public keys (*.key) that may connect as clients, re-read when it "
@@ -446,9 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="worker processes (default %(default)s)")
     local.add_argument("--threads", type=int, default=defaults.WORKER_THREADS, metavar="N",
                        help="threads for sync code per worker (default %(default)s)")
-    local.add_argument("--concurrency", type=int, default=defaults.WORKER_CONCURRENCY, metavar="N",
-                       help="tasks each worker runs at once (default %(default)s)")
-    local.add_argument("--port", type=int, default=None,
+    local.add_argument("--slots", type=int, default=defaults.WORKER_CONCURRENCY, metavar="N",
+                       help="tasks each worker runs at once: the slots the broker sees (default %(default)s)")
+    local.add_argument("--concurrency", type=int, metavar="N", dest="slots", action=DeprecatedAlias,
+                       replacement="--slots", help="deprecated name of --slots")
+    local.add_argument("--port", type=int, default=None, metavar="PORT",
                        help="listen on tcp://127.0.0.1:PORT with CurveZMQ keys made for this pool (0: any "
                             "free port) instead of the default, an ipc:// socket only this user can open")
     local.add_argument("--insecure", action="store_true",
@@ -457,9 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     local.set_defaults(func=cmd_local)
 
     status = add("status", help="workers, busy slots, queue depth and task counters of a pool")
-    status.add_argument("--pool", help="broker address (default: RUNNABLE_K8S_POOL)")
-    status.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"))
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--pool", metavar="ADDRESS",
+                        help="broker address: ipc://..., tcp://HOST:PORT or k8s://NAMESPACE/RELEASE "
+                             "(default: RUNNABLE_K8S_POOL)")
+    status.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
+                        help="a client's CurveZMQ key folder, DIR/clients/NAME of 'runnable-k8s keys DIR' "
+                             "(default: RUNNABLE_K8S_KEYS)")
+    status.add_argument("--json", action="store_true", help="print the broker's status as JSON, every field")
     status.add_argument("--insecure", action="store_true",
                         help="allow plaintext (no --keys) to a broker that is not on this machine")
     status.add_argument("--connect-timeout", type=float, default=defaults.CONNECT_TIMEOUT, metavar="S",
@@ -471,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(the workers' pair), DIR/clients/NAME (one pair per client; default one client, "
                            "'default'). On an existing tree, --client NAME adds a client and --revoke NAME "
                            "removes one; a running broker re-reads its allow-lists, no restart needed.")
-    keys.add_argument("directory")
+    keys.add_argument("directory", metavar="DIR",
+                      help="the key tree's folder: made when it does not exist, changed with --client/--revoke")
     keys.add_argument("--client", action="append", metavar="NAME",
                       help="a client to make keys for (repeatable; on an existing tree: add it)")
     keys.add_argument("--revoke", action="append", metavar="NAME",
@@ -480,17 +477,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also store the keys as Kubernetes Secrets PREFIX-broker, PREFIX-clients, "
                            "PREFIX-workers, PREFIX-worker and PREFIX-client-NAME (the chart's "
                            "curve.existingSecret=PREFIX); re-running replaces the two allow-lists")
-    keys.add_argument("--namespace", "-n", default="default", help="namespace of the Secrets")
-    keys.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    keys.add_argument("--namespace", "-n", default="default", metavar="NS",
+                      help="namespace of the Secrets (default %(default)s)")
+    keys.add_argument("--kubeconfig", default=None, metavar="PATH",
+                      help="kubeconfig file (default: in-cluster, then KUBECONFIG, then ~/.kube/config)")
     keys.set_defaults(func=cmd_keys)
 
     scale = add("scale", help="set the worker count of a pool's worker Deployment (scale subresource)")
-    scale.add_argument("replicas", type=int, metavar="N")
-    scale.add_argument("--namespace", "-n", default=None, help="default: in-cluster namespace, else 'default'")
+    scale.add_argument("replicas", type=int, metavar="N", help="worker Pods to run (0 stops every worker)")
+    scale.add_argument("--namespace", "-n", default=None, metavar="NS",
+                       help="the Deployment's namespace (default: this Pod's namespace in a cluster, else the "
+                            "kubeconfig context's, else 'default')")
     which = scale.add_mutually_exclusive_group(required=True)
     which.add_argument("--deployment", metavar="NAME", help="the worker Deployment's name")
     which.add_argument("--release", metavar="RELEASE", help="the worker-pool chart release (found by its labels)")
-    scale.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    scale.add_argument("--kubeconfig", default=None, metavar="PATH",
+                       help="kubeconfig file (default: in-cluster, then KUBECONFIG, then ~/.kube/config)")
     scale.set_defaults(func=cmd_scale)
 
     from pool.ephemeral.podspec import KEEP_LABEL, OWNER_LABEL, RUNNER_SELECTOR
@@ -515,11 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
                  f"deadline or owner. Never, in any mode: Pods labelled {KEEP_LABEL}=true "
                  "(k8s_delete_runner_pod=False); delete those with kubectl. Pods are deleted at once "
                  "(grace period 0); --dry-run lists them instead."))
-    gc.add_argument("--namespace", "-n", default="default",
+    gc.add_argument("--namespace", "-n", default="default", metavar="NS",
                     help="the one namespace to clean (default: %(default)s; not the kubeconfig's current one)")
     gc.add_argument("--older-than", type=float, default=defaults.GC_OLDER_THAN, metavar="SECONDS",
                     help="only Pods at least this old (default %(default)s: above the longest default "
-                         "deadline of a runner Pod; `--owner X --older-than 0` takes all of X's Pods now)")
+                         "deadline of a runner Pod; '--owner X --older-than 0' takes all of X's Pods now)")
     owners = gc.add_mutually_exclusive_group()
     owners.add_argument("--owner", default=None, metavar="OWNER",
                         help="only Pods whose runnable-k8s.io/owner label is OWNER (a client process, "
@@ -528,10 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Pods of every owner older than --older-than, even within their deadline or "
                              "with a live owner (this can stop a running call with a long timeout)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
-    gc.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    gc.add_argument("--kubeconfig", default=None, metavar="PATH",
+                    help="kubeconfig file (default: in-cluster, then KUBECONFIG, then ~/.kube/config)")
     gc.set_defaults(func=cmd_gc)
 
-    bench = add("bench", help="compare warm and ephemeral calls, against in-process and bare ZeroMQ")
+    bench = add("bench", help="compare warm and ephemeral calls, against in-process and bare ZeroMQ",
+                description="Measure warm calls (a pool of long-lived workers) and ephemeral calls (a fresh\n"
+                            "worker per call) against the same runnable in-process and against bare ZeroMQ,\n"
+                            "in one run.")
     from pool.bench.arguments import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)

@@ -40,7 +40,7 @@ DRAIN_TIMEOUT = defaults.WORKER_GRACE_PERIOD + STOP_TIMEOUT
 class LocalPool:
     """A broker and ``workers`` worker processes on this machine, reachable only by this user.
 
-    Where it listens, and who can get in (DESIGN §5):
+    Where it listens, and who can get in (docs/design.md#trust-one-pool-is-one-trust-domain):
 
     * ``LocalPool()``: ``ipc://`` on a socket file in a fresh 0700 temporary directory (removed
       by ``close``). Only this user (and root) can open it; any process of this user can use
@@ -60,7 +60,8 @@ class LocalPool:
 
     Args:
         workers: worker processes to start (``scale`` changes it later).
-        concurrency: tasks each worker takes at once (the slots the broker sees).
+        slots: tasks each worker runs at once (the slots the broker sees; ``concurrency=`` is its
+            old name, still accepted with a DeprecationWarning).
         threads: threads for sync code in each worker (awaiting runnables need none).
         port: listen on ``tcp://127.0.0.1:port`` instead of ipc (0: any free port); with keys
             unless ``secure=False``.
@@ -76,7 +77,7 @@ class LocalPool:
         self,
         workers: int = defaults.LOCAL_WORKERS,
         *,
-        concurrency: int = defaults.WORKER_CONCURRENCY,
+        slots: int = defaults.WORKER_CONCURRENCY,
         threads: int = defaults.WORKER_THREADS,
         port: int | None = None,
         secure: bool | None = None,
@@ -86,11 +87,18 @@ class LocalPool:
         log_level: str = "WARNING",
         start_timeout: float = 30.0,
         autoscale: AutoscaleSettings | None = None,
+        concurrency: int | None = None,
     ) -> None:
+        if concurrency is not None:
+            import warnings
+
+            warnings.warn("LocalPool(concurrency=...) is deprecated; use slots= (tasks each worker runs at once)",
+                          DeprecationWarning, stacklevel=2)
+            slots = concurrency
         if workers < 0:
             raise ValueError("workers must be 0 or more")
         self.initial_workers = workers
-        self.concurrency = concurrency
+        self.slots = slots
         self.threads = threads
         self.port = port
         self.secure = secure
@@ -169,6 +177,11 @@ class LocalPool:
         return [p.pid for p in procs]
 
     @property
+    def concurrency(self) -> int:
+        """The old name of ``slots``."""
+        return self.slots
+
+    @property
     def workers(self) -> int:
         return len(self._workers)
 
@@ -198,7 +211,7 @@ class LocalPool:
         from pool.scaling.autoscaler import Autoscaler
 
         if settings.slots_per_worker is None:
-            settings = replace(settings, slots_per_worker=self.concurrency)
+            settings = replace(settings, slots_per_worker=self.slots)
         self.autoscaler = Autoscaler(settings, LocalPoolScaler(self), resync=0).poll(self.status)
 
     def wait_for_workers(self, count: int, timeout: float | None = None) -> None:
@@ -253,7 +266,7 @@ class LocalPool:
     def _spawn_worker(self) -> subprocess.Popen[bytes]:
         command = [
             sys.executable, "-m", "worker", "--connect", self.address,
-            "--concurrency", str(self.concurrency), "--threads", str(self.threads),
+            "--slots", str(self.slots), "--threads", str(self.threads),
             "--exit-with-parent", str(os.getpid()),
             "--log-level", self.log_level,
             *(["--keys", self._worker_keys_dir] if self._worker_keys_dir else []),

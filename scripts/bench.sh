@@ -25,9 +25,9 @@ what=${1:-all}
 
 run_local() {
   "$PY" -m pool bench --modes warm,ephemeral --launcher local --workload echo,io,stream \
-    --concurrency 1,8,64 --ephemeral-max-in-flight 64 --workers 1,2,4 ${EXTRA:-} \
+    --in-flight 1,8,64 --ephemeral-max-in-flight 64 --workers 1,2,4 ${EXTRA:-} \
     --json "$OUT/local.json" --plot "$OUT/local.png" | tee "$OUT/local.txt"
-  "$PY" -m pool bench --modes warm --workload io --concurrency 64,1024 --workers 0 ${EXTRA:-} \
+  "$PY" -m pool bench --modes warm --workload io --in-flight 64,1024 --workers 0 ${EXTRA:-} \
     --json "$OUT/io-1024.json" | tee "$OUT/io-1024.txt"
 }
 
@@ -45,7 +45,7 @@ run_cluster() {
     eval "$("$PY" -m tests.cluster env)"
   fi
   "$PY" -m pool bench --modes ephemeral,warm --launcher kubernetes --image-pull-policy Never \
-    --workload echo,io,stream --concurrency 1,8,64 --ephemeral-max-in-flight 8 --workers 0 --slots 4 ${EXTRA:-} \
+    --workload echo,io,stream --in-flight 1,8,64 --ephemeral-max-in-flight 8 --workers 0 --slots 4 ${EXTRA:-} \
     --json "$OUT/cluster.json" --plot "$OUT/cluster.png" | tee "$OUT/cluster.txt"
 }
 

@@ -19,7 +19,7 @@ from tests.support.paths import REPO
 from tests.support.processes import child_pids
 from tests.support.waiting import wait_for
 
-TINY = ["--calls", "20", "--slow-calls", "5", "--ephemeral-calls", "2", "--concurrency", "1,4",
+TINY = ["--calls", "20", "--slow-calls", "5", "--ephemeral-calls", "2", "--in-flight", "1,4",
         "--workers", "1,2", "--throughput-seconds", "0.3", "--floor-tasks", "200", "--io-latency-ms", "20",
         "--stream-chunks", "4", "--stream-chunk-ms", "1",
         # Few slots: the scaling run keeps twice the slots of its largest pool in flight, which with
@@ -165,7 +165,7 @@ def test_a_real_pod_per_call_on_the_test_cluster(k8s_node, k8s_namespace, tmp_pa
     code = main(["bench", "--modes", "ephemeral", "--launcher", "kubernetes",
                  "--kubeconfig", k8s_node.control_plane.kubeconfig, "--namespace", k8s_namespace,
                  "--image", k8s_node.worker_image, "--image-pull-policy", "Never", "--workload", "echo,stream",
-                 "--calls", "20", "--slow-calls", "5", "--ephemeral-calls", "2", "--concurrency", "1,2",
+                 "--calls", "20", "--slow-calls", "5", "--ephemeral-calls", "2", "--in-flight", "1,2",
                  "--workers", "0", "--no-progress",
                  "--json", str(tmp_path / "k.json"), "--plot", str(tmp_path / "k.png")])
     assert code == 0

@@ -78,10 +78,10 @@ def test_llm_workload_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 @pytest.mark.timeout(180)
 def test_llm_next_to_the_other_workloads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``--workload echo,llm``: the usual table plus the llm section; llm takes the highest --concurrency."""
+    """``--workload echo,llm``: the usual table plus the llm section; llm takes the highest --in-flight."""
     from pool.cli import main
 
-    code = main(["bench", "--modes", "warm", "--workload", "echo,llm", "--calls", "20", "--concurrency", "1,4",
+    code = main(["bench", "--modes", "warm", "--workload", "echo,llm", "--calls", "20", "--in-flight", "1,4",
                  "--throughput-seconds", "0.3", "--floor-tasks", "200", "--workers", "0", "--no-big-runnable",
                  "--llm-calls", "12", "--llm-latency-ms", "10", "--llm-tokens", "3", "--no-progress",
                  "--json", str(tmp_path / "both.json")])

@@ -36,7 +36,7 @@ EVERYTHING_ON: dict[str, Any] = {
                    {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]}]}}}},
     "service": {"type": "ClusterIP", "port": 6000, "annotations": {"team": "llm"}},
     "worker": {
-        "replicas": 3, "concurrency": 16, "gracePeriodSeconds": 90, "terminationGracePeriodSeconds": 120,
+        "replicas": 3, "slots": 16, "gracePeriodSeconds": 90, "terminationGracePeriodSeconds": 120,
         "llmSecretName": "runnable-k8s-ee",
         "extraEnv": [{"name": "LANGSMITH_TRACING", "value": "false"}],
         "extraEnvFrom": [{"configMapRef": {"name": "settings"}}],
@@ -93,8 +93,9 @@ def test_values_yaml_fits_its_own_schema():
 
 BAD_VALUES = {
     "negative replicas": {"worker": {"replicas": -1}},
-    "concurrency not a number": {"worker": {"concurrency": "x"}},
-    "zero concurrency": {"worker": {"concurrency": 0}},
+    "slots not a number": {"worker": {"slots": "x"}},
+    "zero slots": {"worker": {"slots": 0}},
+    "zero slots under the old name": {"worker": {"concurrency": 0}},
     "unknown top-level key": {"workerz": {"replicas": 2}},
     "unknown worker key": {"worker": {"replica": 2}},
     "bad pull policy": {"image": {"pullPolicy": "Sometimes"}},
@@ -204,7 +205,7 @@ def test_defaults_render_a_keyed_pool_with_meaningful_probes(helm_bin, tmp_path)
     assert worker["spec"]["replicas"] == 2
     assert w["command"][:4] == ["python", "-m", "worker", "--connect=tcp://rel-worker-pool-broker.team-a.svc:5555"]
     # The programs' own defaults (worker/defaults.py; tests/test_defaults.py checks values.yaml agrees).
-    assert f"--concurrency={defaults.WORKER_CONCURRENCY}" in w["command"]
+    assert f"--slots={defaults.WORKER_CONCURRENCY}" in w["command"]
     assert f"--threads={defaults.WORKER_THREADS}" in w["command"] and "--health-dir=/tmp/health" in w["command"]
     assert w["readinessProbe"]["exec"]["command"] == ["test", "-f", "/tmp/health/ready"]
     assert w["livenessProbe"]["exec"]["command"] == [
@@ -328,7 +329,7 @@ def test_every_optional_feature_renders_as_configured(helm_bin, tmp_path):
     # Workers: LLM keys from the Secret, extra env, scheduling, drain time.
     assert w["envFrom"] == [{"secretRef": {"name": "runnable-k8s-ee"}}, {"configMapRef": {"name": "settings"}}]
     assert {"name": "LANGSMITH_TRACING", "value": "false"} in w["env"]
-    assert "--concurrency=16" in w["command"] and "--grace-period=90" in w["command"]
+    assert "--slots=16" in w["command"] and "--grace-period=90" in w["command"]
     assert "--connect=tcp://rel-worker-pool-broker.team-a.svc:6000" in w["command"]
     spec = worker["spec"]["template"]["spec"]
     assert spec["terminationGracePeriodSeconds"] == 120
@@ -353,6 +354,15 @@ def test_every_optional_feature_renders_as_configured(helm_bin, tmp_path):
                                     {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
     # The helm test Pod is a labelled client, so it passes the policy.
     assert one(docs, "Pod")["metadata"]["labels"]["llm-client"] == "yes"
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_worker_concurrency_the_old_name_of_worker_slots_still_sets_the_slots(helm_bin, tmp_path):
+    old = container(one(render(helm_bin, tmp_path, {"worker": {"concurrency": 7}}), "Deployment", "worker"))
+    assert "--slots=7" in old["command"] and not any(a.startswith("--concurrency") for a in old["command"])
+    new = container(one(render(helm_bin, tmp_path, {"worker": {"slots": 9}}), "Deployment", "worker"))
+    assert "--slots=9" in new["command"]
 
 
 @pytest.mark.cluster

@@ -1,5 +1,6 @@
 """`runnable-k8s keys DIR --k8s-secret PREFIX`: the keys as the Secrets the chart mounts, one per
-role, so that no Pod is given a secret that is not its own (issue 10, finding 3)."""
+role, so that no Pod is given a secret that is not its own (a worker Pod never holds the broker's
+secret key, a client Pod never the workers')."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def wait_until_gone(pids: list[int], timeout: float) -> list[int]:
 
 @pytest.mark.timeout(30)
 def test_a_local_pool_leaves_no_process_behind_after_a_normal_exit():
-    with LocalPool(workers=2, concurrency=1) as pool:
+    with LocalPool(workers=2, slots=1) as pool:
         pids = pool.pids
         assert len(pids) == 3  # the broker and two workers
         assert remote(pool, worker_pid).invoke(None) in pids
@@ -68,7 +68,7 @@ def test_a_local_pool_leaves_no_process_behind_after_a_normal_exit():
 @pytest.mark.timeout(30)
 def test_a_local_pool_leaves_no_process_behind_when_its_block_raises():
     pids: list[int] = []
-    with pytest.raises(RuntimeError, match="boom"), LocalPool(workers=2, concurrency=1) as pool:
+    with pytest.raises(RuntimeError, match="boom"), LocalPool(workers=2, slots=1) as pool:
         pids = pool.pids
         assert remote(pool, worker_pid).invoke(None) in pids
         raise RuntimeError("boom")
@@ -82,7 +82,7 @@ def test_workers_and_broker_leave_by_themselves_when_the_process_that_started_th
     script = textwrap.dedent("""
         import json, os, sys
         from pool import LocalPool
-        pool = LocalPool(workers=2, concurrency=1).start()
+        pool = LocalPool(workers=2, slots=1).start()
         print(json.dumps(pool.pids), flush=True)
         os._exit(0)
     """)
@@ -107,7 +107,7 @@ def live_worker_pids(pool: LocalPool) -> set[int]:
 
 @pytest.mark.timeout(45)
 def test_scaling_to_three_then_back_to_one_keeps_calls_working():
-    with LocalPool(workers=1, concurrency=2) as pool:
+    with LocalPool(workers=1, slots=2) as pool:
         first = set(pool.pids[1:])
         pool.scale(3)
         assert pool.workers == 3
@@ -140,7 +140,7 @@ def test_scaling_rejects_a_negative_worker_count():
 @pytest.mark.timeout(45)
 def test_a_worker_sigtermed_mid_task_finishes_it_takes_no_new_task_and_exits_zero(tmp_path):
     marker = str(tmp_path / "started")
-    with LocalPool(workers=2, concurrency=2) as pool:
+    with LocalPool(workers=2, slots=2) as pool:
         outcome: list[Any] = []
 
         def caller() -> None:

@@ -1,7 +1,7 @@
-"""``python -m worker``: the program every worker Pod (and every local-pool worker) runs.
+"""python -m worker: the program every worker Pod (and every local-pool worker) runs.
 
-    python -m worker --connect tcp://broker:5555 --concurrency 8    # warm: pull tasks from a broker
-    python -m worker --stdio                                         # one task on stdin/stdout
+    python -m worker --connect tcp://broker:5555 --slots 8    # warm: pull tasks from a broker
+    python -m worker --stdio                                   # one task on stdin/stdout
 """
 
 from __future__ import annotations
@@ -14,10 +14,15 @@ import sys
 # Only the defaults here: the warm loop (worker.warm) is imported by the warm path alone, so a
 # one-shot --stdio worker (a Pod per ephemeral call) does not pay for it.
 from worker import defaults
+from worker.command_line import DeprecatedAlias, add_version
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+def _env_int(name: str, default: int, *old_names: str) -> int:
+    """The environment's value of ``name`` (or of an older name of it), else ``default``."""
+    for key in (name, *old_names):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return default
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,20 +32,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--connect", metavar="ADDRESS", default=os.environ.get("RUNNABLE_K8S_BROKER"),
                       help=f"broker address, e.g. {defaults.BROKER_BIND} (env RUNNABLE_K8S_BROKER)")
     mode.add_argument("--stdio", action="store_true", help="run one task read from stdin (ephemeral mode)")
-    parser.add_argument("--concurrency", type=int,
-                        default=_env_int("RUNNABLE_K8S_CONCURRENCY", defaults.WORKER_CONCURRENCY),
-                        help="tasks this worker takes at once: the slots the broker sees. Runnables that await "
+    parser.add_argument("--slots", type=int, metavar="N",
+                        default=_env_int("RUNNABLE_K8S_SLOTS", defaults.WORKER_CONCURRENCY, "RUNNABLE_K8S_CONCURRENCY"),
+                        help="tasks this worker runs at once: the slots the broker sees. Runnables that await "
                              "(chat models, retrievers, graphs) wait on one event loop, so hundreds fit "
-                             "(env RUNNABLE_K8S_CONCURRENCY; default %(default)s)")
+                             "(env RUNNABLE_K8S_SLOTS; default %(default)s)")
+    parser.add_argument("--concurrency", type=int, metavar="N", dest="slots", action=DeprecatedAlias,
+                        replacement="--slots", help="deprecated name of --slots")
     parser.add_argument("--threads", type=int, default=_env_int("RUNNABLE_K8S_THREADS", defaults.WORKER_THREADS),
+                        metavar="N",
                         help="threads for sync code; sync tasks beyond them wait in the worker "
                              "(env RUNNABLE_K8S_THREADS; default %(default)s)")
-    parser.add_argument("--cache-size", type=int, default=defaults.WORKER_CACHE_SIZE,
+    parser.add_argument("--cache-size", type=int, default=defaults.WORKER_CACHE_SIZE, metavar="N",
                         help="deserialized runnables kept warm (default %(default)s)")
-    parser.add_argument("--grace-period", type=float, default=defaults.WORKER_GRACE_PERIOD,
+    parser.add_argument("--grace-period", type=float, default=defaults.WORKER_GRACE_PERIOD, metavar="S",
                         help="seconds to finish running tasks after SIGTERM (default %(default)s)")
     parser.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
-                        help="the workers' CurveZMQ key folder, DIR/worker of `runnable-k8s keys DIR` "
+                        help="the workers' CurveZMQ key folder, DIR/worker of 'runnable-k8s keys DIR' "
                              "(worker.key, worker.key_secret, broker.key)")
     parser.add_argument("--insecure", action="store_true",
                         default=os.environ.get("RUNNABLE_K8S_INSECURE", "") not in ("", "0"),
@@ -49,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--health-dir", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_HEALTH_DIR"),
                         help="keep DIR/alive (touched every second) and DIR/ready (while registered) for probes")
     parser.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default=os.environ.get("RUNNABLE_K8S_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get("RUNNABLE_K8S_LOG_LEVEL", "INFO"), metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING or ERROR (env RUNNABLE_K8S_LOG_LEVEL; default %(default)s)")
+    add_version(parser, "python -m worker")
     args = parser.parse_args(argv)
     if not args.stdio and not args.connect:
         parser.error("pass --connect ADDRESS (or set RUNNABLE_K8S_BROKER) for a warm worker, or --stdio")
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             from worker.curve import load_peer_keys
 
             keys = load_peer_keys(args.keys, "worker")
-        worker = WarmWorker(args.connect, concurrency=args.concurrency, threads=args.threads,
+        worker = WarmWorker(args.connect, slots=args.slots, threads=args.threads,
                             cache_size=args.cache_size,
                             grace_period=args.grace_period, keys=keys, exit_with_parent=args.exit_with_parent,
                             health_dir=args.health_dir, insecure=args.insecure)

@@ -116,7 +116,7 @@ class WarmWorker:
         self,
         address: str,
         *,
-        concurrency: int = defaults.WORKER_CONCURRENCY,
+        slots: int = defaults.WORKER_CONCURRENCY,
         threads: int = defaults.WORKER_THREADS,
         cache_size: int = defaults.WORKER_CACHE_SIZE,
         grace_period: float = defaults.WORKER_GRACE_PERIOD,
@@ -124,15 +124,24 @@ class WarmWorker:
         exit_with_parent: int | None = None,
         health_dir: str | None = None,
         insecure: bool = False,
+        concurrency: int | None = None,
     ) -> None:
-        # Plaintext only to this machine unless told otherwise (DESIGN §5): checked before any socket.
+        """``slots``: tasks this worker runs at once, the slots the broker sees (``concurrency`` is
+        its old name, still accepted with a DeprecationWarning)."""
+        if concurrency is not None:
+            import warnings
+
+            warnings.warn("WarmWorker(concurrency=...) is deprecated; use slots=", DeprecationWarning, stacklevel=2)
+            slots = concurrency
+        # Plaintext only to this machine unless told otherwise
+        # (docs/design.md#trust-one-pool-is-one-trust-domain): checked before any socket.
         refusal = transport.plaintext_refusal(address, keys, insecure, "this worker", "--insecure")
         if refusal is not None:
             raise ValueError(refusal)
-        if concurrency < 1 or threads < 1:
-            raise ValueError("--concurrency and --threads must be 1 or more")
+        if slots < 1 or threads < 1:
+            raise ValueError("--slots and --threads must be 1 or more")
         self.address = address
-        self.concurrency = concurrency
+        self.slots = slots
         self.grace_period = grace_period
         self.keys = keys
         self.exit_with_parent = exit_with_parent
@@ -144,13 +153,15 @@ class WarmWorker:
         # Draining ends only once the broker has surely stopped sending tasks: see _fence.
         self._fenced = False
         self._ready_sent_at: float | None = None  # a READY the broker has not answered yet
+        self._welcomed = False  # a broker has answered once: a silence later is a lost broker, not a wrong address
+        self._unanswered_sessions = 0
         self.exit_code: int | None = None
         self._drain_requested = False
         self._broker_context = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._replies = ReplyQueue()
         # No more threads than slots: a worker never has more sync tasks than it has slots.
-        self.runner = TaskRunner(min(threads, concurrency), self.cache, self._replies)
+        self.runner = TaskRunner(min(threads, slots), self.cache, self._replies)
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_r, False)
         os.set_blocking(self._wakeup_w, False)
@@ -276,13 +287,38 @@ class WarmWorker:
                 if self.draining_since is not None:
                     self._check_drained(now)
                 if now > broker_expiry and self.exit_code is None:
-                    log.warning("lost the broker at %s; reconnecting", self.address)
+                    self._log_silence()
                     self.health.ready(False)
                     self._abandon_all()  # their clients were told by the broker (or lost it too)
                     return
         finally:
             sock.close(linger=0 if self.exit_code is None else FAREWELL_LINGER_MS)
             self._socket = None
+
+    def _log_silence(self) -> None:
+        """Say why no broker answers. A worker that was never welcomed most likely has a wrong
+        address, no broker behind it yet, or keys the broker does not accept (a CurveZMQ
+        handshake it refuses looks like silence): say what to check, not that it was lost."""
+        if self._welcomed:
+            log.warning("lost the broker at %s; reconnecting", self.address)
+            return
+        self._unanswered_sessions += 1
+        if self._unanswered_sessions == 1:
+            log.warning(
+                "could not reach the broker at %s: nothing answered within %.0fs. Check that a broker runs "
+                "there (runnable-k8s broker, or the chart's broker Pod), that the address and port are right "
+                "and reachable from here, and that %s; retrying every few seconds",
+                self.address, P.HEARTBEAT_EXPIRY,
+                "this worker's keys (--keys DIR/worker) are the ones the broker allows" if self.keys
+                else "the broker does not expect keys (it was started without --keys)")
+        else:
+            log.warning("still could not reach the broker at %s (%d tries); retrying",
+                        self.address, self._unanswered_sessions)
+
+    @property
+    def concurrency(self) -> int:
+        """The old name of ``slots``."""
+        return self.slots
 
     def _read_wakeups(self) -> None:
         try:
@@ -329,7 +365,8 @@ class WarmWorker:
         self._send([P.PROTOCOL, P.READY, P.encode_json(self._environment())])
 
     def _environment(self) -> dict[str, Any]:
-        environment = {**P.environment(), "pid": os.getpid(), "concurrency": self.concurrency,
+        # "concurrency" is the READY field's name in the wire protocol: the slots this worker offers.
+        environment = {**P.environment(), "pid": os.getpid(), "concurrency": self.slots,
                        "cache_size": self.cache.max_items}
         limit = memory_limit()
         if limit is not None:  # the broker keeps the inputs it sends here within a share of it
@@ -384,6 +421,7 @@ class WarmWorker:
             info = P.decode_json_object(body[0])
             self.runner.max_message_bytes = int(info.get("max_message_bytes", self.runner.max_message_bytes))
             log.info("connected to broker %s", self.address)
+            self._welcomed = True
             self.health.ready(self.draining_since is None)
         elif command == P.STATUS:
             self._fenced = True

@@ -1,6 +1,6 @@
-"""The ``runnable-k8s bench`` command line, apart from the bench itself.
+"""The runnable-k8s bench command line, apart from the bench itself.
 
-``runnable-k8s`` builds every subcommand's parser at start; keeping these definitions free of
+runnable-k8s builds every subcommand's parser at start; keeping these definitions free of
 LangChain (and of the bench's workloads) lets ``runnable-k8s broker`` start in a fraction of a
 second, which is also how fast a crashed broker is back.
 """
@@ -12,14 +12,47 @@ from collections.abc import Callable
 from typing import Any
 
 from worker import defaults
+from worker.command_line import DeprecatedAlias
 
 # The bench's defaults live here, with the command line, so that this module stays free of
 # LangChain (the bench reads them from the parsed arguments).
 DEFAULT_WORKLOADS = ("echo", "io", "stream")
-LLM_DEFAULT_IN_FLIGHT = 1000  # calls in flight when the llm workload runs and --concurrency was not given
+LLM_DEFAULT_IN_FLIGHT = 1000  # calls in flight when the llm workload runs and --in-flight was not given
 DEFAULT_IMAGE = defaults.EPHEMERAL_IMAGE
 
 MODES = ("warm", "ephemeral")
+
+# --quick: the warm pool and the bare floor on echo and io, in well under a minute on a 2-core
+# machine; each value only replaces a flag still at its default, so `--quick --calls 2000` works.
+QUICK = {"modes": ["warm"], "workload": ["echo", "io"], "calls": 300, "slow_calls": 20, "in_flight": [1, 16],
+         "throughput_seconds": 1.0, "floor_tasks": 2000, "workers": [0], "no_big_runnable": True}
+
+EXAMPLES = """examples:
+  runnable-k8s bench --quick
+      warm calls against the bare ZeroMQ floor and in-process, echo and io, in under a minute
+  runnable-k8s bench --plot bench.png --json bench.json
+      the whole comparison (warm, ephemeral, echo/io/stream, scaling) with a picture, a few minutes
+  runnable-k8s bench --modes warm --workload io --in-flight 64,1024 --workers 0
+      warm throughput with many calls in flight
+  runnable-k8s bench --pool k8s://NAMESPACE/RELEASE --modes warm
+      a pool on a cluster instead of a LocalPool started here
+"""
+
+
+class Quick(argparse.Action):
+    """``--quick``: sets the QUICK values of the flags still at their defaults (flags given before or
+    after it keep their values)."""
+
+    def __init__(self, option_strings: Any, dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, True)
+        for name, value in QUICK.items():
+            default = parser.get_default(name)  # a deprecated alias's SUPPRESS stands for None
+            if getattr(namespace, name, None) == (None if default == argparse.SUPPRESS else default):
+                setattr(namespace, name, value)
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -33,7 +66,12 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``runnable-k8s bench``."""
+    """The options of runnable-k8s bench, and its examples, shown by --help before the options."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the examples keep their lines
+    parser.description = f"{parser.description or ''}\n\n{EXAMPLES}".strip()
+    parser.add_argument("--quick", action=Quick,
+                        help="a short run (under a minute): warm mode and the bare floor, echo and io workloads, "
+                             "fewer calls; flags given as well keep their values")
     what = parser.add_argument_group("what to measure")
     what.add_argument("--modes", type=_csv(str), default=list(MODES), metavar="warm,ephemeral",
                       help="modes to compare (default: both)")
@@ -49,15 +87,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="sequential warm calls per io/stream latency figure (default 100)")
     what.add_argument("--ephemeral-calls", type=int, default=10, metavar="N",
                       help="sequential ephemeral calls per latency figure, and the independent calls of each "
-                           "ephemeral throughput run (at least the concurrency); after each call of the first "
+                           "ephemeral throughput run (at least --in-flight); after each call of the first "
                            "workload, one run of each of ephemeral mode's floors (a bare Python + "
                            "langchain_core start; the same running a RunnableLambda; with --launcher "
                            "kubernetes a minimal Pod's create -> Running); default 10")
-    what.add_argument("--concurrency", type=_csv(int), default=None, metavar="1,8,64",
+    what.add_argument("--in-flight", type=_csv(int), default=None, metavar="1,8,64",
                       help="calls in flight for the throughput figures (default 1,8,64); the llm workload "
                            "uses the highest (default 1000, see --llm-in-flight)")
+    what.add_argument("--concurrency", type=_csv(int), metavar="1,8,64", dest="in_flight", action=DeprecatedAlias,
+                      replacement="--in-flight", help="deprecated name of --in-flight")
     what.add_argument("--ephemeral-max-in-flight", type=int, default=8, metavar="N",
-                      help="skip ephemeral throughput runs above this concurrency (a Pod or a Python process "
+                      help="skip ephemeral throughput runs above this many calls in flight (a Pod or a Python process "
                            "per call in flight); default 8")
     what.add_argument("--throughput-seconds", type=float, default=2.0, metavar="S",
                       help="how long each warm throughput run keeps its calls in flight (default 2)")
@@ -67,13 +107,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="scaling run: io throughput against this many warm workers (local pool only); "
                            "'0' skips it")
     what.add_argument("--scaling-in-flight", type=int, default=None, metavar="N",
-                      help="calls in flight in the scaling run (default: the larger of the highest --concurrency "
+                      help="calls in flight in the scaling run (default: the larger of the highest --in-flight "
                            "and twice the slots of the most workers)")
     what.add_argument("--payload-bytes", type=int, default=100, metavar="N",
                       help="size of each call's input (bytes; echo and io return it); default 100")
     what.add_argument("--io-latency-ms", type=float, default=50.0, metavar="MS",
                       help="latency of the io workload's fake LLM call (default 50)")
-    what.add_argument("--stream-chunks", type=int, default=20, metavar="N")
+    what.add_argument("--stream-chunks", type=int, default=20, metavar="N",
+                      help="chunks the stream workload's fake chat model yields per call (default 20)")
     what.add_argument("--stream-chunk-ms", type=float, default=2.0, metavar="MS",
                       help="gap between streamed chunks (the first comes at once); default 2")
     what.add_argument("--llm-latency-ms", type=float, default=500.0, metavar="MS",
@@ -83,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--llm-tokens", type=int, default=20, metavar="N",
                       help="llm workload: tokens streamed, spread evenly over the call's latency; default 20")
     what.add_argument("--llm-in-flight", type=int, default=None, metavar="N",
-                      help="llm workload: calls in flight (default: the highest --concurrency when given, "
+                      help="llm workload: calls in flight (default: the highest --in-flight when given, "
                            f"else {LLM_DEFAULT_IN_FLIGHT})")
     what.add_argument("--llm-calls", type=int, default=None, metavar="N",
                       help="llm workload: streamed calls per run (default twice the calls in flight)")
@@ -103,10 +144,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eph = parser.add_argument_group("ephemeral mode")
     eph.add_argument("--launcher", choices=("local", "kubernetes"), default="local",
                      help="local: a subprocess per call; kubernetes: a real Pod per call (default local)")
-    eph.add_argument("--kubeconfig", metavar="PATH", help="default: KUBECONFIG, then ~/.kube/config")
-    eph.add_argument("--namespace", default="default")
+    eph.add_argument("--kubeconfig", metavar="PATH",
+                     help="kubeconfig for --launcher kubernetes (default: KUBECONFIG, then ~/.kube/config)")
+    eph.add_argument("--namespace", default="default", metavar="NS",
+                     help="namespace of the runner Pods of --launcher kubernetes (default %(default)s)")
     eph.add_argument("--image", default=DEFAULT_IMAGE, help=f"worker image (default {DEFAULT_IMAGE})")
-    eph.add_argument("--image-pull-policy", default=None, choices=("Always", "IfNotPresent", "Never"))
+    eph.add_argument("--image-pull-policy", default=None, choices=("Always", "IfNotPresent", "Never"),
+                     help="imagePullPolicy of the runner Pods (default: Kubernetes' own, from the image tag)")
     eph.add_argument("--secret", default=None, metavar="NAME",
                      help="Secret passed to runner Pods with envFrom (default none: the workloads need no keys)")
 

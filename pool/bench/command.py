@@ -1,11 +1,11 @@
-"""``runnable-k8s bench``: warm pool against a fresh worker per call, measured in one run.
+"""runnable-k8s bench: warm pool against a fresh worker per call, measured in one run.
 
 For each mode (``warm``: a pool of long-lived workers; ``ephemeral``: a fresh one-shot worker per
 call, a local subprocess or a real Pod) and each workload of :mod:`pool.bench.workloads`, it
 measures
 
 * latency p50/p95/p99 of single sequential calls (and, for ``stream``, the time to first chunk);
-* throughput at each ``--concurrency`` (calls in flight);
+* throughput at each ``--in-flight`` (calls in flight);
 * overhead over running the same runnable in-process (measured in the same run);
 
 and, in the same run, the bare pyzmq floor of :mod:`pool.bench.measure` (``BareFloor``), a scaling run of
@@ -33,6 +33,7 @@ from langchain_core.runnables import Runnable, RunnableLambda
 from pool.bench import ephemeral_floor, llm, soak, workloads
 from pool.bench.arguments import LLM_DEFAULT_IN_FLIGHT, MODES, add_arguments  # noqa: F401 - add_arguments: the old import path
 from pool.bench.measure import BareFloor, cpu_model, environment, memory_gb, percentiles, time_calls, timed_samples
+from pool.bench.report import plural
 from pool.client.runnable import RunnableK8s
 from pool.local import LocalPool
 
@@ -212,8 +213,8 @@ class Bench:
         if self.llm and "warm" not in self.modes:
             print("runnable-k8s bench: the llm workload runs in warm mode only (1,000 calls in flight); "
                   "skipped", file=sys.stderr)
-        self.concurrency = sorted(set(args.concurrency or [1, 8, 64]))
-        self.llm_in_flight = args.llm_in_flight or (max(args.concurrency) if args.concurrency
+        self.concurrency = sorted(set(args.in_flight or [1, 8, 64]))  # calls in flight, one figure each
+        self.llm_in_flight = args.llm_in_flight or (max(args.in_flight) if args.in_flight
                                                     else LLM_DEFAULT_IN_FLIGHT)
         self.llm_calls = args.llm_calls or 2 * self.llm_in_flight
         self.scaling = sorted({n for n in args.workers if n > 0})
@@ -271,7 +272,7 @@ class Bench:
         a = self.args
         floor = BareFloor(a.pool_workers, slots=16)
         try:
-            with progress.step(f"bare pyzmq floor: latency, {a.pool_workers} workers") as tick:
+            with progress.step(f"bare pyzmq floor: latency, {plural(a.pool_workers, 'worker')}") as tick:
                 samples = timed_samples(floor.call, a.calls, 50, tick)
                 result: dict[str, Any] = _summary(samples)
             with progress.step("bare pyzmq floor: throughput") as tick:
@@ -302,7 +303,7 @@ class Bench:
         if a.pool:
             yield a.pool, {"address": a.pool, "local": False}
             return
-        with LocalPool(workers=workers, concurrency=a.slots) as pool:
+        with LocalPool(workers=workers, slots=a.slots) as pool:
             yield pool.address, {"address": pool.address, "local": True, "workers": workers, "slots": a.slots}
 
     def _big_runnable(self, address: str, tick: Callable[[str], None]) -> dict[str, Any]:
@@ -395,11 +396,11 @@ class Bench:
                 with progress.step(f"{mode} {workload}: throughput, {c} in flight") as tick:
                     if ephemeral:
                         tasks = max(a.ephemeral_calls, c)
-                        tick(f"{tasks} calls")
+                        tick(plural(tasks, "call"))
                         by_conc[str(c)] = round(_threads_throughput(remote, self.payload, c, tasks), 3)
                     else:
                         rate, done = asyncio.run(_throughput_for(remote, self.payload, c, a.throughput_seconds))
-                        tick(f"{done} calls")
+                        tick(plural(done, "call"))
                         by_conc[str(c)] = round(rate, 1)
             figures["throughput_by_concurrency"] = by_conc
             measured = [float(v) for v in by_conc.values() if v is not None]
@@ -439,11 +440,11 @@ class Bench:
         in_flight = a.scaling_in_flight or max(max(self.concurrency), 2 * max(self.scaling) * a.slots)
         throughput: dict[str, float] = {}
         for n in self.scaling:
-            with progress.step(f"scaling: io throughput with {n} warm worker(s)") as tick, \
-                    LocalPool(workers=n, concurrency=a.slots) as pool:
+            with progress.step(f"scaling: io throughput with {plural(n, 'warm worker')}") as tick, \
+                    LocalPool(workers=n, slots=a.slots) as pool:
                 remote = RunnableK8s(bound=self.runnable("io"), pool=pool.address, mode="warm", timeout=120)
                 rate, done = asyncio.run(_throughput_for(remote, self.payload, in_flight, a.throughput_seconds))
-                tick(f"{done} calls")
+                tick(plural(done, "call"))
                 throughput[str(n)] = round(rate, 1)
         ideal_per_worker = a.slots / (a.io_latency_ms / 1000)
         result: dict[str, Any] = {
@@ -497,7 +498,9 @@ class Bench:
             "command": "runnable-k8s bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         })
         if "ephemeral" in self.modes and self.args.launcher == "kubernetes":
-            env["kubernetes"] = _cluster_info(self.args.kubeconfig or os.environ.get("KUBECONFIG"))
+            from pool.k8s.cluster import cluster_info
+
+            env["kubernetes"] = cluster_info(self.args.kubeconfig or os.environ.get("KUBECONFIG"))
         return env
 
     def settings(self) -> dict[str, Any]:
@@ -586,7 +589,9 @@ def summarize(results: dict[str, Any]) -> None:
     results["goals"] = goals
 
 
-# Ephemeral mode's goal (issue 11): a call's p50 within 1.3 x its floor measured in the same run.
+# Ephemeral mode's goal: a call's p50 within 1.3 x its floor (a bare Python start locally, a minimal
+# Pod's start on Kubernetes) measured in the same run, so a fresh worker per call costs little more
+# than starting any process or Pod does.
 EPHEMERAL_FLOOR_GOAL = 1.3
 
 
@@ -603,7 +608,7 @@ def ephemeral_floor_ratios(ephemeral: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ephemeral_floor_goal(ratios: dict[str, Any], launcher: str | None) -> dict[str, Any] | None:
-    """Echo p50 over the floor the issue names: the bare start (local), the minimal Pod (kubernetes)."""
+    """Echo p50 over the floor it is held to: the bare start (local), the minimal Pod (kubernetes)."""
     key = ("ephemeral_p50_over_minimal_pod_start" if launcher == "kubernetes"
            else "ephemeral_p50_over_bare_python_start")
     by_workload = ratios.get(key, {})
@@ -613,23 +618,6 @@ def _ephemeral_floor_goal(ratios: dict[str, Any], launcher: str | None) -> dict[
     measured = by_workload[workload]
     return {"workload": workload, "launcher": launcher, "measured": measured, "goal": EPHEMERAL_FLOOR_GOAL,
             "compare": "<=", "met": measured <= EPHEMERAL_FLOOR_GOAL}
-
-
-def _cluster_info(kubeconfig: str | None) -> dict[str, Any]:
-    try:
-        from kubernetes import client
-
-        from pool.k8s.api import api_client
-
-        api = api_client(kubeconfig)
-        version = client.VersionApi(api).get_code()
-        nodes = client.CoreV1Api(api).list_node().items
-        info = nodes[0].status.node_info if nodes and nodes[0].status else None
-        return {"server_version": version.git_version, "nodes": len(nodes),
-                "container_runtime": info.container_runtime_version if info else None,
-                "kubelet": info.kubelet_version if info else None}
-    except Exception as exc:  # noqa: BLE001 - the environment block is informative only
-        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,29 @@ def _ephemeral_label(results: dict[str, Any]) -> str:
     return "ephemeral (a Pod per call)" if launcher == "kubernetes" else "ephemeral (a process per call)"
 
 
+def plural(count: Any, noun: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{count} {noun if count == 1 else noun + 's'}"
+
+
+def _warm_where(results: dict[str, Any]) -> str:
+    """Where the warm pool ran: a LocalPool of this host, even when ephemeral mode's Pods ran on a
+    cluster (the bench's default), or the pool it was given."""
+    modes = results.get("modes", {})
+    pool = modes.get("warm", {}).get("pool", {}) or (results.get("llm") or {}).get("pool", {})
+    if not pool:
+        return "no warm pool"
+    if pool.get("local"):
+        return (f"LocalPool on this host ({plural(pool.get('workers'), 'worker')} x "
+                f"{plural(pool.get('slots'), 'slot')})")
+    return f"pool {pool.get('address')}"
+
+
+def _ephemeral_where(results: dict[str, Any]) -> str:
+    launcher = results["modes"].get("ephemeral", {}).get("launcher", "local")
+    return "a Pod per call on the cluster" if launcher == "kubernetes" else "a process per call on this host"
+
+
 def _fmt(value: float | None, width: int = 9) -> str:
     if value is None:
         return f"{'-':>{width}}"
@@ -51,9 +74,7 @@ def format_table(results: dict[str, Any]) -> str:
     modes = results["modes"]
     in_process = results["in_process"]["workloads"]
     lines = []
-    warm_pool = modes.get("warm", {}).get("pool", {}) or (results.get("llm") or {}).get("pool", {})
-    pool_text = (f"LocalPool({warm_pool.get('workers')} workers x {warm_pool.get('slots')} slots)"
-                 if warm_pool.get("local") else f"pool {warm_pool.get('address')}") if warm_pool else "no warm pool"
+    pool_text = _warm_where(results)
     lines.append(f"runnable-k8s bench: {', '.join(modes) or 'llm workload, warm'}; warm = {pool_text}; "
                  f"ephemeral launcher = {settings.get('launcher')}; payload {settings.get('payload_bytes')} B")
     lines.append(f"machine: {env.get('cpus')} CPUs ({env.get('cpu_model')}), Python {env.get('python')}, "
@@ -143,7 +164,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"scaling: io workload ({scaling['io_latency_ms']:g} ms), {scaling['in_flight']} in flight, "
                      f"{scaling['slots_per_worker']} slots per worker")
         for n in scaling["workers"]:
-            lines.append(f"  {n} worker(s): {_fmt(scaling['throughput_by_workers'][str(n)]).strip()} calls/s "
+            lines.append(f"  {plural(n, 'worker')}: {_fmt(scaling['throughput_by_workers'][str(n)]).strip()} calls/s "
                          f"(ideal {_fmt(scaling['ideal_by_workers'][str(n)]).strip()})")
         lines.append("")
 
@@ -209,7 +230,8 @@ def plot(results: dict[str, Any], path: str) -> None:
     env = results.get("environment", {})
     settings = results.get("settings", {})
     fig.suptitle(
-        f"runnable-k8s bench: warm pool vs {_ephemeral_label(results)}  |  {env.get('cpus')} CPUs, "
+        f"runnable-k8s bench: warm ({_warm_where(results)}) vs ephemeral ({_ephemeral_where(results)})  |  "
+        f"{env.get('cpus')} CPUs, "
         f"Python {env.get('python')}, {env.get('started_at', '')[:16].replace('T', ' ')} UTC  |  "
         f"payload {settings.get('payload_bytes')} B, io {settings.get('io_latency_ms'):g} ms",
         fontsize=13, fontweight="bold")
@@ -219,10 +241,9 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 def _series_label(series: str, results: dict[str, Any]) -> str:
     if series == "ephemeral":
-        return _ephemeral_label(results)
+        return f"ephemeral: {_ephemeral_where(results)}"
     if series == "warm":
-        pool = results["modes"].get("warm", {}).get("pool", {})
-        return f"warm ({pool.get('workers')} workers)" if pool.get("local") else "warm"
+        return f"warm: {_warm_where(results)}"
     return series
 
 
@@ -355,7 +376,7 @@ def _throughput_panel(ax: Any, results: dict[str, Any]) -> None:
         ax.set_xlim(min(concurrency) / 1.5, max(concurrency) * 3)
     ax.set_xlabel("calls in flight")
     ax.set_ylabel("calls per second (log scale)")
-    ax.set_title("Throughput against concurrency (colour = mode, line style = workload)", fontsize=11)
+    ax.set_title("Throughput against calls in flight (colour = mode, line style = workload)", fontsize=11)
     ax.grid(which="major", alpha=0.4)
     ax.grid(axis="y", which="minor", alpha=0.12)
     ax.legend(fontsize=8.5, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
@@ -378,9 +399,9 @@ def _scaling_panel(ax: Any, scaling: dict[str, Any]) -> None:
     title = (f"Scaling: io workload ({scaling['io_latency_ms']:g} ms), {scaling['in_flight']} in flight, "
              f"{scaling['slots_per_worker']} slots/worker")
     if speedup is not None:
-        title += f"\n{workers[-1]} workers / {workers[0]} = {speedup:.2f}x"
+        title += f"\n{plural(workers[-1], 'worker')} / {workers[0]} = {speedup:.2f}x"
     ax.set_title(title, fontsize=11)
-    ax.set_xlabel("warm workers")
+    ax.set_xlabel("warm workers (LocalPool processes on this host)")
     ax.set_ylabel("calls per second")
     ax.set_ylim(0, max(measured + ideal) * 1.18)
     ax.grid(axis="y", alpha=0.4)

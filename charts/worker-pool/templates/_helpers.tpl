@@ -36,6 +36,12 @@ Truncated so that "-broker" / "-worker" still fit in 63 characters.
 {{- printf "%s-worker" (include "worker-pool.fullname" .) }}
 {{- end }}
 
+{{/* Tasks each worker runs at once (its --slots): worker.slots, or worker.concurrency, its old
+name, when a values file still sets it. */}}
+{{- define "worker-pool.workerSlots" -}}
+{{- if hasKey .Values.worker "concurrency" }}{{ .Values.worker.concurrency }}{{ else }}{{ .Values.worker.slots }}{{ end }}
+{{- end }}
+
 {{/* Selector labels; call with (dict "ctx" $ "component" "broker"). */}}
 {{- define "worker-pool.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "worker-pool.name" .ctx }}
