@@ -7,13 +7,20 @@ runs remotely). The tool is a plain local function, so it can use whatever this 
 ``stream_mode="messages"``: the remote model's tokens come back as callbacks and LangGraph turns
 them into stream items, token by token, as if the model ran locally.
 
-Run it (from a checkout, after ``pip install -e ".[test]"``, which brings langchain)::
+Run it from a checkout, after ``pip install -e ".[openai]" langchain`` (``langchain`` brings
+``create_agent`` and LangGraph; ``pip install -e ".[test]"`` has both too)::
 
+    python examples/create_agent_remote_model.py                      # no key: a local stand-in answers
     OPENAI_API_KEY=sk-... python examples/create_agent_remote_model.py "What type is Pikachu?"
 
-``OPENAI_BASE_URL`` points ChatOpenAI at another OpenAI-compatible server. The key is not sent
-with the task: the workers read it from their own environment (a ``LocalPool`` inherits this
-process's). ``RUNNABLE_K8S_POOL`` set: that pool is used instead of a local one.
+Without ``OPENAI_API_KEY`` the project's OpenAI-compatible test server answers, started in this
+process and stopped at exit (``examples/stand_in.py``). ``OPENAI_BASE_URL`` points ChatOpenAI at
+another OpenAI-compatible server. The key is not sent with the task: the workers read it from their
+own environment (a ``LocalPool`` inherits this process's). ``RUNNABLE_K8S_POOL`` set: that pool is
+used instead of a local one.
+
+The output ends with this process and the pool's workers (``examples/where.py``): the tool's line
+carries this process's pid, and the model is cached on a worker with another pid, where it ran.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
 from pool import LocalPool, RunnableK8s
+from stand_in import openai_or_stand_in
+from where import print_workers
 
 POKEDEX = {"pikachu": "Electric", "bulbasaur": "Grass/Poison", "charmander": "Fire", "squirtle": "Water"}
 
@@ -65,10 +74,12 @@ def main(address: str) -> None:
 
 
 if __name__ == "__main__":
-    if not os.environ.get("OPENAI_API_KEY"):
-        sys.exit("Set OPENAI_API_KEY (and OPENAI_BASE_URL for an OpenAI-compatible server) to run this example.")
-    if os.environ.get("RUNNABLE_K8S_POOL"):
-        main(os.environ["RUNNABLE_K8S_POOL"])
-    else:
-        with LocalPool(workers=1) as pool:  # broker + 1 worker behind a private ipc:// socket
-            main(pool.address)
+    with openai_or_stand_in():
+        if os.environ.get("RUNNABLE_K8S_POOL"):
+            main(os.environ["RUNNABLE_K8S_POOL"])
+            print_workers(None)
+        else:
+            with LocalPool(workers=1) as pool:  # broker + 1 worker behind a private ipc:// socket
+                main(pool.address)
+                print("\nwhere it ran (the tool in the caller, the model on the worker that caches it):")
+                print_workers(pool)

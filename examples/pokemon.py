@@ -5,6 +5,11 @@
 * ``OPENAI_API_KEY`` not set: a fake chat model gives a canned answer, so the samples still run.
 * ``RUNNABLE_K8S_POOL`` set (e.g. ``tcp://127.0.0.1:5555`` or ``k8s://NAMESPACE/RELEASE``): that
   pool is used; otherwise a ``LocalPool(workers=2)`` is started for the run and stopped at the end.
+* At the end, this process and the pool's workers are printed (``examples/where.py``): the worker
+  that ran the model holds it cached, and its pid is not this process's.
+
+ChatOpenAI needs ``pip install -e ".[openai]"`` (langchain-openai); the fake model needs only
+``pip install -e .``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.prompts import ChatPromptTemplate
 
 from pool import LocalPool
+from where import print_workers
 
 # Workers cannot import this file (it is not installed on them): ship its code by value with the
 # objects that use it. Your own modules need the same, or to be installed in the worker image.
@@ -59,9 +65,13 @@ def chat_model() -> BaseChatModel:
 
 @contextlib.contextmanager
 def pool_address() -> Iterator[str]:
-    """RUNNABLE_K8S_POOL if set, else a local pool for the duration of the block."""
+    """RUNNABLE_K8S_POOL if set, else a local pool for the duration of the block. When the block
+    ends well, this process and the pool's workers are printed (the model is cached on the
+    worker that ran it)."""
     if os.environ.get("RUNNABLE_K8S_POOL"):
         yield os.environ["RUNNABLE_K8S_POOL"]
+        print_workers(None)
         return
     with LocalPool(workers=2) as local:
         yield local.address
+        print_workers(local)

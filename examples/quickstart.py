@@ -4,7 +4,8 @@ Runs on a fresh machine with no API key and no cluster: a ``LocalPool`` (one bro
 worker processes behind an ipc:// socket only this user can open) and a fake streaming chat model
 from langchain-core stand in for a Kubernetes pool and ChatOpenAI. It shows invoke, batch and
 stream, with timings, and that a repeated call costs about a round trip because the worker keeps
-the model warm.
+the model warm. It ends with this process and the pool's workers, each with its pid and the
+runnables it holds warm (``examples/where.py``).
 
     python examples/quickstart.py
 """
@@ -18,6 +19,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
 from pool import LocalPool, RunnableK8s
+from where import print_workers
 
 
 class Answers:
@@ -70,6 +72,7 @@ def main() -> None:
         status = pool.status()
         print(f"\npool: {len(status['workers'])} workers, tasks done {status['counters']['done']}, "
               f"failed {status['counters']['failed']}")
+        print_workers(pool)  # the model ran in the workers' processes, not in this one
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ A port of the original kaitoy/runnable-k8s sample of the same name: the chain is
 ``prompt | RunnableK8s(bound=ChatOpenAI(model="gpt-4o-mini")) | StrOutputParser()`` and
 ``chain.astream`` prints each chunk, followed by ``/``, as soon as the worker yields it.
 
-Run it (from a checkout, after ``pip install -e ".[openai]"``)::
+Run it from a checkout, after ``pip install -e ".[openai]"`` (the ``openai`` extra brings
+langchain-openai for ChatOpenAI; without ``OPENAI_API_KEY`` a fake model answers and
+``pip install -e .`` is enough)::
 
     python examples/sample_astream.py "What type is Pikachu?"
 
