@@ -7,7 +7,6 @@ every refusal is printed as one line that says what to do, never a traceback.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -355,7 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DEBUG, INFO, WARNING or ERROR, on stderr (env RUNNABLE_K8S_LOG_LEVEL; "
                              "default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
-    add = functools.partial(sub.add_parser, parents=[common])
+
+    def add(name: str, **options: Any) -> argparse.ArgumentParser:
+        """A verb; its --help opens with its one-line summary unless it has a description of its own."""
+        options.setdefault("description", options["help"][:1].upper() + options["help"][1:] + ".")
+        parser: argparse.ArgumentParser = sub.add_parser(name, parents=[common], **options)
+        return parser
+
 
     broker = add("broker", help="run a broker in the foreground")
     broker.add_argument("--bind", default=defaults.BROKER_BIND, help="endpoint to listen on (default %(default)s)")

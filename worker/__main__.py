@@ -25,7 +25,8 @@ def _env_int(name: str, default: int, *old_names: str) -> int:
     return default
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The worker program's flags (its --help, and what the tests read)."""
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
@@ -60,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", default=os.environ.get("RUNNABLE_K8S_LOG_LEVEL", "INFO"), metavar="LEVEL",
                         help="DEBUG, INFO, WARNING or ERROR (env RUNNABLE_K8S_LOG_LEVEL; default %(default)s)")
     add_version(parser, "python -m worker")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.stdio and not args.connect:
         parser.error("pass --connect ADDRESS (or set RUNNABLE_K8S_BROKER) for a warm worker, or --stdio")
