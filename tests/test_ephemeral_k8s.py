@@ -17,7 +17,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from pool import PodFailed, RunnableK8s
-from pool.ephemeral.podspec import RUNNER_SELECTOR
+from pool.k8s.runner_pods import list_runner_pods
 from tests.support.fake_openai import DEFAULT_CHUNKS, FakeOpenAI
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
@@ -31,7 +31,7 @@ def in_pod(k8s_node, namespace, bound, **kwargs) -> RunnableK8s:
 
 
 def live_runner_pods(k8s_node, namespace) -> list[str]:
-    pods = k8s_node.control_plane.core().list_namespaced_pod(namespace, label_selector=RUNNER_SELECTOR).items
+    pods = list_runner_pods(k8s_node.control_plane.core(), namespace)  # this release's labels and older ones'
     return [p.metadata.name for p in pods if p.metadata.deletion_timestamp is None]
 
 
@@ -129,14 +129,17 @@ def test_the_seed_chain_runs_in_a_pod_with_the_api_key_from_a_secret(k8s_node, k
 
 def test_gc_never_deletes_kept_pods_and_deletes_a_named_owners_leftovers(k8s_node, k8s_namespace):
     from pool.ephemeral.k8s_launcher import delete_leftover_runners
-    from pool.ephemeral.podspec import KEEP_LABEL, owner_id
+    from pool.ephemeral.podspec import KEEP_LABEL, LEGACY_ROLE_LABEL, ROLE_LABEL, RUNNER_ROLE, owner_id
 
     kept = in_pod(k8s_node, k8s_namespace, RunnableLambda(lambda _: os.getpid()), k8s_delete_runner_pod=False)
     kept.invoke(None)
     (name,) = runner_pods(k8s_node, k8s_namespace, expect=1)
     core = k8s_node.control_plane.core()
     assert delete_leftover_runners(core, k8s_namespace, older_than=0, all_owners=True) == []  # kept: never
-    core.patch_namespaced_pod(name, k8s_namespace, {"metadata": {"labels": {KEEP_LABEL: None}}})
+    # Unkept, and labelled as an older release labelled its runner Pods (the role key before it
+    # moved under runnable-k8s.io/): gc must still find it.
+    core.patch_namespaced_pod(name, k8s_namespace, {"metadata": {"labels": {
+        KEEP_LABEL: None, ROLE_LABEL: None, LEGACY_ROLE_LABEL: RUNNER_ROLE}}})
     assert delete_leftover_runners(core, k8s_namespace, older_than=0) == []  # owner alive, within its deadline
     assert delete_leftover_runners(core, k8s_namespace, older_than=0, owner=owner_id()) == [name]
     assert runner_pods(k8s_node, k8s_namespace) == []

@@ -1,5 +1,6 @@
 """`runnable-k8s gc`: which leftover runner Pods it deletes, as a pure function over Pod-like
-objects (no cluster), and the flags that choose it."""
+objects (no cluster), which Pods it lists (the label selectors, applied here as the API server
+applies them, to this release's runner Pods and to older releases'), and the flags that choose it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ import yaml
 
 from pool.cli import build_parser
 from pool.ephemeral.k8s_launcher import delete_leftover_runners, owner_alive_here, select_leftover_runners
-from pool.ephemeral.podspec import KEEP_LABEL, OWNER_LABEL, RUNNER_SELECTOR, parse_owner, runner_pod
+from pool.ephemeral.podspec import (
+    KEEP_LABEL,
+    LEGACY_ROLE_LABEL,
+    LEGACY_RUNNER_SELECTOR,
+    OWNER_LABEL,
+    ROLE_LABEL,
+    RUNNER_ROLE,
+    RUNNER_SELECTOR,
+    parse_owner,
+    runner_pod,
+)
 from tests.cluster import cluster
 from tests.support.helm import CHART, helm, values_file
 from worker import defaults
@@ -114,30 +125,52 @@ def test_the_default_floor_is_above_the_longest_default_deadline():
 
 
 class FakeCore:
+    """The two CoreV1Api calls gc makes, over a list of Pods: the list applies its label selector as
+    the API server does (equality terms), so a Pod gc's selectors miss is not listed."""
+
     def __init__(self, pods: list[Any]) -> None:
         self.pods = pods
         self.deleted: list[str] = []
-        self.selector = ""
+        self.selectors: list[str] = []
 
     def list_namespaced_pod(self, namespace: str, label_selector: str) -> Any:
-        self.selector = label_selector
-        return SimpleNamespace(items=self.pods)
+        self.selectors.append(label_selector)
+        return SimpleNamespace(items=[p for p in self.pods if _matches(label_selector, p.metadata.labels or {})])
 
     def delete_namespaced_pod(self, name: str, namespace: str, grace_period_seconds: int) -> None:
         self.deleted.append(name)
 
 
+def listed_runner(name: str, age_s: float, *, legacy: bool = False, owner: str = "gone-1-x") -> Any:
+    """A runner Pod as the API returns it: this release's labels, or (``legacy``) an older
+    release's, whose role key was runnable-k8s/role."""
+    labels = {"app.kubernetes.io/managed-by": "runnable-k8s", OWNER_LABEL: owner,
+              (LEGACY_ROLE_LABEL if legacy else ROLE_LABEL): RUNNER_ROLE}
+    return SimpleNamespace(metadata=SimpleNamespace(name=name, labels=labels, creation_timestamp=dt.datetime.now(
+        dt.timezone.utc) - dt.timedelta(seconds=age_s)), spec=SimpleNamespace(active_deadline_seconds=60))
+
+
 def test_delete_leftover_runners_deletes_what_was_chosen_and_dry_run_nothing():
-    now = dt.datetime.now(dt.timezone.utc)
-    old = SimpleNamespace(metadata=SimpleNamespace(name="old", labels={OWNER_LABEL: "gone-1-x"},
-                                                   creation_timestamp=now - dt.timedelta(hours=5)),
-                          spec=SimpleNamespace(active_deadline_seconds=60))
-    young = SimpleNamespace(metadata=SimpleNamespace(name="young", labels={}, creation_timestamp=now),
-                            spec=SimpleNamespace(active_deadline_seconds=60))
-    core = FakeCore([old, young])
+    core = FakeCore([listed_runner("old", 5 * 3600), listed_runner("young", 0)])
     assert delete_leftover_runners(core, "ns", dry_run=True) == ["old"] and core.deleted == []  # type: ignore[arg-type]
     assert delete_leftover_runners(core, "ns") == ["old"] and core.deleted == ["old"]  # type: ignore[arg-type]
-    assert "managed-by=runnable-k8s" in core.selector
+    assert all("managed-by=runnable-k8s" in selector for selector in core.selectors)
+
+
+def test_gc_finds_the_runner_pods_of_older_releases_and_nothing_else():
+    # Runner Pods made before the role key moved under runnable-k8s.io/ carry runnable-k8s/role:
+    # gc lists them too (a second selector), each Pod once, and still no Pod without a role.
+    chart_pod = SimpleNamespace(metadata=SimpleNamespace(
+        name="chart-worker", labels={"app.kubernetes.io/managed-by": "runnable-k8s", OWNER_LABEL: "gone-1-x"},
+        creation_timestamp=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=5)), spec=None)
+    both = listed_runner("both-labels", 5 * 3600)
+    both.metadata.labels[LEGACY_ROLE_LABEL] = RUNNER_ROLE
+    old_release = listed_runner("old-release", 5 * 3600, legacy=True)
+    core = FakeCore([listed_runner("new", 5 * 3600), old_release, both, chart_pod])
+    assert sorted(delete_leftover_runners(core, "ns")) == ["both-labels", "new", "old-release"]  # type: ignore[arg-type]
+    assert sorted(core.deleted) == ["both-labels", "new", "old-release"]
+    assert sorted(core.selectors) == sorted([RUNNER_SELECTOR, LEGACY_RUNNER_SELECTOR])
+    assert not _matches(RUNNER_SELECTOR, listed_runner("x", 0, legacy=True).metadata.labels)  # the check can say no
 
 
 def test_the_gc_flags():
@@ -186,4 +219,5 @@ def test_the_selector_gc_lists_with_takes_runner_pods_and_nothing_the_chart_make
         pod_labels += [d["metadata"]["labels"] for d in docs if d["kind"] == "Pod"]  # the helm test Pod
         assert len(pod_labels) >= 3
         for labels in pod_labels:
-            assert not _matches(RUNNER_SELECTOR, labels), labels
+            for selector in (RUNNER_SELECTOR, LEGACY_RUNNER_SELECTOR):
+                assert not _matches(selector, labels), (selector, labels)

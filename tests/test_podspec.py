@@ -11,7 +11,15 @@ import kubernetes_validate
 import pytest
 
 from pool.ephemeral.k8s_launcher import KubernetesLauncher
-from pool.ephemeral.podspec import KEEP_LABEL, OWNER_LABEL, RUNNER_SELECTOR, owner_id, parse_owner, runner_pod
+from pool.ephemeral.podspec import (
+    CALL_LABEL,
+    KEEP_LABEL,
+    OWNER_LABEL,
+    RUNNER_SELECTOR,
+    owner_id,
+    parse_owner,
+    runner_pod,
+)
 from worker import defaults
 
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -48,14 +56,25 @@ def test_labels_identify_the_project_and_the_call():
     for pair in RUNNER_SELECTOR.split(","):
         key, value = pair.split("=")
         assert labels[key] == value
-    assert labels["runnable-k8s/call"] != second["metadata"]["labels"]["runnable-k8s/call"]
+    assert labels[CALL_LABEL] != second["metadata"]["labels"][CALL_LABEL]
     assert first["metadata"]["name"] != second["metadata"]["name"]
+
+
+def test_every_label_of_the_project_is_under_one_prefix():
+    # One naming scheme: runnable-k8s.io/role, /call, /owner, /keep (the role and call keys were
+    # once runnable-k8s/role and runnable-k8s/call; gc still finds Pods labelled so: tests/test_gc.py).
+    labels = runner_pod(image="i", namespace="n", keep=True)["metadata"]["labels"]
+    ours = [key for key in labels if key.split("/")[0].startswith("runnable-k8s")]
+    assert sorted(ours) == ["runnable-k8s.io/call", "runnable-k8s.io/keep", "runnable-k8s.io/owner",
+                            "runnable-k8s.io/role"]
+    assert labels["runnable-k8s.io/role"] == "ephemeral-runner"
+    assert "runnable-k8s.io/role=ephemeral-runner" in RUNNER_SELECTOR.split(",")
 
 
 def test_overrides_merge_deeply_and_win():
     pod = runner_pod(image="i", namespace="n", overrides={"metadata": {"labels": {"team": "a"}},
                                                           "spec": {"activeDeadlineSeconds": 60}})
-    assert pod["metadata"]["labels"]["team"] == "a" and "runnable-k8s/call" in pod["metadata"]["labels"]
+    assert pod["metadata"]["labels"]["team"] == "a" and CALL_LABEL in pod["metadata"]["labels"]
     assert pod["spec"]["activeDeadlineSeconds"] == 60 and pod["spec"]["containers"]
 
 

@@ -1,5 +1,6 @@
-"""The floors of ephemeral mode, measured by ``runnable-k8s bench`` in the same run (issue 11),
-one of each after each of ephemeral mode's sequential calls (:func:`interleaved`).
+"""The floors of ephemeral mode, measured by ``runnable-k8s bench`` in the same run as its calls
+(a call is judged against what a fresh worker cannot go below on the same machine under the same
+load), one of each after each of ephemeral mode's sequential calls (:func:`interleaved`).
 
 A fresh worker per call cannot cost less than
 
@@ -66,32 +67,21 @@ def floor_pod_manifest(launcher: Any) -> dict[str, Any]:
 
 
 def time_pod_start(launcher: Any) -> float:
-    """Seconds from create to phase Running of one minimal Pod (then deleted, in every outcome)."""
-    from kubernetes.client.rest import ApiException
-
-    from pool.errors import PodFailed
-    from pool.k8s.api import api_error
+    """Seconds from create to phase Running of one minimal Pod (then deleted, in every outcome).
+    The API calls are the runner Pods' own (``pool.k8s.runner_pods``), watched the same way."""
+    from pool.k8s import runner_pods
 
     core = launcher.core()
-    manifest = floor_pod_manifest(launcher)
-    name = manifest["metadata"]["name"]
     try:
         started = time.perf_counter()
+        name = runner_pods.create(core, launcher.namespace, floor_pod_manifest(launcher))
         try:
-            core.create_namespaced_pod(launcher.namespace, manifest)
-        except ApiException as exc:
-            raise api_error(exc, "create", "pods", launcher.namespace, error=PodFailed) from exc
-        try:
-            launcher._wait_running(core, name, None)  # the runner Pods' own watch, up to its start timeout
+            launcher.wait_running(core, name, None)  # the runner Pods' own wait, up to its start timeout
             return time.perf_counter() - started
         finally:
-            try:
-                core.delete_namespaced_pod(name, launcher.namespace, grace_period_seconds=0)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+            runner_pods.delete(core, launcher.namespace, name)
     finally:
-        core.api_client.close()
+        runner_pods.close(core)
 
 
 def pod_floor(launcher: Any, runs: int, tick: Callable[[str], None] | None = None) -> list[float]:

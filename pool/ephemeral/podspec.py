@@ -15,9 +15,14 @@ from typing import Any
 from worker import defaults
 
 MANAGED_BY = "runnable-k8s"
-ROLE_LABEL = "runnable-k8s/role"
+# Every label this project sets is under one prefix, runnable-k8s.io/ (role, call, owner, keep).
+ROLE_LABEL = "runnable-k8s.io/role"
 RUNNER_ROLE = "ephemeral-runner"
-CALL_LABEL = "runnable-k8s/call"
+CALL_LABEL = "runnable-k8s.io/call"
+# The role key runner Pods carried before it moved under runnable-k8s.io/ (with the call key, once
+# runnable-k8s/call). New Pods never carry it; gc and the listing of runner Pods still look for it,
+# so that a runner Pod an older release left behind is found (see RUNNER_SELECTORS).
+LEGACY_ROLE_LABEL = "runnable-k8s/role"
 # The client process that created the Pod: "<hostname>-<pid>-<random>" (see owner_id()).
 OWNER_LABEL = "runnable-k8s.io/owner"
 # "true" on a Pod kept on purpose (k8s_delete_runner_pod=False): `runnable-k8s gc` never deletes it.
@@ -95,6 +100,12 @@ def active_deadline(remaining: float | None) -> int:
 
 
 RUNNER_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY},{ROLE_LABEL}={RUNNER_ROLE}"
+"""The label selector of the runner Pods this release makes."""
+LEGACY_RUNNER_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY},{LEGACY_ROLE_LABEL}={RUNNER_ROLE}"
+"""The label selector of runner Pods made by releases before the role label moved under
+runnable-k8s.io/ (a selector cannot say "this key or that one", so they are listed apart)."""
+RUNNER_SELECTORS = (RUNNER_SELECTOR, LEGACY_RUNNER_SELECTOR)
+"""Every selector that finds runner Pods, this release's and older ones': what gc lists with."""
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
