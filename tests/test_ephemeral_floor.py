@@ -1,7 +1,8 @@
-"""Ephemeral mode close to its own floor (issue 11): the one-shot worker imports only what the
-task needs, the client sends HELLO and the TASK while the worker starts, and ``runnable-k8s
-bench`` measures the floors (Python + langchain_core's start; a minimal Pod's create -> Running)
-in the same run as ephemeral mode. No timed assertions: speed is the bench's business."""
+"""Ephemeral mode close to its own floor (a fresh worker per call costs little more than starting
+one): the one-shot worker imports only what the task needs, the client sends HELLO and the TASK
+while the worker starts, and ``runnable-k8s bench`` measures the floors (Python + langchain_core's
+start; a minimal Pod's create -> Running) in the same run as ephemeral mode. No timed assertions:
+speed is the bench's business."""
 
 from __future__ import annotations
 

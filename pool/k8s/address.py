@@ -1,4 +1,4 @@
-"""``k8s://NAMESPACE/RELEASE``: how a user names a chart release as a pool (DESIGN §8).
+"""``k8s://NAMESPACE/RELEASE``: how a user names a chart release as a pool (docs/design.md#the-public-surface).
 
 One parser, used by ``RunnableK8s(pool=...)``, ``runnable-k8s status/scale`` and ``scaling.scale``.
 """
