@@ -1,4 +1,5 @@
-"""The test cluster itself, checked through the same fixtures issues 4 and 5 use.
+"""The test cluster itself, checked through the same fixtures the ephemeral-mode and
+warm-worker tests use.
 
 Control-plane tier: Pods without a node (create / watch / delete), the Deployment scale
 subresource, RBAC refusals, helm install.  Node tier: a real Pod of the worker image attached
