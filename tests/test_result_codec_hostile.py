@@ -12,10 +12,8 @@ format itself, then the limits, then a fuzz of 100,000 inputs.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import datetime
 import decimal
-import enum
 import http
 import random
 import sys
@@ -32,28 +30,13 @@ from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration
 from langchain_core.prompt_values import ChatPromptValue
-from pydantic import BaseModel
 
-from worker import codec, result_codec
+import worker.codec  # noqa: F401 - loaded so that process_state watches the way out's functions too
+from tests.support.codec_classes import Kind, Move, Pokemon
+from worker import result_codec
 from worker.result_codec import CodecError, Limits, Refused, Unresolvable, loads_result
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Kind(enum.Enum):
-    ELECTRIC = "electric"
-    WATER = "water"
-
-
-class Pokemon(BaseModel):
-    name: str
-    level: int = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class Move:
-    name: str
-    power: int
 
 
 class Failed(Exception):
@@ -91,8 +74,9 @@ WATCHED_ENUMS = (Kind.WATER, Kind.ELECTRIC, http.HTTPStatus.OK)
 def process_state() -> dict[str, Any]:
     functions = {
         f"{module.__name__}.{name}": (value.__defaults__, value.__kwdefaults__, value.__code__)
-        for module in (result_codec, codec) for name, value in vars(module).items()
-        if isinstance(value, types.FunctionType)
+        # Every module of the codec (the result codec's package, the way out) and of the worker.
+        for module in [m for n, m in sorted(sys.modules.items()) if n == "worker" or n.startswith("worker.")]
+        for name, value in vars(module).items() if isinstance(value, types.FunctionType)
     }
     return {
         "Counter": dict(vars(collections.Counter)),
@@ -134,7 +118,7 @@ def build_on_global(module: str, name: str, attribute: str, value: bytes) -> byt
 
 def build_on_enum_member() -> bytes:
     """The restricted pickle's own ``_enum`` rebuild of Kind.WATER, then BUILD setting its value."""
-    return (f"cworker.codec\n_enum\n(V{__name__}\nVKind\nNVWATER\nVwater\ntR"
+    return (f"cworker.codec\n_enum\n(V{Kind.__module__}\nVKind\nNVWATER\nVwater\ntR"
             "N}V_value_\nVhacked\ns\x86b.").encode("latin-1")
 
 
@@ -254,13 +238,14 @@ NAMED: dict[str, bytes] = {
     "collections.Counter as an exception with update": tagged(result_codec.EXCEPTION, [
         "collections:Counter", None, [], {"update": 1}, None]),
     "an Enum as a model with _value_": tagged(result_codec.MODEL, [
-        f"{__name__}:Kind", None, "_value_", ["hacked"], 1, None, None, None]),
-    "an Enum member by value": tagged(result_codec.ENUM, [f"{__name__}:Kind", None, "water"]),
-    "an Enum member with more to set": tagged(result_codec.ENUM, [f"{__name__}:Kind", None, "WATER", {"_value_": 1}]),
+        f"{Kind.__module__}:Kind", None, "_value_", ["hacked"], 1, None, None, None]),
+    "an Enum member by value": tagged(result_codec.ENUM, [f"{Kind.__module__}:Kind", None, "water"]),
+    "an Enum member with more to set": tagged(result_codec.ENUM, [f"{Kind.__module__}:Kind", None, "WATER",
+                                                                  {"_value_": 1}]),
     "a codec helper as a model": tagged(result_codec.MODEL, ["worker.result_codec:loads_result", None, "__defaults__",
                                                              [[1]], 1, None, None, None]),
-    "a codec class as an exception": tagged(result_codec.EXCEPTION, ["worker.result_codec:_Decoding", None, [], {},
-                                                                     None]),
+    "a codec class as an exception": tagged(result_codec.EXCEPTION, ["worker.result_codec.decoding:Decoding", None,
+                                                                     [], {}, None]),
     "a runnable as a model": tagged(result_codec.MODEL, ["langchain_core.runnables.base:RunnableLambda", None, "",
                                                          [], 0, None, None, None]),
     "a BaseException": tagged(result_codec.EXCEPTION, ["builtins:SystemExit", None, [0], {}, None]),

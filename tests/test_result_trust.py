@@ -41,6 +41,7 @@ from pool.client.calls import RemoteCall, decode_output, encode_input, encode_ru
 from pool.ephemeral.local_launcher import ProcessChannel
 from pool.ephemeral.session import EphemeralBackend
 from pool.errors import error_from_wire
+from tests.support.codec_classes import Kind, Move, Pokemon
 from tests.support.raw_worker import RawWorker
 from worker import codec, result_codec
 from worker import protocol as P
@@ -49,22 +50,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # ---------------------------------------------------------------------------- what must round-trip
-
-
-class Pokemon(BaseModel):
-    name: str
-    level: int = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class Move:
-    name: str
-    power: int
-
-
-class Kind(enum.Enum):
-    ELECTRIC = "electric"
-    WATER = "water"
 
 
 Point = collections.namedtuple("Point", "x y")
@@ -262,7 +247,7 @@ def test_the_refusal_names_what_was_refused(tmp_path):
 
 
 def test_a_malformed_message_is_a_serialization_error_naming_the_problem():
-    malformed = tagged(result_codec.MODEL, [f"{__name__}:Pokemon", None, "name,level", ["x", 1], "not a mask",
+    malformed = tagged(result_codec.MODEL, [f"{Pokemon.__module__}:Pokemon", None, "name,level", ["x", 1], "not a mask",
                                             None, None, None])
     with pytest.raises(SerializationError, match="malformed fields set"):
         decode_output(malformed)
@@ -316,7 +301,7 @@ def test_an_object_declaring_secrets_is_never_pickled_by_value():
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[LocalPool]:
-    with LocalPool(workers=1, concurrency=4) as local:
+    with LocalPool(workers=1, slots=4) as local:
         yield local
 
 

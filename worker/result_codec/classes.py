@@ -1,0 +1,103 @@
+"""Finding a class the data names, on the client: never importing, never calling.
+
+Classes are named, never sent: ``"module:qualname"`` and a tracker id. A class is found only in
+a module that is *already imported* here (nothing is ever imported, no ``__main__`` submodule),
+by walking module and class namespaces (never an attribute of anything else, never a
+descriptor), and it must be of the kind its tag claims (a pydantic model that is not a runnable;
+a dataclass; an Enum; a namedtuple; an Exception). A class the client itself sent by value is
+found through cloudpickle's tracker, which only knows classes this process pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+from langchain_core.runnables import Runnable
+from pydantic import BaseModel
+
+from worker.result_codec.errors import Refused, Unresolvable
+from worker.result_codec.tags import (
+    DATACLASS,
+    ENUM,
+    EXCEPTION,
+    MODEL,
+    NAMEDTUPLE,
+    class_name,
+)
+
+_MODULE_DICT: Any = vars(types.ModuleType)["__dict__"].__get__
+_CLASS_DICT: Any = vars(type)["__dict__"].__get__
+
+
+def find_class(name: Any, tracker: Any) -> type:
+    """The class named ``name`` ("module:qualname") here: in a module already imported (nothing is
+    imported), through module and class namespaces only (no ``getattr``, no descriptor runs)."""
+    if tracker is not None:
+        if type(tracker) is not str or len(tracker) > 64:
+            raise Refused("a class reference with a malformed tracker id")
+        known = cloudpickle.cloudpickle._DYNAMIC_CLASS_TRACKER_BY_ID.get(tracker)
+        if isinstance(known, type):
+            return known
+    if type(name) is not str or len(name) > 1000 or name.count(":") != 1:
+        raise Refused("a class reference that is not a name (module:qualname)")
+    module, qualname = name.split(":")
+    parts = module.split(".")
+    if not all(part.isidentifier() for part in parts) or "__main__" in parts[1:]:
+        raise Refused(f"the module name {module!r}")
+    names = qualname.split(".")
+    if not all(part.isidentifier() and not (part.startswith("__") and part.endswith("__")) for part in names):
+        raise Unresolvable(f"{module}.{qualname} is not a class reachable by name (a local class?)")
+    found = sys.modules.get(module)
+    if not isinstance(found, types.ModuleType):
+        raise Unresolvable(f"{module}.{qualname}: module {module} is not imported here; the client imports "
+                           "nothing a worker names, so import it in the client before the call")
+    namespace = _MODULE_DICT(found)
+    value: Any = None
+    for part in names:
+        value = namespace.get(part) if isinstance(namespace, (dict, types.MappingProxyType)) else None
+        if not isinstance(value, type):
+            if value is None:
+                raise Unresolvable(f"{module}.{qualname} does not exist here")
+            raise Refused(f"{module}.{qualname}, which is not a class")
+        namespace = _CLASS_DICT(value)
+    return value
+
+
+def _is_model(cls: type) -> bool:
+    return issubclass(cls, BaseModel) and not issubclass(cls, Runnable)
+
+
+def _is_namedtuple(cls: type) -> bool:
+    return issubclass(cls, tuple) and isinstance(getattr(cls, "_fields", None), tuple)
+
+
+_KINDS: dict[int, tuple[str, Callable[[type], bool]]] = {
+    MODEL: ("a pydantic model (and not a runnable)", _is_model),
+    DATACLASS: ("a dataclass", dataclasses.is_dataclass),
+    ENUM: ("an Enum", lambda cls: issubclass(cls, enum.Enum)),
+    NAMEDTUPLE: ("a namedtuple", _is_namedtuple),
+    EXCEPTION: ("an Exception class", lambda cls: issubclass(cls, Exception)),
+}
+# Classes found and checked, by (tag, name). Only real classes of the right kind get in, so its
+# size is bounded by the classes this process has.
+_CLASSES: dict[tuple[int, str], type] = {}
+
+
+def resolve_class(tag: int, name: Any, tracker: Any) -> Any:
+    if tracker is None:
+        cached = _CLASSES.get((tag, name))
+        if cached is not None:
+            return cached
+    cls = find_class(name, tracker)
+    kind, test = _KINDS[tag]
+    if not test(cls):
+        raise Refused(f"{class_name(cls)}, which is not {kind}")
+    if tracker is None:
+        _CLASSES[(tag, name)] = cls
+    return cls
