@@ -31,11 +31,15 @@ from worker.replies import ReplyQueue
 pytestmark = pytest.mark.timeout(90)
 
 NO_EVENTFD = textwrap.dedent('''
-    """Test-only: make this interpreter look like one without os.eventfd (macOS, the BSDs)."""
+    """Test-only: make this interpreter look like one on macOS or a BSD: no os.eventfd, and no
+    socket.TCP_INFO (the broker's count of the bytes a tcp connection received)."""
     import os
+    import socket
 
     for _name in [n for n in dir(os) if n == "eventfd" or n.startswith(("eventfd_", "EFD_"))]:
         delattr(os, _name)
+    if hasattr(socket, "TCP_INFO"):
+        del socket.TCP_INFO
 ''')
 
 
@@ -44,13 +48,17 @@ def _remove_eventfd(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delattr(os, name)
 
 
-@pytest.fixture(scope="module")
-def pool_without_eventfd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPool]:
+@pytest.fixture(scope="module", params=["ipc", "tcp"])
+def pool_without_eventfd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A LocalPool whose broker and worker have neither os.eventfd nor socket.TCP_INFO: on its
+    default ipc socket, and on tcp with CurveZMQ keys (the broker's connection guard then sees tcp
+    connections whose received bytes it cannot count, as on macOS). Yields ``remote(fn)``."""
     site = tmp_path_factory.mktemp("no-eventfd")
     (site / "sitecustomize.py").write_text(NO_EVENTFD)
     path = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
-    with LocalPool(workers=1, env={"PYTHONPATH": path}) as pool:
-        yield pool
+    with LocalPool(workers=1, env={"PYTHONPATH": path}, port=0 if request.param == "tcp" else None) as pool:
+        assert pool.transport == ("curve" if request.param == "tcp" else "ipc")
+        yield lambda fn: remote(pool, fn, keys=pool.keys_dir)
 
 
 def what_the_worker_has(_: Any) -> dict[str, Any]:
@@ -62,34 +70,35 @@ def what_the_worker_has(_: Any) -> dict[str, Any]:
     queues = [o for o in gc_module.get_objects() if type(o).__name__ == "ReplyQueue" and o.fileno() >= 0]
     return {
         "has_eventfd": hasattr(os_module, "eventfd"),
+        "has_tcp_info": hasattr(__import__("socket"), "TCP_INFO"),
         "kinds": [q.kind for q in queues],
         "fifo": [stat_module.S_ISFIFO(os_module.fstat(q.fileno()).st_mode) for q in queues],
     }
 
 
 def test_the_worker_runs_without_eventfd_and_wakes_through_a_pipe(pool_without_eventfd):
-    seen = remote(pool_without_eventfd, what_the_worker_has).invoke(None)
-    assert seen == {"has_eventfd": False, "kinds": ["pipe"], "fifo": [True]}
+    seen = pool_without_eventfd(what_the_worker_has).invoke(None)
+    assert seen == {"has_eventfd": False, "has_tcp_info": False, "kinds": ["pipe"], "fifo": [True]}
 
 
 def test_invoke_batch_stream_and_ainvoke_without_eventfd(pool_without_eventfd, monkeypatch):
     _remove_eventfd(monkeypatch)  # the client side too: nothing in it may need eventfd
     assert not hasattr(os, "eventfd")
     factor = 3
-    assert remote(pool_without_eventfd, lambda x: x * factor).invoke(14) == 42
-    assert remote(pool_without_eventfd, lambda x: x + 1).batch(list(range(20))) == list(range(1, 21))
+    assert pool_without_eventfd(lambda x: x * factor).invoke(14) == 42
+    assert pool_without_eventfd(lambda x: x + 1).batch(list(range(20))) == list(range(1, 21))
 
     def tokens(chunks: Iterator[str]) -> Iterator[str]:
         for text in chunks:
             for word in text.split():
                 yield word + " "
 
-    streamed = list(remote(pool_without_eventfd, RunnableGenerator(tokens)).stream("one two three four five"))
+    streamed = list(pool_without_eventfd(RunnableGenerator(tokens)).stream("one two three four five"))
     assert "".join(streamed) == "one two three four five "
     assert len(streamed) >= 2  # streamed as it came, not one final chunk
 
     async def concurrent() -> list[int]:
-        runnable = remote(pool_without_eventfd, lambda x: x * 2)
+        runnable = pool_without_eventfd(lambda x: x * 2)
         return list(await asyncio.gather(*(runnable.ainvoke(i) for i in range(8))))
 
     assert asyncio.run(concurrent()) == [i * 2 for i in range(8)]
@@ -157,3 +166,14 @@ def test_machine_figures_without_proc():
     assert memory is not None and memory > 0
     if os.path.exists("/proc/meminfo"):
         assert abs(memory - (machine.memory_gb() or 0)) <= 0.1
+
+
+def test_a_worker_without_cgroup_files_reports_no_memory_limit(tmp_path):
+    # macOS (and a Linux without cgroups mounted) has no memory.max: the worker then says "no
+    # limit" in READY instead of failing; the file, where present, is read.
+    from worker.warm import memory_limit
+
+    missing = (str(tmp_path / "cgroup-v2" / "memory.max"), str(tmp_path / "cgroup-v1" / "memory.limit_in_bytes"))
+    assert memory_limit(missing) is None
+    (tmp_path / "memory.max").write_text("1073741824\n")
+    assert memory_limit((*missing, str(tmp_path / "memory.max"))) == 1 << 30
