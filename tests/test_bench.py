@@ -181,3 +181,19 @@ def test_a_real_pod_per_call_on_the_test_cluster(k8s_node, k8s_namespace, tmp_pa
     core = k8s_node.control_plane.core()
     wait_for(lambda: not core.list_namespaced_pod(k8s_namespace, label_selector=RUNNER_SELECTOR).items, 30,
              "every runner Pod to be deleted", interval=0.5)
+
+
+def test_labels_say_where_the_warm_pool_and_the_ephemeral_calls_ran() -> None:
+    """A run with --launcher kubernetes measures a LocalPool on this host against Pods on the
+    cluster: its table and plot say so, rather than "warm (2 workers)" beside "a Pod per call"."""
+    from pool.bench import report
+
+    results = json.loads((REPO / "docs" / "bench" / "cluster.json").read_text())
+    pool = results["modes"]["warm"]["pool"]
+    assert pool["local"] and results["modes"]["ephemeral"]["launcher"] == "kubernetes"
+    where = f"LocalPool on this host ({pool['workers']} workers x {pool['slots']} slots)"
+    assert report._series_label("warm", results) == f"warm: {where}"
+    assert report._series_label("ephemeral", results) == "ephemeral: a Pod per call on the cluster"
+    assert f"warm = {where}" in report.format_table(results).splitlines()[0]
+    results["modes"]["warm"]["pool"] = {**pool, "workers": 1, "slots": 1}
+    assert report._series_label("warm", results) == "warm: LocalPool on this host (1 worker x 1 slot)"

@@ -230,7 +230,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     env = results.get("environment", {})
     settings = results.get("settings", {})
     fig.suptitle(
-        f"runnable-k8s bench: warm ({_warm_where(results)}) vs ephemeral ({_ephemeral_where(results)})  |  "
+        f"runnable-k8s bench: warm = {_warm_where(results)}  vs  ephemeral = {_ephemeral_where(results)}\n"
         f"{env.get('cpus')} CPUs, "
         f"Python {env.get('python')}, {env.get('started_at', '')[:16].replace('T', ' ')} UTC  |  "
         f"payload {settings.get('payload_bytes')} B, io {settings.get('io_latency_ms'):g} ms",

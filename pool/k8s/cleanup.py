@@ -1,6 +1,6 @@
 """``runnable-k8s gc`` against the API: the leftover runner Pods of ephemeral mode.
 
-Which Pods are leftovers is decided by :func:`pool.ephemeral.k8s_launcher.delete_leftover_runners`;
+Which Pods are leftovers is decided by :func:`pool.ephemeral.gc.delete_leftover_runners`;
 this module builds its API client and turns every refusal (no kubeconfig, RBAC, an unreachable
 server) into one RunnableK8sError line, so the command line shows a fix rather than a traceback.
 """
@@ -16,7 +16,7 @@ def delete_leftover_runner_pods(namespace: str, older_than: float, *, owner: str
     """Names of the runner Pods deleted (or, with ``dry_run``, that would be)."""
     from kubernetes.client.rest import ApiException
 
-    from pool.ephemeral.k8s_launcher import delete_leftover_runners
+    from pool.ephemeral.gc import delete_leftover_runners
     from pool.k8s.api import api_error
     from pool.k8s.core import core_api
 
