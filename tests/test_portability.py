@@ -147,8 +147,11 @@ def test_process_figures_without_proc_match_procs(quiet_child):
     else:
         assert machine.open_fds(quiet_child, proc=NO_PROC) == by_proc
     rss, rss_elsewhere = machine.rss_kb(quiet_child), machine.rss_kb(quiet_child, proc=NO_PROC)
-    assert rss is not None and rss_elsewhere is not None
-    assert abs(rss_elsewhere - rss) <= rss // 10
+    assert rss is not None and rss > 0
+    if machine._psutil() is None and shutil.which("ps") is None:
+        assert rss_elsewhere is None
+    else:
+        assert rss_elsewhere is not None and abs(rss_elsewhere - rss) <= rss // 10
 
 
 def test_process_figures_of_a_process_that_is_gone_are_unknown():
