@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pool.errors import (
     AuthenticationFailed,
+    ConfigurationError,
     IncompatibleWorker,
     PayloadTooLarge,
     PodFailed,
@@ -50,6 +51,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AuthenticationFailed",
+    "ConfigurationError",
     "IncompatibleWorker",
     "LocalPool",
     "PayloadTooLarge",

@@ -14,8 +14,18 @@ class RunnableK8sError(Exception):
     """Base class of every runnable-k8s error."""
 
 
+class ConfigurationError(RunnableK8sError, ValueError):
+    """A setting of ``RunnableK8s`` (a keyword argument, or the environment variable standing in
+    for it) cannot work: a pool address without a scheme, a client key folder without keys. Raised
+    when the setting is read (at construction for a keyword argument) rather than at the first
+    call, far from the line that made the mistake; the message names the setting and what to
+    write instead."""
+
+
 class PoolUnavailable(RunnableK8sError):
-    """No broker answered, or the connection to it was lost."""
+    """No broker answered, or the connection to it was lost. In ``mode="auto"`` also: no broker
+    answered and the fallback (a fresh worker per call) could not start either; the message gives
+    both reasons and what to do next."""
 
 
 class PoolOverloaded(PoolUnavailable):

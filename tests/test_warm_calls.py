@@ -13,6 +13,7 @@ import pytest
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator, RunnableLambda, RunnablePassthrough
 
 from pool import PoolUnavailable, SerializationError, TaskTimeout
+from pool.client.connection import Connection
 from tests.support.ports import dead_address
 from tests.support.remote import remote
 from tests.support.waiting import wait_for, wait_for_async, wait_for_file
@@ -327,8 +328,11 @@ def test_each_caller_waits_for_a_dead_pool_only_as_long_as_its_own_connect_timeo
     patient = remote(dead, lambda x: x, connect_timeout=4)
     hasty = remote(dead, lambda x: x, connect_timeout=0.5)
 
-    for runnable, limit in ((patient, 10.0), (hasty, 3.0)):  # the second shares the first's connection
-        started = time.monotonic()
-        with pytest.raises(PoolUnavailable):
-            runnable.invoke(1)
-        assert time.monotonic() - started < limit
+    try:
+        for runnable, limit in ((patient, 10.0), (hasty, 3.0)):  # the second shares the first's connection
+            started = time.monotonic()
+            with pytest.raises(PoolUnavailable):
+                runnable.invoke(1)
+            assert time.monotonic() - started < limit
+    finally:
+        Connection.close_all(dead)

@@ -1,5 +1,5 @@
-"""The client's half of the callback relay (DESIGN §4a): replay a worker's callback events to the
-caller's own handlers, as if the remote runnable had run here.
+"""The client's half of the callback relay (docs/design.md#callbacks-cross-the-wire): replay a
+worker's callback events to the caller's own handlers, as if the remote runnable had run here.
 
 Each remote run gets a local run id (a remote id means nothing to a local tracer); the remote root
 run, which had no parent on the worker, becomes a child of the ``RunnableK8s`` run, and every other

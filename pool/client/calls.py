@@ -18,8 +18,13 @@ log = logging.getLogger("runnable_k8s.client")
 
 @dataclass(frozen=True)
 class RemoteCall:
-    """One call of a runnable: the encoded runnable (with its digest), the encoded input and kwargs,
-    and the part of the config that crosses the wire."""
+    """One call of a runnable: the encoded runnable (with its digest), the input and kwargs, and the
+    part of the config that crosses the wire.
+
+    The input is encoded lazily: a call usually carries ``value`` and ``kwargs`` with ``input``
+    left empty, and the backend encodes it when it sends it (:meth:`encoded_input`). The warm
+    backend then sends several items of one batch as one encoded list, and an input that is never
+    sent (a batch given up on) is never encoded."""
 
     runnable: bytes
     digest: str
@@ -27,15 +32,21 @@ class RemoteCall:
     config: dict[str, Any] = field(default_factory=dict)
     timeout: float | None = None
     retries: int = 0
-    trust_workers: bool = False  # decode outputs with full pickle (DESIGN §5); else data only
+    # Decode outputs with full pickle (docs/design.md#trust-one-pool-is-one-trust-domain); else data only.
+    trust_workers: bool = False
     # The input value and kwargs themselves, so that the warm pool can send several calls of one
     # batch as one task (``encode_batch_input``); None for a call built without them. A call with
-    # them may leave ``input`` empty (b""): then the warm backend encodes it when it sends it alone.
+    # them may leave ``input`` empty (b""): a backend encodes it when it sends it alone.
     value: Any = field(default=None, compare=False, repr=False)
     kwargs: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     # Where the worker's callback events are replayed (``pool.client.callback_relay``), when
     # something listens to this call's callbacks; None asks the worker for no events.
     relay: Any = field(default=None, compare=False, repr=False)
+
+    def encoded_input(self) -> bytes:
+        """The input as it crosses the wire: ``input`` when the call was built encoded, else
+        ``(value, kwargs)`` encoded now (a ``SerializationError`` for what cannot travel)."""
+        return self.input or encode_input(self.value, self.kwargs or {})
 
 
 def encode_runnable(runnable: Any) -> tuple[bytes, str]:
@@ -81,7 +92,7 @@ def _json_safe(value: Any) -> bool:
 
 
 def wire_config(config: RunnableConfig | None) -> dict[str, Any]:
-    """The JSON-safe part of a config (DESIGN §4): tags, metadata, configurable, recursion_limit,
+    """The JSON-safe part of a config (docs/design.md#the-warm-path): tags, metadata, configurable, recursion_limit,
     max_concurrency. Callbacks, run ids and run names belong to the local run and stay here; live
     objects in metadata or configurable (LangGraph puts some there) are left out, one by one."""
     if not config:

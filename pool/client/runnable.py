@@ -5,18 +5,23 @@
 It is a Runnable like any other: the client-side run is traced through LangChain's
 ``_call_with_config`` / ``_batch_with_config`` / ``_transform_stream_with_config`` helpers, it
 streams inside a ``RunnableSequence`` (which calls ``transform``), and ``with_retry`` /
-``with_fallbacks`` work because ``batch`` honours ``return_exceptions``. ``batch`` hands the
-backend one call per item, each with its own config and run manager (``_batch_with_config``), and
-gets back one outcome per item, exceptions as values; the warm backend sends them in sub-batches
-(``warm_backend.plan_sub_batches``). The runnable is encoded
-once per instance; its digest lets workers reuse what they already deserialized.
+``with_fallbacks`` work because ``batch`` honours ``return_exceptions``. ``invoke`` is one call
+to the backend; ``batch`` hands the backend one call per item, each with its own config and run
+manager (``_batch_with_config``), and gets back one outcome per item, exceptions as values (the
+warm backend sends them in sub-batches, ``warm_backend.plan_sub_batches``).
+
+Where calls run is decided once per instance, at its first call (``modes.Placement``), and every
+backend takes every way of calling (``modes.Backend``), so this module never asks which one it
+has. Keyword arguments are checked at construction (``settings``): an unknown one, a pool address
+without a scheme or a key folder without keys is refused there, saying what to write instead.
+The runnable is encoded once per instance; its digest lets workers reuse what they already
+deserialized. Inputs are encoded by the backend when it sends them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
@@ -32,13 +37,13 @@ from langchain_core.runnables.utils import ConfigurableFieldSpec, Input, Output
 from langchain_core.utils.pydantic import TypeBaseModel
 from pydantic import ConfigDict, PrivateAttr
 
-from pool.client import callback_relay, modes
-from pool.client.calls import RemoteCall, encode_input, encode_runnable, wire_config
-from pool.client.warm_backend import WarmBackend
+from pool.client import callback_relay, modes, settings
+from pool.client.calls import RemoteCall, encode_runnable, wire_config
+from pool.client.settings import TRUST_WORKERS_ENV
 from worker import defaults
 
 DEFAULT_IMAGE = defaults.EPHEMERAL_IMAGE
-TRUST_WORKERS_ENV = "RUNNABLE_K8S_TRUST_WORKERS"
+__all__ = ["DEFAULT_IMAGE", "TRUST_WORKERS_ENV", "RunnableK8s"]
 
 _UNSET = object()
 
@@ -48,10 +53,11 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     Args:
         bound: the runnable to run remotely (a chat model, a whole chain, a lambda).
-        pool: ``tcp://host:5555``, ``k8s://NAMESPACE/RELEASE``, or None for the
+        pool: ``tcp://host:5555``, ``ipc:///path``, ``k8s://NAMESPACE/RELEASE``, or None for the
             ``RUNNABLE_K8S_POOL`` environment variable (then ephemeral mode).
         mode: ``"warm"`` (pool only), ``"ephemeral"`` (a Pod per call), or ``"auto"`` (warm when
-            the pool answers, else ephemeral, saying so in the log).
+            the pool answers, else ephemeral, saying so in the log). Decided at the first call,
+            once for this instance (and the copies ``bind_tools`` and ``with_bound`` make).
         timeout: seconds a call may take; past it the task is cancelled and ``TaskTimeout`` raised.
         retries: times the pool re-runs a task whose worker died before it streamed anything.
         keys: this client's own CurveZMQ key folder, ``DIR/clients/NAME`` of ``runnable-k8s keys DIR``
@@ -66,6 +72,11 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
             machine. Off by default: traffic to such an address without CurveZMQ keys is readable
             and forgeable on the way, so the connection is refused with ``AuthenticationFailed``.
         k8s_*: the original RunnableK8s keyword arguments, used by ephemeral mode.
+
+    Raises:
+        TypeError: an unknown keyword argument (named, with the closest known one).
+        ConfigurationError: ``pool`` that is not an address (``127.0.0.1:5555``: write
+            ``tcp://127.0.0.1:5555``), or ``keys`` that is not a client key folder.
     """
 
     bound: Runnable[Input, Output]
@@ -91,9 +102,15 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     _encoded: tuple[bytes, str] | None = PrivateAttr(default=None)
+    _placement: modes.Placement = PrivateAttr(default_factory=modes.Placement)
 
     def __init__(self, *, bound: Runnable[Input, Output], **kwargs: Any) -> None:
+        settings.refuse_unknown_keywords(kwargs, type(self).model_fields, "RunnableK8s()")
         super().__init__(bound=bound, **kwargs)  # type: ignore[call-arg]
+        if self.pool:
+            settings.check_address(self.pool, "pool")
+        if self.keys:
+            settings.load_client_keys(self.keys, "keys")  # read again at the first call, where it is used
 
     # ------------------------------------------------------------------ delegation to bound
 
@@ -132,30 +149,42 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     def with_bound(self, bound: Runnable[Any, Any]) -> RunnableK8s[Any, Any]:
         """A copy running ``bound`` instead, with the same pool and settings."""
         fields = {name: getattr(self, name) for name in type(self).model_fields}
-        return type(self)(**{**fields, "bound": bound})
+        copy = type(self)(**{**fields, "bound": bound})
+        copy._placement = self._placement  # same settings, same place: decided once for both
+        return copy
 
     # ------------------------------------------------------------------ building calls
 
     def _call(self, value: Any, config: RunnableConfig | None, kwargs: dict[str, Any],
-              encode: bool = True, run_manager: Any = None) -> RemoteCall:
-        """The call of ``value``; with ``encode`` False its input is left for the backend to encode
-        (``RemoteCall.value``/``kwargs``): the warm backend sends a batch's items together. With a
-        ``run_manager`` that has listeners, the worker relays its callbacks and they are replayed
-        under that run (``pool.client.callback_relay``)."""
+              run_manager: Any = None, trusted: bool | None = None) -> RemoteCall:
+        """The call of ``value``, its input left for the backend to encode (``RemoteCall.value``/
+        ``kwargs``). ``trusted``: whether this instance trusts its workers (``Placed``); read from
+        the settings when not given. With a ``run_manager`` that has listeners, the worker relays
+        its callbacks and they are replayed under that run (``pool.client.callback_relay``)."""
         if self._encoded is None:
             self._encoded = encode_runnable(self.bound)
         blob, digest = self._encoded
-        trusted = self.trust_workers or os.environ.get(TRUST_WORKERS_ENV, "").lower() in ("1", "true", "yes")
+        if trusted is None:
+            trusted = modes.trusts_workers(self)
         relay: Any = None
         if callback_relay.listening(run_manager):
             relay = (callback_relay.AsyncCallbackRelay(run_manager, trusted)
                      if isinstance(run_manager, AsyncCallbackManagerForChainRun)
                      else callback_relay.CallbackRelay(run_manager, trusted))
-        return RemoteCall(blob, digest, encode_input(value, kwargs) if encode else b"", wire_config(config),
-                          self.timeout, self.retries, trusted, value, kwargs, relay)
+        return RemoteCall(blob, digest, b"", wire_config(config), self.timeout, self.retries, trusted, value, kwargs,
+                          relay)
 
-    def _backend(self) -> modes.Backend:
-        return modes.choose_backend(self)
+    def _calls(self, placed: modes.Placed, values: Sequence[Any], configs: Sequence[RunnableConfig],
+               runs: Sequence[Any], kwargs: dict[str, Any]) -> list[RemoteCall]:
+        return [self._call(value, c, kwargs, run, placed.trust_workers)
+                for value, c, run in zip(values, configs, runs, strict=True)]
+
+    def _placed(self) -> modes.Placed:
+        """Where this instance's calls run: decided at the first call, then kept."""
+        return self._placement.get(self)
+
+    async def _aplaced(self) -> modes.Placed:
+        return await self._placement.aget(self)
 
     # ------------------------------------------------------------------ invoke
 
@@ -164,7 +193,8 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     def _invoke(self, value: Input, run_manager: CallbackManagerForChainRun, config: RunnableConfig,
                 **kwargs: Any) -> Output:
-        output: Output = self._backend().invoke(self._call(value, config, kwargs, run_manager=run_manager))
+        placed = self._placed()
+        output: Output = placed.backend.invoke(self._call(value, config, kwargs, run_manager, placed.trust_workers))
         return output
 
     async def ainvoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Output:
@@ -172,8 +202,9 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     async def _ainvoke(self, value: Input, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
                        **kwargs: Any) -> Output:
-        backend = await modes.achoose_backend(self)
-        output: Output = await backend.ainvoke(self._call(value, config, kwargs, run_manager=run_manager))
+        placed = await self._aplaced()
+        output: Output = await placed.backend.ainvoke(
+            self._call(value, config, kwargs, run_manager, placed.trust_workers))
         return output
 
     # ------------------------------------------------------------------ batch
@@ -188,10 +219,9 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     def _batch(self, values: list[Input], run_manager: list[CallbackManagerForChainRun],
                config: list[RunnableConfig], limit: int | None, **kwargs: Any) -> list[Any]:
-        backend = self._backend()
-        encode = not isinstance(backend, WarmBackend)
-        calls = [self._call(v, c, kwargs, encode, m) for v, c, m in zip(values, config, run_manager, strict=True)]
-        return backend.batch(calls, limit, return_exceptions=True)
+        placed = self._placed()
+        return placed.backend.batch(self._calls(placed, values, config, run_manager, kwargs), limit,
+                                    return_exceptions=True)
 
     async def abatch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None,
                      *, return_exceptions: bool = False, **kwargs: Any) -> list[Output]:
@@ -203,10 +233,9 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     async def _abatch(self, values: list[Input], run_manager: list[AsyncCallbackManagerForChainRun],
                       config: list[RunnableConfig], limit: int | None, **kwargs: Any) -> list[Any]:
-        backend = await modes.achoose_backend(self)
-        encode = not isinstance(backend, WarmBackend)
-        calls = [self._call(v, c, kwargs, encode, m) for v, c, m in zip(values, config, run_manager, strict=True)]
-        return await backend.abatch(calls, limit, return_exceptions=True)
+        placed = await self._aplaced()
+        return await placed.backend.abatch(self._calls(placed, values, config, run_manager, kwargs), limit,
+                                           return_exceptions=True)
 
     # ------------------------------------------------------------------ as completed
 
@@ -231,19 +260,18 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
                            config: RunnableConfig | Sequence[RunnableConfig] | None = None, *,
                            return_exceptions: bool = False,
                            **kwargs: Any) -> Iterator[tuple[int, Output | Exception]]:
-        """Each item's ``(index, output)`` as it finishes, the items travelling in sub-batches like
-        :meth:`batch` (LangChain's default would start a thread per item to call ``invoke``)."""
+        """Each item's ``(index, output)`` as it finishes, the items travelling as the backend sends
+        them (in sub-batches on a pool; LangChain's default would start a thread per item to call
+        ``invoke``). Leaving early stops the items still running."""
         if not inputs:
             return
-        backend = self._backend()
-        if not isinstance(backend, WarmBackend):
-            yield from super().batch_as_completed(inputs, config, return_exceptions=return_exceptions, **kwargs)  # type: ignore[call-overload]
-            return
+        placed = self._placed()
         configs, runs = self._item_runs(inputs, config)
-        calls = [self._call(value, c, kwargs, False, run) for value, c, run in zip(inputs, configs, runs, strict=True)]
+        calls = self._calls(placed, inputs, configs, runs, kwargs)
         ended: set[int] = set()
+        outcomes = placed.backend.as_completed(calls, configs[0].get("max_concurrency"))
         try:
-            for index, outcome in backend.as_completed(calls, configs[0].get("max_concurrency")):
+            for index, outcome in outcomes:
                 ended.add(index)
                 if isinstance(outcome, Exception):
                     runs[index].on_chain_error(outcome)
@@ -253,6 +281,9 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
                     runs[index].on_chain_end(outcome)
                 yield index, outcome
         finally:
+            close = getattr(outcomes, "close", None)
+            if close is not None:
+                close()  # stop the items still running before saying they were not awaited
             for index in set(range(len(calls))) - ended:  # the caller stopped early, or one raised
                 runs[index].on_chain_error(asyncio.CancelledError("not awaited: batch_as_completed was closed"))
 
@@ -263,16 +294,11 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         """:meth:`batch_as_completed` for a coroutine."""
         if not inputs:
             return
-        backend = await modes.achoose_backend(self)
-        if not isinstance(backend, WarmBackend):
-            async for item in super().abatch_as_completed(inputs, config, return_exceptions=return_exceptions,  # type: ignore[call-overload]
-                                                          **kwargs):
-                yield item
-            return
+        placed = await self._aplaced()
         configs, runs = await self._aitem_runs(inputs, config)
-        calls = [self._call(value, c, kwargs, False, run) for value, c, run in zip(inputs, configs, runs, strict=True)]
+        calls = self._calls(placed, inputs, configs, runs, kwargs)
         ended: set[int] = set()
-        iterator = backend.aas_completed(calls, configs[0].get("max_concurrency"))
+        iterator = placed.backend.aas_completed(calls, configs[0].get("max_concurrency"))
         try:
             async for index, outcome in iterator:
                 ended.add(index)
@@ -304,7 +330,8 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
             value = chunk if value is _UNSET else _add(value, chunk)
         if value is _UNSET:
             return  # no input, no call (as LangChain's own transform)
-        yield from self._backend().stream(self._call(value, config, kwargs, run_manager=run_manager))
+        placed = self._placed()
+        yield from placed.backend.stream(self._call(value, config, kwargs, run_manager, placed.trust_workers))
 
     async def astream(self, input: Input, config: RunnableConfig | None = None,
                       **kwargs: Any) -> AsyncIterator[Output]:
@@ -326,8 +353,9 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
             value = chunk if value is _UNSET else _add(value, chunk)
         if value is _UNSET:
             return  # no input, no call (as LangChain's own transform)
-        backend = await modes.achoose_backend(self)
-        async for chunk in backend.astream(self._call(value, config, kwargs, run_manager=run_manager)):
+        placed = await self._aplaced()
+        async for chunk in placed.backend.astream(self._call(value, config, kwargs, run_manager,
+                                                             placed.trust_workers)):
             yield chunk
 
 

@@ -24,14 +24,20 @@ import json
 import queue
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
-from pool.client.calls import RemoteCall, decode_output, encode_batch_input, encode_input
+from pool.client.calls import RemoteCall, decode_output, encode_batch_input
 from pool.client.connection import Connection, Event, LoopSink, Submission, ThreadSink
-from pool.errors import PayloadTooLarge, ProtocolError, TaskTimeout, error_from_wire
+from pool.client.settings import KEYS_ENV
+from pool.errors import AuthenticationFailed, PayloadTooLarge, ProtocolError, TaskTimeout, error_from_wire
 from worker import defaults
 from worker import protocol as P
+
+NO_KEYS_ADVICE = (
+    f"This client has no keys (keys= and {KEYS_ENV} are both unset): pass keys=\"DIR/clients/NAME\" "
+    f"from the `runnable-k8s keys DIR` tree the broker's keys come from, or set {KEYS_ENV} to that folder."
+)
 
 # What the event handling below yields: (the caller's index, final, value); final is False for a
 # chunk, True for an outcome, None for a relayed callback event.
@@ -140,7 +146,7 @@ class _Calls:
             if unit.batch:
                 blob = encode_batch_input([call.value for call in unit.calls], first.kwargs or {})
             else:
-                blob = first.input or encode_input(first.value, first.kwargs or {})
+                blob = first.encoded_input()
             try:
                 self.connection.check_size(first.runnable, blob)
             except PayloadTooLarge:
@@ -151,11 +157,10 @@ class _Calls:
             if unit.batch and self._too_big_a_share(unit, blob):
                 continue
             task_id = self.connection.new_task_id()
-            header = P.TaskHeader("batch" if unit.batch else self.kind, first.digest, first.timeout, unit.retries,
-                                  first.config, first.trust_workers, len(unit.calls),
-                                  events=not unit.batch and first.relay is not None,
-                                  tokens=not unit.batch and first.relay is not None and first.relay.tokens).to_bytes()
-            deadline = time.monotonic() + first.timeout if first.timeout is not None else None
+            header = (_header(first, self.kind, unit.retries) if not unit.batch
+                      else P.TaskHeader("batch", first.digest, first.timeout, unit.retries, first.config,
+                                        first.trust_workers, len(unit.calls)).to_bytes())
+            deadline = _deadline(first)
             self.open[task_id] = (unit, deadline)
             self.in_flight += len(unit.calls)
             self.connection.submit(Submission(task_id, header, first.digest, first.runnable, blob, self.sink,
@@ -203,21 +208,14 @@ class _Calls:
             out = self._handle_batch(event, unit)
             self.refill()
             return out
-        index, call = unit.indices[0], unit.calls[0]
-        if event.kind == "event":
-            return [(index, None, event.data)] if call.relay is not None else []
-        if event.kind == "chunk":
-            try:
-                return [(index, False, decode_output(event.data, call.trust_workers))]
-            except Exception as exc:  # noqa: BLE001 - a refused chunk ends the call with its error
-                self._end(event.task_id, unit, cancel=True)
-                self.refill()
-                return [(index, True, exc)]
-        self._end(event.task_id, unit, cancel=False)
-        self.refill()
-        if self.kind == "stream" and event.kind == "result":
-            return [(index, True, None)]  # the end of the stream
-        return [(index, True, _outcome(event, call.trust_workers))]
+        step = _single_step(event, unit.calls[0], self.kind)
+        if step is None:
+            return []
+        final, value = step
+        if final:
+            self._end(event.task_id, unit, cancel=event.kind == "chunk")
+            self.refill()
+        return [(unit.indices[0], final, value)]
 
     def _handle_batch(self, event: Event, unit: _Unit) -> list[_Item]:
         task_id = event.task_id
@@ -277,6 +275,86 @@ class _Calls:
             self.connection.cancel(task_id)
 
 
+def _header(call: RemoteCall, kind: str, retries: int) -> bytes:
+    """The header of a task carrying one call (an invoke or a stream)."""
+    listened = call.relay is not None
+    return P.TaskHeader(kind, call.digest, call.timeout, retries, call.config, call.trust_workers, 1,
+                        events=listened, tokens=listened and call.relay.tokens).to_bytes()
+
+
+def _deadline(call: RemoteCall) -> float | None:
+    return time.monotonic() + call.timeout if call.timeout is not None else None
+
+
+def _single_step(event: Event, call: RemoteCall, kind: str) -> tuple[bool | None, Any] | None:
+    """What an event of a task carrying one call means to its caller: None (nothing), ``(None,
+    data)`` a callback event to replay, ``(False, chunk)``, or ``(True, outcome)`` when the call is
+    over: its output or exception (for a stream, None at its end). A chunk that cannot be decoded
+    ends the call with its error while the task still runs: whoever gets ``(True, ...)`` for a
+    ``chunk`` event cancels the task."""
+    if event.kind == "event":
+        return (None, event.data) if call.relay is not None else None
+    if event.kind == "chunk":
+        try:
+            return False, decode_output(event.data, call.trust_workers)
+        except Exception as exc:  # noqa: BLE001 - a refused chunk ends the call with its error
+            return True, exc
+    if kind == "stream" and event.kind == "result":
+        return True, None  # the end of the stream
+    return True, _outcome(event, call.trust_workers)
+
+
+class _One:
+    """One call as one task: the short path of ``invoke`` and ``stream``. No plan, no window, no
+    sub-batches, no bookkeeping by index: submit, wait for this task's events, cancel it if the
+    caller leaves before its end. ``step`` turns an event into what :func:`_single_step` says."""
+
+    __slots__ = ("connection", "call", "kind", "sink", "patience", "task_id", "deadline", "running")
+
+    def __init__(self, connection: Connection, call: RemoteCall, kind: str, sink: Any,
+                 patience: float | None) -> None:
+        self.connection = connection
+        self.call = call
+        self.kind = kind
+        self.sink = sink
+        self.patience = patience
+        self.task_id = connection.new_task_id()
+        self.deadline = _deadline(call)
+        self.running = False
+
+    def start(self) -> None:
+        call = self.call
+        blob = call.encoded_input()
+        self.connection.check_size(call.runnable, blob)
+        self.running = True
+        self.connection.submit(Submission(self.task_id, _header(call, self.kind, call.retries), call.digest,
+                                          call.runnable, blob, self.sink, patience=self.patience))
+
+    def wait_time(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def step(self, event: Event) -> tuple[bool | None, Any] | None:
+        if event.task_id != self.task_id:
+            return None
+        step = _single_step(event, self.call, self.kind)
+        if step is not None and step[0] and event.kind != "chunk":
+            self.running = False  # the task is over on the pool's side: nothing to cancel
+        return step
+
+    def timed_out(self) -> TaskTimeout:
+        """The call's deadline passed: the error to raise (the task is cancelled by ``close``)."""
+        waiting = self.connection.waiting_for_allowance(self.task_id)
+        if waiting is None:
+            return _timeout_error(self.call)
+        error: TaskTimeout = _allowance_timeout(waiting, self.connection.allowance_advice())(self.call)
+        return error
+
+    def close(self) -> None:
+        if self.running:
+            self.running = False
+            self.connection.cancel(self.task_id)
+
+
 def _singles_of(unit: _Unit) -> list[_Unit]:
     return [_Unit([i], [call], unit.retries, False) for i, call in zip(unit.indices, unit.calls, strict=True)]
 
@@ -302,26 +380,102 @@ def _value(outcome: Any) -> Any:
 
 
 class WarmBackend:
-    """Runs :class:`RemoteCall` s on a pool through one shared :class:`Connection`."""
+    """Runs :class:`RemoteCall` s on a pool through one shared :class:`Connection`.
 
-    def __init__(self, connection: Connection, connect_timeout: float | None = None) -> None:
-        self.connection = connection
+    ``invoke`` and ``stream`` (sync and async) take the short path of one task (:class:`_One`);
+    ``batch`` and ``as_completed`` plan sub-batches and keep a window (:class:`_Calls`). A call's
+    input may arrive unencoded (``RemoteCall.value``): it is encoded when it is sent.
+
+    ``reconnect`` makes the connection again once it was closed (``Connection.close_all``, a pool
+    shut down): a RunnableK8s keeps its backend for its life, and must not keep a dead connection.
+    """
+
+    def __init__(self, connection: Connection, connect_timeout: float | None = None,
+                 reconnect: Callable[[], Connection] | None = None) -> None:
+        self._connection = connection
         # The caller's own patience: the shared connection may have been made by another caller.
         self.connect_timeout = connect_timeout
+        self._reconnect = reconnect
 
-    def _plan(self, calls: Sequence[RemoteCall], window: int | None) -> list[_Unit] | None:
+    @property
+    def connection(self) -> Connection:
+        connection = self._connection
+        if connection.closed and self._reconnect is not None:
+            connection = self._connection = self._reconnect()
+        return connection
+
+    def ensure_ready(self, timeout: float | None = None) -> Connection:
+        """The connection once the broker has welcomed it (``PoolUnavailable`` if none does within
+        ``timeout``, default the caller's connect timeout). A refused handshake of a client with
+        no keys says to pass them: the broker has keys and wants this client's."""
+        connection = self.connection
+        try:
+            connection.ensure_ready(self.connect_timeout if timeout is None else timeout)
+        except AuthenticationFailed as exc:
+            if connection.keys is None:
+                raise AuthenticationFailed(f"{exc} {NO_KEYS_ADVICE}") from exc
+            raise
+        return connection
+
+    async def aensure_ready(self) -> Connection:
+        connection = self.connection
+        if connection.ready:
+            return connection
+        # Only while connecting: a thread waits for the handshake so the loop does not.
+        return await asyncio.get_running_loop().run_in_executor(None, self.ensure_ready)
+
+    def _plan(self, connection: Connection, calls: Sequence[RemoteCall], window: int | None) -> list[_Unit] | None:
         if len(calls) < 2:
             return None
-        return plan_sub_batches(calls, self.connection.ready_workers(), window)
+        return plan_sub_batches(calls, connection.ready_workers(), window)
 
-    # ------------------------------------------------------------------ sync
+    # ------------------------------------------------------------------ one call, sync
 
-    def _run(self, calls: Sequence[RemoteCall], kind: str, window: int | None = None,
-             sub_batches: bool = False) -> Iterator[_Item]:
-        self.connection.ensure_ready(self.connect_timeout)
+    def _one(self, call: RemoteCall, kind: str) -> Iterator[tuple[bool, Any]]:
+        """``(False, chunk)`` ... then ``(True, outcome)`` of one call in one task."""
+        connection = self.ensure_ready()
         sink = ThreadSink()
-        units = self._plan(calls, window) if sub_batches else None
-        state = _Calls(self.connection, calls, kind, sink, window, units, self.connect_timeout)
+        one = _One(connection, call, kind, sink, self.connect_timeout)
+        try:
+            one.start()
+            while True:
+                try:
+                    event = sink.get(one.wait_time())
+                except queue.Empty:
+                    yield True, one.timed_out()
+                    return
+                step = one.step(event)
+                if step is None:
+                    continue
+                if step[0] is None:
+                    call.relay.replay(step[1])
+                    continue
+                yield step[0], step[1]
+                if step[0]:
+                    return
+        finally:
+            one.close()
+
+    def invoke(self, call: RemoteCall) -> Any:
+        for final, outcome in self._one(call, "invoke"):
+            if final:
+                return _value(outcome)
+        raise AssertionError("unreachable: every call ends with an outcome")
+
+    def stream(self, call: RemoteCall) -> Iterator[Any]:
+        for final, value in self._one(call, "stream"):
+            if final:
+                _value(value)
+                return
+            yield value
+
+    # ------------------------------------------------------------------ many calls, sync
+
+    def _run(self, calls: Sequence[RemoteCall], window: int | None) -> Iterator[_Item]:
+        connection = self.ensure_ready()
+        sink = ThreadSink()
+        state = _Calls(connection, calls, "invoke", sink, window, self._plan(connection, calls, window),
+                       self.connect_timeout)
         try:
             state.refill()
             while not state.done:
@@ -338,11 +492,6 @@ class WarmBackend:
         finally:
             state.cancel_all()
 
-    def invoke(self, call: RemoteCall) -> Any:
-        for _, _, outcome in self._run([call], "invoke"):
-            return _value(outcome)
-        raise AssertionError("unreachable: every call ends with an outcome")
-
     def batch(self, calls: Sequence[RemoteCall], max_concurrency: int | None, return_exceptions: bool) -> list[Any]:
         results: list[Any] = [None] * len(calls)
         for index, outcome in self.as_completed(calls, max_concurrency):
@@ -352,26 +501,63 @@ class WarmBackend:
     def as_completed(self, calls: Sequence[RemoteCall], max_concurrency: int | None) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, output or exception)`` as each call finishes; at most
         ``max_concurrency`` in flight."""
-        for index, _, outcome in self._run(calls, "invoke", max_concurrency, sub_batches=True):
+        for index, _, outcome in self._run(calls, max_concurrency):
             yield index, outcome
 
-    def stream(self, call: RemoteCall) -> Iterator[Any]:
-        for _, final, value in self._run([call], "stream"):
-            if final:
-                _value(value)
-                return
-            yield value
+    # ------------------------------------------------------------------ one call, async
 
-    # ------------------------------------------------------------------ async
-
-    async def _arun(self, calls: Sequence[RemoteCall], kind: str, window: int | None = None,
-                    sub_batches: bool = False) -> AsyncGenerator[_Item, None]:
-        if not self.connection.ready:
-            # Only while connecting: a thread waits for the handshake so the loop does not.
-            await asyncio.get_running_loop().run_in_executor(None, self.connection.ensure_ready, self.connect_timeout)
+    async def _aone(self, call: RemoteCall, kind: str) -> AsyncGenerator[tuple[bool, Any], None]:
+        connection = await self.aensure_ready()
         sink = LoopSink()
-        units = self._plan(calls, window) if sub_batches else None
-        state = _Calls(self.connection, calls, kind, sink, window, units, self.connect_timeout)
+        one = _One(connection, call, kind, sink, self.connect_timeout)
+        try:
+            one.start()
+            while True:
+                try:
+                    event = await sink.get(one.wait_time())
+                except (asyncio.TimeoutError, TimeoutError):
+                    yield True, one.timed_out()
+                    return
+                step = one.step(event)
+                if step is None:
+                    continue
+                if step[0] is None:
+                    await call.relay.replay(step[1])
+                    continue
+                yield step[0], step[1]
+                if step[0]:
+                    return
+        finally:
+            one.close()
+
+    async def ainvoke(self, call: RemoteCall) -> Any:
+        iterator = self._aone(call, "invoke")
+        try:
+            async for final, outcome in iterator:
+                if final:
+                    return _value(outcome)
+        finally:
+            await iterator.aclose()
+        raise AssertionError("unreachable: every call ends with an outcome")
+
+    async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
+        iterator = self._aone(call, "stream")
+        try:
+            async for final, value in iterator:
+                if final:
+                    _value(value)
+                    return
+                yield value
+        finally:
+            await iterator.aclose()
+
+    # ------------------------------------------------------------------ many calls, async
+
+    async def _arun(self, calls: Sequence[RemoteCall], window: int | None) -> AsyncGenerator[_Item, None]:
+        connection = await self.aensure_ready()
+        sink = LoopSink()
+        state = _Calls(connection, calls, "invoke", sink, window, self._plan(connection, calls, window),
+                       self.connect_timeout)
         try:
             state.refill()
             while not state.done:
@@ -389,19 +575,10 @@ class WarmBackend:
         finally:
             state.cancel_all()
 
-    async def ainvoke(self, call: RemoteCall) -> Any:
-        iterator = self._arun([call], "invoke")
-        try:
-            async for _, _, outcome in iterator:
-                return _value(outcome)
-        finally:
-            await iterator.aclose()
-        raise AssertionError("unreachable: every call ends with an outcome")
-
     async def abatch(self, calls: Sequence[RemoteCall], max_concurrency: int | None,
                      return_exceptions: bool) -> list[Any]:
         results: list[Any] = [None] * len(calls)
-        iterator = self._arun(calls, "invoke", max_concurrency, sub_batches=True)
+        iterator = self._arun(calls, max_concurrency)
         try:
             async for index, _, outcome in iterator:
                 results[index] = outcome if return_exceptions else _value(outcome)
@@ -412,20 +589,9 @@ class WarmBackend:
     async def aas_completed(self, calls: Sequence[RemoteCall],
                             max_concurrency: int | None) -> AsyncIterator[tuple[int, Any]]:
         """:meth:`as_completed` for a coroutine."""
-        iterator = self._arun(calls, "invoke", max_concurrency, sub_batches=True)
+        iterator = self._arun(calls, max_concurrency)
         try:
             async for index, _, outcome in iterator:
                 yield index, outcome
-        finally:
-            await iterator.aclose()
-
-    async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
-        iterator = self._arun([call], "stream")
-        try:
-            async for _, final, value in iterator:
-                if final:
-                    _value(value)
-                    return
-                yield value
         finally:
             await iterator.aclose()

@@ -9,6 +9,7 @@ and a cancelled asyncio task (``Session.abort`` may be called from any thread).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -16,7 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from pool.client.calls import RemoteCall, decode_output
-from pool.errors import PayloadTooLarge, TaskTimeout, WorkerLineTooLong, WorkerLost, error_from_wire
+from pool.errors import (
+    PayloadTooLarge,
+    PodFailed,
+    RunnableK8sError,
+    TaskTimeout,
+    WorkerLineTooLong,
+    WorkerLost,
+    error_from_wire,
+)
 from worker import defaults
 from worker import protocol as P
 from worker.stdio_lines import LINE_SLACK_BYTES, MAX_LINE_BYTES, LineTooLong
@@ -52,8 +61,11 @@ class Session:
     """One call on one fresh worker."""
 
     def __init__(self, launcher: Launcher, call: RemoteCall, kind: str,
-                 on_event: Callable[[bytes], None] | None = None) -> None:
+                 on_event: Callable[[bytes], None] | None = None, why: str | None = None) -> None:
         self.launcher = launcher
+        # Why this call runs on a fresh worker rather than a pool (auto mode's fallback): added to
+        # an error starting one, so that a Pod that cannot start is not mistaken for the problem.
+        self.why = why
         self.call = call
         self.kind = kind
         # Where relayed callback events go (the call's relay, on the caller's side); when None
@@ -76,14 +88,14 @@ class Session:
         header = P.TaskHeader(self.kind, self.call.digest, self.call.timeout, 0, self.call.config,
                               self.call.trust_workers, events=self.on_event is not None,
                               tokens=self.call.relay is not None and self.call.relay.tokens)
-        task = P.stdio_line(P.TASK, header.to_bytes(), self.call.runnable, self.call.input)
+        task = P.stdio_line(P.TASK, header.to_bytes(), self.call.runnable, self.call.encoded_input())
         if len(task) > MAX_LINE_BYTES:  # the worker would refuse it: say so before starting one
             raise PayloadTooLarge(
                 f"the runnable, input and config come to {len(task)} bytes as a line to the one-shot worker, "
                 f"over its limit of {MAX_LINE_BYTES} (the largest message, {defaults.MAX_MESSAGE_BYTES} bytes, "
                 f"as base64, plus {LINE_SLACK_BYTES}). Send less data (pass a reference such as a URL instead)."
             )
-        channel = self.launcher.launch(self.deadline)
+        channel = self._launch()
         with self._lock:
             self._channel = channel
             aborted = self._aborted
@@ -110,6 +122,19 @@ class Session:
                     return
         finally:
             self.abort()
+
+    def _launch(self) -> Channel:
+        """A started worker; a launcher's own failure (a Kubernetes client error, an OSError)
+        becomes ``PodFailed`` saying so, and every failure says why this call needed a worker."""
+        try:
+            return self.launcher.launch(self.deadline)
+        except RunnableK8sError as exc:
+            _told_why(exc, self.why)
+            raise
+        except Exception as exc:  # the Kubernetes client's or the OS's own error, raised as ours
+            error = PodFailed(f"the one-shot worker could not be started: {type(exc).__name__}: {exc}",
+                              reason=type(exc).__name__)
+            raise _told_why(error, self.why) from exc
 
     def _write(self, channel: Channel, data: bytes) -> None:
         try:
@@ -164,72 +189,96 @@ class Session:
 
 
 class EphemeralBackend:
-    """Runs each :class:`RemoteCall` in a fresh worker started by ``launcher``."""
+    """Runs each :class:`RemoteCall` in a fresh worker started by ``launcher``.
 
-    def __init__(self, launcher: Launcher) -> None:
+    Each call is its own worker, so there is nothing to batch: ``batch`` and ``as_completed`` run
+    one session per item in threads (``abatch``/``aas_completed``: asyncio tasks), at most
+    ``max_concurrency`` at once, and stop the workers still running when the caller leaves.
+    ``why``: when auto mode fell back to this backend, the reason, added to launch errors.
+    """
+
+    def __init__(self, launcher: Launcher, why: str | None = None) -> None:
         self.launcher = launcher
+        self.why = why
+
+    def _session(self, call: RemoteCall, kind: str, on_event: Callable[[bytes], None] | None) -> Session:
+        return Session(self.launcher, call, kind, on_event, self.why)
 
     def invoke(self, call: RemoteCall) -> Any:
-        return Session(self.launcher, call, "invoke", _sync_relay(call)).invoke()
+        return self._session(call, "invoke", _sync_relay(call)).invoke()
 
     def stream(self, call: RemoteCall) -> Iterator[Any]:
-        yield from Session(self.launcher, call, "stream", _sync_relay(call)).stream()
+        yield from self._session(call, "stream", _sync_relay(call)).stream()
+
+    def as_completed(self, calls: Sequence[RemoteCall], max_concurrency: int | None) -> Iterator[tuple[int, Any]]:
+        """``(index, output or exception)`` as each item's worker finishes."""
+        if not calls:
+            return
+        sessions = [self._session(call, "invoke", _sync_relay(call)) for call in calls]
+        executor = ThreadPoolExecutor(max_workers=max(1, min(max_concurrency or len(calls), len(calls))),
+                                      thread_name_prefix="runnable-k8s-ephemeral")
+        futures = {executor.submit(_outcome, session.invoke): index for index, session in enumerate(sessions)}
+        left = set(futures.values())
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                index = futures[future]
+                left.discard(index)
+                yield index, future.result()
+        finally:
+            # The caller stopped early, one raised, or KeyboardInterrupt: stop every worker still running.
+            executor.shutdown(wait=False, cancel_futures=True)
+            for index in left:
+                sessions[index].abort()
 
     def batch(self, calls: Sequence[RemoteCall], max_concurrency: int | None, return_exceptions: bool) -> list[Any]:
         """One worker per item, in parallel, at most ``max_concurrency`` at once."""
-        sessions = [Session(self.launcher, call, "invoke", _sync_relay(call)) for call in calls]
-
-        def run(session: Session) -> Any:
-            try:
-                return session.invoke()
-            except Exception as exc:  # noqa: BLE001 - returned in place, like Runnable.batch
-                return exc
-
-        executor = ThreadPoolExecutor(max_workers=max(1, max_concurrency or len(calls)),
-                                      thread_name_prefix="runnable-k8s-ephemeral")
-        try:
-            results = list(executor.map(run, sessions))
-        except BaseException:
-            for session in sessions:  # KeyboardInterrupt: stop every worker still running
-                session.abort()
-            raise
-        finally:
-            executor.shutdown(wait=False, cancel_futures=True)
-        if not return_exceptions:
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
-        return results
+        return _collect(self.as_completed(calls, max_concurrency), len(calls), return_exceptions)
 
     async def ainvoke(self, call: RemoteCall) -> Any:
-        session = Session(self.launcher, call, "invoke", _async_relay(call))
+        session = self._session(call, "invoke", _async_relay(call))
         try:
             return await asyncio.get_running_loop().run_in_executor(None, session.invoke)
         except asyncio.CancelledError:
             session.abort()
             raise
 
-    async def abatch(self, calls: Sequence[RemoteCall], max_concurrency: int | None,
-                     return_exceptions: bool) -> list[Any]:
+    async def aas_completed(self, calls: Sequence[RemoteCall],
+                            max_concurrency: int | None) -> AsyncIterator[tuple[int, Any]]:
+        """:meth:`as_completed` for a coroutine: one task per item."""
         limit = asyncio.Semaphore(max(1, max_concurrency or len(calls)))
 
-        async def one(call: RemoteCall) -> Any:
+        async def one(index: int, call: RemoteCall) -> tuple[int, Any]:
             async with limit:
                 try:
-                    return await self.ainvoke(call)
-                except Exception as exc:  # noqa: BLE001
-                    return exc
+                    return index, await self.ainvoke(call)
+                except Exception as exc:  # noqa: BLE001 - returned in place, like Runnable.batch
+                    return index, exc
 
-        results = await asyncio.gather(*(one(call) for call in calls))
-        if not return_exceptions:
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
-        return list(results)
+        tasks = [asyncio.ensure_future(one(index, call)) for index, call in enumerate(calls)]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                yield await finished
+        finally:
+            for task in tasks:
+                task.cancel()  # ainvoke stops the worker of a task cancelled while it runs
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def abatch(self, calls: Sequence[RemoteCall], max_concurrency: int | None,
+                     return_exceptions: bool) -> list[Any]:
+        results: list[Any] = [None] * len(calls)
+        iterator = self.aas_completed(calls, max_concurrency)
+        try:
+            async for index, outcome in iterator:
+                if isinstance(outcome, Exception) and not return_exceptions:
+                    raise outcome  # leaving cancels the rest
+                results[index] = outcome
+        finally:
+            await iterator.aclose()  # type: ignore[attr-defined]
+        return results
 
     async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
         """Chunks from a thread driving the session, handed over as they come."""
-        session = Session(self.launcher, call, "stream", _async_relay(call))
+        session = self._session(call, "stream", _async_relay(call))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -259,6 +308,38 @@ class EphemeralBackend:
                     return
         finally:
             session.abort()  # the pump thread ends as soon as its worker is gone
+
+
+def _told_why(error: RunnableK8sError, why: str | None) -> RunnableK8sError:
+    """``error`` with ``why`` appended to its message (in ``str(error)``, where a note added with
+    ``add_note``, Python 3.11 and later only, would not be)."""
+    if why and error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]} ({why})", *error.args[1:])
+    return error
+
+
+def _outcome(run: Callable[[], Any]) -> Any:
+    """``run()``'s result, or the exception it raised (returned in place, like Runnable.batch)."""
+    try:
+        return run()
+    except Exception as exc:  # noqa: BLE001
+        return exc
+
+
+def _collect(outcomes: Iterator[tuple[int, Any]], count: int, return_exceptions: bool) -> list[Any]:
+    """A batch's results in input order; without ``return_exceptions`` the first exception to come
+    is raised, and leaving the iterator stops the workers still running."""
+    results: list[Any] = [None] * count
+    try:
+        for index, outcome in outcomes:
+            if isinstance(outcome, Exception) and not return_exceptions:
+                raise outcome
+            results[index] = outcome
+    finally:
+        close = getattr(outcomes, "close", None)
+        if close is not None:
+            close()
+    return results
 
 
 def _sync_relay(call: RemoteCall) -> Callable[[bytes], None] | None:
