@@ -70,7 +70,7 @@ def _fmt(value: float | None, width: int = 9) -> str:
 def format_table(results: dict[str, Any]) -> str:
     settings = results.get("settings", {})
     env = results.get("environment", {})
-    concurrency = [str(c) for c in settings.get("concurrency", [])]
+    in_flight = [str(c) for c in settings.get("concurrency", [])]
     modes = results["modes"]
     in_process = results["in_process"]["workloads"]
     lines = []
@@ -89,7 +89,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines.extend(_goal_lines(results.get("goals", {})))
         return "\n".join(lines).rstrip()
     header = f"{'workload':8} {'runs as':32} {'calls':>6} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}"
-    header += "".join(f" {'/s @' + c:>9}" for c in concurrency)
+    header += "".join(f" {'/s @' + c:>9}" for c in in_flight)
     lines.append(header)
     lines.append("-" * len(header))
 
@@ -97,7 +97,7 @@ def format_table(results: dict[str, Any]) -> str:
         text = (f"{workload:8} {label:32} {figures.get('calls', ''):>6} {_fmt(figures['p50_ms'])} "
                 f"{_fmt(figures['p95_ms'])} {_fmt(figures['p99_ms'])}")
         if by_conc is not None:
-            text += "".join(f" {_fmt(by_conc.get(c))}" for c in concurrency)
+            text += "".join(f" {_fmt(by_conc.get(c))}" for c in in_flight)
         return text
 
     for workload, base in in_process.items():
@@ -337,7 +337,7 @@ def _ms_text(ms: float) -> str:
 
 
 def _throughput_panel(ax: Any, results: dict[str, Any]) -> None:
-    concurrency = results.get("settings", {}).get("concurrency", [])
+    in_flight = results.get("settings", {}).get("concurrency", [])
 
     placed: list[tuple[int, float]] = []  # (x, label y) of the end labels, to keep them apart
 
@@ -370,10 +370,10 @@ def _throughput_panel(ax: Any, results: dict[str, Any]) -> None:
                 transform=ax.transAxes, ha="right", va="bottom", fontsize=8.5, color=SERIES_COLORS["ephemeral"])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    if concurrency:
-        ax.set_xticks(concurrency)
-        ax.set_xticklabels([str(c) for c in concurrency])
-        ax.set_xlim(min(concurrency) / 1.5, max(concurrency) * 3)
+    if in_flight:
+        ax.set_xticks(in_flight)
+        ax.set_xticklabels([str(c) for c in in_flight])
+        ax.set_xlim(min(in_flight) / 1.5, max(in_flight) * 3)
     ax.set_xlabel("calls in flight")
     ax.set_ylabel("calls per second (log scale)")
     ax.set_title("Throughput against calls in flight (colour = mode, line style = workload)", fontsize=11)
