@@ -227,7 +227,10 @@ class LocalPool:
             if len(ready) >= count:
                 return
             if time.monotonic() > deadline:
-                raise PoolUnavailable(f"only {len(ready)} of {count} local workers registered in time")
+                raise PoolUnavailable(
+                    f"only {len(ready)} of {count} local worker{'' if count == 1 else 's'} registered within "
+                    f"{timeout or self.start_timeout:g}s: see the workers' log above; on a slow or busy machine "
+                    "pass a longer LocalPool(start_timeout=...)")
             time.sleep(0.05)
 
     def status(self) -> dict[str, Any]:
