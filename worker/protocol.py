@@ -41,7 +41,7 @@ Broker -> worker
     RECONNECT  []                                       "I do not know you": send READY again
 
 Over stdin/stdout (ephemeral mode: ``python -m worker --stdio``, one task per process or Pod) the
-same messages travel as text lines, ``RK8S/1 COMMAND base64 base64 ...``, so that they survive any
+same messages travel as text lines, ``RK8S/2 COMMAND base64 base64 ...``, so that they survive any
 byte stream (the Kubernetes attach API included); lines without that prefix are not ours and are
 skipped. The worker writes nothing until it has read the client's HELLO, so nothing is lost
 before the reader has attached::
