@@ -1,9 +1,10 @@
-"""Batches travel as batches (issue 11): ``batch``/``abatch`` send their items to workers in
+"""Batches travel as batches: ``batch``/``abatch`` send their items to workers in
 sub-batches, run there with the runnable's own ``batch_as_completed``/``abatch_as_completed``, and
 every item's outcome comes back on its own, exactly as a local ``batch`` would give it.
 
-One real LocalPool (two worker processes) for the module; real LangChain runnables. The wire
-format of an item is checked here too, with hostile input.
+One real LocalPool (two worker processes) for the module, and one of its own for the test that
+kills a worker, so the tests pass in any order; real LangChain runnables. The wire format of an
+item is checked here too, with hostile input.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pool import LocalPool, TaskTimeout
 from pool.client.calls import RemoteCall
 from pool.client.warm_backend import plan_sub_batches
 from tests.support.remote import remote
-from tests.support.waiting import wait_for
+from tests.support.waiting import wait_for, wait_for_file
 from worker import codec, defaults, execution
 from worker import protocol as P
 
@@ -65,7 +66,7 @@ async def adouble(x: int) -> int:
 
 @pytest.fixture(scope="module")
 def pool() -> Any:
-    with LocalPool(workers=2, concurrency=4) as local:
+    with LocalPool(workers=2, slots=4) as local:
         yield local
 
 
@@ -331,18 +332,24 @@ def test_a_batch_input_that_does_not_match_its_header_fails_the_task():
 # ---------------------------------------------------------------------- losing a worker
 
 
-def test_a_worker_lost_mid_sub_batch_keeps_the_reported_items_and_retries_the_rest(pool, tmp_path):
-    # Last of the tests that use the pool: it leaves the pool one worker short.
-    marker = str(tmp_path / "died-once")
+def test_a_worker_lost_mid_sub_batch_keeps_the_reported_items_and_retries_the_rest(tmp_path):
+    # A pool of its own: the test kills one of its workers.
+    marker, go = str(tmp_path / "died-once"), str(tmp_path / "go")
 
     def die_once_on_zero(x: int) -> tuple[int, int]:
         if x == 0 and not os.path.exists(marker):
+            wait_for_file(go, 30)  # until every other item, item 1 of this sub-batch too, is reported
             Path(marker).write_text(str(os.getpid()))
-            time.sleep(0.5)  # item 1, in the same sub-batch, is reported meanwhile
             os._exit(1)
         return x, os.getpid()
 
-    results = remote(pool, die_once_on_zero, retries=1).batch(list(range(16)), return_exceptions=True)
+    with LocalPool(workers=2, slots=4) as own, concurrent.futures.ThreadPoolExecutor(1) as caller:
+        done_before = own.status()["counters"]["done"]
+        call = caller.submit(remote(own, die_once_on_zero, retries=1).batch, list(range(16)), return_exceptions=True)
+        wait_for(lambda: call.done() or own.status()["counters"]["done"] >= done_before + 15, 30,
+                 "the broker to pass on every item but item 0")
+        Path(go).touch()
+        results = call.result(60)
     dead = int(Path(marker).read_text())
     assert [x for x, _ in results] == list(range(16)), results
     # Item 1 shared item 0's sub-batch and was reported before the worker died: the client sent
