@@ -1,4 +1,5 @@
-"""The codec carries what cloudpickle alone cannot (docs/design.md#serialization), and keeps secrets out of the bytes."""
+"""The codec carries what cloudpickle alone cannot (docs/design.md#serialization), keeps secrets out of the
+bytes, and says what to change when something cannot travel."""
 
 from __future__ import annotations
 
@@ -278,3 +279,74 @@ def test_a_sentinel_reference_resolves_the_first_name_it_can():
 
     payload = pickle.dumps(_SentinelRef(("no_such_module_for_rk8s", "X"), ("inspect", "_sentinel")))
     assert codec.loads(payload) is inspect._sentinel
+
+
+# ---------------------------------------------------------------------------- the names pickles travel by
+
+
+def test_what_a_pickle_calls_on_the_receiving_side_keeps_its_worker_codec_name():
+    # A worker of another release rebuilds what this client sends: the two functions a pickle
+    # names must stay importable as worker.codec._sentinel and worker.codec._rebuild_langchain_object.
+    import inspect
+
+    sentinel = codec.dumps(inspect._sentinel)
+    chat = codec.dumps(ChatOpenAI(model="gpt-4o-mini", api_key=SECRET))
+    assert b"worker.codec" in sentinel and b"_sentinel" in sentinel and b"worker.sentinels" not in sentinel
+    assert b"worker.codec" in chat and b"_rebuild_langchain_object" in chat and b"langchain_route" not in chat
+    assert codec.loads(sentinel) is inspect._sentinel
+
+
+# ---------------------------------------------------------------------------- errors a user can act on
+
+
+def test_a_runnable_holding_an_open_file_is_refused_with_what_to_do_instead(tmp_path):
+    from pool.client.calls import encode_runnable
+    from pool.errors import SerializationError
+
+    path = tmp_path / "notes.txt"
+    path.write_text("what the file held when the runnable was sent")
+    with open(path) as f:
+        reads_a_file = RunnableLambda(lambda _: f.read())
+        # cloudpickle alone sends a snapshot of the contents: the worker would read stale data.
+        with pytest.raises(SerializationError) as info:
+            encode_runnable(reads_a_file)
+        with pytest.raises(codec.CodecError):
+            codec.dumps(RunnableLambda(lambda _, handle=f: handle.read()))  # a default argument too
+    message = str(info.value)
+    assert "open file" in message and str(path) in message
+    assert "cannot be sent" in message and "inside the function" in message and "on the worker" in message
+
+
+def test_in_memory_files_still_travel():
+    import io
+
+    buffer = io.StringIO("in memory")
+    rebuilt = codec.loads(codec.dumps(RunnableLambda(lambda _: buffer.getvalue())))
+    assert rebuilt.invoke("x") == "in memory"
+    assert codec.loads(codec.dumps({"bytes": io.BytesIO(b"data")}))["bytes"].getvalue() == b"data"
+
+
+def test_an_input_that_is_not_data_names_its_path_and_type_with_advice_for_inputs():
+    with pytest.raises(codec.CodecError) as info:
+        codec.dumps_input({"a": {"b": threading.Lock()}}, {})
+    message = str(info.value)
+    assert 'input["a"]["b"]' in message and "_thread.lock" in message
+    assert "send plain values" in message and "on the worker" in message
+    assert "tuple" not in message and "inside the runnable instead" not in message  # not the runnables' advice
+
+
+@pytest.mark.parametrize(("encode", "where"), [
+    (lambda: codec.dumps_batch_input([1, {"ok": 2}, {"q": [0, threading.Lock()]}], {}), 'inputs[2]["q"][1]'),
+    (lambda: codec.dumps_input("fine", {"callback": threading.Lock()}), 'kwargs["callback"]'),
+    (lambda: codec.dumps_input([{"x": 1}, threading.Event()], {}), "input[1]"),  # not the lock inside it
+])
+def test_the_path_reaches_into_lists_batches_kwargs_and_objects(encode, where):
+    with pytest.raises(codec.CodecError, match=r"cannot be serialized|open file") as info:
+        encode()
+    assert str(info.value).startswith(where + " is a ")
+
+
+def test_an_input_encodes_to_the_bytes_it_always_had():
+    value, kwargs = {"a": [1, 2.5, "x"]}, {"stop": ["\n"]}
+    assert codec.dumps_input(value, kwargs) == codec.dumps((value, kwargs))
+    assert codec.dumps_batch_input([value, value], kwargs) == codec.dumps(([value, value], kwargs))

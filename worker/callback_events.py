@@ -1,5 +1,5 @@
-"""The worker's half of the callback relay (DESIGN §4a): record what LangChain reports while a task
-runs, so the client can replay it to its own handlers.
+"""The worker's half of the callback relay (docs/design.md#callbacks-cross-the-wire): record what
+LangChain reports while a task runs, so the client can replay it to its own handlers.
 
 A remote chat model is invisible to the caller's callbacks unless its events come back: no
 ``on_chat_model_start`` in a tracer, no ``on_chat_model_stream`` in ``astream_events``, no tokens

@@ -1,6 +1,6 @@
 """Running one task's runnable, for the warm worker and the one-shot (stdio) worker alike.
 
-Where a runnable runs is chosen per runnable, not per call (DESIGN §4):
+Where a runnable runs is chosen per runnable, not per call (docs/design.md#the-warm-path):
 
 * async-only ones (an ``async def`` lambda) can only run on an event loop;
 * ones that wait on the network and can await it natively (chat models, LLMs, retrievers,
@@ -59,7 +59,8 @@ class OutputTooLarge(Exception):
 def failure(exc: BaseException, trusted: bool = False) -> tuple[bytes, str, bytes]:
     """``(code, message, detail)`` of the ERROR reply for a task that raised ``exc``: one mapping
     for the warm worker and the one-shot worker, so a caller sees the same error in both modes.
-    The exception travels as data unless the client ``trusted`` its workers (DESIGN §5)."""
+    The exception travels as data unless the client ``trusted`` its workers
+    (docs/design.md#trust-one-pool-is-one-trust-domain)."""
     if isinstance(exc, OutputTooLarge):
         return P.E_PAYLOAD_TOO_LARGE, str(exc), b""
     if isinstance(exc, StageError):

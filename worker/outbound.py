@@ -1,0 +1,185 @@
+"""The way out, client to worker: runnables and inputs, as one cloudpickle pickler that also
+carries LangChain objects as data (docs/design.md#serialization says why the way back is not this
+format: see ``worker.result_codec``).
+
+Neither tool alone is enough. cloudpickle carries plain Python code (a lambda with a closure,
+a local class) but fails on a ChatOpenAI, which holds live HTTP clients and locks, and it would
+carry an API key in the clear. LangChain's ``dumpd`` carries a ChatOpenAI as data with its key as
+a reference, but it cannot carry a RunnableLambda. So one cloudpickle pickler does both: each
+LangChain-serializable object whose ``dumpd`` tree is complete is replaced, at any depth, by a
+call that rebuilds it on the receiving side (``worker.langchain_route``); module-level sentinels
+travel by reference (``worker.sentinels``); everything else is cloudpickled. Plain data takes
+the C pickler, about 15 times cheaper.
+
+What to know when using it (the README repeats this):
+
+* Fields that LangChain marks ``exclude=True`` (a ``rate_limiter``, a custom ``http_client``,
+  ``callbacks``, ``cache``) do not travel with a LangChain-serialized object; the worker builds
+  its own defaults.
+* Anything pickled *by value*, such as a key captured in a lambda's closure, travels in the clear
+  inside the (CurveZMQ-encrypted) channel. Keep secrets in the worker's environment instead.
+* An open file cannot travel (the worker would read a stale copy): open it inside the function.
+* An input must be data; an error names the part of it that is not (``input["a"]["b"]``).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+import cloudpickle
+from langchain_core.load import dumpd
+from langchain_core.load.serializable import Serializable
+from langchain_core.runnables import Runnable
+
+from worker.langchain_route import (
+    declared_secrets,
+    is_complete,
+    rebuild_langchain_object,
+    secret_by_value_message,
+)
+from worker.protocol import content_digest
+from worker.result_codec.errors import CodecError
+from worker.sentinels import SENTINELS, rebuild_sentinel, sentinel_reduction
+from worker.unsendable import RUNNABLE_ADVICE, OpenFileRefused, input_message, is_open_file, open_file_message
+
+
+class _HybridPickler(cloudpickle.Pickler):
+    def __init__(self, file: io.BytesIO, named: dict[int, tuple[object, list[tuple[str, str]]]]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._named = named
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, io.IOBase) and is_open_file(obj):
+            # cloudpickle would send a snapshot of the file's contents: stale data on the worker.
+            raise OpenFileRefused(open_file_message(obj))
+        if type(obj) is object or id(obj) in self._named:
+            sentinel = sentinel_reduction(obj, self._named)
+            if sentinel is not None:
+                return sentinel
+        # Classes are never Serializable *instances*; skip them cheaply.
+        if isinstance(obj, Serializable) and not isinstance(obj, type):
+            secrets = declared_secrets(obj)
+            tree = None
+            if obj.is_lc_serializable():
+                try:
+                    tree = dumpd(obj)
+                except Exception:  # noqa: BLE001 - any failure means: not this route
+                    tree = None
+                if tree is not None and is_complete(tree):
+                    return rebuild_langchain_object, (tree,)
+            if secrets:
+                # No secret by value: cloudpickle would copy the key into the bytes in the clear.
+                raise CodecError(secret_by_value_message(obj, tree, secrets))
+        # Falling back to cloudpickle's own reducer (not NotImplemented) keeps closures working.
+        return super().reducer_override(obj)
+
+
+class _NeedsHybrid(Exception):
+    pass
+
+
+class _DataPickler(pickle.Pickler):
+    """The C pickler, for plain data (inputs, outputs, streamed chunks): about 15x cheaper than
+    the hybrid pickler on an ``AIMessageChunk``. It gives up (and the hybrid route is taken) at
+    any runnable or any LangChain object that declares secrets, so those keep the ``dumpd`` route
+    and secrets stay out of the bytes."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is object:  # module-level object() sentinels (not the named singletons: see above)
+            names = SENTINELS.names(obj)
+            if names:
+                return rebuild_sentinel, names
+        if (isinstance(obj, Serializable) and not isinstance(obj, type)
+                and (isinstance(obj, Runnable) or obj.lc_secrets)):
+            raise _NeedsHybrid
+        return NotImplemented
+
+
+def _dumps_data(obj: Any) -> bytes | None:
+    """``obj`` with the C pickler, or None when it must take the hybrid route: it cannot be
+    pickled by reference, or it refers to ``__main__`` or to a module registered to be pickled by
+    value (the other side may not have them: cloudpickle carries such objects by value)."""
+    buffer = io.BytesIO()
+    try:
+        _DataPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except Exception:  # noqa: BLE001 - lambdas, local classes, live resources, runnables: hybrid
+        return None
+    data = buffer.getvalue()
+    if b"__main__" in data:
+        return None
+    # Modules given to cloudpickle.register_pickle_by_value() travel by value: only cloudpickle
+    # honours that, so data naming one of them takes the hybrid route too.
+    for module in getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ()):
+        if module.encode() in data:
+            return None
+    return data
+
+
+def _pickle(obj: Any) -> bytes:
+    """``obj``'s bytes, or the pickler's own exception."""
+    if not isinstance(obj, Runnable):
+        data = _dumps_data(obj)
+        if data is not None:
+            return data
+    buffer = io.BytesIO()
+    _HybridPickler(buffer, SENTINELS.named()).dump(obj)
+    return buffer.getvalue()
+
+
+def _can_send(obj: Any) -> bool:
+    try:
+        _pickle(obj)
+    except Exception:  # noqa: BLE001 - any failure means: this part cannot travel
+        return False
+    return True
+
+
+def dumps(obj: Any) -> bytes:
+    """Encode any object; raises :class:`CodecError` naming the object that could not travel.
+
+    Runnables always take the hybrid route (their digest names them in worker caches, and their
+    secrets must become references); plain data takes the C pickler when it can.
+    """
+    try:
+        return _pickle(obj)
+    except CodecError as exc:  # ours: an open file, a secret by value, a sentinel; already says what to do
+        raise CodecError(f"cannot serialize {type(obj).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise CodecError(f"cannot serialize {type(obj).__name__}: {exc}. {RUNNABLE_ADVICE}") from exc
+
+
+def dumps_input(value: Any, kwargs: dict[str, Any]) -> bytes:
+    """The input of one call, ``(value, kwargs)``, as :func:`dumps` writes it; a
+    :class:`CodecError` names the part that cannot travel (``input["a"]["b"]``) and says what
+    to send instead."""
+    return _dumps_call_input(value, kwargs, "input")
+
+
+def dumps_batch_input(values: list[Any], kwargs: dict[str, Any]) -> bytes:
+    """The input of a batch, ``(values, kwargs)``, as :func:`dumps` writes it; errors as
+    :func:`dumps_input`'s, with paths such as ``inputs[3]["a"]``."""
+    return _dumps_call_input(values, kwargs, "inputs")
+
+
+def _dumps_call_input(value: Any, kwargs: dict[str, Any], root: str) -> bytes:
+    try:
+        return _pickle((value, kwargs))
+    except Exception as exc:
+        culprit_root, culprit = (root, value) if not _can_send(value) else ("kwargs", kwargs)
+        raise CodecError(input_message(culprit_root, culprit, exc, _can_send)) from exc
+
+
+def loads(data: bytes) -> Any:
+    """Decode what :func:`dumps` produced; raises :class:`CodecError` if it cannot be rebuilt."""
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise CodecError(
+            f"cannot deserialize: {type(exc).__name__}: {exc}. Usually a module the object needs "
+            "is missing on this side, or a secret it references is not in this environment."
+        ) from exc
+
+
+digest = content_digest  # the content digest naming a runnable (worker.protocol: the broker needs it too)
