@@ -1,5 +1,6 @@
-"""The broker never trusts a message (DESIGN §5): raw ZeroMQ sockets send it garbage, oversized
-tasks and impostor workers, and after each a real RunnableK8s call through the same pool works.
+"""The broker never trusts a message (docs/design.md#trust-one-pool-is-one-trust-domain): raw
+ZeroMQ sockets send it garbage, oversized tasks and impostor workers, and after each a real
+RunnableK8s call through the same pool works.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import zmq
 from langchain_core.runnables import RunnableLambda
 
 from pool import IncompatibleWorker, LocalPool, PayloadTooLarge, PoolUnavailable, QueueTimeout, RunnableK8s
+from pool.client.connection import Connection
 from tests.support.ports import free_port
 from tests.support.raw_worker import RawWorker
 from tests.support.remote import remote
@@ -323,10 +325,13 @@ def test_a_task_for_a_worker_that_vanished_without_a_goodbye_goes_to_another_wor
     assert remote(strict_pool, double).invoke(1) == 2  # the real worker has now been assigned a task
     same_environment = {**P.environment(), "pid": 1, "concurrency": 4}
     for n in range(3):  # a heartbeat tick may notice the vanished worker first; three tries make that moot
+        closed = strict_pool.status()["counters"]["connections_closed"]
         with raw_dealer(strict_pool.address) as sock:
             sock.send_multipart([P.PROTOCOL, P.READY, P.encode_json(same_environment)])
             assert reply(sock)[:2] == [P.PROTOCOL, P.WELCOME]
-        time.sleep(0.2)  # closed without BYE: the broker's ZeroMQ notices the disconnect
+        # Closed without BYE: the broker's ZeroMQ notices the disconnect.
+        wait_for(lambda before=closed: strict_pool.status()["counters"]["connections_closed"] > before, 10,
+                 "the broker to see the impostor's connection close")
         # A runnable nobody holds yet: the never-used impostor wins the tie and is tried first.
         assert remote(strict_pool, add(100 + n)).invoke(1) == 101 + n
     wait_for(lambda: strict_pool.status()["counters"]["workers_lost"] >= 1, 5, "the broker to count the worker lost")
@@ -370,7 +375,10 @@ def test_a_task_still_on_its_way_to_a_worker_that_says_goodbye_goes_to_another_w
 def test_a_warm_call_to_an_address_where_nothing_listens_fails_with_pool_unavailable_within_seconds():
     address = f"tcp://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    with pytest.raises(PoolUnavailable) as info:
-        RunnableK8s(bound=RunnableLambda(double), pool=address, mode="warm", connect_timeout=1).invoke(1)
+    try:
+        with pytest.raises(PoolUnavailable) as info:
+            RunnableK8s(bound=RunnableLambda(double), pool=address, mode="warm", connect_timeout=1).invoke(1)
+    finally:
+        Connection.close_all(address)  # the process's shared connection keeps trying until closed
     assert time.monotonic() - started < 8
     assert address in str(info.value)
