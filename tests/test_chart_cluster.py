@@ -70,6 +70,15 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
     return max(sum(1 for s, e in intervals if s <= start < e) for start, _ in intervals)
 
 
+def readiness_failures(core, namespace: str) -> int:
+    """How often the kubelet found a worker Pod not ready, by the Pods' events (each failed
+    readiness probe is a Warning "Unhealthy" event; repeats of one are counted in its count)."""
+    return sum(event.count or 1 for event in core.list_namespaced_event(namespace).items
+               if event.reason == "Unhealthy" and event.involved_object.kind == "Pod"
+               and (event.involved_object.name or "").startswith(WORKERS)
+               and "Readiness probe failed" in (event.message or ""))
+
+
 def replace_allow_lists(core, namespace: str, prefix: str, tree: Path) -> None:
     """What a re-run of `runnable-k8s keys TREE --k8s-secret PREFIX` does after --client/--revoke."""
     for manifest in key_secret_manifests(tree, prefix):
@@ -420,7 +429,8 @@ def test_a_pod_network_broker_is_reached_from_the_host_through_k8s_address(helm_
             c.state.running for p in core.list_namespaced_pod(
                 ns, label_selector=COMPONENT.format(release=RELEASE, component="worker")).items
             for c in p.status.container_statuses or []), 60, "the worker container to run", interval=0.5)
-        time.sleep(8)  # several readiness periods
+        wait_for(lambda: readiness_failures(core, ns) >= 2, 60, "the kubelet to find the worker not ready twice",
+                 interval=0.5)
         assert not ready_pods(core, ns, "worker"), describe(core, ns)
         upgrade = helm(helm_bin, "upgrade", RELEASE, str(CHART), "-n", ns, "-f", vf, "--set", "worker.replicas=2",
                        "--set", "worker.brokerAddress=", "--wait",
