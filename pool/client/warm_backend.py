@@ -30,7 +30,14 @@ from typing import Any
 from pool.client.calls import RemoteCall, decode_output, encode_batch_input
 from pool.client.connection import Connection, Event, LoopSink, Submission, ThreadSink
 from pool.client.settings import KEYS_ENV
-from pool.errors import AuthenticationFailed, PayloadTooLarge, ProtocolError, TaskTimeout, error_from_wire
+from pool.errors import (
+    AuthenticationFailed,
+    PayloadTooLarge,
+    ProtocolError,
+    SerializationError,
+    TaskTimeout,
+    error_from_wire,
+)
 from worker import defaults
 from worker import protocol as P
 
@@ -138,21 +145,26 @@ class _Calls:
     def done(self) -> bool:
         return not self.units and not self.open
 
-    def refill(self) -> None:
+    def refill(self) -> list[_Item]:
+        """Submit what the window allows. Returns the outcomes of items that could not be sent
+        (an input that cannot be encoded, or is too large): each fails in its place, alone, and
+        the others go on (a sub-batch holding one is sent again item by item)."""
         units = self.units
+        failed: list[_Item] = []
         while units and (not self.open or self.in_flight + len(units[0].calls) <= self.window):
             unit = units.popleft()
             first = unit.calls[0]
-            if unit.batch:
-                blob = encode_batch_input([call.value for call in unit.calls], first.kwargs or {})
-            else:
-                blob = first.encoded_input()
             try:
+                if unit.batch:
+                    blob = encode_batch_input([call.value for call in unit.calls], first.kwargs or {})
+                else:
+                    blob = first.encoded_input()
                 self.connection.check_size(first.runnable, blob)
-            except PayloadTooLarge:
-                if not unit.batch:
-                    raise
-                units.extendleft(reversed(_singles_of(unit)))  # each item on its own: only a too large one fails
+            except (PayloadTooLarge, SerializationError) as exc:
+                if unit.batch:
+                    units.extendleft(reversed(_singles_of(unit)))  # each item on its own: only the bad one fails
+                else:
+                    failed.extend(self._fail_left(unit, lambda call, error=exc: error))
                 continue
             if unit.batch and self._too_big_a_share(unit, blob):
                 continue
@@ -165,6 +177,7 @@ class _Calls:
             self.in_flight += len(unit.calls)
             self.connection.submit(Submission(task_id, header, first.digest, first.runnable, blob, self.sink,
                                               patience=self.patience))
+        return failed
 
     def _too_big_a_share(self, unit: _Unit, blob: bytes) -> bool:
         """Cut a sub-batch holding more than a share of this client's allowance in the broker
@@ -206,16 +219,15 @@ class _Calls:
         unit = entry[0]
         if unit.batch:
             out = self._handle_batch(event, unit)
-            self.refill()
-            return out
+            return out + self.refill()
         step = _single_step(event, unit.calls[0], self.kind)
         if step is None:
             return []
         final, value = step
-        if final:
-            self._end(event.task_id, unit, cancel=event.kind == "chunk")
-            self.refill()
-        return [(unit.indices[0], final, value)]
+        if not final:
+            return [(unit.indices[0], final, value)]
+        self._end(event.task_id, unit, cancel=event.kind == "chunk")
+        return [(unit.indices[0], final, value), *self.refill()]
 
     def _handle_batch(self, event: Event, unit: _Unit) -> list[_Item]:
         task_id = event.task_id
@@ -266,8 +278,7 @@ class _Calls:
             error = (_timeout_error if waiting is None
                      else _allowance_timeout(waiting, self.connection.allowance_advice()))
             out.extend(self._fail_left(unit, error))
-        self.refill()
-        return out
+        return out + self.refill()
 
     def cancel_all(self) -> None:
         for task_id in list(self.open):
@@ -477,7 +488,7 @@ class WarmBackend:
         state = _Calls(connection, calls, "invoke", sink, window, self._plan(connection, calls, window),
                        self.connect_timeout)
         try:
-            state.refill()
+            yield from state.refill()
             while not state.done:
                 try:
                     event = sink.get(state.wait_time())
@@ -559,7 +570,8 @@ class WarmBackend:
         state = _Calls(connection, calls, "invoke", sink, window, self._plan(connection, calls, window),
                        self.connect_timeout)
         try:
-            state.refill()
+            for item in state.refill():
+                yield item
             while not state.done:
                 try:
                     event = await sink.get(state.wait_time())
