@@ -1,5 +1,6 @@
-"""A local pool is reachable only by the user who started it (DESIGN §5, issue 10 finding 2), and
-plaintext to an address off this machine needs an explicit insecure=True / --insecure.
+"""A local pool is reachable only by the user who started it
+(docs/design.md#trust-one-pool-is-one-trust-domain), and plaintext to an address off this machine
+needs an explicit insecure=True / --insecure.
 
 Another user cannot be simulated here, so the tests check what keeps them out: the ipc socket's
 folder is 0700 and ours, and with keys a keyless peer fails the handshake and never registers."""
@@ -48,7 +49,7 @@ def socket_path(address: str) -> Path:
 
 @pytest.mark.timeout(60)
 def test_the_default_local_pool_listens_on_an_ipc_socket_in_a_private_folder_and_removes_it():
-    with LocalPool(workers=1, concurrency=2) as pool:
+    with LocalPool(workers=1, slots=2) as pool:
         sock = socket_path(pool.address)
         folder = sock.parent
         assert stat.S_ISSOCK(sock.stat().st_mode)
@@ -121,7 +122,7 @@ def wait_for_event(monitor: zmq.Socket, wanted: tuple[int, ...], timeout: float)
 
 @pytest.mark.timeout(60)
 def test_a_local_pool_on_a_port_wants_its_keys_and_a_keyless_peer_never_registers_as_a_worker():
-    with LocalPool(workers=1, concurrency=2, port=0) as pool:
+    with LocalPool(workers=1, slots=2, port=0) as pool:
         assert pool.address.startswith("tcp://127.0.0.1:") and pool.transport == "curve"
         assert pool.keys_dir is not None and stat.S_IMODE(Path(pool.keys_dir).parent.stat().st_mode) == 0o700
         # What clients are handed is one client's folder: its pair and the broker's public key only.
@@ -146,7 +147,7 @@ def test_a_local_pool_on_a_port_wants_its_keys_and_a_keyless_peer_never_register
 
 @pytest.mark.timeout(60)
 def test_secure_false_is_plaintext_tcp_only_when_asked():
-    with LocalPool(workers=1, concurrency=2, secure=False) as pool:
+    with LocalPool(workers=1, slots=2, secure=False) as pool:
         assert pool.address.startswith("tcp://127.0.0.1:") and pool.transport == "plaintext"
         assert pool.keys_dir is None
         remote = RunnableK8s(bound=RunnableLambda(add_one), pool=pool.address, mode="warm", timeout=20)
@@ -161,8 +162,7 @@ def test_a_client_refuses_plaintext_to_a_remote_address_and_says_how_to_make_key
     with pytest.raises(AuthenticationFailed) as info:
         Connection.shared(REMOTE)
     assert "runnable-k8s keys" in str(info.value) and "insecure=True" in str(info.value)
-    with pytest.raises(AuthenticationFailed):
-        Connection(REMOTE, None, 1.0)
+    assert not any(address == REMOTE for _, address, _ in Connection._registry), "a connection was made for it"
 
 
 @pytest.mark.timeout(10)
@@ -185,8 +185,15 @@ def test_runnable_k8s_refuses_plaintext_to_a_remote_pool_before_connecting():
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1:1", "tcp://localhost:1", "tcp://[::1]:1",
                                      "ipc:///nonexistent/broker.sock", "inproc://nobody"])
 def test_loopback_ipc_and_inproc_need_no_keys(address):
-    connection = Connection(address, None, 0.1)
-    connection.close()
+    check_plaintext(address, None, insecure=False)  # no AuthenticationFailed, as REMOTE gets
+    connection = Connection.shared(address, None, connect_timeout=0.1)
+    try:
+        # A keyless (plaintext) connection was made for this address, and it is the process's one.
+        assert Connection._registry[(os.getpid(), address, None)] is connection
+        assert Connection.shared(address, None, connect_timeout=0.1) is connection
+    finally:
+        Connection.close_all(address)
+    assert not any(a == address for _, a, _ in Connection._registry)
 
 
 @pytest.mark.timeout(10)
