@@ -223,7 +223,8 @@ def test_bench_quick_runs_warm_echo_and_io_against_the_floor(tmp_path: Path) -> 
     assert set(figures["modes"]["warm"]["workloads"]) == {"echo", "io"}
     assert figures["floor"]["p50_ms"] > 0 and figures["settings"]["concurrency"] == [1, 16]
     assert "scaling" not in figures and "big_runnable" not in figures["modes"]["warm"]
-    assert "warm = LocalPool on this host (2 workers x" in result.stdout
+    first = result.stdout.splitlines()[0]
+    assert "warm = LocalPool on this host (2 workers x" in first and "ephemeral" not in first, first
 
 
 def test_quick_leaves_flags_given_with_it_alone() -> None:

@@ -75,8 +75,9 @@ def format_table(results: dict[str, Any]) -> str:
     in_process = results["in_process"]["workloads"]
     lines = []
     pool_text = _warm_where(results)
+    ephemeral = f"ephemeral = {_ephemeral_where(results)}; " if "ephemeral" in modes else ""
     lines.append(f"runnable-k8s bench: {', '.join(modes) or 'llm workload, warm'}; warm = {pool_text}; "
-                 f"ephemeral launcher = {settings.get('launcher')}; payload {settings.get('payload_bytes')} B")
+                 f"{ephemeral}payload {settings.get('payload_bytes')} B")
     lines.append(f"machine: {env.get('cpus')} CPUs ({env.get('cpu_model')}), Python {env.get('python')}, "
                  f"langchain-core {env.get('langchain_core')}, pyzmq {env.get('pyzmq')}, load at end "
                  f"{env.get('load_average_at_end')}")
