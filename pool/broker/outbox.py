@@ -24,7 +24,7 @@ The bound. Let M = ``max_unread_bytes``, L = the largest message sent to the pee
 C = ``COPY_THRESHOLD``. A backlog takes a message when it is empty, or when in-flight + backlog +
 the message <= 2M; a message that fits neither way is discarded and the peer is *stalled*: nothing
 more is sent to it, its backlog is let go, and the next ``flush`` returns it (the loop turns it
-into ``E.PeerStalled``; the core drops the client and cancels its tasks, or treats a worker as
+into ``events.PeerStalled``; the core drops the client and cancels its tasks, or treats a worker as
 gone). A peer whose backlog has waited ``unread_timeout`` seconds with no progress (no tracked
 message finished, no backlog message sent) is stalled too. So, at every moment, for each peer::
 
@@ -117,7 +117,7 @@ class Outbox:
     def send(self, peer: bytes, frames: list[bytes], now: float) -> bool:
         """Send ``frames`` to ``peer`` now, or keep them in its backlog. False only when ZeroMQ
         does not know the peer (EHOSTUNREACH: its connection is gone); the caller then emits
-        ``E.SendFailed``. A message to a stalled peer is discarded (True: it is being dropped)."""
+        ``events.SendFailed``. A message to a stalled peer is discarded (True: it is being dropped)."""
         if self._waiting and peer in self._waiting:
             self._enqueue(peer, self._waiting[peer], frames, _size(frames), now)
             return True

@@ -10,7 +10,7 @@ Every event says who sent it: the connection's file descriptor (``zmq.SRCFD`` of
 and, with keys, the CurveZMQ key that connection authenticated with (its ``User-Id``). The
 routing id the ROUTER puts first is only where replies go (a peer can choose it). The socket's
 connections themselves are watched by ``connections.ConnectionGuard``: a closed one becomes
-``E.ConnectionClosed``, and the core's ``E.Disconnect`` (a revoked key) is carried out with its
+``ConnectionClosed``, and the core's ``Disconnect`` (a revoked key) is carried out with its
 ``cut``.
 """
 
@@ -24,10 +24,25 @@ from typing import Any
 
 import zmq
 
-from pool.broker import events as E
 from pool.broker.allow_list import AllowList
 from pool.broker.connections import ConnectionGuard, seed_routing_ids
 from pool.broker.core import STRICT_RULES_ENV, BrokerCore
+from pool.broker.events import (
+    ConnectionClosed,
+    Disconnect,
+    Effect,
+    Event,
+    Forget,
+    KeysChanged,
+    Latency,
+    Malformed,
+    PeerStalled,
+    Send,
+    SendFailed,
+    Tick,
+    WakeObservers,
+    decode,
+)
 from pool.broker.outbox import Outbox
 from pool.broker.state import RunnableStore, WorkerState
 from pool.keys import BrokerKeys
@@ -170,7 +185,7 @@ class Broker:
             if closed:
                 now = clock()
                 for fd, seen in closed:
-                    self._carry_out(handle(E.ConnectionClosed(fd, seen), now))
+                    self._carry_out(handle(ConnectionClosed(fd, seen), now))
                 closed.clear()
             seen = self.core.messages
             closed.extend((fd, seen) for fd in guard.drain())  # every pass: check() and cut() read events too
@@ -179,22 +194,22 @@ class Broker:
             now = clock()
             if outbox.has_backlog or outbox.in_flight_bytes:
                 for peer, unread in outbox.flush(now):
-                    self._carry_out(handle(E.PeerStalled(peer, unread), now))
+                    self._carry_out(handle(PeerStalled(peer, unread), now))
             if now >= next_tick:
                 self.core.io_status = outbox.status()
                 if self.allow_list is not None and self.allow_list.refresh():
                     allowed = self.allow_list.current
-                    self._carry_out(handle(E.KeysChanged(allowed.clients, allowed.workers), now))
-                self._carry_out(handle(E.Tick(), now))
+                    self._carry_out(handle(KeysChanged(allowed.clients, allowed.workers), now))
+                self._carry_out(handle(Tick(), now))
                 self._run_status_hooks()
                 next_tick = now + P.HEARTBEAT_INTERVAL
         log.info("broker stopped")
 
-    def _decode(self, frames: list[Any]) -> E.Event:
+    def _decode(self, frames: list[Any]) -> Event:
         """An event from a received message, whose protocol frame is still a ``zmq.Frame``: it
         tells the connection the message came from and, with keys, the key it authenticated with."""
         if len(frames) < 2:
-            return E.Malformed(frames[0], "a message with no frames")
+            return Malformed(frames[0], "a message with no frames")
         protocol: zmq.Frame = frames[1]
         try:
             fd = protocol.get(_SRCFD)
@@ -209,25 +224,25 @@ class Broker:
             key = user.encode() if isinstance(user, str) else None
         frames[1] = protocol.bytes
         self.guard.note(fd, sum(map(len, frames)))
-        return E.decode(frames, fd, key)
+        return decode(frames, fd, key)
 
-    def _carry_out(self, effects: list[E.Effect]) -> None:
+    def _carry_out(self, effects: list[Effect]) -> None:
         send, now = self.outbox.send, time.monotonic()
         i = 0
         while i < len(effects):  # grows when a failed send makes the core answer with more
             effect = effects[i]
             i += 1
-            if effect.__class__ is E.Send:
+            if effect.__class__ is Send:
                 if not send(effect.peer, effect.frames, now):  # the peer's connection is gone
-                    effects.extend(self.core.handle(E.SendFailed(effect.peer, effect.frames), time.monotonic()))
-            elif effect.__class__ is E.Forget:
+                    effects.extend(self.core.handle(SendFailed(effect.peer, effect.frames), time.monotonic()))
+            elif effect.__class__ is Forget:
                 self.outbox.forget(effect.peer)
-            elif effect.__class__ is E.Disconnect:
+            elif effect.__class__ is Disconnect:
                 self._cut(effect.fd)
-            elif effect.__class__ is E.Latency:
+            elif effect.__class__ is Latency:
                 if self.latency_hook is not None:
                     self.latency_hook(effect.seconds)
-            elif effect.__class__ is E.WakeObservers:
+            elif effect.__class__ is WakeObservers:
                 self._run_status_hooks()
 
     def _cut(self, fd: int) -> None:

@@ -42,7 +42,7 @@ class WorkerState:
     busy: int = 0
     fd: int = -1  # the connection it registered on: messages from any other are not its own
     serial: int = 0  # the broker's own name for it ("w<serial>" in STATUS and logs)
-    since: int = 0  # messages the broker had handled when it registered (see E.ConnectionClosed)
+    since: int = 0  # messages the broker had handled when it registered (see events.ConnectionClosed)
     # Input bytes of the tasks sent to it and not finished, and the most it may hold: a worker
     # gets a task only if it fits, or if it holds nothing (one larger task still runs). 256 slots
     # of large inputs would otherwise run a worker Pod out of memory.
@@ -103,7 +103,7 @@ class ClientState:
     held_bytes: int = 0  # input bytes of its tasks the broker holds (queued or running)
     fd: int = -1  # the connection it said HELLO on: messages from any other are not its own
     serial: int = 0  # the broker's own name for it ("c<serial>" in logs)
-    since: int = 0  # messages the broker had handled when it registered (see E.ConnectionClosed)
+    since: int = 0  # messages the broker had handled when it registered (see events.ConnectionClosed)
     tenant: Tenant | None = None  # its key's shared budgets (its own connection's, without keys)
 
     @property
