@@ -1,4 +1,5 @@
-"""Pure-logic tests of the broker's scheduling policy, its stores and the wire's header checks.
+"""Pure-logic tests of the broker's scheduling policy, its stores, the wire's header checks and the
+digest a runnable is routed and cached by.
 
 No sockets: these are the plain functions and classes the broker's loop is built from.
 """
@@ -8,9 +9,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from langchain_core.runnables import RunnableLambda
 
 from pool.broker.scheduling import Candidate, choose_worker
 from pool.broker.server import RunnableStore, WorkerState
+from pool.client.calls import encode_runnable
 from worker import protocol as P
 
 
@@ -244,3 +247,27 @@ def test_a_missing_environment_is_incompatible():
 def test_the_environment_is_json_safe():
     env = P.environment()
     assert json.loads(P.encode_json(env)) == env
+
+
+# ---------------------------------------------------------------------------- the runnable's digest
+
+
+def add(n: int):  # type: ignore[no-untyped-def]
+    def adder(x: int) -> int:
+        return x + n
+
+    return adder
+
+
+@pytest.mark.timeout(5)
+def test_the_digest_a_runnable_is_routed_and_cached_by_names_its_content_not_its_type_or_name():
+    # Workers keep runnables by digest and the broker prefers a worker holding it: two runnables
+    # that differ only in what their closures hold must never share one.
+    one, two = RunnableLambda(add(1)), RunnableLambda(add(2))
+    assert type(one) is type(two) and one.name == two.name == "adder"
+    (blob_one, digest_one), (blob_two, digest_two) = encode_runnable(one), encode_runnable(two)
+    assert digest_one != digest_two
+    assert encode_runnable(one)[1] == digest_one  # the same runnable serialized again: the same digest
+    assert encode_runnable(RunnableLambda(add(1)))[1] == digest_one  # and an equal one built again
+    # What the broker checks a SUBMIT's runnable bytes against:
+    assert P.content_digest(blob_one) == digest_one and P.content_digest(blob_two) == digest_two
