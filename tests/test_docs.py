@@ -360,7 +360,8 @@ def test_no_tracked_file_refers_to_what_a_reader_cannot_open() -> None:
 def test_the_reference_check_sees_each_kind(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("# see " + "DESIGN " + "\u00a7" + "4\n# from .." + "/shared/notes\n"
-                      "# fixed in " + "Issue" + " 12, see " + "issues" + " 2 and 6\n# plain text, issues/791 in a URL\n")
+                      "# fixed in " + "Issue" + " 12, see " + "issues" + " 2 and 6\n"
+                      "# plain text, issues/791 in a URL\n")
     hits = [h.split(": ", 1)[1] for h in outside_references_of(sample, tmp_path)]
     assert len(hits) == 4, hits
 
