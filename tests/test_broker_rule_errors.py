@@ -75,3 +75,17 @@ def test_a_task_header_json_a_hostile_client_nested_too_deeply_is_a_bad_request_
     effects = pool(E.Submit(b"client-1", task_id, header, b"", b"input"))
     assert [(body[0], body[1]) for _, command, body in sent(effects) if command == P.ERROR] == [
         (task_id, P.E_BAD_REQUEST)]
+
+
+def test_a_rule_failing_on_every_message_logs_a_few_tracebacks_and_counts_them_all(caplog):
+    pool = Pool(strict=False)
+    with caplog.at_level(logging.ERROR, logger="runnable_k8s.broker"):
+        for _ in range(100):
+            pool(E.SendFailed(b"w1", []))
+    assert pool.core.counters["rule_errors"] == 100
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert 1 <= len(tracebacks) <= 5  # not one per message: the log stays readable
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="runnable_k8s.broker"):
+        pool.at(120.0)(E.Tick())  # the next interval says how many were left out
+    assert any("suppressed" in r.getMessage() and "internal errors" in r.getMessage() for r in caplog.records)

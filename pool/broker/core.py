@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 from pool.broker.admission import Admission
 from pool.broker.client_rules import ClientRules
 from pool.broker.core_state import COUNTERS as COUNTERS
-from pool.broker.core_state import log
 from pool.broker.events import (
     Bye,
     CallbackEvent,
@@ -85,9 +84,10 @@ class BrokerCore(Admission, ClientRules, ReplyRules, Liveness):
             if self.strict:
                 raise
             self.counters["rule_errors"] += 1
-            log.error("internal error: the broker's rule for a %s raised (a bug of the broker, not of the "
-                      "peer); the pool keeps serving, with what the rule did before it raised",
-                      type(event).__name__, exc_info=True)
+            kind = type(event).__name__
+            self.rule_log.warning(kind, "internal error", now, "the broker's rule for a %s raised (a bug of the "
+                                  "broker, not of the peer); the pool keeps serving, with what the rule did before it "
+                                  "raised", kind, exc_info=True)
         return out
 
     _rules: ClassVar[dict[type, Callable[[BrokerCore, Any], None]]] = {

@@ -124,6 +124,8 @@ class CoreState:
         self._workers_by_env: Counter[EnvKey] = Counter()
         self._out: list[Effect] = []
         self.peer_log = PeerLog(log)
+        # A rule that fails on every message logs a few tracebacks per rule and minute, not one each.
+        self.rule_log = PeerLog(log, burst=3, total=20, level=logging.ERROR, what="internal errors of {} rule(s)")
 
     @property
     def queued(self) -> int:

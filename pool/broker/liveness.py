@@ -35,6 +35,7 @@ class Liveness(Departures):
     def _on_tick(self, event: Tick) -> None:
         now = self.now
         self.peer_log.tick(now)
+        self.rule_log.tick(now)
         for worker in list(self.workers.values()):
             if worker.expiry < now:
                 self._remove_worker(worker.identity, "disconnected" if worker.unreachable else "stopped heartbeating")

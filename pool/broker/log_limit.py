@@ -1,4 +1,5 @@
 """Warnings about bad input, a few per peer per interval: a hostile peer must not flood the log.
+(The same limiter keeps a rule that fails on every message from flooding it with tracebacks.)
 
 Each bad message deserves a line while there are few of them; 20,000 malformed messages once made
 12,257 WARNING lines, which drowned everything else and cost disk and CPU. ``PeerLog`` lets each
@@ -19,8 +20,13 @@ __all__ = ["PeerLog"]
 class PeerLog:
     """Rate-limited warnings, per peer. Not thread-safe: the broker's loop owns it."""
 
-    def __init__(self, logger: logging.Logger, *, burst: int = 5, total: int = 50, interval: float = 60.0) -> None:
+    def __init__(self, logger: logging.Logger, *, burst: int = 5, total: int = 50, interval: float = 60.0,
+                 level: int = logging.WARNING, what: str = "warnings about bad input from {} peer(s)") -> None:
+        """``level`` and ``what`` (how the line about suppressed lines names them and their
+        sources) let one class serve bad input (warnings, per peer) and rule errors (per rule)."""
         self.logger = logger
+        self.level = level
+        self.what = what
         self.burst = burst
         self.total = total
         self.interval = interval
@@ -42,7 +48,7 @@ class PeerLog:
             return
         self._lines[peer] = lines + 1
         self._lines_total += 1
-        self.logger.warning("%s: " + message, label, *args, exc_info=exc_info)
+        self.logger.log(self.level, "%s: " + message, label, *args, exc_info=exc_info)
 
     def tick(self, now: float) -> None:
         """Called every heartbeat interval: report what was suppressed once the interval is over,
@@ -55,8 +61,8 @@ class PeerLog:
         if self._suppressed:
             peers = len(self._suppressed)
             count = sum(self._suppressed.values())
-            self.logger.warning("suppressed %d more warnings about bad input from %d peer(s) in the last %.0f s",
-                                count, peers, self.interval)
+            self.logger.log(self.level, "suppressed %d more %s in the last %.0f s", count, self.what.format(peers),
+                            self.interval)
         self._window_start = now
         self._lines.clear()
         self._suppressed.clear()
