@@ -350,3 +350,8 @@ def test_an_input_encodes_to_the_bytes_it_always_had():
     value, kwargs = {"a": [1, 2.5, "x"]}, {"stop": ["\n"]}
     assert codec.dumps_input(value, kwargs) == codec.dumps((value, kwargs))
     assert codec.dumps_batch_input([value, value], kwargs) == codec.dumps(([value, value], kwargs))
+
+
+def test_data_that_cannot_travel_names_the_part_that_cannot():
+    with pytest.raises(codec.CodecError, match=r'value\[0\]\["a"\]\["b"\] is a _thread.lock'):
+        codec.dumps(({"a": {"b": threading.Lock()}}, {}))

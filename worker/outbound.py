@@ -42,7 +42,15 @@ from worker.langchain_route import (
 from worker.protocol import content_digest
 from worker.result_codec.errors import CodecError
 from worker.sentinels import SENTINELS, rebuild_sentinel, sentinel_reduction
-from worker.unsendable import RUNNABLE_ADVICE, OpenFileRefused, input_message, is_open_file, open_file_message
+from worker.unsendable import (
+    RUNNABLE_ADVICE,
+    OpenFileRefused,
+    input_message,
+    is_open_file,
+    locate,
+    open_file_message,
+    type_name,
+)
 
 
 class _HybridPickler(cloudpickle.Pickler):
@@ -147,7 +155,12 @@ def dumps(obj: Any) -> bytes:
     except CodecError as exc:  # ours: an open file, a secret by value, a sentinel; already says what to do
         raise CodecError(f"cannot serialize {type(obj).__name__}: {exc}") from exc
     except Exception as exc:
-        raise CodecError(f"cannot serialize {type(obj).__name__}: {exc}. {RUNNABLE_ADVICE}") from exc
+        if isinstance(obj, Runnable):
+            raise CodecError(f"cannot serialize {type(obj).__name__}: {exc}. {RUNNABLE_ADVICE}") from exc
+        # Data: say which part failed (value[0]["a"]["b"] is a _thread.lock), not only its type.
+        path, culprit = locate(obj, "value", _can_send)
+        raise CodecError(f"cannot serialize {type(obj).__name__}: {path} is a {type_name(culprit)}, which cannot be "
+                         f"serialized ({exc}). {RUNNABLE_ADVICE}") from exc
 
 
 def dumps_input(value: Any, kwargs: dict[str, Any]) -> bytes:
