@@ -237,6 +237,8 @@ class Connection:
         return core.workers
 
     def close(self) -> None:
+        """Stop the I/O thread: it says BYE, and every call still in flight fails with
+        ``PoolUnavailable``."""
         if self.closed:
             return
         self.closed = True
