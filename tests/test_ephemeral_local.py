@@ -12,7 +12,9 @@ from langchain_core.runnables import RunnableLambda
 from langchain_openai import ChatOpenAI
 
 from pool import LocalPool, PoolUnavailable, RunnableK8s, TaskTimeout
+from pool.client.connection import Connection
 from tests.support.fake_openai import DEFAULT_CHUNKS, FAKE_KEY
+from tests.support.meeting import meet
 from tests.support.ports import dead_address
 from tests.support.processes import child_pids
 
@@ -37,10 +39,17 @@ def test_stream_yields_every_chunk():
     assert list(ephemeral(count).stream(4)) == [0, 1, 2, 3]
 
 
-def test_batch_runs_items_in_parallel_processes_and_keeps_order():
-    results = ephemeral(lambda x: (x, os.getpid())).batch([1, 2, 3], config={"max_concurrency": 3})
+def test_batch_runs_items_in_parallel_processes_and_keeps_order(tmp_path):
+    # Each item waits until all three have started: three processes one after another would fail.
+    results = ephemeral(meet(str(tmp_path), 3)).batch([1, 2, 3], config={"max_concurrency": 3})
     assert [x for x, _ in results] == [1, 2, 3]
     assert len({pid for _, pid in results}) == 3
+
+
+def test_the_meeting_point_fails_items_that_run_one_after_another(tmp_path):
+    item = meet(str(tmp_path), 2, limit=0.3)
+    with pytest.raises(TimeoutError, match="only 1 of 2"):
+        item(1)
 
 
 async def test_async_paths():
@@ -113,8 +122,11 @@ def test_auto_mode_uses_the_pool_when_it_is_alive_and_warm_mode_never_falls_back
         assert pid in pool.pids
     dead = dead_address()
     started = time.monotonic()
-    with pytest.raises(PoolUnavailable):
-        RunnableK8s(bound=RunnableLambda(lambda x: x), pool=dead, mode="warm", connect_timeout=2).invoke(1)
+    try:
+        with pytest.raises(PoolUnavailable):
+            RunnableK8s(bound=RunnableLambda(lambda x: x), pool=dead, mode="warm", connect_timeout=2).invoke(1)
+    finally:
+        Connection.close_all(dead)  # the process's shared connection keeps trying until closed
     assert time.monotonic() - started < 10
 
 
