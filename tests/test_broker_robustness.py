@@ -223,7 +223,7 @@ def test_status_shows_workers_slots_queue_and_counters(local_pool):
 @pytest.fixture(scope="module")
 def strict_pool() -> Iterator[LocalPool]:
     """No workers at first; a 1 s queue timeout and a 100 kB message limit."""
-    with LocalPool(workers=0, concurrency=2,
+    with LocalPool(workers=0, slots=2,
                    broker_args=["--queue-timeout", "1", "--max-message-bytes", str(SMALL_LIMIT)]) as pool:
         yield pool
 

@@ -45,7 +45,7 @@ def add_one(x: int) -> int:
 
 @pytest.fixture(scope="module")
 def secure_pool() -> Iterator[LocalPool]:
-    with LocalPool(workers=1, concurrency=2, secure=True) as pool:
+    with LocalPool(workers=1, slots=2, secure=True) as pool:
         yield pool
 
 
