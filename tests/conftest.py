@@ -86,10 +86,15 @@ _CHECKERS = ("_private_temp_root", "_run_from_repo_root", "_module_leaves_nothin
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _private_temp_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def _private_temp_root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A temp root of this process's own: TMPDIR for the processes the tests start, and
-    ``tempfile``'s for this one. pytest's tmp_path stays where it was (computed first)."""
+    ``tempfile``'s for this one. pytest's tmp_path stays where it was (computed first). Not when
+    the run may select the real-cluster tier: the cluster's daemons, which it may start, outlive
+    the session and must not inherit a TMPDIR that is removed at its end."""
     global _TEMP_ROOT
+    if "not cluster" not in (request.config.option.markexpr or ""):
+        yield
+        return
     tmp_path_factory.getbasetemp()
     old_env, old_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
     # Short (an ipc:// socket path in it must fit in about 100 bytes) and open like /tmp (sticky,
@@ -99,7 +104,7 @@ def _private_temp_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     os.environ["TMPDIR"] = str(root)
     tempfile.tempdir = str(root)
     _TEMP_ROOT = root
-    yield root
+    yield
     _TEMP_ROOT = None
     tempfile.tempdir = old_tempdir
     if old_env is None:

@@ -136,8 +136,8 @@ class Leaks:
         return f"{where} left behind " + "; ".join(parts)
 
 
-def find_leaks(before: Snapshot, temp_root: Path | None, owned: Owned) -> Leaks:
-    """What is new since ``before`` and not owned, once what is finishing has had GRACE to finish."""
+def find_leaks(before: Snapshot, temp_root: Path | None, owned: Owned, grace: float = GRACE) -> Leaks:
+    """What is new since ``before`` and not owned, once what is finishing has had ``grace`` s to finish."""
 
     def new() -> Leaks:
         leaks = Leaks()
@@ -153,9 +153,9 @@ def find_leaks(before: Snapshot, temp_root: Path | None, owned: Owned) -> Leaks:
         return leaks
 
     leaks = new()
-    if leaks.children or leaks.connections:
+    if (leaks.children or leaks.connections) and grace > 0:
         try:
-            wait_for(lambda: not (found := new()).children and not found.connections, GRACE,
+            wait_for(lambda: not (found := new()).children and not found.connections, grace,
                      "what the test stopped to finish going")
         except AssertionError:
             pass
