@@ -43,6 +43,7 @@ from worker.protocol import content_digest
 from worker.result_codec.errors import CodecError
 from worker.sentinels import SENTINELS, rebuild_sentinel, sentinel_reduction
 from worker.unsendable import (
+    FILE_BASE,
     RUNNABLE_ADVICE,
     OpenFileRefused,
     input_message,
@@ -59,7 +60,7 @@ class _HybridPickler(cloudpickle.Pickler):
         self._named = named
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, io.IOBase) and is_open_file(obj):
+        if isinstance(obj, FILE_BASE) and is_open_file(obj):
             # cloudpickle would send a snapshot of the file's contents: stale data on the worker.
             raise OpenFileRefused(open_file_message(obj))
         if type(obj) is object or id(obj) in self._named:
