@@ -1,5 +1,5 @@
-"""The broker's part of the callback relay (docs/design.md#callbacks-cross-the-wire), event by event with no socket: it forwards
-a worker's EVENT to the client only for a task whose header asked for events, only from the
+"""The broker's part of the callback relay (docs/design.md#callbacks-cross-the-wire), event by event
+with no socket: it forwards a worker's EVENT to the client only for a task whose header asked for events, only from the
 worker running it, and an event does not count as streamed (a task that reported only callbacks
 may still be retried)."""
 

@@ -1,4 +1,5 @@
-"""Clients of one pool cannot hurt each other, and keys act by role: budgets are per client key, and a key may send only its role's commands.
+"""Clients of one pool cannot hurt each other, and keys act by role: budgets are per client key, and a
+key may send only its role's commands.
 
 Driven through ``BrokerCore`` event by event, like tests/test_broker_core.py: a flood of 10,000
 tasks is a loop of events, checked in milliseconds. The same rules over real sockets and
