@@ -1,7 +1,7 @@
 """The broker's part of the callback relay (docs/design.md#callbacks-cross-the-wire), event by event
-with no socket: it forwards a worker's EVENT to the client only for a task whose header asked for events, only from the
-worker running it, and an event does not count as streamed (a task that reported only callbacks
-may still be retried)."""
+with no socket: it forwards a worker's EVENT to the client only for a task whose header asked for
+events, only from the worker running it, and an event does not count as streamed (a task that
+reported only callbacks may still be retried)."""
 
 from __future__ import annotations
 
