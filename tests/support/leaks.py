@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pool.client.connection import Connection
-from tests.support.processes import child_pids, is_gone
+from tests.support.processes import child_pids, command_line, is_gone
 from tests.support.waiting import wait_for
 
 #: How long what a test stopped may take to finish going (a process exiting after SIGTERM, a
@@ -47,15 +47,8 @@ def open_connections() -> dict[int, tuple[str, Connection]]:
     return out
 
 
-def _command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
-
-
 def _children() -> set[int]:
-    return {pid for pid in child_pids() if not any(h in _command_line(pid) for h in _SESSION_HELPERS)}
+    return {pid for pid in child_pids() if not any(h in command_line(pid) for h in _SESSION_HELPERS)}
 
 
 def _entries(temp_root: Path | None) -> set[str]:
@@ -145,7 +138,7 @@ def find_leaks(before: Snapshot, temp_root: Path | None, owned: Owned, grace: fl
             if key not in before.connections and address not in owned.addresses:
                 leaks.connections.append(address)
         for pid in sorted(_children() - before.children - owned.pids):
-            leaks.children.append(f"{pid} ({_command_line(pid)[:200]})")
+            leaks.children.append(f"{pid} ({command_line(pid)[:200]})")
         for name in sorted(_entries(temp_root) - before.entries):
             assert temp_root is not None
             if not owned.owns_entry(temp_root, name):

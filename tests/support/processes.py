@@ -1,4 +1,7 @@
-"""Processes the tests start, and checking that none is left behind."""
+"""Processes the tests start, and checking that none is left behind.
+
+Linux answers from /proc; where there is none (macOS, the BSDs) ``ps`` and ``pgrep`` do.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 from typing import Any
+
+_PROC = os.path.isdir("/proc/self")
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -16,9 +21,21 @@ def _stat_fields(pid: int | str) -> list[str] | None:
     return stat[stat.rfind(")") + 2:].split()  # fields from the state on (the name may hold spaces)
 
 
+def _state(pid: int | str) -> str | None:
+    """The process's state letter (R, S, Z...), or None once it is gone."""
+    if _PROC:
+        fields = _stat_fields(pid)
+        return fields[0] if fields else None
+    out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return out[:1] or None
+
+
 def child_pids() -> set[int]:
     """PIDs of this process's live children (zombies are not counted: they are already gone)."""
     me = str(os.getpid())
+    if not _PROC:
+        out = subprocess.run(["pgrep", "-P", me], capture_output=True, text=True).stdout
+        return {int(pid) for pid in out.split() if _state(pid) not in (None, "Z")}
     children = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -29,14 +46,24 @@ def child_pids() -> set[int]:
     return children
 
 
+def command_line(pid: int) -> str:
+    """What ``pid`` runs, for a report ("?" once it is gone)."""
+    if not _PROC:
+        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True).stdout
+        return out.strip() or "?"
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
 def is_gone(pid: int) -> bool:
     """True once ``pid`` has exited (a zombie waiting for a reaper counts as exited)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    fields = _stat_fields(pid)
-    return fields is None or fields[0] in ("Z", "X")
+    return _state(pid) in (None, "Z", "X")
 
 
 def stop_process(process: subprocess.Popen[Any]) -> None:
