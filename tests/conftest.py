@@ -97,9 +97,11 @@ def _private_temp_root(request: pytest.FixtureRequest, tmp_path_factory: pytest.
         return
     tmp_path_factory.getbasetemp()
     old_env, old_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
-    # Short (an ipc:// socket path in it must fit in about 100 bytes) and open like /tmp (sticky,
-    # world-writable): tests that act as another user see what they would see there.
-    root = Path(tempfile.mkdtemp(prefix="rk8s-t-"))
+    # Short (an ipc:// socket path in it must fit in about 100 bytes: macOS's long TMPDIR gives
+    # way to /tmp) and open like /tmp (sticky, world-writable): tests that act as another user see
+    # what they would see there.
+    base = tempfile.gettempdir()
+    root = Path(tempfile.mkdtemp(prefix="rk8s-t-", dir="/tmp" if len(base) > 40 and os.path.isdir("/tmp") else base))
     root.chmod(0o1777)
     os.environ["TMPDIR"] = str(root)
     tempfile.tempdir = str(root)
