@@ -1,3 +1,5 @@
-"""The client side of a call: ``RunnableK8s`` (``runnable``), where its calls run (``modes``), what
-crosses the wire for a call (``calls``), the one shared connection to a broker (``connection``) and
-the warm backend on top of it (``warm_backend``)."""
+"""The client side of a call: ``RunnableK8s`` (``runnable``), the checks of what it is told
+(``settings``), where its calls run and the protocol every backend follows (``modes``), what
+crosses the wire for a call (``calls``), the one shared connection to a broker (``connection``),
+the warm backend on top of it (``warm_backend``) and the replay of a worker's callbacks
+(``callback_relay``). The ephemeral backend lives in ``pool.ephemeral``."""

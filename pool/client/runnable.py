@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
@@ -36,6 +36,7 @@ from langchain_core.runnables.graph import Graph
 from langchain_core.runnables.utils import ConfigurableFieldSpec, Input, Output
 from langchain_core.utils.pydantic import TypeBaseModel
 from pydantic import ConfigDict, PrivateAttr
+from typing_extensions import Self
 
 from pool.client import callback_relay, modes, settings
 from pool.client.calls import RemoteCall, encode_runnable, wire_config
@@ -145,6 +146,13 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     def with_structured_output(self, schema: Any, **kwargs: Any) -> RunnableK8s[Any, Any]:
         """``bound.with_structured_output(...)``, still run remotely."""
         return self.with_bound(self.bound.with_structured_output(schema, **kwargs))  # type: ignore[attr-defined]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """pydantic's copy; one with other settings (``update``) decides anew where its calls run."""
+        copy = super().model_copy(update=update, deep=deep)
+        if update:
+            copy._placement = modes.Placement()
+        return copy
 
     def with_bound(self, bound: Runnable[Any, Any]) -> RunnableK8s[Any, Any]:
         """A copy running ``bound`` instead, with the same pool and settings."""
