@@ -265,10 +265,11 @@ def fallback_backend(settings: Settings, address: str | None, reason: str) -> Ba
     problem = kubernetes_problem(settings.k8s_config) if settings.launcher == "kubernetes" else None
     if problem is not None:
         if address is None:
-            pool_step = (f"start a pool (`runnable-k8s local` prints its address) and pass pool=\"tcp://HOST:PORT\" "
-                         f"or set {POOL_ENV}")
+            pool_step = (f"start a pool (`runnable-k8s local` prints the address to pass) and pass it as pool= "
+                         f"or set {POOL_ENV} to it")
         else:
-            pool_step = f"start the pool at {address} (`runnable-k8s local`, or the Helm chart) or check the address"
+            pool_step = (f"check that a pool listens at {address}, or start one (`runnable-k8s local` prints the "
+                         "address to pass as pool=; on a cluster, the Helm chart)")
         raise PoolUnavailable(
             f"{reason}; and the fallback of mode='auto' (the default), a fresh Pod per call, cannot start either: "
             f"it needs a Kubernetes configuration, and {problem}. To go on: {pool_step}; or configure a kubeconfig "
