@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from langchain_core.runnables import RunnableLambda
+from langchain_core.tracers.context import collect_runs
 
 from pool import LocalPool, RunnableK8s
 from pool.client import modes
@@ -129,3 +130,17 @@ def test_invoke_and_ainvoke_do_not_enter_the_batch_machinery_and_batch_does(pool
     with CodeSeen(*FILES) as batch:  # the control: the profiler does see the batch machinery
         assert runnable.batch([2, 4]) == [4, 8]
     assert {"_Calls.refill", "RunnableK8s._batch"} <= batch.names
+
+
+def test_batch_as_completed_in_ephemeral_mode_goes_through_the_backend_with_one_traced_run_per_item():
+    runnable = RunnableK8s(bound=RunnableLambda(double_slowly_when_odd), mode="ephemeral", launcher="local",
+                           timeout=30)
+    with collect_runs() as runs:
+        assert sorted(runnable.batch_as_completed([2, 4])) == [(0, 4), (1, 8)]
+
+    async def collect() -> list[tuple[int, Any]]:
+        return sorted([item async for item in runnable.abatch_as_completed([2, 4])])
+
+    assert asyncio.run(collect()) == [(0, 4), (1, 8)]
+    roots = [run for run in runs.traced_runs if run.parent_run_id is None]
+    assert sorted(run.outputs["output"] for run in roots) == [4, 8]

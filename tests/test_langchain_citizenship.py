@@ -1,4 +1,4 @@
-"""A good LangChain citizen (issue 12, DESIGN §4a): the callback relay (a remote model looks local
+"""A good LangChain citizen (docs/design.md#callbacks-cross-the-wire): the callback relay (a remote model looks local
 to LangChain's callbacks), ``batch_as_completed`` on the pool, an empty ``transform``.
 
 Real chains, real chat models (``ChatOpenAI`` against the fake OpenAI server on 127.0.0.1, and
