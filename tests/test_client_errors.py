@@ -132,3 +132,18 @@ def test_plaintext_to_a_remote_address_in_auto_mode_is_refused_not_replaced_by_a
         runnable.invoke(1)
     message = str(caught.value)
     assert "runnable-k8s keys DIR" in message and "insecure=True" in message
+
+
+def test_a_pool_auto_mode_chose_that_goes_away_later_is_reported_as_auto_modes_choice():
+    with LocalPool(workers=1, slots=2) as pool:
+        address = pool.address
+        runnable = RunnableK8s(bound=RunnableLambda(lambda _: os.getpid()), pool=address, connect_timeout=1)
+        assert runnable.invoke(None) in pool.pids
+    try:
+        with pytest.raises(PoolUnavailable) as caught:
+            runnable.invoke(None)
+        message = str(caught.value)
+        assert f"no runnable-k8s broker answered at {address}" in message
+        assert "chose this pool at its first call" in message and "a new RunnableK8s chooses again" in message
+    finally:
+        Connection.close_all(address)

@@ -195,6 +195,12 @@ def place(settings: Settings) -> Placed:
     return placed(fallback_backend(settings, address, reason), "ephemeral")
 
 
+AUTO_KEEPS_ITS_POOL = (
+    "(This RunnableK8s is in mode='auto': it chose this pool at its first call, when the pool answered, "
+    "and keeps it; a new RunnableK8s chooses again, and runs its calls in a fresh worker while no pool answers.)"
+)
+
+
 def warm_backend(settings: Settings, address: str, keys: PeerKeys | None) -> WarmBackend:
     """The pool at ``address`` (a ``k8s://`` release through a port-forward). Plaintext to an
     address off this machine is refused here (``AuthenticationFailed``), not at the first send."""
@@ -209,7 +215,8 @@ def warm_backend(settings: Settings, address: str, keys: PeerKeys | None) -> War
             target = BrokerForward.shared(address, settings.k8s_config).local_address
         return Connection.shared(target, keys, settings.connect_timeout, insecure=settings.insecure)
 
-    return WarmBackend(connect(), settings.connect_timeout, reconnect=connect)
+    return WarmBackend(connect(), settings.connect_timeout, reconnect=connect,
+                       unanswered_note=AUTO_KEEPS_ITS_POOL if settings.mode == "auto" else None)
 
 
 # Auto mode asks a pool at most this often (per address), so that RunnableK8s instances made one

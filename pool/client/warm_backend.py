@@ -33,6 +33,7 @@ from pool.client.settings import KEYS_ENV
 from pool.errors import (
     AuthenticationFailed,
     PayloadTooLarge,
+    PoolUnavailable,
     ProtocolError,
     SerializationError,
     TaskTimeout,
@@ -402,11 +403,13 @@ class WarmBackend:
     """
 
     def __init__(self, connection: Connection, connect_timeout: float | None = None,
-                 reconnect: Callable[[], Connection] | None = None) -> None:
+                 reconnect: Callable[[], Connection] | None = None, unanswered_note: str | None = None) -> None:
         self._connection = connection
         # The caller's own patience: the shared connection may have been made by another caller.
         self.connect_timeout = connect_timeout
         self._reconnect = reconnect
+        # Added to "no broker answered": how this backend came to be chosen (auto mode's pool).
+        self.unanswered_note = unanswered_note
 
     @property
     def connection(self) -> Connection:
@@ -425,6 +428,10 @@ class WarmBackend:
         except AuthenticationFailed as exc:
             if connection.keys is None:
                 raise AuthenticationFailed(f"{exc} {NO_KEYS_ADVICE}") from exc
+            raise
+        except PoolUnavailable as exc:
+            if self.unanswered_note and type(exc) is PoolUnavailable:
+                raise PoolUnavailable(f"{exc} {self.unanswered_note}") from exc
             raise
         return connection
 
