@@ -59,7 +59,7 @@ def encode_runnable(runnable: Any) -> tuple[bytes, str]:
 
 def encode_input(value: Any, kwargs: dict[str, Any]) -> bytes:
     try:
-        return codec.dumps((value, kwargs))
+        return codec.dumps_input(value, kwargs)
     except codec.CodecError as exc:
         raise SerializationError(f"the input cannot be sent to a worker: {exc}") from exc
 
@@ -67,7 +67,7 @@ def encode_input(value: Any, kwargs: dict[str, Any]) -> bytes:
 def encode_batch_input(values: list[Any], kwargs: dict[str, Any]) -> bytes:
     """The input of a batch task (``protocol``, kind "batch"): every item's value, one kwargs."""
     try:
-        return codec.dumps((values, kwargs))
+        return codec.dumps_batch_input(values, kwargs)
     except codec.CodecError as exc:
         raise SerializationError(f"the inputs cannot be sent to a worker: {exc}") from exc
 

@@ -148,8 +148,8 @@ class Connection:
             raise core.failure
         raise PoolUnavailable(
             f"no runnable-k8s broker answered at {self.address} within {timeout:g}s{core.dropped_why()}. "
-            "Start one (`runnable-k8s local`, or the Helm chart), check the address, or use "
-            "mode='auto' to fall back to ephemeral Pods."
+            "Start one (`runnable-k8s local` prints the address to pass; on a cluster, the Helm chart), "
+            "or check the address."
         )
 
     def check_size(self, runnable: bytes, input_blob: bytes) -> None:
