@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.support.paths import REPO
 
-DESIGN = REPO / "docs" / "design.md"
+DESIGN_MD = REPO / "docs" / "design.md"
 
 # The sections code and docs link to (docs/design.md is organised around them).
 REQUIRED = [
@@ -48,11 +48,11 @@ def text_files() -> list[Path]:
 
 
 def test_the_sections_others_link_to_exist():
-    assert [h for h in REQUIRED if h not in headings(DESIGN)] == []
+    assert [h for h in REQUIRED if h not in headings(DESIGN_MD)] == []
 
 
 def test_every_link_to_a_design_section_resolves():
-    anchors = {slug(h) for h in headings(DESIGN)}
+    anchors = {slug(h) for h in headings(DESIGN_MD)}
     broken = []
     for path in text_files():
         try:
@@ -60,7 +60,7 @@ def test_every_link_to_a_design_section_resolves():
         except UnicodeDecodeError:
             continue
         links = re.findall(r"design\.md#([\w-]+)", text)
-        if path == DESIGN:
+        if path == DESIGN_MD:
             links += re.findall(r"\]\(#([\w-]+)\)", text)
         broken += [f"{path.relative_to(REPO)}: #{anchor}" for anchor in links if anchor not in anchors]
     assert broken == [], "links to sections docs/design.md does not have:\n" + "\n".join(broken)
