@@ -305,7 +305,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     warmup_seconds = seconds * args.soak_warmup
     started_at = dt.datetime.now(dt.timezone.utc)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    with LocalPool(workers=args.pool_workers, concurrency=args.slots) as pool:
+    with LocalPool(workers=args.pool_workers, slots=args.slots) as pool:
         pids = pool.pids  # the broker first, then the workers
         processes = {"client": os.getpid(), "broker": pids[0]}
         processes.update({f"worker-{n}": pid for n, pid in enumerate(pids[1:], 1)})
