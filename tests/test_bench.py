@@ -197,3 +197,14 @@ def test_labels_say_where_the_warm_pool_and_the_ephemeral_calls_ran() -> None:
     assert f"warm = {where}" in report.format_table(results).splitlines()[0]
     results["modes"]["warm"]["pool"] = {**pool, "workers": 1, "slots": 1}
     assert report._series_label("warm", results) == "warm: LocalPool on this host (1 worker x 1 slot)"
+
+
+def test_a_scaling_run_with_more_workers_than_cpus_says_why_it_is_flat() -> None:
+    """A flat scaling panel on a small host reads as a broken pool unless the report says that the
+    workers share the host's CPUs; a run that fits the CPUs says nothing of the kind."""
+    from pool.bench.report import scaling_caveat
+
+    scaling = {"workers": [1, 2, 4]}
+    assert "share this host's 2 CPUs" in (scaling_caveat(scaling, 2) or "")
+    assert scaling_caveat(scaling, 8) is None
+    assert scaling_caveat(scaling, None) is None

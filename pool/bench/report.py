@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from typing import Any
 
 SERIES_COLORS = {
@@ -167,6 +168,9 @@ def format_table(results: dict[str, Any]) -> str:
         for n in scaling["workers"]:
             lines.append(f"  {plural(n, 'worker')}: {_fmt(scaling['throughput_by_workers'][str(n)]).strip()} calls/s "
                          f"(ideal {_fmt(scaling['ideal_by_workers'][str(n)]).strip()})")
+        caveat = scaling_caveat(scaling, results.get("environment", {}).get("cpus"))
+        if caveat:
+            lines.append(f"  ({caveat})")
         lines.append("")
 
     if results.get("llm"):
@@ -227,7 +231,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     _latency_panel(ax_lat, results)
     _throughput_panel(ax_tp, results)
     if scaling:
-        _scaling_panel(fig.add_subplot(grid[1, 1]), scaling)
+        _scaling_panel(fig.add_subplot(grid[1, 1]), scaling, results.get("environment", {}).get("cpus"))
     env = results.get("environment", {})
     settings = results.get("settings", {})
     fig.suptitle(
@@ -383,7 +387,17 @@ def _throughput_panel(ax: Any, results: dict[str, Any]) -> None:
     ax.legend(fontsize=8.5, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
 
 
-def _scaling_panel(ax: Any, scaling: dict[str, Any]) -> None:
+def scaling_caveat(scaling: dict[str, Any], cpus: Any) -> str | None:
+    """Why a flat scaling run is not a broken pool: the workers it adds share the same CPUs, so once
+    the pool's processes fill them, more workers only split the same cores. Said wherever the run
+    had more workers than the host has CPUs, so a reader does not take the bars for a fault."""
+    if not isinstance(cpus, int) or not scaling.get("workers") or max(scaling["workers"]) <= cpus:
+        return None
+    return (f"all workers share this host's {plural(cpus, 'CPU')} with the broker and the caller: once they fill "
+            "them, more workers cannot add calls/s (the ideal line assumes a CPU per worker)")
+
+
+def _scaling_panel(ax: Any, scaling: dict[str, Any], cpus: Any = None) -> None:
     workers = scaling["workers"]
     measured = [scaling["throughput_by_workers"][str(n)] for n in workers]
     ideal = [scaling["ideal_by_workers"][str(n)] for n in workers]
@@ -402,7 +416,9 @@ def _scaling_panel(ax: Any, scaling: dict[str, Any]) -> None:
     if speedup is not None:
         title += f"\n{plural(workers[-1], 'worker')} / {workers[0]} = {speedup:.2f}x"
     ax.set_title(title, fontsize=11)
-    ax.set_xlabel("warm workers (LocalPool processes on this host)")
+    caveat = scaling_caveat(scaling, cpus)
+    label = "warm workers (LocalPool processes on this host)"
+    ax.set_xlabel(label + (f"\n{textwrap.fill(caveat, 75)}" if caveat else ""))
     ax.set_ylabel("calls per second")
     ax.set_ylim(0, max(measured + ideal) * 1.18)
     ax.grid(axis="y", alpha=0.4)
