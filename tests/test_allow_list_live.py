@@ -8,6 +8,7 @@ of a ``runnable-k8s keys`` tree. ``add_client``/``revoke_client`` are what ``run
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -70,7 +71,7 @@ def _call_after_reload(address: str, client_folder: Path) -> int:
 
 
 @pytest.mark.timeout(90)
-def test_a_client_added_while_the_broker_runs_can_call_and_a_revoked_one_cannot(keyed_pool):
+def test_a_client_added_while_the_broker_runs_can_call_and_a_revoked_one_cannot(keyed_pool, tmp_path):
     address, keys = keyed_pool
     default = keys / "clients" / "default"
     assert _call(address, default) == 42
@@ -78,6 +79,11 @@ def test_a_client_added_while_the_broker_runs_can_call_and_a_revoked_one_cannot(
     bob = add_client(keys, "bob")
     assert _call_after_reload(address, bob) == 42
 
+    # The revoked client keeps a copy of its folder, as a client machine would: revoking deletes the
+    # broker's copy, and a RunnableK8s refuses a missing key folder at construction.
+    kept = tmp_path / "default"
+    shutil.copytree(default, kept)
+    default = kept
     revoke_client(keys, "default")
     # The open connection of the revoked client is closed off, not just future handshakes: a call
     # that starts after the broker's re-read is refused; one that was running when it happened

@@ -29,7 +29,7 @@ CHART = ROOT / "charts" / "worker-pool"
 
 # values.yaml path -> (name in worker.defaults, how the module's value reads in the chart)
 CHART_VALUES: dict[str, tuple[str, Any]] = {
-    "worker.concurrency": ("WORKER_CONCURRENCY", None),
+    "worker.slots": ("WORKER_CONCURRENCY", None),
     "worker.threads": ("WORKER_THREADS", None),
     "worker.cacheSize": ("WORKER_CACHE_SIZE", None),
     "worker.gracePeriodSeconds": ("WORKER_GRACE_PERIOD", None),
@@ -72,11 +72,11 @@ CLI_DEFAULTS: dict[str, dict[str, str]] = {
         "autoscale_idle": "AUTOSCALE_IDLE",
     },
     # No port: a local pool listens on an ipc:// socket only its user can open (--port N: tcp with keys).
-    "local": {"workers": "LOCAL_WORKERS", "concurrency": "WORKER_CONCURRENCY", "threads": "WORKER_THREADS"},
+    "local": {"workers": "LOCAL_WORKERS", "slots": "WORKER_CONCURRENCY", "threads": "WORKER_THREADS"},
     "status": {"connect_timeout": "CONNECT_TIMEOUT"},
     "gc": {"older_than": "GC_OLDER_THAN"},
 }
-WORKER_CLI_DEFAULTS = {"concurrency": "WORKER_CONCURRENCY", "threads": "WORKER_THREADS",
+WORKER_CLI_DEFAULTS = {"slots": "WORKER_CONCURRENCY", "threads": "WORKER_THREADS",
                        "cache_size": "WORKER_CACHE_SIZE",
                        "grace_period": "WORKER_GRACE_PERIOD"}
 
@@ -244,7 +244,7 @@ def signature_defaults(obj: Any) -> dict[str, Any]:
 def test_local_pool_defaults_match_the_module() -> None:
     params = signature_defaults(LocalPool)
     assert params["workers"] == defaults.LOCAL_WORKERS
-    assert params["concurrency"] == defaults.WORKER_CONCURRENCY
+    assert params["slots"] == defaults.WORKER_CONCURRENCY
     assert params["threads"] == defaults.WORKER_THREADS
     # No port: an embedded pool listens on an ipc:// socket file of its own (two run side by side),
     # and secure=None means "reachable only by this user" (ipc, or keys when a port is given).
@@ -254,7 +254,7 @@ def test_local_pool_defaults_match_the_module() -> None:
 
 def test_warm_worker_defaults_match_the_module() -> None:
     params = signature_defaults(WarmWorker)
-    assert params["concurrency"] == defaults.WORKER_CONCURRENCY
+    assert params["slots"] == defaults.WORKER_CONCURRENCY
     assert params["threads"] == defaults.WORKER_THREADS
     assert params["cache_size"] == defaults.WORKER_CACHE_SIZE
     assert params["grace_period"] == defaults.WORKER_GRACE_PERIOD

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from langchain_core.runnables import RunnableLambda
 
-from pool import AuthenticationFailed, LocalPool, PoolUnavailable, RunnableK8s
+from pool import AuthenticationFailed, ConfigurationError, LocalPool, PoolUnavailable, RunnableK8s
 from pool.client.connection import Connection
 from pool.keys import (
     add_client,
@@ -200,10 +200,10 @@ def test_a_worker_given_the_top_of_the_tree_exits_with_the_folder_to_pass(tree, 
 
 
 def test_a_client_given_the_top_of_the_tree_is_told_the_folder_to_pass(tree):
-    runnable = RunnableK8s(bound=RunnableLambda(add_one), pool="ipc:///nonexistent/broker.sock", keys=str(tree),
-                           mode="warm", timeout=5, connect_timeout=1)
-    with pytest.raises(FileNotFoundError, match="clients/NAME"):
-        runnable.invoke(1)
+    """Refused where it is written, at construction, not at the first call of a chain."""
+    with pytest.raises(ConfigurationError, match="clients/NAME"):
+        RunnableK8s(bound=RunnableLambda(add_one), pool="ipc:///nonexistent/broker.sock", keys=str(tree),
+                    mode="warm", timeout=5, connect_timeout=1)
 
 
 # ---------------------------------------------------------------------------- on a running broker
