@@ -88,7 +88,7 @@ def test_rising_load_grows_the_pool_to_max_and_idle_shrinks_it_back_to_min() -> 
     """The one test on the wall clock (a LocalPool's own autoscaler): only "eventually", within
     generous bounds; the window and idle times themselves are checked on an injected clock."""
     settings = AutoscaleSettings(min=1, max=4, target=1.0, window=3, idle=60)
-    with LocalPool(workers=1, concurrency=2, autoscale=settings) as pool:
+    with LocalPool(workers=1, slots=2, autoscale=settings) as pool:
         assert ready_workers(pool) == 1
         with Load(pool.address, slow, 0.3, in_flight=16) as load:
             grew = seconds_until(lambda: ready_workers(pool) == 4, 60, "4 ready workers under load")
@@ -138,7 +138,7 @@ class BackgroundBatch:
 
 @pytest.mark.timeout(90)
 def test_an_explicit_scale_down_from_4_to_1_during_1000_tasks_fails_none() -> None:
-    with LocalPool(workers=4, concurrency=4) as pool:
+    with LocalPool(workers=4, slots=4) as pool:
         with BackgroundBatch(pool, square, in_flight=32):
             wait_for(lambda: pool.status()["counters"]["done"] >= 150, 30, "150 tasks done")
             pool.scale(1, wait=False)
@@ -184,7 +184,7 @@ def clocked_autoscaler(pool: LocalPool,
 @pytest.mark.timeout(90)
 def test_the_autoscaler_scaling_down_during_1000_tasks_fails_none() -> None:
     settings = AutoscaleSettings(min=1, max=4, window=60, idle=600, slots_per_worker=4)
-    with LocalPool(workers=4, concurrency=4) as pool, clocked_autoscaler(pool, settings) as (autoscaler, clock, polled):
+    with LocalPool(workers=4, slots=4) as pool, clocked_autoscaler(pool, settings) as (autoscaler, clock, polled):
         # The pool was full a moment ago: the window holds its 4 workers for 60 s of the clock.
         assert autoscaler.step(AutoscaleLoad(queued=0, running=16, slots_per_worker=4)).replicas == 4
         autoscaler.poll(polled, interval=0.05)
@@ -206,7 +206,7 @@ def test_the_autoscaler_scaling_down_during_1000_tasks_fails_none() -> None:
 @pytest.mark.timeout(90)
 def test_a_pool_scaled_to_zero_wakes_for_a_task_that_waits_in_the_queue() -> None:
     settings = AutoscaleSettings(min=0, max=2, window=0, idle=60)
-    with LocalPool(workers=1, concurrency=2) as pool, clocked_autoscaler(pool, settings) as (autoscaler, clock, polled):
+    with LocalPool(workers=1, slots=2) as pool, clocked_autoscaler(pool, settings) as (autoscaler, clock, polled):
         autoscaler.poll(polled, interval=0.05)
         assert remote(pool.address, slow, timeout=CALL_TIMEOUT).invoke(0) in pool.pids
         polled.wait_for_decisions(3)
@@ -248,7 +248,7 @@ class ProcessScaler:
             self.procs.pop().terminate()
         while len(self.procs) < replicas:
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "worker", "--connect", self.address, "--concurrency", "2",
+                [sys.executable, "-m", "worker", "--connect", self.address, "--slots", "2",
                  "--exit-with-parent", str(os.getpid())], stdin=subprocess.DEVNULL))
 
     def describe(self) -> str:

@@ -71,7 +71,7 @@ class Pool:
         self.start_broker()
         for _ in range(workers):
             self.workers.append(subprocess.Popen(
-                [sys.executable, "-m", "worker", "--connect", self.address, "--concurrency", "32",
+                [sys.executable, "-m", "worker", "--connect", self.address, "--slots", "32",
                  "--threads", str(CALLERS), "--exit-with-parent", str(os.getpid()), "--log-level", "WARNING"],
                 stdin=subprocess.DEVNULL))
         self.wait_for_workers(workers)

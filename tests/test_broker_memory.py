@@ -115,7 +115,7 @@ def pool_processes(*broker_args: str, keys: Path | None = None, repo: Path = REP
         assert broker.stdout is not None
         assert broker.stdout.readline().startswith("READY"), "the broker did not start"
         worker_keys = ["--keys", str(keys / "worker")] if keys else []
-        worker = subprocess.Popen([sys.executable, "-m", "worker", "--connect", address, "--concurrency", "2",
+        worker = subprocess.Popen([sys.executable, "-m", "worker", "--connect", address, "--slots", "2",
                                    *worker_keys], cwd=repo, env=env)
         yield address, broker.pid
     finally:

@@ -211,7 +211,7 @@ def test_a_client_given_the_top_of_the_tree_is_told_the_folder_to_pass(tree):
 
 @pytest.fixture
 def keyed_pool() -> Iterator[LocalPool]:
-    with LocalPool(workers=1, concurrency=2, secure=True) as pool:
+    with LocalPool(workers=1, slots=2, secure=True) as pool:
         yield pool
 
 

@@ -71,7 +71,7 @@ class Recorder(BaseCallbackHandler):
 
 @pytest.fixture(scope="module")
 def pool(fake_openai) -> Any:
-    with LocalPool(workers=1, concurrency=8, env={"OPENAI_API_KEY": FAKE_KEY}) as p:
+    with LocalPool(workers=1, slots=8, env={"OPENAI_API_KEY": FAKE_KEY}) as p:
         yield p
 
 

@@ -128,7 +128,7 @@ def without_task_ids(item: Any) -> Any:
 @pytest.fixture(scope="module")
 def pool(fake_openai) -> Any:
     """One worker, which (only) holds the fake OpenAI server's key."""
-    with LocalPool(workers=1, concurrency=4, env={"OPENAI_API_KEY": FAKE_KEY}) as p:
+    with LocalPool(workers=1, slots=4, env={"OPENAI_API_KEY": FAKE_KEY}) as p:
         yield p
 
 

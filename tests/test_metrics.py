@@ -53,7 +53,7 @@ def eventually(port: int, check: Callable[[dict], bool], timeout: float = 10.0) 
 @pytest.mark.timeout(60)
 def test_metrics_count_tasks_by_outcome_latency_slots_and_workers() -> None:
     port = free_port()
-    with LocalPool(workers=2, concurrency=3, broker_args=["--metrics-port", str(port)]) as pool:
+    with LocalPool(workers=2, slots=3, broker_args=["--metrics-port", str(port)]) as pool:
         ok = RunnableK8s(bound=RunnableLambda(slow), pool=pool.address, mode="warm", timeout=30)
         bad = RunnableK8s(bound=RunnableLambda(boom), pool=pool.address, mode="warm", timeout=30)
         assert ok.batch([0.0] * 4 + [0.2]) == ["ok"] * 5

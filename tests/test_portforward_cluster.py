@@ -33,7 +33,7 @@ def broker_pod(name: str, image: str) -> dict:
                  "ports": [{"name": "zmq", "containerPort": 5555}],
                  "readinessProbe": {"tcpSocket": {"port": "zmq"}, "periodSeconds": 1}},
                 {"name": "worker", "image": image, "imagePullPolicy": "Never",
-                 "command": ["python", "-m", "worker", "--connect", "tcp://127.0.0.1:5555", "--concurrency", "2"]},
+                 "command": ["python", "-m", "worker", "--connect", "tcp://127.0.0.1:5555", "--slots", "2"]},
             ],
         },
     }

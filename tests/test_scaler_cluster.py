@@ -210,7 +210,7 @@ def test_a_broker_on_this_host_autoscales_the_deployment_with_load_and_wakes_it_
     watcher.start()
     try:
         # One local worker of one slot: 6 calls in flight queue 5 tasks, asking for 6 workers, max 4.
-        with LocalPool(workers=1, concurrency=1, broker_args=broker_args) as pool:
+        with LocalPool(workers=1, slots=1, broker_args=broker_args) as pool:
             runnable = RunnableK8s(bound=RunnableLambda(slow), pool=pool.address, mode="warm", timeout=120)
             start = time.monotonic()
             results = runnable.batch([1.0] * 6, {"max_concurrency": 6})
@@ -254,7 +254,7 @@ def pod_workers(address: str, replicas: int = 1) -> client.V1Deployment:
     spec.host_network = True
     spec.dns_policy = "Default"
     spec.termination_grace_period_seconds = 30  # time to drain
-    spec.containers[0].command = ["python", "-m", "worker", "--connect", address, "--concurrency", "1"]
+    spec.containers[0].command = ["python", "-m", "worker", "--connect", address, "--slots", "1"]
     spec.containers[0].env = [client.V1EnvVar(name="POD_NAME", value_from=client.V1EnvVarSource(
         field_ref=client.V1ObjectFieldSelector(field_path="metadata.name")))]
     return deployment

@@ -49,7 +49,7 @@ FLOODER = textwrap.dedent("""
 @pytest.mark.timeout(90)
 def test_a_flooding_client_does_not_make_another_clients_call_fail_or_wait_behind_it():
     broker_args = ["--client-queue-size", str(CLIENT_LIMIT), "--queue-size", str(CLIENT_LIMIT + 5)]
-    with LocalPool(workers=1, concurrency=2, broker_args=broker_args) as pool:
+    with LocalPool(workers=1, slots=2, broker_args=broker_args) as pool:
         pool.wait_for_workers(1)
         flooder = subprocess.Popen([sys.executable, "-c", FLOODER, pool.address, str(FLOOD)],
                                    stdout=subprocess.PIPE, text=True)

@@ -103,7 +103,7 @@ def test_sync_code_runs_on_at_most_threads_threads_while_the_worker_takes_more_t
         time.sleep(0.3)
         return start, time.time()
 
-    with LocalPool(workers=1, concurrency=16, worker_args=["--threads", "2"]) as pool:
+    with LocalPool(workers=1, slots=16, worker_args=["--threads", "2"]) as pool:
         remote = RunnableK8s(bound=RunnableLambda(busy), pool=pool.address, mode="warm", timeout=60)
         intervals = remote.batch(list(range(8)), config={"max_concurrency": 8})
     assert len(intervals) == 8
@@ -128,7 +128,7 @@ def test_a_draining_worker_hands_its_unstarted_sync_tasks_to_another_worker():
             except OSError:
                 time.sleep(0.1)
 
-    with LocalPool(workers=1, concurrency=8, worker_args=["--threads", "1"]) as pool:
+    with LocalPool(workers=1, slots=8, worker_args=["--threads", "1"]) as pool:
         first_worker = pool.pids[1]
         remote = RunnableK8s(bound=RunnableLambda(wait_then_pid), pool=pool.address, mode="warm", timeout=120)
         with concurrent.futures.ThreadPoolExecutor(4) as calls:
