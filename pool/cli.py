@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kubeconfig file (default: in-cluster, then KUBECONFIG, then ~/.kube/config)")
     scale.set_defaults(func=cmd_scale)
 
-    from pool.ephemeral.podspec import KEEP_LABEL, OWNER_LABEL, RUNNER_SELECTOR
+    from pool.ephemeral.podspec import KEEP_LABEL, LEGACY_RUNNER_SELECTOR, OWNER_LABEL, RUNNER_SELECTOR
 
     gc = add("gc", help="delete leftover ephemeral runner Pods (never the worker pool's Pods)",
              formatter_class=_ParagraphFormatter,
@@ -508,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "Delete the one-shot runner Pods of ephemeral mode that their client left behind (it was "
                  "killed before it could delete them).\n\n"
                  f"Which Pods: only those of the namespace given by --namespace (default 'default'; the "
-                 f"kubeconfig's current namespace is not used) that carry the labels {RUNNER_SELECTOR}, "
+                 f"kubeconfig's current namespace is not used) that carry the labels {RUNNER_SELECTOR} "
+                 f"(or, for runner Pods made by older releases, {LEGACY_RUNNER_SELECTOR}), "
                  "which only ephemeral mode's runner Pods carry. The worker pool's Pods (the chart's broker "
                  "and workers, app.kubernetes.io/managed-by=Helm) and any other Pod are never listed, so "
                  "never deleted.\n\n"

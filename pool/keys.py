@@ -82,7 +82,7 @@ def load_broker_keys(
         raise FileNotFoundError(
             f"{directory} holds keys in the old one-folder layout (authorized/), where every role "
             "could read every secret. Make keys per role with `runnable-k8s keys NEWDIR` and give "
-            "each program its own folder (README: Security model)."
+            "each program its own folder (docs/security.md)."
         )
     check_not_changeable(require(directory, "the broker key folder"), "the broker key folder")
     secret_file = check_secret_file(require(directory / "broker.key_secret", "the broker secret key"))

@@ -1,7 +1,7 @@
 """Ephemeral mode on a real Kubernetes: a Pod per call through the attach API (docs/design.md#what-runs-where).
 
 Runs on the single-node test cluster of tests/cluster (``pytest -m cluster``), or on any cluster
-your KUBECONFIG points at if you run it with the ``k8s_node`` fixture replaced (see README).
+your KUBECONFIG points at if you run it with the ``k8s_node`` fixture replaced (see docs/operations.md).
 The worker image there is built from this checkout, so lambdas defined here travel by value.
 """
 

@@ -11,7 +11,7 @@ call that rebuilds it on the receiving side (``worker.langchain_route``); module
 travel by reference (``worker.sentinels``); everything else is cloudpickled. Plain data takes
 the C pickler, about 15 times cheaper.
 
-What to know when using it (the README repeats this):
+What to know when using it (docs/langchain.md and docs/security.md repeat this):
 
 * Fields that LangChain marks ``exclude=True`` (a ``rate_limiter``, a custom ``http_client``,
   ``callbacks``, ``cache``) do not travel with a LangChain-serialized object; the worker builds

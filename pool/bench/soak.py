@@ -28,8 +28,9 @@ usually do: a worker keeps some state per task until its deadline, which the soa
 
 Every ``--soak-interval`` seconds (and at the start, at the end of the warm-up and at the end) a
 thread samples the client (this process; the last sample is taken while the callers' asyncio loop is
-still open, like the others), the broker and each worker: resident memory (``VmRSS``
-of ``/proc/PID/status``) and open file descriptors (the entries of ``/proc/PID/fd``). The warm-up is
+still open, like the others), the broker and each worker: resident memory and open file descriptors (on Linux
+``VmRSS`` of ``/proc/PID/status`` and the entries of ``/proc/PID/fd``; elsewhere psutil, ``ps`` or
+``lsof`` when present, else "unknown": ``pool.bench.machine``). The warm-up is
 the first ``--soak-warmup`` (10%) of the calls; growth is measured from the first sample after it to
 the last sample: RSS growth in % and the fd delta per process, against the goal (RSS growth
 < 5%, no fd growth). The least-squares slope of RSS over calls after the warm-up (KB per 10,000
