@@ -180,7 +180,7 @@ def fake_openai() -> Iterator[FakeOpenAI]:
 @pytest.fixture(scope="module")
 def local_pool(fake_openai: FakeOpenAI) -> Iterator[LocalPool]:
     """Two workers of concurrency 4; the workers (only) hold the OpenAI key in their environment."""
-    with LocalPool(workers=2, concurrency=4, env={"OPENAI_API_KEY": FAKE_KEY}) as pool:
+    with LocalPool(workers=2, slots=4, env={"OPENAI_API_KEY": FAKE_KEY}) as pool:
         yield pool
 
 
