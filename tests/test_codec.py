@@ -54,9 +54,24 @@ def test_mixed_chain_is_rebuilt_in_another_process_with_that_process_key():
     assert out.stdout.decode().split(" ", 2) == ["ChatOpenAI", "sk-from-the-worker-env", "Tell me about Pikachu!\n"]
 
 
+def _adder(n: int) -> RunnableLambda:
+    def adder(x: int) -> int:
+        return x + n
+    return RunnableLambda(adder)
+
+
 def test_same_runnable_encodes_to_the_same_digest():
     chain = seed_chain()
     assert codec.digest(codec.dumps(chain)) == codec.digest(codec.dumps(chain))
+
+
+def test_the_digest_names_a_runnables_content_not_its_type_or_name():
+    """The broker routes and workers cache by digest: two runnables that differ only in what their
+    closure holds must never share one, or a worker would run the other's code."""
+    one, two = _adder(1), _adder(2)
+    assert one.get_name() == two.get_name()
+    assert codec.digest(codec.dumps(one)) != codec.digest(codec.dumps(two))
+    assert codec.digest(codec.dumps(one)) == codec.digest(codec.dumps(_adder(1)))
 
 
 def test_live_resources_give_a_codec_error_naming_the_type():
