@@ -11,7 +11,8 @@ from kubernetes.client.exceptions import ApiException
 from langchain_core.runnables import RunnableLambda
 
 from pool import PoolUnavailable, RunnableK8s
-from pool.k8s.portforward import parse_k8s_address
+from pool.client.connection import Connection
+from pool.k8s.portforward import BrokerForward, parse_k8s_address
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
@@ -76,19 +77,28 @@ def test_a_warm_call_reaches_a_broker_pod_through_port_forward_and_survives_its_
     core = k8s_node.control_plane.core()
     core.create_namespaced_pod(k8s_namespace, broker_pod("broker-a", k8s_node.worker_image))
     wait_ready(core, k8s_namespace, "broker-a")
-    remote = RunnableK8s(bound=RunnableLambda(lambda _: socket.gethostname()), pool=f"k8s://{k8s_namespace}/{RELEASE}",
-                         mode="warm", k8s_config=k8s_node.control_plane.kubeconfig, connect_timeout=10)
-    assert call_until_served(remote) == "broker-a"
+    address, kubeconfig = f"k8s://{k8s_namespace}/{RELEASE}", k8s_node.control_plane.kubeconfig
+    remote = RunnableK8s(bound=RunnableLambda(lambda _: socket.gethostname()), pool=address, mode="warm",
+                         k8s_config=kubeconfig, connect_timeout=10)
+    forwards: list[BrokerForward] = []
+    try:
+        assert call_until_served(remote) == "broker-a"
+        forwards.append(BrokerForward.shared(address, kubeconfig))  # the one the first call opened
 
-    # A graceful delete (the Pod's 1 s grace): the API object goes only once the kubelet has stopped
-    # its containers. A forced one (grace 0) removed the object at once while broker-a's container
-    # still served the open port-forward for a moment, and a call after broker-b was Ready once got
-    # broker-a's answer.
-    core.delete_namespaced_pod("broker-a", k8s_namespace)
-    wait_for(lambda: not pod_exists(core, k8s_namespace, "broker-a"), 60, "Pod broker-a to be gone", interval=0.5)
-    core.create_namespaced_pod(k8s_namespace, broker_pod("broker-b", k8s_node.worker_image))
-    wait_ready(core, k8s_namespace, "broker-b")
-    assert call_until_served(remote) == "broker-b"  # the same RunnableK8s reconnected by itself
+        # A graceful delete (the Pod's 1 s grace): the API object goes only once the kubelet has
+        # stopped its containers. A forced one (grace 0) removed the object at once while broker-a's
+        # container still served the open port-forward for a moment, and a call after broker-b was
+        # Ready once got broker-a's answer.
+        core.delete_namespaced_pod("broker-a", k8s_namespace)
+        wait_for(lambda: not pod_exists(core, k8s_namespace, "broker-a"), 60, "Pod broker-a to be gone", interval=0.5)
+        core.create_namespaced_pod(k8s_namespace, broker_pod("broker-b", k8s_node.worker_image))
+        wait_ready(core, k8s_namespace, "broker-b")
+        assert call_until_served(remote) == "broker-b"  # the same RunnableK8s reconnected by itself
+    finally:
+        # The shared connection and the forward it goes through are this test's to close.
+        for forward in forwards:
+            Connection.close_all(forward.local_address)
+            forward.close()
 
 
 def test_no_broker_gives_pool_unavailable_naming_the_labels(k8s_control_plane, k8s_namespace):
