@@ -8,6 +8,9 @@ tests/test_broker_loss.py, test_worker_loss.py, test_client_backpressure.py, tes
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import pytest
 
 from pool.client.core import BUSY_BACKOFF_MIN
@@ -241,7 +244,39 @@ def test_a_malformed_message_is_dropped_and_changes_nothing():
     client.take()
     assert client.message(P.RESULT, task_id) == []  # a frame short
     assert client.message(P.WELCOME, b"not json") == []
+    assert client.message(P.STATUS, b"[1, 2]") == []  # JSON, but not an object
     assert client.core.pending_count == 1 and client.core.ready
+
+
+class _BrokenSink:
+    """A sink whose delivery raises: a stand-in for a bug on the delivery path (no rule input
+    from a well-formed broker message fails today)."""
+
+    def deliver(self, reply: Any) -> None:
+        raise RuntimeError("a bug on the way to the caller")
+
+
+def test_a_rule_that_raises_on_a_well_formed_message_is_raised_by_a_strict_core():
+    client = welcomed()  # tests build the core strict
+    task_id, _ = client.submit(_BrokenSink())  # type: ignore[arg-type]
+    client.take()
+    with pytest.raises(RuntimeError, match="a bug on the way"):
+        client.result(task_id)
+
+
+def test_a_rule_that_raises_in_a_production_core_is_logged_as_a_bug_not_as_a_bad_broker(caplog):
+    client = welcomed(strict=False)
+    task_id, _ = client.submit(_BrokenSink())  # type: ignore[arg-type]
+    client.take()
+    with caplog.at_level(logging.WARNING, logger="runnable_k8s.client"):
+        client.result(task_id)
+    (record,) = [r for r in caplog.records if r.name == "runnable_k8s.client"]
+    assert record.levelno == logging.ERROR and "a bug in runnable-k8s" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is RuntimeError  # the traceback is logged
+    other, sink = client.submit()  # the connection keeps serving
+    client.take()
+    client.result(other)
+    assert [reply.kind for reply in sink.replies] == ["result"]
 
 
 # ---------------------------------------------------------------------------- allowance and busy

@@ -152,8 +152,12 @@ class ClientCore:
 
     def __init__(self, address: str, connect_timeout: float, *, send: Callable[[list[bytes]], None],
                  now: float, wake: Callable[[], None] = _nothing, settled: Callable[[], None] = _nothing,
-                 unsettled: Callable[[], None] = _nothing, id_prefix: bytes | None = None) -> None:
+                 unsettled: Callable[[], None] = _nothing, id_prefix: bytes | None = None,
+                 strict: bool = False) -> None:
         self.address = address
+        # A rule that raises: raised out of on_message (tests), else logged as this client's bug
+        # with its traceback (production). Input that cannot be decoded is neither: it is dropped.
+        self.strict = strict
         self.connect_timeout = connect_timeout
         self._send = send
         self._wake = wake
@@ -422,9 +426,18 @@ class ClientCore:
     # ------------------------------------------------------------------ from the broker
 
     def on_message(self, frames: list[bytes], now: float) -> None:
-        """One message from the broker, its frames as read. A message that cannot be handled
-        is logged and dropped: it must not break the caller that happened to read it."""
+        """One message from the broker, its frames as read. A message that cannot be decoded is
+        logged and dropped: it must not break the caller that happened to read it. A rule that
+        raises on a decoded message is a bug here, not a bad broker: logged as one, or raised when
+        ``strict``."""
         self._last_seen = now
+        try:
+            info = (P.decode_json_object(frames[2]) if len(frames) >= 3 and frames[0] == P.PROTOCOL
+                    and frames[1] in _JSON_COMMANDS else None)
+        except (ValueError, RecursionError):
+            log.warning("ignored a %s from the broker that is not a JSON object",
+                        P.COMMAND_NAMES.get(frames[1], frames[1]))
+            return
         try:
             if frames[0] != P.PROTOCOL or len(frames) < 2:
                 if frames[0] != P.PROTOCOL and frames[0].startswith(P.PROTOCOL_FAMILY):
@@ -454,23 +467,25 @@ class ClientCore:
             elif command == P.ERROR and count >= 5:
                 self._on_error(frames[2], frames[3], frames[4].decode("utf-8", "replace"),
                                frames[5] if count > 5 else b"", now)
-            elif command == P.WELCOME and count >= 3:
-                self._on_welcome(P.decode_json_object(frames[2]), now)
-            elif command == P.STATUS and count >= 3:
+            elif command == P.WELCOME and info is not None:
+                self._on_welcome(info, now)
+            elif command == P.STATUS and info is not None:
                 if self._status_waiters:
                     waiter = self._status_waiters.popleft()
-                    answer = P.decode_json_object(frames[2])
                     if waiter is None:
-                        self.heard_status(answer, now)
+                        self.heard_status(info, now)
                     else:
-                        waiter.deliver(answer)
+                        waiter.deliver(info)
             elif command == P.RECONNECT:  # a broker that does not know this client: a new one
                 self._lost(f"the broker at {self.address} restarted (it no longer knew this client)", now)
                 self._hello()
             elif command != P.HEARTBEAT:
                 log.warning("ignored an unexpected %s from the broker", P.COMMAND_NAMES.get(command, command))
         except Exception:
-            log.warning("ignored a message from the broker that could not be handled", exc_info=True)
+            if self.strict:
+                raise
+            log.error("a client rule failed on a %s from the broker (a bug in runnable-k8s; the message "
+                      "was dropped)", P.COMMAND_NAMES.get(frames[1], frames[1]), exc_info=True)
 
     def _on_welcome(self, info: dict[str, Any], now: float) -> None:
         self.broker_info = info
@@ -793,6 +808,10 @@ def _failure_code(error: BaseException | type[BaseException] | None) -> bytes:
     if issubclass(kind, AuthenticationFailed):
         return P.E_UNAUTHORIZED
     return P.E_POOL_UNAVAILABLE
+
+
+# Commands whose first body frame is a JSON object: decoded before any rule sees them.
+_JSON_COMMANDS = frozenset({P.WELCOME, P.STATUS})
 
 
 def _count(value: Any) -> int | None:

@@ -59,14 +59,14 @@ class Sink:
 class Client:
     """A core plus the time and a log of what it did."""
 
-    def __init__(self, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, connect_timeout: float = CONNECT_TIMEOUT, strict: bool = True) -> None:
         self.now = 0.0
         self.log: list[Any] = []
         self.core = ClientCore(ADDRESS, connect_timeout, now=self.now, id_prefix=b"\0" * (P.TASK_ID_BYTES - 8),
                                send=lambda frames: self.log.append(Sent(frames[1], tuple(frames[2:]))),
                                wake=lambda: self.log.append(Signal("wake")),
                                settled=lambda: self.log.append(Signal("settled")),
-                               unsettled=lambda: self.log.append(Signal("unsettled")))
+                               unsettled=lambda: self.log.append(Signal("unsettled")), strict=strict)
         self._sinks = 0
 
     def at(self, now: float) -> Client:
@@ -120,9 +120,10 @@ class Client:
         return self.message(P.ERROR, wire_id, code, message, detail)
 
 
-def welcomed(**info: Any) -> Client:
-    """A client whose broker has said WELCOME (with ``info``), its log empty."""
-    client = Client()
+def welcomed(*, strict: bool = True, **info: Any) -> Client:
+    """A client whose broker has said WELCOME (with ``info``), its log empty; ``strict`` (the
+    default in tests): a rule that raises is raised."""
+    client = Client(strict=strict)
     client.welcome(**info)
     return client
 
