@@ -26,6 +26,9 @@ Worker -> broker
     EVENT      [task id, encoded callback event]        forwarded as is (only for a header with
                                                         ``events``: worker.callback_events)
     RESULT     [task id, encoded output]                forwarded; frees the slot
+    REPLIES    [packed]                                 several CHUNK/EVENT/RESULT replies in one
+                                                        message (only after a WELCOME saying
+                                                        ``"replies": true``; see below)
     ERROR      [task id, code, message, detail]         forwarded (unless the broker handles code)
     DRAINING   []                                       stop sending me tasks (SIGTERM)
     STATUS     []                                       -> STATUS: sent after DRAINING as a fence
@@ -34,11 +37,29 @@ Worker -> broker
     HEARTBEAT  []
     BYE        []
 
+Broker -> client
+    WELCOME, STATUS, HEARTBEAT, RECONNECT, ERROR and the replies above: CHUNK, EVENT, RESULT, or
+    REPLIES [packed] to a client whose HELLO said ``"replies": true``
+
 Broker -> worker
     TASK       [task id, json header, runnable, input]  runnable is b"" if the worker holds it
     CANCEL     [task id]
     HEARTBEAT  []
     RECONNECT  []                                       "I do not know you": send READY again
+
+Replies travel together. A streamed token is a few bytes, and each message costs every hop it
+crosses a fixed ~10-15 us of frame handling, far more than the token itself. So the replies a
+worker has ready at one moment go out as one REPLIES message whose ``packed`` frame is a run of
+entries, each ``kind`` (1 byte: the CHUNK, EVENT or RESULT command byte), task id (16 bytes),
+payload length (4 bytes, big-endian) and the payload: exactly the frames the classic message
+would carry (:func:`pack_replies`, :func:`unpack_replies`). Nothing waits to be packed: what is
+queued when the worker's I/O thread wakes goes together, and a lone reply goes alone. The broker
+reads entry headers only and forwards each client's entries as one REPLIES (the received frame as
+is when all of it goes to one client), or as classic messages to a client that did not ask for
+them. Both sides announce it (``"replies": true`` in WELCOME, in the client's HELLO), so a peer of
+an older release of this same protocol version keeps getting and sending classic messages. A
+REPLIES that is not exactly a run of well-formed entries (at least one, known kinds, lengths that
+end exactly at the frame's end) is malformed and dropped whole.
 
 Over stdin/stdout (ephemeral mode: ``python -m worker --stdio``, one task per process or Pod) the
 same messages travel as text lines, ``RK8S/2 COMMAND base64 base64 ...``, so that they survive any
@@ -101,11 +122,13 @@ DRAINING = b"D"
 HEARTBEAT = b"."
 RECONNECT = b"!"
 BYE = b"B"
+REPLIES = b"P"
 
 COMMAND_NAMES = {
     HELLO: "HELLO", WELCOME: "WELCOME", SUBMIT: "SUBMIT", TASK: "TASK", CHUNK: "CHUNK", EVENT: "EVENT",
     RESULT: "RESULT", ERROR: "ERROR", CANCEL: "CANCEL", STATUS: "STATUS", READY: "READY",
     DRAINING: "DRAINING", HEARTBEAT: "HEARTBEAT", RECONNECT: "RECONNECT", BYE: "BYE",
+    REPLIES: "REPLIES",
 }
 
 TASK_ID_BYTES = 16
@@ -243,7 +266,7 @@ def pack_item_error(index: int, code: bytes, message: str, detail: bytes = b"") 
     return _ITEM.pack(index, len(code), len(encoded)) + code + encoded + detail
 
 
-def item_failed(data: bytes, items: int) -> bool:
+def item_failed(data: bytes | memoryview, items: int) -> bool:
     """Whether a packed item is an error (True) or an output (False), reading its header only (the
     broker counts items with it, without copying the payload). Raises ValueError as unpack_item."""
     if len(data) < _ITEM.size:
@@ -273,6 +296,69 @@ def unpack_item(data: bytes, items: int | None = None) -> tuple[int, bytes | Non
     code = bytes(data[start:start + code_length])
     message = bytes(data[start + code_length:start + code_length + message_length]).decode("utf-8", "replace")
     return index, code, message, bytes(data[start + code_length + message_length:])
+
+
+# REPLIES: entries of kind (1 byte), task id (16 bytes), payload length (u32), then the payload.
+_ENTRY = struct.Struct(">c16sI")
+REPLY_ENTRY_HEADER_BYTES = _ENTRY.size
+REPLY_KINDS = frozenset({CHUNK, EVENT, RESULT})
+# A worker packs at most this many bytes into one REPLIES (and less than the broker's message
+# limit), and sends a payload of PACK_ALONE_BYTES or more as a classic message on its own: copying
+# a large payload into a pack would cost more than the message it saves.
+MAX_PACK_BYTES = 256 * 1024
+PACK_ALONE_BYTES = 64 * 1024
+
+
+def reply_entry(kind: bytes, task_id: bytes, payload: bytes) -> bytes:
+    """The header of one REPLIES entry (the payload follows it): see :func:`pack_replies`."""
+    return _ENTRY.pack(kind, task_id, len(payload))
+
+
+def pack_replies(entries: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    """The ``packed`` frame of a REPLIES message: ``(kind, task id, payload)`` entries, in order,
+    where kind is CHUNK, EVENT or RESULT. Raises ValueError for anything :func:`unpack_replies`
+    would refuse, so that a bug shows here and not as a message the peer drops."""
+    if not entries:
+        raise ValueError("a REPLIES message carries at least one reply")
+    parts: list[bytes] = []
+    for kind, task_id, payload in entries:
+        if kind not in REPLY_KINDS or len(task_id) != TASK_ID_BYTES:
+            raise ValueError(f"cannot pack a {COMMAND_NAMES.get(kind, kind)!r} reply with a task id of "
+                             f"{len(task_id)} bytes")
+        parts.append(_ENTRY.pack(kind, task_id, len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+def reply_spans(packed: bytes) -> list[tuple[bytes, bytes, int, int]]:
+    """``(kind, task id, start, end)`` of every entry of a REPLIES frame, reading headers only
+    (the broker never copies a payload it forwards as is). Strict: ValueError unless ``packed``
+    is one or more whole entries of a known kind and nothing else."""
+    spans: list[tuple[bytes, bytes, int, int]] = []
+    size = len(packed)
+    header = _ENTRY.size
+    unpack_from = _ENTRY.unpack_from
+    kinds = REPLY_KINDS
+    offset = 0
+    while offset < size:
+        if size - offset < header:
+            raise ValueError(f"REPLIES ends with {size - offset} bytes, too few for an entry's header")
+        kind, task_id, length = unpack_from(packed, offset)
+        if kind not in kinds:
+            raise ValueError(f"REPLIES has an entry of unknown kind {kind!r}")
+        start = offset + header
+        offset = start + length
+        if offset > size:
+            raise ValueError(f"a REPLIES entry claims {length} bytes, past the end of the message")
+        spans.append((kind, task_id, start, offset))
+    if not spans:
+        raise ValueError("REPLIES carries no reply")
+    return spans
+
+
+def unpack_replies(packed: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """The ``(kind, task id, payload)`` entries of a REPLIES frame; ValueError as :func:`reply_spans`."""
+    return [(kind, task_id, packed[start:end]) for kind, task_id, start, end in reply_spans(packed)]
 
 
 def content_digest(data: bytes) -> str:

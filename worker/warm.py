@@ -160,6 +160,10 @@ class WarmWorker:
         self._broker_context = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._replies = ReplyQueue()
+        # Whether the broker of this session reads REPLIES (its WELCOME says so), and the most
+        # bytes one REPLIES may pack (below the broker's message limit).
+        self._pack_replies = False
+        self._pack_limit = P.MAX_PACK_BYTES
         # No more threads than slots: a worker never has more sync tasks than it has slots.
         self.runner = TaskRunner(min(threads, slots), self.cache, self._replies)
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -250,6 +254,7 @@ class WarmWorker:
         sock = transport.dealer_socket(self._broker_context, self.keys)
         sock.connect(self.address)
         self._socket = sock
+        self._pack_replies = False  # until this session's broker says it reads them
         self._register()
         if self.draining_since is not None:
             self._send([P.PROTOCOL, P.DRAINING])
@@ -395,15 +400,69 @@ class WarmWorker:
         return got
 
     def _forward_replies(self) -> None:
-        """Pass task threads' frames to the broker, unless their task was given up meanwhile."""
-        for frames in self._replies.take(1000):
-            task_id = frames[2]
-            if frames[1] == P.CHUNK or frames[1] == P.EVENT:
-                if task_id in self.jobs:
+        """Pass task threads' frames to the broker, unless their task was given up meanwhile.
+
+        Everything one ``take`` returns is what was ready when this thread woke: with a broker
+        that said ``"replies": true`` its CHUNK/EVENT/RESULT replies travel packed in as few
+        REPLIES messages as fit (``worker.protocol``: a message costs each hop far more than a
+        token), in order; anything else (an ERROR) first sends the pack so far. Nothing waits for
+        company, so packing adds no latency: a reply that is alone when the thread wakes goes alone."""
+        taken = self._replies.take(1000)
+        if not taken:
+            return
+        jobs = self.jobs
+        if not self._pack_replies:
+            for frames in taken:
+                task_id = frames[2]
+                if frames[1] == P.CHUNK or frames[1] == P.EVENT:
+                    if task_id in jobs:
+                        self._send(frames)
+                elif jobs.pop(task_id, None) is not None:
+                    self.deadlines.discard(task_id)
                     self._send(frames)
-            elif self.jobs.pop(task_id, None) is not None:
+            return
+        parts: list[bytes] = []  # the pack so far: entry header, payload, entry header, ...
+        entries = 0
+        size = 0
+        limit = self._pack_limit
+        alone = P.PACK_ALONE_BYTES
+        entry = P.reply_entry
+        overhead = P.REPLY_ENTRY_HEADER_BYTES
+        for frames in taken:
+            command, task_id = frames[1], frames[2]
+            if command == P.CHUNK or command == P.EVENT:
+                if task_id not in jobs:
+                    continue
+            elif jobs.pop(task_id, None) is not None:
                 self.deadlines.discard(task_id)
+            else:
+                continue
+            if command == P.ERROR or len(frames) != 4 or len(frames[3]) >= alone:
+                if entries:  # keep the order: what came before goes first
+                    self._send_pack(parts, entries)
+                    parts, entries, size = [], 0, 0
                 self._send(frames)
+                continue
+            payload = frames[3]
+            grown = size + overhead + len(payload)
+            if entries and grown > limit:
+                self._send_pack(parts, entries)
+                parts, entries, grown = [], 0, overhead + len(payload)
+            parts.append(entry(command, task_id, payload))
+            parts.append(payload)
+            entries += 1
+            size = grown
+        if entries:
+            self._send_pack(parts, entries)
+
+    def _send_pack(self, parts: list[bytes], entries: int) -> None:
+        """One REPLIES message of the packed entries, or the classic message for a lone one
+        (understood by every broker, and one frame copy fewer)."""
+        if entries == 1:
+            command = parts[0][:1]
+            self._send([P.PROTOCOL, command, parts[0][1:1 + P.TASK_ID_BYTES], parts[1]])
+        else:
+            self._send([P.PROTOCOL, P.REPLIES, b"".join(parts)])
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 2 or frames[0] != P.PROTOCOL:
@@ -420,6 +479,9 @@ class WarmWorker:
             self._ready_sent_at = None
             info = P.decode_json_object(body[0])
             self.runner.max_message_bytes = int(info.get("max_message_bytes", self.runner.max_message_bytes))
+            # Pack replies only for a broker that says it reads REPLIES (an older one would drop them).
+            self._pack_replies = info.get("replies") is True
+            self._pack_limit = max(1, min(P.MAX_PACK_BYTES, self.runner.max_message_bytes - 64))
             log.info("connected to broker %s", self.address)
             self._welcomed = True
             self.health.ready(self.draining_since is None)

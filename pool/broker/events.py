@@ -105,6 +105,17 @@ class Result(FromPeer):
 
 
 @dataclass(slots=True)
+class Replies(FromPeer):
+    """Several replies of a worker in one message (REPLIES): ``packed`` as received, and
+    ``spans``, each entry's ``(kind, task id, start, end)`` in ``packed``. Only the headers were
+    read (``P.reply_spans``, strict): the payloads are sliced only for a client that takes classic
+    messages, and never decoded."""
+
+    packed: bytes
+    spans: list[tuple[bytes, bytes, int, int]]
+
+
+@dataclass(slots=True)
 class WorkerError(FromPeer):
     task_id: bytes  # b"" for a message about the worker itself, not a task
     code: bytes
@@ -182,8 +193,8 @@ class KeysChanged:
 
 
 Event = (Hello | Submit | Cancel | StatusRequest | Heartbeat | Bye | Ready | Chunk | CallbackEvent | Result
-         | WorkerError | Draining | Tick | SendFailed | PeerStalled | ConnectionClosed | KeysChanged | Malformed
-         | ForeignProtocol)
+         | Replies | WorkerError | Draining | Tick | SendFailed | PeerStalled | ConnectionClosed | KeysChanged
+         | Malformed | ForeignProtocol)
 BrokerInput = Event  # the clearer name for new code: what BrokerCore.handle takes
 
 # ---------------------------------------------------------------------------- effects
@@ -278,6 +289,12 @@ def _error(peer: bytes, body: list[bytes], fd: int, key: bytes | None) -> Worker
     return WorkerError(peer, task_id, body[1] if len(body) > 1 else b"", tuple(body), fd=fd, key=key)
 
 
+def _replies(peer: bytes, body: list[bytes], fd: int, key: bytes | None) -> Replies:
+    if len(body) != 1:
+        raise ValueError(f"REPLIES has {len(body)} body frames, expected 1")
+    return Replies(peer, body[0], P.reply_spans(body[0]), fd=fd, key=key)
+
+
 _Decoder = Callable[[bytes, list[bytes], int, "bytes | None"], Event]
 
 _DECODERS: dict[bytes, _Decoder] = {
@@ -291,6 +308,7 @@ _DECODERS: dict[bytes, _Decoder] = {
     P.CHUNK: lambda peer, body, fd, key: Chunk(peer, body[0], body[1], fd=fd, key=key),
     P.EVENT: lambda peer, body, fd, key: CallbackEvent(peer, body[0], body[1], fd=fd, key=key),
     P.RESULT: lambda peer, body, fd, key: Result(peer, body[0], body[1], fd=fd, key=key),
+    P.REPLIES: _replies,
     P.ERROR: _error,
     P.DRAINING: lambda peer, body, fd, key: Draining(peer, fd=fd, key=key),
 }

@@ -1,8 +1,19 @@
-"""A worker's replies about a task: chunks, relayed callbacks, the result, an error."""
+"""A worker's replies about a task: chunks, relayed callbacks, the result, an error.
+
+Replies travel together (``worker.protocol``, REPLIES): a worker packs the replies it has ready
+at one moment into one message, and the broker applies to each entry exactly the rule of the
+classic message (``_on_chunk``, ``_on_callback_event``, ``_on_result``), but does the work of a
+message (the sender's check, the client's capability) once per message, reads entry headers only,
+and sends each client ONE message for its entries: the received frame as is when all of it goes
+to one client that reads REPLIES, else a REPLIES packed for it, or classic messages in order for a
+client that did not ask for them.
+"""
 
 from __future__ import annotations
 
-from pool.broker.events import CallbackEvent, Chunk, Latency, Result, WorkerError
+from typing import Any
+
+from pool.broker.events import CallbackEvent, Chunk, Latency, Replies, Result, WorkerError
 from pool.broker.slots import NEED_RUNNABLE_MESSAGE
 from pool.broker.state import Task
 from pool.broker.worker_rules import WorkerRules
@@ -59,6 +70,82 @@ class ReplyRules(WorkerRules):
         self._release(task)
         self._forget(task)
 
+    def info(self) -> dict[str, Any]:
+        """WELCOME, saying that this broker reads and sends REPLIES (peers pack only then)."""
+        info = super().info()
+        info["replies"] = True
+        return info
+
+    def _on_replies(self, event: Replies) -> None:
+        """Each entry as its classic message would be (see the module's docstring)."""
+        peer = event.peer
+        if self.worker_keys is not None and event.key not in self.worker_keys:
+            self.counters["messages_refused"] += 1  # a worker's command from a key that is no worker's
+            return
+        if self._known_worker(peer) is None:
+            return
+        counters, tasks, out = self.counters, self.tasks, self._out
+        spans = event.spans
+        _count(counters, "replies_packed", 1)
+        _count(counters, "entries_relayed", len(spans))
+        by_client: dict[bytes, list[tuple[bytes, bytes, int, int]]] = {}
+        kept = 0
+        finished: list[Task] = []
+        for span in spans:
+            kind, task_id = span[0], span[1]
+            task = tasks.get(task_id)
+            if task is None:
+                continue  # a late reply for a task that finished or was cancelled
+            if task.worker != peer:  # reassigned since, or never this worker's
+                counters["messages_refused"] += 1
+                continue
+            if kind == P.CHUNK:
+                if task.cancelled:
+                    continue
+                task.streamed = True
+                if task.header.kind == "batch":
+                    self._count_item(task, memoryview(event.packed)[span[2]:span[3]])
+            elif kind == P.EVENT:
+                if task.cancelled or not task.header.events:
+                    continue
+            else:  # RESULT: a later entry of this task is not acted on (the task is gone)
+                finished.append(task)
+                self._forget(task)
+                if task.cancelled:
+                    continue
+                if task.header.kind == "batch":  # its items were counted one by one
+                    counters["failed"] += task.header.items - task.reported
+                else:
+                    counters["done"] += 1
+                out.append(Latency(self.now - task.queued_at))
+            entries = by_client.get(task.client)
+            if entries is None:
+                entries = by_client[task.client] = []
+            entries.append(span)
+            kept += 1
+        whole = kept == len(spans) and len(by_client) == 1
+        for client, entries in by_client.items():
+            self._send_replies(client, entries, event.packed, whole)
+        for task in finished:  # replies first, then refill the slots
+            self._release(task)
+
+    def _send_replies(self, client: bytes, entries: list[tuple[bytes, bytes, int, int]], packed: bytes,
+                      whole: bool) -> None:
+        """One client's entries: as one REPLIES if it reads them (``packed`` as received when it
+        is all theirs), else as classic messages in order."""
+        state = self.clients.get(client)
+        if state is not None and state.environment.get("replies") is True:
+            if whole:
+                self._send(client, [P.PROTOCOL, P.REPLIES, packed])
+                return
+            if len(entries) > 1:
+                view = memoryview(packed)
+                self._send(client, [P.PROTOCOL, P.REPLIES, b"".join([view[s[2] - P.REPLY_ENTRY_HEADER_BYTES:s[3]]
+                                                                      for s in entries])])
+                return
+        for kind, task_id, start, end in entries:
+            self._send(client, [P.PROTOCOL, kind, task_id, packed[start:end]])
+
     def _on_error(self, event: WorkerError) -> None:
         state = self._known_worker(event.peer)
         if state is None:
@@ -90,7 +177,7 @@ class ReplyRules(WorkerRules):
         self.counters["failed"] += task.header.items - task.reported
         self._send(task.client, [P.PROTOCOL, P.ERROR, *event.body])
 
-    def _count_item(self, task: Task, chunk: bytes) -> None:
+    def _count_item(self, task: Task, chunk: bytes | memoryview) -> None:
         """Count a batch item as done or failed as it goes by (counters count calls, not tasks);
         a malformed one is the client's to refuse, and counts as nothing here."""
         try:
@@ -100,3 +187,8 @@ class ReplyRules(WorkerRules):
         if task.reported < task.header.items:
             task.reported += 1
             self.counters["failed" if failed else "done"] += 1
+
+
+def _count(counters: dict[str, int], name: str, n: int) -> None:
+    """Add to a counter that may not be among the core's fixed ones yet (``core_state.COUNTERS``)."""
+    counters[name] = counters.get(name, 0) + n

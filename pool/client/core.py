@@ -67,7 +67,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pool.client.sinks import Sink
+from pool.client.sinks import Sink, one_wakeup
 from pool.errors import AuthenticationFailed, IncompatibleWorker, PayloadTooLarge, PoolUnavailable, RunnableK8sError
 from worker import defaults
 from worker import protocol as P
@@ -447,23 +447,14 @@ class ClientCore:
                 return
             command = frames[1]
             count = len(frames)
-            if command == P.RESULT and count == 4:
-                submission = self._pending.get(frames[2])
-                if submission is not None and submission.hold_until is None and not submission.waiting:
-                    freed = self._drop(frames[2], submission)
-                    submission.sink.deliver(Reply(submission.task_id, "result", frames[3]))
-                    self._made_room(freed, now)
-            elif command == P.CHUNK and count == 4:
-                submission = self._pending.get(frames[2])
-                if submission is not None and submission.hold_until is None:
-                    submission.delivered = True
-                    submission.sink.deliver(Reply(submission.task_id, "chunk", frames[3]))
+            if command == P.CHUNK and count == 4:
+                self._on_chunk(frames[2], frames[3])
+            elif command == P.RESULT and count == 4:
+                self._on_result(frames[2], frames[3], now)
+            elif command == P.REPLIES and count == 3:
+                self._on_replies(frames[2], now)
             elif command == P.EVENT and count == 4:
-                # A relayed callback: not "delivered" output, so a call that reported only callbacks
-                # may still be resubmitted after a broker loss (its handlers then see a new attempt).
-                submission = self._pending.get(frames[2])
-                if submission is not None and submission.hold_until is None:
-                    submission.sink.deliver(Reply(submission.task_id, "event", frames[3]))
+                self._on_event(frames[2], frames[3])
             elif command == P.ERROR and count >= 5:
                 self._on_error(frames[2], frames[3], frames[4].decode("utf-8", "replace"),
                                frames[5] if count > 5 else b"", now)
@@ -486,6 +477,44 @@ class ClientCore:
                 raise
             log.error("a client rule failed on a %s from the broker (a bug in runnable-k8s; the message "
                       "was dropped)", P.COMMAND_NAMES.get(frames[1], frames[1]), exc_info=True)
+
+    def _on_chunk(self, task_id: bytes, data: bytes) -> None:
+        submission = self._pending.get(task_id)
+        if submission is not None and submission.hold_until is None:
+            submission.delivered = True
+            submission.sink.deliver(Reply(submission.task_id, "chunk", data))
+
+    def _on_event(self, task_id: bytes, data: bytes) -> None:
+        # A relayed callback: not "delivered" output, so a call that reported only callbacks
+        # may still be resubmitted after a broker loss (its handlers then see a new attempt).
+        submission = self._pending.get(task_id)
+        if submission is not None and submission.hold_until is None:
+            submission.sink.deliver(Reply(submission.task_id, "event", data))
+
+    def _on_result(self, task_id: bytes, data: bytes, now: float) -> None:
+        submission = self._pending.get(task_id)
+        if submission is not None and submission.hold_until is None and not submission.waiting:
+            freed = self._drop(task_id, submission)
+            submission.sink.deliver(Reply(submission.task_id, "result", data))
+            self._made_room(freed, now)
+
+    def _on_replies(self, packed: bytes, now: float) -> None:
+        """Several replies in one message (``worker.protocol``, REPLIES): each entry goes to its
+        submission's sink exactly as its CHUNK, EVENT or RESULT would, in order, and the replies
+        for one event loop wake it once. A malformed pack is dropped whole (none of it is trusted)."""
+        try:
+            entries = P.unpack_replies(packed)
+        except ValueError as exc:
+            log.warning("ignored a malformed REPLIES from the broker: %s", exc)
+            return
+        with one_wakeup():
+            for kind, task_id, data in entries:
+                if kind == P.CHUNK:
+                    self._on_chunk(task_id, data)
+                elif kind == P.RESULT:
+                    self._on_result(task_id, data, now)
+                else:
+                    self._on_event(task_id, data)
 
     def _on_welcome(self, info: dict[str, Any], now: float) -> None:
         self.broker_info = info
@@ -556,7 +585,8 @@ class ClientCore:
         self._settled()
 
     def _hello(self) -> None:
-        self._send([P.PROTOCOL, P.HELLO, P.encode_json(P.environment())])
+        # "replies": this client reads REPLIES, so the broker may send it replies packed together.
+        self._send([P.PROTOCOL, P.HELLO, P.encode_json({**P.environment(), "replies": True})])
 
     # ------------------------------------------------------------------ sending
 

@@ -8,6 +8,10 @@ take the reply without blocking; how the caller then waits is the sink's busines
 - :class:`LoopSink`, for a coroutine: replies for all the sinks of one event loop go through one
   mailbox that wakes the loop once per batch of replies (not once per reply), so an awaiting
   coroutine holds no thread and a burst of replies costs one wake-up.
+
+Replies that arrive together (one REPLIES message carries many) are delivered inside
+:func:`one_wakeup`: each loop's mailbox is woken once when the message is done, not at its first
+reply, so the loop cannot wake, take a few and be woken again for the rest of the same message.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import asyncio
 import collections
 import queue
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 
@@ -56,13 +62,21 @@ class LoopMailbox:
         self.items.append((sink, reply))
         if not self.scheduled:
             self.scheduled = True
-            try:
-                if threading.get_ident() == self.thread:
-                    self.loop.call_soon(self.flush)
-                else:
-                    self.loop.call_soon_threadsafe(self.flush)
-            except RuntimeError:
-                pass  # the caller's loop is closed: nobody is waiting any more
+            deferred = getattr(_together, "mailboxes", None)
+            if deferred is not None:  # inside one_wakeup: woken when the batch is done
+                deferred.append(self)
+                return
+            self.schedule()
+
+    def schedule(self) -> None:
+        """Have the loop run :meth:`flush` soon (``scheduled`` is already set)."""
+        try:
+            if threading.get_ident() == self.thread:
+                self.loop.call_soon(self.flush)
+            else:
+                self.loop.call_soon_threadsafe(self.flush)
+        except RuntimeError:
+            pass  # the caller's loop is closed: nobody is waiting any more
 
     def flush(self) -> None:
         self.scheduled = False  # before reading: a post from now on schedules another flush
@@ -73,6 +87,24 @@ class LoopMailbox:
 
 
 _mailboxes = threading.local()
+_together = threading.local()  # .mailboxes: those to wake at the end of one_wakeup, or None
+
+
+@contextmanager
+def one_wakeup() -> Iterator[None]:
+    """Deliver a run of replies (from this thread) with at most one wake-up per event loop, at
+    the end of the run. Nested runs join the outermost one."""
+    if getattr(_together, "mailboxes", None) is not None:
+        yield
+        return
+    mailboxes: list[LoopMailbox] = []
+    _together.mailboxes = mailboxes
+    try:
+        yield
+    finally:
+        _together.mailboxes = None
+        for mailbox in mailboxes:
+            mailbox.schedule()
 
 
 def loop_mailbox(loop: asyncio.AbstractEventLoop) -> LoopMailbox:
