@@ -32,6 +32,7 @@ from langchain_core.runnables import Runnable, RunnableLambda
 
 from pool.bench import ephemeral_floor, llm, soak, workloads
 from pool.bench.arguments import LLM_DEFAULT_IN_FLIGHT, MODES, add_arguments  # noqa: F401 - add_arguments: the old import path
+from pool.bench.cpu import CpuMeter, per_call_us, pool_processes
 from pool.bench.measure import BareFloor, cpu_model, environment, memory_gb, percentiles, time_calls, timed_samples
 from pool.bench.report import plural
 from pool.client.runnable import RunnableK8s
@@ -96,10 +97,14 @@ def _first_chunk(stream: Callable[[], Iterator[Any]]) -> tuple[float, float]:
     return (first if first is not None else total), total
 
 
-async def _throughput_for(runnable: Runnable, value: Any, in_flight: int, seconds: float) -> tuple[float, int]:
-    """``in_flight`` async callers calling ``ainvoke`` back to back for ``seconds``: calls/s."""
+async def _throughput_for(runnable: Runnable, value: Any, in_flight: int, seconds: float,
+                          meter: CpuMeter | None = None) -> tuple[float, int]:
+    """``in_flight`` async callers calling ``ainvoke`` back to back for ``seconds``: calls/s; ``meter``
+    measures each process's CPU over the timed calls (not the warm-up)."""
     for _ in range(2):  # warm-up: every worker has the runnable, connections are up
         await asyncio.gather(*(runnable.ainvoke(value) for _ in range(in_flight)))
+    if meter is not None:
+        meter.start()
     done = 0
     started = time.perf_counter()
     deadline = started + seconds
@@ -113,6 +118,8 @@ async def _throughput_for(runnable: Runnable, value: Any, in_flight: int, second
             last = time.perf_counter()
 
     await asyncio.gather(*(caller() for _ in range(in_flight)))
+    if meter is not None:
+        meter.stop()
     return done / (last - started), done
 
 
@@ -201,6 +208,7 @@ def _in_process_call(workload: str, runnable: Runnable, value: Any, loop: asynci
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.processes: dict[str, int] = pool_processes(None)  # the warm pool's, once it runs
         self.payload: Any = os.urandom(args.payload_bytes) if args.payload_bytes > 0 else 1
         chosen = list(dict.fromkeys(args.workload))
         for name in chosen:
@@ -259,8 +267,14 @@ class Bench:
                     firsts: list[float] = []
                     call = _in_process_call(workload, self.runnable(workload), self.payload, loop, firsts)
                     n, warmup = (self.args.calls, 50) if workload == "echo" else (self.args.slow_calls, 5)
-                    samples = timed_samples(call, n, warmup, tick)
+                    meter = CpuMeter({"client": os.getpid()})
+                    for _ in range(warmup):
+                        call()
+                    meter.start()
+                    samples = timed_samples(call, n, 0, tick)
+                    meter.stop()
                     results[workload] = _summary(samples)
+                    results[workload]["cpu_us_per_call"] = per_call_us(meter.result["cpu_s"], n)
                     if workload == "stream":
                         firsts = firsts[warmup:]
                         results[workload]["ttfc"] = _summary(firsts)
@@ -301,9 +315,11 @@ class Bench:
     def _warm_pool(self, workers: int) -> Iterator[tuple[str, dict[str, Any]]]:
         a = self.args
         if a.pool:
+            self.processes = pool_processes(None)  # someone else's pool: only this process's CPU
             yield a.pool, {"address": a.pool, "local": False}
             return
         with LocalPool(workers=workers, slots=a.slots) as pool:
+            self.processes = pool_processes(pool)
             yield pool.address, {"address": pool.address, "local": True, "workers": workers, "slots": a.slots}
 
     def _big_runnable(self, address: str, tick: Callable[[str], None]) -> dict[str, Any]:
@@ -389,6 +405,7 @@ class Bench:
                 # create -> scheduled -> running -> attached, per call (the rest is the session and delete)
                 figures["pod_start_and_attach"] = _summary(launches[warmup:])
             by_conc: dict[str, float | None] = {}
+            cpu_by_conc: dict[str, dict[str, float | None]] = {}
             for c in self.concurrency:
                 if ephemeral and c > a.ephemeral_max_in_flight:
                     by_conc[str(c)] = None
@@ -399,10 +416,15 @@ class Bench:
                         tick(plural(tasks, "call"))
                         by_conc[str(c)] = round(_threads_throughput(remote, self.payload, c, tasks), 3)
                     else:
-                        rate, done = asyncio.run(_throughput_for(remote, self.payload, c, a.throughput_seconds))
+                        meter = CpuMeter(self.processes)
+                        rate, done = asyncio.run(_throughput_for(remote, self.payload, c, a.throughput_seconds,
+                                                                 meter))
                         tick(plural(done, "call"))
                         by_conc[str(c)] = round(rate, 1)
+                        cpu_by_conc[str(c)] = per_call_us(meter.result["cpu_s"], done)
             figures["throughput_by_concurrency"] = by_conc
+            if cpu_by_conc:
+                figures["cpu_us_per_call_by_concurrency"] = cpu_by_conc
             measured = [float(v) for v in by_conc.values() if v is not None]
             figures["throughput_per_s"] = (by_conc.get(str(max(self.concurrency)))
                                            or (max(measured) if measured else None))
@@ -430,7 +452,7 @@ class Bench:
         with progress.step(f"llm: warm, {in_flight} in flight") as tick, \
                 self._warm_pool(a.pool_workers) as (address, pool_info):
             remote = RunnableK8s(bound=model, pool=address, mode="warm", keys=a.keys, timeout=600)
-            result["warm"] = llm.measure(remote, calls, in_flight, warmup, tick)
+            result["warm"] = llm.measure(remote, calls, in_flight, warmup, tick, self.processes)
             result["pool"] = pool_info
         result["ratios"] = llm.ratios(result["warm"], result["in_process"])
         return result

@@ -7,6 +7,8 @@ import math
 import textwrap
 from typing import Any
 
+from pool.bench.cpu import cpu_table
+
 SERIES_COLORS = {
     "in-process": "#2ca02c",
     "bare pyzmq floor": "#7f7f7f",
@@ -121,6 +123,7 @@ def format_table(results: dict[str, Any]) -> str:
                 big = figures["big_runnable"]
                 lines.append(row(workload, "warm, 1 KB runnable (repeated)", big["runnable_1kb"]))
                 lines.append(row(workload, "warm, 1 MB runnable (repeated)", big["runnable_1mb"]))
+        lines.extend(_cpu_rows(workload, base, modes.get("warm", {}).get("workloads", {}).get(workload)))
         lines.append("")
 
     if "stream" in in_process:
@@ -189,6 +192,19 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("")
     lines.extend(_goal_lines(results.get("goals", {})))
     return "\n".join(lines).rstrip()
+
+
+def _cpu_rows(workload: str, in_process: dict[str, Any], warm: dict[str, Any] | None) -> list[str]:
+    """Each process's CPU per call under a workload's rows: in-process one call at a time, and the
+    warm pool at each number of calls in flight (client, broker, each worker)."""
+    rows = []
+    if in_process.get("cpu_us_per_call"):
+        rows.append(("in-process, one at a time", in_process["cpu_us_per_call"]))
+    for c, figures in ((warm or {}).get("cpu_us_per_call_by_concurrency") or {}).items():
+        rows.append((f"warm, {c} in flight", figures))
+    if not rows:
+        return []
+    return [f"{'':8} {line}" for line in cpu_table(rows, indent="")]
 
 
 def _goal_lines(goals: dict[str, Any]) -> list[str]:
