@@ -36,6 +36,8 @@ EXAMPLES = """examples:
       warm throughput with many calls in flight
   runnable-k8s bench --pool k8s://NAMESPACE/RELEASE --modes warm
       a pool on a cluster instead of a LocalPool started here
+  runnable-k8s bench --ratios --json ratios.json
+      every goal's ratio against in-process, with each process's CPU per call, met or not (a few minutes)
 """
 
 
@@ -160,6 +162,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     out.add_argument("--replot", metavar="JSON",
                      help="measure nothing: print the table of an earlier --json file (and --plot it)")
+
+    goals = parser.add_argument_group("ratios (every goal's figure, in one run)")
+    goals.add_argument("--ratios", action="store_true",
+                       help="instead of the comparison above: measure each ratio the runtime's goals are stated in "
+                            "(io at 1,024 and stream at 256 calls in flight, llm at 100 and 1,000, echo against the "
+                            "bare ZeroMQ floor, the broker's CPU per relayed token and its token capacity), each "
+                            "against the same runnable in this process, with each process's CPU per call; prints "
+                            "each goal as met or not (a few minutes)")
+    goals.add_argument("--ratios-scale", type=float, default=1.0, metavar="F",
+                       help="--ratios: multiply its calls and calls in flight by F (a quick look; the goals are "
+                            "stated for 1, the default)")
 
     add_soak_arguments(parser)
 

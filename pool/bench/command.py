@@ -648,6 +648,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.soak is not None:
         return soak.run(args)
+    if getattr(args, "ratios", False):
+        from pool.bench import ratios
+
+        return ratios.main(args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401 - fail before measuring for minutes, not after

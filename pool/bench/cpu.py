@@ -21,11 +21,16 @@ TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds process ``pid`` has used so far; None when it cannot be read."""
+    """User + system CPU seconds process ``pid`` has used so far; None when it cannot be read.
+
+    This process's own comes from ``time.process_time`` (all its threads, to the nanosecond rather
+    than /proc's clock ticks), so short runs of cheap calls still read right."""
+    if pid == os.getpid():
+        return time.process_time()
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return time.process_time() if pid == os.getpid() else None
+        return None
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
