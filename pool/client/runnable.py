@@ -28,6 +28,7 @@ from typing import Any, Literal
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from langchain_core.runnables.config import (
+    ensure_config,
     get_async_callback_manager_for_config,
     get_callback_manager_for_config,
     get_config_list,
@@ -40,6 +41,7 @@ from typing_extensions import Self
 
 from pool.client import callback_relay, modes, settings
 from pool.client.calls import RemoteCall, encode_runnable, wire_config
+from pool.client.listeners import nobody_listens, nobody_listens_to_any, took_short_path
 from pool.client.settings import TRUST_WORKERS_ENV
 from worker import defaults
 
@@ -183,7 +185,11 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
                           relay)
 
     def _calls(self, placed: modes.Placed, values: Sequence[Any], configs: Sequence[RunnableConfig],
-               runs: Sequence[Any], kwargs: dict[str, Any]) -> list[RemoteCall]:
+               runs: Sequence[Any] | None, kwargs: dict[str, Any]) -> list[RemoteCall]:
+        """One call per item; ``runs`` None: nobody listens to any (no run managers)."""
+        if runs is None:
+            return [self._call(value, c, kwargs, None, placed.trust_workers)
+                    for value, c in zip(values, configs, strict=True)]
         return [self._call(value, c, kwargs, run, placed.trust_workers)
                 for value, c, run in zip(values, configs, runs, strict=True)]
 
@@ -197,6 +203,12 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     # ------------------------------------------------------------------ invoke
 
     def invoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Output:
+        ensured = ensure_config(config)
+        if nobody_listens(ensured):  # no run to report: straight to the backend
+            took_short_path()
+            placed = self._placed()
+            output: Output = placed.backend.invoke(self._call(input, ensured, kwargs, None, placed.trust_workers))
+            return output
         return self._call_with_config(self._invoke, input, config, **kwargs)
 
     def _invoke(self, value: Input, run_manager: CallbackManagerForChainRun, config: RunnableConfig,
@@ -206,6 +218,13 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         return output
 
     async def ainvoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Output:
+        ensured = ensure_config(config)
+        if nobody_listens(ensured):
+            took_short_path()
+            placed = self._placement.peek() or await self._aplaced()
+            output: Output = await placed.backend.ainvoke(
+                self._call(input, ensured, kwargs, None, placed.trust_workers))
+            return output
         return await self._acall_with_config(self._ainvoke, input, config, **kwargs)
 
     async def _ainvoke(self, value: Input, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
@@ -221,7 +240,19 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
               *, return_exceptions: bool = False, **kwargs: Any) -> list[Output]:
         if not inputs:
             return []
-        limit = get_config_list(config, len(inputs))[0].get("max_concurrency")
+        configs = get_config_list(config, len(inputs))
+        limit = configs[0].get("max_concurrency")
+        if nobody_listens_to_any(configs):
+            took_short_path()
+            try:
+                placed = self._placed()
+                outcomes = placed.backend.batch(self._calls(placed, inputs, configs, None, kwargs), limit,
+                                                return_exceptions=True)
+            except BaseException as exc:  # as _batch_with_config: every item gets it, or it is raised
+                if return_exceptions:
+                    return [exc for _ in inputs]  # type: ignore[misc]
+                raise
+            return _as_batch_result(outcomes, return_exceptions)
         return self._batch_with_config(functools.partial(self._batch, limit=limit), inputs, config,
                                        return_exceptions=return_exceptions, **kwargs)
 
@@ -235,7 +266,19 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
                      *, return_exceptions: bool = False, **kwargs: Any) -> list[Output]:
         if not inputs:
             return []
-        limit = get_config_list(config, len(inputs))[0].get("max_concurrency")
+        configs = get_config_list(config, len(inputs))
+        limit = configs[0].get("max_concurrency")
+        if nobody_listens_to_any(configs):
+            took_short_path()
+            try:
+                placed = self._placement.peek() or await self._aplaced()
+                outcomes = await placed.backend.abatch(self._calls(placed, inputs, configs, None, kwargs), limit,
+                                                       return_exceptions=True)
+            except BaseException as exc:
+                if return_exceptions:
+                    return [exc for _ in inputs]  # type: ignore[misc]
+                raise
+            return _as_batch_result(outcomes, return_exceptions)
         return await self._abatch_with_config(functools.partial(self._abatch, limit=limit), inputs, config,
                                               return_exceptions=return_exceptions, **kwargs)
 
@@ -274,6 +317,13 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         if not inputs:
             return
         placed = self._placed()
+        configs = get_config_list(config, len(inputs))
+        if nobody_listens_to_any(configs):
+            took_short_path()
+            yield from _quiet_as_completed(placed.backend.as_completed(
+                self._calls(placed, inputs, configs, None, kwargs), configs[0].get("max_concurrency")),
+                return_exceptions)
+            return
         configs, runs = self._item_runs(inputs, config)
         calls = self._calls(placed, inputs, configs, runs, kwargs)
         ended: set[int] = set()
@@ -303,6 +353,19 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         if not inputs:
             return
         placed = await self._aplaced()
+        configs = get_config_list(config, len(inputs))
+        if nobody_listens_to_any(configs):
+            took_short_path()
+            iterator = placed.backend.aas_completed(self._calls(placed, inputs, configs, None, kwargs),
+                                                    configs[0].get("max_concurrency"))
+            try:
+                async for index, outcome in iterator:
+                    if isinstance(outcome, Exception) and not return_exceptions:
+                        raise outcome
+                    yield index, outcome
+            finally:
+                await iterator.aclose()  # type: ignore[attr-defined]
+            return
         configs, runs = await self._aitem_runs(inputs, config)
         calls = self._calls(placed, inputs, configs, runs, kwargs)
         ended: set[int] = set()
@@ -325,13 +388,24 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     # ------------------------------------------------------------------ stream
 
     def stream(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Output]:
+        ensured = ensure_config(config)
+        if nobody_listens(ensured):
+            took_short_path()
+            placed = self._placed()
+            yield from placed.backend.stream(self._call(input, ensured, kwargs, None, placed.trust_workers))
+            return
         yield from self.transform(iter([input]), config, **kwargs)
 
     def transform(self, input: Iterator[Input], config: RunnableConfig | None = None,
                   **kwargs: Any) -> Iterator[Output]:
+        ensured = ensure_config(config)
+        if nobody_listens(ensured):  # a chain streaming through this runnable, nobody listening
+            took_short_path()
+            yield from self._transform(input, None, ensured, **kwargs)
+            return
         yield from self._transform_stream_with_config(input, self._transform, config, **kwargs)
 
-    def _transform(self, values: Iterator[Input], run_manager: CallbackManagerForChainRun,
+    def _transform(self, values: Iterator[Input], run_manager: CallbackManagerForChainRun | None,
                    config: RunnableConfig, **kwargs: Any) -> Iterator[Output]:
         value = _UNSET
         for chunk in values:  # like Runnable.transform: the remote side needs the whole input
@@ -341,8 +415,32 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         placed = self._placed()
         yield from placed.backend.stream(self._call(value, config, kwargs, run_manager, placed.trust_workers))
 
-    async def astream(self, input: Input, config: RunnableConfig | None = None,
-                      **kwargs: Any) -> AsyncIterator[Output]:
+    def astream(self, input: Input, config: RunnableConfig | None = None,
+                **kwargs: Any) -> AsyncIterator[Output]:
+        """LangChain's ``astream``; when nobody listens and this instance's place is known, the
+        backend's own stream is returned as it is: one async generator between the caller and the
+        replies, started (like any async generator) at the caller's first ``__anext__``."""
+        ensured = ensure_config(config)
+        if nobody_listens(ensured):
+            placed = self._placement.peek()
+            if placed is not None:
+                took_short_path()
+                stream: AsyncIterator[Output] = placed.backend.astream(
+                    self._call(input, ensured, kwargs, None, placed.trust_workers))
+                return stream
+            return self._quiet_astream(input, ensured, kwargs)
+        return self._astream(input, config, kwargs)
+
+    async def _quiet_astream(self, input: Input, config: RunnableConfig, kwargs: dict[str, Any],
+                             ) -> AsyncIterator[Output]:
+        """The first quiet stream of an instance: its place is decided first."""
+        took_short_path()
+        placed = await self._aplaced()
+        async for chunk in placed.backend.astream(self._call(input, config, kwargs, None, placed.trust_workers)):
+            yield chunk
+
+    async def _astream(self, input: Input, config: RunnableConfig | None, kwargs: dict[str, Any],
+                       ) -> AsyncIterator[Output]:
         async def single() -> AsyncIterator[Input]:
             yield input
 
@@ -351,10 +449,16 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     async def atransform(self, input: AsyncIterator[Input], config: RunnableConfig | None = None,
                          **kwargs: Any) -> AsyncIterator[Output]:
+        ensured = ensure_config(config)
+        if nobody_listens(ensured):
+            took_short_path()
+            async for chunk in self._atransform(input, None, ensured, **kwargs):
+                yield chunk
+            return
         async for chunk in self._atransform_stream_with_config(input, self._atransform, config, **kwargs):
             yield chunk
 
-    async def _atransform(self, values: AsyncIterator[Input], run_manager: AsyncCallbackManagerForChainRun,
+    async def _atransform(self, values: AsyncIterator[Input], run_manager: AsyncCallbackManagerForChainRun | None,
                           config: RunnableConfig, **kwargs: Any) -> AsyncIterator[Output]:
         value = _UNSET
         async for chunk in values:
@@ -365,6 +469,31 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         async for chunk in placed.backend.astream(self._call(value, config, kwargs, run_manager,
                                                              placed.trust_workers)):
             yield chunk
+
+
+def _as_batch_result(outcomes: list[Any], return_exceptions: bool) -> list[Any]:
+    """A batch's outcomes as ``_batch_with_config`` returns them: exceptions in place, or the
+    first one (in input order) raised."""
+    if not return_exceptions:
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+    return outcomes
+
+
+def _quiet_as_completed(outcomes: Iterator[tuple[int, Any]], return_exceptions: bool,
+                        ) -> Iterator[tuple[int, Any]]:
+    """``batch_as_completed`` without runs: an exception raised unless returned; leaving early
+    closes the backend's iterator (which stops the items still running)."""
+    try:
+        for index, outcome in outcomes:
+            if isinstance(outcome, Exception) and not return_exceptions:
+                raise outcome
+            yield index, outcome
+    finally:
+        close = getattr(outcomes, "close", None)
+        if close is not None:
+            close()
 
 
 def _add(total: Any, chunk: Any) -> Any:
