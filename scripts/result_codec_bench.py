@@ -1,12 +1,15 @@
 """Encode and decode cost of the way back (worker to client), in microseconds per operation.
 
-Compares, on three values a worker sends back (a short str, an AIMessageChunk with content and a
-tool-call chunk, a ~10 KB dict of nested JSON-like data):
+Compares, on values a worker sends back (a short str; one token as a streaming chat model yields
+it, an AIMessageChunk made by LangChain's own ``astream`` of the bench's fake chat model; a last
+chunk with a tool-call chunk, usage and response metadata; a ~10 KB dict of nested JSON-like data):
 
 * ``old``: the restricted pickle that results travelled as before ``worker.result_codec``, loaded
   from a file holding that older ``worker/codec.py`` (``--old``; skipped when absent). Get it with
   ``git show 586bd88:worker/codec.py > /tmp/old_codec.py``;
 * ``new``: ``worker.result_codec.dumps_result`` / ``loads_result`` (msgpack, data only);
+* ``langchain``: LangChain's own ``dumpd`` / ``load`` (its JSON-able serialization, the dict, not
+  the JSON text), for the LangChain objects only;
 * ``floor``: plain ``pickle.dumps`` / ``pickle.loads``, which decode anything and check nothing.
 
 Each figure is the median of ``--repeats`` runs of ``--number`` operations, timed in this
@@ -19,6 +22,7 @@ less than they would a wall clock. The candidates are interleaved within each re
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import json
 import pickle
@@ -26,6 +30,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -34,8 +39,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from langchain_core.load import dumpd, load
 from langchain_core.messages import AIMessageChunk
 
+from pool.bench import fake_llm
 from worker import result_codec
 
 
@@ -59,12 +66,33 @@ def nested_json(size: int = 10_000, seed: int = 7) -> dict[str, Any]:
     return out
 
 
+def streamed_token() -> AIMessageChunk:
+    """A token as the bench's fake chat model streams it (``scripts/cpu_per_hop.py --workload llm``):
+    LangChain's ``astream`` sets its content, run id and (empty) response metadata."""
+
+    async def first() -> Any:
+        async for chunk in fake_llm.build(median_ms=0.0, tokens=3).astream("hello"):
+            return chunk
+
+    return asyncio.run(first())
+
+
 VALUES: dict[str, Any] = {
     "str": "Pikachu used Thunderbolt",
-    "AIMessageChunk": AIMessageChunk(content="Pika", tool_call_chunks=[
-        {"name": "search", "args": '{"q": "pik', "id": "call_1", "index": 0}]),
+    "token": streamed_token(),
+    "AIMessageChunk": AIMessageChunk(
+        content="Pika", id="run-1", response_metadata={"model_name": "fake", "finish_reason": "tool_calls"},
+        usage_metadata={"input_tokens": 12, "output_tokens": 3, "total_tokens": 15},
+        tool_call_chunks=[{"name": "search", "args": '{"q": "pik', "id": "call_1", "index": 0}]),
     "dict ~10 KB": nested_json(),
 }
+LANGCHAIN_VALUES = {"token", "AIMessageChunk"}
+
+
+def _load_langchain(data: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (load's warning that its API is in beta, once per call)
+        return load(data)
 
 
 def load_old(path: Path) -> ModuleType | None:
@@ -92,27 +120,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--number", type=int, default=0, help="operations per repeat (default: by value size)")
     args = parser.parse_args(argv)
     old = load_old(args.old)
-    codecs: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] = {}
+    codecs: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {}
     if old is not None:
         codecs["old"] = (old.dumps_result, old.loads_result)
     codecs["new"] = (result_codec.dumps_result, result_codec.loads_result)
+    codecs["langchain"] = (dumpd, _load_langchain)
     codecs["floor"] = (pickle.dumps, pickle.loads)
 
     print(f"{'value':<16}{'op':<8}" + "".join(f"{name:>10}" for name in codecs) + "   (µs per op, median)")
     for label, value in VALUES.items():
-        encoded = {name: dumps(value) for name, (dumps, _) in codecs.items()}
-        for name, (_, loads) in codecs.items():
-            assert loads(encoded[name]) == value, f"{name} does not round-trip {label}"
+        here = {name: pair for name, pair in codecs.items() if name != "langchain" or label in LANGCHAIN_VALUES}
+        encoded = {name: dumps(value) for name, (dumps, _) in here.items()}
+        for name, (_, loads) in here.items():
+            back = loads(encoded[name])
+            assert back == value, f"{name} does not round-trip {label}"
+            if name in ("new", "floor"):  # same class, same fields set (LangChain's load sets them all)
+                assert type(back) is type(value) and getattr(back, "model_fields_set", None) == getattr(
+                    value, "model_fields_set", None), f"{name} does not round-trip {label} exactly"
         number = args.number or (200 if len(encoded["new"]) > 1000 else 5000)
         for op in ("encode", "decode"):
-            runs: dict[str, list[float]] = {name: [] for name in codecs}
+            runs: dict[str, list[float]] = {name: [] for name in here}
             for _ in range(args.repeats):
-                for name, (dumps, loads) in codecs.items():
+                for name, (dumps, loads) in here.items():
                     data = encoded[name]
                     func = (partial(dumps, value) if op == "encode" else partial(loads, data))
                     runs[name].append(per_op(func, number))
-            print(f"{label:<16}{op:<8}" + "".join(f"{statistics.median(r):>10.2f}" for r in runs.values()))
-        print(f"{'':<16}{'bytes':<8}" + "".join(f"{len(b):>10}" for b in encoded.values()))
+            print(f"{label:<16}{op:<8}" + "".join(
+                f"{statistics.median(runs[name]):>10.2f}" if name in runs else f"{'-':>10}" for name in codecs))
+        sizes = {name: len(data if isinstance(data, bytes) else json.dumps(data)) for name, data in encoded.items()}
+        print(f"{'':<16}{'bytes':<8}" + "".join(f"{sizes[name]:>10}" if name in sizes else f"{'-':>10}"
+                                                for name in codecs))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import operator
 import uuid
 import zoneinfo
 from collections.abc import Callable
@@ -106,11 +107,14 @@ def _encode(obj: Any) -> bytes:
         encoder = _FREE_ENCODERS.pop()
     except IndexError:
         encoder = _Encoder()
-    if type(obj) in _NATIVE:
-        data = encoder.pack([MARKER, obj], 0)
+    cls = type(obj)
+    if cls in _NATIVE:
+        message = [MARKER, obj]
     else:
-        code, payload = _encoder(obj)(obj, 0)
-        data = encoder.pack([MARKER, payload] if code == PLAIN else [MARKER, payload, code], 0)
+        code, payload = (_ENCODERS.get(cls) or _encoder_for(cls, obj))(obj, 0)
+        message = [MARKER, payload] if code == PLAIN else [MARKER, payload, code]
+    packers = encoder.packers
+    data = packers[0].pack(message) if packers else encoder.pack(message, 0)
     if len(data) < _KEEP_BUFFER_BELOW and len(_FREE_ENCODERS) < _MAX_FREE_ENCODERS:
         _FREE_ENCODERS.append(encoder)  # not after a failure either: its packers may be mid-way
     return data
@@ -204,7 +208,7 @@ def _encoder_for(cls: type, obj: Any) -> Encode:
     if isinstance(obj, BaseModel):
         if isinstance(obj, Runnable):
             raise Refused(f"a runnable ({class_name(cls)})")
-        encode = partial(_model, head, {})
+        encode = _model_plan(cls, head)
     elif isinstance(obj, enum.Enum):
         encode = partial(_enum, head)
     elif isinstance(obj, BaseException):
@@ -231,6 +235,49 @@ def _encoder_for(cls: type, obj: Any) -> Encode:
 def _as_base(base: type, obj: Any, depth: int) -> tuple[int, Any]:
     value = base(obj)
     return _bigint(value, depth) if base is int and not -(1 << 63) <= value < (1 << 64) else (PLAIN, value)
+
+
+def _model_plan(cls: type[BaseModel], head: list[Any]) -> Encode:
+    """The encoder of ``cls``'s instances: a plan made once per class, as a streamed chunk's class
+    is the same for every token. It reads an instance's values with one ``itemgetter`` over the
+    class's fields and writes the class's field names as one string made here, once.
+
+    The plan is checked against each instance, not trusted: only an instance whose ``__dict__``
+    holds exactly the plan's names (as many keys, each found) and no private values takes it, so
+    what is sent is always that instance's own values under their own names, even if the class
+    was rebuilt with other fields since. Any other instance takes :func:`_model`, which reads it
+    afresh."""
+    names = tuple(cls.__pydantic_fields__)
+    by_order: dict[str, dict[str, int]] = {}
+    if len(names) < 2:  # (itemgetter of one name returns the value, not a tuple: no plan needed)
+        return partial(_model, head, by_order)
+    name, tracker = head
+    fields = ",".join(names)
+    count = len(names)
+    read = operator.itemgetter(*names)
+    bits = {field: 1 << i for i, field in enumerate(names)}
+    get_bit = bits.get
+
+    def encode(obj: BaseModel, depth: int) -> tuple[int, Any]:
+        values = obj.__dict__
+        if len(values) == count and not obj.__pydantic_private__:
+            try:
+                ordered = read(values)
+            except KeyError:
+                return _model(head, by_order, obj, depth)
+            mask = 0
+            set_extra: list[str] | None = None
+            for field in obj.__pydantic_fields_set__:
+                bit = get_bit(field)
+                if bit is None:
+                    set_extra = [*(set_extra or ()), field]
+                else:
+                    mask |= bit
+            return MODEL, [name, tracker, fields, list(ordered), mask, set_extra, obj.__pydantic_extra__ or None,
+                           None]
+        return _model(head, by_order, obj, depth)
+
+    return encode
 
 
 def _model(head: list[Any], bits_by_fields: dict[str, dict[str, int]], obj: BaseModel, depth: int) -> tuple[int, Any]:
