@@ -74,6 +74,14 @@ def test_json_has_every_documented_figure(tiny_run: dict) -> None:
             assert all(_positive(v) for v in w["throughput_by_concurrency"].values()), (mode, workload, w)
             assert workload in figures["overhead"]
         assert all(_positive(figures["workloads"]["stream"]["ttfc"][k]) for k in ("p50_ms", "p95_ms", "p99_ms"))
+    for workload in ("echo", "io", "stream"):
+        # each process's CPU per call: in-process (the reference), and the warm pool at each in-flight
+        assert _positive(results["in_process"]["workloads"][workload]["cpu_us_per_call"]["client"]), workload
+        cpu = results["modes"]["warm"]["workloads"][workload]["cpu_us_per_call_by_concurrency"]
+        assert set(cpu) == {"1", "4"}, cpu
+        for figures in cpu.values():
+            assert {"client", "broker", "worker-1", "worker-2", "workers", "total"} <= set(figures), figures
+            assert figures["total"] >= figures["client"], figures
     assert results["modes"]["ephemeral"]["launcher"] == "local"
     assert results["modes"]["warm"]["pool"]["local"] is True
     big = results["modes"]["warm"]["big_runnable"]
@@ -95,7 +103,8 @@ def test_json_has_every_documented_figure(tiny_run: dict) -> None:
 def test_table_png_and_progress(tiny_run: dict) -> None:
     out = tiny_run["stdout"]
     for text in ("p50 ms", "in-process", "bare pyzmq floor", "warm", "ephemeral (a process per call)",
-                 "time to first streamed chunk", "scaling: io workload", "goals", "1 MB runnable"):
+                 "time to first streamed chunk", "scaling: io workload", "goals", "1 MB runnable",
+                 "CPU us per call", "warm, 4 in flight"):
         assert text in out, text
     assert "steps" in tiny_run["stderr"]  # the tqdm bar
     png = tiny_run["png"]

@@ -53,7 +53,7 @@ def test_llm_workload_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     before = child_pids()
     assert main(["bench", *TINY_LLM, "--json", str(tmp_path / "llm.json")]) == 0
     out = capsys.readouterr().out
-    for text in ("llm workload", "in-process (one loop)", "TTFT p50", "llm p50 over in process"):
+    for text in ("llm workload", "in-process (one loop)", "TTFT p50", "llm p50 over in process", "CPU us per call"):
         assert text in out, text
     results = json.loads((tmp_path / "llm.json").read_text())
     figures = results["llm"]
@@ -68,11 +68,15 @@ def test_llm_workload_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
             assert all(_positive(r[key][q]) for q in ("p50_ms", "p95_ms", "p99_ms")), (run, key, r[key])
             assert r[key]["calls"] == 20
         assert r["ttft"]["p50_ms"] <= r["end_to_end"]["p50_ms"]
+        assert "client" in r["cpu_us_per_call"] and "client" in r["cores_busy"]
+    assert {"broker", "worker-1", "workers"} <= set(figures["warm"]["cpu_us_per_call"])  # each process of the pool
+    assert "broker" not in figures["in_process"]["cpu_us_per_call"]
     assert figures["pool"]["local"] is True
     ratios = figures["ratios"]
     assert _positive(ratios["throughput_warm_over_in_process"]) and _positive(ratios["p50_warm_over_in_process"])
     assert "ttft_p50_ms_over_in_process" in ratios
     assert {"llm_p50_over_in_process", "llm_ttft_p50_ms_over_in_process"} <= set(results["goals"])
+    assert results["goals"]["llm_p50_over_in_process"]["goal"] == 1.05  # 10 in flight: the 100-in-flight goal
     assert results["modes"] == {} and "floor" not in results  # llm alone: no echo/io/stream figures
     wait_for(lambda: child_pids() <= before, 10, "the llm run's pool to exit")
 

@@ -238,6 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _step("broker CPU per token: 20 and 200 tokens per call", say)
         runs["tokens"] = tokens.cost_run(remote, processes, streams=n(TOKEN_STREAMS, 4), calls=n(2 * TOKEN_STREAMS, 8))
         streams = n(CAPACITY_STREAMS, 8)
+        if pool_info.get("local"):  # streams beyond the pool's slots would queue, not stream: offer what it runs
+            streams = min(streams, args.pool_workers * args.slots)
         _step(f"token capacity: {streams} streams in flight", say)
         runs["capacity"] = tokens.capacity_run(remote(tokens.capacity_runnable()), processes, streams=streams)
     finished = dt.datetime.now(dt.timezone.utc)
