@@ -19,8 +19,8 @@ is what offloading saves. The runs, on one default ``LocalPool`` (or ``--pool``)
   goal <= 5 us), tokens/s per broker core, the streams that implies at 50 tokens/s, and a run with
   many streams in flight reporting what was actually relayed.
 
-``--ratios-scale`` shrinks the calls and the calls in flight (tests use it); the goals hold for the
-full-size run only.
+``--ratios-scale`` shrinks the calls and the calls in flight (tests use it), and below 0.1 the token
+runs' calls too; the goals hold for the full-size run only.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ LLM_IN_FLIGHT = (100, 1000)
 ECHO_IN_FLIGHT = 64
 TOKEN_STREAMS = 64
 CAPACITY_STREAMS = 1000
+CAPACITY_TOKENS = 50  # per call, at 50 tokens/s: one-second streams
 
 # name -> (what it compares, compare, goal, unit); a goal of None: reported, not judged.
 GOALS: dict[str, tuple[str, str, float | None, str]] = {
@@ -236,12 +237,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pair["ratios"] = llm.ratios(pair["warm"], pair["in_process"])
             runs[f"llm_{count}"] = pair
         _step("broker CPU per token: 20 and 200 tokens per call", say)
-        runs["tokens"] = tokens.cost_run(remote, processes, streams=n(TOKEN_STREAMS, 4), calls=n(2 * TOKEN_STREAMS, 8))
+        shorter = min(1.0, args.ratios_scale * 10)  # a small scale also shortens the token runs' calls
+        runs["tokens"] = tokens.cost_run(remote, processes, gap_ms=STREAM_GAP_MS * shorter,
+                                         streams=n(TOKEN_STREAMS, 4), calls=n(2 * TOKEN_STREAMS, 8))
         streams = n(CAPACITY_STREAMS, 8)
         if pool_info.get("local"):  # streams beyond the pool's slots would queue, not stream: offer what it runs
             streams = min(streams, args.pool_workers * args.slots)
         _step(f"token capacity: {streams} streams in flight", say)
-        runs["capacity"] = tokens.capacity_run(remote(tokens.capacity_runnable()), processes, streams=streams)
+        per_call = max(5, round(CAPACITY_TOKENS * shorter))
+        runs["capacity"] = tokens.capacity_run(remote(tokens.capacity_runnable(per_call)), processes,
+                                               streams=streams, tokens=per_call)
     finished = dt.datetime.now(dt.timezone.utc)
     env = environment()
     env.update({"started_at": started.isoformat(timespec="seconds"),
