@@ -129,7 +129,7 @@ def test_invoke_and_ainvoke_do_not_enter_the_batch_machinery_and_batch_does(pool
     assert not single.names & BATCH_MACHINERY, single.names & BATCH_MACHINERY
     with CodeSeen(*FILES) as batch:  # the control: the profiler does see the batch machinery
         assert runnable.batch([2, 4]) == [4, 8]
-    assert {"_Calls.refill", "RunnableK8s._batch"} <= batch.names
+    assert {"_Calls.refill", "plan_sub_batches"} <= batch.names
 
 
 def test_batch_as_completed_in_ephemeral_mode_goes_through_the_backend_with_one_traced_run_per_item():

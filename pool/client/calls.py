@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import DEFAULT_RECURSION_LIMIT
 
 from pool.errors import SerializationError
 from worker import codec
@@ -42,6 +43,10 @@ class RemoteCall:
     # Where the worker's callback events are replayed (``pool.client.callback_relay``), when
     # something listens to this call's callbacks; None asks the worker for no events.
     relay: Any = field(default=None, compare=False, repr=False)
+    # The task headers already built for calls like this one (same runnable, timeout, retries,
+    # trust and the default wire config): one dict per RunnableK8s, so that a header is built
+    # once per instance and kind, not once per call. None: build it (a call with its own config).
+    headers: dict[Any, bytes] | None = field(default=None, compare=False, repr=False)
 
     def encoded_input(self) -> bytes:
         """The input as it crosses the wire: ``input`` when the call was built encoded, else
@@ -91,12 +96,26 @@ def _json_safe(value: Any) -> bool:
     return True
 
 
+# What ``wire_config`` makes of ``ensure_config(None)``: shared by every call with a default
+# config (never changed in place), which is what lets a RunnableK8s reuse its task headers.
+DEFAULT_WIRE_CONFIG: dict[str, Any] = {"tags": [], "metadata": {}, "configurable": {},
+                                       "recursion_limit": DEFAULT_RECURSION_LIMIT}
+
+
+def is_default(config: RunnableConfig) -> bool:
+    """Whether an ensured config crosses the wire as :data:`DEFAULT_WIRE_CONFIG`."""
+    return (not config.get("tags") and not config.get("metadata") and not config.get("configurable")
+            and config.get("recursion_limit") == DEFAULT_RECURSION_LIMIT and config.get("max_concurrency") is None)
+
+
 def wire_config(config: RunnableConfig | None) -> dict[str, Any]:
     """The JSON-safe part of a config (docs/design.md#the-warm-path): tags, metadata, configurable, recursion_limit,
     max_concurrency. Callbacks, run ids and run names belong to the local run and stay here; live
     objects in metadata or configurable (LangGraph puts some there) are left out, one by one."""
     if not config:
         return {}
+    if is_default(config) and "tags" in config and "metadata" in config and "configurable" in config:
+        return DEFAULT_WIRE_CONFIG  # what the loop below makes of it, without a JSON check per value
     result: dict[str, Any] = {}
     for key in WIRE_CONFIG_KEYS:
         value = config.get(key)

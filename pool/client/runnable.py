@@ -40,7 +40,7 @@ from pydantic import ConfigDict, PrivateAttr
 from typing_extensions import Self
 
 from pool.client import callback_relay, modes, settings
-from pool.client.calls import RemoteCall, encode_runnable, wire_config
+from pool.client.calls import DEFAULT_WIRE_CONFIG, RemoteCall, encode_runnable, wire_config
 from pool.client.listeners import nobody_listens, nobody_listens_to_any, took_short_path
 from pool.client.settings import TRUST_WORKERS_ENV
 from worker import defaults
@@ -106,6 +106,8 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
 
     _encoded: tuple[bytes, str] | None = PrivateAttr(default=None)
     _placement: modes.Placement = PrivateAttr(default_factory=modes.Placement)
+    # Task headers of calls with the default config, built once (``RemoteCall.headers``).
+    _headers: dict[Any, bytes] = PrivateAttr(default_factory=dict)
 
     def __init__(self, *, bound: Runnable[Input, Output], **kwargs: Any) -> None:
         settings.refuse_unknown_keywords(kwargs, type(self).model_fields, "RunnableK8s()")
@@ -181,8 +183,9 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
             relay = (callback_relay.AsyncCallbackRelay(run_manager, trusted)
                      if isinstance(run_manager, AsyncCallbackManagerForChainRun)
                      else callback_relay.CallbackRelay(run_manager, trusted))
-        return RemoteCall(blob, digest, b"", wire_config(config), self.timeout, self.retries, trusted, value, kwargs,
-                          relay)
+        wired = wire_config(config)
+        return RemoteCall(blob, digest, b"", wired, self.timeout, self.retries, trusted, value, kwargs,
+                          relay, self._headers if wired is DEFAULT_WIRE_CONFIG else None)
 
     def _calls(self, placed: modes.Placed, values: Sequence[Any], configs: Sequence[RunnableConfig],
                runs: Sequence[Any] | None, kwargs: dict[str, Any]) -> list[RemoteCall]:

@@ -288,10 +288,20 @@ class _Calls:
 
 
 def _header(call: RemoteCall, kind: str, retries: int) -> bytes:
-    """The header of a task carrying one call (an invoke or a stream)."""
+    """The header of a task carrying one call (an invoke or a stream): built once per RunnableK8s
+    and kind when the call's config is the default one (``RemoteCall.headers``)."""
     listened = call.relay is not None
-    return P.TaskHeader(kind, call.digest, call.timeout, retries, call.config, call.trust_workers, 1,
-                        events=listened, tokens=listened and call.relay.tokens).to_bytes()
+    tokens = listened and call.relay.tokens
+    cache = call.headers
+    if cache is None:
+        return P.TaskHeader(kind, call.digest, call.timeout, retries, call.config, call.trust_workers, 1,
+                            events=listened, tokens=tokens).to_bytes()
+    key = (kind, call.digest, call.timeout, retries, call.trust_workers, listened, tokens)
+    header = cache.get(key)
+    if header is None:
+        header = cache[key] = P.TaskHeader(kind, call.digest, call.timeout, retries, call.config, call.trust_workers,
+                                           1, events=listened, tokens=tokens).to_bytes()
+    return header
 
 
 def _deadline(call: RemoteCall) -> float | None:
@@ -524,50 +534,61 @@ class WarmBackend:
 
     # ------------------------------------------------------------------ one call, async
 
-    async def _aone(self, call: RemoteCall, kind: str) -> AsyncGenerator[tuple[bool, Any], None]:
-        connection = await self.aensure_ready()
-        sink = LoopSink()
-        one = _One(connection, call, kind, sink, self.connect_timeout)
+    async def _aready(self) -> Connection:
+        connection = self._connection
+        if connection.closed or not connection.ready:
+            connection = await self.aensure_ready()
+        return connection
+
+    async def ainvoke(self, call: RemoteCall) -> Any:
+        """One call, awaited in this coroutine: no generator, no task of its own."""
+        one = _One(await self._aready(), call, "invoke", LoopSink(), self.connect_timeout)
+        sink = one.sink
         try:
             one.start()
             while True:
                 try:
                     event = await sink.get(one.wait_time())
                 except (asyncio.TimeoutError, TimeoutError):
-                    yield True, one.timed_out()
+                    return _value(one.timed_out())
+                step = one.step(event)
+                if step is None:
+                    continue
+                final, value = step
+                if final is None:
+                    await call.relay.replay(value)
+                elif final:
+                    return _value(value)
+        finally:
+            one.close()
+
+    async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
+        """One streamed call: the only async generator between its caller and the sink. Every
+        reply already in the sink is handled without waiting (``LoopSink.get`` returns at once
+        when it holds one), so a burst of chunks costs one wake-up of the loop."""
+        one = _One(await self._aready(), call, "stream", LoopSink(), self.connect_timeout)
+        sink = one.sink
+        try:
+            one.start()
+            while True:
+                try:
+                    event = await sink.get(one.wait_time())
+                except (asyncio.TimeoutError, TimeoutError):
+                    _value(one.timed_out())
                     return
                 step = one.step(event)
                 if step is None:
                     continue
-                if step[0] is None:
-                    await call.relay.replay(step[1])
-                    continue
-                yield step[0], step[1]
-                if step[0]:
-                    return
-        finally:
-            one.close()
-
-    async def ainvoke(self, call: RemoteCall) -> Any:
-        iterator = self._aone(call, "invoke")
-        try:
-            async for final, outcome in iterator:
-                if final:
-                    return _value(outcome)
-        finally:
-            await iterator.aclose()
-        raise AssertionError("unreachable: every call ends with an outcome")
-
-    async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
-        iterator = self._aone(call, "stream")
-        try:
-            async for final, value in iterator:
-                if final:
+                final, value = step
+                if final is None:
+                    await call.relay.replay(value)
+                elif final:
                     _value(value)
                     return
-                yield value
+                else:
+                    yield value
         finally:
-            await iterator.aclose()
+            one.close()
 
     # ------------------------------------------------------------------ many calls, async
 
