@@ -230,9 +230,10 @@ async def counting(value: AsyncIterator[Any]) -> AsyncIterator[str]:
             yield f"{prefix}:{i};"
 
 
-def sleepy(value: AsyncIterator[Any]) -> Iterator[str]:
+def sleepy(value: Iterator[Any]) -> Iterator[str]:
+    """One chunk, then far longer than the tests below wait (a thread is held only that long)."""
     yield "first"
-    time.sleep(60)
+    time.sleep(5)
     yield "never"
 
 
