@@ -126,7 +126,7 @@ def goals(runs: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- the runs
 
 
-def _scaled(args: argparse.Namespace) -> Callable[[int, int], int]:
+def _scaled(args: argparse.Namespace) -> Callable[..., int]:
     scale = args.ratios_scale
 
     def n(value: int, least: int = 1) -> int:
@@ -231,9 +231,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for count in LLM_IN_FLIGHT:
             k = n(count, 2)
             _step(f"llm: {k} streamed calls in flight", say)
-            pair = {"in_flight": k, "calls": 2 * k,
-                    "in_process": llm.measure(model, 2 * k, k, min(k, 100), None, {"client": os.getpid()}),
-                    "warm": llm.measure(warm_model, 2 * k, k, min(k, 100), None, processes)}
+            pair: dict[str, Any] = {"in_flight": k, "calls": 2 * k,
+                                    "in_process": llm.measure(model, 2 * k, k, min(k, 100), None,
+                                                              {"client": os.getpid()}),
+                                    "warm": llm.measure(warm_model, 2 * k, k, min(k, 100), None, processes)}
             pair["ratios"] = llm.ratios(pair["warm"], pair["in_process"])
             runs[f"llm_{count}"] = pair
         _step("broker CPU per token: 20 and 200 tokens per call", say)
