@@ -245,9 +245,11 @@ class TaskRunner:
                           if job.header.kind == "stream" else
                           execution.aiterate_batch(cached.runnable, job.input, config, job.header.items,
                                                    job.header.trust, self.max_message_bytes))
+                reply = self._reply_on_loop
+                task_id = job.task_id
                 try:
                     async for chunk in chunks:
-                        self._reply(P.CHUNK, job.task_id, chunk)
+                        reply(P.CHUNK, task_id, chunk)
                 finally:
                     await chunks.aclose()
                 self._reply(P.RESULT, job.task_id, b"")
@@ -263,11 +265,24 @@ class TaskRunner:
 
     def _reply(self, command: bytes, task_id: bytes, data: bytes) -> None:
         if len(data) > self.max_message_bytes:
-            raise execution.OutputTooLarge(
-                f"the runnable's output is {len(data)} bytes, over the broker's limit of "
-                f"{self.max_message_bytes}; return less data or raise the broker's --max-message-bytes"
-            )
+            raise self._too_large(data)
         self._send([P.PROTOCOL, command, task_id, data])
+
+    def _too_large(self, data: bytes) -> execution.OutputTooLarge:
+        return execution.OutputTooLarge(
+            f"the runnable's output is {len(data)} bytes, over the broker's limit of "
+            f"{self.max_message_bytes}; return less data or raise the broker's --max-message-bytes")
+
+    def _reply_on_loop(self, command: bytes, task_id: bytes, data: bytes) -> None:
+        """:meth:`_reply` from the event loop's thread (a streamed token's way: the caller knows
+        its thread, so nothing asks which it is)."""
+        if len(data) > self.max_message_bytes:
+            raise self._too_large(data)
+        self.replies.put_quiet([P.PROTOCOL, command, task_id, data])
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._wake)
 
     def _event(self, task_id: bytes, data: bytes) -> None:
         """A callback event of the task (only when its caller listens): in order with its chunks."""

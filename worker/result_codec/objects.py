@@ -11,10 +11,11 @@ claimed kind that the client imported can be named (``classes``).
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any, NamedTuple
 
-from worker.result_codec.classes import resolve_class
+from worker.result_codec.classes import Named, resolve_class, resolve_named
 from worker.result_codec.decoding import Decoding, as_dict, as_list, str_keys
 from worker.result_codec.errors import CodecError, Unresolvable
 from worker.result_codec.tags import (
@@ -29,7 +30,7 @@ from worker.result_codec.tags import (
 
 class _ModelShape(NamedTuple):
     """What decoding needs to know of a model class, read once per class (a tuple: the hot path
-    unpacks it at once)."""
+    unpacks it at once), and what it was read from, checked on every use."""
 
     cls: Any
     names: list[str]  # the fields, in the class's order
@@ -43,32 +44,76 @@ class _ModelShape(NamedTuple):
     hashable: bool
     new: Any  # cls.__new__
     fields_sets: dict[int, frozenset[str]]  # by bit mask, as met (at most _MAX_FIELDS_SETS)
+    # What the shape was read from, checked on every use: the class's fields and its validator (a
+    # model rebuilt, its fields changed, has a new validator); for a class found by name, the
+    # path that found it (``classes.Named``: the module in sys.modules, the class in the module's
+    # namespace, ``deep`` the steps below for a nested class), so that a module reloaded or a
+    # class replaced is found afresh. A class found through cloudpickle's tracker has no path
+    # (``module_name`` "", ``module`` None: what sys.modules says of "").
+    pydantic_fields: Any
+    validator: Any
+    module_name: str
+    module: Any
+    top_get: Any  # the module namespace's get
+    top_key: str
+    top: Any
+    deep: tuple[tuple[Any, str, type], ...]
 
 
 _MAX_FIELDS_SETS = 256
-# Model classes found and checked, with their shapes, by name (see _CLASSES), and the shapes of
-# classes found through cloudpickle's tracker (which come and go with the code that sent them).
+# Model classes found and checked, with their shapes, by name (see classes._CLASSES), and the
+# shapes of classes found through cloudpickle's tracker (which come and go with the code that sent them).
 _MODELS: dict[str, _ModelShape] = {}
 _TRACKED_SHAPES: weakref.WeakKeyDictionary[type, _ModelShape] = weakref.WeakKeyDictionary()
 _object_setattr = object.__setattr__
+_modules_get = sys.modules.get
+_NOWHERE: dict[str, Any] = {}
 
 
 def _model_shape(name: Any, tracker: Any) -> _ModelShape:
-    cls = resolve_class(MODEL, name, tracker)
-    if tracker is not None:
+    """The shape of the model class ``name`` (or ``tracker``) names, read afresh unless the one
+    cached for that class is still its shape."""
+    named: Named | None = None
+    cls: Any
+    if tracker is None:
+        named = resolve_named(MODEL, name)
+        cls = named.path[-1][2]
+    else:
+        cls = resolve_class(MODEL, name, tracker)
         shape = _TRACKED_SHAPES.get(cls)
-        if shape is not None:
+        if shape is not None and _current(shape):
             return shape
     fields = cls.__pydantic_fields__
     plain = not cls.__pydantic_root_model__ and not cls.__pydantic_post_init__ and all(
         field.alias in (None, key) and field.validation_alias in (None, key) for key, field in fields.items())
+    if named is not None:
+        (namespace, key, top), *deep = named.path
+        where: tuple[Any, ...] = (named.module_name, named.module, namespace.get, key, top, tuple(deep))
+    else:
+        where = ("", None, _NOWHERE.get, "", None, ())
     shape = _ModelShape(cls, list(fields), ",".join(fields), frozenset(fields),
-                        cls.model_config.get("extra") == "allow", plain, cls.__hash__ is not None, cls.__new__, {})
+                        cls.model_config.get("extra") == "allow", plain, cls.__hash__ is not None, cls.__new__, {},
+                        fields, cls.__pydantic_validator__, *where)
     if tracker is None:
         _MODELS[name] = shape
     else:
         _TRACKED_SHAPES[cls] = shape
     return shape
+
+
+def _current(shape: _ModelShape) -> bool:
+    """Whether ``shape`` is still its class's, and the class still the one its name names."""
+    cls = shape.cls
+    return (cls.__pydantic_fields__ is shape.pydantic_fields and cls.__pydantic_validator__ is shape.validator
+            and _modules_get(shape.module_name) is shape.module and shape.top_get(shape.top_key) is shape.top
+            and _deep_current(shape.deep))
+
+
+def _deep_current(deep: tuple[tuple[Any, str, type], ...]) -> bool:
+    for namespace, part, value in deep:  # noqa: SIM110 - (a loop: all() of a generator is slower)
+        if namespace.get(part) is not value:
+            return False
+    return True
 
 
 def _fields_set(shape: _ModelShape, names: list[str], same: bool, mask: Any) -> set[str]:
@@ -90,7 +135,13 @@ def build_model(d: Decoding, payload: Any) -> Any:
     shape = _MODELS.get(name) if tracker is None else None
     if shape is None:
         shape = _model_shape(name, tracker)
-    cls, names, fields_here, allowed, keeps_extra, plain, hashable, new, fields_sets = shape
+    cls, names, fields_here, allowed, keeps_extra, plain, hashable, new, fields_sets, pydantic_fields, validator, \
+        module_name, module, top_get, top_key, top, deep = shape
+    if (cls.__pydantic_fields__ is not pydantic_fields or cls.__pydantic_validator__ is not validator
+            or _modules_get(module_name) is not module or top_get(top_key) is not top
+            or (deep and not _deep_current(deep))):  # (``_current``, inlined: this runs per token)
+        shape = _model_shape(name, tracker)
+        cls, names, fields_here, allowed, keeps_extra, plain, hashable, new, fields_sets, *_ = shape
     same = fields == fields_here
     if not same:
         names = _field_names(fields, cls)
