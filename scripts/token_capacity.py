@@ -10,8 +10,9 @@ On a default ``LocalPool``, with the bench's fake streaming chat model (``pool.b
    (``--cost-streams`` calls in flight, tokens ``--gap-ms`` apart);
 2. the marginal cost, the slope between those two runs (the call's fixed cost cancelled out), and
    what it implies: tokens/s per broker core (1 / cost) and concurrent streams at ``--rate``;
-3. a run with ``--streams`` streams in flight, each ``--tokens`` tokens at ``--rate`` tokens/s:
-   the tokens/s actually relayed and how many cores the broker (and every other process) kept busy.
+3. a run with ``--streams`` streams kept in flight for ``--seconds``, each ``--tokens`` tokens at
+   ``--rate`` tokens/s: the tokens/s actually relayed and how many cores the broker (and every other
+   process) kept busy over that window.
 
 CPU comes from /proc/PID/stat (``pool.bench.cpu``). ``runnable-k8s bench --ratios`` runs the same
 measurements among the other goals; ``--json PATH`` writes the figures.
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=1000, help="streams in flight in the capacity run (1000)")
     parser.add_argument("--rate", type=float, default=tokens.STREAM_RATE, help="tokens/s of one stream (50)")
     parser.add_argument("--tokens", type=int, default=50, help="tokens per call in the capacity run (50)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the capacity run's window (5)")
     parser.add_argument("--no-capacity", action="store_true", help="only the cost figures")
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     args = parser.parse_args(argv)
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         capacity = None
         if not args.no_capacity:
             capacity = tokens.capacity_run(remote(tokens.capacity_runnable(args.tokens, args.rate)), processes,
-                                           streams=args.streams, tokens=args.tokens, stream_rate=args.rate)
+                                           streams=args.streams, tokens=args.tokens, stream_rate=args.rate,
+                                           seconds=args.seconds)
     print("\n".join(tokens.format_lines(costs, capacity)), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"costs": costs, "capacity": capacity}, indent=2) + "\n")

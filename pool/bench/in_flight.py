@@ -97,3 +97,47 @@ def measure(runnable: Runnable, inputs: Callable[[int, int], list[Any]], in_flig
 def same_value(value: Any) -> Callable[[int, int], list[Any]]:
     """Inputs for a runnable whose input does not matter: ``value`` every time."""
     return lambda count, offset: [value] * count
+
+
+def sustained(runnable: Runnable, inputs: Callable[[int, int], list[Any]], in_flight: int, seconds: float,
+              streamed: bool, processes: dict[str, int], warmup: int | None = None) -> dict[str, Any]:
+    """``in_flight`` callers kept busy for ``seconds`` after a warm-up: chunks (or calls) per second
+    and each process's cores busy over exactly that window, so neither the ramp-up nor the tail of
+    the last calls dilutes a rate (calls still running at the end finish, uncounted)."""
+    warm = in_flight if warmup is None else warmup
+    window: dict[str, Any] = {}
+
+    async def timed() -> None:
+        if warm:
+            await _drive(runnable, inputs(warm, 10**9), in_flight, streamed)
+        counted = {"chunks": 0, "calls": 0}
+        stop = asyncio.Event()
+
+        async def caller(index: int) -> None:
+            offset = index * 10**6
+            while not stop.is_set():
+                value = inputs(1, offset)[0]
+                offset += 1
+                if streamed:
+                    async for _ in runnable.astream(value):
+                        if not stop.is_set():
+                            counted["chunks"] += 1
+                else:
+                    await runnable.ainvoke(value)
+                if not stop.is_set():
+                    counted["calls"] += 1
+
+        meter = CpuMeter(processes).start()
+        tasks = [asyncio.ensure_future(caller(i)) for i in range(in_flight)]
+        await asyncio.sleep(seconds)
+        stop.set()
+        window.update(meter.stop(), **counted)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(timed())
+    wall = window["wall_s"]
+    return {"in_flight": in_flight, "seconds": wall, "call": "astream" if streamed else "ainvoke",
+            "calls_completed": window["calls"], "chunks": window["chunks"],
+            "chunks_per_s": round(window["chunks"] / wall) if wall > 0 else None,
+            "calls_per_s": round(window["calls"] / wall, 1) if wall > 0 else None,
+            "cores_busy": utilisation(window["cpu_s"], wall)}

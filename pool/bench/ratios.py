@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _step(f"token capacity: {streams} streams in flight", say)
         per_call = max(5, round(CAPACITY_TOKENS * shorter))
         runs["capacity"] = tokens.capacity_run(remote(tokens.capacity_runnable(per_call)), processes,
-                                               streams=streams, tokens=per_call)
+                                               streams=streams, tokens=per_call, seconds=max(1.0, 5 * shorter))
     finished = dt.datetime.now(dt.timezone.utc)
     env = environment()
     env.update({"started_at": started.isoformat(timespec="seconds"),

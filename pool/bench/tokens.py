@@ -66,16 +66,16 @@ def cost_run(runnable_for: Any, processes: dict[str, int], *, short_tokens: int 
 
 
 def capacity_run(remote: Runnable, processes: dict[str, int], *, streams: int = 1000,
-                 tokens: int = 50, stream_rate: float = STREAM_RATE, calls: int | None = None) -> dict[str, Any]:
-    """``streams`` streams in flight, each ``tokens`` tokens at ``stream_rate`` tokens/s (``remote``
-    must be that stream: :func:`capacity_runnable`): tokens/s relayed and each process's cores busy."""
-    run = in_flight.measure(remote, in_flight.same_value("prompt"), streams, calls or 2 * streams, True, processes,
-                            warmup=min(streams, 100))
-    wall = run["wall_s"] or 0.0
-    relayed = run.get("chunks", 0) / wall if wall > 0 else 0.0
+                 tokens: int = 50, stream_rate: float = STREAM_RATE, seconds: float = 5.0) -> dict[str, Any]:
+    """``streams`` streams kept in flight for ``seconds``, each ``tokens`` tokens at ``stream_rate``
+    tokens/s (``remote`` must be that stream: :func:`capacity_runnable`): tokens/s relayed and each
+    process's cores busy, over that window only (:func:`pool.bench.in_flight.sustained`)."""
+    run = in_flight.sustained(remote, in_flight.same_value("prompt"), streams, seconds, True, processes,
+                              warmup=min(streams, 100))
+    relayed = run["chunks_per_s"] or 0
     broker_cores = run["cores_busy"].get("broker")
     figures: dict[str, Any] = {
-        "streams": streams, "tokens_per_call": tokens, "stream_rate_tokens_per_s": stream_rate,
+        "streams": streams, "seconds": seconds, "tokens_per_call": tokens, "stream_rate_tokens_per_s": stream_rate,
         "offered_tokens_per_s": round(streams * stream_rate), "relayed_tokens_per_s": round(relayed),
         "broker_cores_busy": broker_cores, "run": run,
     }
@@ -112,8 +112,9 @@ def format_lines(costs: dict[str, Any], capacity: dict[str, Any] | None) -> list
                  f"{_n(costs.get('streams_per_broker_core'))} streams of {costs['stream_rate_tokens_per_s']:g} "
                  f"tokens/s per broker core")
     if capacity:
-        lines.append(f"  measured: {capacity['streams']:,} streams in flight x {capacity['stream_rate_tokens_per_s']:g}"
-                     f" tokens/s offered {capacity['offered_tokens_per_s']:,} tokens/s; relayed "
+        lines.append(f"  measured: {capacity['streams']:,} streams kept in flight {capacity['seconds']:g} s x "
+                     f"{capacity['stream_rate_tokens_per_s']:g} tokens/s offered "
+                     f"{capacity['offered_tokens_per_s']:,} tokens/s; relayed "
                      f"{capacity['relayed_tokens_per_s']:,} tokens/s with the broker {capacity['broker_cores_busy']} "
                      f"cores busy (= {_n(capacity.get('relayed_tokens_per_s_per_broker_core'))} tokens/s per "
                      f"broker core); cores busy: " + ", ".join(
