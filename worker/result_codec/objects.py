@@ -169,7 +169,10 @@ def build_model(d: Decoding, payload: Any) -> Any:
             values = {**str_keys(extra, class_name(cls)), **values}
         if "_fields_set" in values:
             raise CodecError(f"a field named _fields_set in {class_name(cls)}")
-        obj = cls.model_construct(fields_set & (allowed | values.keys()), **values)
+        # The fields set names fields, and extra values only for a class that keeps them: names
+        # the class drops (another version's fields, or a hostile list) are not set on it.
+        obj = cls.model_construct(fields_set & (allowed | values.keys()) if keeps_extra else fields_set & allowed,
+                                  **values)
         if private:
             # Private attributes (the data ones the worker sent) of the fresh instance, through
             # pydantic's own assignment, for the names the class declares.
