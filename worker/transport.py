@@ -8,6 +8,7 @@ never imports pyzmq: it pays for every import on every call.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,26 +20,52 @@ SEND_LAST = int(zmq.NOBLOCK)
 COPY_THRESHOLD = 65536  # below this a copy is cheaper than tracking a zero-copy frame
 
 
-_RCVMORE = int(zmq.RCVMORE)  # a plain int: pyzmq's enum costs more on every get()
+# The send of pyzmq's own socket class, under its Python-level wrapper (which only adds DRAFT
+# routing_id / group arguments): one Python call less per frame. Used only for sockets whose send
+# is the plain one (a zmq.asyncio socket's send returns a future, and is left to itself).
+_PLAIN_SEND = zmq.Socket.send
+_BASE_SEND: Callable[..., Any] = zmq.backend.Socket.send
 
 
 def recv_frames(socket: zmq.Socket[Any], keep_frame: int | None = None) -> list[Any]:
     """One whole message without blocking (raises ``zmq.Again`` when none is waiting): what
-    ``recv_multipart(NOBLOCK)`` does, at a third of its per-frame cost. The frame at index
-    ``keep_frame`` stays a ``zmq.Frame``, for its CURVE ``User-Id`` (the broker reads it)."""
-    recv, get = socket.recv, socket.get  # bound once: a message is read several times a millisecond
-    if keep_frame == 0:
-        frames: list[Any] = [recv(zmq.NOBLOCK, copy=False)]
-    else:
-        frames = [recv(zmq.NOBLOCK)]
-    while get(_RCVMORE):
-        frames.append(recv(copy=False) if len(frames) == keep_frame else recv())
+    ``recv_multipart(NOBLOCK)`` does, at about half its per-frame cost. The frame at index
+    ``keep_frame`` stays a ``zmq.Frame``, for its CURVE ``User-Id`` (the broker reads it).
+
+    Each frame is received as a ``zmq.Frame`` and asked ``frame.more`` (set by libzmq with the
+    frame): asking the socket ``get(RCVMORE)`` instead goes through pyzmq's option enum on every
+    frame, which cost more than the receive itself."""
+    recv = socket.recv  # bound once: a message is read several times a millisecond
+    frame = recv(zmq.NOBLOCK, copy=False)
+    frames: list[Any] = [frame if keep_frame == 0 else frame.bytes]
+    while frame.more:
+        frame = recv(copy=False)
+        frames.append(frame if len(frames) == keep_frame else frame.bytes)
     return frames
 
 
 def send_frames(socket: zmq.Socket[Any], frames: list[bytes]) -> None:
     """Send a multipart message without blocking (raises zmq.Again when it cannot go now)."""
+    send_routed(socket, None, frames)
+
+
+def send_routed(socket: zmq.Socket[Any], first: bytes | None, frames: list[bytes]) -> None:
+    """Send ``first`` (when given: a ROUTER's routing id) and then ``frames`` as one message,
+    without blocking (raises zmq.Again when it cannot go now, and ZMQError(EHOSTUNREACH) from a
+    ROUTER with ROUTER_MANDATORY when ``first`` names no peer, before any frame is queued).
+
+    The broker sends every reply so: no list is built to put the routing id in front."""
+    if type(socket).send is _PLAIN_SEND:
+        base = _BASE_SEND
+        if first is not None:
+            base(socket, first, SEND_MORE)
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            base(socket, frame, SEND_LAST if i == last else SEND_MORE, len(frame) < COPY_THRESHOLD)
+        return
     send = socket.send
+    if first is not None:
+        send(first, SEND_MORE)
     for frame in frames[:-1]:
         send(frame, SEND_MORE, copy=len(frame) < COPY_THRESHOLD)
     send(frames[-1], SEND_LAST, copy=len(frames[-1]) < COPY_THRESHOLD)

@@ -229,7 +229,7 @@ class ConnectionGuard:
     * registers :attr:`monitor_socket` in its poller and calls :meth:`drain` when it is readable
       (and once a tick): the descriptors returned have closed, their peers are gone;
     * calls :meth:`note` for every whole message it reads, with the message's descriptor
-      (``frame.get(zmq.SRCFD)``) and size;
+      (``frame.get(zmq.SRCFD)``) and size (or :meth:`note_many` once for a batch of them);
     * calls :meth:`check` on every pass (it looks at the connections every ``check_interval``
       seconds and otherwise returns at once) and :meth:`cut` for each descriptor it returns.
 
@@ -291,6 +291,14 @@ class ConnectionGuard:
 
         Called for every message, so it only adds to a counter."""
         self._delivered[fd] += nbytes
+
+    def note_many(self, delivered: dict[int, int]) -> None:
+        """What :meth:`note` says, for a batch of messages: ``delivered`` maps each descriptor to
+        the bytes its whole messages brought. The loop adds a batch up and calls this once (before
+        the next :meth:`check`, which is the only reader)."""
+        counts = self._delivered
+        for fd, nbytes in delivered.items():
+            counts[fd] += nbytes
 
     def drain(self) -> list[int]:
         """Read the monitor's pending events without blocking; return the descriptors whose

@@ -6,7 +6,7 @@ results of 40 MB grow the broker by 300 MiB). ``Outbox`` owns sending on that so
 for each peer, what ZeroMQ still holds for it and what waits behind it:
 
 * A message under ``transport.COPY_THRESHOLD`` (64 KiB) in all is copied into ZeroMQ's queue for
-  the peer, as before: one ``send_frames`` call. ZeroMQ holds at most ``SNDHWM`` messages per
+  the peer, as before: one ``send_routed`` call. ZeroMQ holds at most ``SNDHWM`` messages per
   peer; past that it answers ``EAGAIN`` (``ROUTER_MANDATORY``) and the message waits here.
 * A larger message is sent zero-copy with its last frame tracked (``zmq.Frame(track=True,
   copy=False)``: pyzmq's ``send(copy=False, track=True)`` copies a frame under its copy threshold
@@ -62,7 +62,7 @@ from typing import Any
 import zmq
 
 from worker import defaults
-from worker.transport import COPY_THRESHOLD, SEND_LAST, SEND_MORE, send_frames
+from worker.transport import COPY_THRESHOLD, SEND_LAST, SEND_MORE, send_routed
 
 __all__ = ["Outbox"]
 
@@ -127,7 +127,7 @@ class Outbox:
         if size >= COPY_THRESHOLD:
             return self._send_large(peer, frames, size, now)
         try:
-            send_frames(self.socket, [peer, *frames])
+            send_routed(self.socket, peer, frames)
         except zmq.Again:  # SNDHWM messages already wait in ZeroMQ for this peer
             self._enqueue(peer, self._state(peer), frames, size, now)
         except zmq.ZMQError as exc:
@@ -250,7 +250,7 @@ class Outbox:
             frames, size = backlog[0]
             try:
                 if size < COPY_THRESHOLD:
-                    send_frames(self.socket, [peer, *frames])
+                    send_routed(self.socket, peer, frames)
                 elif state.in_flight_bytes and state.in_flight_bytes + size > limit:
                     break
                 else:

@@ -58,6 +58,25 @@ _BATCH = 1000  # messages read before the clock is looked at again, so a busy br
 _SRCFD = int(zmq.SRCFD)
 
 
+def _source(protocol: zmq.Frame, keyed: bool) -> tuple[int, bytes | None]:
+    """Who sent a message: the descriptor of the connection it came from (``SRCFD``, -1 when
+    libzmq does not say) and, when the broker has keys, the CurveZMQ key that connection
+    authenticated with (its ``User-Id``). Both are read from the message itself, on every
+    message: a descriptor number is reused as soon as libzmq closes a connection, possibly before
+    the broker hears of the close, so no answer is remembered per descriptor."""
+    try:
+        fd: int = protocol.get(_SRCFD)
+    except zmq.ZMQError:
+        fd = -1
+    if not keyed:
+        return fd, None
+    try:
+        user = protocol.get("User-Id")  # the CURVE key it connected with
+    except zmq.ZMQError:
+        return fd, None
+    return fd, user.encode() if isinstance(user, str) else None
+
+
 class BrokerConfigError(ValueError):
     """The broker was asked to start in a way that is unsafe or impossible."""
 
@@ -176,12 +195,7 @@ class Broker:
                 wait = min(wait, 5)
             ready = dict(poller.poll(wait))
             if self.socket in ready:
-                for _ in range(_BATCH):  # drain what is there before ticking
-                    try:
-                        frames = transport.recv_frames(self.socket, keep_frame=1)
-                    except zmq.Again:
-                        break
-                    self._carry_out(handle(self._decode(frames), clock()))
+                self._drain(handle, clock)
             if closed:
                 now = clock()
                 for fd, seen in closed:
@@ -205,29 +219,50 @@ class Broker:
                 next_tick = now + P.HEARTBEAT_INTERVAL
         log.info("broker stopped")
 
-    def _decode(self, frames: list[Any]) -> Event:
-        """An event from a received message, whose protocol frame is still a ``zmq.Frame``: it
-        tells the connection the message came from and, with keys, the key it authenticated with."""
-        if len(frames) < 2:
-            return Malformed(frames[0], "a message with no frames")
-        protocol: zmq.Frame = frames[1]
-        try:
-            fd = protocol.get(_SRCFD)
-        except zmq.ZMQError:
-            fd = -1
-        key: bytes | None = None
-        if self.keys is not None:
-            try:
-                user = protocol.get("User-Id")  # the CURVE key it connected with
-            except zmq.ZMQError:
-                user = None
-            key = user.encode() if isinstance(user, str) else None
-        frames[1] = protocol.bytes
-        self.guard.note(fd, sum(map(len, frames)))
-        return decode(frames, fd, key)
+    def _drain(self, handle: Callable[[Event, float], list[Effect]], clock: Callable[[], float]) -> None:
+        """Handle the messages waiting on the socket, up to ``_BATCH`` of them, then come back to
+        the loop (so a busy broker still ticks and looks at its connections).
 
-    def _carry_out(self, effects: list[Effect]) -> None:
-        send, now = self.outbox.send, time.monotonic()
+        Each message is still its own event, decoded with the connection it came from and handled
+        at its own time (a rule's timing stays per message). What is done per batch instead: the
+        bytes each connection delivered are added up here and handed to the guard once (it only
+        reads them at its next :meth:`~ConnectionGuard.check`, after this batch), and the
+        attributes the loop uses are looked up once."""
+        recv, sock, keyed = transport.recv_frames, self.socket, self.keys is not None
+        carry_out = self._carry_out
+        delivered: dict[int, int] = {}
+        try:
+            for _ in range(_BATCH):
+                try:
+                    frames = recv(sock, 1)
+                except zmq.Again:
+                    break
+                if len(frames) < 2:
+                    event: Event = Malformed(frames[0], "a message with no frames")
+                else:
+                    fd, key = _source(frames[1], keyed)
+                    frames[1] = frames[1].bytes
+                    size = 0
+                    for frame in frames:
+                        size += len(frame)
+                    delivered[fd] = delivered.get(fd, 0) + size
+                    event = decode(frames, fd, key)
+                now = clock()
+                effects = handle(event, now)
+                if effects:
+                    carry_out(effects, now)
+        finally:
+            self.guard.note_many(delivered)
+
+    def _carry_out(self, effects: list[Effect], now: float | None = None) -> None:
+        send = self.outbox.send
+        if now is None:
+            now = time.monotonic()
+        if len(effects) == 1 and effects[0].__class__ is Send:  # the common case: one reply or relay
+            only = effects[0]
+            if send(only.peer, only.frames, now):
+                return
+            effects = self.core.handle(SendFailed(only.peer, only.frames), time.monotonic())  # the peer is gone
         i = 0
         while i < len(effects):  # grows when a failed send makes the core answer with more
             effect = effects[i]
