@@ -145,4 +145,6 @@ def test_tiny_ratios_run_reports_every_goal_with_its_reference(tmp_path: Path,
         assert goal["what"] in out
     for text in ("ratios (each goal", "CPU us per call", "bare ZeroMQ floor", "marginal", "streams in flight"):
         assert text in out, text
+    assert main(["bench", "--replot", str(path)]) == 0  # a --ratios JSON replots as its own report
+    assert capsys.readouterr().out.strip() == out.strip()
     wait_for(lambda: child_pids() <= before, 10, "the ratios run's pool and floor to exit")

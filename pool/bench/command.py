@@ -661,6 +661,11 @@ def run(args: argparse.Namespace) -> int:
     if args.replot:
         with open(args.replot) as f:
             results = json.load(f)
+        if results.get("kind") == "ratios":  # the JSON of a --ratios run: its own report
+            from pool.bench import ratios
+
+            print(ratios.format_report(results), flush=True)
+            return 0
     else:
         results = Bench(args).run()
     print(report.format_table(results), flush=True)

@@ -112,7 +112,7 @@ def format_lines(costs: dict[str, Any], capacity: dict[str, Any] | None) -> list
                  f"{_n(costs.get('streams_per_broker_core'))} streams of {costs['stream_rate_tokens_per_s']:g} "
                  f"tokens/s per broker core")
     if capacity:
-        lines.append(f"  measured: {capacity['streams']:,} streams kept in flight {capacity['seconds']:g} s x "
+        lines.append(f"  measured: {capacity['streams']:,} streams kept in flight {_n(capacity.get('seconds'))} s x "
                      f"{capacity['stream_rate_tokens_per_s']:g} tokens/s offered "
                      f"{capacity['offered_tokens_per_s']:,} tokens/s; relayed "
                      f"{capacity['relayed_tokens_per_s']:,} tokens/s with the broker {capacity['broker_cores_busy']} "
