@@ -44,7 +44,7 @@ from worker import protocol as P
 from worker.curve import PeerKeys
 
 __all__ = ["ALLOWANCE_BYTES_KEYS", "BUSY_BACKOFF_MAX", "BUSY_BACKOFF_MIN", "DEFAULT_CONNECT_TIMEOUT", "Connection",
-           "Event", "LoopSink", "Reply", "Submission", "ThreadSink", "check_plaintext"]
+           "Event", "LoopSink", "ReaderSink", "Reply", "Submission", "ThreadSink", "check_plaintext"]
 
 log = logging.getLogger("runnable_k8s.client")
 
@@ -60,6 +60,29 @@ _MONITORED = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_DISCONNECTED
 )
+
+
+class ReaderSink(ThreadSink):
+    """A sync caller's sink for :meth:`Connection.wait`: while its caller reads the socket itself,
+    a reply delivered by another thread (the I/O thread failing the task after a broker loss, or a
+    caller that read it first) also writes a byte to the connection's wake-up pipe, which the
+    reading caller polls beside the socket."""
+
+    __slots__ = ("reader", "wake_fd")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reader: int | None = None  # the reading thread's ident while it reads
+        self.wake_fd = -1
+
+    def deliver(self, reply: Any) -> None:
+        super().deliver(reply)
+        reader = self.reader
+        if reader is not None and reader != threading.get_ident():
+            try:
+                os.write(self.wake_fd, b"x")
+            except OSError:
+                pass  # the pipe is full (the reader is waking anyway) or closed with the connection
 
 
 def check_plaintext(address: str, keys: PeerKeys | None, insecure: bool) -> None:
@@ -120,6 +143,18 @@ class Connection:
         self._wake_out = self._context.socket(zmq.PUSH)
         self._wake_out.linger = 0
         self._wake_out.connect(wake_endpoint)
+        # Leader/follower: a sync caller waiting for its reply reads the socket itself while no
+        # other caller does (``wait``); meanwhile the I/O thread leaves the socket to it.
+        self._reader = threading.Lock()  # held by the caller reading the socket
+        self._leading = False  # under _lock: a caller reads the socket now
+        self._io_polls_socket = True  # under _lock: the I/O thread's current poll includes the socket
+        self._pipe_r, self._pipe_w = os.pipe()
+        os.set_blocking(self._pipe_r, False)
+        os.set_blocking(self._pipe_w, False)
+        self._socket_fd = self._sock.getsockopt(zmq.FD)
+        self._reader_poller = zmq.Poller()
+        self._reader_poller.register(self._socket_fd, zmq.POLLIN)
+        self._reader_poller.register(self._pipe_r, zmq.POLLIN)
         self._core = ClientCore(address, connect_timeout, send=self._send, now=time.monotonic(),
                                 wake=self._wake_io_thread, settled=self._settled.set, unsettled=self._settled.clear)
         self._thread = threading.Thread(target=self._run, name=f"runnable-k8s-io {address}", daemon=True)
@@ -173,8 +208,9 @@ class Connection:
     def new_task_id(self) -> bytes:
         return self._core.new_task_id()
 
-    def submit(self, submission: Submission) -> None:
-        """Send a caller's task (or keep it until it may go); its replies go to its sink."""
+    def submit(self, submission: Submission, reads: bool = False) -> None:
+        """Send a caller's task (or keep it until it may go); its replies go to its sink.
+        ``reads``: the caller will wait with :meth:`wait`, reading the socket itself."""
         with self._lock:
             if self.closed:
                 submission.sink.deliver(Reply(submission.task_id, "error", code=P.E_POOL_UNAVAILABLE,
@@ -183,6 +219,82 @@ class Connection:
             now = time.monotonic()
             self._core.submit(submission, now)
             self._receive(now)
+            if not reads:
+                self._someone_reads()
+
+    def wait(self, sink: ReaderSink, timeout: float | None) -> Any:
+        """A sync caller's next reply (``queue.Empty`` after ``timeout`` seconds). When no other
+        caller is reading the socket, this one does (the leader): it polls the socket's file
+        descriptor and its wake-up pipe, reads whatever arrived and hands others' replies to
+        their sinks, so its own reply wakes only this thread. Otherwise (a follower) it waits on
+        its sink, filled by the leader or the I/O thread. The I/O thread goes on heartbeating,
+        watching the monitor and reading for async callers meanwhile."""
+        try:
+            return sink.get(0)
+        except queue.Empty:
+            pass
+        if timeout is not None and timeout <= 0:
+            raise queue.Empty
+        if self.closed or not self._reader.acquire(blocking=False):
+            return sink.get(timeout)
+        try:
+            return self._lead(sink, timeout)
+        finally:
+            self._reader.release()
+
+    def _lead(self, sink: ReaderSink, timeout: float | None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sink.wake_fd = self._pipe_w
+        sink.reader = threading.get_ident()
+        with self._lock:
+            self._leading = True
+            self._drain_pipe()
+            if not self.closed:
+                self._receive(time.monotonic())
+        try:
+            socket_fd = self._socket_fd
+            poll = self._reader_poller.poll
+            while True:
+                try:
+                    return sink.get(0)
+                except queue.Empty:
+                    pass
+                if self.closed:
+                    return sink.get(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if deadline is None:
+                    wait_ms = -1
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise queue.Empty
+                    wait_ms = int(left * 1000) + 1
+                events = dict(poll(wait_ms))
+                if self._pipe_r in events:
+                    self._drain_pipe()
+                if socket_fd in events:
+                    with self._lock:
+                        if not self.closed:
+                            self._receive(time.monotonic())
+        finally:
+            sink.reader = None
+            with self._lock:
+                self._leading = False
+                if self._core.pending_count:  # others wait for replies: someone must read them
+                    self._someone_reads()
+
+    def _drain_pipe(self) -> None:
+        try:
+            while os.read(self._pipe_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _someone_reads(self) -> None:
+        """Under ``_lock``: make sure a reply now awaited will be read: by the reading caller, or
+        the I/O thread (woken to poll the socket again if it had left it to a reader)."""
+        if not self._leading and not self._io_polls_socket:
+            self._io_polls_socket = True  # it will be, once awake: one wake-up is enough
+            self._wake_io_thread()
 
     def cancel(self, task_id: bytes) -> None:
         """Stop a task: the broker is told only if it has the task (one held for a broker, or
@@ -218,6 +330,7 @@ class Connection:
                 raise PoolUnavailable(f"the connection to {self.address} is closed")
             self._core.request_status(sink)
             self._receive(time.monotonic())
+            self._someone_reads()
         try:
             answer: dict[str, Any] = sink.get(timeout)
         except queue.Empty:
@@ -234,6 +347,7 @@ class Connection:
             with self._lock:
                 if not self.closed and core.ask_workers():
                     self._receive(time.monotonic())
+                    self._someone_reads()
         return core.workers
 
     def close(self) -> None:
@@ -288,10 +402,15 @@ class Connection:
 
     def _run(self) -> None:
         core = self._core
-        poller = zmq.Poller()
-        poller.register(self._wake_in, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
-        poller.register(self._sock.getsockopt(zmq.FD), zmq.POLLIN)
+        # Two poll sets: with the socket, and without it while a sync caller reads it (``wait``).
+        without_socket = zmq.Poller()
+        without_socket.register(self._wake_in, zmq.POLLIN)
+        without_socket.register(self._monitor, zmq.POLLIN)
+        with_socket = zmq.Poller()
+        with_socket.register(self._wake_in, zmq.POLLIN)
+        with_socket.register(self._monitor, zmq.POLLIN)
+        with_socket.register(self._sock.getsockopt(zmq.FD), zmq.POLLIN)
+        poller = with_socket
         try:
             while True:
                 events = dict(poller.poll(max(0, int((core.next_deadline - time.monotonic()) * 1000)) + 1))
@@ -311,6 +430,12 @@ class Connection:
                     self._receive(now)
                     if core.tick(now):  # something was due (and may have used the socket)
                         self._receive(now)
+                    # Leave the socket to a reading caller; take it back when one stops while
+                    # replies are awaited (``_lead`` wakes this thread then), or when a caller
+                    # that does not read submits (``_someone_reads``). Until then what arrives
+                    # is read at the next heartbeat at the latest.
+                    self._io_polls_socket = not self._leading
+                    poller = with_socket if self._io_polls_socket else without_socket
         except Exception:  # never leave callers hanging on a dead thread
             log.exception("runnable-k8s connection thread failed")
             with self._lock:
@@ -322,6 +447,11 @@ class Connection:
                 for sock in (self._sock, self._monitor, self._wake_in, self._wake_out):
                     sock.close(linger=0)
             self._context.term()
+            # A reading caller was handed its error (``core.close``) and leaves; then the pipe goes.
+            if self._reader.acquire(timeout=5):
+                self._reader.release()
+            for fd in (self._pipe_r, self._pipe_w):
+                os.close(fd)
 
     def _on_monitor(self, now: float) -> None:
         """Tell the core what the socket's monitor saw: a handshake's outcome, a drop."""

@@ -28,7 +28,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, S
 from typing import Any
 
 from pool.client.calls import RemoteCall, decode_output, encode_batch_input
-from pool.client.connection import Connection, Event, LoopSink, Submission, ThreadSink
+from pool.client.connection import Connection, Event, LoopSink, ReaderSink, Submission, ThreadSink
 from pool.client.settings import KEYS_ENV
 from pool.errors import (
     AuthenticationFailed,
@@ -350,7 +350,8 @@ class _One:
         self.connection.check_size(call.runnable, blob)
         self.running = True
         self.connection.submit(Submission(self.task_id, _header(call, self.kind, call.retries), call.digest,
-                                          call.runnable, blob, self.sink, patience=self.patience))
+                                          call.runnable, blob, self.sink, patience=self.patience),
+                               reads=isinstance(self.sink, ReaderSink))
 
     def wait_time(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -462,13 +463,13 @@ class WarmBackend:
     def _one(self, call: RemoteCall, kind: str) -> Iterator[tuple[bool, Any]]:
         """``(False, chunk)`` ... then ``(True, outcome)`` of one call in one task."""
         connection = self.ensure_ready()
-        sink = ThreadSink()
+        sink = ReaderSink()
         one = _One(connection, call, kind, sink, self.connect_timeout)
         try:
             one.start()
             while True:
                 try:
-                    event = sink.get(one.wait_time())
+                    event = connection.wait(sink, one.wait_time())
                 except queue.Empty:
                     yield True, one.timed_out()
                     return
