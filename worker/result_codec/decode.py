@@ -89,6 +89,27 @@ _PREFIXES = (msgpack.packb([MARKER, None])[:-1], msgpack.packb([MARKER, None, No
 _TAGGED = _PREFIXES[1][0]
 
 
+class _TagInside(Exception):
+    """The first pass met a tagged value inside the message's value (see loads_result)."""
+
+
+def _no_tags_inside(code: int, data: bytes) -> Any:
+    raise _TagInside
+
+
+class _Alone(Decoding):
+    """The state of a message whose value is its only tagged value: one value cannot collide with
+    others' hashes, and there is no nesting to bound."""
+
+    __slots__ = ()
+
+    def hashed(self, value: Any) -> Any:
+        return value
+
+
+_ALONE = _Alone(0, DEFAULT_LIMITS, BUILDERS)
+
+
 def loads_result(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Decode :func:`dumps_result`'s bytes without running, importing or changing anything the
     sender chose, at a cost linear in ``len(data)``.
@@ -108,12 +129,20 @@ def loads_result(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Any:
                           "version, or hostile): refused, nothing of it was run")
         raise Refused(f"the bytes are not a result in this client's data format ({MARKER}): refused, "
                       "nothing of it was run")
-    decoding = Decoding(size, limits, BUILDERS)
     try:
         # msgpack checks that the list has the length its first byte says (the prefix checked that).
         if size <= limits.max_items:
-            message = msgpack.unpackb(data, ext_hook=decoding._ext, strict_map_key=False, timestamp=2)
+            try:
+                # A first pass for a message with no tagged value inside its value (a streamed
+                # token: a model of plain values): no decoding state to make. A tagged value inside
+                # stops it, after at most the message's bytes, and the second pass decodes it all.
+                message = msgpack.unpackb(data, ext_hook=_no_tags_inside, strict_map_key=False, timestamp=2)
+                decoding: Decoding = _ALONE
+            except _TagInside:
+                decoding = Decoding(size, limits, BUILDERS)
+                message = msgpack.unpackb(data, ext_hook=decoding._ext, strict_map_key=False, timestamp=2)
         else:
+            decoding = Decoding(size, limits, BUILDERS)
             message = msgpack.unpackb(data, ext_hook=decoding._ext, strict_map_key=False, timestamp=2,
                                       max_array_len=limits.max_items, max_map_len=limits.max_items)
         if data[0] != _TAGGED:

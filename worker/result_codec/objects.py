@@ -52,6 +52,7 @@ class _ModelShape(NamedTuple):
     # (``module_name`` "", ``module`` None: what sys.modules says of "").
     pydantic_fields: Any
     validator: Any
+    own_get: Any  # the class's own namespace's get (faster than the class's attributes: a metaclass)
     module_name: str
     module: Any
     top_get: Any  # the module namespace's get
@@ -66,6 +67,7 @@ _MAX_FIELDS_SETS = 256
 _MODELS: dict[str, _ModelShape] = {}
 _TRACKED_SHAPES: weakref.WeakKeyDictionary[type, _ModelShape] = weakref.WeakKeyDictionary()
 _object_setattr = object.__setattr__
+_CLASS_DICT: Any = vars(type)["__dict__"].__get__
 _modules_get = sys.modules.get
 _NOWHERE: dict[str, Any] = {}
 
@@ -83,6 +85,7 @@ def _model_shape(name: Any, tracker: Any) -> _ModelShape:
         shape = _TRACKED_SHAPES.get(cls)
         if shape is not None and _current(shape):
             return shape
+    own_get = _CLASS_DICT(cls).get  # (what _current compares: the class's own, not inherited, values)
     fields = cls.__pydantic_fields__
     plain = not cls.__pydantic_root_model__ and not cls.__pydantic_post_init__ and all(
         field.alias in (None, key) and field.validation_alias in (None, key) for key, field in fields.items())
@@ -93,7 +96,7 @@ def _model_shape(name: Any, tracker: Any) -> _ModelShape:
         where = ("", None, _NOWHERE.get, "", None, ())
     shape = _ModelShape(cls, list(fields), ",".join(fields), frozenset(fields),
                         cls.model_config.get("extra") == "allow", plain, cls.__hash__ is not None, cls.__new__, {},
-                        fields, cls.__pydantic_validator__, *where)
+                        own_get("__pydantic_fields__"), own_get("__pydantic_validator__"), own_get, *where)
     if tracker is None:
         _MODELS[name] = shape
     else:
@@ -103,8 +106,9 @@ def _model_shape(name: Any, tracker: Any) -> _ModelShape:
 
 def _current(shape: _ModelShape) -> bool:
     """Whether ``shape`` is still its class's, and the class still the one its name names."""
-    cls = shape.cls
-    return (cls.__pydantic_fields__ is shape.pydantic_fields and cls.__pydantic_validator__ is shape.validator
+    own_get = shape.own_get
+    return (own_get("__pydantic_fields__") is shape.pydantic_fields
+            and own_get("__pydantic_validator__") is shape.validator
             and _modules_get(shape.module_name) is shape.module and shape.top_get(shape.top_key) is shape.top
             and _deep_current(shape.deep))
 
@@ -136,12 +140,23 @@ def build_model(d: Decoding, payload: Any) -> Any:
     if shape is None:
         shape = _model_shape(name, tracker)
     cls, names, fields_here, allowed, keeps_extra, plain, hashable, new, fields_sets, pydantic_fields, validator, \
-        module_name, module, top_get, top_key, top, deep = shape
-    if (cls.__pydantic_fields__ is not pydantic_fields or cls.__pydantic_validator__ is not validator
+        own_get, module_name, module, top_get, top_key, top, deep = shape
+    if (own_get("__pydantic_fields__") is not pydantic_fields or own_get("__pydantic_validator__") is not validator
             or _modules_get(module_name) is not module or top_get(top_key) is not top
             or (deep and not _deep_current(deep))):  # (``_current``, inlined: this runs per token)
         shape = _model_shape(name, tracker)
         cls, names, fields_here, allowed, keeps_extra, plain, hashable, new, fields_sets, *_ = shape
+    if (plain and fields == fields_here and extra is None and private is None and set_extra is None
+            and type(values) is list and len(values) == len(names)):
+        cached = fields_sets.get(mask)
+        if cached is not None:  # a streamed token's way: the same shape and fields set as the one before
+            obj = new(cls)  # (as below, without the branches this case does not take)
+            set_slot = _object_setattr
+            set_slot(obj, "__dict__", dict(zip(names, values, strict=False)))
+            set_slot(obj, "__pydantic_fields_set__", set(cached))
+            set_slot(obj, "__pydantic_extra__", {} if keeps_extra else None)
+            set_slot(obj, "__pydantic_private__", None)
+            return d.hashed(obj) if hashable else obj
     same = fields == fields_here
     if not same:
         names = _field_names(fields, cls)
