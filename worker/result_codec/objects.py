@@ -3,10 +3,19 @@ namedtuples and exceptions.
 
 Objects are made only through documented constructors: pydantic's ``model_construct`` (the values
 are already typed: each was decoded by this package; for the commonest classes its own steps,
-inlined: see ``_build_model``), the dataclass's constructor, ``Enum[name]``, a namedtuple's
+inlined: see ``build_model``), the dataclass's constructor, ``Enum[name]``, a namedtuple's
 ``_make``... never by setting attributes on an object that existed before decoding (exceptions:
-see ``_build_exception``). Those constructors are the classes' own code: only classes of the
+see ``build_exception``). Those constructors are the classes' own code: only classes of the
 claimed kind that the client imported can be named (``classes``).
+
+A model class's shape (its field names, whether ``model_construct`` reduces to setting four
+slots, the fields sets met) is read once per class and cached by the class's name, as a streamed
+token's class is the same for every token. The cache is checked on every use, in a few dict
+look-ups, against what it was read from: the class's own fields and validator (a model rebuilt
+has a new validator) and the path that found the class by its name (a module reloaded or
+imported again, a class replaced in it). A message whose field list is not the class's own
+takes ``model_construct`` with the message's names, which drops the names the class does not
+keep, from its values and from its fields set alike.
 """
 
 from __future__ import annotations
