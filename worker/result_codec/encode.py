@@ -4,7 +4,9 @@ Plain values stay native msgpack; every other supported value becomes an ext val
 encoder (``_ENCODERS``, by exact type, then one made per class by ``_encoder_for``). Anything that
 is not data (a function, a class, a runnable, a live object) is refused with a :class:`Refused`
 naming it and saying what to return instead. This side is the worker's, so its cost matters less
-than the decoder's safety, but a streamed chunk is encoded per token: hence the packer reuse.
+than the decoder's safety, but a streamed chunk is encoded per token: hence the packer reuse, and a
+model class's encoder is a plan made once (``_model_plan``: its field names joined once, its values
+read with one ``itemgetter``), which an instance takes only when it holds exactly those fields.
 """
 
 from __future__ import annotations
