@@ -17,6 +17,7 @@ loop in this process) and on ``RunnableK8s(bound=runnable, pool=...)``, it gives
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +82,8 @@ def measure(runnable: Runnable, inputs: Callable[[int, int], list[Any]], in_flig
         "throughput_per_s": round(done / cpu["wall_s"], 1) if cpu["wall_s"] > 0 else None,
         "cpu_us_per_call": per_call_us(cpu["cpu_s"], done),
         "cores_busy": utilisation(cpu["cpu_s"], cpu["wall_s"]),
+        # the machine's 1-minute load at the end: on a shared machine, whether both sides of a ratio ran alike
+        "load_1m": round(os.getloadavg()[0], 2),
     }
     if run["errors"]:
         figures["first_errors"] = run["errors"][:5]

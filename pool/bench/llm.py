@@ -99,6 +99,7 @@ def measure(runnable: Runnable, calls: int, in_flight: int, warmup: int,
     figures["process_cpu_ms_per_call"] = round(cpu * 1000 / max(1, done + warmup), 3)
     figures["cpu_us_per_call"] = per_call_us(timed["cpu_s"], done)
     figures["cores_busy"] = utilisation(timed["cpu_s"], timed["wall_s"])
+    figures["load_1m"] = round(os.getloadavg()[0], 2)  # the machine's load at the end (shared machines)
     if run["errors"]:
         figures["first_errors"] = run["errors"][:5]
     if done:

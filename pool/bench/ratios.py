@@ -270,7 +270,7 @@ def _ms(value: Any) -> str:
 
 def _run_rows(title: str, pair: dict[str, Any], streamed: bool) -> list[str]:
     lines = [title, f"  {'runs as':24} {'calls/s':>9} {'p50 ms':>9} {'p99 ms':>9}"
-                    + (f" {'TTFT p50':>9} {'TTFT p99':>9}" if streamed else "") + f" {'errors':>7}"]
+                    + (f" {'TTFT p50':>9} {'TTFT p99':>9}" if streamed else "") + f" {'errors':>7} {'load':>6}"]
     rows = []
     for label, key in (("in-process", "in_process"), ("warm", "warm")):
         r = pair.get(key) or {}
@@ -278,7 +278,7 @@ def _run_rows(title: str, pair: dict[str, Any], streamed: bool) -> list[str]:
         text = (f"  {label:24} {r.get('throughput_per_s', '-'):>9} {_ms(e2e.get('p50_ms'))} {_ms(e2e.get('p99_ms'))}")
         if streamed:
             text += f" {_ms(ttft.get('p50_ms'))} {_ms(ttft.get('p99_ms'))}"
-        lines.append(text + f" {r.get('errors', '-'):>7}")
+        lines.append(text + f" {r.get('errors', '-'):>7} {r.get('load_1m', '-'):>6}")
         if r.get("cpu_us_per_call"):
             rows.append((label, r["cpu_us_per_call"]))
     return lines + cpu_table(rows)
@@ -302,7 +302,9 @@ def format_report(results: dict[str, Any]) -> str:
              f"process, same run (scale {settings['scale']:g})",
              f"machine: {env.get('cpus')} CPUs ({env.get('cpu_model')}), Python {env.get('python')}, "
              f"langchain-core {env.get('langchain_core')}, pyzmq {env.get('pyzmq')}, load at start "
-             f"{env.get('load_average_at_start')}, at end {env.get('load_average_at_end')}", ""]
+             f"{env.get('load_average_at_start')}, at end {env.get('load_average_at_end')}",
+             "(load: the machine's 1-minute load average at the end of each run; on a shared machine a ratio "
+             "whose two sides ran under different loads says little)", ""]
     echo = runs.get("echo")
     if echo:
         lines.append(f"echo: invoke one at a time; throughput {ECHO_IN_FLIGHT} in flight")
