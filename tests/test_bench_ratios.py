@@ -131,6 +131,7 @@ def test_tiny_ratios_run_reports_every_goal_with_its_reference(tmp_path: Path,
             assert run["cpu_us_per_call"]["client"] is not None, (name, side)
             assert run["load_1m"] >= 0, (name, side)  # each side's load, to judge the ratio on a shared machine
         assert "broker" not in runs[name]["in_process"]["cpu_us_per_call"]  # the reference is this process
+        assert runs[name]["order"] == "ABBA", name  # in-process, pool, pool, in-process: a load drift hits both
         assert {"broker", "worker-1", "worker-2"} <= set(runs[name]["warm"]["cpu_us_per_call"]), name
     assert runs["io"]["warm"]["call"] == "ainvoke" and runs["stream"]["warm"]["call"] == "astream"
     assert runs["stream"]["warm"]["chunks_per_call"] == 20 and runs["stream"]["in_process"]["ttft"]["p50_ms"] > 0

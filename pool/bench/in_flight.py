@@ -60,6 +60,46 @@ async def _drive(runnable: Runnable, inputs: list[Any], in_flight: int, streamed
     return {"totals": totals, "firsts": firsts, "errors": errors, "chunks": chunks}
 
 
+def _summary(parts: list[dict[str, Any]], calls: int, in_flight: int, streamed: bool) -> dict[str, Any]:
+    """The figures of one side from its timed parts (samples pooled; wall time and CPU added up)."""
+    totals = [t for part in parts for t in part["totals"]]
+    firsts = [t for part in parts for t in part["firsts"]]
+    errors = [e for part in parts for e in part["errors"]]
+    chunks = sum(part["chunks"] for part in parts)
+    wall = sum(part["wall_s"] for part in parts)
+    cpu_s: dict[str, float | None] = {}
+    for name in parts[0]["cpu_s"]:
+        used = [part["cpu_s"].get(name) for part in parts]
+        cpu_s[name] = None if any(u is None for u in used) else round(sum(u for u in used if u is not None), 4)
+    done = len(totals)
+    figures: dict[str, Any] = {
+        "calls": calls, "completed": done, "errors": len(errors), "in_flight": in_flight,
+        "call": "astream" if streamed else "ainvoke", "wall_s": round(wall, 4),
+        "throughput_per_s": round(done / wall, 1) if wall > 0 else None,
+        "cpu_us_per_call": per_call_us(cpu_s, done),
+        "cores_busy": utilisation(cpu_s, wall),
+        # the machine's 1-minute load at the end: on a shared machine, whether both sides of a ratio ran alike
+        "load_1m": round(os.getloadavg()[0], 2),
+    }
+    if errors:
+        figures["first_errors"] = errors[:5]
+    if done:
+        figures["end_to_end"] = percentiles(totals)
+    if streamed:
+        figures["chunks"] = chunks
+        figures["chunks_per_call"] = round(chunks / max(1, done), 2)
+        if firsts:
+            figures["ttft"] = percentiles(firsts)
+    return figures
+
+
+async def _timed(runnable: Runnable, values: list[Any], in_flight: int, streamed: bool,
+                 processes: dict[str, int]) -> dict[str, Any]:
+    meter = CpuMeter(processes).start()
+    run = await _drive(runnable, values, in_flight, streamed)
+    return {**run, **meter.stop()}
+
+
 def measure(runnable: Runnable, inputs: Callable[[int, int], list[Any]], in_flight: int, calls: int,
             streamed: bool, processes: dict[str, int], warmup: int | None = None) -> dict[str, Any]:
     """Warm-up calls (``inputs(warmup, offset)``, not timed: the runnable reaches every worker and
@@ -67,34 +107,38 @@ def measure(runnable: Runnable, inputs: Callable[[int, int], list[Any]], in_flig
     (name -> pid) measured over exactly the timed run."""
     warm = in_flight if warmup is None else warmup
 
-    async def timed() -> tuple[dict[str, Any], dict[str, Any]]:
+    async def run() -> dict[str, Any]:
         if warm:
             await _drive(runnable, inputs(warm, 10**9), in_flight, streamed)
-        meter = CpuMeter(processes).start()
-        run = await _drive(runnable, inputs(calls, 0), in_flight, streamed)
-        return run, meter.stop()
+        return await _timed(runnable, inputs(calls, 0), in_flight, streamed, processes)
 
-    run, cpu = asyncio.run(timed())
-    done = len(run["totals"])
-    figures: dict[str, Any] = {
-        "calls": calls, "completed": done, "errors": len(run["errors"]), "in_flight": in_flight,
-        "call": "astream" if streamed else "ainvoke", "wall_s": cpu["wall_s"],
-        "throughput_per_s": round(done / cpu["wall_s"], 1) if cpu["wall_s"] > 0 else None,
-        "cpu_us_per_call": per_call_us(cpu["cpu_s"], done),
-        "cores_busy": utilisation(cpu["cpu_s"], cpu["wall_s"]),
-        # the machine's 1-minute load at the end: on a shared machine, whether both sides of a ratio ran alike
-        "load_1m": round(os.getloadavg()[0], 2),
-    }
-    if run["errors"]:
-        figures["first_errors"] = run["errors"][:5]
-    if done:
-        figures["end_to_end"] = percentiles(run["totals"])
-    if streamed:
-        figures["chunks"] = run["chunks"]
-        figures["chunks_per_call"] = round(run["chunks"] / max(1, done), 2)
-        if run["firsts"]:
-            figures["ttft"] = percentiles(run["firsts"])
-    return figures
+    return _summary([asyncio.run(run())], calls, in_flight, streamed)
+
+
+def compare(reference: Runnable, remote: Runnable, inputs: Callable[[int, int], list[Any]], in_flight: int,
+            calls: int, streamed: bool, processes: dict[str, int], warmup: int | None = None) -> dict[str, Any]:
+    """The reference (in this process) and the pool, ``calls`` calls each, timed in the order
+    A B B A, half the calls per part: a machine whose load drifts during the run (a shared one)
+    weighs on both sides alike, where A then B would hand all of a drift to one side. Both sides
+    get the same inputs (the first half, then the second)."""
+    warm = in_flight if warmup is None else warmup
+    half = max(1, calls // 2)
+    me = {"client": os.getpid()}
+
+    async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        for side in (reference, remote):
+            if warm:
+                await _drive(side, inputs(warm, 10**9), in_flight, streamed)
+        first, second = inputs(half, 0), inputs(calls - half, half)
+        a1 = await _timed(reference, first, in_flight, streamed, me)
+        b1 = await _timed(remote, first, in_flight, streamed, processes)
+        b2 = await _timed(remote, second, in_flight, streamed, processes)
+        a2 = await _timed(reference, second, in_flight, streamed, me)
+        return [a1, a2], [b1, b2]
+
+    a, b = asyncio.run(run())
+    return {"order": "ABBA", "in_process": _summary(a, calls, in_flight, streamed),
+            "warm": _summary(b, calls, in_flight, streamed)}
 
 
 def same_value(value: Any) -> Callable[[int, int], list[Any]]:

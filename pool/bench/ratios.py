@@ -11,15 +11,17 @@ is what offloading saves. The runs, on one default ``LocalPool`` (or ``--pool``)
 * **stream**: a fake chat model streaming 20 tokens 5 ms apart, 256 ``astream`` calls in flight:
   calls/s, the caller's CPU per streamed call (goal <= 0.5 x) and the time to first token p50
   (goal <= 1.2 x in-process);
-* **llm**: :mod:`pool.bench.llm` at 100 and at 1,000 calls in flight: end-to-end p50 (goals
-  <= 1.05 x and <= 1.3 x in-process);
+* **llm**: :mod:`pool.bench.llm`'s fake chat model at 100 and at 1,000 calls in flight, the same
+  prompts on both sides: end-to-end p50 (goals <= 1.05 x and <= 1.3 x in-process);
 * **echo**: ``invoke`` p50 against the bare ZeroMQ floor's p50 plus in-process (goal <= 1.5 x),
   and throughput at 64 calls in flight against the brokered floor's (goal >= 35 %);
 * **tokens**: the broker's CPU per relayed token, per call and marginal (:mod:`pool.bench.tokens`,
   goal <= 5 us), tokens/s per broker core, the streams that implies at 50 tokens/s, and a run with
   many streams in flight reporting what was actually relayed.
 
-``--ratios-scale`` shrinks the calls and the calls in flight (tests use it), and below 0.1 the token
+The in-flight runs are timed in the order in-process, pool, pool, in-process, half the calls per
+part (:func:`pool.bench.in_flight.compare`), so a shared machine's drifting load weighs on both
+sides alike. ``--ratios-scale`` shrinks the calls and the calls in flight (tests use it), and below 0.1 the token
 runs' calls too; the goals hold for the full-size run only.
 """
 
@@ -137,11 +139,10 @@ def _scaled(args: argparse.Namespace) -> Callable[..., int]:
 
 def _pair(reference: Runnable, remote: Runnable, count: int, calls: int, streamed: bool,
           processes: dict[str, int]) -> dict[str, Any]:
-    """The same runnable in this process and on the pool, ``count`` separate calls in flight each."""
-    me = {"client": os.getpid()}
+    """The same runnable in this process and on the pool, ``count`` separate calls in flight each,
+    timed A B B A (:func:`pool.bench.in_flight.compare`)."""
     inputs = in_flight.same_value("prompt" if streamed else 1)
-    return {"in_process": in_flight.measure(reference, inputs, count, calls, streamed, me),
-            "warm": in_flight.measure(remote, inputs, count, calls, streamed, processes)}
+    return in_flight.compare(reference, remote, inputs, count, calls, streamed, processes)
 
 
 def _timed_latency(call: Callable[[], Any], calls: int, processes: dict[str, int]) -> dict[str, Any]:
@@ -231,10 +232,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for count in LLM_IN_FLIGHT:
             k = n(count, 2)
             _step(f"llm: {k} streamed calls in flight", say)
+            # the same prompts (hence the same latencies) on both sides, timed A B B A
             pair: dict[str, Any] = {"in_flight": k, "calls": 2 * k,
-                                    "in_process": llm.measure(model, 2 * k, k, min(k, 100), None,
-                                                              {"client": os.getpid()}),
-                                    "warm": llm.measure(warm_model, 2 * k, k, min(k, 100), None, processes)}
+                                    **in_flight.compare(model, warm_model, llm.prompts, k, 2 * k, True, processes,
+                                                        warmup=min(k, 100))}
             pair["ratios"] = llm.ratios(pair["warm"], pair["in_process"])
             runs[f"llm_{count}"] = pair
         _step("broker CPU per token: 20 and 200 tokens per call", say)
