@@ -64,6 +64,16 @@ def test_a_header_parsed_again_is_an_equal_new_object_with_its_own_config() -> N
     assert third.config is not first.config and third.config["tags"] is not first.config["tags"]
 
 
+def test_a_reader_that_shares_the_caches_config_does_not_hand_it_to_one_that_owns_its_own() -> None:
+    data = _header(config={"tags": ["shared"]}, timeout=12.0)
+    read_only = P.TaskHeader.from_bytes(data, own_config=False)  # the broker's way: parsed, kept as is
+    owned = P.TaskHeader.from_bytes(data)
+    assert owned == read_only and owned.config is not read_only.config
+    owned.config["tags"].append("changed")
+    assert P.TaskHeader.from_bytes(data, own_config=False).config == {"tags": ["shared"]}
+    assert P.TaskHeader.from_bytes(data).config == {"tags": ["shared"]}
+
+
 def test_different_bytes_never_get_another_headers_values() -> None:
     variants = [
         _header(timeout=30.0), _header(timeout=31.0), _header(timeout=None), _header(retries=1),

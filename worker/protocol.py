@@ -220,11 +220,13 @@ class TaskHeader:
     _PARSED_MAX_BYTES = 4096
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> TaskHeader:
+    def from_bytes(cls, data: bytes, *, own_config: bool = True) -> TaskHeader:
         """The header ``data`` encodes, checked (ValueError saying what is wrong otherwise).
 
-        Every call returns a new object with its own ``config``: callers change a header they
-        parsed (the client lowers ``timeout`` and ``retries`` before sending a task again)."""
+        Every call returns a new object: callers change a header they parsed (the client lowers
+        ``timeout`` and ``retries`` before sending a task again). Its ``config`` is its own too,
+        unless ``own_config=False``: then it may be the cache's, for a reader that never changes
+        it (the broker only reads a header; copying a config costs as much as parsing it)."""
         hit = cls._parsed.get(data)
         if hit is None:
             header = cls._parse(data)
@@ -232,12 +234,13 @@ class TaskHeader:
                 if len(cls._parsed) >= cls._PARSED_MAX_ENTRIES:
                     cls._parsed.clear()
                 cls._parsed[bytes(data)] = (header.kind, header.digest, header.timeout, header.retries,
-                                            cls._copy_json(header.config), header.trust, header.items,
-                                            header.events, header.tokens)
+                                            cls._copy_json(header.config) if own_config else header.config,
+                                            header.trust, header.items, header.events, header.tokens)
             return header
         kind, digest, timeout, retries, config, trust, items, events, tokens = hit
-        return cls(kind, digest, timeout, retries, cls._copy_json(config) if config else {}, trust, items, events,
-                   tokens)
+        if own_config:
+            config = cls._copy_json(config) if config else {}
+        return cls(kind, digest, timeout, retries, config, trust, items, events, tokens)
 
     @staticmethod
     def _copy_json(value: Any) -> Any:

@@ -64,7 +64,7 @@ class ClientRules(Departures, Budgets, Reports):
             ))
             return
         try:
-            header = P.TaskHeader.from_bytes(event.header)
+            header = P.TaskHeader.from_bytes(event.header, own_config=False)  # only read here
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # JSON a hostile client wrote
             self._refuse(client, task_id, P.E_BAD_REQUEST, f"bad task header: {exc}")
             return

@@ -300,10 +300,15 @@ class ConnectionGuard:
         for fd, nbytes in delivered.items():
             counts[fd] += nbytes
 
-    def drain(self) -> list[int]:
+    def drain(self, pump: bool = True) -> list[int]:
         """Read the monitor's pending events without blocking; return the descriptors whose
-        connection ended since the last call (whatever the broker keeps for them is stale)."""
-        self._pump()
+        connection ended since the last call (whatever the broker keeps for them is stale).
+
+        ``pump=False`` returns only what :meth:`check` and :meth:`cut` already read from the
+        monitor: for a loop whose poller says the monitor socket has nothing waiting (asking the
+        socket itself costs more than the rest of a quiet pass)."""
+        if pump:
+            self._pump()
         closed, self._closed = self._closed, []
         return closed
 

@@ -180,7 +180,8 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         guard = self.guard
-        poller.register(guard.monitor_socket, zmq.POLLIN)
+        monitor = guard.monitor_socket
+        poller.register(monitor, zmq.POLLIN)
         handle, clock = self.core.handle, time.monotonic
         next_tick = clock() + P.HEARTBEAT_INTERVAL
         log.info("broker listening on %s", self.endpoint)
@@ -202,7 +203,9 @@ class Broker:
                     self._carry_out(handle(ConnectionClosed(fd, seen), now))
                 closed.clear()
             seen = self.core.messages
-            closed.extend((fd, seen) for fd in guard.drain())  # every pass: check() and cut() read events too
+            # Read the monitor when the poller says it has events; every pass, what check() and
+            # cut() read from it (they read it too).
+            closed.extend((fd, seen) for fd in guard.drain(pump=monitor in ready))
             for fd in guard.check(clock()):  # unfinished messages, silent connections
                 guard.cut(fd)
             now = clock()
