@@ -32,8 +32,9 @@ async def io_call(x: object) -> object:
     return x
 
 
-async def drive(runnable: Runnable[Any, Any], calls: int, in_flight: int, streamed: bool) -> float:
-    """Run ``calls`` calls, ``in_flight`` at a time; the CPU seconds this process spent."""
+async def drive(runnable: Runnable[Any, Any], calls: int, in_flight: int, streamed: bool) -> tuple[float, float]:
+    """Run ``calls`` calls, ``in_flight`` at a time; the CPU seconds this process spent, and the
+    wall-clock seconds."""
     inputs = iter(range(calls))
 
     async def caller() -> None:
@@ -44,9 +45,9 @@ async def drive(runnable: Runnable[Any, Any], calls: int, in_flight: int, stream
             else:
                 await runnable.ainvoke(i)
 
-    start = time.process_time()
+    start, began = time.process_time(), time.monotonic()
     await asyncio.gather(*(caller() for _ in range(in_flight)))
-    return time.process_time() - start
+    return time.process_time() - start, time.monotonic() - began
 
 
 def build(workload: str) -> Runnable[Any, Any]:
@@ -63,7 +64,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating in-process / pool runs")
     args = parser.parse_args()
     with LocalPool(workers=2, slots=max(64, args.in_flight)) as pool:
-        print(f"{'workload':<8} {'in flight':>9} {'in-proc us':>10} {'pool us':>8} {'ratio':>6}")
+        print(f"{'workload':<8} {'in flight':>9} {'in-proc us':>10} {'pool us':>8} {'ratio':>6} "
+              f"{'in-proc/s':>9} {'pool/s':>7}")
         for workload in args.workload.split(","):
             streamed = workload == "llm"
             local = build(workload)
@@ -72,10 +74,11 @@ def main() -> int:
             asyncio.run(drive(remote, warm, args.in_flight, streamed))  # runnable cached everywhere
             asyncio.run(drive(local, warm, args.in_flight, streamed))
             for _ in range(args.rounds):
-                here = asyncio.run(drive(local, args.calls, args.in_flight, streamed)) / args.calls * 1e6
-                there = asyncio.run(drive(remote, args.calls, args.in_flight, streamed)) / args.calls * 1e6
-                print(f"{workload:<8} {args.in_flight:>9} {here:>10.0f} {there:>8.0f} {there / here:>6.2f}",
-                      flush=True)
+                here, here_wall = asyncio.run(drive(local, args.calls, args.in_flight, streamed))
+                there, there_wall = asyncio.run(drive(remote, args.calls, args.in_flight, streamed))
+                here, there = here / args.calls * 1e6, there / args.calls * 1e6
+                print(f"{workload:<8} {args.in_flight:>9} {here:>10.0f} {there:>8.0f} {there / here:>6.2f} "
+                      f"{args.calls / here_wall:>9.0f} {args.calls / there_wall:>7.0f}", flush=True)
     return 0
 
 
