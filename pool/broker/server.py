@@ -202,10 +202,12 @@ class Broker:
                 for fd, seen in closed:
                     self._carry_out(handle(ConnectionClosed(fd, seen), now))
                 closed.clear()
-            seen = self.core.messages
             # Read the monitor when the poller says it has events; every pass, what check() and
             # cut() read from it (they read it too).
-            closed.extend((fd, seen) for fd in guard.drain(pump=monitor in ready))
+            ended = guard.drain(pump=monitor in ready)
+            if ended:
+                seen = self.core.messages
+                closed.extend((fd, seen) for fd in ended)
             for fd in guard.check(clock()):  # unfinished messages, silent connections
                 guard.cut(fd)
             now = clock()
