@@ -434,7 +434,8 @@ class Connection:
                     # replies are awaited (``_lead`` wakes this thread then), or when a caller
                     # that does not read submits (``_someone_reads``). Until then what arrives
                     # is read at the next heartbeat at the latest.
-                    self._io_polls_socket = not self._leading
+                    # While (re)connecting it reads too: WELCOME must not wait for a heartbeat.
+                    self._io_polls_socket = not self._leading or not core.ready
                     poller = with_socket if self._io_polls_socket else without_socket
         except Exception:  # never leave callers hanging on a dead thread
             log.exception("runnable-k8s connection thread failed")
