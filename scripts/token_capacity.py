@@ -38,7 +38,8 @@ from pool.bench.cpu import pool_processes
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cost-streams", type=int, default=64, help="calls in flight in the cost runs (64)")
-    parser.add_argument("--cost-calls", type=int, default=128, help="calls per cost run (128)")
+    parser.add_argument("--cost-calls", type=int, default=1024,
+                        help="calls of the 20-token cost run; the 200-token run makes a quarter as many (1024)")
     parser.add_argument("--gap-ms", type=float, default=5.0, help="gap between tokens in the cost runs (5)")
     parser.add_argument("--streams", type=int, default=1000, help="streams in flight in the capacity run (1000)")
     parser.add_argument("--rate", type=float, default=tokens.STREAM_RATE, help="tokens/s of one stream (50)")

@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _step("broker CPU per token: 20 and 200 tokens per call", say)
         shorter = min(1.0, args.ratios_scale * 10)  # a small scale also shortens the token runs' calls
         runs["tokens"] = tokens.cost_run(remote, processes, gap_ms=STREAM_GAP_MS * shorter,
-                                         streams=n(TOKEN_STREAMS, 4), calls=n(2 * TOKEN_STREAMS, 8))
+                                         streams=n(TOKEN_STREAMS, 4), calls=n(16 * TOKEN_STREAMS, 8))
         streams = n(CAPACITY_STREAMS, 8)
         if pool_info.get("local"):  # streams beyond the pool's slots would queue, not stream: offer what it runs
             streams = min(streams, args.pool_workers * args.slots)

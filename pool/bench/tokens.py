@@ -52,17 +52,18 @@ def token_costs(short: dict[str, Any], long: dict[str, Any], stream_rate: float 
 
 
 def cost_run(runnable_for: Any, processes: dict[str, int], *, short_tokens: int = 20, long_tokens: int = 200,
-             gap_ms: float = 5.0, streams: int = 64, calls: int = 128) -> dict[str, Any]:
+             gap_ms: float = 5.0, streams: int = 64, calls: int = 1024) -> dict[str, Any]:
     """The two runs of the marginal figure: ``runnable_for(runnable) -> Runnable`` wraps the fake
-    chat model (``RunnableK8s(bound=..., pool=...)``); ``streams`` calls in flight."""
+    chat model (``RunnableK8s(bound=..., pool=...)``); ``streams`` calls in flight; ``calls`` short
+    calls and a quarter as many long ones. Sized so the broker spends tenths of a second in each:
+    /proc counts CPU in 10 ms ticks, and a run of a few ticks would read in steps of 30 %."""
     runs = {}
-    for name, tokens in (("short", short_tokens), ("long", long_tokens)):
+    for name, tokens, count in (("short", short_tokens, calls), ("long", long_tokens, max(streams, calls // 4))):
         remote = runnable_for(stream_runnable(tokens, gap_ms))
-        runs[name] = in_flight.measure(remote, in_flight.same_value("prompt"), streams, calls, True, processes,
-                                       warmup=min(streams, calls))
+        runs[name] = in_flight.measure(remote, in_flight.same_value("prompt"), streams, count, True, processes,
+                                       warmup=min(streams, count))
         runs[name]["tokens_per_call"] = tokens
-    return {"gap_ms": gap_ms, "streams": streams, "calls": calls, **runs,
-            **token_costs(runs["short"], runs["long"])}
+    return {"gap_ms": gap_ms, "streams": streams, **runs, **token_costs(runs["short"], runs["long"])}
 
 
 def capacity_run(remote: Runnable, processes: dict[str, int], *, streams: int = 1000,
