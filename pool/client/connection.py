@@ -14,8 +14,10 @@ another thread, and then reads whatever arrived meanwhile. Between calls the con
 thread waits on the socket's file descriptor (not on the socket itself, so it holds no lock while
 it waits), reads replies and hands each task's replies to the caller's *sink*: a thread-safe queue
 for sync callers, or, for async callers, a per-event-loop mailbox that wakes the loop once per
-batch of replies, so an awaiting coroutine holds no thread. Many calls are in flight at once;
-replies carry the task id.
+batch of replies, so an awaiting coroutine holds no thread. A sync caller waiting for its reply
+reads the socket itself while no other caller does (:meth:`Connection.wait`, leader/follower), and
+the I/O thread leaves the socket to it: a lone sync caller's reply wakes only its thread. Many
+calls are in flight at once; replies carry the task id.
 
 The I/O thread also says HELLO (again after a broker restart), heartbeats, and notices a lost
 broker: a disconnect at once, a silent one after the heartbeat expiry, a restarted one when it

@@ -2,10 +2,12 @@
 
     chain = prompt | RunnableK8s(bound=ChatOpenAI(model="gpt-4o-mini"), pool="tcp://...") | parser
 
-It is a Runnable like any other: the client-side run is traced through LangChain's
-``_call_with_config`` / ``_batch_with_config`` / ``_transform_stream_with_config`` helpers, it
-streams inside a ``RunnableSequence`` (which calls ``transform``), and ``with_retry`` /
-``with_fallbacks`` work because ``batch`` honours ``return_exceptions``. ``invoke`` is one call
+It is a Runnable like any other: when anything listens (a handler, a tracer, ``collect_runs``,
+``astream_events``, debug), the client-side run is traced through LangChain's
+``_call_with_config`` / ``_batch_with_config`` / ``_transform_stream_with_config`` helpers; when
+nothing does (``listeners.nobody_listens``), the call goes straight to the backend, paying for no
+run that nobody would see. It streams inside a ``RunnableSequence`` (which calls ``transform``),
+and ``with_retry`` / ``with_fallbacks`` work because ``batch`` honours ``return_exceptions``. ``invoke`` is one call
 to the backend; ``batch`` hands the backend one call per item, each with its own config and run
 manager (``_batch_with_config``), and gets back one outcome per item, exceptions as values (the
 warm backend sends them in sub-batches, ``warm_backend.plan_sub_batches``).
