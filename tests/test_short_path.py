@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import RunnableConfig, RunnableGenerator
 from langchain_core.tracers.context import collect_runs, tracing_v2_enabled
 from langchain_core.tracers.schemas import Run
 
@@ -324,3 +325,26 @@ def test_debug_mode_takes_the_long_path(pool, long_path, capsys):
     assert taken == 0
     assert allowed[0] == forced[0] == 2
     assert "[chain/start]" in allowed[1] and _ID.sub("", allowed[1]) != ""
+
+
+def one_then_stall(inputs: Iterator[Any]) -> Iterator[str]:
+    for _ in inputs:
+        pass
+    yield "first"
+    time.sleep(20)
+    yield "never"
+
+
+def test_a_stream_past_its_timeout_raises_after_the_chunks_it_had(pool, long_path):
+    r = remote(pool, RunnableGenerator(one_then_stall), timeout=1.0)
+
+    async def stream() -> tuple[list[str], str]:
+        chunks: list[str] = []
+        with pytest.raises(TaskTimeout) as caught:
+            async for chunk in r.astream("go"):
+                chunks.append(chunk)
+        return chunks, str(caught.value)
+
+    allowed, forced, taken = _both(long_path, lambda: asyncio.run(stream()))
+    assert taken == 1 and allowed == forced
+    assert allowed[0] == ["first"] and "timeout of 1s" in allowed[1]

@@ -304,6 +304,15 @@ def _header(call: RemoteCall, kind: str, retries: int) -> bytes:
     return header
 
 
+# What a stream's deadline timer delivers to its sink (``WarmBackend.astream``).
+_DEADLINE = object()
+
+
+def _loop_time(deadline: float) -> float:
+    """A ``time.monotonic`` deadline on the running loop's clock."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
 def _deadline(call: RemoteCall) -> float | None:
     return time.monotonic() + call.timeout if call.timeout is not None else None
 
@@ -584,17 +593,19 @@ class WarmBackend:
     async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
         """One streamed call: the only async generator between its caller and the sink. Every
         reply already in the sink is handled without waiting (``LoopSink.get`` returns at once
-        when it holds one), so a burst of chunks costs one wake-up of the loop."""
+        when it holds one), so a burst of chunks costs one wake-up of the loop. The call's
+        deadline is one timer for the whole stream (it delivers ``_DEADLINE`` to the sink), not
+        one armed and cancelled per chunk awaited."""
         one = _One(await self._aready(), call, "stream", LoopSink(), self.connect_timeout)
         sink = one.sink
+        timer = (asyncio.get_running_loop().call_at(_loop_time(one.deadline), sink.deliver, _DEADLINE)
+                 if one.deadline is not None else None)
         try:
             one.start()
             while True:
-                try:
-                    event = await sink.get(one.wait_time())
-                except (asyncio.TimeoutError, TimeoutError):
+                event = await sink.get(None)
+                if event is _DEADLINE:
                     _value(one.timed_out())
-                    return
                 step = one.step(event)
                 if step is None:
                     continue
@@ -607,6 +618,8 @@ class WarmBackend:
                 else:
                     yield value
         finally:
+            if timer is not None:
+                timer.cancel()
             one.close()
 
     # ------------------------------------------------------------------ many calls, async
