@@ -117,5 +117,5 @@ def _nothing_global() -> bool:
             return False
     if _tracing_v2_is_enabled():
         return False
-    environ = os.environ
-    return all(environ.get(name, "") in _UNSET_VALUES for name in _V1_TRACING_ENV)
+    get = os.environ.get
+    return get(_V1_TRACING_ENV[0], "") in _UNSET_VALUES and get(_V1_TRACING_ENV[1], "") in _UNSET_VALUES
