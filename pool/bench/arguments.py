@@ -38,6 +38,8 @@ EXAMPLES = """examples:
       a pool on a cluster instead of a LocalPool started here
   runnable-k8s bench --ratios --json ratios.json
       every goal's ratio against in-process, with each process's CPU per call, met or not (a few minutes)
+  runnable-k8s bench --launcher kubernetes --chart NAMESPACE/RELEASE
+      a Pod per call against the installed chart's workers, called from a client Pod and from here
 """
 
 
@@ -142,6 +144,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     warm.add_argument("--slots", type=int, default=defaults.WORKER_CONCURRENCY, metavar="N",
                       help="tasks each local worker runs at once (the worker's default, %(default)s)")
     warm.add_argument("--keys", metavar="DIR", help="CurveZMQ client keys for --pool")
+    warm.add_argument("--chart", metavar="NAMESPACE/RELEASE",
+                      help="also measure warm calls through this installed worker-pool chart, in the same run: "
+                           "from a client Pod in the cluster (--image, calling the broker's Service) and from "
+                           "this host (k8s://NAMESPACE/RELEASE, the API server's port-forward); uses --kubeconfig")
+    warm.add_argument("--chart-client", default="default", metavar="NAME",
+                      help="the chart's client whose key Secret (PREFIX-client-NAME) the client Pod mounts and "
+                           "this host reads, when the chart uses CURVE keys (default %(default)s)")
+    warm.add_argument("--chart-keys", metavar="DIR",
+                      help="client keys this host uses for --chart (default: the files of that Secret)")
 
     eph = parser.add_argument_group("ephemeral mode")
     eph.add_argument("--launcher", choices=("local", "kubernetes"), default="local",

@@ -231,6 +231,9 @@ class Bench:
                 raise SystemExit(f"runnable-k8s bench: unknown mode {mode!r} (warm, ephemeral)")
         if self.args.pool or "io" not in self.workloads or "warm" not in self.modes:
             self.scaling = []  # the workers of someone else's pool are not ours to scale; io only
+        self.chart = _chart_release(args.chart) if getattr(args, "chart", None) else None
+        if self.chart and "warm" not in self.modes:
+            raise SystemExit("runnable-k8s bench: --chart measures warm calls: add warm to --modes")
 
     def runnable(self, workload: str) -> Runnable:
         a = self.args
@@ -251,6 +254,7 @@ class Bench:
             steps += len(self.workloads) * (1 + len(self.concurrency))
             steps += 0 if self.args.no_big_runnable else 1
             steps += len(self.scaling)
+            steps += 1 if self.chart else 0
         if "ephemeral" in self.modes:
             eph_conc = [c for c in self.concurrency if c <= self.args.ephemeral_max_in_flight]
             steps += len(self.workloads) * (1 + len(eph_conc))
@@ -480,6 +484,22 @@ class Bench:
             result[f"speedup_{high}_over_{low}"] = round(throughput[str(high)] / throughput[str(low)], 3)
         return result
 
+    def chart_warm(self, progress: Progress) -> dict[str, Any]:
+        """Warm calls through the installed chart (``--chart``): from a client Pod, from this host
+        over k8s:// (:mod:`pool.bench.chart_warm`), with this run's workloads and settings."""
+        from pool.bench.chart_warm import measure_chart_warm
+
+        a = self.args
+        namespace, release = self.chart or ("", "")
+        same_workloads = ["--payload-bytes", str(a.payload_bytes), "--io-latency-ms", str(a.io_latency_ms),
+                          "--stream-chunks", str(a.stream_chunks), "--stream-chunk-ms", str(a.stream_chunk_ms)]
+        with progress.step(f"warm through the chart {namespace}/{release}") as tick:
+            return measure_chart_warm(
+                namespace, release, image=a.image, calls=a.calls, in_flight=self.concurrency,
+                kubeconfig=a.kubeconfig or os.environ.get("KUBECONFIG"), progress=tick, workloads=self.workloads,
+                slow_calls=a.slow_calls, throughput_seconds=a.throughput_seconds, client=a.chart_client,
+                keys=a.chart_keys, image_pull_policy=a.image_pull_policy, extra_args=same_workloads)
+
     # -------------------------------------------------------------- everything
 
     def run(self) -> dict[str, Any]:
@@ -494,6 +514,8 @@ class Bench:
                 if mode == "warm":                                 # needs a cluster first
                     results["floor"] = self.floor(progress)
                     results["modes"]["warm"] = self.warm(progress)
+                    if self.chart:
+                        results["chart_warm"] = self.chart_warm(progress)
                 else:
                     results["modes"]["ephemeral"] = self.ephemeral(progress)
             results["modes"] = {mode: results["modes"][mode] for mode in MODES if mode in results["modes"]}
@@ -519,7 +541,7 @@ class Bench:
             "cpu_model": cpu_model(), "memory_gb": memory_gb(),
             "command": "runnable-k8s bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         })
-        if "ephemeral" in self.modes and self.args.launcher == "kubernetes":
+        if ("ephemeral" in self.modes and self.args.launcher == "kubernetes") or self.chart:
             from pool.k8s.cluster import cluster_info
 
             env["kubernetes"] = cluster_info(self.args.kubeconfig or os.environ.get("KUBECONFIG"))
@@ -537,7 +559,23 @@ class Bench:
             "llm": self.llm, "llm_latency_ms": a.llm_latency_ms, "llm_sigma": a.llm_sigma,
             "llm_tokens": a.llm_tokens, "llm_in_flight": self.llm_in_flight if self.llm else None,
             "llm_calls": self.llm_calls if self.llm else None,
+            "chart": "/".join(self.chart) if self.chart else None,
         }
+
+
+def _chart_release(text: str) -> tuple[str, str]:
+    """``--chart NAMESPACE/RELEASE`` (or ``k8s://NAMESPACE/RELEASE``) -> (namespace, release)."""
+    from pool.k8s.address import parse_k8s_address
+
+    try:
+        return parse_k8s_address(text if text.startswith("k8s://") else f"k8s://{text}")
+    except ValueError:
+        raise SystemExit(f"runnable-k8s bench: --chart {text!r}: expected NAMESPACE/RELEASE of an installed "
+                         "worker-pool chart (`helm list -A` shows them)") from None
+
+
+# Where the chart's warm figures were measured (``results["chart_warm"]``), as the ratios name them.
+CHART_CLIENTS = {"client_pod": "chart_client_pod", "k8s_url": "chart_k8s_url"}
 
 
 def summarize(results: dict[str, Any]) -> None:
@@ -580,6 +618,7 @@ def summarize(results: dict[str, Any]) -> None:
                         / modes["warm"]["overhead"][name]["p50_ms_over_in_process"], 1)
             for name in warm if name in eph and modes["warm"]["overhead"][name]["p50_ms_over_in_process"] > 0}
     ratios.update(ephemeral_floor_ratios(modes.get("ephemeral", {})))
+    ratios.update(chart_ratios(results))
     if "warm" in modes and "floor" in results and "echo" in modes["warm"]["workloads"]:
         warm_echo = modes["warm"]["workloads"]["echo"]
         floor_plus = results["floor"]["p50_ms"] + in_process["echo"]["p50_ms"]
@@ -609,6 +648,24 @@ def summarize(results: dict[str, Any]) -> None:
     if "llm" in results:
         goals.update(llm.goals(results["llm"]))
     results["goals"] = goals
+
+
+def chart_ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """With ``--chart``: ephemeral p50 over the chart's warm p50 (client Pod, k8s://), per workload,
+    and each chart path's warm p50 over the warm mode's (the local pool unless --pool)."""
+    chart = results.get("chart_warm") or {}
+    modes = results["modes"]
+    ratios: dict[str, Any] = {}
+    for where, name in CHART_CLIENTS.items():
+        warm = (chart.get(where) or {}).get("workloads", {})
+        for mode, key in (("ephemeral", f"ephemeral_p50_over_{name}_warm_p50"),
+                          ("warm", f"{name}_warm_p50_over_warm_p50")):
+            other = modes.get(mode, {}).get("workloads", {})
+            found = {w: (other[w]["p50_ms"] / f["p50_ms"] if mode == "ephemeral" else f["p50_ms"] / other[w]["p50_ms"])
+                     for w, f in warm.items() if w in other and f["p50_ms"] > 0 and other[w]["p50_ms"] > 0}
+            if found:
+                ratios[key] = {w: round(v, 1 if mode == "ephemeral" else 2) for w, v in found.items()}
+    return ratios
 
 
 # Ephemeral mode's goal: a call's p50 within 1.3 x its floor (a bare Python start locally, a minimal

@@ -13,8 +13,12 @@ SERIES_COLORS = {
     "in-process": "#2ca02c",
     "bare pyzmq floor": "#7f7f7f",
     "warm": "#1f77b4",
+    "warm (chart, client Pod)": "#9467bd",
+    "warm (chart, k8s://)": "#17becf",
     "ephemeral": "#d62728",
 }
+# With --chart: the chart's warm figures (results["chart_warm"]), key -> the series they are drawn as.
+CHART_SERIES = {"client_pod": "warm (chart, client Pod)", "k8s_url": "warm (chart, k8s://)"}
 WORKLOAD_STYLES = {"echo": "-", "io": "--", "stream": ":"}
 WORKLOAD_MARKERS = {"echo": "o", "io": "s", "stream": "^"}
 
@@ -50,6 +54,20 @@ def _warm_where(results: dict[str, Any]) -> str:
     return f"pool {pool.get('address')}"
 
 
+def _warm_label(results: dict[str, Any]) -> str:
+    """The warm mode's row: beside the chart's warm rows (--chart), say that it is the local pool."""
+    if not results.get("chart_warm"):
+        return "warm"
+    return "warm (local pool on the host)" if results["modes"].get("warm", {}).get("pool", {}).get("local") \
+        else "warm (--pool)"
+
+
+def _chart_figures(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(series label, warm figures) of each path the chart was called by (--chart), else none."""
+    chart = results.get("chart_warm") or {}
+    return [(label, chart[key]) for key, label in CHART_SERIES.items() if chart.get(key)]
+
+
 def _ephemeral_where(results: dict[str, Any]) -> str:
     launcher = results["modes"].get("ephemeral", {}).get("launcher", "local")
     return "a Pod per call on the cluster" if launcher == "kubernetes" else "a process per call on this host"
@@ -81,6 +99,12 @@ def format_table(results: dict[str, Any]) -> str:
     ephemeral = f"ephemeral = {_ephemeral_where(results)}; " if "ephemeral" in modes else ""
     lines.append(f"runnable-k8s bench: {', '.join(modes) or 'llm workload, warm'}; warm = {pool_text}; "
                  f"{ephemeral}payload {settings.get('payload_bytes')} B")
+    chart = results.get("chart_warm") or {}
+    if chart:
+        c = chart["chart"]
+        lines.append(f"warm (chart) = chart release {c['namespace']}/{c['release']}: from a client Pod on "
+                     f"tcp://{c['service']}:{c['port']}, and from this host on k8s://{c['namespace']}/{c['release']}"
+                     f"{'' if c.get('client_secret') else ' (no CURVE keys)'}")
     lines.append(f"machine: {env.get('cpus')} CPUs ({env.get('cpu_model')}), Python {env.get('python')}, "
                  f"langchain-core {env.get('langchain_core')}, pyzmq {env.get('pyzmq')}, load at end "
                  f"{env.get('load_average_at_end')}")
@@ -113,8 +137,12 @@ def format_table(results: dict[str, Any]) -> str:
             w = figures["workloads"].get(workload)
             if w is None:
                 continue
-            label = "warm" if mode == "warm" else _ephemeral_label(results)
+            label = _warm_label(results) if mode == "warm" else _ephemeral_label(results)
             lines.append(row(workload, label, w, w.get("throughput_by_concurrency")))
+            for chart_label, chart_figures in _chart_figures(results) if mode == "warm" else []:
+                cw = chart_figures["workloads"].get(workload)
+                if cw is not None:
+                    lines.append(row(workload, chart_label, cw, cw.get("throughput_by_concurrency")))
             if mode == "ephemeral" and workload == (figures.get("floor") or {}).get("workload", "echo"):
                 for key, floor_label in EPHEMERAL_FLOOR_ROWS:
                     if key in (figures.get("floor") or {}):
@@ -134,7 +162,11 @@ def format_table(results: dict[str, Any]) -> str:
         for mode, figures in modes.items():
             w = figures["workloads"].get("stream")
             if w is not None:
-                lines.append(row("stream", "warm" if mode == "warm" else _ephemeral_label(results), w["ttfc"]))
+                lines.append(row("stream", _warm_label(results) if mode == "warm" else _ephemeral_label(results),
+                                 w["ttfc"]))
+        for chart_label, chart_figures in _chart_figures(results):
+            if "stream" in chart_figures["workloads"]:
+                lines.append(row("stream", chart_label, chart_figures["workloads"]["stream"]["ttfc"]))
         lines.append("")
 
     pod_rows = [(w, f["pod_start_and_attach"]) for w, f in modes.get("ephemeral", {}).get("workloads", {}).items()
@@ -153,15 +185,18 @@ def format_table(results: dict[str, Any]) -> str:
                                  for key, label in EPHEMERAL_FLOOR_ROWS if key in floor))
         lines.append("")
 
-    lines.append("overhead over in-process (p50, ms added to the same runnable run in this process)")
-    for mode, figures in modes.items():
+    lines.append("overhead over in-process (p50, ms added to the same runnable run in this process; "
+                 "the chart's over in-process where its client ran)")
+    labelled = [(_warm_label(results) if mode == "warm" else _ephemeral_label(results), figures)
+                for mode, figures in modes.items()]
+    for label, figures in labelled + _chart_figures(results):
         parts = []
         for workload, o in figures.get("overhead", {}).items():
             part = f"{workload} +{o['p50_ms_over_in_process']:.3f}"
             if "ttfc_p50_ms_over_in_process" in o:
                 part += f" (first chunk +{o['ttfc_p50_ms_over_in_process']:.3f})"
             parts.append(part)
-        lines.append(f"  {'warm' if mode == 'warm' else _ephemeral_label(results):32} " + ", ".join(parts))
+        lines.append(f"  {label:32} " + ", ".join(parts))
     lines.append("")
 
     scaling = results.get("scaling")
@@ -252,6 +287,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     settings = results.get("settings", {})
     fig.suptitle(
         f"runnable-k8s bench: warm = {_warm_where(results)}  vs  ephemeral = {_ephemeral_where(results)}\n"
+        f"{_chart_title(results)}"
         f"{env.get('cpus')} CPUs, "
         f"Python {env.get('python')}, {env.get('started_at', '')[:16].replace('T', ' ')} UTC  |  "
         f"payload {settings.get('payload_bytes')} B, io {settings.get('io_latency_ms'):g} ms",
@@ -260,11 +296,25 @@ def plot(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def _chart_title(results: dict[str, Any]) -> str:
+    chart = (results.get("chart_warm") or {}).get("chart")
+    if not chart:
+        return ""
+    return (f"warm (chart) = the worker-pool chart's Pods, release {chart['namespace']}/{chart['release']}: "
+            "called from a client Pod and from this host (k8s://)\n")
+
+
 def _series_label(series: str, results: dict[str, Any]) -> str:
     if series == "ephemeral":
         return f"ephemeral: {_ephemeral_where(results)}"
     if series == "warm":
+        if results.get("chart_warm") and results["modes"].get("warm", {}).get("pool", {}).get("local"):
+            size = _warm_where(results).removeprefix("LocalPool on this host ").strip("()")
+            return f"warm (local pool on the host, {size})"
         return f"warm: {_warm_where(results)}"
+    if series in CHART_SERIES.values():
+        chart = results["chart_warm"]["chart"]
+        return f"{series}: release {chart['namespace']}/{chart['release']}"
     return series
 
 
@@ -284,6 +334,11 @@ def _distributions(results: dict[str, Any]) -> dict[str, dict[str, dict[str, flo
                 found[mode]["stream first chunk"] = figures["ttfc"]
             if "pod_start_and_attach" in figures and workload == "echo":
                 found[mode]["pod start"] = figures["pod_start_and_attach"]
+    for series, chart_figures in _chart_figures(results):
+        for workload, figures in chart_figures["workloads"].items():
+            found.setdefault(series, {})[workload] = figures
+            if "ttfc" in figures:
+                found[series]["stream first chunk"] = figures["ttfc"]
     return found
 
 
@@ -291,7 +346,8 @@ def _latency_panel(ax: Any, results: dict[str, Any]) -> None:
     series_figures = _distributions(results)
     groups = [g for g in ("echo", "io", "stream", "stream first chunk", "pod start")
               if any(g in per for per in series_figures.values())]
-    order = [s for s in ("in-process", "bare pyzmq floor", "warm", "ephemeral") if s in series_figures]
+    order = [s for s in ("in-process", "bare pyzmq floor", "warm", *CHART_SERIES.values(), "ephemeral")
+             if s in series_figures]
     width = 0.8 / max(1, len(order))
     positions_used = set()
     for gi, group in enumerate(groups):
@@ -382,7 +438,11 @@ def _throughput_panel(ax: Any, results: dict[str, Any]) -> None:
     for mode, figures in results["modes"].items():
         for workload, w in figures["workloads"].items():
             line(w.get("throughput_by_concurrency", {}), SERIES_COLORS[mode], WORKLOAD_STYLES[workload],
-                 WORKLOAD_MARKERS[workload], f"{'warm' if mode == 'warm' else 'ephemeral'} {workload}")
+                 WORKLOAD_MARKERS[workload], f"{_warm_label(results) if mode == 'warm' else 'ephemeral'} {workload}")
+    for series, chart_figures in _chart_figures(results):
+        for workload, w in chart_figures["workloads"].items():
+            line(w.get("throughput_by_concurrency", {}), SERIES_COLORS[series], WORKLOAD_STYLES[workload],
+                 WORKLOAD_MARKERS[workload], f"{series} {workload}")
     skipped = [c for c, v in results["modes"].get("ephemeral", {}).get("throughput_by_concurrency", {}).items()
                if v is None]
     if skipped:
