@@ -26,6 +26,7 @@ from pool.broker.events import (
     KeysChanged,
     Malformed,
     Ready,
+    Replies,
     Result,
     Submit,
     WorkerError,
@@ -35,7 +36,7 @@ from worker import protocol as P
 # Commands by role: with keys, a client key may send only the first, a worker key only the second
 # (STATUS, HEARTBEAT and BYE are either's: a client asks for STATUS, a draining worker fences with it).
 _CLIENT_COMMANDS: frozenset[type] = frozenset({Hello, Submit, Cancel})
-_WORKER_COMMANDS: frozenset[type] = frozenset({Ready, Chunk, CallbackEvent, Result, WorkerError, Draining})
+_WORKER_COMMANDS: frozenset[type] = frozenset({Ready, Chunk, CallbackEvent, Result, WorkerError, Draining, Replies})
 
 
 class Admission(Departures):

@@ -43,7 +43,10 @@ COUNTERS = ("submitted", "done", "failed", "cancelled", "retried", "workers_lost
             # connections closed by the broker (revoked keys) and by their peer (the monitor)
             "connections_cut", "connections_closed",
             # a rule raised: a bug in the broker, not a bad peer (logged with its traceback)
-            "rule_errors")
+            "rule_errors",
+            # REPLIES messages received from workers, and the entries (tokens, events, results) in
+            # them: entries_relayed / replies_packed is how many replies travel per message
+            "replies_packed", "entries_relayed")
 
 
 class CoreState:

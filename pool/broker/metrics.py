@@ -36,6 +36,8 @@ _IDENTITY_COUNTERS = (
     ("connections_cut", "Connections the broker closed (a revoked or unknown key)."),
     ("connections_closed", "Connections that closed (seen by the broker's socket monitor)."),
     ("rule_errors", "Messages whose rule raised: a bug of the broker, not of the peer (its log has the traceback)."),
+    ("replies_packed", "REPLIES messages received from workers (each carries several replies of its tasks)."),
+    ("entries_relayed", "Replies (streamed chunks, callback events, results) that arrived packed in REPLIES."),
 )
 
 

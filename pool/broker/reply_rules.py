@@ -11,8 +11,6 @@ client that did not ask for them.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pool.broker.events import CallbackEvent, Chunk, Latency, Replies, Result, WorkerError
 from pool.broker.slots import NEED_RUNNABLE_MESSAGE
 from pool.broker.state import Task
@@ -70,24 +68,15 @@ class ReplyRules(WorkerRules):
         self._release(task)
         self._forget(task)
 
-    def info(self) -> dict[str, Any]:
-        """WELCOME, saying that this broker reads and sends REPLIES (peers pack only then)."""
-        info = super().info()
-        info["replies"] = True
-        return info
-
     def _on_replies(self, event: Replies) -> None:
         """Each entry as its classic message would be (see the module's docstring)."""
         peer = event.peer
-        if self.worker_keys is not None and event.key not in self.worker_keys:
-            self.counters["messages_refused"] += 1  # a worker's command from a key that is no worker's
-            return
-        if self._known_worker(peer) is None:
+        if self._known_worker(peer) is None:  # (admission refused it already if its key is no worker's)
             return
         counters, tasks, out = self.counters, self.tasks, self._out
         spans = event.spans
-        _count(counters, "replies_packed", 1)
-        _count(counters, "entries_relayed", len(spans))
+        counters["replies_packed"] += 1
+        counters["entries_relayed"] += len(spans)
         by_client: dict[bytes, list[tuple[bytes, bytes, int, int]]] = {}
         kept = 0
         finished: list[Task] = []
@@ -188,7 +177,3 @@ class ReplyRules(WorkerRules):
             task.reported += 1
             self.counters["failed" if failed else "done"] += 1
 
-
-def _count(counters: dict[str, int], name: str, n: int) -> None:
-    """Add to a counter that may not be among the core's fixed ones yet (``core_state.COUNTERS``)."""
-    counters[name] = counters.get(name, 0) + n

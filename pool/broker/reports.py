@@ -29,6 +29,9 @@ class Reports(CoreState):
             "queue_size": self.queue_size,
             "queue_bytes": self.queue_bytes,
             "max_connections_per_key": self.max_connections_per_key,
+            # This broker reads and sends REPLIES (several replies in one message): a worker packs
+            # only after a WELCOME that says so, so an older broker keeps getting classic messages.
+            "replies": True,
         }
 
     def status(self, now: float) -> dict[str, Any]:
