@@ -338,13 +338,14 @@ def one_then_stall(inputs: Iterator[Any]) -> Iterator[str]:
 def test_a_stream_past_its_timeout_raises_after_the_chunks_it_had(pool, long_path):
     r = remote(pool, RunnableGenerator(one_then_stall), timeout=1.0)
 
-    async def stream() -> tuple[list[str], str]:
+    async def stream() -> tuple[list[str], bool]:
         chunks: list[str] = []
         with pytest.raises(TaskTimeout) as caught:
             async for chunk in r.astream("go"):
                 chunks.append(chunk)
-        return chunks, str(caught.value)
+        # The words depend on who noticed first (this client's deadline or the worker's), a race
+        # either path can lose: both name the timeout.
+        return chunks, "timeout of 1s" in str(caught.value)
 
     allowed, forced, taken = _both(long_path, lambda: asyncio.run(stream()))
-    assert taken == 1 and allowed == forced
-    assert allowed[0] == ["first"] and "timeout of 1s" in allowed[1]
+    assert taken == 1 and allowed == forced == (["first"], True)
