@@ -38,6 +38,7 @@ SYNTHETIC = {
              "floor": {"latency": {"p50_ms": 0.4}, "throughput": {"throughput_per_s": 10000}},
              "warm": {"latency": {"p50_ms": 0.75}, "throughput": {"throughput_per_s": 3500}}},
     "tokens": {"broker_us_per_token_short": 6.0, "broker_us_per_token_marginal": 4.5},
+    "capacity": {"relayed_tokens_per_s_per_broker_core": 150_000},
 }
 
 
@@ -47,13 +48,14 @@ def test_each_goal_is_computed_from_the_right_figures() -> None:
     found = goals(SYNTHETIC)
     assert set(found) == set(GOALS)
     expected = {
-        "io_calls_per_s_over_in_process": (0.5, None), "io_caller_cpu_over_in_process": (0.25, True),
+        "io_calls_per_s_over_in_process": (0.5, False), "io_caller_cpu_over_in_process": (0.25, True),
         "stream_calls_per_s_over_in_process": (0.5, None), "stream_caller_cpu_over_in_process": (0.9, False),
         "stream_ttft_p50_over_in_process": (1.3, False),
         "llm_100_p50_over_in_process": (1.05, True), "llm_1000_p50_over_in_process": (1.31, False),
         "echo_p50_over_floor_plus_in_process": (1.5, True),  # 0.75 / (0.4 + 0.1): the bound itself is met
         "echo_throughput_64_over_floor": (0.35, True),
         "broker_us_per_token": (6.0, False), "broker_us_per_token_marginal": (4.5, True),
+        "broker_tokens_per_s_per_core": (150_000, False),
     }
     for name, (value, met) in expected.items():
         assert found[name]["measured"] == pytest.approx(value), name
