@@ -37,7 +37,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Coroutine
@@ -48,6 +47,7 @@ from langchain_core.runnables import Runnable
 
 from worker import codec, defaults, execution
 from worker import protocol as P
+from worker.handoff import HandOff, Waiter
 from worker.replies import ReplyQueue
 
 log = logging.getLogger("runnable_k8s.worker")
@@ -115,7 +115,7 @@ class TaskRunner:
         self.replies = replies
         self.max_message_bytes = defaults.MAX_MESSAGE_BYTES  # the I/O thread updates it on WELCOME
         self.threads = threads
-        self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._queue: HandOff[Job] = HandOff()  # sync jobs to idle task threads, one woken per job
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Where sync batches' items run (threads start only when used): see the module docstring.
@@ -123,6 +123,8 @@ class TaskRunner:
         execution.share_batch_threads()
         self._loop_thread: int | None = None
         self._wake_scheduled = False
+        # Sync jobs the I/O thread has taken but not yet handed to a thread: see :meth:`release`.
+        self._pending: list[Job] = []
         for _ in range(threads):
             self._start_thread()
 
@@ -133,7 +135,18 @@ class TaskRunner:
             job.state = ON_LOOP
             job.future = self._on_loop(self._run_async(job, job.cached))
         else:
-            self._queue.put(job)
+            self._pending.append(job)
+
+    def release(self) -> None:
+        """Hand the sync jobs taken since the last call to the task threads. The I/O thread calls
+        this right before it sleeps in its poller: a task thread woken earlier would only wake to
+        wait for the GIL the I/O thread still holds (one more context switch per task, measured)."""
+        pending = self._pending
+        if pending:
+            put = self._queue.put
+            for job in pending:
+                put(job)
+            pending.clear()
 
     def withdraw(self, job: Job) -> bool:
         """Take back a job no thread has started yet (True), so a draining worker can hand it
@@ -159,23 +172,32 @@ class TaskRunner:
         threading.Thread(target=self._serve, name="rk8s-task", daemon=True).start()
 
     def _serve(self) -> None:
+        waiter: Waiter[Job] = Waiter()
+        get = self._queue.get
         while True:
-            job = self._queue.get()
+            job = get(waiter)
             with self._lock:
                 if job.state != QUEUED:
                     continue  # abandoned while it waited
                 job.state = RUNNING
+            last: list[bytes] | None = None
             try:
-                self._run_sync(job)
+                last = self._run_sync(job)
             finally:
                 with self._lock:
                     abandoned = job.state == ABANDONED
                     if job.state == RUNNING:
                         job.state = DONE
             if abandoned:
-                return  # a replacement thread took this one's place
+                return  # a replacement thread took this one's place (and the I/O thread answered)
+            if last is not None:
+                # The task's last reply goes last, right before this thread waits for the next job:
+                # the I/O thread it wakes then finds the GIL free instead of waiting for it.
+                self.replies.put(last)
 
-    def _run_sync(self, job: Job) -> None:
+    def _run_sync(self, job: Job) -> list[bytes] | None:
+        """Run ``job``; its last reply's frames (RESULT or ERROR), for the caller to send, or None
+        when it went to the event loop or stopped because it was abandoned."""
         try:
             cached = job.cached or self._load(job)
             if cached.on_loop:
@@ -183,7 +205,7 @@ class TaskRunner:
                     if job.state == RUNNING:
                         job.state = ON_LOOP
                         job.future = self._on_loop(self._run_async(job, cached))
-                return
+                return None
             config = execution.task_config(job.header, functools.partial(self._event, job.task_id))
             if job.header.kind == "stream" or job.header.kind == "batch":
                 chunks = (execution.iterate_stream(cached.runnable, False, job.input, config, job.header.trust)
@@ -193,16 +215,15 @@ class TaskRunner:
                 try:
                     for chunk in chunks:
                         if job.state == ABANDONED:
-                            return  # cancelled between chunks: closing the stream stops it
+                            return None  # cancelled between chunks: closing the stream stops it
                         self._reply(P.CHUNK, job.task_id, chunk)
                 finally:
                     chunks.close()
-                self._reply(P.RESULT, job.task_id, b"")
-            else:
-                self._reply(P.RESULT, job.task_id,
-                            execution.run_invoke(cached.runnable, False, job.input, config, job.header.trust))
+                return [P.PROTOCOL, P.RESULT, job.task_id, b""]
+            return self._frames(P.RESULT, job.task_id,
+                                execution.run_invoke(cached.runnable, False, job.input, config, job.header.trust))
         except Exception as exc:  # noqa: BLE001 - every failure becomes the task's ERROR reply
-            self._send(P.error_frames(job.task_id, *execution.failure(exc, job.header.trust)))
+            return P.error_frames(job.task_id, *execution.failure(exc, job.header.trust))
 
     def _load(self, job: Job) -> CachedRunnable:
         """Deserialize a runnable the first time it arrives (on a task thread: it can be slow)."""
@@ -264,9 +285,12 @@ class TaskRunner:
     # ------------------------------------------------------------------ replies
 
     def _reply(self, command: bytes, task_id: bytes, data: bytes) -> None:
+        self._send(self._frames(command, task_id, data))
+
+    def _frames(self, command: bytes, task_id: bytes, data: bytes) -> list[bytes]:
         if len(data) > self.max_message_bytes:
             raise self._too_large(data)
-        self._send([P.PROTOCOL, command, task_id, data])
+        return [P.PROTOCOL, command, task_id, data]
 
     def _too_large(self, data: bytes) -> execution.OutputTooLarge:
         return execution.OutputTooLarge(

@@ -272,6 +272,7 @@ class WarmWorker:
                 soonest = self.deadlines.next()
                 if soonest is not None and soonest < wake_at:
                     wake_at = soonest
+                self.runner.release()  # last thing before sleeping: see TaskRunner.release
                 events = dict(poller.poll(max(0, int((wake_at - time.monotonic()) * 1000)) + 1))
                 if sock in events and self._receive(sock):
                     broker_expiry = time.monotonic() + P.HEARTBEAT_EXPIRY
