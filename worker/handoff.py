@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -57,8 +57,7 @@ class HandOff(Generic[T]):
             self._idle.append(waiter)
         waiter._wake.acquire()
         item, waiter.item = waiter.item, None
-        assert item is not None, "a waiter is released only with an item"
-        return item
+        return cast(T, item)  # put() set it before releasing the waiter
 
     def __len__(self) -> int:
         """Items waiting for a thread."""

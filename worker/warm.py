@@ -157,6 +157,7 @@ class WarmWorker:
         self._unanswered_sessions = 0
         self.exit_code: int | None = None
         self._drain_requested = False
+        self._parent_gone = False  # noticed once by _check_parent
         self._broker_context = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._replies = ReplyQueue()
@@ -352,7 +353,10 @@ class WarmWorker:
         self.exit_code = 0
 
     def _check_parent(self) -> None:
-        if self.exit_with_parent is not None and os.getppid() != self.exit_with_parent:
+        """Exit (draining with no grace period) once the process that started this worker is gone.
+        Said once: draining without a broker to answer the fence takes a few heartbeats."""
+        if self.exit_with_parent is not None and not self._parent_gone and os.getppid() != self.exit_with_parent:
+            self._parent_gone = True
             log.warning("parent process %d is gone; exiting", self.exit_with_parent)
             self.grace_period = 0.0
             self._drain_requested = True
