@@ -8,7 +8,8 @@ each task to a :class:`TaskRunner`, which runs it
   its time waiting on the network, and on the loop a waiting call costs a coroutine, not a
   thread: hundreds wait at once. Sync parts of such a chain go to the loop's executor, which is
   the same bounded pool of ``threads``;
-* on one of ``threads`` task threads fed by a queue, for sync code. A worker takes more tasks
+* on one of ``threads`` task threads, for sync code, each task waking exactly one idle thread
+  (``worker.handoff``). A worker takes more tasks
   than it has threads (its ``concurrency``, the slots the broker sees); sync ones wait in the
   queue for a thread, and a draining worker hands those back to the broker unstarted
   (:meth:`TaskRunner.withdraw`).
