@@ -20,7 +20,7 @@ from langchain_core.runnables import RunnableLambda
 from pool import IncompatibleWorker, LocalPool, PayloadTooLarge, PoolUnavailable, QueueTimeout, RunnableK8s
 from pool.client.connection import Connection
 from tests.support.ports import free_port
-from tests.support.raw_worker import RawWorker
+from tests.support.raw_worker import RawWorker, raw_dealer
 from tests.support.remote import remote
 from tests.support.waiting import wait_for
 from worker import protocol as P
@@ -36,18 +36,6 @@ def double(x: Any) -> Any:
 def length(x: Any) -> int:
     return len(x)
 
-
-@contextlib.contextmanager
-def raw_dealer(address: str) -> Iterator[zmq.Socket]:
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(address)
-    try:
-        yield sock
-    finally:
-        sock.close(linger=0)
-        context.term()
 
 
 def reply(sock: zmq.Socket, timeout: float = 5.0) -> list[bytes]:

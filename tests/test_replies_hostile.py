@@ -26,6 +26,7 @@ from langchain_core.runnables import RunnableGenerator
 
 from pool import LocalPool
 from pool.client.connection import Connection
+from tests.support.raw_worker import raw_dealer as dealer
 from tests.support.remote import remote
 from tests.support.waiting import wait_for
 from worker import codec
@@ -67,18 +68,6 @@ def recv(sock: zmq.Socket, timeout: float = 10.0) -> list[bytes]:
     assert sock.poll(int(timeout * 1000)), "no answer within the time allowed"
     return sock.recv_multipart()
 
-
-@contextlib.contextmanager
-def dealer(address: str) -> Iterator[zmq.Socket]:
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(address)
-    try:
-        yield sock
-    finally:
-        sock.close(linger=0)
-        context.term()
 
 
 @contextlib.contextmanager

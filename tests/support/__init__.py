@@ -24,6 +24,7 @@
   hello_frames, says_welcome(context, endpoint, routing_id=...)
 - ``guarded_router``: GuardedRouter (a bare ROUTER with a ConnectionGuard in its own process),
   rss_bytes, peak_rss_bytes
+- ``raw_worker``: RawWorker (a raw DEALER speaking the worker protocol), raw_dealer(address)
 - ``zmtp_raw``: RawPeer: a hand-written ZMTP peer (a libzmq DEALER cannot send a message that never ends)
 - ``guard_costs``: ``python -m tests.support.guard_costs`` measures what the guard costs the broker loop
 

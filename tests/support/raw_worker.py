@@ -7,9 +7,10 @@ incompatible worker to send.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -61,3 +62,17 @@ class RawWorker:
         finally:
             sock.close(linger=0)
             context.term()
+
+
+@contextlib.contextmanager
+def raw_dealer(address: str) -> Iterator[zmq.Socket]:
+    """A bare DEALER connected to ``address``, in a context of its own, closed after."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(address)
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+        context.term()
