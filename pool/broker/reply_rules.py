@@ -33,80 +33,76 @@ class ReplyRules(WorkerRules):
         return task
 
     def _on_chunk(self, event: Chunk) -> None:
-        if self._known_worker(event.peer) is None:
-            return
-        task = self._task_of(event.peer, event.task_id)
-        if task is not None and not task.cancelled:
-            task.streamed = True
-            if task.header.kind == "batch":
-                self._count_item(task, event.chunk)
-            self._send(task.client, [P.PROTOCOL, P.CHUNK, task.task_id, event.chunk])
+        self._relay_one(event.peer, P.CHUNK, event.task_id, event.chunk)
 
     def _on_callback_event(self, event: CallbackEvent) -> None:
-        """Forwarded like a chunk, but it does not count as streamed: a task that only reported
-        callbacks before its worker died may still be retried (its handlers then see the lost
-        attempt's runs start without an end, and the retry's runs start afresh)."""
-        if self._known_worker(event.peer) is None:
-            return
-        task = self._task_of(event.peer, event.task_id)
-        if task is not None and not task.cancelled and task.header.events:
-            self._send(task.client, [P.PROTOCOL, P.EVENT, task.task_id, event.data])
+        self._relay_one(event.peer, P.EVENT, event.task_id, event.data)
 
     def _on_result(self, event: Result) -> None:
-        if self._known_worker(event.peer) is None:
+        self._relay_one(event.peer, P.RESULT, event.task_id, event.output)
+
+    def _relay_one(self, peer: bytes, kind: bytes, task_id: bytes, payload: bytes) -> None:
+        """A classic CHUNK, EVENT or RESULT: the rule of its one reply, forwarded as it came."""
+        if self._known_worker(peer) is None:
             return
-        task = self._task_of(event.peer, event.task_id)
+        finished: list[Task] = []
+        task = self._reply_rule(peer, kind, task_id, payload, 0, len(payload), finished)
+        if task is not None:
+            self._send(task.client, [P.PROTOCOL, kind, task_id, payload])
+        for task in finished:  # reply first, then refill the slot
+            self._release(task)
+
+    def _reply_rule(self, peer: bytes, kind: bytes, task_id: bytes, buffer: bytes, start: int, end: int,
+                    finished: list[Task]) -> Task | None:
+        """The rule of one reply about a task, whichever message carried it (its payload is
+        ``buffer[start:end]``, read only to count a batch item): the task whose client gets the
+        reply, or None when nobody does.
+
+        A CHUNK marks the task as streamed (it can no longer be retried whole). An EVENT is
+        forwarded like a chunk but does not count as streamed: a task that only reported callbacks
+        before its worker died may still be retried (its handlers then see the lost attempt's runs
+        start without an end, and the retry's runs start afresh); it goes only to a task that asked
+        for events. A RESULT ends the task: it is forgotten here (a later reply about it is not
+        acted on) and put in ``finished``, whose slots the caller frees once the replies are sent."""
+        task = self._task_of(peer, task_id)
         if task is None:
-            return
-        if not task.cancelled:  # reply first, then refill the slot
+            return None
+        if kind == P.CHUNK:
+            if task.cancelled:
+                return None
+            task.streamed = True
+            if task.header.kind == "batch":
+                self._count_item(task, memoryview(buffer)[start:end])
+        elif kind == P.EVENT:
+            if task.cancelled or not task.header.events:
+                return None
+        else:  # RESULT
+            finished.append(task)
+            self._forget(task)
+            if task.cancelled:
+                return None
             if task.header.kind == "batch":  # its items were counted one by one
                 self.counters["failed"] += task.header.items - task.reported
             else:
                 self.counters["done"] += 1
-            self._send(task.client, [P.PROTOCOL, P.RESULT, task.task_id, event.output])
             self._out.append(Latency(self.now - task.queued_at))
-        self._release(task)
-        self._forget(task)
+        return task
 
     def _on_replies(self, event: Replies) -> None:
         """Each entry as its classic message would be (see the module's docstring)."""
         peer = event.peer
         if self._known_worker(peer) is None:  # (admission refused it already if its key is no worker's)
             return
-        counters, tasks, out = self.counters, self.tasks, self._out
-        spans = event.spans
-        counters["replies_packed"] += 1
-        counters["entries_relayed"] += len(spans)
+        spans, packed, rule = event.spans, event.packed, self._reply_rule
+        self.counters["replies_packed"] += 1
+        self.counters["entries_relayed"] += len(spans)
         by_client: dict[bytes, list[tuple[bytes, bytes, int, int]]] = {}
         kept = 0
         finished: list[Task] = []
         for span in spans:
-            kind, task_id = span[0], span[1]
-            task = tasks.get(task_id)
+            task = rule(peer, span[0], span[1], packed, span[2], span[3], finished)
             if task is None:
-                continue  # a late reply for a task that finished or was cancelled
-            if task.worker != peer:  # reassigned since, or never this worker's
-                counters["messages_refused"] += 1
                 continue
-            if kind == P.CHUNK:
-                if task.cancelled:
-                    continue
-                task.streamed = True
-                if task.header.kind == "batch":
-                    self._count_item(task, memoryview(event.packed)[span[2]:span[3]])
-            elif kind == P.EVENT:
-                if task.cancelled or not task.header.events:
-                    continue
-            else:  # RESULT: a later entry of this task is not acted on (the task is gone)
-                finished.append(task)
-                self._forget(task)
-                if task.cancelled:
-                    continue
-                if task.header.kind == "batch":  # its items were counted one by one
-                    counters["failed"] += task.header.items - task.reported
-                else:
-                    counters["done"] += 1
-                out.append(Latency(self.now - task.queued_at))
             entries = by_client.get(task.client)
             if entries is None:
                 entries = by_client[task.client] = []
@@ -114,7 +110,7 @@ class ReplyRules(WorkerRules):
             kept += 1
         whole = kept == len(spans) and len(by_client) == 1
         for client, entries in by_client.items():
-            self._send_replies(client, entries, event.packed, whole)
+            self._send_replies(client, entries, packed, whole)
         for task in finished:  # replies first, then refill the slots
             self._release(task)
 
