@@ -37,7 +37,7 @@ EXAMPLES = """examples:
   runnable-k8s bench --pool k8s://NAMESPACE/RELEASE --modes warm
       a pool on a cluster instead of a LocalPool started here
   runnable-k8s bench --ratios --json ratios.json
-      every goal's ratio against in-process, with each process's CPU per call, met or not (a few minutes)
+      every goal's ratio against in-process, with each process's CPU per call, met or not (about a minute on 2 cores)
   runnable-k8s bench --launcher kubernetes --chart NAMESPACE/RELEASE
       a Pod per call against the installed chart's workers, called from a client Pod and from here
 """
@@ -180,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(io at 1,024 and stream at 256 calls in flight, llm at 100 and 1,000, echo against the "
                             "bare ZeroMQ floor, the broker's CPU per relayed token and its token capacity), each "
                             "against the same runnable in this process, with each process's CPU per call; prints "
-                            "each goal as met or not (a few minutes)")
+                            "each goal as met or not (about a minute on 2 cores)")
     goals.add_argument("--ratios-scale", type=float, default=1.0, metavar="F",
                        help="--ratios: multiply its calls and calls in flight by F (a quick look; the goals are "
                             "stated for 1, the default)")
