@@ -211,12 +211,10 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         ensured = ensure_config(config)
         if nobody_listens(ensured):  # no run to report: straight to the backend
             took_short_path()
-            placed = self._placed()
-            output: Output = placed.backend.invoke(self._call(input, ensured, kwargs, None, placed.trust_workers))
-            return output
+            return self._invoke(input, None, ensured, **kwargs)
         return self._call_with_config(self._invoke, input, config, **kwargs)
 
-    def _invoke(self, value: Input, run_manager: CallbackManagerForChainRun, config: RunnableConfig,
+    def _invoke(self, value: Input, run_manager: CallbackManagerForChainRun | None, config: RunnableConfig,
                 **kwargs: Any) -> Output:
         placed = self._placed()
         output: Output = placed.backend.invoke(self._call(value, config, kwargs, run_manager, placed.trust_workers))
@@ -226,15 +224,12 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         ensured = ensure_config(config)
         if nobody_listens(ensured):
             took_short_path()
-            placed = self._placement.peek() or await self._aplaced()
-            output: Output = await placed.backend.ainvoke(
-                self._call(input, ensured, kwargs, None, placed.trust_workers))
-            return output
+            return await self._ainvoke(input, None, ensured, **kwargs)
         return await self._acall_with_config(self._ainvoke, input, config, **kwargs)
 
-    async def _ainvoke(self, value: Input, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
-                       **kwargs: Any) -> Output:
-        placed = await self._aplaced()
+    async def _ainvoke(self, value: Input, run_manager: AsyncCallbackManagerForChainRun | None,
+                       config: RunnableConfig, **kwargs: Any) -> Output:
+        placed = self._placement.peek() or await self._aplaced()
         output: Output = await placed.backend.ainvoke(
             self._call(value, config, kwargs, run_manager, placed.trust_workers))
         return output

@@ -495,28 +495,12 @@ class WarmBackend:
             one.close()
 
     def invoke(self, call: RemoteCall) -> Any:
-        """One call, waited for in this frame (no generator): the caller reads its own reply
-        when no other caller is reading (``Connection.wait``)."""
-        connection = self.ensure_ready()
-        sink = ReaderSink()
-        one = _One(connection, call, "invoke", sink, self.connect_timeout)
-        try:
-            one.start()
-            while True:
-                try:
-                    event = connection.wait(sink, one.wait_time())
-                except queue.Empty:
-                    return _value(one.timed_out())
-                step = one.step(event)
-                if step is None:
-                    continue
-                final, value = step
-                if final is None:
-                    call.relay.replay(value)
-                elif final:
-                    return _value(value)
-        finally:
-            one.close()
+        """One call; the caller reads its own reply when no other caller is reading
+        (``Connection.wait``)."""
+        for final, value in self._one(call, "invoke"):
+            if final:
+                return _value(value)
+        raise AssertionError("a call's replies ended without an outcome")  # _one always ends with one
 
     def stream(self, call: RemoteCall) -> Iterator[Any]:
         for final, value in self._one(call, "stream"):
