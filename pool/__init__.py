@@ -24,6 +24,7 @@ from pool.errors import (
     ScalingError,
     SerializationError,
     TaskTimeout,
+    ThreadLost,
     WorkerLineTooLong,
     WorkerLost,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "ScalingError",
     "SerializationError",
     "TaskTimeout",
+    "ThreadLost",
     "WorkerLineTooLong",
     "WorkerLost",
 ]

@@ -43,6 +43,13 @@ class WorkerLost(RunnableK8sError):
     """The worker running the task died or went silent before the task finished."""
 
 
+class ThreadLost(WorkerLost):
+    """The worker that held this call's thread (LangGraph's ``thread_id``, or the configurable key
+    the ``RunnableK8s`` names in ``affinity_key``) is gone, and the thread's checkpoint was in that
+    worker's memory (an ``InMemorySaver``). Resume from a checkpoint that outlives a worker: give the
+    workers a shared checkpointer (``RUNNABLE_K8S_CHECKPOINTER``, see docs/langchain.md)."""
+
+
 class TaskTimeout(RunnableK8sError, TimeoutError):
     """The call's ``timeout`` passed; the task was cancelled on the worker."""
 
@@ -112,6 +119,7 @@ class PodFailed(RunnableK8sError):
 
 _BY_CODE: dict[bytes, type[RunnableK8sError]] = {
     protocol.E_WORKER_LOST: WorkerLost,
+    protocol.E_THREAD_LOST: ThreadLost,
     protocol.E_TIMEOUT: TaskTimeout,
     protocol.E_QUEUE_TIMEOUT: QueueTimeout,
     protocol.E_QUEUE_FULL: PoolOverloaded,

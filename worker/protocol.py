@@ -165,11 +165,23 @@ E_CANCELLED = b"cancelled"  # worker's answer to CANCEL: the client stopped wait
 # not taken, and the client sends it again once one of its own tasks has finished (backpressure,
 # not a failure). A task that could never fit is refused with E_QUEUE_FULL instead.
 E_BUSY = b"busy"
+# "The worker that held this task's thread (its ``affinity``) is gone, and with it the thread's
+# checkpoint, which lived in that worker's memory": surfaced to the user as ``pool.errors.ThreadLost``.
+E_THREAD_LOST = b"thread-lost"
+# "Not hedged": the broker's answer to a hedge (a task with ``hedge_of``) it will not run, because
+# the original is not running yet, has already produced output, or no other worker has a free
+# slot. Internal: the client keeps waiting for the original.
+E_NO_HEDGE = b"no-hedge"
 
 # A HELLO's or READY's body (a small JSON environment) is at most this many bytes; a longer one is
 # malformed and is never parsed.
 MAX_HELLO_BYTES = 4096
 
+
+# An affinity key (the value of a configurable key such as LangGraph's ``thread_id``) is at most this
+# many characters; a task id named by ``hedge_of`` is 16 bytes, in hex.
+MAX_AFFINITY_CHARS = 256
+HEDGE_OF_CHARS = 32
 
 # Task kinds; a batch carries ``items`` inputs (at most MAX_ITEMS: the index of an item is a
 # 32-bit number on the wire, and this bound keeps a hostile header's claim small).
@@ -196,6 +208,13 @@ class TaskHeader:
     items: int = 1  # inputs in a "batch" task; 1 for the others (and then left out of the JSON)
     events: bool = False  # relay callback events (EVENT messages); left out of the JSON when false
     tokens: bool = False  # and the caller streams tokens (astream_events, LangGraph "messages"): models stream
+    # The task's thread (the value of the configurable key its RunnableK8s names, LangGraph's
+    # ``thread_id`` by default): the broker sends every task of one thread and runnable to the
+    # worker that ran its first, while that worker lives. None (left out of the JSON): any worker.
+    affinity: str | None = None
+    # The hex id of this client's task that this one duplicates (a hedge): the broker runs it only
+    # on another worker with a free slot, or answers E_NO_HEDGE. None (left out): not a hedge.
+    hedge_of: str | None = None
 
     def to_bytes(self) -> bytes:
         # Built by hand: dataclasses.asdict deep-copies, and this runs once per task.
@@ -207,6 +226,10 @@ class TaskHeader:
             raw["events"] = True
         if self.tokens:
             raw["tokens"] = True
+        if self.affinity is not None:
+            raw["affinity"] = self.affinity
+        if self.hedge_of is not None:
+            raw["hedge_of"] = self.hedge_of
         return json.dumps(raw, separators=(",", ":")).encode()
 
     # Headers already parsed, by their exact bytes: a caller repeating a call sends the same header
@@ -235,12 +258,13 @@ class TaskHeader:
                     cls._parsed.clear()
                 cls._parsed[bytes(data)] = (header.kind, header.digest, header.timeout, header.retries,
                                             cls._copy_json(header.config) if own_config else header.config,
-                                            header.trust, header.items, header.events, header.tokens)
+                                            header.trust, header.items, header.events, header.tokens,
+                                            header.affinity, header.hedge_of)
             return header
-        kind, digest, timeout, retries, config, trust, items, events, tokens = hit
+        kind, digest, timeout, retries, config, trust, items, events, tokens, affinity, hedge_of = hit
         if own_config:
             config = cls._copy_json(config) if config else {}
-        return cls(kind, digest, timeout, retries, config, trust, items, events, tokens)
+        return cls(kind, digest, timeout, retries, config, trust, items, events, tokens, affinity, hedge_of)
 
     @staticmethod
     def _copy_json(value: Any) -> Any:
@@ -275,6 +299,12 @@ class TaskHeader:
         events, tokens = raw.get("events", False), raw.get("tokens", False)
         if not isinstance(events, bool) or not isinstance(tokens, bool):
             raise ValueError("task header events and tokens must be true or false")
+        affinity = raw.get("affinity")
+        if affinity is not None and (not isinstance(affinity, str) or not 0 < len(affinity) <= MAX_AFFINITY_CHARS):
+            raise ValueError(f"task header affinity must be a string of 1 to {MAX_AFFINITY_CHARS} characters")
+        hedge_of = raw.get("hedge_of")
+        if hedge_of is not None and not _is_task_hex(hedge_of):
+            raise ValueError(f"task header hedge_of must be a task id: {HEDGE_OF_CHARS} lowercase hex digits")
         return cls(
             kind=raw["kind"],
             digest=raw["digest"],
@@ -285,7 +315,14 @@ class TaskHeader:
             items=items,
             events=events,
             tokens=tokens,
+            affinity=affinity,
+            hedge_of=hedge_of,
         )
+
+
+def _is_task_hex(value: Any) -> bool:
+    return (isinstance(value, str) and len(value) == HEDGE_OF_CHARS
+            and all(c in "0123456789abcdef" for c in value))
 
 
 # One item of a batch task, the data frame of its CHUNK: index (u32), length of the error code

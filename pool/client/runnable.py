@@ -76,6 +76,18 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         insecure: allow a plaintext connection (no ``keys``) to a pool that is not on this
             machine. Off by default: traffic to such an address without CurveZMQ keys is readable
             and forgeable on the way, so the connection is refused with ``AuthenticationFailed``.
+        affinity_key: the ``configurable`` key whose value names a call's thread (LangGraph's
+            ``thread_id`` by default): every call of one thread goes to the worker that ran its
+            first, while that worker lives, so a graph's in-memory checkpoints are found again.
+            None: any worker takes any call.
+        hedge_after: opt-in. Seconds (or ``"p95"``: this instance's recent 95th percentile) after
+            which a call that has produced no output yet is sent once more to another worker with a
+            free slot; the first to produce output wins and the other is cancelled. Never after any
+            output has reached the caller. Only for calls safe to run twice (a model call).
+        batch_window_ms: opt-in. Concurrent ``invoke``/``ainvoke`` calls of this instance within this
+            many milliseconds go to one worker as one ``batch`` (an embeddings model then makes one
+            request for many callers); each caller gets its own result or error.
+        max_batch: at most this many calls in one such batch (it is sent at once when full).
         k8s_*: the original RunnableK8s keyword arguments, used by ephemeral mode.
 
     Raises:
@@ -94,6 +106,10 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     launcher: Literal["kubernetes", "local"] = "kubernetes"
     trust_workers: bool = False
     insecure: bool = False
+    affinity_key: str | None = "thread_id"
+    hedge_after: float | Literal["p95"] | None = None
+    batch_window_ms: float | None = None
+    max_batch: int = 64
     # The original project's keyword arguments (kaitoy/runnable-k8s), kept so users switch by
     # changing one import.
     k8s_config: Any = None
