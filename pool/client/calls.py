@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from langchain_core.runnables.config import DEFAULT_RECURSION_LIMIT
 
 from pool.errors import SerializationError
 from worker import codec
-from worker.protocol import WIRE_CONFIG_KEYS
+from worker.protocol import MAX_AFFINITY_CHARS, WIRE_CONFIG_KEYS
 
 log = logging.getLogger("runnable_k8s.client")
 
@@ -47,11 +48,36 @@ class RemoteCall:
     # trust and the default wire config): one dict per RunnableK8s, so that a header is built
     # once per instance and kind, not once per call. None: build it (a call with its own config).
     headers: dict[Any, bytes] | None = field(default=None, compare=False, repr=False)
+    # The call's thread (``affinity_of``): the broker sends the calls of one thread to one worker.
+    affinity: str | None = None
+    # The RunnableK8s's ``hedge_after`` (seconds, "p95" or None): the warm backend may send a call
+    # with no output by then once more to another worker.
+    hedge_after: float | str | None = field(default=None, compare=False)
 
     def encoded_input(self) -> bytes:
         """The input as it crosses the wire: ``input`` when the call was built encoded, else
         ``(value, kwargs)`` encoded now (a ``SerializationError`` for what cannot travel)."""
         return self.input or encode_input(self.value, self.kwargs or {})
+
+
+def affinity_of(config: dict[str, Any], key: str | None) -> str | None:
+    """The thread a call belongs to: the value of ``configurable[key]`` in its wire config
+    (LangGraph's ``thread_id`` by default), as text; None when there is none. A value longer than
+    the wire allows travels as its SHA-256, which keeps one thread one key."""
+    if key is None:
+        return None
+    configurable = config.get("configurable")
+    if not configurable:
+        return None
+    value = configurable.get(key)
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    text = str(value)
+    if not text:
+        return None
+    if len(text) > MAX_AFFINITY_CHARS:
+        return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return text
 
 
 def encode_runnable(runnable: Any) -> tuple[bytes, str]:

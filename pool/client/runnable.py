@@ -42,7 +42,7 @@ from pydantic import ConfigDict, PrivateAttr
 from typing_extensions import Self
 
 from pool.client import callback_relay, modes, settings
-from pool.client.calls import DEFAULT_WIRE_CONFIG, RemoteCall, encode_runnable, wire_config
+from pool.client.calls import DEFAULT_WIRE_CONFIG, RemoteCall, affinity_of, encode_runnable, wire_config
 from pool.client.listeners import nobody_listens, nobody_listens_to_any, took_short_path
 from pool.client.settings import TRUST_WORKERS_ENV
 from worker import defaults
@@ -202,8 +202,11 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
                      if isinstance(run_manager, AsyncCallbackManagerForChainRun)
                      else callback_relay.CallbackRelay(run_manager, trusted))
         wired = wire_config(config)
+        if wired is DEFAULT_WIRE_CONFIG:
+            return RemoteCall(blob, digest, b"", wired, self.timeout, self.retries, trusted, value, kwargs,
+                              relay, self._headers, None, self.hedge_after)
         return RemoteCall(blob, digest, b"", wired, self.timeout, self.retries, trusted, value, kwargs,
-                          relay, self._headers if wired is DEFAULT_WIRE_CONFIG else None)
+                          relay, None, affinity_of(wired, self.affinity_key), self.hedge_after)
 
     def _calls(self, placed: modes.Placed, values: Sequence[Any], configs: Sequence[RunnableConfig],
                runs: Sequence[Any] | None, kwargs: dict[str, Any]) -> list[RemoteCall]:

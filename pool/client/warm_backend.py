@@ -172,7 +172,7 @@ class _Calls:
             task_id = self.connection.new_task_id()
             header = (_header(first, self.kind, unit.retries) if not unit.batch
                       else P.TaskHeader("batch", first.digest, first.timeout, unit.retries, first.config,
-                                        first.trust_workers, len(unit.calls)).to_bytes())
+                                        first.trust_workers, len(unit.calls), affinity=first.affinity).to_bytes())
             deadline = _deadline(first)
             self.open[task_id] = (unit, deadline)
             self.in_flight += len(unit.calls)
@@ -295,7 +295,7 @@ def _header(call: RemoteCall, kind: str, retries: int) -> bytes:
     cache = call.headers
     if cache is None:
         return P.TaskHeader(kind, call.digest, call.timeout, retries, call.config, call.trust_workers, 1,
-                            events=listened, tokens=tokens).to_bytes()
+                            events=listened, tokens=tokens, affinity=call.affinity).to_bytes()
     key = (kind, call.digest, call.timeout, retries, call.trust_workers, listened, tokens)
     header = cache.get(key)
     if header is None:
