@@ -41,7 +41,7 @@ from langchain_core.utils.pydantic import TypeBaseModel
 from pydantic import ConfigDict, PrivateAttr
 from typing_extensions import Self
 
-from pool.client import callback_relay, modes, settings
+from pool.client import callback_relay, coalescing, modes, settings
 from pool.client.calls import DEFAULT_WIRE_CONFIG, RemoteCall, affinity_of, encode_runnable, wire_config
 from pool.client.listeners import nobody_listens, nobody_listens_to_any, took_short_path
 from pool.client.settings import TRUST_WORKERS_ENV
@@ -51,6 +51,10 @@ DEFAULT_IMAGE = defaults.EPHEMERAL_IMAGE
 __all__ = ["DEFAULT_IMAGE", "TRUST_WORKERS_ENV", "RunnableK8s"]
 
 _UNSET = object()
+# The settings ``settings.check_opt_ins`` takes, in its order.
+# The kwargs of every gathered call without any: one object, so that calls share a batch task.
+_NO_KWARGS: dict[str, Any] = {}
+_OPT_INS = ("affinity_key", "hedge_after", "batch_window_ms", "max_batch")
 
 
 class RunnableK8s(RunnableSerializable[Input, Output]):
@@ -126,9 +130,14 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
     _placement: modes.Placement = PrivateAttr(default_factory=modes.Placement)
     # Task headers of calls with the default config, built once (``RemoteCall.headers``).
     _headers: dict[Any, bytes] = PrivateAttr(default_factory=dict)
+    # Gathers concurrent invoke/ainvoke calls into batches when batch_window_ms is set.
+    _coalescer: coalescing.Coalescer = PrivateAttr(default_factory=coalescing.Coalescer)
 
     def __init__(self, *, bound: Runnable[Input, Output], **kwargs: Any) -> None:
-        settings.refuse_unknown_keywords(kwargs, type(self).model_fields, "RunnableK8s()")
+        fields = type(self).model_fields
+        settings.refuse_unknown_keywords(kwargs, fields, "RunnableK8s()")
+        # Before pydantic, so that a wrong type is told what to write too (not a ValidationError).
+        settings.check_opt_ins(*(kwargs.get(name, fields[name].default) for name in _OPT_INS))
         super().__init__(bound=bound, **kwargs)  # type: ignore[call-arg]
         if self.pool:
             settings.check_address(self.pool, "pool")
@@ -174,6 +183,7 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         copy = super().model_copy(update=update, deep=deep)
         if update:
             copy._placement = modes.Placement()
+            copy._coalescer = coalescing.Coalescer()  # other settings: other batches
         return copy
 
     def with_bound(self, bound: Runnable[Any, Any]) -> RunnableK8s[Any, Any]:
@@ -230,8 +240,24 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         ensured = ensure_config(config)
         if nobody_listens(ensured):  # no run to report: straight to the backend
             took_short_path()
+            if self.batch_window_ms is not None:
+                return self._coalesced(input, ensured, kwargs)
             return self._invoke(input, None, ensured, **kwargs)
         return self._call_with_config(self._invoke, input, config, **kwargs)
+
+    def _coalesced(self, value: Input, config: RunnableConfig, kwargs: dict[str, Any]) -> Output:
+        """A quiet ``invoke`` with ``batch_window_ms`` set: gathered with other callers' calls into
+        one batch (``coalescing``) when it may share one, else sent alone as before."""
+        placed = self._placed()
+        call = self._call(value, config, kwargs or _NO_KWARGS, None, placed.trust_workers)
+        key = _gathering_key(placed, call, kwargs)
+        if key is None:
+            output: Output = placed.backend.invoke(call)
+            return output
+        assert self.batch_window_ms is not None
+        result: Output = self._coalescer.invoke(placed.backend, call, key, self.batch_window_ms / 1000,
+                                                self.max_batch)
+        return result
 
     def _invoke(self, value: Input, run_manager: CallbackManagerForChainRun | None, config: RunnableConfig,
                 **kwargs: Any) -> Output:
@@ -243,8 +269,23 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         ensured = ensure_config(config)
         if nobody_listens(ensured):
             took_short_path()
+            if self.batch_window_ms is not None:
+                return await self._acoalesced(input, ensured, kwargs)
             return await self._ainvoke(input, None, ensured, **kwargs)
         return await self._acall_with_config(self._ainvoke, input, config, **kwargs)
+
+    async def _acoalesced(self, value: Input, config: RunnableConfig, kwargs: dict[str, Any]) -> Output:
+        """:meth:`_coalesced` for a coroutine: gathered with the calls of its event loop."""
+        placed = self._placement.peek() or await self._aplaced()
+        call = self._call(value, config, kwargs or _NO_KWARGS, None, placed.trust_workers)
+        key = _gathering_key(placed, call, kwargs)
+        if key is None:
+            output: Output = await placed.backend.ainvoke(call)
+            return output
+        assert self.batch_window_ms is not None
+        result: Output = await self._coalescer.ainvoke(placed.backend, call, key, self.batch_window_ms / 1000,
+                                                       self.max_batch)
+        return result
 
     async def _ainvoke(self, value: Input, run_manager: AsyncCallbackManagerForChainRun | None,
                        config: RunnableConfig, **kwargs: Any) -> Output:
@@ -488,6 +529,15 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         async for chunk in placed.backend.astream(self._call(value, config, kwargs, run_manager,
                                                              placed.trust_workers)):
             yield chunk
+
+
+def _gathering_key(placed: modes.Placed, call: RemoteCall, kwargs: dict[str, Any]) -> Any:
+    """Which batch a quiet call may join (``coalescing.batch_key``), or None when it goes alone:
+    in ephemeral mode (a fresh worker per call: nothing to share), and for a call of a thread (its
+    worker is chosen by its affinity, one call at a time)."""
+    if placed.mode != "warm" or call.affinity is not None:
+        return None
+    return coalescing.batch_key(call.config, kwargs)
 
 
 def _as_batch_result(outcomes: list[Any], return_exceptions: bool) -> list[Any]:
