@@ -1,4 +1,4 @@
-"""A client's commands: HELLO, SUBMIT and CANCEL."""
+"""A client's commands: HELLO, SUBMIT (a thread's task, a hedge) and CANCEL."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ from pool.broker.budgets import Budgets
 from pool.broker.core_state import log
 from pool.broker.departures import Departures
 from pool.broker.events import Cancel, Hello, Submit, WakeObservers
+from pool.broker.hedges import Hedges
 from pool.broker.reports import Reports
 from pool.broker.slots import NEED_RUNNABLE_MESSAGE
 from pool.broker.state import ClientState, Task, Tenant, env_key
 from worker import protocol as P
 
 
-class ClientRules(Departures, Budgets, Reports):
-    """A client registering, submitting tasks and cancelling them."""
+class ClientRules(Departures, Hedges, Budgets, Reports):
+    """A client registering, submitting tasks (hedges among them) and cancelling them."""
 
     def _on_hello(self, event: Hello) -> None:
         peer, environment, key = event.peer, event.environment, event.key
@@ -83,6 +84,9 @@ class ClientRules(Departures, Budgets, Reports):
         full = self._over_budget(state.tenant, held)
         if full is not None:
             code, why = full
+            if header.hedge_of is not None:  # not sent again later: the original runs on
+                self._no_hedge(client, task_id, why)
+                return
             if code == P.E_BUSY:  # backpressure: the client sends it again when one of its tasks ends
                 self.counters["busy"] += 1
                 log.debug("task %s not taken now: %s", task_id.hex()[:8], why)
@@ -94,10 +98,16 @@ class ClientRules(Departures, Budgets, Reports):
         if problem:
             self._refuse(client, task_id, P.E_INCOMPATIBLE, problem)
             return
+        hedge_worker = None
+        if header.hedge_of is not None:
+            hedge_worker, why = self._hedge_target(client, header, state.env_key, held)
+            if hedge_worker is None:
+                self._no_hedge(client, task_id, why)
+                return
         now = self.now
         queue_timeout = self.queue_timeout if header.timeout is None else min(self.queue_timeout, header.timeout)
         task = Task(task_id, client, header, event.header, event.input_blob, state.env_key, now, now + queue_timeout,
-                    retries_left=header.retries, size=held, owner=state.tenant.name)
+                    retries_left=header.retries if hedge_worker is None else 0, size=held, owner=state.tenant.name)
         self.tasks[task_id] = task
         state.tasks.add(task_id)
         state.held_bytes += held
@@ -105,13 +115,24 @@ class ClientRules(Departures, Budgets, Reports):
         self.held_bytes += held
         self.counters["submitted"] += header.items
         free = self._free.get(task.env_key)
+        if hedge_worker is not None:  # now, on another worker than the original's (``hedges``)
+            self.counters["hedges_sent"] += 1
+            self._run_on(task, hedge_worker)
+        elif header.affinity is not None and self._route_thread(task):
+            pass  # to its thread's worker, now or in that worker's own queue; or answered E_THREAD_LOST
         # A free worker and nothing of this environment waiting: skip the queue. (Something may
         # wait while a worker is free: a task that fits no worker's input budget now; a new task
         # waits behind it rather than starve it.)
-        if not (free and not self.queues.live_in(task.env_key) and self._assign(task, free)):
+        elif not (free and not self.queues.live_in(task.env_key) and self._assign(task, free)):
             self.queues.push(task)
         if not self.workers:
             self._out.append(WakeObservers())
+
+    def _no_hedge(self, client: bytes, task_id: bytes, why: str) -> None:
+        """A hedge that will not run: the client keeps waiting for the original."""
+        self.counters["hedges_refused"] += 1
+        log.debug("hedge %s not run: %s", task_id.hex()[:8], why)
+        self._send(client, P.error_frames(task_id, P.E_NO_HEDGE, f"not hedged: {why}"))
 
     def _refuse(self, client: bytes, task_id: bytes, code: bytes, message: str) -> None:
         """Tell a client why its task will not run (a bad request also counts as malformed)."""

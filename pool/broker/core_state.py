@@ -13,8 +13,10 @@ import logging
 from collections import Counter
 from typing import Any
 
+from pool.broker.affinity import MAX_THREADS, Threads
 from pool.broker.events import Disconnect, Effect, FromPeer, Send
 from pool.broker.log_limit import PeerLog
+from pool.broker.pinned import Pinned
 from pool.broker.state import (
     ClientState,
     EnvKey,
@@ -46,7 +48,12 @@ COUNTERS = ("submitted", "done", "failed", "cancelled", "retried", "workers_lost
             "rule_errors",
             # REPLIES messages received from workers, and the entries (tokens, events, results) in
             # them: entries_relayed / replies_packed is how many replies travel per message
-            "replies_packed", "entries_relayed")
+            "replies_packed", "entries_relayed",
+            # tasks of a thread sent (or queued) to the worker that holds it, and tasks answered
+            # E_THREAD_LOST because that worker is gone with the thread's checkpoint
+            "threads_pinned", "threads_lost",
+            # duplicates of a running task started on another worker, and those answered E_NO_HEDGE
+            "hedges_sent", "hedges_refused")
 
 
 class CoreState:
@@ -72,6 +79,7 @@ class CoreState:
         max_connections_per_key: int = defaults.MAX_CONNECTIONS_PER_KEY,
         worker_input_budget: int = defaults.WORKER_INPUT_BUDGET,
         strict: bool = False,
+        max_threads: int = MAX_THREADS,
     ) -> None:
         """``client_keys`` / ``worker_keys``: the Z85 public keys allowed to act as clients /
         workers (None: any peer, for a broker without CurveZMQ); the folders only name them in
@@ -81,7 +89,8 @@ class CoreState:
         connections together), ``max_connections_per_key`` how many connections it may have.
         ``worker_input_budget``: input bytes in flight to a worker that did not report its memory.
         ``strict``: a rule that raises raises out of ``handle`` (tests), instead of being logged
-        and counted as ``rule_errors`` while the pool keeps serving (production)."""
+        and counted as ``rule_errors`` while the pool keeps serving (production). ``max_threads``:
+        the most threads (task affinities) the broker follows, and the most lost ones it remembers."""
         if max_worker_slots < 1:
             raise ValueError("max_worker_slots must be 1 or more")
         if min(queue_size, queue_bytes, client_queue_size, client_queue_bytes, max_connections_per_key,
@@ -119,6 +128,8 @@ class CoreState:
         self._serials: Counter[str] = Counter()  # the broker's own names for peers: c1, c2, ...; w1, w2, ...
         self.tasks: dict[bytes, Task] = {}
         self.queues = Queues()
+        self.threads = Threads(max_threads)  # which worker holds which thread (affinity)
+        self.pinned = Pinned()  # tasks waiting for their thread's worker
         self.runnables = RunnableStore(runnable_store_bytes)
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         # Workers that take tasks now (not draining, a slot free), by environment: dispatch looks

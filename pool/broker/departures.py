@@ -1,6 +1,6 @@
-"""A peer leaving: a worker's tasks retried or failed, a client's cancelled, a replaced state
-dropped. Every way out (BYE, a missed heartbeat, a closed connection, a routing id taken over,
-a revoked key) ends here."""
+"""A peer leaving: a worker's tasks retried or failed (a thread's answered E_THREAD_LOST), a
+client's cancelled, a replaced state dropped. Every way out (BYE, a missed heartbeat, a closed
+connection, a routing id taken over, a revoked key) ends here."""
 
 from __future__ import annotations
 
@@ -74,12 +74,17 @@ class Departures(Slots):
             self.counters["workers_lost"] += 1
         log.log(logging.INFO if said_goodbye else logging.WARNING, "worker %s removed: %s (%d tasks running)",
                 worker.label, why, len(worker.running))
+        self._threads_leave(worker, f"is gone ({why})")
+        lost_thread = None if worker.shared_threads else f"was running on worker {worker.label}, which is gone ({why})"
         running = [self.tasks[t] for t in worker.running if t in self.tasks]
         # Newest first, each to the front: the oldest ends up first in the queue again.
         for task in sorted(running, key=lambda t: t.queued_at, reverse=True):
             task.worker = None
             if task.cancelled:
                 self._forget(task)
+            elif lost_thread is not None and task.header.affinity is not None:
+                # Its thread's checkpoint was in that worker's memory: elsewhere it would restart.
+                self._thread_lost(task, lost_thread)
             elif said_goodbye and not task.streamed:
                 # A worker answers every task it received before its BYE, so this one was still
                 # on its way when the worker left and never started: another worker runs it.
@@ -108,3 +113,4 @@ class Departures(Slots):
         worker.draining = True
         worker.expiry = min(worker.expiry, self.now)
         self._refresh(worker)
+        self._threads_leave(worker, "is gone (unreachable)")

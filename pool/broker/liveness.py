@@ -6,6 +6,7 @@ from __future__ import annotations
 from pool.broker.core_state import log
 from pool.broker.departures import Departures
 from pool.broker.events import Bye, ConnectionClosed, Forget, Heartbeat, PeerStalled, SendFailed, Tick
+from pool.broker.state import Task
 from worker import protocol as P
 
 
@@ -47,13 +48,23 @@ class Liveness(Departures):
                 self._remove_client(client.identity)
                 self._out.append(Forget(client.identity))
         for task in self.queues.expired(now):
-            self._forget(task)
-            self.counters["failed"] += task.header.items - task.reported
             waiting = "no workers are connected" if not self.workers else "every worker slot stayed busy"
-            self._send(task.client, P.error_frames(task.task_id, P.E_QUEUE_TIMEOUT, (
-                f"the task waited {now - task.queued_at:.1f}s in the broker's queue and {waiting}; "
-                "add workers (runnable-k8s scale) or raise the call's timeout"
-            )))
+            self._queue_timeout(task, waiting, "add workers (runnable-k8s scale) or raise the call's timeout")
+        if self.pinned.live:
+            for task in self.pinned.expired(now):
+                holder = self.workers.get(task.pinned_to) if task.pinned_to is not None else None
+                label = holder.label if holder is not None else "that worker"
+                self._forget(task)
+                self._unpin(task)
+                self._queue_timeout(task, f"the worker holding its thread, {label}, stayed busy",
+                                    "raise the call's timeout, or run fewer calls of one thread at once")
+
+    def _queue_timeout(self, task: Task, waiting: str, advice: str) -> None:
+        self._forget(task)
+        self.counters["failed"] += task.header.items - task.reported
+        self._send(task.client, P.error_frames(task.task_id, P.E_QUEUE_TIMEOUT, (
+            f"the task waited {self.now - task.queued_at:.1f}s in the broker's queue and {waiting}; {advice}"
+        )))
 
     def _on_send_failed(self, event: SendFailed) -> None:
         peer, frames = event.peer, event.frames

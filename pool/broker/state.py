@@ -55,6 +55,16 @@ class WorkerState:
     unreachable: bool = False  # a send to it failed: its connection is gone
     last_assigned: float = 0.0
     key: bytes | None = None  # the CurveZMQ public key it registered with (Z85), when keys are on
+    # Tasks of the threads it holds that wait for a slot of its own (``pinned.Pinned``): while any
+    # wait, it is out of the free-worker index, so its next free slot is theirs.
+    waiting: deque[Task] | None = None
+    waiting_live: int = 0
+
+    @property
+    def shared_threads(self) -> bool:
+        """Its READY says its threads' checkpoints live in a store every worker reaches: when it
+        leaves, nothing of its threads is lost (``affinity``)."""
+        return self.environment.get("checkpointer") == "shared"
 
     def remember(self, digest: str) -> None:
         """Mirror the worker's own LRU cache, so the broker knows when it may send b"" instead of
@@ -141,6 +151,7 @@ class Task:
     queued: bool = False  # waiting in Queues; False marks a stale queue entry to skip
     size: int = 0  # bytes it holds in the broker (header + input), counted against the budgets
     owner: bytes = b""  # its client's tenant (Tenant.name): queues take turns by tenant
+    pinned_to: bytes | None = None  # the worker whose own queue it waits in (its thread's holder), if any
 
 
 class RunnableStore:

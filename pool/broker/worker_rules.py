@@ -73,4 +73,5 @@ class WorkerRules(Departures, Reports):
         if state is not None:
             state.draining = True
             self._refresh(state)
+            self._threads_leave(state, "is gone (it is draining: it takes no new tasks)")
             log.info("worker %s is draining (%d tasks left)", state.label, len(state.running))
