@@ -38,6 +38,10 @@ _IDENTITY_COUNTERS = (
     ("rule_errors", "Messages whose rule raised: a bug of the broker, not of the peer (its log has the traceback)."),
     ("replies_packed", "REPLIES messages received from workers (each carries several replies of its tasks)."),
     ("entries_relayed", "Replies (streamed chunks, callback events, results) that arrived packed in REPLIES."),
+    ("threads_pinned", "Tasks of a thread sent (or queued) to the worker that holds the thread."),
+    ("threads_lost", "Tasks answered 'thread lost': the worker holding their thread's checkpoint in memory is gone."),
+    ("hedges_sent", "Hedges (duplicates of a slow task) started on another worker."),
+    ("hedges_refused", "Hedges not run: the original was queued, had streamed, or no other worker was free."),
 )
 
 
@@ -116,6 +120,10 @@ class BrokerMetrics:
              status.get("outbox", {}).get("unread_bytes", 0)),
             ("client_keys", "Client keys with a connection registered (each connection without keys).",
              status.get("client_keys", 0)),
+            ("threads_held", "Threads (task affinities) the broker sends to the worker that holds them.",
+             status.get("threads_held", 0)),
+            ("queue_pinned", "Tasks of a thread waiting for a slot of the worker that holds the thread.",
+             status.get("queued_pinned", 0)),
             ("worker_input_bytes", "Input bytes of the tasks sent to workers and not finished (all workers).",
              sum(w.get("input_bytes", 0) for w in status.get("workers", ()))),
         )

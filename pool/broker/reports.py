@@ -50,6 +50,7 @@ class Reports(CoreState):
                 "cached_runnables": len(w.runnables),
                 "input_bytes": w.input_bytes,
                 "input_budget": w.input_budget,
+                "waiting": w.waiting_live,  # tasks of its threads waiting for one of its slots
             }
             for w in self.workers.values()
         ]
@@ -67,6 +68,10 @@ class Reports(CoreState):
             "clients": len(self.clients),
             "client_keys": sum(1 for t in self.tenants.values() if t.connections),
             "runnables_stored": len(self.runnables),
+            # Threads (task affinities) the broker sends to the worker holding them, and their
+            # tasks waiting for that worker (not in "queued": more workers would not help them).
+            "threads_held": len(self.threads),
+            "queued_pinned": self.pinned.live,
             "counters": dict(self.counters),
             "outbox": dict(self.io_status),
         }
