@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="deserialized runnables kept warm (default %(default)s)")
     parser.add_argument("--grace-period", type=float, default=defaults.WORKER_GRACE_PERIOD, metavar="S",
                         help="seconds to finish running tasks after SIGTERM (default %(default)s)")
+    parser.add_argument("--checkpointer", metavar="MODULE:FACTORY", default=os.environ.get("RUNNABLE_K8S_CHECKPOINTER"),
+                        help="a LangGraph checkpointer every worker shares, by its factory's import path (e.g. "
+                             "worker.checkpointers:sqlite, which reads RUNNABLE_K8S_CHECKPOINTER_URL): it replaces "
+                             "each graph's own checkpointer, so a paused thread can resume on any worker "
+                             "(env RUNNABLE_K8S_CHECKPOINTER; default: none, threads stay on their worker)")
     parser.add_argument("--keys", metavar="DIR", default=os.environ.get("RUNNABLE_K8S_KEYS"),
                         help="the workers' CurveZMQ key folder, DIR/worker of 'runnable-k8s keys DIR' "
                              "(worker.key, worker.key_secret, broker.key)")
@@ -92,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         worker = WarmWorker(args.connect, slots=args.slots, threads=args.threads,
                             cache_size=args.cache_size,
                             grace_period=args.grace_period, keys=keys, exit_with_parent=args.exit_with_parent,
-                            health_dir=args.health_dir, insecure=args.insecure)
-    except (OSError, ValueError) as exc:  # unusable keys, or plaintext to a remote broker: say why
+                            health_dir=args.health_dir, insecure=args.insecure, checkpointer=args.checkpointer)
+    # Unusable keys, plaintext to a remote broker, a checkpointer that cannot be built: say why.
+    except (OSError, ValueError) as exc:
         print(f"python -m worker: {exc}", file=sys.stderr)
         return 2
     # Task threads are daemons and are not joined: see exit_now.

@@ -40,9 +40,9 @@ import functools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from langchain_core.runnables import Runnable
 
@@ -52,6 +52,8 @@ from worker.handoff import HandOff, Waiter
 from worker.replies import ReplyQueue
 
 log = logging.getLogger("runnable_k8s.worker")
+
+T = TypeVar("T")
 
 # Job states. Changed under TaskRunner._lock: the I/O thread abandons while a task thread starts.
 QUEUED, RUNNING, ON_LOOP, DONE, ABANDONED = range(5)
@@ -63,15 +65,26 @@ class CachedRunnable:
     on_loop: bool  # runs on the event loop (``execution.prefers_event_loop``), else on a thread
 
 
-class RunnableCache:
-    """Deserialized runnables by digest, so a repeated call reuses the object (and its HTTP pools).
+class NotCached(LookupError):
+    """A task came without the runnable's bytes, and this worker neither holds nor is building it:
+    the broker sends the bytes again (``E_NEED_RUNNABLE``)."""
 
-    Read by the I/O thread, filled by task threads (which deserialize), hence the lock.
+
+class RunnableCache:
+    """Deserialized runnables by digest, so a repeated call reuses the object (and its HTTP pools,
+    and a LangGraph graph's in-memory checkpoints: its threads live in that one object).
+
+    Read by the I/O thread, filled by task threads (which deserialize), hence the lock. A runnable
+    is built once per worker (:meth:`load`): tasks of a digest that is being built wait for that
+    build and share its object. Before, two tasks of a new graph arriving together each built a
+    copy, the cache kept the last, and the threads paused in the other copy were lost.
     """
 
     def __init__(self, max_items: int) -> None:
         self.max_items = max_items
         self._items: OrderedDict[str, CachedRunnable] = OrderedDict()
+        # Builds under way, by digest: the tasks that need one wait on its future.
+        self._flights: dict[str, concurrent.futures.Future[CachedRunnable]] = {}
         self._lock = threading.Lock()
 
     def get(self, digest: str) -> CachedRunnable | None:
@@ -81,12 +94,56 @@ class RunnableCache:
                 self._items.move_to_end(digest)
             return item
 
+    def loading(self, digest: str) -> bool:
+        """Whether a task thread is building ``digest`` now (a task without its bytes can wait
+        for that build instead of asking the broker for them)."""
+        with self._lock:
+            return digest in self._flights
+
     def put(self, digest: str, item: CachedRunnable) -> None:
         with self._lock:
-            self._items[digest] = item
-            self._items.move_to_end(digest)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            self._put(digest, item)
+
+    def _put(self, digest: str, item: CachedRunnable) -> None:
+        self._items[digest] = item
+        self._items.move_to_end(digest)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def load(self, digest: str, build: Callable[[], CachedRunnable] | None) -> CachedRunnable:
+        """The runnable of ``digest``: the cached one, else the one another thread is building
+        (waited for), else the one ``build`` makes here, outside the lock (deserializing can take
+        seconds, and the I/O thread reads the cache meanwhile). A build that raises fails every
+        task waiting for it with its error and caches nothing: the next task tries again.
+        ``build`` None (the task came without the bytes) and nothing cached or building: NotCached."""
+        with self._lock:
+            item = self._items.get(digest)
+            if item is not None:
+                self._items.move_to_end(digest)
+                return item
+            flight = self._flights.get(digest)
+            if flight is None:
+                if build is None:
+                    raise NotCached(digest)
+                flight = self._flights[digest] = concurrent.futures.Future()
+                building = True
+            else:
+                building = False
+        if not building:
+            return flight.result()  # the builder's object, or its exception raised here too
+        assert build is not None, "only a task that brought the bytes builds"
+        try:
+            item = build()
+        except BaseException as exc:
+            with self._lock:
+                del self._flights[digest]
+            flight.set_exception(exc)
+            raise
+        with self._lock:
+            del self._flights[digest]
+            self._put(digest, item)
+        flight.set_result(item)
+        return item
 
     def __len__(self) -> int:
         return len(self._items)
@@ -116,9 +173,13 @@ class TaskRunner:
         self.replies = replies
         self.max_message_bytes = defaults.MAX_MESSAGE_BYTES  # the I/O thread updates it on WELCOME
         self.threads = threads
+        # Called once on each runnable as it is built, before any task uses it (the worker's
+        # shared checkpointer replaces a graph's own there: ``worker.checkpointers``).
+        self.prepare: Callable[[Runnable], object] | None = None
         self._queue: HandOff[Job] = HandOff()  # sync jobs to idle task threads, one woken per job
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
         # Where sync batches' items run (threads start only when used): see the module docstring.
         self._batch_threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rk8s-batch")
         execution.share_batch_threads()
@@ -223,27 +284,40 @@ class TaskRunner:
                 return [P.PROTOCOL, P.RESULT, job.task_id, b""]
             return self._frames(P.RESULT, job.task_id,
                                 execution.run_invoke(cached.runnable, False, job.input, config, job.header.trust))
+        except NotCached:  # its build failed or was evicted while the task waited: the broker resends
+            return P.error_frames(job.task_id, P.E_NEED_RUNNABLE, "runnable not in this worker's cache")
         except Exception as exc:  # noqa: BLE001 - every failure becomes the task's ERROR reply
             return P.error_frames(job.task_id, *execution.failure(exc, job.header.trust))
 
     def _load(self, job: Job) -> CachedRunnable:
-        """Deserialize a runnable the first time it arrives (on a task thread: it can be slow)."""
+        """The job's runnable, deserialized the first time it arrives (on a task thread: it can be
+        slow), once per worker however many tasks of it arrive together (``RunnableCache.load``)."""
+        blob, job.blob = job.blob, b""
+        return self.cache.load(job.header.digest, functools.partial(self._build, blob) if blob else None)
+
+    def _build(self, blob: bytes) -> CachedRunnable:
         try:
-            runnable = codec.loads(job.blob)
+            runnable = codec.loads(blob)
         except Exception as exc:
             raise execution.StageError("the runnable could not be rebuilt on the worker", exc) from exc
-        cached = CachedRunnable(runnable, execution.prefers_event_loop(runnable))
-        self.cache.put(job.header.digest, cached)
-        job.blob = b""
-        return cached
+        if self.prepare is not None:
+            self.prepare(runnable)
+        return CachedRunnable(runnable, execution.prefers_event_loop(runnable))
 
     # ------------------------------------------------------------------ the event loop thread
 
-    def _on_loop(self, coroutine: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
+    def run_on_loop(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coroutine`` on the tasks' event loop and return its result (from another thread):
+        what must live on that loop (an async database connection) is made there."""
+        return self._on_loop(coroutine).result(timeout)
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         if self._loop is None:
-            ready = threading.Event()
-            threading.Thread(target=self._serve_loop, args=(ready,), name="rk8s-loop", daemon=True).start()
-            ready.wait()
+            with self._loop_lock:  # two threads' first coroutines must not start two loops
+                if self._loop is None:
+                    ready = threading.Event()
+                    threading.Thread(target=self._serve_loop, args=(ready,), name="rk8s-loop", daemon=True).start()
+                    ready.wait()
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 

@@ -26,6 +26,7 @@ import zmq
 
 from worker import defaults, transport
 from worker import protocol as P
+from worker.checkpointers import SharedCheckpointer, environment_value
 from worker.curve import PeerKeys
 from worker.health import HealthFiles
 from worker.replies import ReplyQueue
@@ -125,9 +126,13 @@ class WarmWorker:
         health_dir: str | None = None,
         insecure: bool = False,
         concurrency: int | None = None,
+        checkpointer: str | None = None,
     ) -> None:
         """``slots``: tasks this worker runs at once, the slots the broker sees (``concurrency`` is
-        its old name, still accepted with a DeprecationWarning)."""
+        its old name, still accepted with a DeprecationWarning). ``checkpointer``: a factory's
+        import path (``package.module:factory``) whose LangGraph checkpointer replaces each loaded
+        graph's own, so a thread can resume on any worker (``worker.checkpointers``); built here,
+        and a CheckpointerError (a ValueError) when it cannot be."""
         if concurrency is not None:
             import warnings
 
@@ -167,6 +172,14 @@ class WarmWorker:
         self._pack_limit = P.MAX_PACK_BYTES
         # No more threads than slots: a worker never has more sync tasks than it has slots.
         self.runner = TaskRunner(min(threads, slots), self.cache, self._replies)
+        self.checkpointer: SharedCheckpointer | None = None
+        if checkpointer:
+            try:
+                self.checkpointer = SharedCheckpointer.start(checkpointer, self.runner.run_on_loop)
+            except BaseException:
+                self._broker_context.term()
+                raise
+            self.runner.prepare = self.checkpointer.install
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_r, False)
         os.set_blocking(self._wakeup_w, False)
@@ -190,6 +203,8 @@ class WarmWorker:
             if self._socket is not None:
                 self._socket.close(linger=0)
             self._replies.close()
+            if self.checkpointer is not None:
+                self.checkpointer.close(self.runner.run_on_loop)
             restore()
             self._broker_context.term()
         return self.exit_code
@@ -376,8 +391,10 @@ class WarmWorker:
 
     def _environment(self) -> dict[str, Any]:
         # "concurrency" is the READY field's name in the wire protocol: the slots this worker offers.
+        # "checkpointer": "shared" when graphs here keep their threads in a store every worker
+        # reaches: the broker may then send a thread's next call to any worker.
         environment = {**P.environment(), "pid": os.getpid(), "concurrency": self.slots,
-                       "cache_size": self.cache.max_items}
+                       "cache_size": self.cache.max_items, **environment_value(self.checkpointer)}
         limit = memory_limit()
         if limit is not None:  # the broker keeps the inputs it sends here within a share of it
             environment["memory_limit"] = limit
@@ -508,7 +525,8 @@ class WarmWorker:
             self._send(P.error_frames(task_id, P.E_BAD_REQUEST, str(exc)))
             return
         cached = self.cache.get(header.digest)
-        if cached is None and not blob:
+        # Without the bytes, a task of a runnable being built right now waits for that build.
+        if cached is None and not blob and not self.cache.loading(header.digest):
             self._send(P.error_frames(task_id, P.E_NEED_RUNNABLE, "runnable not in this worker's cache"))
             return
         job = Job(task_id, header, blob, input_blob, cached)
