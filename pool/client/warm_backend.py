@@ -12,6 +12,12 @@ and none is refused for good; a sub-batch the broker still refuses as never fitt
 (``E_QUEUE_FULL``) goes again item by item. A call that times out while waiting for the allowance
 says so, and how to raise it.
 
+A single call (``invoke``, ``stream`` and their async twins) of a ``RunnableK8s(...,
+hedge_after=...)`` with no thread (``affinity``) takes the hedged path (``pool.client.hedged_call``):
+still silent after its hedge delay, it is sent once more to another worker and the first to answer
+wins. Sub-batches are never hedged. With ``hedge_after`` None (the default) a call pays one
+attribute test for it.
+
 Whatever ends a call early (its timeout, an exception in the caller such as
 KeyboardInterrupt, a consumer closing a stream, a cancelled asyncio task) reaches a ``finally``
 that cancels the task, so the worker stops and its slot is freed.
@@ -27,8 +33,20 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
-from pool.client.calls import RemoteCall, decode_output, encode_batch_input
+from pool.client import hedging
+from pool.client.calls import RemoteCall, encode_batch_input
 from pool.client.connection import Connection, Event, LoopSink, ReaderSink, Submission, ThreadSink
+from pool.client.hedged_call import Race
+from pool.client.one_task import (
+    OneTask,
+    allowance_timeout,
+    deadline_of,
+    decoded,
+    single_step,
+    task_header,
+    timeout_error,
+    value_of,
+)
 from pool.client.settings import KEYS_ENV
 from pool.errors import (
     AuthenticationFailed,
@@ -36,7 +54,6 @@ from pool.errors import (
     PoolUnavailable,
     ProtocolError,
     SerializationError,
-    TaskTimeout,
     error_from_wire,
 )
 from worker import defaults
@@ -50,23 +67,6 @@ NO_KEYS_ADVICE = (
 # What the event handling below yields: (the caller's index, final, value); final is False for a
 # chunk, True for an outcome, None for a relayed callback event.
 _Item = tuple[int, bool | None, Any]
-
-
-def _timeout_error(call: RemoteCall) -> TaskTimeout:
-    return TaskTimeout(
-        f"the call did not finish within its timeout of {call.timeout:g}s and was cancelled on the "
-        "worker; raise timeout= on RunnableK8s, or add workers if calls wait in the queue"
-    )
-
-
-def _allowance_timeout(why: str, advice: str) -> Any:
-    """``_timeout_error`` for a task that never left this client: it waited for the allowance."""
-    def error(call: RemoteCall) -> TaskTimeout:
-        return TaskTimeout(
-            f"the call did not finish within its timeout of {call.timeout:g}s: it was still waiting for this "
-            f"client's allowance in the broker and never reached a worker ({why}); {advice}"
-        )
-    return error
 
 
 class _Unit:
@@ -170,10 +170,10 @@ class _Calls:
             if unit.batch and self._too_big_a_share(unit, blob):
                 continue
             task_id = self.connection.new_task_id()
-            header = (_header(first, self.kind, unit.retries) if not unit.batch
+            header = (task_header(first, self.kind, unit.retries) if not unit.batch
                       else P.TaskHeader("batch", first.digest, first.timeout, unit.retries, first.config,
                                         first.trust_workers, len(unit.calls), affinity=first.affinity).to_bytes())
-            deadline = _deadline(first)
+            deadline = deadline_of(first)
             self.open[task_id] = (unit, deadline)
             self.in_flight += len(unit.calls)
             self.connection.submit(Submission(task_id, header, first.digest, first.runnable, blob, self.sink,
@@ -221,7 +221,7 @@ class _Calls:
         if unit.batch:
             out = self._handle_batch(event, unit)
             return out + self.refill()
-        step = _single_step(event, unit.calls[0], self.kind)
+        step = single_step(event, unit.calls[0], self.kind)
         if step is None:
             return []
         final, value = step
@@ -247,7 +247,7 @@ class _Calls:
             self.in_flight -= 1
             trusted = unit.calls[position].trust_workers
             outcome = (error_from_wire(code, message, payload, trusted) if code is not None
-                       else _decoded(payload, trusted))
+                       else decoded(payload, trusted))
             return [(unit.indices[position], True, outcome)]
         self._end(task_id, unit, cancel=False)
         if event.kind == "result":
@@ -276,8 +276,8 @@ class _Calls:
         for task_id, unit in gone:
             waiting = self.connection.waiting_for_allowance(task_id)
             self._end(task_id, unit, cancel=True)
-            error = (_timeout_error if waiting is None
-                     else _allowance_timeout(waiting, self.connection.allowance_advice()))
+            error = (timeout_error if waiting is None
+                     else allowance_timeout(waiting, self.connection.allowance_advice()))
             out.extend(self._fail_left(unit, error))
         return out + self.refill()
 
@@ -285,23 +285,6 @@ class _Calls:
         for task_id in list(self.open):
             del self.open[task_id]
             self.connection.cancel(task_id)
-
-
-def _header(call: RemoteCall, kind: str, retries: int) -> bytes:
-    """The header of a task carrying one call (an invoke or a stream): built once per RunnableK8s
-    and kind when the call's config is the default one (``RemoteCall.headers``)."""
-    listened = call.relay is not None
-    tokens = listened and call.relay.tokens
-    cache = call.headers
-    if cache is None:
-        return P.TaskHeader(kind, call.digest, call.timeout, retries, call.config, call.trust_workers, 1,
-                            events=listened, tokens=tokens, affinity=call.affinity).to_bytes()
-    key = (kind, call.digest, call.timeout, retries, call.trust_workers, listened, tokens)
-    header = cache.get(key)
-    if header is None:
-        header = cache[key] = P.TaskHeader(kind, call.digest, call.timeout, retries, call.config, call.trust_workers,
-                                           1, events=listened, tokens=tokens).to_bytes()
-    return header
 
 
 # What a stream's deadline timer delivers to its sink (``WarmBackend.astream``).
@@ -313,108 +296,20 @@ def _loop_time(deadline: float) -> float:
     return asyncio.get_running_loop().time() + (deadline - time.monotonic())
 
 
-def _deadline(call: RemoteCall) -> float | None:
-    return time.monotonic() + call.timeout if call.timeout is not None else None
-
-
-def _single_step(event: Event, call: RemoteCall, kind: str) -> tuple[bool | None, Any] | None:
-    """What an event of a task carrying one call means to its caller: None (nothing), ``(None,
-    data)`` a callback event to replay, ``(False, chunk)``, or ``(True, outcome)`` when the call is
-    over: its output or exception (for a stream, None at its end). A chunk that cannot be decoded
-    ends the call with its error while the task still runs: whoever gets ``(True, ...)`` for a
-    ``chunk`` event cancels the task."""
-    if event.kind == "event":
-        return (None, event.data) if call.relay is not None else None
-    if event.kind == "chunk":
-        try:
-            return False, decode_output(event.data, call.trust_workers)
-        except Exception as exc:  # noqa: BLE001 - a refused chunk ends the call with its error
-            return True, exc
-    if kind == "stream" and event.kind == "result":
-        return True, None  # the end of the stream
-    return True, _outcome(event, call.trust_workers)
-
-
-class _One:
-    """One call as one task: the short path of ``invoke`` and ``stream``. No plan, no window, no
-    sub-batches, no bookkeeping by index: submit, wait for this task's events, cancel it if the
-    caller leaves before its end. ``step`` turns an event into what :func:`_single_step` says."""
-
-    __slots__ = ("connection", "call", "kind", "sink", "patience", "task_id", "deadline", "running")
-
-    def __init__(self, connection: Connection, call: RemoteCall, kind: str, sink: Any,
-                 patience: float | None) -> None:
-        self.connection = connection
-        self.call = call
-        self.kind = kind
-        self.sink = sink
-        self.patience = patience
-        self.task_id = connection.new_task_id()
-        self.deadline = _deadline(call)
-        self.running = False
-
-    def start(self) -> None:
-        call = self.call
-        blob = call.encoded_input()
-        self.connection.check_size(call.runnable, blob)
-        self.running = True
-        self.connection.submit(Submission(self.task_id, _header(call, self.kind, call.retries), call.digest,
-                                          call.runnable, blob, self.sink, patience=self.patience),
-                               reads=isinstance(self.sink, ReaderSink))
-
-    def wait_time(self) -> float | None:
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-
-    def step(self, event: Event) -> tuple[bool | None, Any] | None:
-        if event.task_id != self.task_id:
-            return None
-        step = _single_step(event, self.call, self.kind)
-        if step is not None and step[0] and event.kind != "chunk":
-            self.running = False  # the task is over on the pool's side: nothing to cancel
-        return step
-
-    def timed_out(self) -> TaskTimeout:
-        """The call's deadline passed: the error to raise (the task is cancelled by ``close``)."""
-        waiting = self.connection.waiting_for_allowance(self.task_id)
-        if waiting is None:
-            return _timeout_error(self.call)
-        error: TaskTimeout = _allowance_timeout(waiting, self.connection.allowance_advice())(self.call)
-        return error
-
-    def close(self) -> None:
-        if self.running:
-            self.running = False
-            self.connection.cancel(self.task_id)
+def _race(connection: Connection, call: RemoteCall, kind: str, sink: Any, patience: float | None) -> Race:
+    """A hedged call's race, with its runnable's hedge delay as of now."""
+    state = hedging.state_for(call.digest)
+    return Race(connection, call, kind, sink, patience, state, state.delay(call.hedge_after))
 
 
 def _singles_of(unit: _Unit) -> list[_Unit]:
     return [_Unit([i], [call], unit.retries, False) for i, call in zip(unit.indices, unit.calls, strict=True)]
 
 
-def _decoded(data: bytes, trusted: bool) -> Any:
-    try:
-        return decode_output(data, trusted)
-    except Exception as exc:  # noqa: BLE001 - reported like any other failed call
-        return exc
-
-
-def _outcome(event: Event, trusted: bool) -> Any:
-    """The value of a result event, or the exception of an error event (returned, not raised)."""
-    if event.kind == "error":
-        return error_from_wire(event.code, event.message, event.data, trusted)
-    return _decoded(event.data, trusted)
-
-
-def _value(outcome: Any) -> Any:
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
-
-
 class WarmBackend:
     """Runs :class:`RemoteCall` s on a pool through one shared :class:`Connection`.
 
-    ``invoke`` and ``stream`` (sync and async) take the short path of one task (:class:`_One`);
+    ``invoke`` and ``stream`` (sync and async) take the short path of one task (:class:`OneTask`);
     ``batch`` and ``as_completed`` plan sub-batches and keep a window (:class:`_Calls`). A call's
     input may arrive unencoded (``RemoteCall.value``): it is encoded when it is sent.
 
@@ -470,10 +365,13 @@ class WarmBackend:
     # ------------------------------------------------------------------ one call, sync
 
     def _one(self, call: RemoteCall, kind: str) -> Iterator[tuple[bool, Any]]:
-        """``(False, chunk)`` ... then ``(True, outcome)`` of one call in one task."""
+        """``(False, chunk)`` ... then ``(True, outcome)`` of one call in one task (or two, hedged)."""
+        if call.hedge_after is not None and call.affinity is None:
+            yield from self._hedged(call, kind)
+            return
         connection = self.ensure_ready()
         sink = ReaderSink()
-        one = _One(connection, call, kind, sink, self.connect_timeout)
+        one = OneTask(connection, call, kind, sink, self.connect_timeout)
         try:
             one.start()
             while True:
@@ -494,18 +392,45 @@ class WarmBackend:
         finally:
             one.close()
 
+    def _hedged(self, call: RemoteCall, kind: str) -> Iterator[tuple[bool, Any]]:
+        """``_one`` for a call that may be hedged: one sink for both tasks, one wait until the
+        next reply, the hedge delay or the deadline, whichever comes first."""
+        connection = self.ensure_ready()
+        sink = ReaderSink()
+        race = _race(connection, call, kind, sink, self.connect_timeout)
+        try:
+            race.start()
+            while True:
+                try:
+                    event = connection.wait(sink, race.wait_time())
+                except queue.Empty:
+                    due = race.due()
+                    if due is not None:
+                        yield True, due[1]
+                        return
+                    continue
+                for final, value in race.step(event):
+                    if final is None:
+                        call.relay.replay(value)
+                        continue
+                    yield final, value
+                    if final:
+                        return
+        finally:
+            race.close()
+
     def invoke(self, call: RemoteCall) -> Any:
         """One call; the caller reads its own reply when no other caller is reading
         (``Connection.wait``)."""
         for final, value in self._one(call, "invoke"):
             if final:
-                return _value(value)
+                return value_of(value)
         raise AssertionError("a call's replies ended without an outcome")  # _one always ends with one
 
     def stream(self, call: RemoteCall) -> Iterator[Any]:
         for final, value in self._one(call, "stream"):
             if final:
-                _value(value)
+                value_of(value)
                 return
             yield value
 
@@ -535,7 +460,7 @@ class WarmBackend:
     def batch(self, calls: Sequence[RemoteCall], max_concurrency: int | None, return_exceptions: bool) -> list[Any]:
         results: list[Any] = [None] * len(calls)
         for index, outcome in self.as_completed(calls, max_concurrency):
-            results[index] = outcome if return_exceptions else _value(outcome)  # raising cancels the rest
+            results[index] = outcome if return_exceptions else value_of(outcome)  # raising cancels the rest
         return results
 
     def as_completed(self, calls: Sequence[RemoteCall], max_concurrency: int | None) -> Iterator[tuple[int, Any]]:
@@ -554,7 +479,15 @@ class WarmBackend:
 
     async def ainvoke(self, call: RemoteCall) -> Any:
         """One call, awaited in this coroutine: no generator, no task of its own."""
-        one = _One(await self._aready(), call, "invoke", LoopSink(), self.connect_timeout)
+        if call.hedge_after is not None and call.affinity is None:
+            hedged = self._ahedged(call, "invoke")
+            try:
+                async for over, outcome in hedged:
+                    if over:
+                        return value_of(outcome)
+            finally:
+                await hedged.aclose()  # its finally cancels what still runs, now rather than when collected
+        one = OneTask(await self._aready(), call, "invoke", LoopSink(), self.connect_timeout)
         sink = one.sink
         try:
             one.start()
@@ -562,7 +495,7 @@ class WarmBackend:
                 try:
                     event = await sink.get(one.wait_time())
                 except (asyncio.TimeoutError, TimeoutError):
-                    return _value(one.timed_out())
+                    return value_of(one.timed_out())
                 step = one.step(event)
                 if step is None:
                     continue
@@ -570,9 +503,35 @@ class WarmBackend:
                 if final is None:
                     await call.relay.replay(value)
                 elif final:
-                    return _value(value)
+                    return value_of(value)
         finally:
             one.close()
+
+    async def _ahedged(self, call: RemoteCall, kind: str) -> AsyncGenerator[tuple[bool, Any], None]:
+        """:meth:`_hedged` for a coroutine. It waits with a timeout per reply (the next of the
+        hedge delay and the deadline), a timer per await that the unhedged path does without."""
+        race = _race(await self._aready(), call, kind, LoopSink(), self.connect_timeout)
+        sink = race.sink
+        try:
+            race.start()
+            while True:
+                try:
+                    event = await sink.get(race.wait_time())
+                except (asyncio.TimeoutError, TimeoutError):
+                    due = race.due()
+                    if due is not None:
+                        yield True, due[1]
+                        return
+                    continue
+                for final, value in race.step(event):
+                    if final is None:
+                        await call.relay.replay(value)
+                        continue
+                    yield final, value
+                    if final:
+                        return
+        finally:
+            race.close()
 
     async def astream(self, call: RemoteCall) -> AsyncIterator[Any]:
         """One streamed call: the only async generator between its caller and the sink. Every
@@ -580,7 +539,18 @@ class WarmBackend:
         when it holds one), so a burst of chunks costs one wake-up of the loop. The call's
         deadline is one timer for the whole stream (it delivers ``_DEADLINE`` to the sink), not
         one armed and cancelled per chunk awaited."""
-        one = _One(await self._aready(), call, "stream", LoopSink(), self.connect_timeout)
+        if call.hedge_after is not None and call.affinity is None:
+            hedged = self._ahedged(call, "stream")
+            try:
+                async for over, chunk in hedged:
+                    if over:
+                        value_of(chunk)
+                        return
+                    yield chunk
+            finally:
+                await hedged.aclose()
+            return
+        one = OneTask(await self._aready(), call, "stream", LoopSink(), self.connect_timeout)
         sink = one.sink
         timer = (asyncio.get_running_loop().call_at(_loop_time(one.deadline), sink.deliver, _DEADLINE)
                  if one.deadline is not None else None)
@@ -589,7 +559,7 @@ class WarmBackend:
             while True:
                 event = await sink.get(None)
                 if event is _DEADLINE:
-                    _value(one.timed_out())
+                    value_of(one.timed_out())
                 step = one.step(event)
                 if step is None:
                     continue
@@ -597,7 +567,7 @@ class WarmBackend:
                 if final is None:
                     await call.relay.replay(value)
                 elif final:
-                    _value(value)
+                    value_of(value)
                     return
                 else:
                     yield value
@@ -637,7 +607,7 @@ class WarmBackend:
         iterator = self._arun(calls, max_concurrency)
         try:
             async for index, _, outcome in iterator:
-                results[index] = outcome if return_exceptions else _value(outcome)
+                results[index] = outcome if return_exceptions else value_of(outcome)
         finally:
             await iterator.aclose()
         return results
