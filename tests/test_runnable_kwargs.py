@@ -148,3 +148,52 @@ def test_bind_tools_and_with_bound_copies_keep_every_setting(tmp_path):
     for name in ("pool", "keys", "timeout", "k8s_namespace", "launcher", "mode"):
         assert getattr(copy, name) == getattr(original, name)
     assert copy.bound is not original.bound
+
+
+# ---------------------------------------------------------------------------- threads, hedges, batches
+
+
+def test_the_thread_hedge_and_batching_settings_are_accepted_in_every_form_they_take():
+    runnable = RunnableK8s(bound=echo(), affinity_key="session", hedge_after=0.5, batch_window_ms=2, max_batch=1)
+    assert (runnable.affinity_key, runnable.hedge_after, runnable.batch_window_ms, runnable.max_batch) == (
+        "session", 0.5, 2, 1)
+    runnable = RunnableK8s(bound=echo(), affinity_key=None, hedge_after="p95", batch_window_ms=10_000, max_batch=256)
+    assert (runnable.affinity_key, runnable.hedge_after, runnable.max_batch) == (None, "p95", 256)
+    default = RunnableK8s(bound=echo())
+    assert (default.affinity_key, default.hedge_after, default.batch_window_ms) == ("thread_id", None, None)
+
+
+@pytest.mark.parametrize(("setting", "value", "advice"), [
+    ("affinity_key", "", 'write affinity_key="thread_id"'),
+    ("affinity_key", "  ", "or affinity_key=None for no affinity"),
+    ("affinity_key", 7, 'write affinity_key="thread_id"'),
+    ("hedge_after", 0, "write a positive number of seconds (hedge_after=2.0)"),
+    ("hedge_after", -1.5, "write a positive number of seconds"),
+    ("hedge_after", float("inf"), "write a positive number of seconds"),
+    ("hedge_after", "p99", 'hedge_after="p95"'),
+    ("hedge_after", True, "or hedge_after=None for no hedging"),
+    ("batch_window_ms", 0, "above 0 and at most 10,000"),
+    ("batch_window_ms", -5, "above 0 and at most 10,000"),
+    ("batch_window_ms", 10_001, "above 0 and at most 10,000"),
+    ("batch_window_ms", "5", "batch_window_ms=None for no batching across callers"),
+    ("max_batch", 0, "a whole number from 1 to 256"),
+    ("max_batch", 257, "a whole number from 1 to 256"),
+    ("max_batch", 2.5, "a whole number from 1 to 256"),
+    ("max_batch", True, "e.g. max_batch=64"),
+])
+def test_a_thread_hedge_or_batching_setting_out_of_range_is_refused_saying_what_to_write(setting, value, advice):
+    with pytest.raises(ConfigurationError) as caught:
+        RunnableK8s(bound=echo(), **{setting: value})
+    message = str(caught.value)
+    assert f"{setting}={value!r}" in message and advice in message
+    assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize(("written", "meant"), [
+    ("batch_window", "batch_window_ms"), ("batch_wait_timeout_s", "batch_window_ms"),
+    ("max_batch_size", "max_batch"), ("batch_size", "max_batch"), ("hedge", "hedge_after"),
+    ("hedge_delay", "hedge_after"), ("affinity", "affinity_key"), ("thread_key", "affinity_key"),
+])
+def test_the_names_people_reach_for_point_to_the_thread_hedge_and_batching_settings(written, meant):
+    with pytest.raises(TypeError, match=re.escape(f"unknown keyword argument {written!r} (did you mean {meant!r}?)")):
+        RunnableK8s(bound=echo(), **{written: 1})
