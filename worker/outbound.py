@@ -32,7 +32,9 @@ import cloudpickle
 from langchain_core.load import dumpd
 from langchain_core.load.serializable import Serializable
 from langchain_core.runnables import Runnable
+from pydantic import BaseModel
 
+from worker.constructor_route import constructor_reduction, wants_constructor
 from worker.langchain_route import (
     declared_secrets,
     is_complete,
@@ -55,9 +57,20 @@ from worker.unsendable import (
 
 
 class _HybridPickler(cloudpickle.Pickler):
-    def __init__(self, file: io.BytesIO, named: dict[int, tuple[object, list[tuple[str, str]]]]) -> None:
+    """cloudpickle, with LangChain objects as data, pydantic integrations by their constructor and
+    sentinels by reference (see the module's docstring).
+
+    ``rescue`` is the second try after a failure: then any pydantic model that does not pickle by
+    value (``_Trials`` remembers which, per model, for the whole encoding) takes the constructor route
+    too. The first try never pays for that test."""
+
+    def __init__(self, file: io.BytesIO, named: dict[int, tuple[object, list[tuple[str, str]]]],
+                 rescue: _Trials | None = None, trying: int | None = None) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._named = named
+        self._rescue = rescue
+        self._trying = trying  # the id of the model whose by-value pickling this pickler tries
+        self._building: set[int] = set()
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, FILE_BASE) and is_open_file(obj):
@@ -67,22 +80,70 @@ class _HybridPickler(cloudpickle.Pickler):
             sentinel = sentinel_reduction(obj, self._named)
             if sentinel is not None:
                 return sentinel
-        # Classes are never Serializable *instances*; skip them cheaply.
-        if isinstance(obj, Serializable) and not isinstance(obj, type):
-            secrets = declared_secrets(obj)
-            tree = None
-            if obj.is_lc_serializable():
-                try:
-                    tree = dumpd(obj)
-                except Exception:  # noqa: BLE001 - any failure means: not this route
-                    tree = None
-                if tree is not None and is_complete(tree):
-                    return rebuild_langchain_object, (tree,)
+        # Classes are never model *instances*; skip them cheaply.
+        if isinstance(obj, BaseModel) and not isinstance(obj, type):
+            reduction = self._model_reduction(obj)
+            if reduction is not None:
+                return reduction
+        # Falling back to cloudpickle's own reducer (not NotImplemented) keeps closures working.
+        return super().reducer_override(obj)
+
+    def _model_reduction(self, obj: BaseModel) -> Any:
+        lc_serializable = isinstance(obj, Serializable) and obj.is_lc_serializable()
+        tree = None
+        if lc_serializable:
+            try:
+                tree = dumpd(obj)
+            except Exception:  # noqa: BLE001 - any failure means: not this route
+                tree = None
+            if tree is not None and is_complete(tree):
+                return rebuild_langchain_object, (tree,)
+        secrets = declared_secrets(obj) if isinstance(obj, Serializable) else {}
+        if lc_serializable:
             if secrets:
                 # No secret by value: cloudpickle would copy the key into the bytes in the clear.
                 raise CodecError(secret_by_value_message(obj, tree, secrets))
-        # Falling back to cloudpickle's own reducer (not NotImplemented) keeps closures working.
-        return super().reducer_override(obj)
+            return None  # a LangChain-serializable class chose LangChain's route: by value when not it
+        if id(obj) == self._trying or id(obj) in self._building:
+            return None
+        if wants_constructor(obj) or (self._rescue is not None and not self._rescue.pickles(obj, self)):
+            return self._constructor(obj)
+        return None
+
+    def _constructor(self, obj: BaseModel) -> Any:
+        self._building.add(id(obj))
+        try:
+            return constructor_reduction(obj, self._can_send)
+        finally:
+            self._building.discard(id(obj))
+
+    def _can_send(self, value: Any) -> bool:
+        """Whether a field's value pickles the way this pickler would send it (for errors naming the
+        field); nested models are tried as this pickler treats them."""
+        try:
+            _HybridPickler(io.BytesIO(), self._named, self._rescue).dump(value)
+        except Exception:  # noqa: BLE001 - any failure means: this field cannot travel
+            return False
+        return True
+
+
+class _Trials:
+    """Which pydantic models pickle by value, tried once each per encoding (the rescue pass)."""
+
+    def __init__(self) -> None:
+        self._results: dict[int, tuple[object, bool]] = {}
+
+    def pickles(self, obj: BaseModel, pickler: _HybridPickler) -> bool:
+        known = self._results.get(id(obj))
+        if known is not None and known[0] is obj:
+            return known[1]
+        try:
+            _HybridPickler(io.BytesIO(), pickler._named, self, trying=id(obj)).dump(obj)
+            result = True
+        except Exception:  # noqa: BLE001 - any failure: rebuild it by its constructor instead
+            result = False
+        self._results[id(obj)] = (obj, result)
+        return result
 
 
 class _NeedsHybrid(Exception):
@@ -103,6 +164,8 @@ class _DataPickler(pickle.Pickler):
         if (isinstance(obj, Serializable) and not isinstance(obj, type)
                 and (isinstance(obj, Runnable) or obj.lc_secrets)):
             raise _NeedsHybrid
+        if isinstance(obj, BaseModel) and not isinstance(obj, type) and wants_constructor(obj):
+            raise _NeedsHybrid  # an integration or a secret: the constructor route, never by value
         return NotImplemented
 
 
@@ -127,13 +190,28 @@ def _dumps_data(obj: Any) -> bytes | None:
 
 
 def _pickle(obj: Any) -> bytes:
-    """``obj``'s bytes, or the pickler's own exception."""
+    """``obj``'s bytes, or the pickler's own exception (the first try's, when the rescue fails
+    too without saying more)."""
     if not isinstance(obj, Runnable):
         data = _dumps_data(obj)
         if data is not None:
             return data
+    named = SENTINELS.named()
     buffer = io.BytesIO()
-    _HybridPickler(buffer, SENTINELS.named()).dump(obj)
+    try:
+        _HybridPickler(buffer, named).dump(obj)
+    except CodecError:
+        raise
+    except Exception as first:  # noqa: BLE001 - re-raised below if the rescue does not help
+        # Something does not pickle: a pydantic model holding built state may, rebuilt by its
+        # constructor on the worker (worker.constructor_route). Only failures pay for this try.
+        buffer = io.BytesIO()
+        try:
+            _HybridPickler(buffer, named, _Trials()).dump(obj)
+        except CodecError:
+            raise
+        except Exception:  # noqa: BLE001 - the first try's error says what failed
+            raise first from None
     return buffer.getvalue()
 
 
@@ -189,6 +267,8 @@ def loads(data: bytes) -> Any:
     """Decode what :func:`dumps` produced; raises :class:`CodecError` if it cannot be rebuilt."""
     try:
         return pickle.loads(data)
+    except CodecError as exc:  # ours (a constructor, a sentinel): it already says what to do
+        raise CodecError(f"cannot deserialize: {exc}") from exc
     except Exception as exc:
         raise CodecError(
             f"cannot deserialize: {type(exc).__name__}: {exc}. Usually a module the object needs "
