@@ -16,6 +16,12 @@ the same wire format as ``POST /v1/chat/completions``:
   conversation already contains a ``tool`` message the server answers with text again.
 * ``response_format`` of type ``json_schema`` / ``json_object`` gets a JSON document built from
   the schema, so ``with_structured_output`` works.
+* ``POST /v1/embeddings`` answers as OpenAI does: one unit-length vector per input (a string, a
+  list of strings, a list of token ids or a list of such lists), derived from the input alone (the
+  same text always gets the same vector), as a JSON list of floats or, with ``"encoding_format":
+  "base64"`` (what the ``openai`` client asks for by default), base64 of little-endian float32;
+  ``dimensions`` shortens a ``text-embedding-3-*`` vector and renormalizes it, and is refused for
+  other models. ``FakeOpenAI.embedding(text)`` is the vector the server gives ``text``.
 * ``GET /v1/models`` lists the models.
 
 Standard library only. Usage::
@@ -28,9 +34,13 @@ Standard library only. Usage::
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
+import math
 import socket
+import struct
 import sys
 import threading
 import time
@@ -39,7 +49,7 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["DEFAULT_CHUNKS", "FakeOpenAI"]
+__all__ = ["DEFAULT_CHUNKS", "EMBEDDING_DIMENSIONS", "FakeOpenAI", "embedding_vector"]
 
 # The key the test pools' workers hold in their environment (and the session's fake server accepts).
 FAKE_KEY = "sk-worker-env-key"
@@ -50,7 +60,45 @@ DEFAULT_CHUNKS: tuple[str, ...] = ("Pikachu", " is", " an", " Electric", "-type"
 #: anyway (a forgotten gate must not hang a test forever).
 GATE_TIMEOUT = 30.0
 
-_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "text-embedding-3-small")
+_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "text-embedding-3-small", "text-embedding-3-large",
+           "text-embedding-ada-002")
+
+#: Each embedding model's native length; only the ``text-embedding-3`` models accept ``dimensions``.
+EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
+_SHORTENABLE = ("text-embedding-3-small", "text-embedding-3-large")
+#: Most inputs in one embeddings request, as OpenAI limits it.
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def embedding_vector(item: str | Sequence[int], model: str, dimensions: int | None = None) -> list[float]:
+    """The unit-length vector the server gives ``item`` (a text or a list of token ids) for ``model``:
+    derived from the item and the model alone; ``dimensions`` keeps the first ``dimensions`` values
+    and renormalizes, as OpenAI shortens its ``text-embedding-3`` vectors."""
+    key = item if isinstance(item, str) else " ".join(str(token) for token in item)
+    size = EMBEDDING_DIMENSIONS.get(model, 1536)
+    raw = hashlib.shake_256(f"{model}\0{key}".encode()).digest(4 * size)
+    values = [v / 2**31 - 1.0 for v in struct.unpack(f"<{size}I", raw)]
+    if dimensions is not None:
+        values = values[:dimensions]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    # Round-trip through float32, as the real vectors are stored, so both encodings agree.
+    return list(struct.unpack(f"<{len(values)}f", struct.pack(f"<{len(values)}f", *(v / norm for v in values))))
+
+
+def _embedding_inputs(raw: Any) -> list[str | list[int]] | None:
+    """The inputs of an embeddings request as OpenAI reads ``input``, or None if malformed."""
+    if isinstance(raw, str):
+        return [raw]
+    if not isinstance(raw, list) or not raw:
+        return None
+    if all(isinstance(token, int) and not isinstance(token, bool) for token in raw):
+        return [list(raw)]
+    if all(isinstance(text, str) for text in raw):
+        return list(raw)
+    if all(isinstance(tokens, list) and tokens and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)
+           for tokens in raw):
+        return [list(tokens) for tokens in raw]
+    return None
 
 
 def _error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
@@ -242,14 +290,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         raw = self._read_body()
-        if path != "/v1/chat/completions":
+        if path not in ("/v1/chat/completions", "/v1/embeddings"):
             return self._not_found()
         try:
             body = json.loads(raw or b"null")
         except ValueError:
             body = None
         if isinstance(body, dict):
-            self.server.fake._record(body)
+            self.server.fake._record(body, path)
         if not self._authorized():
             return self._unauthorized()
         if not isinstance(body, dict):
@@ -260,6 +308,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "but what was sent was not valid JSON.)",
                 "invalid_request_error", None,
             )
+        if path == "/v1/embeddings":
+            return self._embeddings(body)
         if not body.get("model"):
             return self._send_error(400, "you must provide a model parameter",
                                     "invalid_request_error", None)
@@ -290,6 +340,48 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_found(self) -> None:
         self._send_error(404, f"Invalid URL ({self.command} {self.path.split('?', 1)[0]})",
                          "invalid_request_error", None)
+
+    # -- embeddings -------------------------------------------------------------------------------------
+
+    def _embeddings(self, body: dict) -> None:
+        model = body.get("model")
+        if not model:
+            return self._send_error(400, "you must provide a model parameter", "invalid_request_error", None)
+        if model not in EMBEDDING_DIMENSIONS:
+            return self._send_error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                                    "invalid_request_error", "model_not_found")
+        inputs = _embedding_inputs(body.get("input"))
+        if inputs is None:
+            return self._send_error(400, "'$.input' is invalid. Please check the API reference: "
+                                    "https://platform.openai.com/docs/api-reference.", "invalid_request_error", None)
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            return self._send_error(400, f"'$.input' is too long: at most {MAX_EMBEDDING_INPUTS} inputs per request.",
+                                    "invalid_request_error", None, "input")
+        dimensions = body.get("dimensions")
+        if dimensions is not None:
+            if model not in _SHORTENABLE:
+                return self._send_error(400, "This model does not support specifying dimensions.",
+                                        "invalid_request_error", None, "dimensions")
+            if (not isinstance(dimensions, int) or isinstance(dimensions, bool)
+                    or not 1 <= dimensions <= EMBEDDING_DIMENSIONS[model]):
+                return self._send_error(400, f"Invalid value for 'dimensions' = {dimensions}. It must be an integer "
+                                        f"between 1 and {EMBEDDING_DIMENSIONS[model]}.", "invalid_request_error",
+                                        None, "dimensions")
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            return self._send_error(400, f"Invalid value for 'encoding_format': {encoding!r}. Supported values "
+                                    "are: 'float' and 'base64'.", "invalid_request_error", None, "encoding_format")
+        data = []
+        tokens = 0
+        for index, item in enumerate(inputs):
+            vector = embedding_vector(item, model, dimensions)
+            embedding: Any = vector
+            if encoding == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+            tokens += len(item.split()) if isinstance(item, str) else len(item)
+        self._send_json(200, {"object": "list", "data": data, "model": model,
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # -- chat completions -----------------------------------------------------------------------------
 
@@ -452,6 +544,7 @@ class FakeOpenAI:
         chunk_delay: seconds to sleep between streamed content chunks.
         requests: every JSON body received on ``/v1/chat/completions``, in order (including ones
             then refused with 401).
+        embedding_requests: the same for ``/v1/embeddings``.
         base_url: ``"http://127.0.0.1:PORT/v1"``; available inside the ``with`` block.
     """
 
@@ -469,6 +562,7 @@ class FakeOpenAI:
         self.chunks: tuple[str, ...] = tuple(chunks)
         self.chunk_delay = float(chunk_delay)
         self.requests: list[dict] = []
+        self.embedding_requests: list[dict] = []
         self._lock = threading.Lock()
         self._gate: threading.Event | None = None
         self._stopping = threading.Event()
@@ -493,6 +587,12 @@ class FakeOpenAI:
             raise RuntimeError("FakeOpenAI is not running; use it as a context manager")
         host, port = self._server.server_address[:2]
         return str(host), int(port)
+
+    @staticmethod
+    def embedding(text: str | Sequence[int], model: str = "text-embedding-3-small",
+                  dimensions: int | None = None) -> list[float]:
+        """The vector this server answers for ``text`` (see ``embedding_vector``)."""
+        return embedding_vector(text, model, dimensions)
 
     def set_chunk_gate(self, event: threading.Event | None) -> None:
         """Make streaming responses wait for ``event`` before sending their last content chunk.
@@ -549,9 +649,9 @@ class FakeOpenAI:
 
     # -- used by the handler --------------------------------------------------------------------------
 
-    def _record(self, body: dict) -> None:
+    def _record(self, body: dict, path: str = "/v1/chat/completions") -> None:
         with self._lock:
-            self.requests.append(body)
+            (self.embedding_requests if path == "/v1/embeddings" else self.requests).append(body)
 
     def _register_connection(self, conn: socket.socket) -> None:
         thread = threading.current_thread()
