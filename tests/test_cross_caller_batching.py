@@ -22,6 +22,7 @@ from langchain_core.runnables import RunnableConfig, RunnableLambda, RunnableSer
 from langchain_core.tracers.context import collect_runs
 
 from pool import LocalPool
+from pool.bench.coalesce import measure
 from pool.client import coalescing
 from pool.client.calls import DEFAULT_WIRE_CONFIG
 from pool.embeddings import EmbeddingsRunnable
@@ -262,3 +263,14 @@ def test_embeddings_runnable_makes_one_embed_documents_call_per_batch():
     assert requests == [3, 2, 4]  # one request per batch, whatever its size
     with pytest.raises(TypeError, match="pass a str"):
         adapter.invoke(3)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- the bench's workload
+
+
+def test_the_bench_counts_one_request_per_call_alone_and_fewer_with_a_window(pool):
+    alone = measure("in-process", None, callers=8, calls=32, window_ms=None, request_ms=1)
+    assert alone.requests_per_call == 1.0 and alone.calls == 32
+    gathered = measure("window", pool, callers=8, calls=32, window_ms=WINDOW_MS, request_ms=1, max_batch=8)
+    assert gathered.requests_per_call < 1.0  # several callers' calls in one request
+    assert gathered.cpu_us_per_call["client"] is not None and "total" in gathered.cpu_us_per_call
