@@ -20,12 +20,14 @@ import pytest
 from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_core.runnables import RunnableConfig, RunnableLambda, RunnableSerializable
 from langchain_core.tracers.context import collect_runs
+from langchain_openai import OpenAIEmbeddings
 
 from pool import LocalPool
 from pool.bench.coalesce import measure
 from pool.client import coalescing
 from pool.client.calls import DEFAULT_WIRE_CONFIG
 from pool.embeddings import EmbeddingsRunnable
+from tests.support.fake_openai import FAKE_KEY
 from tests.support.remote import remote
 
 pytestmark = pytest.mark.timeout(120)
@@ -85,7 +87,7 @@ def _batches(log: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def pool() -> Any:
-    with LocalPool(workers=1, slots=8) as local:
+    with LocalPool(workers=1, slots=8, env={"OPENAI_API_KEY": FAKE_KEY}) as local:  # the worker's own key
         yield local
 
 
@@ -245,6 +247,21 @@ def test_an_embeddings_model_makes_one_request_per_batch_for_many_callers(pool, 
     texts = [f"text {i}" for i in range(12)]
     results = _in_threads(12, lambda i: runnable.invoke(texts[i]))
     assert results == [[float(x) for x in model.embed_documents([t])[0]] for t in texts]
+
+
+def test_openai_embeddings_make_one_request_per_sub_batch_for_many_callers(pool, fake_openai):
+    model = OpenAIEmbeddings(model="text-embedding-3-small", base_url=fake_openai.base_url,
+                             api_key="sk-not-sent", check_embedding_ctx_length=False)  # the worker uses its own
+    runnable = remote(pool, EmbeddingsRunnable(embeddings=model), batch_window_ms=WINDOW_MS, max_batch=16)
+    texts = [f"the text of caller {i}" for i in range(12)]
+    already = len(fake_openai.embedding_requests)
+    results = _in_threads(12, lambda i: runnable.invoke(texts[i]))
+    requests = fake_openai.embedding_requests[already:]
+    for text, vector in zip(texts, results, strict=True):
+        assert vector == pytest.approx(fake_openai.embedding(text), abs=1e-6)
+    assert sorted(text for request in requests for text in request["input"]) == sorted(texts)  # each once
+    assert len(requests) < len(texts)  # callers shared requests
+    assert max(len(request["input"]) for request in requests) > 1
 
 
 def test_embeddings_runnable_makes_one_embed_documents_call_per_batch():
