@@ -22,6 +22,17 @@ Entry points, all taking and returning encoded bytes (``codec``):
   item as a packed CHUNK frame (``protocol.pack_item`` / ``pack_item_error``) as it finishes. An
   item that raised, or whose output cannot be encoded or is over the message limit, is that
   item's error; the other items go on.
+
+One trace per call (docs/langchain.md#tracing): a task whose caller relays callbacks (its config
+carries an ``EventRecorder``, :func:`relays_callbacks`) runs with the worker's own LangSmith
+tracing off, whatever the worker's environment says. The relay already puts the worker's runs
+under the caller's run, in the caller's trace; a tracer on the worker too would post the same runs
+again as a root trace of their own. Every entry point applies it (sync, async, stream, batch), in
+the context the runnable runs in: :func:`untraced_context` for code run on a thread (each step
+of a stream or batch runs in it, so nothing is left switched off in the thread between steps),
+:func:`_tracing_off` inside a coroutine (an event-loop task has a context of its own). A task
+nobody listens to at the caller is traced as the worker's environment says: one root, in the
+worker's project, which is the operator's choice and no duplicate.
 """
 
 from __future__ import annotations
@@ -126,6 +137,83 @@ def prefers_event_loop(runnable: Any) -> bool:
     return any(_awaits_natively(part) for part in found)
 
 
+# ---------------------------------------------------------------------- the worker's own tracing
+
+
+def relays_callbacks(config: RunnableConfig) -> bool:
+    """True if the task's callbacks go back to its caller (:func:`task_config` gave it a recorder):
+    then its runs reach the caller's tracer through the relay, and the worker must not trace it."""
+    callbacks = config.get("callbacks")
+    return isinstance(callbacks, list) and any(isinstance(handler, EventRecorder) for handler in callbacks)
+
+
+class _Quiet:
+    """What LangSmith's ``tracing_context(enabled=False)`` sets, as (context variable, value) pairs,
+    taken once by running it in an empty context. Setting those pairs is what that context manager
+    does on a worker thread (no parent run there), for a fraction of its cost (about 1 us per task
+    instead of 16), and it needs no private LangSmith name: whatever variables ``_configure`` and
+    ``@traceable`` read to decide, this switches exactly those."""
+
+    values: list[tuple[contextvars.ContextVar[Any], Any]] | None = None
+
+    @classmethod
+    def pairs(cls) -> list[tuple[contextvars.ContextVar[Any], Any]]:
+        if cls.values is None:
+            from langsmith.run_helpers import tracing_context  # a dependency of langchain-core
+
+            def taken() -> list[tuple[contextvars.ContextVar[Any], Any]]:
+                with tracing_context(enabled=False):
+                    return list(contextvars.copy_context().items())
+
+            cls.values = contextvars.Context().run(taken)
+        return cls.values
+
+
+def _set_all(pairs: list[tuple[contextvars.ContextVar[Any], Any]]) -> None:
+    for var, value in pairs:
+        var.set(value)
+
+
+def untraced_context() -> contextvars.Context:
+    """A copy of the current context with LangSmith tracing off, to run a task's runnable in."""
+    context = contextvars.copy_context()
+    context.run(_set_all, _Quiet.pairs())
+    return context
+
+
+@contextlib.contextmanager
+def _tracing_off(config: RunnableConfig) -> Iterator[None]:
+    """LangSmith tracing off for the block if the task relays callbacks, for a coroutine (whose
+    task has a context of its own). Restored at the end; a generator finalized from another
+    context (garbage-collected) has nothing to restore there."""
+    if not relays_callbacks(config):
+        yield
+        return
+    tokens = [var.set(value) for var, value in _Quiet.pairs()]
+    try:
+        yield
+    finally:
+        for token in reversed(tokens):
+            try:
+                token.var.reset(token)
+            except ValueError:
+                pass
+
+
+def _stepped(context: contextvars.Context, steps: Generator[bytes, None, None]) -> Generator[bytes, None, None]:
+    """``steps`` with each step (and its closing) run in ``context``: the runnable's code always
+    runs there, and the thread's own context never holds the change between steps."""
+    try:
+        while True:
+            try:
+                step = context.run(next, steps)
+            except StopIteration:
+                return
+            yield step
+    finally:
+        context.run(steps.close)
+
+
 def task_config(header: P.TaskHeader, emit_event: Callable[[bytes], None]) -> RunnableConfig:
     """The config a task runs with: the wire's part of the caller's config, plus, when the caller
     listens to callbacks, a recorder that relays them (``worker.callback_events``)."""
@@ -212,6 +300,8 @@ def run_invoke(runnable: Runnable, async_only: bool, input_blob: bytes, config: 
     if async_only:
         return asyncio.run(arun_invoke(runnable, input_blob, config, trusted))
     value, kwargs = decode_input(input_blob)
+    if relays_callbacks(config):
+        return encode_output(untraced_context().run(runnable.invoke, value, config, **kwargs), trusted)
     return encode_output(runnable.invoke(value, config, **kwargs), trusted)
 
 
@@ -219,6 +309,12 @@ def iterate_stream(runnable: Runnable, async_only: bool, input_blob: bytes,
                    config: RunnableConfig, trusted: bool = False) -> Generator[bytes, None, None]:
     """Each encoded chunk as soon as the runnable yields it. Closing this iterator (or stopping
     between chunks) closes the runnable's stream."""
+    chunks = _iterate_stream(runnable, async_only, input_blob, config, trusted)
+    return _stepped(untraced_context(), chunks) if relays_callbacks(config) else chunks
+
+
+def _iterate_stream(runnable: Runnable, async_only: bool, input_blob: bytes,
+                    config: RunnableConfig, trusted: bool) -> Generator[bytes, None, None]:
     if async_only:
         yield from _drive(aiterate_stream(runnable, input_blob, config, trusted))
         return
@@ -243,6 +339,13 @@ def iterate_batch(runnable: Runnable, async_only: bool, input_blob: bytes, confi
     ``threads``: a bounded pool that the batch's items run on instead of the thread pool
     LangChain's ``batch_as_completed`` starts per call (see :func:`share_batch_threads`), so that
     a worker's sync code stays within its ``--threads`` however many batches it runs."""
+    packed = _iterate_batch(runnable, async_only, input_blob, config, items, trusted, max_bytes, threads)
+    return _stepped(untraced_context(), packed) if relays_callbacks(config) else packed
+
+
+def _iterate_batch(runnable: Runnable, async_only: bool, input_blob: bytes, config: RunnableConfig,
+                   items: int, trusted: bool, max_bytes: int,
+                   threads: concurrent.futures.Executor | None) -> Generator[bytes, None, None]:
     if async_only:
         yield from _drive(aiterate_batch(runnable, input_blob, config, items, trusted, max_bytes))
         return
@@ -330,21 +433,24 @@ def _drive(chunks: AsyncGenerator[bytes, None]) -> Iterator[bytes]:
 async def arun_invoke(runnable: Runnable, input_blob: bytes, config: RunnableConfig,
                       trusted: bool = False) -> bytes:
     value, kwargs = decode_input(input_blob)
-    return encode_output(await runnable.ainvoke(value, config, **kwargs), trusted)
+    with _tracing_off(config):
+        output = await runnable.ainvoke(value, config, **kwargs)
+    return encode_output(output, trusted)
 
 
 async def aiterate_stream(runnable: Runnable, input_blob: bytes,
                           config: RunnableConfig, trusted: bool = False) -> AsyncGenerator[bytes, None]:
     value, kwargs = decode_input(input_blob)
-    chunks = runnable.astream(value, config, **kwargs)
-    encode = chunk_encoder(trusted)
-    try:
-        async for chunk in chunks:
-            yield encode(chunk)
-    finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+    with _tracing_off(config):
+        chunks = runnable.astream(value, config, **kwargs)
+        encode = chunk_encoder(trusted)
+        try:
+            async for chunk in chunks:
+                yield encode(chunk)
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 # The tasks a batch started on the loop (see track_tasks): an async batch runs its items as tasks
@@ -371,21 +477,22 @@ def track_tasks(loop: asyncio.AbstractEventLoop) -> None:
 async def aiterate_batch(runnable: Runnable, input_blob: bytes, config: RunnableConfig, items: int,
                          trusted: bool, max_bytes: int) -> AsyncGenerator[bytes, None]:
     values, kwargs = decode_batch_input(input_blob, items)
-    started: set[asyncio.Task[Any]] = set()
-    token = _batch_tasks.set(started)
-    outcomes = runnable.abatch_as_completed(values, config, return_exceptions=True, **kwargs)
-    try:
-        async for index, outcome in outcomes:
-            yield pack_outcome(index, outcome, trusted, max_bytes)
-    finally:
+    with _tracing_off(config):
+        started: set[asyncio.Task[Any]] = set()
+        token = _batch_tasks.set(started)
+        outcomes = runnable.abatch_as_completed(values, config, return_exceptions=True, **kwargs)
         try:
-            aclose = getattr(outcomes, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            async for index, outcome in outcomes:
+                yield pack_outcome(index, outcome, trusted, max_bytes)
         finally:
             try:
-                _batch_tasks.reset(token)
-            except ValueError:  # finalized from another context (garbage-collected): nothing to undo there
-                pass
-            for task in started:
-                task.cancel()  # a no-op for those done
+                aclose = getattr(outcomes, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                try:
+                    _batch_tasks.reset(token)
+                except ValueError:  # finalized from another context (garbage-collected): nothing to undo there
+                    pass
+                for task in started:
+                    task.cancel()  # a no-op for those done

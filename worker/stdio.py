@@ -116,14 +116,36 @@ def _serve(stdin: BinaryIO, replies: _Replies) -> int:
         if header.kind == "stream":
             for chunk in execution.iterate_stream(runnable, async_only, input_blob, config, header.trust):
                 send_output(P.CHUNK, chunk)
+            _flush_own_traces()
             send(P.RESULT, b"")
         elif header.kind == "batch":  # not sent by ephemeral mode today, but served like the warm worker
             for item in execution.iterate_batch(runnable, async_only, input_blob, config, header.items,
                                                 header.trust, defaults.MAX_MESSAGE_BYTES):
                 send_output(P.CHUNK, item)
+            _flush_own_traces()
             send(P.RESULT, b"")
         else:
-            send_output(P.RESULT, execution.run_invoke(runnable, async_only, input_blob, config, header.trust))
+            output = execution.run_invoke(runnable, async_only, input_blob, config, header.trust)
+            _flush_own_traces()
+            send_output(P.RESULT, output)
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller as its ERROR
+        _flush_own_traces()
         send_error(*execution.failure(exc, header.trust))
     return 0
+
+
+def _flush_own_traces() -> None:
+    """Post what this worker's own LangSmith tracing recorded of the task, before its last reply.
+
+    A one-shot worker is stopped (its process killed, its Pod deleted) as soon as the client has
+    read its last reply, so runs still queued in LangSmith's background thread then would be lost.
+    Its own tracing only runs when the operator turned it on (LANGSMITH_* in its environment) and
+    the task's caller relays no callbacks (docs/langchain.md#tracing); otherwise there is no client
+    to flush and this costs a dictionary lookup."""
+    tracers = sys.modules.get("langchain_core.tracers.langchain")
+    if tracers is None:
+        return
+    try:
+        tracers.wait_for_all_tracers()
+    except Exception as exc:  # noqa: BLE001 - a tracing backend that is down must not fail the task
+        log.warning("the worker's own traces of this task could not be posted: %s", exc)

@@ -1,0 +1,133 @@
+"""One trace per call (docs/langchain.md#tracing): with LangSmith tracing on in the caller and in
+the workers alike, ``prompt | RunnableK8s(bound=ChatOpenAI(...)) | parser`` posts one trace, with
+the model's run under the ``RunnableK8s`` run (relayed from the worker), and nothing else: a
+worker never traces a task whose caller relays callbacks.
+
+Everything is real: the ``langsmith`` client in the caller and in the workers, posting to a local
+capture server (tests/support/langsmith_capture.py); ``ChatOpenAI`` against the fake OpenAI server;
+a caller process that has the LangSmith variables from its start (tests/support/traced_caller.py);
+a LocalPool whose workers get the same variables. That a worker posted nothing is not taken from a
+flush that did not happen yet: each test ends with a control call nobody listens to at the caller,
+which the same worker does trace (its run arrives, and arrives after the calls before it), and the
+runs are read only once the control's run is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from pool import LocalPool
+from tests.support.fake_openai import DEFAULT_CHUNKS, FAKE_KEY, FakeOpenAI
+from tests.support.langsmith_capture import LangSmithCapture, Record
+from tests.support.paths import REPO
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+ANSWER = "".join(DEFAULT_CHUNKS)
+CALLER_TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def capture() -> Iterator[LangSmithCapture]:
+    with LangSmithCapture() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def traced_pool(capture: LangSmithCapture, fake_openai: FakeOpenAI) -> Iterator[LocalPool]:
+    """One worker (so the control call's run is posted by the process that ran the calls before it),
+    holding the OpenAI key and the caller's LangSmith variables."""
+    with LocalPool(workers=1, slots=8, env={"OPENAI_API_KEY": FAKE_KEY, **capture.env()}) as pool:
+        yield pool
+
+
+def call(capture: LangSmithCapture, address: str, fake_openai: FakeOpenAI, *cases: str) -> dict[str, object]:
+    """Run ``cases`` in a caller process traced to ``capture``; their outputs."""
+    env = {**os.environ, "OPENAI_API_KEY": FAKE_KEY, **capture.env()}
+    done = subprocess.run([sys.executable, "-m", "tests.support.traced_caller", address, fake_openai.base_url, *cases],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=CALLER_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def control_run(capture: LangSmithCapture, case: str) -> Record:
+    """The run the worker posted, as its own root, for the control call ``case``, once it ended."""
+    def found() -> Record | None:
+        return next((run for run in capture.runs().values()
+                     if run.metadata.get("case") == case and run.parent_run_id is None and run.ended), None)
+
+    return wait_for(found, 60, f"the worker's own trace of the {case!r} call (nobody listened at the caller)")
+
+
+def of_case(runs: dict[str, Record], case: str) -> list[Record]:
+    return [run for run in runs.values() if run.metadata.get("case") == case]
+
+
+def ancestors(runs: dict[str, Record], run: Record) -> list[Record]:
+    chain = []
+    while run.parent_run_id is not None:
+        run = runs[run.parent_run_id]
+        chain.append(run)
+    return chain
+
+
+def assert_one_trace_per_call(runs: dict[str, Record], case: str, calls: int = 1) -> None:
+    """The runs of ``case``: ``calls`` traces, each one root (the sequence) holding every run, and one
+    ChatOpenAI llm run per call, under the RunnableK8s run."""
+    mine = of_case(runs, case)
+    roots = [run for run in mine if run.parent_run_id is None]
+    assert [(r.name, r.run_type) for r in roots] == [("RunnableSequence", "chain")] * calls, (
+        f"{case}: expected {calls} root(s), the sequence; got {[(r.name, r.run_type) for r in roots]}")
+    root_ids = {root.id for root in roots}
+    assert all(run.trace_id in root_ids and run.parent_run_id in {None, *runs} for run in mine), case
+    models = [run for run in mine if run.run_type == "llm"]
+    assert len(models) == calls and all(run.name == "ChatOpenAI" for run in models), (
+        f"{case}: expected {calls} ChatOpenAI llm run(s), got {[(r.name, r.parent_run_id) for r in models]}")
+    for model in models:
+        above = ancestors(runs, model)  # the caller names its RunnableK8s "RunnableK8s"
+        assert [run.name for run in above[-2:]] == ["RunnableK8s", "RunnableSequence"], f"{case}: {above}"
+        assert above[-1].id == model.trace_id
+
+
+def assert_only_these_roots(runs: dict[str, Record], relayed: dict[str, int], controls: list[str]) -> None:
+    """Every trace captured is one of the relayed calls' or a control's: no other root at all."""
+    roots = sorted((run.metadata.get("case"), run.name) for run in runs.values() if run.parent_run_id is None)
+    expected = sorted([(case, "RunnableSequence") for case, calls in relayed.items() for _ in range(calls)]
+                      + [(case, "ChatOpenAI") for case in controls])
+    assert roots == expected
+
+
+def test_a_warm_call_is_one_trace_and_the_worker_posts_none_of_it(capture, traced_pool, fake_openai):
+    relayed = {"invoke": 1, "stream": 1, "batch": 2, "ainvoke": 1, "astream": 1,
+               "thread-invoke": 1, "thread-stream": 1, "thread-batch": 2}
+    outputs = call(capture, traced_pool.address, fake_openai, *relayed, "control")
+    assert outputs["invoke"] == outputs["stream"] == outputs["thread-stream"] == outputs["control"] == ANSWER
+    assert outputs["batch"] == outputs["thread-batch"] == [ANSWER, ANSWER]
+
+    control = control_run(capture, "control")
+    assert control.name == "ChatOpenAI" and control.run_type == "llm"  # the worker does trace, when it is its own
+    runs = capture.runs()
+    for case, calls in relayed.items():
+        assert_one_trace_per_call(runs, case, calls)
+    assert_only_these_roots(runs, relayed, ["control"])
+
+
+def test_an_ephemeral_call_is_one_trace_and_the_one_shot_worker_posts_none_of_it(capture, fake_openai):
+    relayed = {"ephemeral-invoke": 1, "ephemeral-stream": 1}
+    before = set(capture.runs())
+    outputs = call(capture, "ipc:///nowhere", fake_openai, *relayed, "ephemeral-control")
+    assert outputs["ephemeral-invoke"] == outputs["ephemeral-stream"] == outputs["ephemeral-control"] == ANSWER
+
+    control = control_run(capture, "ephemeral-control")
+    assert control.name == "ChatOpenAI" and control.run_type == "llm"
+    runs = {run_id: run for run_id, run in capture.runs().items() if run_id not in before}
+    for case, calls in relayed.items():
+        assert_one_trace_per_call(runs, case, calls)
+    assert_only_these_roots(runs, relayed, ["ephemeral-control"])
