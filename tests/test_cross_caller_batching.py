@@ -22,10 +22,11 @@ from langchain_core.runnables import RunnableConfig, RunnableLambda, RunnableSer
 from langchain_core.tracers.context import collect_runs
 from langchain_openai import OpenAIEmbeddings
 
-from pool import LocalPool
+from pool import LocalPool, PoolUnavailable
 from pool.bench.coalesce import measure
 from pool.client import coalescing
 from pool.client.calls import DEFAULT_WIRE_CONFIG
+from pool.client.connection import Connection
 from pool.embeddings import EmbeddingsRunnable
 from tests.support.fake_openai import FAKE_KEY
 from tests.support.remote import remote
@@ -188,6 +189,21 @@ def test_one_callers_bad_input_raises_in_that_caller_only(pool, log):
     assert [r for i, r in enumerate(results) if i != 3] == [{"n": i * 2} for i in range(8) if i != 3]
     (with_bad,) = [b for b in _batches(log) if "bad" in b["inputs"]]
     assert with_bad["kind"] == "batch" and len(with_bad["inputs"]) > 1  # it shared its task with others
+
+
+def test_a_failure_of_the_whole_batch_reaches_every_caller_of_it(tmp_path):
+    with LocalPool(workers=1) as gone:
+        runnable = remote(gone, RunnableLambda(lambda x: x), batch_window_ms=WINDOW_MS, connect_timeout=1)
+        assert runnable.invoke(1) == 1  # placed: warm, on this pool
+    before = coalescing.coalescings_sent()
+    address = gone.address
+    try:
+        results = _in_threads(6, lambda i: runnable.invoke(i))  # the pool is gone: the batch cannot be sent
+    finally:
+        Connection.close_all(address)
+    assert all(isinstance(result, PoolUnavailable) for result in results), results
+    assert len({id(result) for result in results}) == 6  # each caller its own exception object
+    assert coalescing.coalescings_sent()[1] - before[1] == 6
 
 
 def test_a_lone_call_completes_after_the_window_as_a_batch_of_one(pool, log):

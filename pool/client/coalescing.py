@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import json
 import os
 import threading
@@ -134,6 +135,23 @@ class _Senders:
 _senders = _Senders()
 
 
+def _each(error: BaseException, count: int) -> list[BaseException]:
+    """The failure of a whole batch for each of its ``count`` callers: the first gets ``error``,
+    each other a copy caused by it. One object raised in many threads (or coroutines) would grow
+    one traceback out of all their frames."""
+    errors = [error]
+    for _ in range(count - 1):
+        try:
+            twin = copy.copy(error)
+        except Exception:  # noqa: BLE001 - an exception that cannot be copied is shared as it is
+            twin = error
+        if twin is not error:
+            twin.__cause__ = error
+            twin.__traceback__ = None
+        errors.append(twin)
+    return errors
+
+
 def _shared_kwargs(call: RemoteCall, kwargs: dict[str, Any] | None) -> RemoteCall:
     """The call carrying ``kwargs`` (the batch's first call's object): the backend groups a
     batch's calls into one task by that object, and equal kwargs are the condition for sharing."""
@@ -193,7 +211,11 @@ class Coalescer:
                 del self._open[key]  # full: no one else joins it, and it leaves now
                 batch.full.set()
         if first:
-            _senders.get().submit(self._send, backend, batch, time.monotonic() + window)
+            deadline = time.monotonic() + window
+            try:
+                _senders.get().submit(self._send, backend, batch, deadline)
+            except RuntimeError:  # the interpreter is shutting its thread pools down: send from here
+                self._send(backend, batch, deadline)
         try:
             slot.done.wait()
         except BaseException:
@@ -218,7 +240,7 @@ class Coalescer:
             try:
                 outcomes: list[Any] = backend.batch([slot.call for slot in slots], None, return_exceptions=True)
             except BaseException as exc:  # noqa: BLE001 - the whole batch failed: every caller is told
-                outcomes = [exc] * len(slots)
+                outcomes = _each(exc, len(slots))
             for slot, outcome in zip(slots, outcomes, strict=True):
                 slot.outcome = outcome
                 slot.done.set()
@@ -279,7 +301,7 @@ async def _asend(backend: Any, kept: list[tuple[RemoteCall, asyncio.Future[Any]]
             future.cancel()
         raise
     except BaseException as exc:  # noqa: BLE001 - the whole batch failed: every caller is told
-        outcomes = [exc] * len(kept)
+        outcomes = _each(exc, len(kept))
     for (_, future), outcome in zip(kept, outcomes, strict=True):
         if future.done():
             continue  # its caller gave up: the outcome is dropped
