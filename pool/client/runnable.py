@@ -8,7 +8,9 @@ It is a Runnable like any other: when anything listens (a handler, a tracer, ``c
 nothing does (``listeners.nobody_listens``), the call goes straight to the backend, paying for no
 run that nobody would see. It streams inside a ``RunnableSequence`` (which calls ``transform``),
 and ``with_retry`` / ``with_fallbacks`` work because ``batch`` honours ``return_exceptions``. ``invoke`` is one call
-to the backend; ``batch`` hands the backend one call per item, each with its own config and run
+to the backend, unless ``batch_window_ms`` is set: then quiet ``invoke``/``ainvoke`` calls of one instance that
+arrive together are gathered into one backend batch (``coalescing``; calls something listens to, calls of a
+thread and streams still go alone); ``batch`` hands the backend one call per item, each with its own config and run
 manager (``_batch_with_config``), and gets back one outcome per item, exceptions as values (the
 warm backend sends them in sub-batches, ``warm_backend.plan_sub_batches``).
 
@@ -89,9 +91,12 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
             free slot; the first to produce output wins and the other is cancelled. Never after any
             output has reached the caller. Only for calls safe to run twice (a model call).
         batch_window_ms: opt-in. Concurrent ``invoke``/``ainvoke`` calls of this instance within this
-            many milliseconds go to one worker as one ``batch`` (an embeddings model then makes one
-            request for many callers); each caller gets its own result or error.
-        max_batch: at most this many calls in one such batch (it is sent at once when full).
+            many milliseconds of the first (0 < N <= 10,000) are sent together as one ``batch`` (an
+            embeddings model behind ``pool.embeddings.EmbeddingsRunnable`` then makes one request for
+            many callers); each caller gets its own result or error. Only calls with the same config
+            and kwargs share a batch; calls something listens to, calls of a thread (``affinity_key``),
+            streams and ephemeral mode are never gathered. A lone call waits the whole window.
+        max_batch: at most this many calls (1 to 256) in one such batch; a full batch leaves at once.
         k8s_*: the original RunnableK8s keyword arguments, used by ephemeral mode.
 
     Raises:
