@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import types
 from typing import Any
 
 import cloudpickle
@@ -80,6 +81,10 @@ class _HybridPickler(cloudpickle.Pickler):
             sentinel = sentinel_reduction(obj, self._named)
             if sentinel is not None:
                 return sentinel
+        if type(obj) is types.MethodType and isinstance(obj.__self__, BaseModel):
+            by_name = _method_by_name(obj)
+            if by_name is not None:
+                return by_name
         # Classes are never model *instances*; skip them cheaply.
         if isinstance(obj, BaseModel) and not isinstance(obj, type):
             reduction = self._model_reduction(obj)
@@ -125,6 +130,16 @@ class _HybridPickler(cloudpickle.Pickler):
         except Exception:  # noqa: BLE001 - any failure means: this field cannot travel
             return False
         return True
+
+
+def _method_by_name(method: types.MethodType) -> Any:
+    """A model's bound method (``embeddings.embed_documents``) as ``getattr(model, name)``: the model
+    is rebuilt first, so a worker that lacks its class says so through the model's own route
+    (which names the package to install), and the function is the rebuilt class's own."""
+    owner, name = method.__self__, getattr(method.__func__, "__name__", None)
+    if not isinstance(name, str) or getattr(type(owner), name, None) is not method.__func__:
+        return None
+    return getattr, (owner, name)
 
 
 class _Trials:
@@ -269,6 +284,12 @@ def loads(data: bytes) -> Any:
         return pickle.loads(data)
     except CodecError as exc:  # ours (a constructor, a sentinel): it already says what to do
         raise CodecError(f"cannot deserialize: {exc}") from exc
+    except ModuleNotFoundError as exc:
+        raise CodecError(
+            f"cannot deserialize: the module {exc.name} cannot be imported here ({exc}). Install the package "
+            "that provides it on this side (for a worker: in its image, at the client's version), or, for a "
+            "module of your own, ship it with the task: cloudpickle.register_pickle_by_value(module)."
+        ) from exc
     except Exception as exc:
         raise CodecError(
             f"cannot deserialize: {type(exc).__name__}: {exc}. Usually a module the object needs "
