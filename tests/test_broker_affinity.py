@@ -338,3 +338,20 @@ def test_counters_of_threads_in_status():
     # The pinned one, and the one it sent before its BYE (never started: it would start over elsewhere).
     assert counters["threads_lost"] == 2
     assert status(pool)["threads_held"] == 0
+
+
+@pytest.mark.timeout(10)
+def test_tasks_waiting_for_their_threads_worker_count_against_the_client_allowance():
+    """Else a thread's tasks would be a way past --client-queue-size."""
+    pool = Pool(client_queue_size=3)
+    pool.hello()
+    pool.ready(b"w1", slots=1)
+    submit(pool, new_id(), "t1")  # running
+    for _ in range(3):
+        waiting = new_id()
+        assert errors_sent(submit(pool, waiting, "t1")) == []
+    refused = new_id()
+    assert errors_sent(submit(pool, refused, "t1")) == [(CLIENT, refused, P.E_BUSY)]
+    assert status(pool)["queued_tasks"] == 3 and status(pool)["queued_pinned"] == 3
+    pool(E.Cancel(CLIENT, waiting))
+    assert errors_sent(submit(pool, new_id(), "t1")) == [], "a place freed by a cancel is free again"

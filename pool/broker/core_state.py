@@ -129,7 +129,7 @@ class CoreState:
         self.tasks: dict[bytes, Task] = {}
         self.queues = Queues()
         self.threads = Threads(max_threads)  # which worker holds which thread (affinity)
-        self.pinned = Pinned()  # tasks waiting for their thread's worker
+        self.pinned = Pinned(self.queues)  # tasks waiting for their thread's worker
         self.runnables = RunnableStore(runnable_store_bytes)
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         # Workers that take tasks now (not draining, a slot free), by environment: dispatch looks

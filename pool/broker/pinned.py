@@ -10,8 +10,10 @@ Why it cannot starve: a worker with tasks waiting here is out of the free-worker
 ``Slots._refresh``), so a slot it frees goes to its own waiting tasks first; only once they are
 all sent does it take tasks of the shared queue again.
 
-Tasks leaving early (cancelled, expired) are marked (``task.pinned_to = None``) and skipped when
-they reach the front, as in ``state.Queues``; deadlines sit in one heap for all workers.
+They count against their client key's and the broker's allowances as tasks of the shared queue
+do (``Queues.count_outside``). Tasks leaving early (cancelled, expired) are marked
+(``task.pinned_to = None``) and skipped when they reach the front, as in ``state.Queues``;
+deadlines sit in one heap for all workers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from pool.broker.state import Task, WorkerState
+from pool.broker.state import Queues, Task, WorkerState
 
 _COMPACT_SLACK = 1024
 
@@ -27,7 +29,8 @@ _COMPACT_SLACK = 1024
 class Pinned:
     """Every worker's waiting tasks (kept on the worker: ``WorkerState.waiting``) and their deadlines."""
 
-    def __init__(self) -> None:
+    def __init__(self, queues: Queues) -> None:
+        self._queues = queues  # where they count against the allowances (``Queues.count_outside``)
         self._deadlines: list[tuple[float, int, Task]] = []
         self._pushes = 0
         self.live = 0  # tasks waiting for a worker, all workers together
@@ -46,6 +49,7 @@ class Pinned:
         task.pinned_to = worker.identity
         worker.waiting_live += 1
         self.live += 1
+        self._queues.count_outside(task.owner, 1)
         self._pushes += 1
         heapq.heappush(self._deadlines, (task.queue_deadline, self._pushes, task))
         if len(self._deadlines) > 2 * self.live + _COMPACT_SLACK:
@@ -82,6 +86,7 @@ class Pinned:
         else:
             task.pinned_to = None
             self.live -= 1
+            self._queues.count_outside(task.owner, -1)
 
     def take_all(self, worker: WorkerState) -> list[Task]:
         """Every task waiting for this worker, oldest first (it left)."""
@@ -105,3 +110,4 @@ class Pinned:
         task.pinned_to = None
         worker.waiting_live -= 1
         self.live -= 1
+        self._queues.count_outside(task.owner, -1)

@@ -210,6 +210,7 @@ class Queues:
         self.items = 0  # calls waiting: a sub-batch task counts its items (the autoscaler's demand)
 
     def __len__(self) -> int:
+        """Tasks waiting, those waiting for one worker (``pinned``) included."""
         return self._live
 
     def of_client(self, owner: bytes) -> int:
@@ -265,6 +266,17 @@ class Queues:
         if clients is not None:  # emptied: an environment nobody uses any more costs nothing
             del self._by_env[key]
         return None
+
+    def count_outside(self, owner: bytes, delta: int) -> None:
+        """A task that waits outside these queues (for one worker: ``pinned``) counts against its
+        tenant's and the broker's allowances all the same (``of_client``, ``len``): else tasks
+        of threads would be a way past ``client_queue_size`` and ``queue_size``."""
+        self._live += delta
+        left = self._by_client[owner] + delta
+        if left:
+            self._by_client[owner] = left
+        else:
+            del self._by_client[owner]
 
     def _taken(self, task: Task) -> None:
         client = task.owner
