@@ -50,6 +50,8 @@ EVERYTHING_ON: dict[str, Any] = {
                                        "whenUnsatisfiable": "ScheduleAnyway",
                                        "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "worker"}}}],
         "serviceAccountName": "workers",
+        "checkpointer": {"factory": "team_store.checkpointers:postgres",
+                         "urlSecret": {"name": "checkpoints", "key": "dsn"}},
     },
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": "25%"},
     "serviceAccount": {"create": True, "name": "pool-broker", "annotations": {"i": "j"}},
@@ -111,6 +113,10 @@ BAD_VALUES = {
     "metadata egress not a boolean": {"networkPolicy": {"workers": {"allowMetadataEgress": "yes"}}},
     "egress rules not a list": {"networkPolicy": {"workers": {"egressRules": {"to": []}}}},
     "the old worker egress switch": {"networkPolicy": {"workerEgress": {"enabled": True}}},
+    "checkpointer factory not an import path": {"worker": {"checkpointer": {"factory": "team_store/postgres"}}},
+    "checkpointer factory without its name": {"worker": {"checkpointer": {"factory": "team_store.checkpointers"}}},
+    "checkpointer as a bare string": {"worker": {"checkpointer": "worker.checkpointers:sqlite"}},
+    "checkpointer Secret key without its Secret": {"worker": {"checkpointer": {"urlSecret": {"key": "dsn"}}}},
 }
 
 
@@ -354,6 +360,27 @@ def test_every_optional_feature_renders_as_configured(helm_bin, tmp_path):
                                     {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
     # The helm test Pod is a labelled client, so it passes the policy.
     assert one(docs, "Pod")["metadata"]["labels"]["llm-client"] == "yes"
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_the_worker_checkpointer_renders_its_environment_from_a_value_or_a_secret(helm_bin, tmp_path):
+    def checkpointer_env(values: dict | None) -> list[dict]:
+        env = container(one(render(helm_bin, tmp_path, values), "Deployment", "worker"))["env"]
+        return [e for e in env if e["name"].startswith("RUNNABLE_K8S_CHECKPOINTER")]
+
+    assert checkpointer_env(None) == []  # none by default: threads stay on their worker
+    sqlite = {"factory": "worker.checkpointers:sqlite", "url": "/data/checkpoints.sqlite"}
+    assert checkpointer_env({"worker": {"checkpointer": sqlite}}) == [
+        {"name": "RUNNABLE_K8S_CHECKPOINTER", "value": "worker.checkpointers:sqlite"},
+        {"name": "RUNNABLE_K8S_CHECKPOINTER_URL", "value": "/data/checkpoints.sqlite"}]
+    secret = {"factory": "team_store.checkpointers:postgres", "url": "ignored",
+              "urlSecret": {"name": "checkpoints", "key": "dsn"}}
+    assert checkpointer_env({"worker": {"checkpointer": secret}}) == [
+        {"name": "RUNNABLE_K8S_CHECKPOINTER", "value": "team_store.checkpointers:postgres"},
+        {"name": "RUNNABLE_K8S_CHECKPOINTER_URL", "valueFrom": {"secretKeyRef": {"name": "checkpoints", "key": "dsn"}}}]
+    # A URL without a factory configures nothing (the worker would ignore it).
+    assert checkpointer_env({"worker": {"checkpointer": {"url": "/data/checkpoints.sqlite"}}}) == []
 
 
 @pytest.mark.cluster
