@@ -266,8 +266,9 @@ def test_a_create_agent_graph_with_a_chat_model_and_a_tool_runs_remotely(pool, f
 
 
 def test_a_thread_id_reaches_the_worker_and_its_in_memory_checkpointer(pool):
-    # One worker: both calls land on it, and on the same deserialized graph (its cache), so the
-    # graph's InMemorySaver remembers the thread. With several workers it would not (docs/langchain.md).
+    # Both calls reach the same deserialized graph (the worker's cache), so the graph's
+    # InMemorySaver remembers the thread. With several workers, every call of a thread goes to the
+    # worker that ran its first (docs/langchain.md#threads; tests/test_langgraph_threads.py).
     graph = remote(pool, tally_graph())
     thread = {"configurable": {"thread_id": f"t-{uuid.uuid4()}"}}
     assert graph.invoke({"count": 0}, thread) == {"count": 1}
