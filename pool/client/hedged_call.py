@@ -209,6 +209,7 @@ class Race:
                 self.hedge_at = None  # the call is over: nothing to hedge
             if attempt.hedge and self.failure is not None:
                 attempt.running = False  # the original's error says more than the duplicate's
+                self.state.count("refused" if event.code == P.E_NO_HEDGE else "lost", self.original.task_id)
                 return [(True, outcome_of(self.failure, self.call.trust_workers))]
         step = single_step(event, self.call, self.kind)
         if step is None:
