@@ -133,13 +133,40 @@ def test_a_hedge_of_a_cancelled_task_is_refused():
 
 
 @pytest.mark.timeout(10)
-def test_a_hedge_is_never_retried_when_its_worker_dies():
-    pool, original, _ = running_original(slots=4)
+@pytest.mark.parametrize("how", ["dies", "says goodbye", "was unreachable"])
+def test_a_hedge_whose_worker_leaves_before_any_output_is_answered_no_hedge_never_queued(how: str):
+    pool, original, worker = running_original(slots=1, workers=2)
     hedge = new_id()
     ((hedge_worker, _),) = tasks_sent(submit(pool, hedge, hedge_of=original, retries=3))
+    if how == "dies":
+        effects = pool(E.ConnectionClosed(pool.fds[hedge_worker]))
+    elif how == "says goodbye":  # it had not started the hedge yet
+        effects = pool(E.Bye(hedge_worker))
+    else:  # the TASK could not be delivered
+        frames = [P.PROTOCOL, P.TASK, hedge, b"{}", b"", b"input"]
+        effects = pool(E.SendFailed(hedge_worker, frames))
+    assert (CLIENT, hedge, P.E_NO_HEDGE) in errors_sent(effects), "the client keeps waiting for the original"
+    assert tasks_sent(effects) == [] and pool.core.counters["retried"] == 0
+    assert hedge not in pool.core.tasks and len(pool.core.queues) == 0
+    assert pool.core.tasks[original].worker == worker, "the original runs on"
+
+
+@pytest.mark.timeout(10)
+def test_a_hedge_that_streamed_fails_like_any_task_when_its_worker_dies():
+    pool, original, _ = running_original(slots=4)
+    hedge = new_id()
+    ((hedge_worker, _),) = tasks_sent(submit(pool, hedge, hedge_of=original))
+    pool(E.Chunk(hedge_worker, hedge, b"a token"))
     effects = pool(E.ConnectionClosed(pool.fds[hedge_worker]))
     assert (CLIENT, hedge, P.E_WORKER_LOST) in errors_sent(effects)
-    assert tasks_sent(effects) == [] and pool.core.counters["retried"] == 0
+
+
+@pytest.mark.timeout(10)
+def test_a_task_is_hedged_once():
+    pool, original, _ = running_original(slots=1, workers=3)
+    first, second = new_id(), new_id()
+    assert len(tasks_sent(submit(pool, first, hedge_of=original))) == 1
+    assert "hedged already" in no_hedge(submit(pool, second, hedge_of=original), second)
 
 
 @pytest.mark.timeout(10)

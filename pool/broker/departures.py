@@ -85,6 +85,9 @@ class Departures(Slots):
             elif lost_thread is not None and task.header.affinity is not None:
                 # Its thread's checkpoint was in that worker's memory: elsewhere it would restart.
                 self._thread_lost(task, lost_thread)
+            elif task.header.hedge_of is not None and not task.streamed:
+                # A hedge is never queued nor retried: the client waits for its original.
+                self._hedge_dropped(task, f"the worker running the hedge {why}")
             elif said_goodbye and not task.streamed:
                 # A worker answers every task it received before its BYE, so this one was still
                 # on its way when the worker left and never started: another worker runs it.

@@ -5,8 +5,11 @@ Why the broker judges it and not the client: only the broker knows whether the o
 queued (a duplicate would only queue behind it), has already streamed (the client would see two
 streams), or whether any other worker has a free slot. A hedge runs only now, on a worker other
 than the original's; it is never queued and never retried. Otherwise it is answered E_NO_HEDGE
-with the reason, and the client keeps waiting for the original. Once sent it is an ordinary task:
-CANCEL, results and deadlines work as for any other; the client cancels whichever loses.
+with the reason, and the client keeps waiting for the original. One hedge per task: more would
+let one caller occupy every worker with copies of one call. Once sent it is an ordinary task:
+CANCEL, results and deadlines work as for any other; the client cancels whichever loses. A hedge
+whose worker leaves before it produced anything is answered E_NO_HEDGE too (never queued, never
+retried): the original may still be running.
 
 Why a batch or a thread's task is never hedged: a batch's items stream as they finish (a second
 copy would interleave), and a thread's task must run where its thread's checkpoint is.
@@ -34,6 +37,8 @@ class Hedges(Slots):
             return None, "no task of this connection has that id (it may have finished)"
         if original.header.hedge_of is not None:
             return None, "a hedge is not hedged again"
+        if original.hedged:
+            return None, "the original task has been hedged already"
         if original.cancelled:
             return None, "the original task was cancelled"
         if original.header.kind == "batch" or original.header.affinity is not None:
@@ -52,4 +57,5 @@ class Hedges(Slots):
         ])
         if chosen is None:
             return None, "no other worker has a free slot"
+        original.hedged = True
         return free.pop(chosen), ""

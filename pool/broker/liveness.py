@@ -74,11 +74,15 @@ class Liveness(Departures):
             task = self.tasks.get(frames[2]) if frames[1] == P.TASK else None
             if task is not None and task.worker == peer:
                 # The worker vanished (without a BYE) before the task reached it: the task never
-                # started, so it goes back to the front of the queue for another worker.
+                # started, so it goes back to the front of the queue for another worker (a hedge
+                # is never queued: its client waits for the original).
                 log.info("task %s goes back to the queue", task.task_id.hex()[:8])
                 worker.vacate(task.task_id)
                 task.worker = None
-                self.queues.push(task, front=True)
+                if task.header.hedge_of is not None:
+                    self._hedge_dropped(task, "the worker chosen for the hedge is gone")
+                else:
+                    self.queues.push(task, front=True)
             self._worker_unreachable(worker)
             self._dispatch(worker.env_key)
         elif peer in self.clients:

@@ -153,6 +153,13 @@ class Slots(CoreState):
         self._send(task.client, P.error_frames(task.task_id, P.E_THREAD_LOST,
                                                lost_message(task.header.affinity or "", why)))
 
+    def _hedge_dropped(self, task: Task, why: str) -> None:
+        """A hedge that cannot run after all (its worker left before it produced anything): it is
+        not queued nor retried; E_NO_HEDGE tells the client to keep waiting for the original."""
+        self._forget(task)
+        self.counters["hedges_refused"] += 1
+        self._send(task.client, P.error_frames(task.task_id, P.E_NO_HEDGE, f"not hedged: {why}"))
+
     def _threads_leave(self, worker: WorkerState, why: str) -> None:
         """The worker stops taking tasks for good (gone, or draining): its threads are lost,
         unless they live in a shared store (then forgotten: their next task goes anywhere). Tasks

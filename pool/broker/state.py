@@ -152,6 +152,7 @@ class Task:
     size: int = 0  # bytes it holds in the broker (header + input), counted against the budgets
     owner: bytes = b""  # its client's tenant (Tenant.name): queues take turns by tenant
     pinned_to: bytes | None = None  # the worker whose own queue it waits in (its thread's holder), if any
+    hedged: bool = False  # a hedge of it was sent (one per task: ``hedges``)
 
 
 class RunnableStore:
