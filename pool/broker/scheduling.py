@@ -6,6 +6,10 @@ equally loaded ones, one that already holds the task's runnable (it skips sendin
 deserializing it, and keeps its warm HTTP pools busy); then the one that waited longest since its
 last task (spreads ties evenly).
 
+A task of a thread (header ``affinity``) whose thread already has a holder never comes here: it
+goes to that worker only (``slots.Slots._route_thread``); its thread's first task does, and the
+worker chosen becomes the holder.
+
 Load comes before the runnable since workers take hundreds of tasks each: with the holder first,
 every task of a runnable went to the first worker that got it, until all of its 256 slots were
 busy, while the others idled (CPU-bound code then ran on one worker's threads). Sending the
