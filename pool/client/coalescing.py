@@ -152,6 +152,14 @@ def _each(error: BaseException, count: int) -> list[BaseException]:
     return errors
 
 
+def _outcome_of(invoke: Any, call: RemoteCall) -> Any:
+    """``invoke(call)``'s output, or its exception as a value (as a batch returns it)."""
+    try:
+        return invoke(call)
+    except Exception as exc:  # noqa: BLE001 - the caller's own error, handed to it
+        return exc
+
+
 def _shared_kwargs(call: RemoteCall, kwargs: dict[str, Any] | None) -> RemoteCall:
     """The call carrying ``kwargs`` (the batch's first call's object): the backend groups a
     batch's calls into one task by that object, and equal kwargs are the condition for sharing."""
@@ -238,7 +246,10 @@ class Coalescer:
                 return
             _sent.add(len(slots))
             try:
-                outcomes: list[Any] = backend.batch([slot.call for slot in slots], None, return_exceptions=True)
+                if len(slots) == 1:  # alone after all: the short path of one call, not a batch's bookkeeping
+                    outcomes: list[Any] = [_outcome_of(backend.invoke, slots[0].call)]
+                else:
+                    outcomes = backend.batch([slot.call for slot in slots], None, return_exceptions=True)
             except BaseException as exc:  # noqa: BLE001 - the whole batch failed: every caller is told
                 outcomes = _each(exc, len(slots))
             for slot, outcome in zip(slots, outcomes, strict=True):
@@ -295,7 +306,13 @@ class Coalescer:
 async def _asend(backend: Any, kept: list[tuple[RemoteCall, asyncio.Future[Any]]]) -> None:
     _sent.add(len(kept))
     try:
-        outcomes: list[Any] = await backend.abatch([call for call, _ in kept], None, return_exceptions=True)
+        if len(kept) == 1:  # alone after all: the short path of one call
+            try:
+                outcomes: list[Any] = [await backend.ainvoke(kept[0][0])]
+            except Exception as exc:  # noqa: BLE001 - the caller's own error, handed to it
+                outcomes = [exc]
+        else:
+            outcomes = await backend.abatch([call for call, _ in kept], None, return_exceptions=True)
     except asyncio.CancelledError:
         for _, future in kept:  # the loop is going away: so are its callers
             future.cancel()
