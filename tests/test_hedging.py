@@ -258,3 +258,15 @@ def test_p95_hedges_only_once_it_has_seen_enough_calls(local_pool, tmp_path):
         assert runnable.invoke({"id": 100 + i, "stall": False}) == 100 + i
     assert runnable.invoke({"id": 1, "stall": True}) == 1  # now hedged at this runnable's p95
     assert _delta(before, hedging.counts())["won"] == 1
+
+
+def test_the_bench_model_stalls_on_the_asked_share_of_attempts_and_a_row_has_its_figures():
+    from pool.bench.hedge import StallingChatModel, measure, table
+
+    always = StallingChatModel(first_ms=1, sigma=0, token_ms=0, tokens=3, stall_rate=1.0, stall_s=0.05)
+    never = always.model_copy(update={"stall_rate": 0.0})
+    assert always._first_wait() >= 0.05 > never._first_wait()
+    assert "".join(chunk.content for chunk in never.stream("hi")) == "tok0 tok1 tok2 "
+    row = measure("in-process", None, never, calls=4, in_flight=2, hedge_after=None, warmup=0)
+    assert row["completed"] == 4 and row["chunks"] >= 12 and row["ttft"]["calls"] == 4
+    assert table([row])[-1].startswith("in-process")
