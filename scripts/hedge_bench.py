@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/hedge_bench.py                                   # 3 % of attempts stall 2 s
     .venv/bin/python scripts/hedge_bench.py --stall-rate 0.1 --hedge-after 0.2 --calls 1000 --json out.json
+    .venv/bin/python scripts/hedge_bench.py --armed-cost --calls 2000     # what an armed, idle hedge costs a call
 
 A streaming fake chat model (``pool.bench.hedge.StallingChatModel``: first token after ~50 ms,
 then 19 more 5 ms apart; on ``--stall-rate`` of its attempts, drawn afresh per attempt, the first
@@ -9,6 +10,10 @@ token stalls ``--stall-s`` more) behind a ``LocalPool`` of ``--workers`` workers
 coroutines stream ``--calls`` calls. In one run: the in-process reference (the same model called
 here with LangChain), the pool without hedging, and the pool with each ``--hedge-after`` (seconds,
 or p95: after a warm-up of ``--warmup`` calls that gives it its samples).
+
+``--armed-cost`` measures something else: sequential sync ``invoke`` calls of an echo with hedging
+off against hedging armed at 30 s (never reached), rounds interleaved; p50 latency and the
+caller's CPU per call: what the hedged path costs a call that is never hedged.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pool import LocalPool
-from pool.bench.hedge import StallingChatModel, measure, table
+from pool.bench.hedge import StallingChatModel, armed_cost, measure, table
 
 
 def _setting(text: str) -> float | str:
@@ -40,7 +45,17 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=64, help="untimed calls before each run")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process reference row")
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--armed-cost", action="store_true", help="only measure what an armed, idle hedge costs")
+    parser.add_argument("--rounds", type=int, default=4, help="--armed-cost: interleaved rounds per setting")
     args = parser.parse_args()
+    if args.armed_cost:
+        with LocalPool(workers=args.workers) as pool:
+            figures = armed_cost(pool, args.calls, args.rounds)
+        print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {args.calls} sequential invokes of "
+              f"an echo x {args.rounds} rounds per setting (medians of the rounds)")
+        for label, row in figures.items():
+            print(f"hedging {label:<6} p50 {row['p50_us']:>8.1f} us   caller CPU {row['cpu_us']:>8.1f} us/call")
+        return 0
     model = StallingChatModel(stall_rate=args.stall_rate, stall_s=args.stall_s)
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {args.calls} streamed calls, "
           f"{args.in_flight} in flight, {args.workers} workers; first token ~{model.first_ms:g} ms, "

@@ -150,3 +150,38 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"{cell(hedges['won'] if row['hedge_after'] is not None else None, 5)} "
             f"{cell(hedges['refused'] if row['hedge_after'] is not None else None, 7)} {row['errors']:>6}")
     return lines
+
+
+def _echo(value: Any) -> Any:
+    return value
+
+
+def armed_cost(pool: Any, calls: int, rounds: int) -> dict[str, dict[str, float]]:
+    """What an armed hedge that never fires costs a call: sequential sync ``invoke`` of an echo,
+    ``hedge_after`` None against 30 s (never reached), rounds interleaved (A B A B ...) so that a
+    shared machine's drift weighs on both alike. Per setting: p50 latency and this process's CPU
+    per call, in microseconds (the median of the rounds)."""
+    import statistics
+
+    from langchain_core.runnables import RunnableLambda
+
+    from pool import RunnableK8s
+
+    runnables = {label: RunnableK8s(bound=RunnableLambda(_echo), pool=pool.address, mode="warm", timeout=30,
+                                    hedge_after=setting) for label, setting in (("off", None), ("armed", 30.0))}
+    found: dict[str, dict[str, list[float]]] = {label: {"p50_us": [], "cpu_us": []} for label in runnables}
+    for runnable in runnables.values():
+        for i in range(min(calls, 200)):
+            runnable.invoke(i)  # warm: the runnable on the workers, the headers cached
+    for _ in range(rounds):
+        for label, runnable in runnables.items():
+            latencies = []
+            cpu = time.process_time()
+            for i in range(calls):
+                started = time.perf_counter()
+                runnable.invoke(i)
+                latencies.append(time.perf_counter() - started)
+            found[label]["cpu_us"].append((time.process_time() - cpu) / calls * 1e6)
+            found[label]["p50_us"].append(statistics.median(latencies) * 1e6)
+    return {label: {name: round(statistics.median(values), 1) for name, values in figures.items()}
+            for label, figures in found.items()}
