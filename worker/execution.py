@@ -181,19 +181,24 @@ def untraced_context() -> contextvars.Context:
     return context
 
 
-@contextlib.contextmanager
-def _tracing_off(config: RunnableConfig) -> Iterator[None]:
+class _tracing_off:  # noqa: N801 - used as a context manager, named like one
     """LangSmith tracing off for the block if the task relays callbacks, for a coroutine (whose
     task has a context of its own). Restored at the end; a generator finalized from another
-    context (garbage-collected) has nothing to restore there."""
-    if not relays_callbacks(config):
-        yield
-        return
-    tokens = [var.set(value) for var, value in _Quiet.pairs()]
-    try:
-        yield
-    finally:
-        for token in reversed(tokens):
+    context (garbage-collected) has nothing to restore there. A class rather than a
+    ``contextmanager`` generator: this runs once per task."""
+
+    __slots__ = ("_config", "_tokens")
+
+    def __init__(self, config: RunnableConfig) -> None:
+        self._config = config
+        self._tokens: list[contextvars.Token[Any]] = []
+
+    def __enter__(self) -> None:
+        if relays_callbacks(self._config):
+            self._tokens = [var.set(value) for var, value in _Quiet.pairs()]
+
+    def __exit__(self, *exc_info: object) -> None:
+        for token in reversed(self._tokens):
             try:
                 token.var.reset(token)
             except ValueError:
