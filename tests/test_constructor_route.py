@@ -34,7 +34,15 @@ from pool import RunnableK8s
 from pool.embeddings import EmbeddingsRunnable
 from pool.errors import SerializationError
 from tests.support.fake_openai import FAKE_KEY, FakeOpenAI
-from tests.support.integration_classes import KEY_ENV, HoldsClient, KeyedEmbeddings, LockedSplitter, Notes
+from tests.support.integration_classes import (
+    KEY_ENV,
+    TOKEN_ENV,
+    HoldsClient,
+    KeyedEmbeddings,
+    LockedSplitter,
+    Notes,
+    ServiceSettings,
+)
 from worker import codec
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,7 +69,8 @@ def loads_in(env: dict[str, str], data: bytes, program: str) -> subprocess.Compl
     """``program`` in a fresh interpreter (no client state, its own environment) with the decoded
     object as ``obj``."""
     code = f"import sys; from worker import codec; obj = codec.loads(sys.stdin.buffer.read()); {program}"
-    clean = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", KEY_ENV, "AZURE_OPENAI_API_KEY")}
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("OPENAI_API_KEY", KEY_ENV, TOKEN_ENV, "AZURE_OPENAI_API_KEY")}
     return subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, env={**clean, **env},
                           timeout=60, check=False, text=False)  # type: ignore[call-overload]
 
@@ -112,6 +121,17 @@ def test_a_secret_by_alias_comes_from_the_workers_environment():
     assert result.returncode == 0, result.stderr
     expected = KeyedEmbeddings(key="the-workers-secret", dimensions=6).embed_query("Pikachu")
     assert result.stdout.decode().strip() == str(expected)
+
+
+def test_settings_holding_a_secret_never_travel_by_value():
+    """A model that pickles fine but holds a ``SecretStr`` (here read from the client's environment by
+    its default) used to travel by value, its token in the clear; it now crosses by its constructor."""
+    settings = ServiceSettings(url="https://pokeapi.example", token="the-clients-token")
+    data = codec.dumps(RunnableLambda(lambda _: (settings.url, settings.token.get_secret_value())))
+    assert b"the-clients-token" not in data and TOKEN_ENV.encode() in data
+    result = loads_in({TOKEN_ENV: "the-workers-token"}, data, "print(obj.invoke(None))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == str(("https://pokeapi.example", "the-workers-token"))
 
 
 def test_a_client_the_user_set_is_refused_naming_the_field(fake_openai):

@@ -153,6 +153,23 @@ def wants_constructor(obj: BaseModel) -> bool:
     return isinstance(obj, Embeddings) or holds_secret(obj)
 
 
+# Per class: whether its instances may need the constructor route (an Embeddings, or secret fields).
+# The data pickler asks for every model it meets, so the answer is one dict look-up after the first.
+_MAY_NEED: dict[type, bool] = {}
+_MAX_CLASSES_REMEMBERED = 4096
+
+
+def may_need_constructor(cls: type) -> bool:
+    """Whether instances of ``cls`` can ever take the route by :func:`wants_constructor` (cheap)."""
+    known = _MAY_NEED.get(cls)
+    if known is None:
+        known = issubclass(cls, BaseModel) and (issubclass(cls, Embeddings) or bool(_plan(cls).secret_fields))
+        if len(_MAY_NEED) >= _MAX_CLASSES_REMEMBERED:
+            _MAY_NEED.clear()  # classes made at run time must not pile up
+        _MAY_NEED[cls] = known
+    return known
+
+
 def is_plain(value: Any, depth: int = 0) -> bool:
     """Plain data that surely pickles (no need to try it)."""
     if isinstance(value, _PLAIN):

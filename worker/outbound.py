@@ -35,7 +35,7 @@ from langchain_core.load.serializable import Serializable
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel
 
-from worker.constructor_route import constructor_reduction, wants_constructor
+from worker.constructor_route import constructor_reduction, may_need_constructor, wants_constructor
 from worker.langchain_route import (
     declared_secrets,
     is_complete,
@@ -179,7 +179,7 @@ class _DataPickler(pickle.Pickler):
         if (isinstance(obj, Serializable) and not isinstance(obj, type)
                 and (isinstance(obj, Runnable) or obj.lc_secrets)):
             raise _NeedsHybrid
-        if isinstance(obj, BaseModel) and not isinstance(obj, type) and wants_constructor(obj):
+        if may_need_constructor(type(obj)) and wants_constructor(obj):
             raise _NeedsHybrid  # an integration or a secret: the constructor route, never by value
         return NotImplemented
 

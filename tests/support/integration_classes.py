@@ -85,3 +85,13 @@ class Notes(BaseModel):
     """A plain model that pickles: it keeps travelling by value, in-place changes included."""
 
     items: list[str] = Field(default_factory=list)
+
+
+TOKEN_ENV = "RK8S_TEST_SERVICE_TOKEN"
+
+
+class ServiceSettings(BaseModel):
+    """Plain settings holding a token: it pickles, and by value the token would be in the bytes."""
+
+    url: str
+    token: SecretStr = Field(default_factory=secret_from_env(TOKEN_ENV))
