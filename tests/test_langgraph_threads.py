@@ -172,6 +172,17 @@ def test_with_the_shared_sqlite_checkpointer_a_thread_resumes_on_another_worker(
     assert Path(shared_sqlite["RUNNABLE_K8S_CHECKPOINTER_URL"]).stat().st_size > 0
 
 
+def test_a_full_cache_drops_other_runnables_before_a_graph_that_keeps_paused_threads():
+    with LocalPool(workers=1, slots=2, worker_args=["--cache-size", "1"]) as pool:
+        graph = remote(pool, interview_graph())
+        config = thread("heidi")
+        first = graph.invoke({"question": "heidi"}, config)
+        for n in range(3):  # three other runnables through a cache of one
+            assert remote(pool, lambda x, n=n: x + n).invoke(1) == 1 + n
+        [state] = interview(graph, ["heidi"], [config], [first])
+    assert state["answers"] == [f"heidi-{n}" for n in range(ROUNDS)]
+
+
 # ---------------------------------------------------------------------------- one build per runnable
 
 

@@ -28,7 +28,6 @@ import contextlib
 import importlib
 import inspect
 import os
-import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -152,18 +151,27 @@ def _is_saver(value: Any) -> bool:
 
 def install(runnable: Any, saver: Any) -> int:
     """See :meth:`SharedCheckpointer.install`."""
+    graphs = _graphs_with_own_checkpointer(runnable)
+    for graph in graphs:
+        graph.checkpointer = saver
+    return len(graphs)
+
+
+def keeps_threads(runnable: Any, shared: Any = None) -> bool:
+    """Whether ``runnable`` holds a LangGraph graph whose checkpointer is its own (not ``shared``):
+    its threads then live in this object, and dropping it from the worker's cache loses them."""
+    return any(graph.checkpointer is not shared for graph in _graphs_with_own_checkpointer(runnable))
+
+
+def _graphs_with_own_checkpointer(runnable: Any) -> list[Any]:
     pregel = sys.modules.get("langgraph.pregel.main")
     base = sys.modules.get("langgraph.checkpoint.base")
     if pregel is None or base is None:  # nothing loaded ever imported LangGraph: no graph in here
-        return 0
+        return []
     from worker.execution import parts
 
-    replaced = 0
-    for part in parts(runnable):
-        if isinstance(part, pregel.Pregel) and isinstance(part.checkpointer, base.BaseCheckpointSaver):
-            part.checkpointer = saver
-            replaced += 1
-    return replaced
+    return [part for part in parts(runnable)
+            if isinstance(part, pregel.Pregel) and isinstance(part.checkpointer, base.BaseCheckpointSaver)]
 
 
 def environment_value(checkpointer: SharedCheckpointer | None) -> dict[str, str]:
@@ -181,6 +189,8 @@ async def sqlite() -> AsyncIterator[Any]:
 
     The pattern for other stores is the same: read the address from the environment, open the
     async client here, yield the saver (see docs/langchain.md#threads)."""
+    import sqlite3
+
     import aiosqlite
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 

@@ -46,8 +46,9 @@ from typing import Any, TypeVar
 
 from langchain_core.runnables import Runnable
 
-from worker import codec, defaults, execution
+from worker import checkpointers, codec, defaults, execution
 from worker import protocol as P
+from worker.checkpointers import SharedCheckpointer
 from worker.handoff import HandOff, Waiter
 from worker.replies import ReplyQueue
 
@@ -63,6 +64,9 @@ QUEUED, RUNNING, ON_LOOP, DONE, ABANDONED = range(5)
 class CachedRunnable:
     runnable: Runnable
     on_loop: bool  # runs on the event loop (``execution.prefers_event_loop``), else on a thread
+    # A LangGraph graph that keeps its threads in its own memory (an InMemorySaver): evicting it
+    # would lose them silently (the broker still sends their calls here), so it is evicted last.
+    keeps_threads: bool = False
 
 
 class NotCached(LookupError):
@@ -105,10 +109,19 @@ class RunnableCache:
             self._put(digest, item)
 
     def _put(self, digest: str, item: CachedRunnable) -> None:
-        self._items[digest] = item
-        self._items.move_to_end(digest)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        items = self._items
+        items[digest] = item
+        items.move_to_end(digest)
+        while len(items) > self.max_items:
+            # The least recently used runnable that holds no threads; only when every one does,
+            # the least recently used of all (said in the log: its threads restart from scratch).
+            victim = next((key for key, held in items.items() if not held.keeps_threads), None)
+            if victim is None:
+                victim = next(iter(items))
+                log.warning("the runnable cache (--cache-size %d) is full of graphs that keep their threads in "
+                            "memory; one was dropped and its paused threads will start over. Raise --cache-size, "
+                            "or give the workers a shared checkpointer (RUNNABLE_K8S_CHECKPOINTER)", self.max_items)
+            del items[victim]
 
     def load(self, digest: str, build: Callable[[], CachedRunnable] | None) -> CachedRunnable:
         """The runnable of ``digest``: the cached one, else the one another thread is building
@@ -173,9 +186,9 @@ class TaskRunner:
         self.replies = replies
         self.max_message_bytes = defaults.MAX_MESSAGE_BYTES  # the I/O thread updates it on WELCOME
         self.threads = threads
-        # Called once on each runnable as it is built, before any task uses it (the worker's
-        # shared checkpointer replaces a graph's own there: ``worker.checkpointers``).
-        self.prepare: Callable[[Runnable], object] | None = None
+        # The worker's shared checkpointer, if it has one: put in place of each graph's own as the
+        # graph is built, before any task uses it (``worker.checkpointers``).
+        self.checkpointer: SharedCheckpointer | None = None
         self._queue: HandOff[Job] = HandOff()  # sync jobs to idle task threads, one woken per job
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -300,9 +313,12 @@ class TaskRunner:
             runnable = codec.loads(blob)
         except Exception as exc:
             raise execution.StageError("the runnable could not be rebuilt on the worker", exc) from exc
-        if self.prepare is not None:
-            self.prepare(runnable)
-        return CachedRunnable(runnable, execution.prefers_event_loop(runnable))
+        shared = None
+        if self.checkpointer is not None:
+            self.checkpointer.install(runnable)
+            shared = self.checkpointer.saver
+        return CachedRunnable(runnable, execution.prefers_event_loop(runnable),
+                              checkpointers.keeps_threads(runnable, shared))
 
     # ------------------------------------------------------------------ the event loop thread
 

@@ -179,7 +179,7 @@ class WarmWorker:
             except BaseException:
                 self._broker_context.term()
                 raise
-            self.runner.prepare = self.checkpointer.install
+            self.runner.checkpointer = self.checkpointer
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_r, False)
         os.set_blocking(self._wakeup_w, False)
