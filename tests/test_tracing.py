@@ -26,6 +26,7 @@ from pool import LocalPool
 from tests.support.fake_openai import DEFAULT_CHUNKS, FAKE_KEY, FakeOpenAI
 from tests.support.langsmith_capture import LangSmithCapture, Record
 from tests.support.paths import REPO
+from tests.support.trace_checks import assert_one_trace_per_call, assert_only_these_roots, control_root
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -59,49 +60,8 @@ def call(capture: LangSmithCapture, address: str, fake_openai: FakeOpenAI, *case
 
 def control_run(capture: LangSmithCapture, case: str) -> Record:
     """The run the worker posted, as its own root, for the control call ``case``, once it ended."""
-    def found() -> Record | None:
-        return next((run for run in capture.runs().values()
-                     if run.metadata.get("case") == case and run.parent_run_id is None and run.ended), None)
-
-    return wait_for(found, 60, f"the worker's own trace of the {case!r} call (nobody listened at the caller)")
-
-
-def of_case(runs: dict[str, Record], case: str) -> list[Record]:
-    return [run for run in runs.values() if run.metadata.get("case") == case]
-
-
-def ancestors(runs: dict[str, Record], run: Record) -> list[Record]:
-    chain = []
-    while run.parent_run_id is not None:
-        run = runs[run.parent_run_id]
-        chain.append(run)
-    return chain
-
-
-def assert_one_trace_per_call(runs: dict[str, Record], case: str, calls: int = 1) -> None:
-    """The runs of ``case``: ``calls`` traces, each one root (the sequence) holding every run, and one
-    ChatOpenAI llm run per call, under the RunnableK8s run."""
-    mine = of_case(runs, case)
-    roots = [run for run in mine if run.parent_run_id is None]
-    assert [(r.name, r.run_type) for r in roots] == [("RunnableSequence", "chain")] * calls, (
-        f"{case}: expected {calls} root(s), the sequence; got {[(r.name, r.run_type) for r in roots]}")
-    root_ids = {root.id for root in roots}
-    assert all(run.trace_id in root_ids and run.parent_run_id in {None, *runs} for run in mine), case
-    models = [run for run in mine if run.run_type == "llm"]
-    assert len(models) == calls and all(run.name == "ChatOpenAI" for run in models), (
-        f"{case}: expected {calls} ChatOpenAI llm run(s), got {[(r.name, r.parent_run_id) for r in models]}")
-    for model in models:
-        above = ancestors(runs, model)  # the caller names its RunnableK8s "RunnableK8s"
-        assert [run.name for run in above[-2:]] == ["RunnableK8s", "RunnableSequence"], f"{case}: {above}"
-        assert above[-1].id == model.trace_id
-
-
-def assert_only_these_roots(runs: dict[str, Record], relayed: dict[str, int], controls: list[str]) -> None:
-    """Every trace captured is one of the relayed calls' or a control's: no other root at all."""
-    roots = sorted((run.metadata.get("case"), run.name) for run in runs.values() if run.parent_run_id is None)
-    expected = sorted([(case, "RunnableSequence") for case, calls in relayed.items() for _ in range(calls)]
-                      + [(case, "ChatOpenAI") for case in controls])
-    assert roots == expected
+    return wait_for(lambda: control_root(capture.runs(), case), 60,
+                    f"the worker's own trace of the {case!r} call (nobody listened at the caller)")
 
 
 def test_a_warm_call_is_one_trace_and_the_worker_posts_none_of_it(capture, traced_pool, fake_openai):
