@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,9 @@ pytestmark = pytest.mark.timeout(120)
 
 # ---------------------------------------------------------------------- runnables (sent by value)
 
-def stall_on_the_first_worker(claim: str, log: str) -> Any:
+def stall_on_the_first_worker(claim: str, log: str, gate: str | None = None) -> Any:
     """An async step returning ``{"x", "pid"}``: at once on every worker but the first one to run
-    it, where it waits until cancelled (and logs that)."""
+    it (once the file ``gate`` exists, if given), where it waits until cancelled (and logs that)."""
 
     async def run(x: Any) -> dict[str, Any]:
         pid = os.getpid()
@@ -54,6 +56,8 @@ def stall_on_the_first_worker(claim: str, log: str) -> Any:
                 with open(log, "a") as f:
                     f.write(f"cancelled {pid}\n")
                 raise
+        while gate is not None and not os.path.exists(gate):
+            await asyncio.sleep(0.02)
         return {"x": x, "pid": pid}
 
     return RunnableLambda(run)
@@ -146,6 +150,25 @@ def test_a_call_of_a_thread_is_never_hedged(local_pool, tmp_path):
         runnable.invoke(1, config={"configurable": {"thread_id": "t-1"}})
     assert _delta(before, hedging.counts())["sent"] == 0
     assert [what for what, _ in _log(log)] in (["start"], ["start", "cancelled"])  # one attempt, nowhere else
+
+
+def test_when_the_originals_worker_dies_the_duplicate_carries_the_call(tmp_path):
+    claim, log, gate = tmp_path / "slow", tmp_path / "log", tmp_path / "gate"
+    with LocalPool(workers=2, slots=2) as pool:
+        runnable = remote(pool, stall_on_the_first_worker(str(claim), str(log), str(gate)), hedge_after=0.2,
+                          retries=0)
+        outcome: dict[str, Any] = {}
+        caller = threading.Thread(target=lambda: outcome.update(answer=runnable.invoke(7)), daemon=True)
+        caller.start()
+        # The duplicate has started on the fast worker and waits for the gate; the original stalls.
+        wait_for(lambda: len({pid for what, pid in _log(log) if what == "start"}) == 2, 20, "both attempts to start")
+        os.kill(_slow_pid(claim), signal.SIGKILL)
+        wait_for(lambda: not any(w["pid"] == _slow_pid(claim) for w in pool.status()["workers"]), 20,
+                 "the broker to notice the lost worker")
+        gate.touch()
+        caller.join(30)
+        assert not caller.is_alive()
+        assert outcome["answer"]["x"] == 7 and outcome["answer"]["pid"] != _slow_pid(claim)
 
 
 def test_a_call_whose_first_chunk_came_before_the_delay_is_never_hedged(local_pool, tmp_path):
