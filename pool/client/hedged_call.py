@@ -219,8 +219,9 @@ class Race:
     def _event(self, attempt: _Attempt, data: bytes) -> list[Step]:
         if self.call.relay is None:
             return []
-        if not self._racing():
-            return [(None, data)]
+        if not self._racing():  # what was held while it was (a hedge not sent after all) goes first
+            held, attempt.held = attempt.held, []
+            return [*((None, earlier) for earlier in held), (None, data)]
         if _is_token(data, self.call.trust_workers):
             return self._won(attempt, None, (None, data))
         attempt.held.append(data)
