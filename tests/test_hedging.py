@@ -210,6 +210,17 @@ def test_a_refused_hedge_leaves_the_call_to_its_original(tmp_path):
         assert client == {"sent": 2, "won": 0, "lost": 0, "refused": 2}
         assert _delta(broker_before, _broker_counters(pool))["hedges_refused"] == 2
 
+        # Traced: the events held while the hedge might have run reach the tracer once it is refused.
+        model = GenericFakeChatModel(messages=iter([AIMessage(content="21")] * 5))
+        chain = model | RunnableLambda(lambda message: int(message.content)) | RunnableLambda(slow_answer)
+        traced = remote(pool, chain, hedge_after=0.1)
+        with collect_runs() as collector:
+            assert traced.invoke("hi") == 42
+        (root,) = collector.traced_runs
+        (sequence,) = root.child_runs
+        assert [run.run_type for run in sequence.child_runs] == ["llm", "chain", "chain"]
+        assert all(run.end_time is not None for run in sequence.child_runs)
+
 
 def test_a_tracer_sees_exactly_one_model_run_of_a_hedged_call(local_pool, tmp_path):
     claim, log = tmp_path / "slow", tmp_path / "log"
