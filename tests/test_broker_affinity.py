@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pool.broker import events as E
-from pool.broker.affinity import Threads
+from pool.broker.affinity import Threads, thread_key
 from tests.support.broker_core import (
     CLIENT,
     RUNNABLE,
@@ -294,7 +294,7 @@ def test_a_flood_of_distinct_threads_keeps_the_broker_bounded():
     # The structure alone, with far more keys than its bound.
     threads = Threads(max_threads=1000)
     for i in range(100_000):
-        threads.hold((b"t", "d", str(i)), b"w%d" % (i % 3), shared=False)
+        threads.hold(thread_key(b"t", "d", str(i)), b"w%d" % (i % 3), shared=False)
     assert len(threads) == 1000 and threads.lost_known == 1000
     assert sum(len(keys) for keys in threads._of_worker.values()) == 1000
 

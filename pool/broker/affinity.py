@@ -19,20 +19,34 @@ with what to do. A worker that keeps its threads in a shared store (its READY sa
 next task goes to any worker.
 
 Bounds: both maps are least-recently-used dictionaries of at most ``max_threads`` entries
-(65,536 by default, a few hundred bytes each), so a flood of distinct thread ids costs bounded
-memory. A thread pushed out of the holders' map while its worker lives is tombstoned too (its
-worker may still hold it, but the broker no longer knows which one: an honest error beats a
-silent restart); a tombstone pushed out means that thread id may start afresh.
+(65,536 by default, about 300 bytes each with their 16-byte keys: some 40 MB with both full), so
+a flood of distinct thread ids costs bounded memory. A thread pushed out of the holders' map
+while its worker lives is tombstoned too (its worker may still hold it, but the broker no longer
+knows which one: an honest error beats a silent restart); a tombstone pushed out means that
+thread id may start afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 #: The most threads the broker follows (and the most lost threads it remembers).
 MAX_THREADS = 65_536
 
-ThreadKey = tuple[bytes, str, str]  # (tenant, runnable digest, affinity)
+ThreadKey = bytes  # 16 bytes of (tenant, runnable digest, affinity): see ``thread_key``
+
+
+def thread_key(tenant: bytes, digest: str, affinity: str) -> ThreadKey:
+    """A thread's key in both maps: a 16-byte BLAKE2b digest of its tenant, runnable and thread
+    id, each prefixed by its length (so no two triples read alike). Why a digest and not the
+    triple: an entry then costs about 200 bytes whatever the thread id's length (up to 256
+    characters) and the key's (a Z85 key is 40): about 300 bytes, 40 MB with both maps full."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (tenant, digest.encode(), affinity.encode()):
+        h.update(len(part).to_bytes(4, "big"))
+        h.update(part)
+    return h.digest()
 
 FORGOTTEN = ("was forgotten by the broker, which follows the {max} most recently used threads; the worker "
              "that ran it may still hold it, but no task can be sent there any more")
@@ -45,6 +59,7 @@ class Threads:
         if max_threads < 1:
             raise ValueError("max_threads must be 1 or more")
         self.max_threads = max_threads
+        self._forgotten = FORGOTTEN.format(max=f"{max_threads:,}")  # one string for every such tombstone
         self._holders: OrderedDict[ThreadKey, bytes] = OrderedDict()  # thread -> routing id of its worker
         self._of_worker: dict[bytes, set[ThreadKey]] = {}  # so a leaving worker's threads are found at once
         self._shared: set[bytes] = set()  # workers whose threads live in a shared store
@@ -91,7 +106,7 @@ class Threads:
                 if not old_keys:
                     del self._of_worker[old_worker]
             if old_worker not in self._shared:
-                self._tombstone(old, FORGOTTEN.format(max=f"{self.max_threads:,}"))
+                self._tombstone(old, self._forgotten)
 
     def leave(self, worker: bytes, why: str | None) -> int:
         """The worker left (or stopped taking tasks): forget its threads, and unless they live in

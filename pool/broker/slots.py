@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pool.broker.affinity import ThreadKey, lost_message
+from pool.broker.affinity import ThreadKey, lost_message, thread_key
 from pool.broker.core_state import CoreState
 from pool.broker.scheduling import Candidate, choose_worker
 from pool.broker.state import EnvKey, Task, Tenant, WorkerState
@@ -95,7 +95,7 @@ class Slots(CoreState):
     @staticmethod
     def _thread_key(task: Task) -> ThreadKey:
         """A thread is its tenant's, of one runnable (see ``affinity``)."""
-        return (task.owner, task.header.digest, task.header.affinity or "")
+        return thread_key(task.owner, task.header.digest, task.header.affinity or "")
 
     def _route_thread(self, task: Task) -> bool:
         """A thread's task: to its holder (now, or in that worker's own queue), or answered
