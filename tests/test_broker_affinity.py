@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -279,7 +280,7 @@ def test_a_shared_checkpointer_worker_leaving_loses_nothing():
     assert errors_sent(submit(pool, later, "t9", b"client-2")) == []
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_a_flood_of_distinct_threads_keeps_the_broker_bounded():
     pool = Pool(max_threads=64)
     pool.hello()
@@ -291,12 +292,20 @@ def test_a_flood_of_distinct_threads_keeps_the_broker_bounded():
     assert len(pool.core.threads) == 64
     assert pool.core.threads.lost_known <= 64
     assert status(pool)["threads_held"] == 64
-    # The structure alone, with far more keys than its bound.
-    threads = Threads(max_threads=1000)
-    for i in range(100_000):
-        threads.hold(thread_key(b"t", "d", str(i)), b"w%d" % (i % 3), shared=False)
+    # The structure alone, with far more keys than its bound, of the longest thread ids: its
+    # memory stays that of 1,000 holders and 1,000 tombstones (about 300 bytes each).
+    tracemalloc.start()
+    try:
+        threads = Threads(max_threads=1000)
+        for i in range(20_000):
+            long_id = f"{i:0{P.MAX_AFFINITY_CHARS}d}"
+            threads.hold(thread_key(b"k" * 40, "d" * 64, long_id), b"w%d" % (i % 3), shared=False)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert len(threads) == 1000 and threads.lost_known == 1000
     assert sum(len(keys) for keys in threads._of_worker.values()) == 1000
+    assert held < 2_000 * 1_000, f"{held} bytes for 2,000 entries"
 
 
 @pytest.mark.timeout(10)
