@@ -232,10 +232,12 @@ def test_a_failed_build_fails_every_waiting_call_with_its_error_and_is_not_kept(
         futures = concurrently(pool, [lambda: runnable.invoke(1)] * 3, gate)
         errors = [f.exception() for f in futures]
         assert all(isinstance(e, SerializationError) and FAILURE in str(e) for e in errors), errors
-        assert gate.builds() == 1
+        # (How many builds failed depends on whether each call reached the worker before the one
+        # build failed: tests/test_checkpointers.py counts that in one process.)
+        failed = gate.builds()
         gate.fail(False)
         assert runnable.invoke(1) == 2  # built again, this time for good
-        assert gate.builds() == 2
+        assert gate.builds() == failed + 1
 
 
 # ---------------------------------------------------------------------------- the checkpointer at start

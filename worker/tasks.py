@@ -74,6 +74,16 @@ class NotCached(LookupError):
     the broker sends the bytes again (``E_NEED_RUNNABLE``)."""
 
 
+class _Flight:
+    """One build under way: its outcome, and how many tasks share it."""
+
+    __slots__ = ("outcome", "tasks")
+
+    def __init__(self) -> None:
+        self.outcome: concurrent.futures.Future[CachedRunnable] = concurrent.futures.Future()
+        self.tasks = 1
+
+
 class RunnableCache:
     """Deserialized runnables by digest, so a repeated call reuses the object (and its HTTP pools,
     and a LangGraph graph's in-memory checkpoints: its threads live in that one object).
@@ -88,7 +98,7 @@ class RunnableCache:
         self.max_items = max_items
         self._items: OrderedDict[str, CachedRunnable] = OrderedDict()
         # Builds under way, by digest: the tasks that need one wait on its future.
-        self._flights: dict[str, concurrent.futures.Future[CachedRunnable]] = {}
+        self._flights: dict[str, _Flight] = {}
         self._lock = threading.Lock()
 
     def get(self, digest: str) -> CachedRunnable | None:
@@ -98,11 +108,13 @@ class RunnableCache:
                 self._items.move_to_end(digest)
             return item
 
-    def loading(self, digest: str) -> bool:
-        """Whether a task thread is building ``digest`` now (a task without its bytes can wait
-        for that build instead of asking the broker for them)."""
+    def loading(self, digest: str) -> int:
+        """How many tasks share the build of ``digest`` under way now (the builder and those
+        waiting for it; 0: none). A task without the runnable's bytes can wait for that build
+        instead of asking the broker for them."""
         with self._lock:
-            return digest in self._flights
+            flight = self._flights.get(digest)
+            return flight.tasks if flight is not None else 0
 
     def put(self, digest: str, item: CachedRunnable) -> None:
         with self._lock:
@@ -138,24 +150,25 @@ class RunnableCache:
             if flight is None:
                 if build is None:
                     raise NotCached(digest)
-                flight = self._flights[digest] = concurrent.futures.Future()
+                flight = self._flights[digest] = _Flight()
                 building = True
             else:
+                flight.tasks += 1
                 building = False
         if not building:
-            return flight.result()  # the builder's object, or its exception raised here too
+            return flight.outcome.result()  # the builder's object, or its exception raised here too
         assert build is not None, "only a task that brought the bytes builds"
         try:
             item = build()
         except BaseException as exc:
             with self._lock:
                 del self._flights[digest]
-            flight.set_exception(exc)
+            flight.outcome.set_exception(exc)
             raise
         with self._lock:
             del self._flights[digest]
             self._put(digest, item)
-        flight.set_result(item)
+        flight.outcome.set_result(item)
         return item
 
     def __len__(self) -> int:
@@ -305,8 +318,13 @@ class TaskRunner:
     def _load(self, job: Job) -> CachedRunnable:
         """The job's runnable, deserialized the first time it arrives (on a task thread: it can be
         slow), once per worker however many tasks of it arrive together (``RunnableCache.load``)."""
-        blob, job.blob = job.blob, b""
-        return self.cache.load(job.header.digest, functools.partial(self._build, blob) if blob else None)
+        blob = job.blob
+        try:
+            return self.cache.load(job.header.digest, functools.partial(self._build, blob) if blob else None)
+        finally:
+            # Kept until the build is over: a task of the same runnable arriving without the bytes
+            # meanwhile takes them from here (``WarmWorker._start_task``).
+            job.blob = b""
 
     def _build(self, blob: bytes) -> CachedRunnable:
         try:

@@ -525,15 +525,27 @@ class WarmWorker:
             self._send(P.error_frames(task_id, P.E_BAD_REQUEST, str(exc)))
             return
         cached = self.cache.get(header.digest)
-        # Without the bytes, a task of a runnable being built right now waits for that build.
-        if cached is None and not blob and not self.cache.loading(header.digest):
-            self._send(P.error_frames(task_id, P.E_NEED_RUNNABLE, "runnable not in this worker's cache"))
-            return
+        if cached is None and not blob:
+            # The broker sends a runnable's bytes once per worker, so the other first calls of a
+            # runnable arrive without them: they take the bytes of the task that brought them (its
+            # build may not have started yet), and the cache builds once for all of them.
+            blob = self._bytes_of(header.digest)
+            if not blob and not self.cache.loading(header.digest):
+                self._send(P.error_frames(task_id, P.E_NEED_RUNNABLE, "runnable not in this worker's cache"))
+                return
         job = Job(task_id, header, blob, input_blob, cached)
         self.jobs[task_id] = job
         if header.timeout is not None:
             self.deadlines.add(time.monotonic() + header.timeout, task_id)
         self.runner.start(job)
+
+    def _bytes_of(self, digest: str) -> bytes:
+        """The runnable bytes of ``digest`` that a task here still holds (until its build is over),
+        or b"". Only asked for a task that came without them and is not cached: rare."""
+        for job in self.jobs.values():
+            if job.blob and job.header.digest == digest:
+                return job.blob
+        return b""
 
     def _expire(self, now: float) -> None:
         for task_id in self.deadlines.expired(now):
