@@ -177,3 +177,15 @@ def test_a_malformed_hedge_of_is_refused_as_a_bad_request(hedge_of: object):
     task = new_id()
     effects = pool(E.Submit(CLIENT, task, json.dumps({**raw, "hedge_of": hedge_of}).encode(), RUNNABLE, b"x"))
     assert errors_sent(effects) == [(CLIENT, task, P.E_BAD_REQUEST)]
+
+
+@pytest.mark.timeout(10)
+def test_a_hedge_a_draining_worker_hands_back_is_answered_no_hedge_not_run_elsewhere():
+    pool, original, _ = running_original(slots=4, workers=2)
+    hedge = new_id()
+    ((hedge_worker, _),) = tasks_sent(submit(pool, hedge, hedge_of=original))
+    pool(E.Draining(hedge_worker))
+    effects = pool.error(hedge_worker, hedge, P.E_REQUEUE)
+    assert (CLIENT, hedge, P.E_NO_HEDGE) in errors_sent(effects)
+    assert tasks_sent(effects) == [], "not sent again (the other worker runs the original)"
+    assert len(pool.core.queues) == 0 and hedge not in pool.core.tasks

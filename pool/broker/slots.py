@@ -60,9 +60,14 @@ class Slots(CoreState):
         """Send one task to the worker the policy picks among ``free`` (its environment's) whose
         input budget it fits; False (nothing done) when it fits none of them now. A thread's task
         whose thread has a holder (or is lost) is handled by ``_route_thread`` instead."""
-        if task.header.affinity is not None and self._route_thread(task):
-            return True
-        digest, size = task.header.digest, task.size
+        header = task.header
+        if header.affinity is not None or header.hedge_of is not None:
+            if header.hedge_of is not None:  # only a hedge handed back unstarted gets here: never queued
+                self._hedge_dropped(task, "its worker handed it back before starting it")
+                return True
+            if self._route_thread(task):
+                return True
+        digest, size = header.digest, task.size
         chosen = choose_worker([
             Candidate(w.identity, w.slots, w.busy, digest in w.runnables, w.last_assigned)
             for w in free.values() if w.fits(size)
