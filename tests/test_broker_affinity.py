@@ -364,3 +364,16 @@ def test_tasks_waiting_for_their_threads_worker_count_against_the_client_allowan
     assert status(pool)["queued_tasks"] == 3 and status(pool)["queued_pinned"] == 3
     pool(E.Cancel(CLIENT, waiting))
     assert errors_sent(submit(pool, new_id(), "t1")) == [], "a place freed by a cancel is free again"
+
+
+@pytest.mark.timeout(10)
+def test_a_threads_task_a_draining_holder_hands_back_is_lost_not_run_elsewhere():
+    pool = two_workers(slots=2)
+    first = new_id()
+    holder = worker_of(submit(pool, first, "t1"), first)
+    second = new_id()
+    assert worker_of(submit(pool, second, "t1"), second) == holder
+    pool(E.Draining(holder))
+    effects = pool.error(holder, second, P.E_REQUEUE)  # it had not started it
+    assert (CLIENT, second, P.E_THREAD_LOST) in errors_sent(effects)
+    assert tasks_sent(effects) == []
