@@ -257,6 +257,15 @@ def test_a_listened_to_call_bypasses_the_batch_and_still_gets_the_workers_events
     assert [child.name for child in root.child_runs] == ["add_one"]  # the worker's run, relayed back
 
 
+def test_a_call_of_a_thread_goes_alone_to_its_worker(pool, log):
+    runnable = remote(pool, Recorder(log=str(log)), batch_window_ms=WINDOW_MS)
+    before = coalescing.coalescings_sent()
+    results = _in_threads(4, lambda i: runnable.invoke({"n": i}, {"configurable": {"thread_id": f"t{i}"}}))
+    assert results == [{"n": i * 2} for i in range(4)]
+    assert coalescing.coalescings_sent() == before  # an affinity places each call alone
+    assert [b["kind"] for b in _batches(log)] == ["invoke"] * 4
+
+
 def test_an_embeddings_model_makes_one_request_per_batch_for_many_callers(pool, tmp_path):
     model = DeterministicFakeEmbedding(size=8)
     runnable = remote(pool, EmbeddingsRunnable(embeddings=model), batch_window_ms=WINDOW_MS, max_batch=16)
