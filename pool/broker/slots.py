@@ -158,6 +158,22 @@ class Slots(CoreState):
         self._send(task.client, P.error_frames(task.task_id, P.E_THREAD_LOST,
                                                lost_message(task.header.affinity or "", why)))
 
+    def _requeue(self, task: Task) -> None:
+        """A task a worker handed back unstarted (a draining worker's E_REQUEUE): to the front of
+        the queue, unless it is a hedge (never queued: E_NO_HEDGE) or a task of a thread lost with
+        that worker (E_THREAD_LOST now, not when a slot frees somewhere)."""
+        header = task.header
+        if header.hedge_of is not None:
+            self._hedge_dropped(task, "its worker handed it back before starting it")
+            return
+        if header.affinity is not None:
+            why = self.threads.lost(self._thread_key(task))
+            if why is not None:
+                self._thread_lost(task, why)
+                return
+        self.queues.push(task, front=True)
+        self._dispatch(task.env_key)
+
     def _hedge_dropped(self, task: Task, why: str) -> None:
         """A hedge that cannot run after all (its worker left before it produced anything): it is
         not queued nor retried; E_NO_HEDGE tells the client to keep waiting for the original."""
