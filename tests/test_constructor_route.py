@@ -10,6 +10,7 @@ refuses, so a remote call that works proves the worker used its own key.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -109,6 +110,17 @@ def test_a_missing_key_on_the_worker_is_named():
     result = loads_in({}, data, "print(obj)")
     assert result.returncode != 0
     assert b"OPENAI_API_KEY, which is not set" in result.stderr
+
+
+def test_a_worker_without_the_integrations_package_is_told_which_to_install(fake_openai):
+    data = codec.dumps(RunnableLambda(embeddings(fake_openai).embed_documents))
+    # sys.modules[name] = None: this interpreter cannot import langchain_openai, as a worker image without it.
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['langchain_openai'] = None; from worker import codec; "
+         "codec.loads(sys.stdin.buffer.read())"], input=data, capture_output=True, timeout=60, check=False)
+    version = importlib.metadata.version("langchain-openai")
+    assert result.returncode != 0
+    assert f"Install `pip install langchain-openai=={version}` in the worker image".encode() in result.stderr
 
 
 def test_a_secret_by_alias_comes_from_the_workers_environment():
@@ -217,8 +229,8 @@ def vendor_module(tmp_path: Path) -> Iterator[Any]:
 def test_a_class_the_worker_cannot_import_names_its_module(vendor_module, local_pool):
     model = vendor_module.VendorEmbeddings(size=2)
     remote = RunnableK8s(bound=RunnableLambda(model.embed_documents), pool=local_pool.address)
-    with pytest.raises(Exception, match=r"VendorEmbeddings cannot be rebuilt on this worker: its module "
-                                        r"rk8s_vendor_embeddings cannot be imported here") as caught:
+    with pytest.raises(SerializationError, match=r"VendorEmbeddings cannot be rebuilt on this worker: its module "
+                                                 r"rk8s_vendor_embeddings cannot be imported here") as caught:
         remote.invoke(["a"])
     assert "worker image" in str(caught.value)
 

@@ -8,6 +8,9 @@ cannot carry a RunnableLambda; cloudpickle carries the lambda but would copy the
 tree is complete by a call to :func:`rebuild_langchain_object`, and to refuse an object that
 declares secrets but would have to travel by value.
 
+An object that declares secrets but is not LangChain-serializable at all takes the constructor
+route instead (``worker.constructor_route``): its secrets are left out there too.
+
 Fields that LangChain marks ``exclude=True`` (a ``rate_limiter``, a custom ``http_client``,
 ``callbacks``, ``cache``) do not travel with a LangChain-serialized object; the worker builds its
 own defaults.

@@ -1,21 +1,29 @@
 """The way out, client to worker: runnables and inputs, as one cloudpickle pickler that also
-carries LangChain objects as data (docs/design.md#serialization says why the way back is not this
-format: see ``worker.result_codec``).
+carries LangChain objects as data and pydantic integrations by their constructor
+(docs/design.md#serialization says why the way back is not this format: see ``worker.result_codec``).
 
 Neither tool alone is enough. cloudpickle carries plain Python code (a lambda with a closure,
 a local class) but fails on a ChatOpenAI, which holds live HTTP clients and locks, and it would
 carry an API key in the clear. LangChain's ``dumpd`` carries a ChatOpenAI as data with its key as
 a reference, but it cannot carry a RunnableLambda. So one cloudpickle pickler does both: each
 LangChain-serializable object whose ``dumpd`` tree is complete is replaced, at any depth, by a
-call that rebuilds it on the receiving side (``worker.langchain_route``); module-level sentinels
-travel by reference (``worker.sentinels``); everything else is cloudpickled. Plain data takes
-the C pickler, about 15 times cheaper.
+call that rebuilds it on the receiving side (``worker.langchain_route``); a pydantic integration
+that is not LangChain-serializable (an ``OpenAIEmbeddings``, a model holding a secret, a model
+that does not pickle) by a call to its own constructor with the arguments the user set, secrets
+left out (``worker.constructor_route``); a pydantic model's bound method by ``getattr`` on the
+model, so that the model takes its route first; module-level sentinels travel by reference
+(``worker.sentinels``); everything else is cloudpickled. Plain data takes the C pickler, about
+15 times cheaper.
+
+Which pydantic models are rebuilt by their constructor only when they fail to pickle is decided
+after a failure (a second try, ``_Trials``): an encoding that succeeds the first time pays nothing.
 
 What to know when using it (docs/langchain.md and docs/security.md repeat this):
 
 * Fields that LangChain marks ``exclude=True`` (a ``rate_limiter``, a custom ``http_client``,
-  ``callbacks``, ``cache``) do not travel with a LangChain-serialized object; the worker builds
-  its own defaults.
+  ``callbacks``, ``cache``) do not travel with a LangChain-serialized object, nor with one rebuilt
+  by its constructor; the worker builds its own defaults. A client in a field not so marked is
+  refused, naming the field.
 * Anything pickled *by value*, such as a key captured in a lambda's closure, travels in the clear
   inside the (CurveZMQ-encrypted) channel. Keep secrets in the worker's environment instead.
 * An open file cannot travel (the worker would read a stale copy): open it inside the function.

@@ -39,7 +39,8 @@ INPUT_ADVICE = (
 )
 RUNNABLE_ADVICE = (
     "Objects that hold live resources (open files, sockets, locks, clients) cannot be sent; create "
-    "them inside the runnable instead, or use a LangChain object that supports dumpd()."
+    "them inside the runnable instead, or use a LangChain object that supports dumpd() or a pydantic "
+    "integration whose constructor builds them (an Embeddings: it travels by its settings)."
 )
 
 
