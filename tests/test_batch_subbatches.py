@@ -203,6 +203,14 @@ def test_sub_batches_are_sized_from_the_ready_workers_and_capped():
     assert len(plan_sub_batches(_calls(40), workers=0, max_concurrency=None)) == defaults.BATCH_PARTS_PER_WORKER
 
 
+def test_calls_gathered_across_callers_go_whole_to_one_worker():
+    # Calls gathered across callers share one task (one request on the worker), whatever the workers.
+    whole = plan_sub_batches(_calls(64), workers=4, max_concurrency=None, whole=True)
+    assert [len(u.calls) for u in whole] == [64] and whole[0].batch
+    assert [len(u.calls) for u in plan_sub_batches(_calls(300), workers=4, max_concurrency=None, whole=True)] == [
+        defaults.BATCH_MAX_ITEMS, 300 - defaults.BATCH_MAX_ITEMS]
+
+
 def test_only_calls_alike_share_a_sub_batch():
     kwargs: dict[str, Any] = {}
     calls = [RemoteCall(b"r", "d", b"i", {"tags": [f"t{i % 2}"]}, value=i, kwargs=kwargs) for i in range(40)]

@@ -4,9 +4,9 @@ Opt-in (``RunnableK8s(batch_window_ms=N, max_batch=M)``). A model that batches n
 embeddings model: one API request for many texts) pays per request, not per text; callers who each
 ``invoke`` it with one text pay a request each. The coalescer gathers the calls of one instance
 that arrive within ``batch_window_ms`` of the first (or until ``max_batch`` of them), and sends
-them with one call of the backend's ``batch``, which runs them on a worker with the runnable's own
-``batch_as_completed``. Each caller gets its own result or its own exception, as if it had called
-alone (the way Ray Serve's ``@serve.batch`` works).
+them as ONE batch task (``WarmBackend.gathered_batch``: not spread over the workers in sub-batches
+as a ``batch()`` is), which one worker runs with the runnable's own ``batch_as_completed``. Each caller gets its own
+result or its own exception, as if it had called alone (the way Ray Serve's ``@serve.batch`` works).
 
 Why these rules:
 
@@ -249,7 +249,7 @@ class Coalescer:
                 if len(slots) == 1:  # alone after all: the short path of one call, not a batch's bookkeeping
                     outcomes: list[Any] = [_outcome_of(backend.invoke, slots[0].call)]
                 else:
-                    outcomes = backend.batch([slot.call for slot in slots], None, return_exceptions=True)
+                    outcomes = backend.gathered_batch([slot.call for slot in slots])
             except BaseException as exc:  # noqa: BLE001 - the whole batch failed: every caller is told
                 outcomes = _each(exc, len(slots))
             for slot, outcome in zip(slots, outcomes, strict=True):
@@ -312,7 +312,7 @@ async def _asend(backend: Any, kept: list[tuple[RemoteCall, asyncio.Future[Any]]
             except Exception as exc:  # noqa: BLE001 - the caller's own error, handed to it
                 outcomes = [exc]
         else:
-            outcomes = await backend.abatch([call for call, _ in kept], None, return_exceptions=True)
+            outcomes = await backend.agathered_batch([call for call, _ in kept])
     except asyncio.CancelledError:
         for _, future in kept:  # the loop is going away: so are its callers
             future.cancel()

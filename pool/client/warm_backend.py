@@ -87,12 +87,15 @@ def _singles(calls: Sequence[RemoteCall]) -> list[_Unit]:
     return [_Unit([i], [call], call.retries, False) for i, call in enumerate(calls)]
 
 
-def plan_sub_batches(calls: Sequence[RemoteCall], workers: int, max_concurrency: int | None) -> list[_Unit]:
+def plan_sub_batches(calls: Sequence[RemoteCall], workers: int, max_concurrency: int | None,
+                     whole: bool = False) -> list[_Unit]:
     """Calls of one batch grouped into sub-batches: calls go together when their wire config,
     kwargs (one object per ``batch()`` call), runnable, timeout, retries and trust are the same.
     A group of n becomes ``min(n, max(1, workers) * BATCH_PARTS_PER_WORKER)`` parts of equal size,
     none over ``BATCH_MAX_ITEMS`` nor over ``max_concurrency``; a part of one item is a plain
-    invoke task. Parts keep the order of their first item."""
+    invoke task. Parts keep the order of their first item. ``whole``: one part per group (up to
+    ``BATCH_MAX_ITEMS``), for calls gathered across callers so that one worker makes one request
+    for all of them (``pool.client.coalescing``), not spread over the workers as a batch is."""
     groups: dict[Any, list[int]] = {}
     for index, call in enumerate(calls):
         if call.kwargs is None or call.relay is not None:  # a listened-to call's events need a task of its own
@@ -104,7 +107,7 @@ def plan_sub_batches(calls: Sequence[RemoteCall], workers: int, max_concurrency:
     units = []
     for indices in groups.values():
         n = len(indices)
-        parts = min(n, max(1, workers) * defaults.BATCH_PARTS_PER_WORKER)
+        parts = 1 if whole else min(n, max(1, workers) * defaults.BATCH_PARTS_PER_WORKER)
         size = min(-(-n // parts), defaults.BATCH_MAX_ITEMS, max_concurrency or n)
         for start in range(0, n, size):
             chunk = indices[start:start + size]
@@ -357,10 +360,11 @@ class WarmBackend:
         # Only while connecting: a thread waits for the handshake so the loop does not.
         return await asyncio.get_running_loop().run_in_executor(None, self.ensure_ready)
 
-    def _plan(self, connection: Connection, calls: Sequence[RemoteCall], window: int | None) -> list[_Unit] | None:
+    def _plan(self, connection: Connection, calls: Sequence[RemoteCall], window: int | None,
+              whole: bool = False) -> list[_Unit] | None:
         if len(calls) < 2:
             return None
-        return plan_sub_batches(calls, connection.ready_workers(), window)
+        return plan_sub_batches(calls, connection.ready_workers(), window, whole)
 
     # ------------------------------------------------------------------ one call, sync
 
@@ -436,10 +440,10 @@ class WarmBackend:
 
     # ------------------------------------------------------------------ many calls, sync
 
-    def _run(self, calls: Sequence[RemoteCall], window: int | None) -> Iterator[_Item]:
+    def _run(self, calls: Sequence[RemoteCall], window: int | None, whole: bool = False) -> Iterator[_Item]:
         connection = self.ensure_ready()
         sink = ThreadSink()
-        state = _Calls(connection, calls, "invoke", sink, window, self._plan(connection, calls, window),
+        state = _Calls(connection, calls, "invoke", sink, window, self._plan(connection, calls, window, whole),
                        self.connect_timeout)
         try:
             yield from state.refill()
@@ -461,6 +465,15 @@ class WarmBackend:
         results: list[Any] = [None] * len(calls)
         for index, outcome in self.as_completed(calls, max_concurrency):
             results[index] = outcome if return_exceptions else value_of(outcome)  # raising cancels the rest
+        return results
+
+    def gathered_batch(self, calls: Sequence[RemoteCall]) -> list[Any]:
+        """Each call's output or exception, the calls sent as one batch task (or one per
+        ``BATCH_MAX_ITEMS``) rather than spread over the workers: calls gathered across callers,
+        which share one request on the worker (``pool.client.coalescing``)."""
+        results: list[Any] = [None] * len(calls)
+        for index, _, outcome in self._run(calls, None, whole=True):
+            results[index] = outcome
         return results
 
     def as_completed(self, calls: Sequence[RemoteCall], max_concurrency: int | None) -> Iterator[tuple[int, Any]]:
@@ -578,10 +591,11 @@ class WarmBackend:
 
     # ------------------------------------------------------------------ many calls, async
 
-    async def _arun(self, calls: Sequence[RemoteCall], window: int | None) -> AsyncGenerator[_Item, None]:
+    async def _arun(self, calls: Sequence[RemoteCall], window: int | None,
+                    whole: bool = False) -> AsyncGenerator[_Item, None]:
         connection = await self.aensure_ready()
         sink = LoopSink()
-        state = _Calls(connection, calls, "invoke", sink, window, self._plan(connection, calls, window),
+        state = _Calls(connection, calls, "invoke", sink, window, self._plan(connection, calls, window, whole),
                        self.connect_timeout)
         try:
             for item in state.refill():
@@ -608,6 +622,17 @@ class WarmBackend:
         try:
             async for index, _, outcome in iterator:
                 results[index] = outcome if return_exceptions else value_of(outcome)
+        finally:
+            await iterator.aclose()
+        return results
+
+    async def agathered_batch(self, calls: Sequence[RemoteCall]) -> list[Any]:
+        """:meth:`gathered_batch`, awaited."""
+        results: list[Any] = [None] * len(calls)
+        iterator = self._arun(calls, None, whole=True)
+        try:
+            async for index, _, outcome in iterator:
+                results[index] = outcome
         finally:
             await iterator.aclose()
         return results
