@@ -14,6 +14,7 @@ runs are read only once the control's run is there.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -21,13 +22,18 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from langchain_core.runnables import RunnableConfig, RunnableLambda
+from langsmith import Client
+from langsmith.run_helpers import tracing_context
 
 from pool import LocalPool
 from tests.support.fake_openai import DEFAULT_CHUNKS, FAKE_KEY, FakeOpenAI
-from tests.support.langsmith_capture import LangSmithCapture, Record
+from tests.support.langsmith_capture import API_KEY, LangSmithCapture, Record
 from tests.support.paths import REPO
 from tests.support.trace_checks import assert_one_trace_per_call, assert_only_these_roots, control_root
 from tests.support.waiting import wait_for
+from worker import codec, execution
+from worker import protocol as P
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -91,3 +97,62 @@ def test_an_ephemeral_call_is_one_trace_and_the_one_shot_worker_posts_none_of_it
     for case, calls in relayed.items():
         assert_one_trace_per_call(runs, case, calls)
     assert_only_these_roots(runs, relayed, ["ephemeral-control"])
+
+
+# ---------------------------------------------------------------------- where the switch is, and is not
+
+
+def _traced_here() -> bool:
+    from langchain_core.tracers.context import _tracing_v2_is_enabled
+
+    return bool(_tracing_v2_is_enabled())
+
+
+def _relayed_config() -> RunnableConfig:
+    return execution.task_config(P.TaskHeader(kind="stream", digest="0" * 64, events=True), lambda _: None)
+
+
+def _tracing_to(capture: LangSmithCapture) -> tuple[Client, tracing_context]:
+    """Tracing on in this block, to ``capture`` (never to the real service)."""
+    client = Client(api_url=capture.url, api_key=API_KEY)
+    return client, tracing_context(enabled=True, client=client)
+
+
+def test_a_relayed_stream_runs_untraced_and_leaves_its_thread_as_it_was(capture):
+    """Each step of a relayed stream runs with tracing off; between steps, and after the stream is
+    closed half-way, the worker thread's own context still says what it said before."""
+    def steps(_: object) -> Iterator[bool]:
+        for _ in range(3):
+            yield _traced_here()
+
+    config = _relayed_config()
+    client, traced = _tracing_to(capture)
+    with traced:
+        chunks = execution.iterate_stream(RunnableLambda(steps), False, codec.dumps_input(None, {}), config)
+        first = codec.loads_result(next(chunks))
+        between = _traced_here()
+        chunks.close()
+        after = _traced_here()
+        plain = execution.iterate_stream(RunnableLambda(steps), False, codec.dumps_input(None, {}),
+                                         execution.config_from_wire({}))
+        unrelayed = [codec.loads_result(chunk) for chunk in plain]
+    client.flush()
+    assert (first, between, after) == (False, True, True)
+    assert unrelayed == [True, True, True]  # a task nobody listens to is traced as the worker says
+
+
+def test_a_relayed_coroutine_runs_untraced_and_its_task_gets_its_context_back(capture):
+    async def ask(_: object) -> bool:
+        return _traced_here()
+
+    client, traced = _tracing_to(capture)
+
+    async def main() -> tuple[bool, bool]:
+        with traced:
+            inside = codec.loads_result(await execution.arun_invoke(RunnableLambda(ask), codec.dumps_input(None, {}),
+                                                             _relayed_config()))
+            return inside, _traced_here()
+
+    outcome = asyncio.run(main())
+    client.flush()
+    assert outcome == (False, True)
