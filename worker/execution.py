@@ -30,7 +30,7 @@ under the caller's run, in the caller's trace; a tracer on the worker too would 
 again as a root trace of their own. Every entry point applies it (sync, async, stream, batch), in
 the context the runnable runs in: :func:`untraced_context` for code run on a thread (each step
 of a stream or batch runs in it, so nothing is left switched off in the thread between steps),
-:func:`_tracing_off` inside a coroutine (an event-loop task has a context of its own). A task
+``_tracing_off`` inside a coroutine (an event-loop task has a context of its own). A task
 nobody listens to at the caller is traced as the worker's environment says: one root, in the
 worker's project, which is the operator's choice and no duplicate.
 """
