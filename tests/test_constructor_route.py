@@ -38,6 +38,7 @@ from tests.support.fake_openai import FAKE_KEY, FakeOpenAI
 from tests.support.integration_classes import (
     KEY_ENV,
     TOKEN_ENV,
+    DeclaredSecretTool,
     HoldsClient,
     KeyedEmbeddings,
     LockedSplitter,
@@ -144,6 +145,19 @@ def test_settings_holding_a_secret_never_travel_by_value():
     result = loads_in({TOKEN_ENV: "the-workers-token"}, data, "print(obj.invoke(None))")
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().strip() == str(("https://pokeapi.example", "the-workers-token"))
+
+
+def test_a_secret_declared_in_lc_secrets_is_read_from_the_variable_it_names():
+    """Such an object used to be refused (a secret, and no dumpd route); it now crosses."""
+    tool = DeclaredSecretTool(api_key="the-clients-token", endpoint="https://pokeapi.example")
+    data = codec.dumps(RunnableLambda(tool.call))
+    assert b"the-clients-token" not in data and route(data) == "constructor"
+    result = loads_in({TOKEN_ENV: "the-workers-token"}, data, "print(obj.invoke(None))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == "https://pokeapi.example the-workers-token"
+    missing = loads_in({}, data, "print(obj.invoke(None))")
+    assert f"DeclaredSecretTool.api_key is a secret, so the client did not send it: this worker reads it from " \
+           f"{TOKEN_ENV}, which is not set".encode() in missing.stderr
 
 
 def test_a_client_the_user_set_is_refused_naming_the_field(fake_openai):

@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 from langchain_core.embeddings import Embeddings
+from langchain_core.load.serializable import Serializable
 from langchain_core.utils.utils import secret_from_env
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -95,3 +96,18 @@ class ServiceSettings(BaseModel):
 
     url: str
     token: SecretStr = Field(default_factory=secret_from_env(TOKEN_ENV))
+
+
+class DeclaredSecretTool(Serializable):
+    """A LangChain object that declares its secret in ``lc_secrets`` (as community integrations do)
+    but is not LangChain-serializable: its key has no default, only the declared variable."""
+
+    api_key: SecretStr
+    endpoint: str = "https://tools.example"
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"api_key": TOKEN_ENV}
+
+    def call(self, _: Any) -> str:
+        return f"{self.endpoint} {self.api_key.get_secret_value()}"
