@@ -377,3 +377,19 @@ def test_a_threads_task_a_draining_holder_hands_back_is_lost_not_run_elsewhere()
     effects = pool.error(holder, second, P.E_REQUEUE)  # it had not started it
     assert (CLIENT, second, P.E_THREAD_LOST) in errors_sent(effects)
     assert tasks_sent(effects) == []
+
+
+
+@pytest.mark.timeout(10)
+def test_a_threads_task_handed_back_is_lost_at_once_while_every_other_slot_is_busy():
+    # Handed back with no free slot anywhere, it used to wait in the shared queue for one before
+    # being answered, although its thread was lost when its holder began to drain.
+    pool = two_workers(slots=1)
+    first = new_id()
+    holder = worker_of(submit(pool, first, "t1"), first)
+    other = new_id()
+    assert worker_of(submit(pool, other, None), other) != holder  # the other worker's one slot is busy
+    pool(E.Draining(holder))
+    effects = pool.error(holder, first, P.E_REQUEUE)  # the holder hands it back unstarted
+    assert (CLIENT, first, P.E_THREAD_LOST) in errors_sent(effects)
+    assert tasks_sent(effects) == []

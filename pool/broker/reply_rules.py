@@ -153,8 +153,7 @@ class ReplyRules(WorkerRules):
             return
         self._release(task)
         if event.code == P.E_REQUEUE and not task.cancelled:  # a draining worker hands it back, unstarted
-            self.queues.push(task, front=True)
-            self._dispatch(task.env_key)
+            self._requeue(task)
             return
         self._forget(task)
         if task.cancelled:
