@@ -236,3 +236,69 @@ def test_nothing_left_behind_after_exit():
     with pytest.raises(RuntimeError):
         _ = fake.base_url
     stream.close()
+
+
+# -- embeddings ------------------------------------------------------------------------------------
+
+
+def _embeddings_client(fake: FakeOpenAI, key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key or fake.api_key, base_url=fake.base_url, max_retries=0, timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_embeddings_in_both_encodings_are_the_same_unit_vectors(fake):
+    client = _embeddings_client(fake)
+    as_floats = client.embeddings.create(model="text-embedding-3-small", input=["Pikachu", "Squirtle"],
+                                         encoding_format="float")
+    by_default = client.embeddings.create(model="text-embedding-3-small", input=["Pikachu", "Squirtle"])
+    assert fake.embedding_requests[-1]["encoding_format"] == "base64"  # what the real client asks for
+    assert [d.embedding for d in by_default.data] == [d.embedding for d in as_floats.data]
+    assert [d.index for d in as_floats.data] == [0, 1]
+    first = as_floats.data[0].embedding
+    assert len(first) == 1536 and first == fake.embedding("Pikachu")
+    assert first != as_floats.data[1].embedding
+    assert abs(sum(v * v for v in first) - 1.0) < 1e-5
+    assert as_floats.usage.prompt_tokens == 2 and as_floats.model == "text-embedding-3-small"
+
+
+@pytest.mark.timeout(30)
+def test_embeddings_dimensions_shorten_and_renormalize(fake):
+    client = _embeddings_client(fake)
+    short = client.embeddings.create(model="text-embedding-3-large", input="Pikachu", dimensions=8).data[0].embedding
+    full = fake.embedding("Pikachu", "text-embedding-3-large")
+    assert len(full) == 3072 and len(short) == 8
+    assert short == fake.embedding("Pikachu", "text-embedding-3-large", dimensions=8)
+    assert abs(sum(v * v for v in short) - 1.0) < 1e-5
+    scale = short[0] / full[0]
+    assert all(abs(s - f * scale) < 1e-5 for s, f in zip(short, full[:8], strict=True))
+    with pytest.raises(openai.BadRequestError, match="does not support specifying dimensions"):
+        client.embeddings.create(model="text-embedding-ada-002", input="Pikachu", dimensions=8)
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model="text-embedding-3-small", input="Pikachu", dimensions=5000)
+
+
+@pytest.mark.timeout(30)
+def test_embeddings_of_token_ids_and_refusals(fake):
+    client = _embeddings_client(fake)
+    tokens = client.embeddings.create(model="text-embedding-3-small", input=[[1, 2, 3], [4]], encoding_format="float")
+    assert [d.embedding for d in tokens.data] == [fake.embedding([1, 2, 3]), fake.embedding([4])]
+    assert tokens.usage.total_tokens == 4
+    with pytest.raises(openai.AuthenticationError):
+        _embeddings_client(fake, key="sk-wrong").embeddings.create(model="text-embedding-3-small", input="x")
+    with pytest.raises(openai.BadRequestError, match="input"):
+        client.embeddings.create(model="text-embedding-3-small", input=[])
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="gpt-4o-mini-embeddings", input="x")
+
+
+@pytest.mark.timeout(30)
+def test_langchain_openai_embeddings_against_the_fake(fake):
+    from langchain_openai import OpenAIEmbeddings
+
+    model = OpenAIEmbeddings(model="text-embedding-3-small", api_key=fake.api_key, base_url=fake.base_url,
+                             check_embedding_ctx_length=False, dimensions=16, max_retries=0)
+    assert model.embed_documents(["Pikachu", "Squirtle"]) == [fake.embedding("Pikachu", dimensions=16),
+                                                               fake.embedding("Squirtle", dimensions=16)]
+    assert model.embed_query("Pikachu") == fake.embedding("Pikachu", dimensions=16)
+    assert fake.embedding_requests[-1]["dimensions"] == 16
+    assert len(fake.requests) == 0  # chat completions are recorded apart
