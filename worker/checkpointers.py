@@ -27,16 +27,22 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
+
+log = logging.getLogger("runnable_k8s.worker")
 
 ENV = "RUNNABLE_K8S_CHECKPOINTER"
 URL_ENV = "RUNNABLE_K8S_CHECKPOINTER_URL"
 # Seconds the factory (and the start-up read) may take: a store that does not answer by then is
 # reported as unreachable instead of hanging the worker before it ever registers.
 START_TIMEOUT = 60.0
+# Seconds closing it may take when the worker leaves: short, because a loop stuck in a task that
+# would not stop must not keep a worker past its grace period.
+CLOSE_TIMEOUT = 5.0
 # What READY says (its "checkpointer" key) when this worker's graphs keep their threads in a shared store.
 SHARED = "shared"
 # The thread the start-up check reads: one no graph uses.
@@ -112,9 +118,10 @@ class SharedCheckpointer:
     def close(self, run_on_loop: RunOnLoop) -> None:
         """Exit what the factory opened (its connection's thread would otherwise keep a process alive)."""
         try:
-            run_on_loop(self._stack.aclose(), START_TIMEOUT)
+            run_on_loop(self._stack.aclose(), CLOSE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - the worker is leaving; say it and go on
-            print(f"python -m worker: closing the checkpointer {self.spec} failed: {exc}", file=sys.stderr)
+            log.warning("closing the checkpointer %s failed (%s: %s); leaving anyway", self.spec,
+                        type(exc).__name__, exc)
 
 
 async def _build(factory: Callable[[], Any], stack: contextlib.AsyncExitStack) -> Any:
