@@ -258,6 +258,10 @@ def test_a_shared_checkpointer_worker_leaving_loses_nothing():
     pool.hello()
     pool.ready(b"w1", slots=1, checkpointer="shared")
     pool.ready(b"w2", slots=1, checkpointer="shared")
+    pool.ready(b"w5", slots=1)
+    assert sorted(w["shared_checkpointer"] for w in status(pool)["workers"]) == [False, True, True], \
+        "STATUS says whose threads outlive it"
+    pool(E.Bye(b"w5"))
     running = new_id()
     holder = worker_of(submit(pool, running, "t1", retries=1), running)
     other = b"w2" if holder == b"w1" else b"w1"

@@ -208,6 +208,7 @@ def test_a_refused_hedge_leaves_the_call_to_its_original(tmp_path):
         assert asyncio.run(runnable.ainvoke(4)) == 8
         client = _delta(client_before, hedging.counts())
         assert client == {"sent": 2, "won": 0, "lost": 0, "refused": 2}
+        assert runnable.hedge_counts() == {"sent": 2, "won": 0, "lost": 0, "refused": 2}  # this runnable's own
         assert _delta(broker_before, _broker_counters(pool))["hedges_refused"] == 2
 
         # Traced: the events held while the hedge might have run reach the tracer once it is refused.

@@ -51,6 +51,7 @@ class Reports(CoreState):
                 "input_bytes": w.input_bytes,
                 "input_budget": w.input_budget,
                 "waiting": w.waiting_live,  # tasks of its threads waiting for one of its slots
+                "shared_checkpointer": w.shared_threads,  # its threads outlive it (a shared checkpointer)
             }
             for w in self.workers.values()
         ]

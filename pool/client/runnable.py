@@ -198,6 +198,17 @@ class RunnableK8s(RunnableSerializable[Input, Output]):
         copy._placement = self._placement  # same settings, same place: decided once for both
         return copy
 
+    def hedge_counts(self) -> dict[str, int]:
+        """Hedges this process sent for this instance's runnable (``hedge_after``): ``sent``,
+        ``won`` (the duplicate answered first), ``lost`` and ``refused`` (the broker ran none: no
+        other free worker, or the first attempt had already produced output). The broker's own
+        counts are in ``runnable-k8s status`` and its metrics."""
+        from pool.client import hedging
+
+        if self._encoded is None:
+            self._encoded = encode_runnable(self.bound)
+        return hedging.counts(self._encoded[1])
+
     # ------------------------------------------------------------------ building calls
 
     def _call(self, value: Any, config: RunnableConfig | None, kwargs: dict[str, Any],
