@@ -316,3 +316,26 @@ def test_integration_table(name, build, expected_route, value, fake_openai, monk
 def _comparable(value: Any) -> Any:
     """A message's content (its id is the run's): what must be the same on both sides."""
     return value.content if isinstance(value, AIMessage) else value
+
+
+# ---------------------------------------------------------------------------- what a client may name
+
+
+@pytest.mark.parametrize(("ref", "kwargs", "secrets", "message"), [
+    (("os", "system", ""), {}, (), "is not a pydantic model here: refused"),
+    (("subprocess", "Popen", ""), {"args": ["true"]}, (), "is not a pydantic model here: refused"),
+    (("os;x", "y", ""), {}, (), "is not a class name: refused"),
+    (("pydantic", "BaseModel.__subclasses__", ""), {}, (), "does not exist on this worker"),
+    (("a", "b"), {}, (), "malformed class reference"),
+    (("tests.support.integration_classes", "Notes", ""), {1: "x"}, (), "malformed constructor arguments"),
+    (("tests.support.integration_classes", "Notes", ""), {}, (("items", ("A",) * 9),), "malformed secret"),
+    (("tests.support.integration_classes", "Nowhere", ""), {}, (), "does not exist on this worker"),
+])
+def test_the_worker_rebuilds_only_pydantic_models_from_well_formed_references(ref, kwargs, secrets, message):
+    """What the constructor route lets a client name; the pickle around it can already do more
+    (docs/design.md#trust-one-pool-is-one-trust-domain), so these keep a malformed reference to a
+    clear error rather than draw a boundary."""
+    from worker.constructor_route import rebuild_by_constructor
+
+    with pytest.raises(codec.CodecError, match=message):
+        rebuild_by_constructor(ref, kwargs, secrets)
