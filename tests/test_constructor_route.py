@@ -38,6 +38,7 @@ from tests.support.fake_openai import FAKE_KEY, FakeOpenAI
 from tests.support.integration_classes import (
     KEY_ENV,
     TOKEN_ENV,
+    CountedEmbeddings,
     DeclaredSecretTool,
     HoldsClient,
     KeyedEmbeddings,
@@ -95,6 +96,18 @@ def test_the_digest_is_the_same_for_the_same_settings_and_differs_with_them(fake
     assert codec.digest(one) == codec.digest(codec.dumps(RunnableLambda(embeddings(fake_openai).embed_documents)))
     other = codec.dumps(RunnableLambda(embeddings(fake_openai, dimensions=8).embed_documents))
     assert codec.digest(one) != codec.digest(other)
+
+
+def test_the_digest_is_the_same_in_another_client_process(fake_openai):
+    """Workers cache by digest: two clients sending the same integration must name it alike."""
+    build = ("from langchain_core.runnables import RunnableLambda; from langchain_openai import OpenAIEmbeddings; "
+             "from worker import codec; emb = OpenAIEmbeddings(model='text-embedding-3-small', base_url={url!r}, "
+             "api_key={key!r}, check_embedding_ctx_length=False, max_retries=0); "
+             "print(codec.digest(codec.dumps(RunnableLambda(emb.embed_documents))))")
+    program = build.format(url=fake_openai.base_url, key=CLIENT_KEY)
+    other = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60, check=True)
+    here = codec.digest(codec.dumps(RunnableLambda(embeddings(fake_openai).embed_documents)))
+    assert other.stdout.decode().strip() == here
 
 
 def test_an_object_held_twice_is_rebuilt_once_and_shared(fake_openai, monkeypatch):
@@ -218,6 +231,13 @@ def test_an_in_memory_vector_store_retriever_finds_the_same_documents(fake_opena
     remote = RunnableK8s(bound=retriever, pool=local_pool.address).invoke("Which Pokémon is Electric?")
     assert [(d.page_content, d.metadata, d.id) for d in remote] == [(d.page_content, d.metadata, d.id) for d in local]
     assert len(local) == 2
+
+
+def test_a_worker_builds_the_integration_once_per_runnable_not_per_call(local_pool):
+    """Each vector says how many CountedEmbeddings its worker process has built: 1 on every call."""
+    remote = RunnableK8s(bound=RunnableLambda(CountedEmbeddings(size=3).embed_query), pool=local_pool.address)
+    assert remote.batch([f"text {i}" for i in range(12)]) == [[1.0] * 3] * 12
+    assert remote.invoke("again") == [1.0] * 3
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.embeddings import Embeddings
 from langchain_core.load.serializable import Serializable
@@ -111,3 +111,21 @@ class DeclaredSecretTool(Serializable):
 
     def call(self, _: Any) -> str:
         return f"{self.endpoint} {self.api_key.get_secret_value()}"
+
+
+class CountedEmbeddings(BaseModel, Embeddings):
+    """Counts its constructions in this process: its vectors say how many there have been."""
+
+    built: ClassVar[int] = 0
+    size: int = 2
+
+    @model_validator(mode="after")
+    def _count(self) -> CountedEmbeddings:
+        type(self).built += 1
+        return self
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return [self.embed_query(text) for text in texts]
+
+    def embed_query(self, text: str) -> list[float]:
+        return [float(type(self).built)] * self.size
