@@ -181,6 +181,12 @@ def test_a_client_the_user_set_is_refused_naming_the_field(fake_openai):
         codec.dumps(RunnableLambda(HoldsClient(http_client=threading.Lock()).describe))
 
 
+def test_a_key_given_as_a_function_is_refused_naming_the_variable_to_set(fake_openai):
+    with pytest.raises(codec.CodecError, match=r"openai_api_key is a function that returns a secret.*OPENAI_API_KEY"):
+        codec.dumps(OpenAIEmbeddings(model="text-embedding-3-small", base_url=fake_openai.base_url,
+                                     api_key=lambda: CLIENT_KEY))
+
+
 def test_a_model_that_does_not_pickle_is_rebuilt_by_its_constructor():
     splitter = LockedSplitter(separator=",")
     data = codec.dumps(RunnableLambda(splitter.split))
