@@ -131,6 +131,8 @@ def anchors(path: Path) -> frozenset[str]:
     seen: dict[str, int] = {}
     found = set()
     for line in prose:
+        # An explicit anchor (<a id="threads"></a> before a long heading) is a link target too.
+        found.update(re.findall(r'<a id="([\w-]+)"></a>', line))
         match = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
         if not match:
             continue
@@ -168,9 +170,11 @@ def test_every_relative_link_points_to_a_file_and_heading_that_exist(doc: Path) 
 def test_the_link_check_sees_a_broken_link_and_a_missing_anchor(tmp_path: Path) -> None:
     """The checker itself: a link to a missing file and one to a missing heading are reported, a
     good one is not."""
-    (tmp_path / "other.md").write_text("# Title\n\n## What comes back, and `trust_workers`\n")
+    (tmp_path / "other.md").write_text("# Title\n\n## What comes back, and `trust_workers`\n\n"
+                                       '<a id="short"></a>\n## A long heading\n')
     doc = tmp_path / "doc.md"
     doc.write_text("[a](other.md#what-comes-back-and-trust_workers) [b](missing.md) [c](other.md#nope)\n"
+                   "[d](other.md#short)\n"
                    "`[not a link](nowhere.md)`\n\n```\n[code](nowhere.md)\n```\n")
     problems = broken_links(doc)
     assert len(problems) == 2, problems

@@ -4,7 +4,9 @@ Each direction has its own modules, so that each can be read alone:
 
 * the way out, client to worker (runnables and inputs): ``worker.outbound`` (``dumps``,
   ``loads``, ``dumps_input``, ``dumps_batch_input``, ``digest``), with ``worker.langchain_route``
-  (LangChain objects as data, secrets as references), ``worker.sentinels`` (module-level
+  (LangChain objects as data, secrets as references), ``worker.constructor_route`` (pydantic
+  integrations as their class and the arguments set, rebuilt by their constructor on the worker,
+  secrets from its environment), ``worker.sentinels`` (module-level
   sentinels by reference) and ``worker.unsendable`` (errors that say what to change);
 * the way back, worker to client (outputs, chunks, exceptions, callback events): data, never a
   pickle, in the package ``worker.result_codec``, the security boundary;

@@ -27,6 +27,12 @@
 - ``raw_worker``: RawWorker (a raw DEALER speaking the worker protocol), raw_dealer(address)
 - ``zmtp_raw``: RawPeer: a hand-written ZMTP peer (a libzmq DEALER cannot send a message that never ends)
 - ``guard_costs``: ``python -m tests.support.guard_costs`` measures what the guard costs the broker loop
+- ``integration_classes``: small integrations built like real ones (pydantic, secrets, clients), importable
+  on a test pool's workers
+- ``checkpointer_factories``: checkpointer factories a test worker names by import path (good and bad ones)
+- ``build_gate``: a runnable whose build waits for a gate (one build per runnable under concurrent first calls)
+- ``langsmith_capture``: a stand-in for the LangSmith API recording posted runs (also runs standalone)
+- ``traced_caller``: a caller process with LangSmith variables from its start; ``trace_checks``: one trace per call
 
 Import the module you need (``from tests.support.waiting import wait_for``); this package
 imports nothing itself, so the cluster CLI (``python -m tests.cluster``) can use ``ports``
