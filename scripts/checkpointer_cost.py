@@ -79,14 +79,14 @@ def main() -> None:
         shared = {"RUNNABLE_K8S_CHECKPOINTER": "worker.checkpointers:sqlite",
                   "RUNNABLE_K8S_CHECKPOINTER_URL": os.path.join(folder, "checkpoints.sqlite")}
         print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {args.calls} calls per run, one thread")
-        print(f"{'run':44} {'p50 ms':>8} {'p95 ms':>8}")
+        print(f"{'run':50} {'p50 ms':>8} {'p95 ms':>8}")
         for _ in range(args.rounds):
             rows = [("in-process, InMemorySaver", in_process(args.calls)),
                     ("pool, no checkpointer", on_pool({}, None, args.calls)),
                     ("pool, the graph's own InMemorySaver", on_pool({}, InMemorySaver(), args.calls)),
                     ("pool, shared SQLite (worker.checkpointers:sqlite)", on_pool(shared, InMemorySaver(), args.calls))]
             for label, (p50, p95) in rows:
-                print(f"{label:44} {p50:8.2f} {p95:8.2f}")
+                print(f"{label:50} {p50:8.2f} {p95:8.2f}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
