@@ -118,23 +118,29 @@ def broker_budget_options(args: argparse.Namespace) -> dict[str, int]:
 
 
 def _broker_extras(args: argparse.Namespace, broker: Any) -> list[Any]:
-    """Metrics endpoint and autoscaler of a broker, as asked by its flags; returns their stoppers."""
+    """Metrics endpoint and autoscaler of a broker, as asked by its flags; returns their stoppers.
+
+    The ``--autoscale-*`` settings serve both: the builtin autoscaler applies them, and the metrics'
+    scaling signal (for KEDA or an HPA, with the builtin autoscaler off) computes with the same ones,
+    so both mean the same number of workers for the same load."""
+    from pool.scaling.policy import AutoscaleSettings
+
     stops: list[Any] = []
+    settings = AutoscaleSettings(min=args.autoscale_min, max=args.autoscale_max, target=args.autoscale_target,
+                                 in_flight=args.autoscale_in_flight, window=args.autoscale_window,
+                                 idle=args.autoscale_idle)
     if args.metrics_port is not None:
         from pool.broker.metrics import BrokerMetrics
 
-        metrics = BrokerMetrics(broker).attach()
+        metrics = BrokerMetrics(broker, scaling=settings).attach()
         port = metrics.serve(args.metrics_port, args.metrics_bind)
         stops.append(metrics.close)
-        print(f"runnable-k8s broker: metrics on http://{args.metrics_bind}:{port}/metrics", file=sys.stderr, flush=True)
+        print(f"runnable-k8s broker: metrics on http://{args.metrics_bind}:{port}/metrics and /scaling",
+              file=sys.stderr, flush=True)
     if args.autoscale_deployment:
         from pool.k8s.deployment import deployment_scaler
         from pool.scaling.autoscaler import Autoscaler
-        from pool.scaling.policy import AutoscaleSettings
 
-        settings = AutoscaleSettings(min=args.autoscale_min, max=args.autoscale_max, target=args.autoscale_target,
-                                     in_flight=args.autoscale_in_flight, window=args.autoscale_window,
-                                     idle=args.autoscale_idle)
         scaler = deployment_scaler(args.autoscale_namespace, args.autoscale_deployment,
                                    kubeconfig=args.autoscale_kubeconfig)
         autoscaler = Autoscaler(settings, scaler).start()
@@ -409,10 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
     broker.add_argument("--remove-on-exit", metavar="DIR", help=argparse.SUPPRESS)
     broker.add_argument("--metrics-port", type=int, metavar="PORT",
-                        help="serve Prometheus metrics on this port (0: any free port)")
+                        help="serve Prometheus metrics (GET /metrics) and the scaling signal as JSON (GET /scaling, "
+                             "for KEDA's metrics-api scaler) on this port (0: any free port)")
     broker.add_argument("--metrics-bind", default="127.0.0.1", metavar="ADDRESS",
                         help="address of the metrics endpoint (0.0.0.0 in a Pod, for Prometheus to scrape)")
-    scaling = broker.add_argument_group("autoscaling (a worker Deployment, from queued + running tasks)")
+    scaling = broker.add_argument_group(
+        "autoscaling (a worker Deployment, from queued + running tasks)",
+        "--autoscale-min, -max, -in-flight and -target also set the scaling signal the metrics endpoint serves "
+        "(runnable_k8s_scaling_* and GET /scaling) for KEDA or an HPA, with or without --autoscale-deployment.")
     scaling.add_argument("--autoscale-deployment", metavar="NAME", help="the worker Deployment to scale (turns it on)")
     scaling.add_argument("--autoscale-namespace", metavar="NS",
                          help="its namespace (default: this Pod's namespace, else 'default')")

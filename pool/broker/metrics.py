@@ -1,22 +1,44 @@
-"""Prometheus metrics of a broker (docs/design.md#scaling-and-losing-peers): the numbers ``runnable-k8s status`` prints.
+"""Prometheus metrics of a broker (docs/design.md#scaling-and-losing-peers): the numbers ``runnable-k8s status``
+prints, and the scaling signal an HPA or KEDA scales the workers on.
 
-    runnable-k8s broker ... --metrics-port 9090 [--metrics-bind 0.0.0.0]
+    runnable-k8s broker ... --metrics-port 9090 [--metrics-bind 0.0.0.0] [--autoscale-in-flight 64 ...]
     curl -s 127.0.0.1:9090/metrics | grep runnable_k8s_
+    curl -s 127.0.0.1:9090/scaling      # {"demand": 12, "desired_workers": 1, ...}: KEDA's metrics-api
 
 Gauges come from the broker's status snapshot, refreshed every tick (1 s) on the broker's own
 thread, so a scrape never touches the loop's state while it changes; task counters are read live;
 the latency histogram is fed at each RESULT through the broker's ``latency_hook`` with a few
 hundred nanoseconds of work (a bisect and two additions, no lock).
+
+The scaling signal is the autoscaling policy's own arithmetic (``pool.scaling.policy``) over the
+same snapshot, with the same settings (the ``--autoscale-*`` flags), whether or not the broker's
+autoscaler is on: ``runnable_k8s_scaling_desired_workers`` is what the builtin autoscaler would
+recommend for this load (before its idle delay and scale-down window, which KEDA and the HPA
+keep themselves), and ``runnable_k8s_scaling_demand`` is what it divides.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+
+from pool.broker import metrics_http
+from pool.scaling.policy import AutoscaleSettings, Load, desired_workers, slots_per_worker_of, target_per_worker
+from worker import defaults
+from worker.command_line import DISTRIBUTION
+from worker.protocol import PROTOCOL
 
 if TYPE_CHECKING:
     from pool.broker.server import Broker
@@ -25,7 +47,8 @@ PREFIX = "runnable_k8s"
 # Seconds from SUBMIT to RESULT: from a trivial warm call (~1 ms) to an LLM chain (minutes).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
-TASK_OUTCOMES = ("submitted", "done", "failed", "cancelled", "retried", "refused")
+# The only label values: bounded, known here (never an id, a key, a digest).
+TASK_OUTCOMES = ("submitted", "done", "failed", "cancelled", "retried")
 # Counters of who sent what (pool.broker.core.COUNTERS); a rising messages_refused or
 # peers_replaced is a peer probing the pool, or a misconfigured key.
 _IDENTITY_COUNTERS = (
@@ -43,6 +66,18 @@ _IDENTITY_COUNTERS = (
     ("hedges_sent", "Hedges (duplicates of a slow task) started on another worker."),
     ("hedges_refused", "Hedges not run: the original was queued, had streamed, or no other worker was free."),
 )
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # a source tree never installed
+        return "unknown"
+
+
+_VERSION = _version()
 
 
 class LatencyHistogram:
@@ -68,13 +103,23 @@ class LatencyHistogram:
 
 
 class BrokerMetrics:
-    """A Prometheus collector over one broker; ``attach`` it, then ``serve`` it over HTTP."""
+    """A Prometheus collector over one broker; ``attach`` it, then ``serve`` it over HTTP.
 
-    def __init__(self, broker: Broker) -> None:
+    Args:
+        scaling: the autoscaling settings the scaling signal uses (the broker's ``--autoscale-*``
+            flags); the defaults when None, as the builtin autoscaler's.
+    """
+
+    def __init__(self, broker: Broker, scaling: AutoscaleSettings | None = None) -> None:
         self.broker = broker
+        self.scaling = scaling if scaling is not None else AutoscaleSettings()
+        # Until a worker registers and says how many slots it has, the worker's default (as the autoscaler).
+        self._slots_per_worker = self.scaling.slots_per_worker or defaults.WORKER_CONCURRENCY
         self.latency = LatencyHistogram()
         self.registry = CollectorRegistry(auto_describe=False)
-        self._status: dict[str, Any] = broker.status()
+        self._status: dict[str, Any] = {}
+        self._signal: dict[str, Any] = {}
+        self._take_status(broker.status())
         self._server: Any = None
 
     def attach(self) -> BrokerMetrics:
@@ -82,14 +127,44 @@ class BrokerMetrics:
         self.broker.status_hooks.append(self._take_status)
         self.broker.latency_hook = self.latency.observe
         self.registry.register(self)
+        # process_* (resident memory, CPU seconds, open fds, start time): the broker's own, per Pod.
+        ProcessCollector(registry=self.registry)
         return self
 
     def _take_status(self, status: dict[str, Any]) -> None:
+        """Each tick's snapshot, on the broker's thread: the gauges and the scaling signal of one
+        moment, swapped in whole, so /metrics and /scaling always agree with each other."""
+        self._signal = self.scaling_signal(status)
         self._status = status
 
+    def scaling_signal(self, status: dict[str, Any]) -> dict[str, Any]:
+        """The ``/scaling`` answer for a status snapshot: the policy's numbers (see module doc)."""
+        settings = self.scaling
+        if settings.slots_per_worker is None:
+            self._slots_per_worker = slots_per_worker_of(status.get("workers", ()), self._slots_per_worker)
+        load = Load(int(status.get("queued", 0)), int(status.get("busy", 0)), self._slots_per_worker)
+        return {
+            "demand": load.tasks,
+            "queued": load.queued,
+            "running": load.running,
+            "desired_workers": desired_workers(load, settings),
+            "workers": sum(1 for w in status.get("workers", ()) if not w.get("draining")),
+            "target_per_worker": target_per_worker(settings, load.slots_per_worker),
+            "slots_per_worker": load.slots_per_worker,
+            "min_workers": settings.min,
+            "max_workers": settings.max,
+        }
+
+    def scaling_json(self, accept: str = "") -> metrics_http.Body:
+        return json.dumps(self._signal, separators=(",", ":")).encode() + b"\n", "application/json"
+
+    def exposition(self, accept: str = "") -> metrics_http.Body:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
     def serve(self, port: int, bind: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` on ``bind:port`` from a daemon thread; returns the port (0 picks one)."""
-        self._server, _ = start_http_server(port, addr=bind, registry=self.registry)
+        """Serve ``/metrics`` and ``/scaling`` on ``bind:port`` from a daemon thread; returns the port (0 picks one)."""
+        self._server = metrics_http.serve({"/metrics": self.exposition, "/scaling": self.scaling_json}, port, bind)
         return int(self._server.server_address[1])
 
     def close(self) -> None:
@@ -142,10 +217,30 @@ class BrokerMetrics:
         yield CounterMetricFamily(f"{PREFIX}_clients_dropped",
                                   "Clients dropped because they did not read their replies.",
                                   value=counters.get("clients_dropped", 0))
-        yield CounterMetricFamily(f"{PREFIX}_refused", "Tasks and peers refused (queue full, unknown key, ...).",
+        yield CounterMetricFamily(f"{PREFIX}_refused",
+                                  "Tasks and peers refused (queue full, unknown key, a key not allowed in its role).",
                                   value=counters.get("refused", 0))
         for name, doc in _IDENTITY_COUNTERS:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=counters.get(name, 0))
         yield HistogramMetricFamily(f"{PREFIX}_task_latency_seconds",
                                     "Seconds from a task's submission to its result, as the broker sees it.",
                                     buckets=self.latency.cumulative(), sum_value=self.latency.sum)
+        signal = self._signal
+        scaling = (
+            ("demand", "Calls queued + running: what the scaling policy divides by the target per worker "
+                       "(a sub-batch counts its calls; tasks waiting for their thread's worker do not count).",
+             signal["demand"]),
+            ("desired_workers", "Workers the scaling policy asks for this load, clamped to the min and max workers "
+                                "(no idle delay or scale-down window: the scaler keeps those).",
+             signal["desired_workers"]),
+            ("target_per_worker", "Calls queued + running one worker is meant to carry: min(in-flight, slots per "
+                                  "worker) x target. KEDA's threshold for the demand.", signal["target_per_worker"]),
+            ("min_workers", "Fewest workers the scaling policy asks for (0: scale to zero when idle).",
+             signal["min_workers"]),
+            ("max_workers", "Most workers the scaling policy asks for.", signal["max_workers"]),
+        )
+        for name, doc, number in scaling:
+            yield GaugeMetricFamily(f"{PREFIX}_scaling_{name}", doc, value=number)
+        info = InfoMetricFamily(f"{PREFIX}_broker", "The broker's package version and wire protocol (value 1).",
+                                value={"version": _VERSION, "protocol": PROTOCOL.decode()})
+        yield info

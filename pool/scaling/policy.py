@@ -31,7 +31,9 @@ The rules, in order:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from worker import defaults
 
@@ -103,6 +105,43 @@ class Decision:
     recommendation: int = field(default=0, compare=False)  # before stabilization (for tests/logs)
 
 
+def calls_per_worker(settings: AutoscaleSettings, slots_per_worker: int) -> int:
+    """Calls in flight one worker is counted on for: ``in_flight``, never more than its slots."""
+    return min(settings.in_flight, max(1, slots_per_worker))
+
+
+def target_per_worker(settings: AutoscaleSettings, slots_per_worker: int) -> float:
+    """Calls (queued + running) per worker the policy divides the load by: rule 1's divisor.
+
+    Exposed so a scaler outside the broker (KEDA's ``threshold``, an HPA's ``averageValue``)
+    divides by the same number as the broker's own autoscaler."""
+    return calls_per_worker(settings, slots_per_worker) * settings.target
+
+
+def wanted_workers(tasks: int, settings: AutoscaleSettings, slots_per_worker: int) -> int:
+    """Workers ``tasks`` calls (queued + running) ask for by rule 1, before ``[min, max]``."""
+    return math.ceil(tasks / target_per_worker(settings, slots_per_worker)) if tasks else 0
+
+
+def desired_workers(load: Load, settings: AutoscaleSettings) -> int:
+    """Rules 1 and 2 without memory: the workers this load asks for, clamped to ``[min, max]``.
+
+    With ``min == 0`` this is 0 as soon as nothing is queued or running: the idle delay before
+    zero (rule 2) and the scale-down window (rule 4) need the policy's state, and a scaler outside
+    the broker keeps its own (KEDA's ``cooldownPeriod``, the HPA's stabilization window)."""
+    tasks = load.tasks
+    floor = settings.min if settings.min > 0 else (1 if tasks else 0)
+    return max(floor, min(settings.max, wanted_workers(tasks, settings, load.slots_per_worker)))
+
+
+def slots_per_worker_of(workers: Iterable[Mapping[str, Any]], previous: int) -> int:
+    """The slots per worker the policy counts with: the mean over the workers taking tasks
+    (STATUS ``workers`` entries), else ``previous`` (what was learnt before they left, or the
+    worker's default), so a pool scaled to zero still divides by what its workers had."""
+    ready = [w for w in workers if not w.get("draining")]
+    return max(1, round(sum(int(w["slots"]) for w in ready) / len(ready))) if ready else previous
+
+
 def decide(load: Load, replicas: int, settings: AutoscaleSettings, state: PolicyState,
            now: float) -> tuple[Decision, PolicyState]:
     """The replica count to set now, and the policy state for the next call (see module doc)."""
@@ -110,9 +149,8 @@ def decide(load: Load, replicas: int, settings: AutoscaleSettings, state: Policy
     idle_since = None if tasks else (state.idle_since if state.idle_since is not None else now)
     idle_for = 0.0 if idle_since is None else now - idle_since
 
-    per_worker_calls = min(settings.in_flight, max(1, load.slots_per_worker))
-    per_worker = per_worker_calls * settings.target
-    wanted = math.ceil(tasks / per_worker) if tasks else 0
+    per_worker_calls = calls_per_worker(settings, load.slots_per_worker)
+    wanted = wanted_workers(tasks, settings, load.slots_per_worker)
     if settings.min > 0:
         floor = settings.min
     elif tasks:
