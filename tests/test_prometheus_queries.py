@@ -13,7 +13,6 @@ process's real resident memory against a limit.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from pool import LocalPool, RunnableK8s
 from tests.support.helm import CHART, helm, values_file
 from tests.support.ports import free_port
-from tests.support.prometheus import PrometheusServer, prometheus_binary
+from tests.support.prometheus import PrometheusServer, helm_binary, prometheus_binary
 from tests.support.waiting import wait_for
 
 NAMESPACE, RELEASE = "team-a", "rel"
@@ -52,13 +51,6 @@ THRESHOLD = re.compile(r"^(?P<signal>.+?)\s*(?P<op>>|<|==|>=|<=|!=)\s*(?P<thresh
 def work(seconds: float) -> str:
     time.sleep(seconds)
     return "ok"
-
-
-def helm_binary() -> str | None:
-    from tests.cluster.cluster import BIN
-
-    path = BIN / "helm"
-    return str(path) if os.access(path, os.X_OK) else shutil.which("helm")
 
 
 def render(helm_bin: str, folder: Path, values: dict[str, Any]) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ starts its own process and never the package's service. The process is stopped (
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import urllib.error
@@ -25,7 +26,16 @@ import yaml
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 
-__all__ = ["PrometheusServer", "prometheus_binary"]
+__all__ = ["PrometheusServer", "helm_binary", "prometheus_binary"]
+
+
+def helm_binary() -> str | None:
+    """The helm CLI the cluster tests build (tests/cluster/build.sh binaries), else one on PATH, else None:
+    the rules and the dashboard Prometheus loads are the chart's, rendered."""
+    from tests.cluster.cluster import BIN
+
+    path = BIN / "helm"
+    return str(path) if os.access(path, os.X_OK) else shutil.which("helm")
 
 
 def prometheus_binary() -> str | None:
