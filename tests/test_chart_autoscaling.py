@@ -9,10 +9,15 @@ the KEDA CRD test skips when no `go` is on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,10 @@ import yaml
 
 from tests.cluster.cluster import CACHE
 from tests.support.helm import CHART, helm, values_file
+from tests.support.paths import REPO
+from tests.support.ports import free_port
+from tests.support.processes import stop_process
+from tests.support.waiting import wait_for
 
 SUPPORTED_KUBERNETES = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
 NOT_IN_KUBERNETES_SCHEMAS = {"keda.sh/v1alpha1", "monitoring.coreos.com/v1"}
@@ -356,3 +365,49 @@ REFUSED = {
 def test_helm_refuses_combinations_that_cannot_scale_with_a_message(helm_bin, tmp_path, case):
     values, message = REFUSED[case]
     assert message in refusal(helm_bin, tmp_path, values)
+
+
+# ------------------------------------------------------------------ the chart's target = the broker's
+@contextlib.contextmanager
+def _process(args: list[str]) -> Iterator[subprocess.Popen[str]]:
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=log, text=True)
+        try:
+            yield process
+        finally:
+            stop_process(process)
+
+
+def _scaling(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/scaling", timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.timeout(120)
+def test_the_target_keda_and_the_hpa_divide_by_is_the_one_the_broker_publishes(helm_bin, tmp_path):
+    """A real broker started with the flags the chart gives it in keda mode, and a real worker
+    with the chart's --slots, publish on /scaling the same target per worker as the chart wrote
+    into the ScaledObject and the HPA (here capped by the worker's 16 slots: min(64, 16) x 0.5),
+    and the `demand` field the metrics-api trigger reads."""
+    values = {"worker": {"slots": 16}, "autoscaling": {"targetTasksPerSlot": 0.5}}
+    keda_docs = render(helm_bin, tmp_path, deep_merge(KEDA, values))
+    hpa_docs = render(helm_bin, tmp_path, deep_merge(HPA, values))
+    trigger = one(keda_docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    average = one(hpa_docs, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["external"]["target"]["averageValue"]
+    assert (trigger["targetValue"], average) == ("8", "8")
+    flags = [a for a in broker_command(keda_docs) if a.startswith("--autoscale")]
+    worker_slots = [a for a in one(keda_docs, "Deployment", "worker")["spec"]["template"]["spec"]["containers"][0]
+                    ["command"] if a.startswith("--slots=")]
+    assert worker_slots == ["--slots=16"]
+
+    endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    broker_args = ["-m", "pool", "broker", "--bind", endpoint, "--insecure", "--metrics-port", str(port),
+                   "--metrics-bind", "127.0.0.1", "--exit-with-parent", str(os.getpid()), *flags]
+    with _process(broker_args) as broker:
+        before = wait_for(lambda: _scaling(port), 30, "the broker's /scaling", ignore=(OSError,))
+        assert before["demand"] == 0 and trigger["valueLocation"] in before
+        with _process(["-m", "worker", "--connect", endpoint, "--insecure", *worker_slots]) as worker:
+            signal = wait_for(lambda: (s := _scaling(port))["target_per_worker"] == float(trigger["targetValue"])
+                              and s, 60, "the worker's slots in the broker's target per worker")
+            assert broker.poll() is None and worker.poll() is None
+    assert signal["demand"] == 0
