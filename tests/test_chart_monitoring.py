@@ -68,6 +68,7 @@ def test_the_schema_refuses_bad_monitoring_values(case: str) -> None:
         jsonschema.validate(merged(BAD[case]), schema())
 
 
+@pytest.mark.cluster  # needs the helm CLI the cluster tier builds (tests/cluster/build.sh binaries)
 @pytest.mark.timeout(120)
 def test_rendered_dashboard_and_rule_are_what_grafana_and_the_operator_load(tmp_path: Path) -> None:
     helm_bin = helm_binary()

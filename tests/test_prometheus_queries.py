@@ -124,6 +124,7 @@ class Load:
             thread.join(70)
 
 
+@pytest.mark.cluster  # needs the helm CLI the cluster tier builds (tests/cluster/build.sh binaries)
 @pytest.mark.timeout(300)
 def test_dashboard_and_alerts_return_data_from_a_real_prometheus_and_the_no_worker_alert_fires() -> None:
     if prometheus_binary() is None:
