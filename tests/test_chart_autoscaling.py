@@ -197,6 +197,14 @@ def test_each_mode_renders_manifests_the_kubernetes_schemas_accept(helm_bin, tmp
                 kubernetes_validate.validate(doc, kube, strict=True)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_helm_lint_strict_is_clean_in_each_mode(helm_bin, tmp_path, mode):
+    result = helm(helm_bin, "lint", "--strict", str(CHART), "-f", values_file(tmp_path, MODES[mode]), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["keda", "keda-prometheus"])
 def test_the_scaled_object_fits_kedas_own_crd_schema(helm_bin, tmp_path, keda_crd, mode):
