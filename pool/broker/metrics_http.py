@@ -12,12 +12,15 @@ the broker's status taken on its own thread every tick.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+log = logging.getLogger("runnable_k8s.metrics")
 
 MAX_REQUEST_BYTES = 16 * 1024  # a scrape's request line and headers are a few hundred bytes
 REQUEST_SECONDS = 5.0  # Prometheus and KEDA send their whole request at once
@@ -27,42 +30,52 @@ Body = tuple[bytes, str]  # (content, content type)
 
 
 class _CappedReader:
-    """The request's reader: at most ``limit`` bytes, and only until ``deadline`` (monotonic).
+    """The request's reader, straight off the socket: at most ``limit`` bytes, and only until
+    ``deadline`` (monotonic).
 
-    Past the byte limit it reads as end of input and sets ``exhausted`` (the handler answers 431);
-    past the deadline a read raises ``TimeoutError``, which the stdlib handler turns into a closed
-    connection. Each read waits at most the time left, so a peer trickling bytes cannot extend it."""
+    Past the byte limit a line comes back cut short and ``exhausted`` is set (the handler answers
+    431); past the deadline a read raises ``TimeoutError``, which the stdlib handler turns into a
+    closed connection. Every ``recv`` waits at most the time left, so a peer trickling a byte at a
+    time cannot stretch the request (a buffered ``readline`` would wait for its newline forever)."""
 
-    def __init__(self, raw: Any, sock: socket.socket, limit: int, deadline: float) -> None:
-        self.raw = raw
+    def __init__(self, sock: socket.socket, limit: int, deadline: float) -> None:
         self.sock = sock
         self.left = limit
         self.deadline = deadline
+        self.buffer = bytearray()
         self.exhausted = False
 
-    def _arm(self) -> None:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the request took too long")
-        self.sock.settimeout(remaining)
-
     def readline(self, size: int = -1) -> bytes:
-        if self.left <= 0:
-            self.exhausted = True
-            return b""
-        self._arm()
-        size = self.left if size is None or size < 0 else min(size, self.left)
-        line: bytes = self.raw.readline(size)
-        self.left -= len(line)
-        if self.left <= 0 and not line.endswith(b"\n"):
-            self.exhausted = True  # cut short: the handler answers 431 instead of acting on it
-        return line
+        size = 1 << 30 if size is None or size < 0 else size
+        while True:
+            end = self.buffer.find(b"\n", 0, size)
+            if end >= 0 or len(self.buffer) >= size:
+                cut = end + 1 if end >= 0 else size
+                line = bytes(self.buffer[:cut])
+                del self.buffer[:cut]
+                return line
+            if self.left <= 0:
+                self.exhausted = True
+                line = bytes(self.buffer)
+                self.buffer.clear()
+                return line
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the request took too long")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(min(4096, self.left))
+            if not data:  # the peer closed: what there is
+                line = bytes(self.buffer)
+                self.buffer.clear()
+                return line
+            self.left -= len(data)
+            self.buffer += data
 
     def read(self, size: int = -1) -> bytes:  # a GET's body is never read; this is for the stdlib's sake
         return b""
 
     def close(self) -> None:
-        self.raw.close()
+        pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -73,8 +86,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.rfile = _CappedReader(self.rfile, self.connection, MAX_REQUEST_BYTES,
-                                   time.monotonic() + REQUEST_SECONDS)
+        self.rfile.close()  # the buffered reader would wait for a newline however slowly it comes
+        self.rfile = _CappedReader(self.connection, MAX_REQUEST_BYTES, time.monotonic() + REQUEST_SECONDS)
 
     def parse_request(self) -> bool:
         if self.rfile.exhausted:  # the request line alone was too long
@@ -128,6 +141,7 @@ class MetricsHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 64  # a burst of connections is accepted (then served or closed), not left in SYN limbo
 
     def __init__(self, address: tuple[str, int], routes: dict[str, Callable[[str], Body]]) -> None:
         self.routes = routes
@@ -143,6 +157,10 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A peer that resets or times out is not the broker's error: a debug line, no traceback."""
+        log.debug("metrics request from %s ended badly", client_address, exc_info=True)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
