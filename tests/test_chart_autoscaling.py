@@ -3,7 +3,8 @@ helm CLI: each mode's manifests against the Kubernetes 1.30-1.35 schemas, the KE
 against KEDA's own CRD schema (from its Go module, fetched once with the Go toolchain and kept in
 the test cluster's cache), and the combinations the chart refuses, with their messages.
 
-The helm tests skip when the helm binary is not built (`bash tests/cluster/build.sh binaries`);
+The helm tests are marked ``cluster``, like tests/test_chart.py's: the cluster tier builds the helm
+CLI (`bash tests/cluster/build.sh binaries`), and they skip where it is not built;
 the KEDA CRD test skips when no `go` is on the machine.
 """
 
@@ -187,6 +188,7 @@ def test_the_values_schema_refuses_bad_autoscaling_values(case):
 
 
 # ------------------------------------------------------------------ rendered, with helm
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_each_mode_renders_manifests_the_kubernetes_schemas_accept(helm_bin, tmp_path, mode):
@@ -197,6 +199,7 @@ def test_each_mode_renders_manifests_the_kubernetes_schemas_accept(helm_bin, tmp
                 kubernetes_validate.validate(doc, kube, strict=True)
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_helm_lint_strict_is_clean_in_each_mode(helm_bin, tmp_path, mode):
@@ -205,12 +208,14 @@ def test_helm_lint_strict_is_clean_in_each_mode(helm_bin, tmp_path, mode):
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["keda", "keda-prometheus"])
 def test_the_scaled_object_fits_kedas_own_crd_schema(helm_bin, tmp_path, keda_crd, mode):
     validate_scaled_object(keda_crd, one(render(helm_bin, tmp_path, MODES[mode]), "ScaledObject"))
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(300)
 def test_the_crd_validation_refuses_what_keda_would(helm_bin, tmp_path, keda_crd):
     """The validator is not vacuous: a misspelt field, a wrong type, a missing trigger, and
@@ -231,6 +236,7 @@ def test_the_crd_validation_refuses_what_keda_would(helm_bin, tmp_path, keda_crd
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("values", [BUILTIN, {"autoscaling": {"enabled": True, "mode": "builtin"}}],
                          ids=["enabled-alone", "enabled-and-builtin"])
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 def test_builtin_is_the_broker_patching_the_deployment_with_its_role(helm_bin, tmp_path, values):
     docs = render(helm_bin, tmp_path, values)
     command = broker_command(docs)
@@ -242,6 +248,7 @@ def test_builtin_is_the_broker_patching_the_deployment_with_its_role(helm_bin, t
     assert "replicas" not in one(docs, "Deployment", "worker")["spec"]
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(60)
 def test_autoscaling_off_renders_no_controller_and_fixed_replicas(helm_bin, tmp_path):
     docs = render(helm_bin, tmp_path, {})
@@ -250,6 +257,7 @@ def test_autoscaling_off_renders_no_controller_and_fixed_replicas(helm_bin, tmp_
     assert one(docs, "Deployment", "worker")["spec"]["replicas"] == 2
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", ["keda", "hpa"])
 def test_keda_and_hpa_leave_the_broker_computing_the_signal_without_patching(helm_bin, tmp_path, mode):
@@ -265,6 +273,7 @@ def test_keda_and_hpa_leave_the_broker_computing_the_signal_without_patching(hel
     assert "replicas" not in one(docs, "Deployment", "worker")["spec"]
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(60)
 def test_keda_scales_to_zero_on_the_brokers_scaling_endpoint(helm_bin, tmp_path):
     docs = render(helm_bin, tmp_path, KEDA)
@@ -288,6 +297,7 @@ def test_keda_scales_to_zero_on_the_brokers_scaling_endpoint(helm_bin, tmp_path)
     assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "broker"
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(60)
 def test_keda_operator_policy_follows_its_values(helm_bin, tmp_path):
     names = lambda docs: sorted(d["metadata"]["name"] for d in kinds(docs, "NetworkPolicy"))  # noqa: E731
@@ -297,6 +307,7 @@ def test_keda_operator_policy_follows_its_values(helm_bin, tmp_path):
     assert names(render(helm_bin, tmp_path, deep_merge(KEDA, {"networkPolicy": {"enabled": False}}))) == []
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(60)
 def test_keda_prometheus_trigger_queries_this_releases_broker(helm_bin, tmp_path):
     spec = one(render(helm_bin, tmp_path, KEDA_PROMETHEUS), "ScaledObject")["spec"]
@@ -313,6 +324,7 @@ def test_keda_prometheus_trigger_queries_this_releases_broker(helm_bin, tmp_path
     assert trigger["metadata"]["query"] == "sum(x)"
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(60)
 def test_hpa_scales_on_an_external_metric_with_the_same_divisor(helm_bin, tmp_path):
     spec = one(render(helm_bin, tmp_path, HPA), "HorizontalPodAutoscaler")["spec"]
@@ -326,6 +338,7 @@ def test_hpa_scales_on_an_external_metric_with_the_same_divisor(helm_bin, tmp_pa
     assert spec["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(60)
 def test_hpa_object_and_pods_metrics_and_a_merged_behavior(helm_bin, tmp_path):
     obj = one(render(helm_bin, tmp_path, MODES["hpa-object"]), "HorizontalPodAutoscaler")["spec"]["metrics"][0]
@@ -368,6 +381,7 @@ REFUSED = {
 }
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_helm_refuses_combinations_that_cannot_scale_with_a_message(helm_bin, tmp_path, case):
@@ -391,6 +405,7 @@ def _scaling(port: int) -> dict[str, Any]:
         return json.loads(response.read())
 
 
+@pytest.mark.cluster  # the helm CLI is built by the cluster tier, as for tests/test_chart.py
 @pytest.mark.timeout(120)
 def test_the_target_keda_and_the_hpa_divide_by_is_the_one_the_broker_publishes(helm_bin, tmp_path):
     """A real broker started with the flags the chart gives it in keda mode, and a real worker
