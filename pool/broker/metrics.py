@@ -205,7 +205,8 @@ class BrokerMetrics:
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         counters = dict(self.broker.counters)
-        tasks = CounterMetricFamily(f"{PREFIX}_tasks", "Tasks by outcome since the broker started.",
+        tasks = CounterMetricFamily(f"{PREFIX}_tasks",
+                                    "Calls by outcome since the broker started (each call of a batch counts once).",
                                     labels=["outcome"])
         for outcome in TASK_OUTCOMES:
             tasks.add_metric([outcome], counters.get(outcome, 0))
