@@ -20,7 +20,8 @@ from tests.support.helm import CHART, helm, values_file
 from worker import defaults
 
 SUPPORTED_KUBERNETES = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
-CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # not in the Kubernetes schemas
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),  # not in the Kubernetes schemas
+        ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 # Every optional feature on at once.
 EVERYTHING_ON: dict[str, Any] = {
@@ -59,7 +60,8 @@ EVERYTHING_ON: dict[str, Any] = {
                     "stabilizationWindowSeconds": 45, "scaleToZeroIdleSeconds": 600},
     "metrics": {"enabled": True, "port": 9100, "podAnnotations": True,
                 "from": [{"podSelector": {"matchLabels": {"app": "prometheus"}}}],
-                "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}},
+                "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}},
+                "dashboard": {"enabled": True}, "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}},
     "networkPolicy": {"enabled": True, "clientPodLabels": {"llm-client": "yes"},
                       "clientNamespaceSelector": {"matchLabels": {"team": "llm"}},
                       "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
@@ -176,7 +178,7 @@ def test_every_rendered_manifest_validates_strictly(helm_bin, tmp_path, kube, va
     expected = ["Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy", "Pod", "PodDisruptionBudget",
                 "Service", "ServiceAccount"]
     if values is EVERYTHING_ON:
-        expected += ["Role", "RoleBinding", "ServiceMonitor"]
+        expected += ["ConfigMap", "PrometheusRule", "Role", "RoleBinding", "ServiceMonitor"]
     assert kinds == sorted(expected)
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in CRDS:
