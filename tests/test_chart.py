@@ -479,6 +479,19 @@ def test_notes_say_how_to_connect_in_the_cluster_and_from_a_laptop(helm_bin, tmp
     assert "llm-client=yes" in everything and "autoscaled 0..20" in everything and ":9100/metrics" in everything
 
 
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["builtin", "keda", "hpa"])
+def test_notes_say_who_scales_the_workers_in_each_mode(helm_bin, tmp_path, mode):
+    notes = render_notes(helm_bin, tmp_path, {"autoscaling": {"enabled": True, "mode": mode, "minReplicas": 1},
+                                              "metrics": {"enabled": True}})
+    says = {"builtin": "the broker sets the replicas of deployment/rel-worker-pool-worker",
+            "keda": "KEDA's ScaledObject rel-worker-pool-worker sets the replicas",
+            "hpa": "the HorizontalPodAutoscaler rel-worker-pool-worker sets the replicas"}
+    assert says[mode] in notes, notes
+    assert all(other not in notes for key, other in says.items() if key != mode), notes
+
 # ------------------------------------------------------------------ what the chart refuses and admits
 INSECURE_FIX = "Turn CURVE keys on"
 
