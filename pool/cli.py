@@ -132,7 +132,8 @@ def _broker_extras(args: argparse.Namespace, broker: Any) -> list[Any]:
     if args.metrics_port is not None:
         from pool.broker.metrics import BrokerMetrics
 
-        metrics = BrokerMetrics(broker, scaling=settings).attach()
+        limit = memory_bytes(args.memory_limit) if args.memory_limit else None
+        metrics = BrokerMetrics(broker, scaling=settings, memory_limit=limit).attach()
         port = metrics.serve(args.metrics_port, args.metrics_bind)
         stops.append(metrics.close)
         print(f"runnable-k8s broker: metrics on http://{args.metrics_bind}:{port}/metrics and /scaling",
@@ -145,6 +146,8 @@ def _broker_extras(args: argparse.Namespace, broker: Any) -> list[Any]:
                                    kubeconfig=args.autoscale_kubeconfig)
         autoscaler = Autoscaler(settings, scaler).start()
         broker.status_hooks.append(autoscaler.observe)
+        if args.metrics_port is not None:  # runnable_k8s_autoscaler_*: what it did
+            metrics.autoscaler = autoscaler
         stops.insert(0, autoscaler.stop)
     return stops
 

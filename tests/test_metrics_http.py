@@ -28,6 +28,10 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "le": {*(str(b) for b in LATENCY_BUCKETS), "+Inf"},
     "version": {"*"},  # the package's version: one value per broker
     "protocol": {"RK8S/2"},
+    # runnable_k8s_task_errors_total: the codes a client surfaces, and "other" for any other
+    "code": {"remote", "worker-lost", "timeout", "queue-timeout", "queue-full", "incompatible", "payload-too-large",
+             "serialization", "bad-request", "unauthorized", "thread-lost", "other"},
+    "direction": {"up", "down"},  # runnable_k8s_autoscaler_scale_total
 }
 UNITS = ("_bytes", "_seconds")
 
@@ -101,7 +105,8 @@ def test_exposition_follows_prometheus_conventions(metrics_port: int) -> None:
             assert family.name.endswith(UNITS) or family.name.removesuffix("_total").endswith(UNITS), family.name
     names = {f.name for f in ours}
     assert {"runnable_k8s_scaling_demand", "runnable_k8s_scaling_desired_workers",
-            "runnable_k8s_scaling_target_per_worker", "runnable_k8s_broker_info"} <= names
+            "runnable_k8s_scaling_target_per_worker", "runnable_k8s_broker_info", "runnable_k8s_queue_wait_seconds",
+            "runnable_k8s_task_errors"} <= names
     info = next(f for f in ours if f.name == "runnable_k8s_broker_info")
     assert [s.value for s in info.samples] == [1.0] and info.samples[0].labels["protocol"] == "RK8S/2"
     # The broker's process, under the standard names (memory to watch against its limit).

@@ -15,6 +15,7 @@ from typing import Any
 
 from pool.broker.affinity import MAX_THREADS, Threads
 from pool.broker.events import Disconnect, Effect, FromPeer, Send
+from pool.broker.histogram import Histogram
 from pool.broker.log_limit import PeerLog
 from pool.broker.pinned import Pinned
 from pool.broker.state import (
@@ -54,6 +55,17 @@ COUNTERS = ("submitted", "done", "failed", "cancelled", "retried", "workers_lost
             "threads_pinned", "threads_lost",
             # duplicates of a running task started on another worker, and those answered E_NO_HEDGE
             "hedges_sent", "hedges_refused")
+
+# The error codes a client surfaces as an exception (worker.protocol; pool.errors maps each to its
+# class), as the label value of runnable_k8s_task_errors_total; any other code an ERROR carries
+# (a worker of another version) counts as "other", so the label's values stay this bounded set.
+# The internal codes (need-runnable, requeue, hello-required, cancelled, busy, no-hedge) are steps
+# of the protocol, not failures: they are not counted (busy has runnable_k8s_busy_total).
+ERROR_CODES = (P.E_REMOTE, P.E_WORKER_LOST, P.E_TIMEOUT, P.E_QUEUE_TIMEOUT, P.E_QUEUE_FULL, P.E_INCOMPATIBLE,
+               P.E_PAYLOAD_TOO_LARGE, P.E_SERIALIZATION, P.E_BAD_REQUEST, P.E_UNAUTHORIZED, P.E_THREAD_LOST)
+OTHER_ERROR = b"other"
+_NOT_COUNTED = frozenset((P.E_NEED_RUNNABLE, P.E_REQUEUE, P.E_HELLO_REQUIRED, P.E_CANCELLED, P.E_BUSY,
+                          P.E_NO_HEDGE))
 
 
 class CoreState:
@@ -132,6 +144,11 @@ class CoreState:
         self.pinned = Pinned(self.queues)  # tasks waiting for their thread's worker
         self.runnables = RunnableStore(runnable_store_bytes)
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        # ERRORs the broker sent, by code (ERROR_CODES or OTHER_ERROR): the broker's own refusals
+        # and timeouts and the workers' errors it relays.
+        self.errors_by_code: dict[bytes, int] = dict.fromkeys((*ERROR_CODES, OTHER_ERROR), 0)
+        # Seconds from SUBMIT to the task's dispatch to a worker, observed at dispatch (``_run_on``).
+        self.queue_wait = Histogram()
         # Workers that take tasks now (not draining, a slot free), by environment: dispatch looks
         # only here. Insertion order is assignment order, so exact ties go to the least recent.
         self._free: dict[EnvKey, dict[bytes, WorkerState]] = {}
@@ -166,7 +183,16 @@ class CoreState:
         return self._serials[role]
 
     def _send(self, peer: bytes, frames: list[bytes]) -> None:
+        if len(frames) > 3 and frames[1] == P.ERROR:  # a comparison per message sent
+            self._count_error(frames[3])
         self._out.append(Send(peer, frames))
+
+    def _count_error(self, code: bytes) -> None:
+        """Count an ERROR sent, under its code if a client surfaces it, else under "other"."""
+        if code in self.errors_by_code:
+            self.errors_by_code[code] += 1
+        elif code not in _NOT_COUNTED:
+            self.errors_by_code[OTHER_ERROR] += 1
 
     def _expiry(self) -> float:
         return self.now + P.HEARTBEAT_EXPIRY

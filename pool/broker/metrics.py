@@ -19,7 +19,6 @@ keep themselves), and ``runnable_k8s_scaling_demand`` is what it divides.
 
 from __future__ import annotations
 
-import bisect
 import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 
 from pool.broker import metrics_http
+from pool.broker.core_state import ERROR_CODES, OTHER_ERROR
+from pool.broker.histogram import SECONDS_BUCKETS, Histogram
+from pool.broker.memory_limit import cgroup_memory_limit
 from pool.scaling.policy import AutoscaleSettings, Load, desired_workers, slots_per_worker_of, target_per_worker
 from worker import defaults
 from worker.command_line import DISTRIBUTION
@@ -42,13 +44,15 @@ from worker.protocol import PROTOCOL
 
 if TYPE_CHECKING:
     from pool.broker.server import Broker
+    from pool.scaling.autoscaler import Autoscaler
 
 PREFIX = "runnable_k8s"
-# Seconds from SUBMIT to RESULT: from a trivial warm call (~1 ms) to an LLM chain (minutes).
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                   120.0, 300.0)
+# Seconds from SUBMIT to RESULT (and to dispatch, for the queue wait).
+LATENCY_BUCKETS = SECONDS_BUCKETS
 # The only label values: bounded, known here (never an id, a key, a digest).
 TASK_OUTCOMES = ("submitted", "done", "failed", "cancelled", "retried")
+ERROR_CODE_LABELS = tuple(code.decode() for code in (*ERROR_CODES, OTHER_ERROR))
+AUTOSCALER_DIRECTIONS = ("up", "down")
 # Counters of who sent what (pool.broker.core.COUNTERS); a rising messages_refused or
 # peers_replaced is a peer probing the pool, or a misconfigured key.
 _IDENTITY_COUNTERS = (
@@ -80,26 +84,7 @@ def _version() -> str:
 _VERSION = _version()
 
 
-class LatencyHistogram:
-    """Bucket counts and a sum, written by the broker's thread only; read by scrapes."""
-
-    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        counts = list(self.counts)
-        total = 0
-        buckets: list[tuple[str, float]] = []
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
-            total += count
-            buckets.append((bound, total))
-        return buckets
+LatencyHistogram = Histogram  # the name other modules import
 
 
 class BrokerMetrics:
@@ -108,10 +93,17 @@ class BrokerMetrics:
     Args:
         scaling: the autoscaling settings the scaling signal uses (the broker's ``--autoscale-*``
             flags); the defaults when None, as the builtin autoscaler's.
+        memory_limit: the bytes the broker sized its budgets from (``--memory-limit``), exported as
+            ``runnable_k8s_memory_limit_bytes``; when None, its container's cgroup limit, and no
+            series at all without either (a ratio to "unlimited" would only mislead).
+        autoscaler: the builtin autoscaler, when on: its changes and the replicas it last set.
     """
 
-    def __init__(self, broker: Broker, scaling: AutoscaleSettings | None = None) -> None:
+    def __init__(self, broker: Broker, scaling: AutoscaleSettings | None = None, *,
+                 memory_limit: int | None = None, autoscaler: Autoscaler | None = None) -> None:
         self.broker = broker
+        self.memory_limit = memory_limit if memory_limit is not None else cgroup_memory_limit()
+        self.autoscaler = autoscaler
         self.scaling = scaling if scaling is not None else AutoscaleSettings()
         # Until a worker registers and says how many slots it has, the worker's default (as the autoscaler).
         self._slots_per_worker = self.scaling.slots_per_worker or defaults.WORKER_CONCURRENCY
@@ -226,6 +218,34 @@ class BrokerMetrics:
         yield HistogramMetricFamily(f"{PREFIX}_task_latency_seconds",
                                     "Seconds from a task's submission to its result, as the broker sees it.",
                                     buckets=self.latency.cumulative(), sum_value=self.latency.sum)
+        core = self.broker.core
+        yield HistogramMetricFamily(f"{PREFIX}_queue_wait_seconds",
+                                    "Seconds from a task's submission to its dispatch to a worker (observed at "
+                                    "dispatch; a task that never reaches a worker is not observed).",
+                                    buckets=core.queue_wait.cumulative(), sum_value=core.queue_wait.sum)
+        errors = CounterMetricFamily(f"{PREFIX}_task_errors",
+                                     "ERRORs the broker sent, by code: its own (queue timeout, queue full, ...) and "
+                                     "the workers' it relays; codes a client does not know count as 'other'.",
+                                     labels=["code"])
+        for code, count in list(core.errors_by_code.items()):
+            errors.add_metric([code.decode()], count)
+        yield errors
+        if self.memory_limit is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_memory_limit_bytes",
+                                    "The memory limit the broker sized its budgets from (--memory-limit, else its "
+                                    "container's cgroup limit).", value=self.memory_limit)
+        autoscaler = self.autoscaler
+        if autoscaler is not None:
+            scaled = CounterMetricFamily(f"{PREFIX}_autoscaler_scale",
+                                         "Changes of the worker replicas the builtin autoscaler applied, by direction.",
+                                         labels=["direction"])
+            for direction in AUTOSCALER_DIRECTIONS:
+                scaled.add_metric([direction], autoscaler.scaled.get(direction, 0))
+            yield scaled
+            if autoscaler.replicas_set is not None:
+                yield GaugeMetricFamily(f"{PREFIX}_autoscaler_replicas",
+                                        "The worker replicas the builtin autoscaler last set.",
+                                        value=autoscaler.replicas_set)
         signal = self._signal
         scaling = (
             ("demand", "Calls queued + running: what the scaling policy divides by the target per worker "

@@ -90,6 +90,8 @@ class Slots(CoreState):
         task.worker = worker.identity
         worker.occupy(task.task_id, task.header.items, task.size)
         worker.last_assigned = self.now
+        # runnable_k8s_queue_wait_seconds: from SUBMIT to now (a retried task's includes its first run).
+        self.queue_wait.observe(self.now - task.queued_at)
         self._refresh(worker)
         self._send_task(worker, task, blob)
         if task.header.affinity is not None and task.header.hedge_of is None:

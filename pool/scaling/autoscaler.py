@@ -46,6 +46,11 @@ class Autoscaler:
         # Until a worker registers and says how many slots it has, the worker's default.
         self.slots_per_worker = settings.slots_per_worker or defaults.WORKER_CONCURRENCY
         self.history: list[tuple[float, int, int, str]] = []  # (time, from, to, reason) of each change
+        # Changes it applied by direction, and the replicas it last set (None before its first):
+        # runnable_k8s_autoscaler_scale_total and runnable_k8s_autoscaler_replicas. Written by its
+        # own thread only, read by scrapes (ints: no lock needed).
+        self.scaled: dict[str, int] = {"up": 0, "down": 0}
+        self.replicas_set: int | None = None
         self._state = PolicyState()
         self._replicas: int | None = None
         self._synced_at = 0.0
@@ -142,6 +147,8 @@ class Autoscaler:
         log.info("autoscaler: %s from %d to %d workers: %s", self.scaler.describe(), current, decision.replicas,
                  decision.reason)
         self.history.append((now, current, decision.replicas, decision.reason))
+        self.scaled["up" if decision.replicas > current else "down"] += 1
+        self.replicas_set = decision.replicas
         del self.history[:-100]
         self._replicas = decision.replicas
         self._last_error = ""
