@@ -1,0 +1,363 @@
+"""The chart's dashboard and alerts on the real test cluster (tests/cluster), against a real
+Prometheus that finds the broker Pod the way the chart's Pod annotations describe.
+
+The chart is installed with `metrics.enabled` (the broker's metrics port and its
+`prometheus.io/scrape|port|path` annotations), the NetworkPolicy kept on and the host admitted to
+the metrics port (`metrics.from`: the pod bridge's host address, where this machine's traffic to a
+Pod comes from), as an operator admits their Prometheus. Prometheus runs on this machine, bound to
+127.0.0.1, with `kubernetes_sd_configs` (role pod, the cluster's kubeconfig) and the usual
+annotation relabeling, and scrapes the broker Pod's own address over the bridge. The PrometheusRule
+is rendered by helm with `selector` naming that scrape job (the cluster has no Prometheus Operator,
+so the rules are loaded as a rule file) and short waits.
+
+Under load (more calls in flight than the one worker's slots, through `k8s://`), every dashboard
+panel query and every alert signal returns data; then the workers are scaled to 0 with calls
+waiting, RunnableK8sNoReadyWorkers fires, the workers come back, it resolves and the waiting calls
+finish. The broker memory alert reads cAdvisor's working set and kube-state-metrics' limit, which
+the test cluster does not run: a small exporter stands in, reporting the broker's own resident
+memory (read from its /metrics) against the container's limit from the Pod spec.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import nullcontext
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from langchain_core.runnables import RunnableLambda
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from pool import RunnableK8s
+from pool.client.connection import Connection
+from pool.k8s.portforward import BrokerForward
+from pool.keys import create_key_directory
+from pool.scaling import scale
+from tests.support.chart_release import (
+    RELEASE,
+    WORKERS,
+    assert_nothing_left,
+    create_key_secrets,
+    describe,
+    ready_pods,
+    require_health_dir,
+)
+from tests.support.dashboard_queries import alert_rules, alert_signal, grafana, only, panel_queries, render
+from tests.support.helm import CHART, helm, values_file
+from tests.support.prometheus import PrometheusServer, prometheus_binary
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.cluster
+KEY_PREFIX = "runnable-k8s-curve"
+JOB = "kubernetes-pods"  # the job name of the annotation-driven scrape config, as most Prometheus setups call it
+HOST_ON_BRIDGE = "10.234.0.1"  # tests/cluster's pod bridge address on this host: the source of host->Pod traffic
+METRICS_PORT = 9090
+SLOTS, CALLERS = 2, 8
+
+
+def work(seconds: float) -> str:
+    time.sleep(seconds)
+    return "ok"
+
+
+def _values(namespace: str) -> dict[str, Any]:
+    return {
+        "image": {"tag": "latest", "pullPolicy": "Never"},
+        "worker": {"replicas": 1, "slots": SLOTS},
+        "metrics": {
+            "enabled": True, "port": METRICS_PORT, "from": [{"ipBlock": {"cidr": f"{HOST_ON_BRIDGE}/32"}}],
+            # Rendered only (no Prometheus Operator CRD on the test cluster): short waits, the job above.
+            "prometheusRule": {"enabled": True, "interval": "1s", "noReadyWorkers": {"for": "2s"},
+                               "selector": f'namespace="{namespace}", job="{JOB}"'},
+        },
+    }
+
+
+RELABEL = [  # the usual annotation-driven Pod scrape: prometheus.io/scrape, /path, /port
+    {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "action": "keep", "regex": "true"},
+    {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"], "action": "replace",
+     "target_label": "__metrics_path__", "regex": "(.+)"},
+    {"source_labels": ["__address__", "__meta_kubernetes_pod_annotation_prometheus_io_port"], "action": "replace",
+     "regex": r"([^:]+)(?::\d+)?;(\d+)", "replacement": "$1:$2", "target_label": "__address__"},
+    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+]
+
+
+def kubernetes_sd_available(folder: Path) -> bool:
+    """Whether this Prometheus build has kubernetes_sd_configs. Debian's package is built without
+    it (its Kubernetes client libraries are not packaged), upstream's has it."""
+    probe = folder / "probe.yml"
+    probe.write_text(yaml.safe_dump({"scrape_configs": [{"job_name": "probe", "kubernetes_sd_configs": [
+        {"role": "pod", "kubeconfig_file": "/dev/null"}]}]}))
+    checked = subprocess.run(["promtool", "check", "config", "--syntax-only", str(probe)], capture_output=True,
+                             text=True, timeout=60)
+    return "kubernetes_sd_configs not found" not in checked.stdout + checked.stderr
+
+
+def _sanitize(name: str) -> str:
+    """A Kubernetes label or annotation name as kubernetes_sd writes it into a meta label."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+
+
+def pod_target_groups(core: Any, namespace: str) -> list[dict[str, Any]]:
+    """What kubernetes_sd's `pod` role discovers in ``namespace``, read from the API server now:
+    one target per declared container port (`__address__` = Pod IP:port) with the same
+    `__meta_kubernetes_*` labels, so the same relabeling applies."""
+    groups = []
+    for pod in core.list_namespaced_pod(namespace).items:
+        if not pod.status.pod_ip:
+            continue
+        meta = {"__meta_kubernetes_namespace": namespace, "__meta_kubernetes_pod_name": pod.metadata.name,
+                "__meta_kubernetes_pod_ip": pod.status.pod_ip, "__meta_kubernetes_pod_phase": pod.status.phase or "",
+                "__meta_kubernetes_pod_ready": str(any(c.type == "Ready" and c.status == "True"
+                                                       for c in (pod.status.conditions or []))).lower()}
+        for key, value in (pod.metadata.labels or {}).items():
+            meta[f"__meta_kubernetes_pod_label_{_sanitize(key)}"] = value
+            meta[f"__meta_kubernetes_pod_labelpresent_{_sanitize(key)}"] = "true"
+        for key, value in (pod.metadata.annotations or {}).items():
+            meta[f"__meta_kubernetes_pod_annotation_{_sanitize(key)}"] = value
+            meta[f"__meta_kubernetes_pod_annotationpresent_{_sanitize(key)}"] = "true"
+        for container in pod.spec.containers:
+            for port in container.ports or []:
+                groups.append({"targets": [f"{pod.status.pod_ip}:{port.container_port}"], "labels": {
+                    **meta, "__meta_kubernetes_pod_container_name": container.name,
+                    "__meta_kubernetes_pod_container_port_name": port.name or "",
+                    "__meta_kubernetes_pod_container_port_number": str(port.container_port)}})
+    return groups
+
+
+class PodDiscovery:
+    """An http_sd endpoint on 127.0.0.1 serving :func:`pod_target_groups`, read live on every
+    refresh: kubernetes_sd's pod role for a Prometheus built without it."""
+
+    def __init__(self, core: Any, namespace: str) -> None:
+        core_api, ns = core, namespace
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = json.dumps(pod_target_groups(core_api, ns)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/targets"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> PodDiscovery:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def scrape_config(namespace: str, kubeconfig: str, discovery: PodDiscovery | None) -> dict[str, Any]:
+    """The broker's scrape: kubernetes_sd (role pod, the cluster's kubeconfig) when this Prometheus
+    has it, else the same targets and meta labels through ``discovery``; the same relabeling."""
+    if discovery is None:
+        sd: dict[str, Any] = {"kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": kubeconfig,
+                                                         "namespaces": {"names": [namespace]}}]}
+    else:
+        sd = {"http_sd_configs": [{"url": discovery.url, "refresh_interval": "1s"}]}
+    return {"job_name": JOB, "scrape_interval": "1s", **sd, "relabel_configs": RELABEL}
+
+
+class KubeletStandIn:
+    """What cAdvisor and kube-state-metrics would say of the broker container: its working set (the
+    broker's own process_resident_memory_bytes, read from its /metrics) and its memory limit (from
+    the Pod spec)."""
+
+    def __init__(self, namespace: str, pod: str, pod_ip: str, limit: int) -> None:
+        self.namespace, self.pod, self.limit = namespace, pod, limit
+        self.url = f"http://{pod_ip}:{METRICS_PORT}/metrics"
+
+    def collect(self) -> Iterator[Metric]:
+        with urllib.request.urlopen(self.url, timeout=2) as response:
+            text = response.read().decode()
+        rss = next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "process_resident_memory_bytes")
+        labels, values = ["namespace", "pod", "container"], [self.namespace, self.pod, "broker"]
+        working_set = GaugeMetricFamily("container_memory_working_set_bytes", "cAdvisor", labels=labels)
+        working_set.add_metric(values, rss)
+        yield working_set
+        limits = GaugeMetricFamily("kube_pod_container_resource_limits", "kube-state-metrics",
+                                   labels=[*labels, "resource", "unit"])
+        limits.add_metric([*values, "memory", "byte"], self.limit)
+        yield limits
+
+
+class Load:
+    """Callers through k8s:// that keep more calls in flight than the pool has slots, so tasks queue."""
+
+    def __init__(self, address: str, kubeconfig: str, keys: Path) -> None:
+        self.runnable = RunnableK8s(bound=RunnableLambda(work), pool=address, mode="warm", timeout=90,
+                                    k8s_config=kubeconfig, keys=str(keys))
+        self.stop = threading.Event()
+        self.done = 0
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._call, daemon=True) for _ in range(CALLERS)]
+
+    def _call(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.runnable.invoke(0.2)
+                self.done += 1
+            except Exception as exc:  # noqa: BLE001 - kept, and the test asserts there are none
+                self.errors.append(exc)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(100)
+
+
+@pytest.mark.timeout(420)
+def test_host_prometheus_scrapes_the_chart_by_its_annotations_and_the_no_worker_alert_fires(
+        helm_bin, k8s_node, k8s_namespace):
+    if prometheus_binary() is None:
+        pytest.skip("prometheus is not installed (apt-get install -y prometheus gives prometheus and promtool)")
+    cp = k8s_node.control_plane
+    core, ns, kubeconfig = cp.core(), k8s_namespace, cp.kubeconfig
+    folder = Path(tempfile.mkdtemp(prefix="rk8s-prom-cluster-"))
+    installed = False
+    try:
+        keys = create_key_secrets(core, ns, KEY_PREFIX, create_key_directory(folder / "keys"))
+        require_health_dir(core, ns)
+        values = _values(ns)
+        rule = only(render(helm_bin, folder, RELEASE, ns, values), "PrometheusRule")
+        rules = {"groups": rule["spec"]["groups"]}
+        (folder / "promtool-rules.yaml").write_text(yaml.safe_dump(rules))
+        checked = subprocess.run(["promtool", "check", "rules", str(folder / "promtool-rules.yaml")],
+                                 capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+        install_values = {**values, "metrics": {k: v for k, v in values["metrics"].items() if k != "prometheusRule"}}
+        install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", ns, "-f",
+                       values_file(folder, install_values, "install.yaml"), "--wait", "--timeout", "180s",
+                       tmp_path=folder, kubeconfig=kubeconfig, timeout=210)
+        installed = True
+        assert install.returncode == 0, install.stdout + install.stderr + describe(core, ns)
+        run(core, ns, kubeconfig, keys, folder, rules)
+    except BaseException:
+        print(describe(core, ns))
+        raise
+    finally:
+        if installed:
+            helm(helm_bin, "uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s",
+                 tmp_path=folder, kubeconfig=kubeconfig, timeout=150)
+        shutil.rmtree(folder, ignore_errors=True)
+    assert not folder.exists()
+    assert_nothing_left(cp, ns)
+
+
+def run(core: Any, ns: str, kubeconfig: str, keys: Path, folder: Path, rules: dict[str, Any]) -> None:
+    [broker] = ready_pods(core, ns, "broker")
+    pod = core.read_namespaced_pod(broker, ns)
+    annotations = pod.metadata.annotations or {}
+    assert annotations.get("prometheus.io/scrape") == "true", annotations
+    assert annotations.get("prometheus.io/port") == str(METRICS_PORT), annotations
+    limit = pod.spec.containers[0].resources.limits["memory"]
+    assert limit.endswith("Mi"), limit
+    dashboard = json.loads((CHART / "dashboards" / "runnable-k8s.json").read_text())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KubeletStandIn(ns, broker, pod.status.pod_ip, int(limit[:-2]) * 1024 * 1024))
+    kubelet, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
+    address = f"k8s://{ns}/{RELEASE}"
+    load = Load(address, kubeconfig, keys)
+    discovery = None if kubernetes_sd_available(folder) else PodDiscovery(core, ns)
+    print(f"discovery: {'kubernetes_sd_configs' if discovery is None else 'http_sd_configs (pod role stand-in)'}")
+    try:
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                scrape_config(ns, kubeconfig, discovery),
+                {"job_name": "kubelet", "honor_labels": True, "scrape_interval": "1s",
+                 "static_configs": [{"targets": [f"127.0.0.1:{kubelet.server_address[1]}"]}]},
+            ],
+        }
+        with discovery or nullcontext(), PrometheusServer(folder, config, rules) as prom, load:
+            targets = wait_for(lambda: [t for t in prom.api("targets")["activeTargets"]
+                                        if t["labels"]["job"] == JOB and t["health"] == "up"], 60,
+                               "Prometheus to discover and scrape the broker Pod by its annotations")
+            assert [t["labels"]["pod"] for t in targets] == [broker], targets
+            assert targets[0]["scrapeUrl"] == f"http://{pod.status.pod_ip}:{METRICS_PORT}/metrics", targets
+            check_under_load(prom, dashboard, rules, ns, load)
+            check_no_ready_workers_alert(prom, ns, kubeconfig, core, load)
+        assert load.errors == [], load.errors[:3]
+    finally:
+        kubelet.shutdown()
+        kubelet.server_close()
+        forward = BrokerForward.shared(address, kubeconfig)
+        Connection.close_all(forward.local_address)
+        forward.close()
+
+
+def check_under_load(prom: PrometheusServer, dashboard: dict[str, Any], rules: dict[str, Any], ns: str,
+                     load: Load) -> None:
+    wait_for(lambda: prom.query(f'runnable_k8s_queue_depth{{namespace="{ns}", job="{JOB}"}} > 0'), 90,
+             "Prometheus to see tasks queued under load")
+    # The dashboard's variables find this broker.
+    assert ns in prom.api("label/namespace/values", **{"match[]": "runnable_k8s_workers"})
+    assert JOB in prom.api("label/job/values", **{"match[]": f'runnable_k8s_workers{{namespace="{ns}"}}'})
+
+    exprs = panel_queries(dashboard)
+    assert len(exprs) >= 20, exprs
+    for expr in exprs:
+        query = grafana(expr, JOB, ns)
+        wait_for(lambda q=query: prom.query(q), 30, f"data for the panel query {query}")
+
+    alerts = alert_rules(rules)
+    assert "RunnableK8sNoReadyWorkers" in {a["alert"] for a in alerts}
+    for alert in alerts:
+        prom.query(alert["expr"])  # parses (an error raises)
+        if alert["alert"] == "RunnableK8sNoReadyWorkers":
+            continue  # returns data only with no worker: the scale-to-0 check below
+        signal = alert_signal(alert)
+        wait_for(lambda s=signal: prom.query(s), 30, f"data for {alert['alert']}'s signal {signal}")
+    assert not prom.query('ALERTS{alertname="RunnableK8sNoReadyWorkers"}')
+    assert load.done > 0
+
+
+def check_no_ready_workers_alert(prom: PrometheusServer, ns: str, kubeconfig: str, core: Any, load: Load) -> None:
+    def state() -> str | None:
+        found = [a for a in prom.alerts() if a["labels"]["alertname"] == "RunnableK8sNoReadyWorkers"]
+        return found[0]["state"] if found else None
+
+    scale(f"k8s://{ns}/{RELEASE}", 0, kubeconfig=kubeconfig)
+    firing = wait_for(lambda: state() == "firing" and prom.query('ALERTS{alertname="RunnableK8sNoReadyWorkers"}'),
+                      90, "RunnableK8sNoReadyWorkers to fire with no worker while calls wait")
+    assert firing[0]["metric"]["namespace"] == ns
+    assert firing[0]["metric"]["job"] == JOB
+    assert firing[0]["metric"]["severity"] == "critical"
+    done = load.done
+    scale(f"k8s://{ns}/{RELEASE}", 1, kubeconfig=kubeconfig)
+    wait_for(lambda: len(ready_pods(core, ns, "worker")) == 1, 120, f"{WORKERS} to have a ready worker again")
+    wait_for(lambda: state() is None, 60, "RunnableK8sNoReadyWorkers to resolve once workers are back")
+    wait_for(lambda: load.done > done + CALLERS, 60, "the waiting calls to run on the returned worker")
