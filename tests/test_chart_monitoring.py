@@ -21,7 +21,8 @@ ON: dict[str, Any] = {"metrics": {
     "dashboard": {"enabled": True, "label": "grafana_dashboard", "labelValue": "yes", "namespace": "monitoring",
                   "annotations": {"grafana_folder": "LLM"}},
     "prometheusRule": {"enabled": True, "labels": {"release": "prom"}, "additionalAlertLabels": {"team": "llm"},
-                       "queueWaiting": {"depth": 5, "for": "15m"}, "brokerMemory": {"ratio": 0.9}},
+                       "queueWaiting": {"quantile": 0.95, "seconds": 5, "window": "10m", "for": "15m"},
+                       "brokerMemory": {"ratio": 0.9}},
 }}
 
 
@@ -53,7 +54,10 @@ def test_both_are_off_by_default_and_the_values_fit_the_schema() -> None:
 BAD = {
     "memory ratio above 1": {"metrics": {"prometheusRule": {"brokerMemory": {"ratio": 1.5}}}},
     "duration without a unit": {"metrics": {"prometheusRule": {"noReadyWorkers": {"for": "5"}}}},
-    "negative queue depth": {"metrics": {"prometheusRule": {"queueWaiting": {"depth": -1}}}},
+    "queue wait quantile 1": {"metrics": {"prometheusRule": {"queueWaiting": {"quantile": 1}}}},
+    "queue wait of 0 seconds": {"metrics": {"prometheusRule": {"queueWaiting": {"seconds": 0}}}},
+    "the old queue depth": {"metrics": {"prometheusRule": {"queueWaiting": {"depth": 5}}}},
+    "memory from an unknown source": {"metrics": {"prometheusRule": {"brokerMemory": {"source": "node"}}}},
     "unknown alert": {"metrics": {"prometheusRule": {"queueWait": {"for": "5m"}}}},
     "runbook not a URL": {"metrics": {"prometheusRule": {"runbookBaseUrl": "README.md"}}},
     "dashboard label empty": {"metrics": {"dashboard": {"label": ""}}},
@@ -103,9 +107,22 @@ def test_rendered_dashboard_and_rule_are_what_grafana_and_the_operator_load(tmp_
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["metadata"]["labels"]["release"] == "prom"
     alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
-    assert alerts["RunnableK8sQueueWaiting"]["expr"].endswith("> 5")
+    waiting = alerts["RunnableK8sQueueWaiting"]["expr"]
+    assert waiting.startswith("histogram_quantile(0.95, ") and "runnable_k8s_queue_wait_seconds_bucket{" in waiting
+    assert waiting.endswith("[10m]))) > 5")
     assert alerts["RunnableK8sQueueWaiting"]["for"] == "15m"
-    assert alerts["RunnableK8sBrokerMemoryHigh"]["expr"].endswith("> 0.9")
+    memory = alerts["RunnableK8sBrokerMemoryHigh"]["expr"]
+    assert memory.endswith("> 0.9")
+    # The broker's own series by default: no kube-state-metrics or cAdvisor needed.
+    assert "process_resident_memory_bytes{" in memory and "runnable_k8s_memory_limit_bytes{" in memory
+    assert "container_memory_working_set_bytes" not in memory
+    cadvisor = {"metrics": {**ON["metrics"], "prometheusRule": {
+        **ON["metrics"]["prometheusRule"], "brokerMemory": {"ratio": 0.9, "source": "cadvisor"}}}}
+    [rule_cadvisor] = [d for d in render(cadvisor) if d["kind"] == "PrometheusRule"]
+    memory = {r["alert"]: r for r in rule_cadvisor["spec"]["groups"][0]["rules"]}["RunnableK8sBrokerMemoryHigh"]["expr"]
+    assert memory.startswith("max by (namespace, pod) (container_memory_working_set_bytes{")
+    assert memory.endswith("> 0.9")
+    assert "kube_pod_container_resource_limits{" in memory
     for name, alert in alerts.items():
         assert alert["labels"]["team"] == "llm", name
         assert alert["annotations"]["runbook_url"].endswith(f"README.md#runbook-{name.lower()}")
