@@ -5,9 +5,10 @@ are scaled to 0 under load and resolves when they return.
 
 Prometheus scrapes the broker the way the chart's ServiceMonitor says (its path, its port name
 looked up in the rendered Service, the job named after that Service, the release's namespace). The
-broker's memory alert reads the kubelet's cAdvisor series and kube-state-metrics' limit, which no
-local process serves: a small exporter in the test stands in for both, reporting the broker
-process's real resident memory against a limit.
+broker runs with --memory-limit, as the chart starts it (from the container's limit), so the memory
+panel and alert read the broker's own series. The builtin autoscaler needs a worker Deployment to
+act on, which a local pool has not: its panel is proven on a second scrape target, a broker's real
+metrics endpoint whose real autoscaler scales a stand-in for the Deployment up and down.
 """
 
 from __future__ import annotations
@@ -20,23 +21,26 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from langchain_core.runnables import RunnableLambda
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
 
 from pool import LocalPool, RunnableK8s
-from tests.support.helm import CHART, helm, values_file
+from pool.broker.metrics import BrokerMetrics
+from pool.broker.server import Broker
+from pool.scaling.autoscaler import Autoscaler
+from pool.scaling.policy import AutoscaleSettings
+from pool.scaling.policy import Load as Demand
+from tests.support import dashboard_queries as dq
 from tests.support.ports import free_port
 from tests.support.prometheus import PrometheusServer, helm_binary, prometheus_binary
 from tests.support.waiting import wait_for
 
 NAMESPACE, RELEASE = "team-a", "rel"
-RATE_INTERVAL = "4s"  # Grafana's $__rate_interval at a 1 s scrape: four scrapes
 BROKER_MEMORY_LIMIT = 512 * 1024 * 1024
 # Rendered with the short waits a test can afford; thresholds stay the chart's defaults.
 RULE_VALUES: dict[str, Any] = {"metrics": {
@@ -44,8 +48,9 @@ RULE_VALUES: dict[str, Any] = {"metrics": {
     "dashboard": {"enabled": True},
     "prometheusRule": {"enabled": True, "interval": "1s", "noReadyWorkers": {"for": "2s"}},
 }}
-# An alert expression is "<signal> <comparison> <number>"; the signal must return data under load.
-THRESHOLD = re.compile(r"^(?P<signal>.+?)\s*(?P<op>>|<|==|>=|<=|!=)\s*(?P<threshold>[0-9.]+)$", re.S)
+AUTOSCALED_JOB = "builtin-autoscaler"  # the second target: a broker whose builtin autoscaler acted
+NEW_PANELS = ("Queue wait p50 / p99 (submit to dispatch)", "Errors by code /s", "Autoscaler decisions",
+              "Broker memory against its limit")
 
 
 def work(seconds: float) -> str:
@@ -54,45 +59,49 @@ def work(seconds: float) -> str:
 
 
 def render(helm_bin: str, folder: Path, values: dict[str, Any]) -> list[dict[str, Any]]:
-    result = helm(helm_bin, "template", RELEASE, str(CHART), "-n", NAMESPACE, "-f", values_file(folder, values),
-                  tmp_path=folder)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return dq.render(helm_bin, folder, RELEASE, NAMESPACE, values)
 
 
-def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, [(d["kind"], d["metadata"]["name"]) for d in docs]
-    return found[0]
+only = dq.only
 
 
 def grafana(expr: str, job: str) -> str:
     """A panel's expression as Grafana sends it, its variables filled in."""
-    return (expr.replace("$__rate_interval", RATE_INTERVAL).replace("$namespace", NAMESPACE)
-            .replace("$job", job))
+    return dq.grafana(expr, job, NAMESPACE)
 
 
-class KubeletStandIn:
-    """What the kubelet's cAdvisor and kube-state-metrics say of the broker container: its working
-    set (the broker process's resident memory, read from /proc) and its memory limit."""
+class Deployment:
+    """Stands in for the worker Deployment's scale subresource (the Kubernetes API, not our code)."""
 
-    def __init__(self, pid: int, pod: str) -> None:
-        self.pid, self.pod = pid, pod
+    def __init__(self, replicas: int) -> None:
+        self.replicas = replicas
 
-    def collect(self) -> Iterator[Metric]:
-        labels = ["namespace", "pod", "container"]
-        values = [NAMESPACE, self.pod, "broker"]
-        rss = 0
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-        working_set = GaugeMetricFamily("container_memory_working_set_bytes", "cAdvisor", labels=labels)
-        working_set.add_metric(values, rss)
-        yield working_set
-        limits = GaugeMetricFamily("kube_pod_container_resource_limits", "kube-state-metrics",
-                                   labels=[*labels, "resource", "unit"])
-        limits.add_metric([*values, "memory", "byte"], BROKER_MEMORY_LIMIT)
-        yield limits
+    def current(self) -> int:
+        return self.replicas
+
+    def scale(self, replicas: int) -> None:
+        self.replicas = replicas
+
+    def describe(self) -> str:
+        return "deployment/stand-in"
+
+
+@contextmanager
+def autoscaled_broker() -> Iterator[int]:
+    """A broker's metrics endpoint with the builtin autoscaler attached, as ``runnable-k8s broker
+    --autoscale-deployment`` wires it, after it scaled up once and down once; yields its port."""
+    broker = Broker("tcp://127.0.0.1:*", insecure=True)
+    settings = AutoscaleSettings(min=0, max=8, in_flight=4, window=0, idle=0)
+    autoscaler = Autoscaler(settings, Deployment(1), resync=0)
+    metrics = BrokerMetrics(broker, scaling=settings, autoscaler=autoscaler, memory_limit=BROKER_MEMORY_LIMIT).attach()
+    try:
+        autoscaler.step(Demand(queued=12, running=0, slots_per_worker=4))  # up to 3
+        autoscaler.step(Demand(queued=0, running=4, slots_per_worker=4))  # down to 1 (window 0)
+        assert autoscaler.scaled == {"up": 1, "down": 1}
+        yield metrics.serve(0)
+    finally:
+        metrics.close()
+        broker.close()
 
 
 class Load:
@@ -161,28 +170,22 @@ def run(helm_bin: str, folder: Path) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 5 rules found" in checked.stdout, checked.stdout
 
-    with LocalPool(workers=2, slots=2, broker_args=["--metrics-port", str(port)]) as pool:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(KubeletStandIn(pool.pids[0], f"{job}-5d8f7c9b4-x2x7q"))
-        kubelet, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
-        try:
-            config = {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "scrape_configs": [
-                    {"job_name": job, "metrics_path": endpoint["path"], "scrape_interval": "1s",
-                     "static_configs": [{"targets": [f"127.0.0.1:{port}"],
-                                         "labels": {"namespace": NAMESPACE}}]},
-                    {"job_name": "kubelet", "honor_labels": True, "scrape_interval": "1s",
-                     "static_configs": [{"targets": [f"127.0.0.1:{kubelet.server_address[1]}"]}]},
-                ],
-            }
-            with PrometheusServer(folder, config, rules) as prom, Load(pool.address, callers=8) as load:
-                check_under_load(prom, dashboard, rules, job, load)
-                check_no_ready_workers_alert(prom, pool, load)
-            assert load.errors == [], load.errors[:3]
-        finally:
-            kubelet.shutdown()
-            kubelet.server_close()
+    # The broker as the chart starts it: its memory limit from the container's (RUNNABLE_K8S_MEMORY_LIMIT).
+    broker_args = ["--metrics-port", str(port), "--memory-limit", str(BROKER_MEMORY_LIMIT)]
+    with LocalPool(workers=2, slots=2, broker_args=broker_args) as pool, autoscaled_broker() as autoscaled:
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": job, "metrics_path": endpoint["path"], "scrape_interval": "1s",
+                 "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": {"namespace": NAMESPACE}}]},
+                {"job_name": AUTOSCALED_JOB, "metrics_path": endpoint["path"], "scrape_interval": "1s",
+                 "static_configs": [{"targets": [f"127.0.0.1:{autoscaled}"], "labels": {"namespace": NAMESPACE}}]},
+            ],
+        }
+        with PrometheusServer(folder, config, rules) as prom, Load(pool.address, callers=8) as load:
+            check_under_load(prom, dashboard, rules, job, load)
+            check_no_ready_workers_alert(prom, pool, load)
+        assert load.errors == [], load.errors[:3]
 
 
 def check_under_load(prom: PrometheusServer, dashboard: dict[str, Any], rules: dict[str, Any], job: str,
@@ -193,13 +196,32 @@ def check_under_load(prom: PrometheusServer, dashboard: dict[str, Any], rules: d
     assert NAMESPACE in prom.api("label/namespace/values", **{"match[]": "runnable_k8s_workers"})
     assert job in prom.api("label/job/values", **{"match[]": f'runnable_k8s_workers{{namespace="{NAMESPACE}"}}'})
 
-    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", ())]
-    assert len(exprs) >= 20, exprs
+    titles = {panel["title"] for panel in dashboard["panels"]}
+    assert set(NEW_PANELS) <= titles, titles
+    exprs = dq.panel_queries(dashboard)
+    assert len(exprs) >= 24, exprs
+    # The broker's own series, no kubelet or kube-state-metrics: every query reads runnable_k8s_* or process_*.
+    assert not [e for e in exprs if "container_memory" in e or "kube_pod" in e], exprs
+    for name in ("runnable_k8s_queue_wait_seconds_bucket", "runnable_k8s_task_errors_total",
+                 "runnable_k8s_autoscaler_scale_total", "runnable_k8s_autoscaler_replicas",
+                 "runnable_k8s_memory_limit_bytes"):
+        assert any(name in e for e in exprs), f"no panel reads {name}"
     for expr in exprs:
-        query = grafana(expr, job)
+        # The builtin autoscaler's series exist only where it runs: the second target.
+        query = grafana(expr, AUTOSCALED_JOB if "runnable_k8s_autoscaler_" in expr else job)
         wait_for(lambda q=query: prom.query(q), 30, f"data for the panel query {query}")
+    ups = prom.query(grafana('sum by (direction) (increase(runnable_k8s_autoscaler_scale_total'
+                             '{namespace="$namespace", job=~"$job"}[5m]))', AUTOSCALED_JOB))
+    assert {r["metric"]["direction"] for r in ups} == {"up", "down"}, ups
+    replicas = prom.query(grafana('max(runnable_k8s_autoscaler_replicas{namespace="$namespace", job=~"$job"})',
+                                  AUTOSCALED_JOB))
+    assert float(replicas[0]["value"][1]) == 1.0, replicas
+    limit = prom.query(f'runnable_k8s_memory_limit_bytes{{job="{job}"}}')
+    assert float(limit[0]["value"][1]) == BROKER_MEMORY_LIMIT, limit
+    waits = prom.query(f'sum(runnable_k8s_queue_wait_seconds_count{{job="{job}"}})')
+    assert float(waits[0]["value"][1]) > 0, "tasks were dispatched under load, so waits were observed"
 
-    alerts = [r for group in rules["groups"] for r in group["rules"]]
+    alerts = dq.alert_rules(rules)
     assert {a["alert"] for a in alerts} == {"RunnableK8sNoReadyWorkers", "RunnableK8sQueueWaiting",
                                             "RunnableK8sWorkersLost", "RunnableK8sBrokerMemoryHigh",
                                             "RunnableK8sClientsDropped"}
@@ -209,9 +231,7 @@ def check_under_load(prom: PrometheusServer, dashboard: dict[str, Any], rules: d
         prom.query(alert["expr"])  # parses (an error raises)
         if alert["alert"] == "RunnableK8sNoReadyWorkers":
             continue  # returns data only with no worker: the scale-to-0 check below
-        match = THRESHOLD.match(alert["expr"])
-        assert match, f"{alert['alert']}: not <signal> <op> <number>: {alert['expr']}"
-        signal = match["signal"]
+        signal = dq.alert_signal(alert)
         wait_for(lambda s=signal: prom.query(s), 30, f"data for {alert['alert']}'s signal {signal}")
     # Under load with workers there, the "no ready workers" alert stays silent.
     assert not prom.query('ALERTS{alertname="RunnableK8sNoReadyWorkers"}')
