@@ -64,6 +64,7 @@ COUNTERS = ("submitted", "done", "failed", "cancelled", "retried", "workers_lost
 ERROR_CODES = (P.E_REMOTE, P.E_WORKER_LOST, P.E_TIMEOUT, P.E_QUEUE_TIMEOUT, P.E_QUEUE_FULL, P.E_INCOMPATIBLE,
                P.E_PAYLOAD_TOO_LARGE, P.E_SERIALIZATION, P.E_BAD_REQUEST, P.E_UNAUTHORIZED, P.E_THREAD_LOST)
 OTHER_ERROR = b"other"
+_ERROR = P.ERROR
 _NOT_COUNTED = frozenset((P.E_NEED_RUNNABLE, P.E_REQUEUE, P.E_HELLO_REQUIRED, P.E_CANCELLED, P.E_BUSY,
                           P.E_NO_HEDGE))
 
@@ -183,7 +184,7 @@ class CoreState:
         return self._serials[role]
 
     def _send(self, peer: bytes, frames: list[bytes]) -> None:
-        if len(frames) > 3 and frames[1] == P.ERROR:  # a comparison per message sent
+        if len(frames) > 3 and frames[1] == _ERROR:  # a comparison per message sent
             self._count_error(frames[3])
         self._out.append(Send(peer, frames))
 
