@@ -19,6 +19,7 @@ from pool.broker.server import Broker
 from pool.scaling.autoscaler import Autoscaler
 from pool.scaling.policy import AutoscaleSettings, Load
 from tests.support.broker_core import CLIENT, Pool, errors_sent, new_id, tasks_sent
+from tests.support.scale_stand_in import Deployment
 from worker import protocol as P
 
 
@@ -106,22 +107,6 @@ def test_a_lost_worker_s_task_counts_worker_lost(pool):
 
 
 # ---------------------------------------------------------------------------- exposition
-
-
-class Deployment:
-    """Stands in for the worker Deployment's scale subresource (the Kubernetes API, not our code)."""
-
-    def __init__(self, replicas: int) -> None:
-        self.replicas = replicas
-
-    def current(self) -> int:
-        return self.replicas
-
-    def scale(self, replicas: int) -> None:
-        self.replicas = replicas
-
-    def describe(self) -> str:
-        return "deployment/test"
 
 
 @pytest.fixture

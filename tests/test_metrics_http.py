@@ -19,6 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pool.broker import metrics_http
 from pool.broker.metrics import LATENCY_BUCKETS, TASK_OUTCOMES, BrokerMetrics
 from pool.broker.server import Broker
+from pool.scaling.autoscaler import Autoscaler
+from pool.scaling.policy import AutoscaleSettings, Load
+from tests.support.scale_stand_in import Deployment
 from tests.support.waiting import wait_for
 
 # Every label a runnable_k8s_* series may carry, with every value it may take: nothing unbounded
@@ -39,7 +42,10 @@ UNITS = ("_bytes", "_seconds")
 @pytest.fixture
 def metrics_port() -> Iterator[int]:
     broker = Broker("tcp://127.0.0.1:*", insecure=True)
-    metrics = BrokerMetrics(broker).attach()
+    # With every optional series: the builtin autoscaler (after a change) and a memory limit.
+    autoscaler = Autoscaler(AutoscaleSettings(), Deployment(0), resync=0)
+    autoscaler.step(Load(queued=1, running=0, slots_per_worker=4))
+    metrics = BrokerMetrics(broker, memory_limit=2**30, autoscaler=autoscaler).attach()
     try:
         yield metrics.serve(0)
     finally:
@@ -106,7 +112,8 @@ def test_exposition_follows_prometheus_conventions(metrics_port: int) -> None:
     names = {f.name for f in ours}
     assert {"runnable_k8s_scaling_demand", "runnable_k8s_scaling_desired_workers",
             "runnable_k8s_scaling_target_per_worker", "runnable_k8s_broker_info", "runnable_k8s_queue_wait_seconds",
-            "runnable_k8s_task_errors"} <= names
+            "runnable_k8s_task_errors", "runnable_k8s_memory_limit_bytes", "runnable_k8s_autoscaler_scale",
+            "runnable_k8s_autoscaler_replicas"} <= names
     info = next(f for f in ours if f.name == "runnable_k8s_broker_info")
     assert [s.value for s in info.samples] == [1.0] and info.samples[0].labels["protocol"] == "RK8S/2"
     # The broker's process, under the standard names (memory to watch against its limit).

@@ -38,6 +38,7 @@ from pool.scaling.policy import Load as Demand
 from tests.support import dashboard_queries as dq
 from tests.support.ports import free_port
 from tests.support.prometheus import PrometheusServer, helm_binary, prometheus_binary
+from tests.support.scale_stand_in import Deployment
 from tests.support.waiting import wait_for
 
 NAMESPACE, RELEASE = "team-a", "rel"
@@ -68,22 +69,6 @@ only = dq.only
 def grafana(expr: str, job: str) -> str:
     """A panel's expression as Grafana sends it, its variables filled in."""
     return dq.grafana(expr, job, NAMESPACE)
-
-
-class Deployment:
-    """Stands in for the worker Deployment's scale subresource (the Kubernetes API, not our code)."""
-
-    def __init__(self, replicas: int) -> None:
-        self.replicas = replicas
-
-    def current(self) -> int:
-        return self.replicas
-
-    def scale(self, replicas: int) -> None:
-        self.replicas = replicas
-
-    def describe(self) -> str:
-        return "deployment/stand-in"
 
 
 @contextmanager
