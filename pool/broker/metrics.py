@@ -8,7 +8,10 @@ prints, and the scaling signal an HPA or KEDA scales the workers on.
 Gauges come from the broker's status snapshot, refreshed every tick (1 s) on the broker's own
 thread, so a scrape never touches the loop's state while it changes; task counters are read live;
 the latency histogram is fed at each RESULT through the broker's ``latency_hook`` with a few
-hundred nanoseconds of work (a bisect and two additions, no lock).
+hundred nanoseconds of work (a bisect and two additions, no lock). The queue wait (SUBMIT to
+dispatch) and the errors by code are kept by the core itself (``CoreState.queue_wait``,
+``errors_by_code``), where the dispatch and the ERROR happen; the builtin autoscaler's changes are
+its own (``Autoscaler.scaled``, ``replicas_set``), read when it is passed in.
 
 The scaling signal is the autoscaling policy's own arithmetic (``pool.scaling.policy``) over the
 same snapshot, with the same settings (the ``--autoscale-*`` flags), whether or not the broker's
