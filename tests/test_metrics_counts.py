@@ -13,7 +13,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pool.broker import events as E
-from pool.broker.memory_limit import cgroup_memory_limit
 from pool.broker.metrics import BrokerMetrics
 from pool.broker.server import Broker
 from pool.scaling.autoscaler import Autoscaler
@@ -21,6 +20,7 @@ from pool.scaling.policy import AutoscaleSettings, Load
 from tests.support.broker_core import CLIENT, Pool, errors_sent, new_id, tasks_sent
 from tests.support.scale_stand_in import Deployment
 from worker import protocol as P
+from worker.memory_limit import memory_limit as cgroup_memory_limit
 
 
 @pytest.fixture

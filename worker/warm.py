@@ -29,28 +29,9 @@ from worker import protocol as P
 from worker.checkpointers import SharedCheckpointer, environment_value
 from worker.curve import PeerKeys
 from worker.health import HealthFiles
+from worker.memory_limit import memory_limit
 from worker.replies import ReplyQueue
 from worker.tasks import CachedRunnable, Job, RunnableCache, TaskRunner
-
-# Where a container's memory limit is (cgroup v2, then v1): a Pod's resources.limits.memory.
-_CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
-_NO_LIMIT = 1 << 60  # cgroup v1 says "no limit" with a number near 2**63
-
-
-def memory_limit(paths: tuple[str, ...] = _CGROUP_MEMORY_LIMITS) -> int | None:
-    """This process's memory limit in bytes, from its cgroup, or None when it has none (or it
-    cannot be read). Reported in READY so that the broker does not send a worker more input
-    bytes at once than it can hold (256 slots of large inputs ran a 1 GiB Pod out of memory)."""
-    for path in paths:
-        try:
-            with open(path) as file:
-                text = file.read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < _NO_LIMIT:
-            return int(text)
-        return None  # "max", or a v1 number meaning none
-    return None
 
 log = logging.getLogger("runnable_k8s.worker")
 

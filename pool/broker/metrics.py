@@ -39,10 +39,10 @@ from prometheus_client.exposition import choose_encoder
 from pool.broker import metrics_http
 from pool.broker.core_state import ERROR_CODES, OTHER_ERROR
 from pool.broker.histogram import SECONDS_BUCKETS, Histogram
-from pool.broker.memory_limit import cgroup_memory_limit
 from pool.scaling.policy import AutoscaleSettings, Load, desired_workers, slots_per_worker_of, target_per_worker
 from worker import defaults
 from worker.command_line import DISTRIBUTION
+from worker.memory_limit import memory_limit as cgroup_memory_limit
 from worker.protocol import PROTOCOL
 
 if TYPE_CHECKING:
