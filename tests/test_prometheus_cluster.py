@@ -58,6 +58,7 @@ from tests.support.chart_release import (
 )
 from tests.support.dashboard_queries import alert_rules, alert_signal, grafana, only, panel_queries, render
 from tests.support.helm import CHART, helm, values_file
+from tests.support.load import Load
 from tests.support.prometheus import PrometheusServer, prometheus_binary
 from tests.support.waiting import wait_for
 
@@ -225,36 +226,6 @@ class KubeletStandIn:
         yield limits
 
 
-class Load:
-    """Callers through k8s:// that keep more calls in flight than the pool has slots, so tasks queue."""
-
-    def __init__(self, address: str, kubeconfig: str, keys: Path) -> None:
-        self.runnable = RunnableK8s(bound=RunnableLambda(WORK), pool=address, mode="warm", timeout=90,
-                                    k8s_config=kubeconfig, keys=str(keys))
-        self.stop = threading.Event()
-        self.done = 0
-        self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._call, daemon=True) for _ in range(CALLERS)]
-
-    def _call(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.runnable.invoke(0.2)
-                self.done += 1
-            except Exception as exc:  # noqa: BLE001 - kept, and the test asserts there are none
-                self.errors.append(exc)
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(100)
-
-
 @pytest.mark.timeout(420)
 def test_host_prometheus_scrapes_the_chart_by_its_annotations_and_the_no_worker_alert_fires(
         helm_bin, k8s_node, k8s_namespace):
@@ -308,7 +279,9 @@ def run(core: Any, ns: str, kubeconfig: str, keys: Path, folder: Path, rules: di
     registry.register(KubeletStandIn(ns, broker, pod.status.pod_ip, limit))
     kubelet, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
     address = f"k8s://{ns}/{RELEASE}"
-    load = Load(address, kubeconfig, keys)
+    # Callers through k8s:// keeping more calls in flight than the pool has slots, so tasks queue.
+    load = Load(RunnableK8s(bound=RunnableLambda(WORK), pool=address, mode="warm", timeout=90,
+                            k8s_config=kubeconfig, keys=str(keys)), callers=CALLERS, seconds=0.2, join=100)
     discovery = None if kubernetes_sd_available(folder) else PodDiscovery(core, ns)
     print(f"discovery: {'kubernetes_sd_configs' if discovery is None else 'http_sd_configs (pod role stand-in)'}")
     try:

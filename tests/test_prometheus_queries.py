@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ from pool.scaling.autoscaler import Autoscaler
 from pool.scaling.policy import AutoscaleSettings
 from pool.scaling.policy import Load as Demand
 from tests.support import dashboard_queries as dq
+from tests.support.load import Load
 from tests.support.ports import free_port
 from tests.support.prometheus import PrometheusServer, helm_binary, prometheus_binary
 from tests.support.scale_stand_in import Deployment
@@ -89,35 +89,6 @@ def autoscaled_broker() -> Iterator[int]:
         broker.close()
 
 
-class Load:
-    """Callers that keep more tasks in flight than the pool has slots, so tasks queue."""
-
-    def __init__(self, address: str, callers: int) -> None:
-        self.runnable = RunnableK8s(bound=RunnableLambda(work), pool=address, mode="warm", timeout=60)
-        self.stop = threading.Event()
-        self.done = 0
-        self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._call, daemon=True) for _ in range(callers)]
-
-    def _call(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.runnable.invoke(0.1)
-                self.done += 1
-            except Exception as exc:  # noqa: BLE001 - kept, and the test asserts there are none
-                self.errors.append(exc)
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(70)
-
-
 @pytest.mark.cluster  # needs the helm CLI the cluster tier builds (tests/cluster/build.sh binaries)
 @pytest.mark.timeout(300)
 def test_dashboard_and_alerts_return_data_from_a_real_prometheus_and_the_no_worker_alert_fires() -> None:
@@ -167,7 +138,8 @@ def run(helm_bin: str, folder: Path) -> None:
                  "static_configs": [{"targets": [f"127.0.0.1:{autoscaled}"], "labels": {"namespace": NAMESPACE}}]},
             ],
         }
-        with PrometheusServer(folder, config, rules) as prom, Load(pool.address, callers=8) as load:
+        remote = RunnableK8s(bound=RunnableLambda(work), pool=pool.address, mode="warm", timeout=60)
+        with PrometheusServer(folder, config, rules) as prom, Load(remote, callers=8, seconds=0.1, join=70) as load:
             check_under_load(prom, dashboard, rules, job, load)
             check_no_ready_workers_alert(prom, pool, load)
         assert load.errors == [], load.errors[:3]

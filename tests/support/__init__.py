@@ -32,6 +32,7 @@
 - ``checkpointer_factories``: checkpointer factories a test worker names by import path (good and bad ones)
 - ``build_gate``: a runnable whose build waits for a gate (one build per runnable under concurrent first calls)
 - ``langsmith_capture``: a stand-in for the LangSmith API recording posted runs (also runs standalone)
+- ``load``: Load(remote, callers, seconds, join): threads keeping more calls in flight than a pool has slots
 - ``traced_caller``: a caller process with LangSmith variables from its start; ``trace_checks``: one trace per call
 
 Import the module you need (``from tests.support.waiting import wait_for``); this package
