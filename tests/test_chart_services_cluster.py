@@ -27,6 +27,7 @@ from tests.support.chart_release import (
     helm_test_passes,
     ready_pods,
     require_health_dir,
+    run_to_completion,
 )
 from tests.support.helm import CHART, helm, values_file
 
@@ -81,19 +82,6 @@ def _client_pod(namespace: str, pool: str):
                 secret_name=f"{KEY_PREFIX}-client-default", default_mode=0o440))]))
 
 
-def _run_to_completion(core, namespace: str, pod, timeout: float) -> str:
-    core.create_namespaced_pod(namespace, pod)
-    name = pod.metadata.name
-    deadline = time.monotonic() + timeout
-    while (phase := core.read_namespaced_pod(name, namespace).status.phase) not in ("Succeeded", "Failed"):
-        assert time.monotonic() < deadline, describe(core, namespace)
-        time.sleep(0.5)
-    logs = core.read_namespaced_pod_log(name, namespace)
-    assert phase == "Succeeded", logs[-3000:] + describe(core, namespace)
-    core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
-    return logs
-
-
 @pytest.mark.timeout(480)
 def test_the_default_chart_wiring_works_through_services(helm_bin, k8s_node, k8s_namespace, tmp_path):
     cp = k8s_node.control_plane
@@ -129,7 +117,7 @@ def test_the_default_chart_wiring_works_through_services(helm_bin, k8s_node, k8s
         assert f'value: "tcp://{BROKER}.{ns}.svc:5555"' in hooks.stdout, hooks.stdout + hooks.stderr
 
         t0 = time.monotonic()
-        logs = _run_to_completion(core, ns, _client_pod(ns, f"tcp://{BROKER}:5555"), timeout=150)
+        logs = run_to_completion(core, ns, _client_pod(ns, f"tcp://{BROKER}:5555"), timeout=150)
         timings["in-cluster client Pod"] = time.monotonic() - t0
         out = json.loads(logs.strip().splitlines()[-1])
         assert out["invoke"] == 42, out

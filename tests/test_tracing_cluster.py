@@ -27,6 +27,7 @@ from tests.support.chart_release import (
     describe,
     ready_pods,
     require_health_dir,
+    run_to_completion,
 )
 from tests.support.helm import CHART, helm, values_file
 from tests.support.trace_checks import assert_one_trace_per_call, assert_only_these_roots, control_root
@@ -138,18 +139,6 @@ def _client_pod(pool: str, endpoint: str):
                 secret_name=f"{KEY_PREFIX}-client-default", default_mode=0o440))]))
 
 
-def _run_to_completion(core, namespace: str, pod, timeout: float) -> str:
-    core.create_namespaced_pod(namespace, pod)
-    name = pod.metadata.name
-    wait_for(lambda: core.read_namespaced_pod(name, namespace).status.phase in ("Succeeded", "Failed"), timeout,
-             "the traced client Pod to finish", interval=0.5)
-    logs = core.read_namespaced_pod_log(name, namespace)
-    assert core.read_namespaced_pod(name, namespace).status.phase == "Succeeded", logs[-3000:] + describe(core,
-                                                                                                      namespace)
-    core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
-    return logs
-
-
 @pytest.mark.timeout(600)
 def test_worker_pods_with_langsmith_variables_post_one_trace_per_call(helm_bin, k8s_node, k8s_namespace, tmp_path):
     cp = k8s_node.control_plane
@@ -168,7 +157,7 @@ def test_worker_pods_with_langsmith_variables_post_one_trace_per_call(helm_bin, 
         assert install.returncode == 0, install.stdout + install.stderr + describe(core, ns)
         assert len(ready_pods(core, ns, "worker")) == 1, describe(core, ns)
 
-        logs = _run_to_completion(core, ns, _client_pod(f"tcp://{BROKER}:5555", endpoint), timeout=180)
+        logs = run_to_completion(core, ns, _client_pod(f"tcp://{BROKER}:5555", endpoint), timeout=180)
         out = json.loads(logs.strip().splitlines()[-1])
         assert out == {"invoke": ANSWER, "stream": ANSWER, "control": ANSWER}, out
 

@@ -4,6 +4,7 @@ nothing. Shared by the chart's cluster tests (tests/test_chart*_cluster.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,21 @@ def describe(core, namespace: str) -> str:
     for event in core.list_namespaced_event(namespace).items[-15:]:
         lines.append(f"event {event.involved_object.name}: {event.reason} {event.message}")
     return "\n".join(lines)
+
+
+def run_to_completion(core, namespace: str, pod, timeout: float) -> str:
+    """Run ``pod`` (a client Pod of a test) until it succeeds or fails, delete it, and return its log;
+    a Pod that fails or outlasts ``timeout`` fails the test with its log and the namespace described."""
+    core.create_namespaced_pod(namespace, pod)
+    name = pod.metadata.name
+    deadline = time.monotonic() + timeout
+    while (phase := core.read_namespaced_pod(name, namespace).status.phase) not in ("Succeeded", "Failed"):
+        assert time.monotonic() < deadline, f"Pod {name} did not finish in {timeout} s\n" + describe(core, namespace)
+        time.sleep(0.5)
+    logs = core.read_namespaced_pod_log(name, namespace)
+    assert phase == "Succeeded", logs[-3000:] + describe(core, namespace)
+    core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+    return logs
 
 
 def assert_nothing_left(cp, ns: str) -> None:
