@@ -301,8 +301,16 @@ class LangSmithCapture:
                 self._connections.pop(conn, None)
 
 
+# Handler threads print concurrently: print() writes the text and its newline separately, and two
+# records interleaved on one line ("RUN {...}RUN {...}") broke parse_log. One write per line, locked.
+_PRINT_LOCK = threading.Lock()
+
+
 def _print_record(record: Record) -> None:
-    print(LOG_PREFIX + json.dumps(asdict(record)), flush=True)
+    line = LOG_PREFIX + json.dumps(asdict(record)) + "\n"
+    with _PRINT_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
