@@ -81,14 +81,21 @@ HOST_RULES = [
     ["INPUT", "-d", f"{POD_GATEWAY}/32", "!", "-i", BRIDGE, "-m", "addrtype", "!", "--src-type", "LOCAL",
      "-j", "DROP"],
 ]
+# The name in the front proxy's client certificate (the aggregation layer; see make_pki).
+FRONT_PROXY_CLIENT = "front-proxy-client"
+# The HPA controller's sync period (kube-controller-manager's default is 15 s).
+HPA_SYNC_SECONDS = 5
 WORKER_IMAGE = "docker.io/library/runnable-k8s-worker:latest"
 # The project's Dockerfile built with buildah (tests/cluster/worker-image.sh).
 WORKER_LAYOUT = IMAGES / "worker-dockerfile.oci"
 PAUSE_IMAGE = "docker.io/library/runnable-k8s-pause:test"
-# Any image pull is sent to a dead local proxy, so nothing is ever fetched from the network.
+# Any image pull is sent to a dead local proxy, so nothing is ever fetched from the network; only
+# this machine's own addresses go direct (the pod range: the API server reaches an extension API
+# server, such as the external metrics adapter, at its endpoint there).
+_DIRECT = f"127.0.0.1,localhost,{POD_CIDR}"
 NO_NETWORK_ENV = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
                   "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-                  "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+                  "NO_PROXY": _DIRECT, "no_proxy": _DIRECT}
 SYSCTLS = ["net.ipv4.ip_forward", "vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic",
            "kernel.panic_on_oops", "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes",
            # set by up (bridged Service replies must pass conntrack to be un-DNATed)
@@ -317,6 +324,17 @@ def make_pki(pki: Path) -> None:
              "-CAkey", str(pki / "ca.key"), "-set_serial", str(int.from_bytes(os.urandom(8), "big")),
              "-days", "30", "-extfile", str(ext), "-extensions", "leaf",
              "-out", str(pki / f"{name}.crt")])
+    # The aggregation layer's front proxy (kubeadm's layout): a CA of its own, and the client
+    # certificate kube-apiserver presents to extension API servers (e.g. the external metrics
+    # adapter an HPA reads), which trust only that CA and that name for the user it forwards.
+    run(["openssl", "req", "-x509", *newkey, "-config", str(cnf), "-extensions", "ca",
+         "-keyout", str(pki / "front-proxy-ca.key"), "-out", str(pki / "front-proxy-ca.crt"), "-days", "30",
+         "-subj", "/CN=runnable-k8s-test-front-proxy-ca"])
+    run(["openssl", "req", "-new", *newkey, "-config", str(cnf), "-keyout", str(pki / "front-proxy-client.key"),
+         "-out", str(pki / "front-proxy-client.csr"), "-subj", f"/CN={FRONT_PROXY_CLIENT}"])
+    run(["openssl", "x509", "-req", "-in", str(pki / "front-proxy-client.csr"), "-CA", str(pki / "front-proxy-ca.crt"),
+         "-CAkey", str(pki / "front-proxy-ca.key"), "-set_serial", str(int.from_bytes(os.urandom(8), "big")),
+         "-days", "30", "-extfile", str(cnf), "-extensions", "leaf", "-out", str(pki / "front-proxy-client.crt")])
     # Service-account token signing key.
     run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(pki / "sa.key")])
     run(["openssl", "ec", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")])
@@ -419,6 +437,15 @@ def up_control_plane(state: dict) -> None:
         f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
         f"--kubelet-certificate-authority={pki / 'ca.crt'}",
         "--kubelet-preferred-address-types=Hostname",
+        # The aggregation layer, for extension API servers such as an external metrics adapter.
+        # Routing to an APIService's endpoint address (not its ClusterIP) needs no kube-proxy.
+        f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+        "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+        f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+        "--enable-aggregator-routing=true",
         "--profiling=false", "--v=1",
     ])
     wait_for("kube-apiserver /readyz", lambda: api_get(state, "/readyz")[0] == 200, 90, state, "kube-apiserver")
@@ -430,6 +457,8 @@ def up_control_plane(state: dict) -> None:
         "--bind-address=127.0.0.1", "--secure-port=0", "--leader-elect=false",
         f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
         "--use-service-account-credentials=true", f"--service-cluster-ip-range={SERVICE_CIDR}",
+        # An HPA acts within seconds of its metric changing (15 s by default): tests wait less.
+        f"--horizontal-pod-autoscaler-sync-period={HPA_SYNC_SECONDS}s",
         "--profiling=false", "--v=1",
     ])
     spawn(state, "kube-scheduler", [
