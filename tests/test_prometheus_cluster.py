@@ -25,12 +25,10 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import nullcontext
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +56,7 @@ from tests.support.chart_release import (
 )
 from tests.support.dashboard_queries import alert_rules, alert_signal, grafana, only, panel_queries, render
 from tests.support.helm import CHART, helm, values_file
+from tests.support.kubernetes_sd import TargetDiscovery, kubernetes_sd_available, pod_target_groups
 from tests.support.load import Load
 from tests.support.prometheus import PrometheusServer, prometheus_binary
 from tests.support.waiting import wait_for
@@ -100,83 +99,7 @@ RELABEL = [  # the usual annotation-driven Pod scrape: prometheus.io/scrape, /pa
 ]
 
 
-def kubernetes_sd_available(folder: Path) -> bool:
-    """Whether this Prometheus build has kubernetes_sd_configs. Debian's package is built without
-    it (its Kubernetes client libraries are not packaged), upstream's has it."""
-    probe = folder / "probe.yml"
-    probe.write_text(yaml.safe_dump({"scrape_configs": [{"job_name": "probe", "kubernetes_sd_configs": [
-        {"role": "pod", "kubeconfig_file": "/dev/null"}]}]}))
-    checked = subprocess.run(["promtool", "check", "config", "--syntax-only", str(probe)], capture_output=True,
-                             text=True, timeout=60)
-    return "kubernetes_sd_configs not found" not in checked.stdout + checked.stderr
-
-
-def _sanitize(name: str) -> str:
-    """A Kubernetes label or annotation name as kubernetes_sd writes it into a meta label."""
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-
-
-def pod_target_groups(core: Any, namespace: str) -> list[dict[str, Any]]:
-    """What kubernetes_sd's `pod` role discovers in ``namespace``, read from the API server now:
-    one target per declared container port (`__address__` = Pod IP:port) with the same
-    `__meta_kubernetes_*` labels, so the same relabeling applies."""
-    groups = []
-    for pod in core.list_namespaced_pod(namespace).items:
-        if not pod.status.pod_ip:
-            continue
-        meta = {"__meta_kubernetes_namespace": namespace, "__meta_kubernetes_pod_name": pod.metadata.name,
-                "__meta_kubernetes_pod_ip": pod.status.pod_ip, "__meta_kubernetes_pod_phase": pod.status.phase or "",
-                "__meta_kubernetes_pod_ready": str(any(c.type == "Ready" and c.status == "True"
-                                                       for c in (pod.status.conditions or []))).lower()}
-        for key, value in (pod.metadata.labels or {}).items():
-            meta[f"__meta_kubernetes_pod_label_{_sanitize(key)}"] = value
-            meta[f"__meta_kubernetes_pod_labelpresent_{_sanitize(key)}"] = "true"
-        for key, value in (pod.metadata.annotations or {}).items():
-            meta[f"__meta_kubernetes_pod_annotation_{_sanitize(key)}"] = value
-            meta[f"__meta_kubernetes_pod_annotationpresent_{_sanitize(key)}"] = "true"
-        for container in pod.spec.containers:
-            for port in container.ports or []:
-                groups.append({"targets": [f"{pod.status.pod_ip}:{port.container_port}"], "labels": {
-                    **meta, "__meta_kubernetes_pod_container_name": container.name,
-                    "__meta_kubernetes_pod_container_port_name": port.name or "",
-                    "__meta_kubernetes_pod_container_port_number": str(port.container_port)}})
-    return groups
-
-
-class PodDiscovery:
-    """An http_sd endpoint on 127.0.0.1 serving :func:`pod_target_groups`, read live on every
-    refresh: kubernetes_sd's pod role for a Prometheus built without it."""
-
-    def __init__(self, core: Any, namespace: str) -> None:
-        core_api, ns = core, namespace
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = json.dumps(pod_target_groups(core_api, ns)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/targets"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> PodDiscovery:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
-
-
-def scrape_config(namespace: str, kubeconfig: str, discovery: PodDiscovery | None) -> dict[str, Any]:
+def scrape_config(namespace: str, kubeconfig: str, discovery: TargetDiscovery | None) -> dict[str, Any]:
     """The broker's scrape: kubernetes_sd (role pod, the cluster's kubeconfig) when this Prometheus
     has it, else the same targets and meta labels through ``discovery``; the same relabeling."""
     if discovery is None:
@@ -282,7 +205,7 @@ def run(core: Any, ns: str, kubeconfig: str, keys: Path, folder: Path, rules: di
     # Callers through k8s:// keeping more calls in flight than the pool has slots, so tasks queue.
     load = Load(RunnableK8s(bound=RunnableLambda(WORK), pool=address, mode="warm", timeout=90,
                             k8s_config=kubeconfig, keys=str(keys)), callers=CALLERS, seconds=0.2, join=100)
-    discovery = None if kubernetes_sd_available(folder) else PodDiscovery(core, ns)
+    discovery = None if kubernetes_sd_available(folder) else TargetDiscovery(pod_target_groups, core, ns)
     print(f"discovery: {'kubernetes_sd_configs' if discovery is None else 'http_sd_configs (pod role stand-in)'}")
     try:
         config = {
