@@ -122,7 +122,7 @@ t0=$(date +%s)
 # 2-core machine, where a slow moment is not a bug. A test that fails twice fails CI; reruns are
 # listed in the summary (-r R), so a flaky test stays visible.
 log "ci: python -m pytest -m cluster tests/ --reruns 1"
-"$PY" -m pytest -m cluster tests/ -rsR --reruns 1 --reruns-delay 2
+"$PY" -m pytest -m cluster tests/ -rsR --reruns 1 --reruns-delay 2 --rerun-show-tracebacks
 rc=$?
 log "ci: cluster tests finished (rc=$rc) in $(( $(date +%s) - t0 ))s; total $(elapsed)s"
 ((rc == 5)) && rc=0
