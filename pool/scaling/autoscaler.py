@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pool.scaling.policy import AutoscaleSettings, Decision, Load, PolicyState, decide
+from pool.scaling.policy import AutoscaleSettings, Decision, Load, PolicyState, decide, slots_per_worker_of
 from pool.scaling.target import Scaler
 from worker import defaults
 
@@ -70,9 +70,10 @@ class Autoscaler:
         self._wake.set()
 
     def load_from_status(self, status: dict[str, Any]) -> Load:
-        ready = [w for w in status.get("workers", ()) if not w.get("draining")]
-        if self.settings.slots_per_worker is None and ready:
-            self.slots_per_worker = max(1, round(sum(w["slots"] for w in ready) / len(ready)))
+        if self.settings.slots_per_worker is None:
+            # The same learning as the published scaling signal (pool/broker/metrics.py), so the
+            # builtin autoscaler and KEDA/HPA divide by the same slots per worker.
+            self.slots_per_worker = slots_per_worker_of(status.get("workers", ()), self.slots_per_worker)
         return Load(int(status.get("queued", 0)), int(status.get("busy", 0)), self.slots_per_worker)
 
     # ------------------------------------------------------------------ threads
