@@ -43,12 +43,12 @@ from tests.support.chart_release import (
     WORKERS,
     assert_nothing_left,
     create_key_secrets,
-    describe,
+    installed_release,
     ready_pods,
     require_health_dir,
 )
 from tests.support.dashboard_queries import only, render
-from tests.support.helm import CHART, helm, values_file
+from tests.support.helm import CHART
 from tests.support.kubernetes_sd import (
     TargetDiscovery,
     endpoints_target_groups,
@@ -100,9 +100,8 @@ def test_the_chart_hpa_scales_the_workers_from_the_broker_metric_through_an_exte
     if not ADAPTER_BINARY.exists():
         pytest.fail(f"{ADAPTER_BINARY} is not built: bash tests/cluster/build-binaries.sh adapter", pytrace=False)
     cp = k8s_node.control_plane
-    core, ns, kubeconfig = cp.core(), k8s_namespace, cp.kubeconfig
+    core, ns = cp.core(), k8s_namespace
     folder = Path(tempfile.mkdtemp(prefix="rk8s-hpa-cluster-"))
-    installed = False
     try:
         keys = create_key_secrets(core, ns, KEY_PREFIX, create_key_directory(folder / "keys"))
         require_health_dir(core, ns)
@@ -115,19 +114,9 @@ def test_the_chart_hpa_scales_the_workers_from_the_broker_metric_through_an_exte
         assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": str(SLOTS)}, metric
 
         install_values = {**values, "metrics": {**values["metrics"], "serviceMonitor": {"enabled": False}}}
-        install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", ns, "-f",
-                       values_file(folder, install_values, "install.yaml"), "--wait", "--timeout", "180s",
-                       tmp_path=folder, kubeconfig=kubeconfig, timeout=210)
-        installed = True
-        assert install.returncode == 0, install.stdout + install.stderr + describe(core, ns)
-        run(cp, ns, keys, folder, monitor)
-    except BaseException:
-        print(describe(core, ns))
-        raise
+        with installed_release(helm_bin, cp, ns, folder, install_values):
+            run(cp, ns, keys, folder, monitor)
     finally:
-        if installed:
-            helm(helm_bin, "uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s",
-                 tmp_path=folder, kubeconfig=kubeconfig, timeout=150)
         shutil.rmtree(folder, ignore_errors=True)
     assert not folder.exists()
     assert_nothing_left(cp, ns)

@@ -50,12 +50,12 @@ from tests.support.chart_release import (
     WORKERS,
     assert_nothing_left,
     create_key_secrets,
-    describe,
+    installed_release,
     ready_pods,
     require_health_dir,
 )
 from tests.support.dashboard_queries import alert_rules, alert_signal, grafana, only, panel_queries, render
-from tests.support.helm import CHART, helm, values_file
+from tests.support.helm import CHART
 from tests.support.kubernetes_sd import TargetDiscovery, kubernetes_sd_available, pod_target_groups
 from tests.support.load import Load
 from tests.support.prometheus import PrometheusServer, prometheus_binary
@@ -157,7 +157,6 @@ def test_host_prometheus_scrapes_the_chart_by_its_annotations_and_the_no_worker_
     cp = k8s_node.control_plane
     core, ns, kubeconfig = cp.core(), k8s_namespace, cp.kubeconfig
     folder = Path(tempfile.mkdtemp(prefix="rk8s-prom-cluster-"))
-    installed = False
     try:
         keys = create_key_secrets(core, ns, KEY_PREFIX, create_key_directory(folder / "keys"))
         require_health_dir(core, ns)
@@ -170,19 +169,9 @@ def test_host_prometheus_scrapes_the_chart_by_its_annotations_and_the_no_worker_
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
         install_values = {**values, "metrics": {k: v for k, v in values["metrics"].items() if k != "prometheusRule"}}
-        install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", ns, "-f",
-                       values_file(folder, install_values, "install.yaml"), "--wait", "--timeout", "180s",
-                       tmp_path=folder, kubeconfig=kubeconfig, timeout=210)
-        installed = True
-        assert install.returncode == 0, install.stdout + install.stderr + describe(core, ns)
-        run(core, ns, kubeconfig, keys, folder, rules)
-    except BaseException:
-        print(describe(core, ns))
-        raise
+        with installed_release(helm_bin, cp, ns, folder, install_values):
+            run(core, ns, kubeconfig, keys, folder, rules)
     finally:
-        if installed:
-            helm(helm_bin, "uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s",
-                 tmp_path=folder, kubeconfig=kubeconfig, timeout=150)
         shutil.rmtree(folder, ignore_errors=True)
     assert not folder.exists()
     assert_nothing_left(cp, ns)

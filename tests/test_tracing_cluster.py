@@ -25,11 +25,11 @@ from tests.support.chart_release import (
     assert_nothing_left,
     create_key_secrets,
     describe,
+    installed_release,
     ready_pods,
     require_health_dir,
     run_to_completion,
 )
-from tests.support.helm import CHART, helm, values_file
 from tests.support.trace_checks import assert_one_trace_per_call, assert_only_these_roots, control_root
 from tests.support.waiting import wait_for
 
@@ -142,44 +142,34 @@ def _client_pod(pool: str, endpoint: str):
 @pytest.mark.timeout(600)
 def test_worker_pods_with_langsmith_variables_post_one_trace_per_call(helm_bin, k8s_node, k8s_namespace, tmp_path):
     cp = k8s_node.control_plane
-    core, ns, kubeconfig = cp.core(), k8s_namespace, cp.kubeconfig
+    core, ns = cp.core(), k8s_namespace
     create_key_secrets(core, ns, KEY_PREFIX, create_key_directory(tmp_path / "keys"))
     require_health_dir(core, ns)
     endpoint = f"http://{CAPTURE}.{ns}.svc:8080"
     values = {"image": {"tag": "latest", "pullPolicy": "Never"},
               "worker": {"replicas": 1, "extraEnv": _langsmith_env(endpoint, "workers")}}
     _start_capture(core, ns)
-    installed = False
     try:
-        install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", ns, "-f", values_file(tmp_path, values),
-                       "--wait", "--timeout", "180s", tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=210)
-        installed = True
-        assert install.returncode == 0, install.stdout + install.stderr + describe(core, ns)
-        assert len(ready_pods(core, ns, "worker")) == 1, describe(core, ns)
+        with installed_release(helm_bin, cp, ns, tmp_path, values):
+            assert len(ready_pods(core, ns, "worker")) == 1, describe(core, ns)
 
-        logs = run_to_completion(core, ns, _client_pod(f"tcp://{BROKER}:5555", endpoint), timeout=180)
-        out = json.loads(logs.strip().splitlines()[-1])
-        assert out == {"invoke": ANSWER, "stream": ANSWER, "control": ANSWER}, out
+            logs = run_to_completion(core, ns, _client_pod(f"tcp://{BROKER}:5555", endpoint), timeout=180)
+            out = json.loads(logs.strip().splitlines()[-1])
+            assert out == {"invoke": ANSWER, "stream": ANSWER, "control": ANSWER}, out
 
-        def runs() -> dict[str, langsmith_capture.Record]:
-            return langsmith_capture.runs_of(langsmith_capture.parse_log(_log(core, ns)))
+            def runs() -> dict[str, langsmith_capture.Record]:
+                return langsmith_capture.runs_of(langsmith_capture.parse_log(_log(core, ns)))
 
-        started = time.monotonic()
-        control = wait_for(lambda: control_root(runs(), "control"), 90,
-                           "the worker's own trace of the call nobody listened to at the caller")
-        print(f"the worker's control run arrived {time.monotonic() - started:.1f}s after the client finished")
-        assert (control.name, control.run_type, control.session_name) == (MODEL, "llm", "workers")
-        captured = runs()
-        for case in ("invoke", "stream"):
-            assert_one_trace_per_call(captured, case, model=MODEL)
-            assert {run.session_name for run in captured.values() if run.metadata.get("case") == case} == {"caller"}
-        assert_only_these_roots(captured, {"invoke": 1, "stream": 1}, ["control"], model=MODEL)
-    except BaseException:
-        print(describe(core, ns))
-        raise
+            started = time.monotonic()
+            control = wait_for(lambda: control_root(runs(), "control"), 90,
+                               "the worker's own trace of the call nobody listened to at the caller")
+            print(f"the worker's control run arrived {time.monotonic() - started:.1f}s after the client finished")
+            assert (control.name, control.run_type, control.session_name) == (MODEL, "llm", "workers")
+            captured = runs()
+            for case in ("invoke", "stream"):
+                assert_one_trace_per_call(captured, case, model=MODEL)
+                assert {run.session_name for run in captured.values() if run.metadata.get("case") == case} == {"caller"}
+            assert_only_these_roots(captured, {"invoke": 1, "stream": 1}, ["control"], model=MODEL)
     finally:
-        if installed:
-            helm(helm_bin, "uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s",
-                 tmp_path=tmp_path, kubeconfig=kubeconfig, timeout=150)
         _stop_capture(core, ns)
     assert_nothing_left(cp, ns)

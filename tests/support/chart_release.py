@@ -5,12 +5,15 @@ nothing. Shared by the chart's cluster tests (tests/test_chart*_cluster.py)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pool.keys import key_secret_manifests
-from tests.support.helm import helm
+from tests.support.helm import CHART, helm, values_file
 from tests.support.waiting import wait_for
 
 RELEASE = "pool"
@@ -124,3 +127,26 @@ def helm_test_passes(helm_bin: str, core, namespace: str, tmp_path: Path, kubeco
     assert test.returncode == 0, test.stdout + test.stderr + describe(core, namespace)
     assert "Phase:          Succeeded" in test.stdout, test.stdout
     return test.stdout
+
+
+@contextmanager
+def installed_release(helm_bin: str, cp: Any, namespace: str, folder: Path, values: dict[str, Any]) -> Iterator[None]:
+    """The chart installed as RELEASE with ``values`` (`helm install --wait`, asserted to succeed)
+    while the block runs; `helm uninstall --wait` after it. On a failure, inside the block or in
+    the install, what the namespace holds is printed first."""
+    core, kubeconfig = cp.core(), cp.kubeconfig
+    installed = False
+    try:
+        install = helm(helm_bin, "install", RELEASE, str(CHART), "-n", namespace, "-f",
+                       values_file(folder, values, "install.yaml"), "--wait", "--timeout", "180s",
+                       tmp_path=folder, kubeconfig=kubeconfig, timeout=210)
+        installed = True
+        assert install.returncode == 0, install.stdout + install.stderr + describe(core, namespace)
+        yield
+    except BaseException:
+        print(describe(core, namespace))
+        raise
+    finally:
+        if installed:
+            helm(helm_bin, "uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "120s",
+                 tmp_path=folder, kubeconfig=kubeconfig, timeout=150)

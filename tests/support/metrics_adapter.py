@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from tests.cluster.cluster import BIN, POD_GATEWAY
+from tests.support.processes import stop_process
 from tests.support.waiting import wait_for
 
 __all__ = ["ADAPTER_BINARY", "API_SERVICE", "ExternalMetricsAdapter"]
@@ -145,12 +146,7 @@ class ExternalMetricsAdapter:
             wait_for(lambda: self._unregistered(registration), 30, f"{API_SERVICE} to be unregistered")
             self.registered = False
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            stop_process(self.proc)
             self.proc = None
         core = self.cp.core()
         with contextlib.suppress(ApiException):

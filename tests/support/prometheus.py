@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from tests.support.ports import free_port
+from tests.support.processes import stop_process
 from tests.support.waiting import wait_for
 
 __all__ = ["PrometheusServer", "helm_binary", "prometheus_binary"]
@@ -84,12 +85,7 @@ class PrometheusServer:
     def close(self) -> None:
         if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc)
         self.proc = None
 
     def _ready(self) -> bool:
