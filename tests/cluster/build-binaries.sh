@@ -3,15 +3,16 @@
 # Output: $CACHE/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,kubelet,kube-proxy,
 # coredns,helm,pause,external-metrics-adapter} plus a stamp file per group naming the version
 # (or source hash) it was built from.
-# Usage: build-binaries.sh [pause] [helm] [k8s] [kube-proxy] [coredns] [adapter]   (no argument: all)
-# "k8s" means everything the cluster runs from Go: the four components, kube-proxy, CoreDNS and
-# the external metrics adapter (metrics-adapter/: what an HPA on an external metric reads).
+# Usage: build-binaries.sh [pause] [helm] [k8s] [kube-proxy] [coredns] [adapter] [keda]   (no argument: all)
+# "k8s" means everything the cluster runs from Go: the four components, kube-proxy, CoreDNS, the
+# external metrics adapter (metrics-adapter/: what an HPA on an external metric reads) and KEDA's
+# operator (keda-operator, from KEDA's Go module).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 export CGO_ENABLED=0 GOFLAGS="-mod=mod -buildvcs=false"
 
 parts=" ${*:-pause helm k8s} "
-[[ "$parts" == *" k8s "* ]] && parts+="kube-proxy coredns adapter "
+[[ "$parts" == *" k8s "* ]] && parts+="kube-proxy coredns adapter keda "
 want() { [[ "$parts" == *" $1 "* ]]; }
 
 k8s_ldflags() {
@@ -129,8 +130,29 @@ rm -f "$BIN"/.external-metrics-adapter-*; touch "$stamp"
 log "external-metrics-adapter: built in $(( $(date +%s) - t0 ))s"
 }
 
+# KEDA's operator from its own Go module (its go.mod has replace directives, so it is built as the
+# main module, from a writable copy of the downloaded source). Only the operator: it scales a
+# ScaledObject's workload between zero and its minimum itself; the HPA it makes for the rest needs
+# KEDA's metrics server, whose own metrics listener binds every interface (no address flag).
+build_keda() {
+local stamp="$BIN/.keda-operator-$KEDA_VERSION"
+if [[ -f "$stamp" && -x "$BIN/keda-operator" ]]; then
+  log "keda-operator $KEDA_VERSION: cached"
+  return
+fi
+log "keda-operator $KEDA_VERSION: building (KEDA compiles every scaler it ships: several minutes cold on 2 cores)"
+t0=$(date +%s)
+local dir src="$BIN/.keda-src"
+dir="$(go mod download -json "$KEDA_MODULE@$KEDA_VERSION" | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')"
+rm -rf "$src"; cp -r "$dir" "$src"; chmod -R u+w "$src"
+(cd "$src" && go build -trimpath -ldflags="-s -w" -o "$BIN/keda-operator" ./cmd/operator)
+rm -rf "$src" "$BIN"/.keda-operator-v*; touch "$stamp"
+log "keda-operator $KEDA_VERSION: built in $(( $(date +%s) - t0 ))s"
+}
+
 if want pause; then build_pause; fi
 if want helm; then build_helm; fi
 if want k8s || want kube-proxy; then build_k8s; fi
 if want coredns; then build_coredns; fi
 if want adapter; then build_adapter; fi
+if want keda; then build_keda; fi

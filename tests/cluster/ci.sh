@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI entry point for the real-cluster tests (run after the fast suite, from the repo root):
 #     bash tests/cluster/ci.sh
-# 1. cached build (Debian packages, Kubernetes + helm + pause binaries, worker/pause images),
+# 1. cached build (Debian packages, Kubernetes + helm + pause binaries, the external metrics adapter
+#    and KEDA's operator, worker/pause images),
 #    within a time budget (RUNNABLE_K8S_CLUSTER_BUILD_BUDGET seconds, default 3000 = 50 min);
 # 2. brings the node tier up (falls back to the control plane alone if the node cannot start);
 # 3. python -m pytest -m cluster tests/   (tiers that are not up make their tests skip, with the reason);
