@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,8 +26,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.cluster.cluster import CACHE
 from tests.support.helm import CHART, helm, values_file
+from tests.support.keda import KEDA_VERSION, go_binary, keda_module_dir
 from tests.support.paths import REPO
 from tests.support.ports import free_port
 from tests.support.processes import stop_process
@@ -36,9 +35,6 @@ from tests.support.waiting import wait_for
 
 SUPPORTED_KUBERNETES = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
 NOT_IN_KUBERNETES_SCHEMAS = {"keda.sh/v1alpha1", "monitoring.coreos.com/v1"}
-# The newest KEDA v2 whose module this machine's Go (1.26) accepts; v2.21 needs Go 1.27.4.
-KEDA_MODULE = "github.com/kedacore/keda/v2"
-KEDA_VERSION = "v2.20.2"
 
 KEDA: dict[str, Any] = {"autoscaling": {"enabled": True, "mode": "keda", "minReplicas": 0, "maxReplicas": 12,
                                         "targetTasksPerSlot": 0.8, "stabilizationWindowSeconds": 120,
@@ -126,22 +122,12 @@ def _strict_crd_schema(node: Any) -> Any:
     return out
 
 
-def _go() -> str | None:
-    return shutil.which("go") or next((p for p in ("/usr/local/go/bin/go",) if os.access(p, os.X_OK)), None)
-
-
 @pytest.fixture(scope="module")
 def keda_crd() -> dict:
     """KEDA's ScaledObject CRD from its Go module, downloaded once into the cluster cache."""
-    go = _go()
-    if go is None:
+    if go_binary() is None:
         pytest.skip("no Go toolchain: KEDA's CRD schema comes from its Go module (go mod download)")
-    env = {**os.environ, "GOMODCACHE": str(CACHE / "gomod"), "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
-    result = subprocess.run([go, "mod", "download", "-json", f"{KEDA_MODULE}@{KEDA_VERSION}"], capture_output=True,
-                            text=True, env=env, timeout=300, cwd=CACHE if CACHE.is_dir() else None)
-    info = json.loads(result.stdout or "{}")
-    assert result.returncode == 0 and "Dir" in info, f"go mod download failed: {result.stdout}{result.stderr}"
-    crd = yaml.safe_load((Path(info["Dir"]) / "config/crd/bases/keda.sh_scaledobjects.yaml").read_text())
+    crd = yaml.safe_load((keda_module_dir() / "config/crd/bases/keda.sh_scaledobjects.yaml").read_text())
     assert crd["spec"]["names"]["kind"] == "ScaledObject"
     return crd
 
