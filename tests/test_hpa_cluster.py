@@ -152,9 +152,11 @@ def run(cp: Any, ns: str, keys: Path, folder: Path, monitor: dict[str, Any]) -> 
             assert replicas() == 1
 
             with load:
+                started = time.monotonic()
                 wait_for(lambda: replicas() == MAX_WORKERS, 150,
                          f"the HPA to scale {WORKERS} to {MAX_WORKERS} under load (HPA: "
                          f"{_hpa_state(autoscaling, ns)})", interval=1)
+                print(f"the HPA asked for {MAX_WORKERS} workers {time.monotonic() - started:.1f}s after the load began")
                 hpa = autoscaling.read_namespaced_horizontal_pod_autoscaler(WORKERS, ns)
                 assert hpa.status.desired_replicas == MAX_WORKERS, hpa.status
                 [current] = hpa.status.current_metrics
@@ -173,9 +175,12 @@ def run(cp: Any, ns: str, keys: Path, folder: Path, monitor: dict[str, Any]) -> 
                 wait_for(lambda: load.done > done + 3 * CALLERS, 60, "calls to keep finishing on the new workers")
             assert load.errors == [], load.errors[:3]
             # No load: back to the minimum once the scale-down window has passed.
+            stopped = time.monotonic()
             wait_for(lambda: replicas() == 1, SCALE_DOWN_WINDOW + 120,
                      f"the HPA to scale {WORKERS} back to 1 with no load (HPA: {_hpa_state(autoscaling, ns)})",
                      interval=1)
+            print(f"the HPA asked for 1 worker {time.monotonic() - stopped:.1f}s after the load ended "
+                  f"(scale-down window {SCALE_DOWN_WINDOW}s)")
     finally:
         forward = BrokerForward.shared(address, kubeconfig)
         Connection.close_all(forward.local_address)

@@ -141,13 +141,21 @@ def run(cp: Any, ns: str, keys: Path, operator: KedaOperator) -> None:
                             k8s_config=kubeconfig, keys=str(keys)), callers=CALLERS, seconds=0.3, join=100)
     try:
         with load:
+            started = time.monotonic()
             # Calls wait in the broker's queue; its demand activates the trigger.
             wait_for(lambda: replicas() >= 1, 60, f"KEDA to scale {WORKERS} out of zero under load: "
                      f"{_state(scaled_object)}")
+            print(f"KEDA asked for a worker {time.monotonic() - started:.1f}s after the first call "
+                  f"(pollingInterval 1s)")
             assert condition("Active") == "True"
+            wait_for(lambda: load.done >= 1, 120, "the first call made at zero workers to complete")
+            print(f"the first call made at zero workers completed after {time.monotonic() - started:.1f}s")
             wait_for(lambda: load.done >= 3 * CALLERS, 120, "the calls made at zero workers to complete")
         assert load.errors == [], load.errors[:3]
+        stopped = time.monotonic()
         wait_for(lambda: replicas() == 0, 90, f"KEDA to scale {WORKERS} back to zero after the load")
+        print(f"KEDA scaled to zero {time.monotonic() - stopped:.1f}s after the load ended "
+              f"(cooldownPeriod {IDLE_SECONDS}s)")
     finally:
         forward = BrokerForward.shared(address, kubeconfig)
         Connection.close_all(forward.local_address)
