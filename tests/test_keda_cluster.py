@@ -20,6 +20,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,14 @@ from tests.support.chart_release import (
 )
 from tests.support.helm import CHART, helm, values_file
 from tests.support.keda import KEDA_OPERATOR, KEDA_VERSION, KedaCrds, KedaOperator, keda_module_dir
+from tests.support.kubernetes_sd import (
+    TargetDiscovery,
+    annotation_scrape_config,
+    kubernetes_sd_available,
+    pod_target_groups,
+)
 from tests.support.load import Load
+from tests.support.prometheus import PrometheusServer, prometheus_binary
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -53,20 +62,38 @@ SLOTS, CALLERS, IDLE_SECONDS = 2, 4, 5
 WORK = lambda seconds: time.sleep(seconds) or "ok"  # noqa: E731
 
 
-def _values() -> dict[str, Any]:
+def _values(keda: dict[str, Any]) -> dict[str, Any]:
     return {
         "image": {"tag": "latest", "pullPolicy": "Never"},
         "worker": {"replicas": 1, "slots": SLOTS},
         "metrics": {"enabled": True, "port": METRICS_PORT, "from": [{"ipBlock": {"cidr": f"{HOST_ON_BRIDGE}/32"}}]},
         "autoscaling": {"enabled": True, "mode": "keda", "minReplicas": 0, "maxReplicas": 3,
                         "targetInFlightPerWorker": SLOTS, "scaleToZeroIdleSeconds": IDLE_SECONDS,
-                        "stabilizationWindowSeconds": 10, "keda": {"pollingInterval": 1}},
+                        "stabilizationWindowSeconds": 10, "keda": {"pollingInterval": 1, **keda}},
     }
 
 
+@contextmanager
+def prometheus_scraping_the_broker(trigger: str, cp: Any, ns: str, folder: Path) -> Iterator[str | None]:
+    """For the prometheus trigger: a Prometheus on 127.0.0.1 scraping the namespace's Pods by their
+    prometheus.io/* annotations (the chart's default query reads its namespace and pod labels);
+    its URL. Nothing for the metrics-api trigger."""
+    if trigger != "prometheus":
+        yield None
+        return
+    if prometheus_binary() is None:
+        pytest.skip("prometheus is not installed (apt-get install -y prometheus gives prometheus and promtool)")
+    discovery = None if kubernetes_sd_available(folder) else TargetDiscovery(pod_target_groups, cp.core(), ns)
+    config = {"global": {"scrape_interval": "1s"},
+              "scrape_configs": [annotation_scrape_config("kubernetes-pods", ns, cp.kubeconfig, discovery)]}
+    with discovery or nullcontext(), PrometheusServer(folder, config) as prom:
+        yield prom.url
+
+
 @pytest.mark.timeout(540)
-def test_keda_scales_the_chart_workers_to_zero_and_back_from_the_broker_scaling_endpoint(
-        helm_bin, k8s_node, k8s_namespace):
+@pytest.mark.parametrize("trigger", ["metrics-api", "prometheus"])
+def test_keda_scales_the_chart_workers_to_zero_and_back_from_the_broker_load(
+        helm_bin, k8s_node, k8s_namespace, trigger):
     if not KEDA_OPERATOR.exists():
         pytest.fail(f"{KEDA_OPERATOR} is not built: bash tests/cluster/build-binaries.sh keda", pytrace=False)
     cp = k8s_node.control_plane
@@ -77,12 +104,16 @@ def test_keda_scales_the_chart_workers_to_zero_and_back_from_the_broker_scaling_
         keys = create_key_secrets(core, ns, KEY_PREFIX, create_key_directory(folder / "keys"))
         require_health_dir(core, ns)
         crds = keda_module_dir() / "config/crd/bases"
-        with KedaCrds(cp, crds), installed_release(helm_bin, cp, ns, folder, _values()):
-            # The trigger's URL is the broker Pod's before the operator starts, so it never asks this
-            # host's resolver for a cluster name.
-            set_trigger_url(cp, ns, folder, helm_bin)
-            with KedaOperator(cp, ns, folder) as operator:
-                run(cp, ns, keys, operator)
+        with prometheus_scraping_the_broker(trigger, cp, ns, folder) as prometheus_url, KedaCrds(cp, crds):
+            keda = ({"trigger": "prometheus", "prometheus": {"serverAddress": prometheus_url}}
+                    if prometheus_url else {})
+            with installed_release(helm_bin, cp, ns, folder, _values(keda)):
+                if trigger == "metrics-api":
+                    # The trigger's URL is the broker Pod's before the operator starts, so it never
+                    # asks this host's resolver for a cluster name.
+                    set_trigger_url(cp, ns, folder, helm_bin)
+                with KedaOperator(cp, ns, folder) as operator:
+                    run(cp, ns, keys, operator, trigger)
     except BaseException:
         if operator is not None:
             print(f"keda-operator {KEDA_VERSION} log:\n{operator.log_tail()}")
@@ -103,7 +134,7 @@ def set_trigger_url(cp: Any, ns: str, folder: Path, helm_bin: str) -> None:
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
 
 
-def run(cp: Any, ns: str, keys: Path, operator: KedaOperator) -> None:
+def run(cp: Any, ns: str, keys: Path, operator: KedaOperator, trigger: str) -> None:
     from kubernetes import client
 
     core, apps, kubeconfig = cp.core(), cp.apps(), cp.kubeconfig
@@ -120,8 +151,13 @@ def run(cp: Any, ns: str, keys: Path, operator: KedaOperator) -> None:
     def replicas() -> int:
         return int(apps.read_namespaced_deployment(WORKERS, ns).spec.replicas or 0)
 
-    [trigger] = scaled_object()["spec"]["triggers"]
-    assert trigger["type"] == "metrics-api" and trigger["metadata"]["url"].startswith("http://10.234.0."), trigger
+    [rendered] = scaled_object()["spec"]["triggers"]
+    assert rendered["type"] == trigger, rendered
+    if trigger == "metrics-api":
+        assert rendered["metadata"]["url"].startswith("http://10.234.0."), rendered
+    else:  # the chart's default query
+        assert rendered["metadata"]["query"] == (
+            f'max(runnable_k8s_scaling_demand{{namespace="{ns}",pod=~"{RELEASE}-worker-pool-broker-.*"}})'), rendered
     wait_for(lambda: condition("Ready") == "True", 60, f"KEDA to accept the chart's ScaledObject: "
              f"{_state(scaled_object)}")
     # The HPA KEDA made carries the chart's behavior and the target per worker.
@@ -145,16 +181,16 @@ def run(cp: Any, ns: str, keys: Path, operator: KedaOperator) -> None:
             # Calls wait in the broker's queue; its demand activates the trigger.
             wait_for(lambda: replicas() >= 1, 60, f"KEDA to scale {WORKERS} out of zero under load: "
                      f"{_state(scaled_object)}")
-            print(f"KEDA asked for a worker {time.monotonic() - started:.1f}s after the first call "
+            print(f"{trigger}: KEDA asked for a worker {time.monotonic() - started:.1f}s after the first call "
                   f"(pollingInterval 1s)")
             assert condition("Active") == "True"
             wait_for(lambda: load.done >= 1, 120, "the first call made at zero workers to complete")
-            print(f"the first call made at zero workers completed after {time.monotonic() - started:.1f}s")
+            print(f"{trigger}: the first call made at zero workers completed after {time.monotonic() - started:.1f}s")
             wait_for(lambda: load.done >= 3 * CALLERS, 120, "the calls made at zero workers to complete")
         assert load.errors == [], load.errors[:3]
         stopped = time.monotonic()
         wait_for(lambda: replicas() == 0, 90, f"KEDA to scale {WORKERS} back to zero after the load")
-        print(f"KEDA scaled to zero {time.monotonic() - stopped:.1f}s after the load ended "
+        print(f"{trigger}: KEDA scaled to zero {time.monotonic() - stopped:.1f}s after the load ended "
               f"(cooldownPeriod {IDLE_SECONDS}s)")
     finally:
         forward = BrokerForward.shared(address, kubeconfig)

@@ -56,7 +56,12 @@ from tests.support.chart_release import (
 )
 from tests.support.dashboard_queries import alert_rules, alert_signal, grafana, only, panel_queries, render
 from tests.support.helm import CHART
-from tests.support.kubernetes_sd import TargetDiscovery, kubernetes_sd_available, pod_target_groups
+from tests.support.kubernetes_sd import (
+    TargetDiscovery,
+    annotation_scrape_config,
+    kubernetes_sd_available,
+    pod_target_groups,
+)
 from tests.support.load import Load
 from tests.support.prometheus import PrometheusServer, prometheus_binary
 from tests.support.waiting import wait_for
@@ -86,28 +91,6 @@ def _values(namespace: str) -> dict[str, Any]:
                                "selector": f'namespace="{namespace}", job="{JOB}"'},
         },
     }
-
-
-RELABEL = [  # the usual annotation-driven Pod scrape: prometheus.io/scrape, /path, /port
-    {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "action": "keep", "regex": "true"},
-    {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"], "action": "replace",
-     "target_label": "__metrics_path__", "regex": "(.+)"},
-    {"source_labels": ["__address__", "__meta_kubernetes_pod_annotation_prometheus_io_port"], "action": "replace",
-     "regex": r"([^:]+)(?::\d+)?;(\d+)", "replacement": "$1:$2", "target_label": "__address__"},
-    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-]
-
-
-def scrape_config(namespace: str, kubeconfig: str, discovery: TargetDiscovery | None) -> dict[str, Any]:
-    """The broker's scrape: kubernetes_sd (role pod, the cluster's kubeconfig) when this Prometheus
-    has it, else the same targets and meta labels through ``discovery``; the same relabeling."""
-    if discovery is None:
-        sd: dict[str, Any] = {"kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": kubeconfig,
-                                                         "namespaces": {"names": [namespace]}}]}
-    else:
-        sd = {"http_sd_configs": [{"url": discovery.url, "refresh_interval": "1s"}]}
-    return {"job_name": JOB, "scrape_interval": "1s", **sd, "relabel_configs": RELABEL}
 
 
 def require_served(pod_ip: str, queries: list[str]) -> None:
@@ -200,7 +183,7 @@ def run(core: Any, ns: str, kubeconfig: str, keys: Path, folder: Path, rules: di
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [
-                scrape_config(ns, kubeconfig, discovery),
+                annotation_scrape_config(JOB, ns, kubeconfig, discovery),
                 {"job_name": "kubelet", "honor_labels": True, "scrape_interval": "1s",
                  "static_configs": [{"targets": [f"127.0.0.1:{kubelet.server_address[1]}"]}]},
             ],

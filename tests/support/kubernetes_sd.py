@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["TargetDiscovery", "endpoints_target_groups", "kubernetes_sd_available", "pod_target_groups",
-           "service_monitor_scrape_config"]
+__all__ = ["TargetDiscovery", "annotation_scrape_config", "endpoints_target_groups", "kubernetes_sd_available",
+           "pod_target_groups", "service_monitor_scrape_config"]
 
 
 def kubernetes_sd_available(folder: Path) -> bool:
@@ -170,3 +170,27 @@ def service_monitor_scrape_config(monitor: dict[str, Any], kubeconfig: str,
     return {"job_name": f"serviceMonitor/{name['namespace']}/{name['name']}/0",
             "scrape_interval": endpoint.get("interval", "30s"), "metrics_path": endpoint.get("path", "/metrics"),
             "honor_labels": False, **sd, "relabel_configs": relabel}
+
+
+ANNOTATION_RELABEL = [  # the usual annotation-driven Pod scrape: prometheus.io/scrape, /path, /port
+    {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "action": "keep", "regex": "true"},
+    {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"], "action": "replace",
+     "target_label": "__metrics_path__", "regex": "(.+)"},
+    {"source_labels": ["__address__", "__meta_kubernetes_pod_annotation_prometheus_io_port"], "action": "replace",
+     "regex": r"([^:]+)(?::\d+)?;(\d+)", "replacement": "$1:$2", "target_label": "__address__"},
+    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+]
+
+
+def annotation_scrape_config(job: str, namespace: str, kubeconfig: str,
+                             discovery: TargetDiscovery | None) -> dict[str, Any]:
+    """The annotation-driven Pod scrape most Prometheus setups run (``prometheus.io/scrape``,
+    ``/path``, ``/port``; targets labelled ``namespace`` and ``pod``): kubernetes_sd role pod when
+    this Prometheus has it, else the same targets through ``discovery`` (:func:`pod_target_groups`)."""
+    if discovery is None:
+        sd: dict[str, Any] = {"kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": kubeconfig,
+                                                         "namespaces": {"names": [namespace]}}]}
+    else:
+        sd = {"http_sd_configs": [{"url": discovery.url, "refresh_interval": "1s"}]}
+    return {"job_name": job, "scrape_interval": "1s", **sd, "relabel_configs": ANNOTATION_RELABEL}
