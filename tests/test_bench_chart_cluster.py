@@ -11,6 +11,7 @@ import pytest
 from pool.bench.chart_warm import measure_chart_warm
 from pool.keys import create_key_directory
 from tests.support.chart_release import (
+    KEY_PREFIX,
     RELEASE,
     assert_nothing_left,
     create_key_secrets,
@@ -21,7 +22,6 @@ from tests.support.chart_release import (
 from tests.support.helm import CHART, helm, values_file
 
 pytestmark = pytest.mark.cluster
-KEY_PREFIX = "runnable-k8s-curve"  # the chart's default curve.existingSecret
 IN_FLIGHT = [1, 4]
 
 

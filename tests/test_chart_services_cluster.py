@@ -19,6 +19,7 @@ import pytest
 
 from pool.keys import create_key_directory
 from tests.support.chart_release import (
+    KEY_PREFIX,
     RELEASE,
     WORKERS,
     assert_nothing_left,
@@ -33,7 +34,6 @@ from tests.support.helm import CHART, helm, values_file
 
 pytestmark = pytest.mark.cluster
 BROKER = f"{RELEASE}-worker-pool-broker"  # the chart's Service (and Deployment) name for RELEASE
-KEY_PREFIX = "runnable-k8s-curve"  # the chart's default curve.existingSecret
 
 # A client in the cluster: the pool by the Service's short name (same namespace), the client's
 # own key pair mounted from PREFIX-client-default. Prints one JSON line: results and workers seen.

@@ -39,11 +39,13 @@ from pool.client.connection import Connection
 from pool.k8s.portforward import BrokerForward
 from pool.keys import create_key_directory
 from tests.support.chart_release import (
+    KEY_PREFIX,
     RELEASE,
     WORKERS,
     assert_nothing_left,
     create_key_secrets,
     installed_release,
+    metrics_open_to_host,
     ready_pods,
     require_health_dir,
 )
@@ -61,9 +63,6 @@ from tests.support.prometheus import PrometheusServer, prometheus_binary
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
-KEY_PREFIX = "runnable-k8s-curve"  # the secret names the chart mounts by default
-HOST_ON_BRIDGE = "10.234.0.1"  # tests/cluster's pod bridge address on this host: the source of host->Pod traffic
-METRICS_PORT = 9090
 SLOTS, CALLERS, MAX_WORKERS = 2, 8, 3
 SCALE_DOWN_WINDOW = 10
 METRIC = "runnable_k8s_scaling_demand"
@@ -76,9 +75,8 @@ def _values() -> dict[str, Any]:
     return {
         "image": {"tag": "latest", "pullPolicy": "Never"},
         "worker": {"replicas": 1, "slots": SLOTS},
-        "metrics": {"enabled": True, "port": METRICS_PORT, "from": [{"ipBlock": {"cidr": f"{HOST_ON_BRIDGE}/32"}}],
-                    # rendered only: the test cluster has no Prometheus Operator (its CRDs)
-                    "serviceMonitor": {"enabled": True, "interval": "1s"}},
+        # the ServiceMonitor rendered only: the test cluster has no Prometheus Operator (its CRDs)
+        "metrics": metrics_open_to_host(serviceMonitor={"enabled": True, "interval": "1s"}),
         "autoscaling": {"enabled": True, "mode": "hpa", "minReplicas": 1, "maxReplicas": MAX_WORKERS,
                         "targetInFlightPerWorker": SLOTS, "stabilizationWindowSeconds": SCALE_DOWN_WINDOW},
     }

@@ -33,11 +33,14 @@ from pool.client.connection import Connection
 from pool.k8s.portforward import BrokerForward
 from pool.keys import create_key_directory
 from tests.support.chart_release import (
+    KEY_PREFIX,
+    METRICS_PORT,
     RELEASE,
     WORKERS,
     assert_nothing_left,
     create_key_secrets,
     installed_release,
+    metrics_open_to_host,
     ready_pods,
     require_health_dir,
 )
@@ -54,9 +57,6 @@ from tests.support.prometheus import PrometheusServer, prometheus_binary
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
-KEY_PREFIX = "runnable-k8s-curve"  # the secret names the chart mounts by default
-HOST_ON_BRIDGE = "10.234.0.1"  # tests/cluster's pod bridge address on this host: the source of host->Pod traffic
-METRICS_PORT = 9090
 SLOTS, CALLERS, IDLE_SECONDS = 2, 4, 5
 # A lambda travels by value (cloudpickle): the worker image has no tests package to import a function from.
 WORK = lambda seconds: time.sleep(seconds) or "ok"  # noqa: E731
@@ -66,7 +66,7 @@ def _values(keda: dict[str, Any]) -> dict[str, Any]:
     return {
         "image": {"tag": "latest", "pullPolicy": "Never"},
         "worker": {"replicas": 1, "slots": SLOTS},
-        "metrics": {"enabled": True, "port": METRICS_PORT, "from": [{"ipBlock": {"cidr": f"{HOST_ON_BRIDGE}/32"}}]},
+        "metrics": metrics_open_to_host(),
         "autoscaling": {"enabled": True, "mode": "keda", "minReplicas": 0, "maxReplicas": 3,
                         "targetInFlightPerWorker": SLOTS, "scaleToZeroIdleSeconds": IDLE_SECONDS,
                         "stabilizationWindowSeconds": 10, "keda": {"pollingInterval": 1, **keda}},

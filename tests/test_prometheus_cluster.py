@@ -46,11 +46,14 @@ from pool.k8s.portforward import BrokerForward
 from pool.keys import create_key_directory
 from pool.scaling import scale
 from tests.support.chart_release import (
+    KEY_PREFIX,
+    METRICS_PORT,
     RELEASE,
     WORKERS,
     assert_nothing_left,
     create_key_secrets,
     installed_release,
+    metrics_open_to_host,
     ready_pods,
     require_health_dir,
 )
@@ -67,10 +70,7 @@ from tests.support.prometheus import PrometheusServer, prometheus_binary
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
-KEY_PREFIX = "runnable-k8s-curve"
 JOB = "kubernetes-pods"  # the job name of the annotation-driven scrape config, as most Prometheus setups call it
-HOST_ON_BRIDGE = "10.234.0.1"  # tests/cluster's pod bridge address on this host: the source of host->Pod traffic
-METRICS_PORT = 9090
 SLOTS, CALLERS = 2, 8
 # Series only a broker whose builtin autoscaler runs serves (autoscaling.mode builtin). This release
 # is scaled by hand, as under KEDA or an HPA, so their panels must parse but need not return data;
@@ -84,12 +84,11 @@ def _values(namespace: str) -> dict[str, Any]:
     return {
         "image": {"tag": "latest", "pullPolicy": "Never"},
         "worker": {"replicas": 1, "slots": SLOTS},
-        "metrics": {
-            "enabled": True, "port": METRICS_PORT, "from": [{"ipBlock": {"cidr": f"{HOST_ON_BRIDGE}/32"}}],
-            # Rendered only (no Prometheus Operator CRD on the test cluster): short waits, the job above.
-            "prometheusRule": {"enabled": True, "interval": "1s", "noReadyWorkers": {"for": "2s"},
-                               "selector": f'namespace="{namespace}", job="{JOB}"'},
-        },
+        # The PrometheusRule rendered only (no Prometheus Operator CRD on the test cluster): short
+        # waits, the job above.
+        "metrics": metrics_open_to_host(prometheusRule={
+            "enabled": True, "interval": "1s", "noReadyWorkers": {"for": "2s"},
+            "selector": f'namespace="{namespace}", job="{JOB}"'}),
     }
 
 

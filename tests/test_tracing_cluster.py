@@ -21,6 +21,7 @@ import pytest
 from pool.keys import create_key_directory
 from tests.support import langsmith_capture
 from tests.support.chart_release import (
+    KEY_PREFIX,
     RELEASE,
     assert_nothing_left,
     create_key_secrets,
@@ -35,7 +36,6 @@ from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 BROKER = f"{RELEASE}-worker-pool-broker"
-KEY_PREFIX = "runnable-k8s-curve"
 CAPTURE = "langsmith-capture"
 MODEL = "GenericFakeChatModel"
 ANSWER = "one two three"

@@ -18,6 +18,17 @@ from tests.support.waiting import wait_for
 
 RELEASE = "pool"
 WORKERS = f"{RELEASE}-worker-pool-worker"
+# The chart's default key Secrets (curve.existingSecret): KEY_PREFIX-broker, -worker, -clients.
+KEY_PREFIX = "runnable-k8s-curve"
+METRICS_PORT = 9090
+
+
+def metrics_open_to_host(**more: Any) -> dict[str, Any]:
+    """`metrics` values serving the broker's metrics port to this host, as an operator admits their
+    Prometheus (`metrics.from`): host-to-Pod traffic comes from the pod bridge's host address."""
+    from tests.cluster.cluster import POD_GATEWAY
+
+    return {"enabled": True, "port": METRICS_PORT, "from": [{"ipBlock": {"cidr": f"{POD_GATEWAY}/32"}}], **more}
 COMPONENT = "app.kubernetes.io/instance={release},app.kubernetes.io/component={component}"
 
 
