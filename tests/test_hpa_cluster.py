@@ -35,14 +35,13 @@ import yaml
 from langchain_core.runnables import RunnableLambda
 
 from pool import RunnableK8s
-from pool.client.connection import Connection
-from pool.k8s.portforward import BrokerForward
 from pool.keys import create_key_directory
 from tests.support.chart_release import (
     KEY_PREFIX,
     RELEASE,
     WORKERS,
     assert_nothing_left,
+    close_forward,
     create_key_secrets,
     installed_release,
     metrics_open_to_host,
@@ -180,9 +179,7 @@ def run(cp: Any, ns: str, keys: Path, folder: Path, monitor: dict[str, Any]) -> 
             print(f"the HPA asked for 1 worker {time.monotonic() - stopped:.1f}s after the load ended "
                   f"(scale-down window {SCALE_DOWN_WINDOW}s)")
     finally:
-        forward = BrokerForward.shared(address, kubeconfig)
-        Connection.close_all(forward.local_address)
-        forward.close()
+        close_forward(address, kubeconfig)
 
 
 def _quantity(text: str) -> float:

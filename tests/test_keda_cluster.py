@@ -29,8 +29,6 @@ import pytest
 from langchain_core.runnables import RunnableLambda
 
 from pool import RunnableK8s
-from pool.client.connection import Connection
-from pool.k8s.portforward import BrokerForward
 from pool.keys import create_key_directory
 from tests.support.chart_release import (
     KEY_PREFIX,
@@ -38,6 +36,7 @@ from tests.support.chart_release import (
     RELEASE,
     WORKERS,
     assert_nothing_left,
+    close_forward,
     create_key_secrets,
     installed_release,
     metrics_open_to_host,
@@ -193,9 +192,7 @@ def run(cp: Any, ns: str, keys: Path, operator: KedaOperator, trigger: str) -> N
         print(f"{trigger}: KEDA scaled to zero {time.monotonic() - stopped:.1f}s after the load ended "
               f"(cooldownPeriod {IDLE_SECONDS}s)")
     finally:
-        forward = BrokerForward.shared(address, kubeconfig)
-        Connection.close_all(forward.local_address)
-        forward.close()
+        close_forward(address, kubeconfig)
     failures = [line for line in operator.log_tail(1_000_000).splitlines() if "\tERROR\t" in line]
     assert failures == [], failures[:5]
 

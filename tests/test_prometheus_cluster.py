@@ -41,8 +41,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from pool import RunnableK8s
-from pool.client.connection import Connection
-from pool.k8s.portforward import BrokerForward
 from pool.keys import create_key_directory
 from pool.scaling import scale
 from tests.support.chart_release import (
@@ -51,13 +49,22 @@ from tests.support.chart_release import (
     RELEASE,
     WORKERS,
     assert_nothing_left,
+    close_forward,
     create_key_secrets,
     installed_release,
     metrics_open_to_host,
     ready_pods,
     require_health_dir,
 )
-from tests.support.dashboard_queries import alert_rules, alert_signal, grafana, only, panel_queries, render
+from tests.support.dashboard_queries import (
+    NO_READY_WORKERS,
+    alert_rules,
+    check_alert_signals,
+    grafana,
+    only,
+    panel_queries,
+    render,
+)
 from tests.support.helm import CHART
 from tests.support.kubernetes_sd import (
     TargetDiscovery,
@@ -199,9 +206,7 @@ def run(core: Any, ns: str, kubeconfig: str, keys: Path, folder: Path, rules: di
     finally:
         kubelet.shutdown()
         kubelet.server_close()
-        forward = BrokerForward.shared(address, kubeconfig)
-        Connection.close_all(forward.local_address)
-        forward.close()
+        close_forward(address, kubeconfig)
 
 
 def check_under_load(prom: PrometheusServer, dashboard: dict[str, Any], rules: dict[str, Any], ns: str,
@@ -223,23 +228,14 @@ def check_under_load(prom: PrometheusServer, dashboard: dict[str, Any], rules: d
 
     alerts = alert_rules(rules)
     assert "RunnableK8sNoReadyWorkers" in {a["alert"] for a in alerts}
-    for alert in alerts:
-        prom.query(alert["expr"])  # parses (an error raises)
-        if alert["alert"] == "RunnableK8sNoReadyWorkers":
-            continue  # returns data only with no worker: the scale-to-0 check below
-        signal = alert_signal(alert)
-        wait_for(lambda s=signal: prom.query(s), 30, f"data for {alert['alert']}'s signal {signal}")
-    assert not prom.query('ALERTS{alertname="RunnableK8sNoReadyWorkers"}')
+    check_alert_signals(prom, alerts)  # the no-ready-workers one: the scale-to-0 check below
     assert load.done > 0 and not load.errors, (load.done, load.errors[:3])
 
 
 def check_no_ready_workers_alert(prom: PrometheusServer, ns: str, kubeconfig: str, core: Any, load: Load) -> None:
-    def state() -> str | None:
-        found = [a for a in prom.alerts() if a["labels"]["alertname"] == "RunnableK8sNoReadyWorkers"]
-        return found[0]["state"] if found else None
-
     scale(f"k8s://{ns}/{RELEASE}", 0, kubeconfig=kubeconfig)
-    firing = wait_for(lambda: state() == "firing" and prom.query('ALERTS{alertname="RunnableK8sNoReadyWorkers"}'),
+    active = f'ALERTS{{alertname="{NO_READY_WORKERS}"}}'
+    firing = wait_for(lambda: prom.alert_state(NO_READY_WORKERS) == "firing" and prom.query(active),
                       90, "RunnableK8sNoReadyWorkers to fire with no worker while calls wait")
     assert firing[0]["metric"]["namespace"] == ns
     assert firing[0]["metric"]["job"] == JOB
@@ -247,5 +243,6 @@ def check_no_ready_workers_alert(prom: PrometheusServer, ns: str, kubeconfig: st
     done = load.done
     scale(f"k8s://{ns}/{RELEASE}", 1, kubeconfig=kubeconfig)
     wait_for(lambda: len(ready_pods(core, ns, "worker")) == 1, 120, f"{WORKERS} to have a ready worker again")
-    wait_for(lambda: state() is None, 60, "RunnableK8sNoReadyWorkers to resolve once workers are back")
+    wait_for(lambda: prom.alert_state(NO_READY_WORKERS) is None, 60,
+             "RunnableK8sNoReadyWorkers to resolve once workers are back")
     wait_for(lambda: load.done > done + CALLERS, 60, "the waiting calls to run on the returned worker")

@@ -185,27 +185,19 @@ def check_under_load(prom: PrometheusServer, dashboard: dict[str, Any], rules: d
     for alert in alerts:
         assert alert["annotations"]["summary"] and alert["annotations"]["description"]
         assert re.search(r"README\.md#runbook-[a-z0-9]+$", alert["annotations"]["runbook_url"]), alert
-        prom.query(alert["expr"])  # parses (an error raises)
-        if alert["alert"] == "RunnableK8sNoReadyWorkers":
-            continue  # returns data only with no worker: the scale-to-0 check below
-        signal = dq.alert_signal(alert)
-        wait_for(lambda s=signal: prom.query(s), 30, f"data for {alert['alert']}'s signal {signal}")
-    # Under load with workers there, the "no ready workers" alert stays silent.
-    assert not prom.query('ALERTS{alertname="RunnableK8sNoReadyWorkers"}')
+    dq.check_alert_signals(prom, alerts)  # the no-ready-workers one: the scale-to-0 check below
     assert load.done > 0
 
 
 def check_no_ready_workers_alert(prom: PrometheusServer, pool: LocalPool, load: Load) -> None:
-    def state() -> str | None:
-        found = [a for a in prom.alerts() if a["labels"]["alertname"] == "RunnableK8sNoReadyWorkers"]
-        return found[0]["state"] if found else None
-
     pool.scale(0)
-    firing = wait_for(lambda: state() == "firing" and prom.query('ALERTS{alertname="RunnableK8sNoReadyWorkers"}'),
+    active = f'ALERTS{{alertname="{dq.NO_READY_WORKERS}"}}'
+    firing = wait_for(lambda: prom.alert_state(dq.NO_READY_WORKERS) == "firing" and prom.query(active),
                       60, "RunnableK8sNoReadyWorkers to fire with no worker while calls wait")
     assert firing[0]["metric"]["namespace"] == NAMESPACE
     assert firing[0]["metric"]["severity"] == "critical"
     done = load.done
     pool.scale(2)
-    wait_for(lambda: state() is None, 60, "RunnableK8sNoReadyWorkers to resolve once workers are back")
+    wait_for(lambda: prom.alert_state(dq.NO_READY_WORKERS) is None, 60,
+             "RunnableK8sNoReadyWorkers to resolve once workers are back")
     wait_for(lambda: load.done > done, 60, "the waiting calls to run on the returned workers")

@@ -161,3 +161,14 @@ def installed_release(helm_bin: str, cp: Any, namespace: str, folder: Path, valu
         if installed:
             helm(helm_bin, "uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "120s",
                  tmp_path=folder, kubeconfig=kubeconfig, timeout=150)
+
+
+def close_forward(address: str, kubeconfig: str) -> None:
+    """Close the port-forward a ``k8s://`` client shares to the release's broker, and the
+    connections through it: the test that made calls through it owns them."""
+    from pool.client.connection import Connection
+    from pool.k8s.portforward import BrokerForward
+
+    forward = BrokerForward.shared(address, kubeconfig)
+    Connection.close_all(forward.local_address)
+    forward.close()

@@ -14,9 +14,11 @@ from typing import Any
 import yaml
 
 from tests.support.helm import CHART, helm, values_file
+from tests.support.prometheus import PrometheusServer
+from tests.support.waiting import wait_for
 
-__all__ = ["RATE_INTERVAL", "THRESHOLD", "alert_rules", "alert_signal", "grafana", "only", "panel_queries",
-           "render"]
+__all__ = ["NO_READY_WORKERS", "RATE_INTERVAL", "THRESHOLD", "alert_rules", "alert_signal", "check_alert_signals",
+           "grafana", "only", "panel_queries", "render"]
 
 RATE_INTERVAL = "4s"  # Grafana's $__rate_interval at a 1 s scrape: four scrapes
 # An alert expression is "<signal> <comparison> <number>"; the signal must return data under load.
@@ -59,3 +61,18 @@ def alert_signal(alert: dict[str, Any]) -> str:
     match = THRESHOLD.match(alert["expr"])
     assert match, f"{alert['alert']}: not <signal> <op> <number>: {alert['expr']}"
     return match["signal"]
+
+
+NO_READY_WORKERS = "RunnableK8sNoReadyWorkers"
+
+
+def check_alert_signals(prom: PrometheusServer, alerts: list[dict[str, Any]]) -> None:
+    """Under load, with workers: every alert expression parses, every alert's signal returns data
+    (but the no-ready-workers one, which has data only with no worker), and that alert stays silent."""
+    for alert in alerts:
+        prom.query(alert["expr"])  # parses (an error raises)
+        if alert["alert"] == NO_READY_WORKERS:
+            continue
+        signal = alert_signal(alert)
+        wait_for(lambda s=signal: prom.query(s), 30, f"data for {alert['alert']}'s signal {signal}")
+    assert not prom.query(f'ALERTS{{alertname="{NO_READY_WORKERS}"}}')

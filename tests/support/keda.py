@@ -31,7 +31,7 @@ import yaml
 
 from tests.cluster.cluster import BIN, CACHE, VERSIONS
 from tests.support.ports import free_port
-from tests.support.processes import stop_process
+from tests.support.processes import Started, fail_if_exited, stop_process
 from tests.support.waiting import wait_for
 
 __all__ = ["KEDA_MODULE", "KEDA_OPERATOR", "KEDA_VERSION", "KedaCrds", "KedaOperator", "keda_module_dir"]
@@ -59,7 +59,7 @@ def keda_module_dir() -> Path:
     return Path(info["Dir"])
 
 
-class KedaCrds:
+class KedaCrds(Started):
     """KEDA's CustomResourceDefinitions (every one its operator watches) installed while the block runs."""
 
     def __init__(self, cp: Any, folder: Path) -> None:
@@ -67,25 +67,17 @@ class KedaCrds:
         self.crds = [yaml.safe_load(p.read_text()) for p in sorted(folder.glob("*.yaml"))]
         self.created: list[str] = []
 
-    def __enter__(self) -> KedaCrds:
+    def start(self) -> None:
         from kubernetes import client
 
         api = client.ApiextensionsV1Api(self.cp.api_client)
-        try:
-            for crd in self.crds:
-                api.create_custom_resource_definition(crd)
-                self.created.append(crd["metadata"]["name"])
-            for name in self.created:
-                wait_for(lambda n=name: any(c.type == "Established" and c.status == "True"
-                                            for c in api.read_custom_resource_definition(n).status.conditions or []),
-                         30, f"the CRD {name} to be established")
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        for crd in self.crds:
+            api.create_custom_resource_definition(crd)
+            self.created.append(crd["metadata"]["name"])
+        for name in self.created:
+            wait_for(lambda n=name: any(c.type == "Established" and c.status == "True"
+                                        for c in api.read_custom_resource_definition(n).status.conditions or []),
+                     30, f"the CRD {name} to be established")
 
     def close(self) -> None:
         from kubernetes import client
@@ -139,7 +131,7 @@ def _certificates(folder: Path) -> None:
             "-out", str(folder / "tls.crt"))
 
 
-class KedaOperator:
+class KedaOperator(Started):
     """KEDA's operator watching ``namespace`` while the block runs; its log in ``folder``."""
 
     def __init__(self, cp: Any, namespace: str, folder: Path) -> None:
@@ -149,7 +141,7 @@ class KedaOperator:
         self.log = folder / "keda-operator.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> KedaOperator:
+    def start(self) -> None:
         certs = self.folder / "keda-certs"
         _certificates(certs)
         (self.folder / "keda-ca").mkdir()
@@ -168,20 +160,11 @@ class KedaOperator:
                 stdout=log, stderr=subprocess.STDOUT, env=env)
 
         def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"keda-operator exited with {self.proc.returncode}: {self.log_tail(3000)}")
+            fail_if_exited(self.proc, "keda-operator", self.log)
             with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=2) as response:
                 return bool(response.status == 200)
 
-        try:
-            wait_for(ready, 60, f"keda-operator to be ready (its log: {self.log})", ignore=(OSError,))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        wait_for(ready, 60, f"keda-operator to be ready (its log: {self.log})", ignore=(OSError,))
 
     def close(self) -> None:
         """Delete the namespace's ScaledObjects while the operator runs (it removes their

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from tests.cluster.cluster import BIN, POD_GATEWAY
-from tests.support.processes import stop_process
+from tests.support.processes import Started, fail_if_exited, stop_process
 from tests.support.waiting import wait_for
 
 __all__ = ["ADAPTER_BINARY", "API_SERVICE", "ExternalMetricsAdapter"]
@@ -41,7 +41,7 @@ def _free_port_on(address: str) -> int:
         return int(s.getsockname()[1])
 
 
-class ExternalMetricsAdapter:
+class ExternalMetricsAdapter(Started):
     """The adapter serving ``rules`` (prometheus-adapter's ``externalRules`` format) from the
     Prometheus at ``prometheus_url``, registered for the whole cluster while the block runs."""
 
@@ -53,17 +53,6 @@ class ExternalMetricsAdapter:
         self.log = folder / "external-metrics-adapter.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.registered = False
-
-    def __enter__(self) -> ExternalMetricsAdapter:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     @staticmethod
     def _unregistered(registration: Any) -> bool:
@@ -77,7 +66,7 @@ class ExternalMetricsAdapter:
             raise
         return False
 
-    def _start(self) -> None:
+    def start(self) -> None:
         from kubernetes import client
         from kubernetes.client.rest import ApiException
 
@@ -114,8 +103,7 @@ class ExternalMetricsAdapter:
                 service=client.ApiregistrationV1ServiceReference(name=SERVICE, namespace=self.namespace, port=443))))
 
         def available() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"the adapter exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            fail_if_exited(self.proc, "the adapter", self.log)
             status = registration.read_api_service(API_SERVICE).status
             return any(c.type == "Available" and c.status == "True" for c in (status.conditions or []))
 

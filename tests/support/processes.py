@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Self
+
 _PROC = os.path.isdir("/proc/self")
 
 
@@ -79,3 +81,35 @@ def stop_process(process: subprocess.Popen[Any]) -> None:
         if stream is not None:
             stream.close()
     assert is_gone(process.pid)
+
+
+def fail_if_exited(process: subprocess.Popen[Any] | None, name: str, log: Path, characters: int = 3000) -> None:
+    """Raise AssertionError, with the end of its log, if a process the test is waiting on has exited:
+    a readiness wait then fails at once, saying why, instead of timing out."""
+    if process is not None and process.poll() is not None:
+        raise AssertionError(f"{name} exited with {process.returncode}: "
+                             f"{log.read_text(errors='replace')[-characters:]}")
+
+
+class Started:
+    """A context manager for something a test starts and must undo: ``__enter__`` runs
+    :meth:`start`, and if that fails runs :meth:`close` on whatever part of it had begun before the
+    error goes on; ``__exit__`` runs :meth:`close`. Subclasses write both, ``close`` safe to run on a
+    partial start."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

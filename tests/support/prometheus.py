@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from tests.support.ports import free_port
-from tests.support.processes import stop_process
+from tests.support.processes import Started, fail_if_exited, stop_process
 from tests.support.waiting import wait_for
 
 __all__ = ["PrometheusServer", "helm_binary", "prometheus_binary"]
@@ -44,7 +44,7 @@ def prometheus_binary() -> str | None:
     return shutil.which("prometheus")
 
 
-class PrometheusServer:
+class PrometheusServer(Started):
     """One Prometheus process with ``config`` (a prometheus.yml as a dict) under ``folder``."""
 
     def __init__(self, folder: Path, config: dict[str, Any], rules: dict[str, Any] | None = None) -> None:
@@ -63,7 +63,7 @@ class PrometheusServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = folder / "prometheus.log"
 
-    def __enter__(self) -> PrometheusServer:
+    def start(self) -> None:
         config_file = self.folder / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(self.config))
         with self.log.open("wb") as log:
@@ -71,16 +71,7 @@ class PrometheusServer:
                 [self.binary, f"--config.file={config_file}", f"--storage.tsdb.path={self.folder / 'data'}",
                  f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
                 stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(self._ready, 60, f"Prometheus to be ready on {self.url} (its log: {self.log})",
-                     ignore=(OSError,))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        wait_for(self._ready, 60, f"Prometheus to be ready on {self.url} (its log: {self.log})", ignore=(OSError,))
 
     def close(self) -> None:
         if self.proc is None:
@@ -89,8 +80,7 @@ class PrometheusServer:
         self.proc = None
 
     def _ready(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"Prometheus exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+        fail_if_exited(self.proc, "Prometheus", self.log, 2000)
         with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
             return bool(response.status == 200)
 
@@ -119,3 +109,8 @@ class PrometheusServer:
     def alerts(self) -> list[dict[str, Any]]:
         """Alerts pending or firing now."""
         return list(self.api("alerts")["alerts"])
+
+    def alert_state(self, name: str) -> str | None:
+        """The state of the alert ``name`` now ("pending", "firing"), or None when it is not active."""
+        found = [a for a in self.alerts() if a["labels"]["alertname"] == name]
+        return str(found[0]["state"]) if found else None
